@@ -1,0 +1,541 @@
+//! Responses: what the server answers, its encoder (server side) and a
+//! bounded decoder (client side, used by `spool bench` and the CLI).
+//!
+//! The stats replies are typed structs here; their YAML is written field by
+//! field in beanstalkd 1.12's order so that clients parsing it positionally
+//! keep working.
+
+use std::io::Write;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::limits::LINE_MAX_BYTES;
+use crate::name::TubeName;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Inserted(u64),
+    /// `put` could not be queued and was buried instead.
+    BuriedId(u64),
+    ExpectedCrlf,
+    JobTooBig,
+    Draining,
+    OutOfMemory,
+    InternalError,
+    BadFormat,
+    UnknownCommand,
+    Using(TubeName),
+    Reserved {
+        id: u64,
+        body: Bytes,
+    },
+    DeadlineSoon,
+    TimedOut,
+    Deleted,
+    NotFound,
+    Released,
+    Buried,
+    Touched,
+    Watching(usize),
+    NotIgnored,
+    Found {
+        id: u64,
+        body: Bytes,
+    },
+    /// `kick <bound>`: how many jobs were kicked.
+    Kicked(u32),
+    /// `kick-job <id>`.
+    KickedJob,
+    Paused,
+    Stats(Box<ServerStats>),
+    StatsTube(Box<TubeStats>),
+    StatsJob(Box<JobStats>),
+    /// `list-tubes` and `list-tubes-watched`.
+    TubeList(Vec<TubeName>),
+    /// A YAML body as a client receives it (the decoder's form of the four
+    /// variants above).
+    Ok(Bytes),
+}
+
+/// The `stats` reply. Counters come from the engine; the process fields are
+/// filled in by whoever owns the process (the broker).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    pub current_jobs_urgent: u64,
+    pub current_jobs_ready: u64,
+    pub current_jobs_reserved: u64,
+    pub current_jobs_delayed: u64,
+    pub current_jobs_buried: u64,
+    pub cmd_put: u64,
+    pub cmd_peek: u64,
+    pub cmd_peek_ready: u64,
+    pub cmd_peek_delayed: u64,
+    pub cmd_peek_buried: u64,
+    pub cmd_reserve: u64,
+    pub cmd_reserve_with_timeout: u64,
+    pub cmd_delete: u64,
+    pub cmd_release: u64,
+    pub cmd_use: u64,
+    pub cmd_watch: u64,
+    pub cmd_ignore: u64,
+    pub cmd_bury: u64,
+    pub cmd_kick: u64,
+    pub cmd_touch: u64,
+    pub cmd_stats: u64,
+    pub cmd_stats_job: u64,
+    pub cmd_stats_tube: u64,
+    pub cmd_list_tubes: u64,
+    pub cmd_list_tube_used: u64,
+    pub cmd_list_tubes_watched: u64,
+    pub cmd_pause_tube: u64,
+    pub job_timeouts: u64,
+    pub total_jobs: u64,
+    pub max_job_size: u64,
+    pub current_tubes: u64,
+    pub current_connections: u64,
+    pub current_producers: u64,
+    pub current_workers: u64,
+    pub current_waiting: u64,
+    pub total_connections: u64,
+    pub draining: bool,
+    pub process: ProcessStats,
+}
+
+/// The fields of `stats` that describe the process, not the queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    pub pid: u32,
+    pub version: String,
+    pub rusage_utime_us: u64,
+    pub rusage_stime_us: u64,
+    pub uptime_secs: u64,
+    pub binlog_oldest_index: u64,
+    pub binlog_current_index: u64,
+    pub binlog_records_migrated: u64,
+    pub binlog_records_written: u64,
+    pub binlog_max_size: u64,
+    pub id: String,
+    pub hostname: String,
+    pub os: String,
+    pub platform: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TubeStats {
+    pub name: String,
+    pub current_jobs_urgent: u64,
+    pub current_jobs_ready: u64,
+    pub current_jobs_reserved: u64,
+    pub current_jobs_delayed: u64,
+    pub current_jobs_buried: u64,
+    pub total_jobs: u64,
+    pub current_using: u64,
+    pub current_watching: u64,
+    pub current_waiting: u64,
+    pub cmd_delete: u64,
+    pub cmd_pause_tube: u64,
+    pub pause_secs: u64,
+    pub pause_time_left_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobStats {
+    pub id: u64,
+    pub tube: String,
+    /// `ready`, `delayed`, `reserved` or `buried`.
+    pub state: &'static str,
+    pub pri: u32,
+    pub age_secs: u64,
+    pub delay_secs: u64,
+    pub ttr_secs: u64,
+    pub time_left_secs: u64,
+    pub file: u64,
+    pub reserves: u64,
+    pub timeouts: u64,
+    pub releases: u64,
+    pub buries: u64,
+    pub kicks: u64,
+}
+
+fn stats_yaml(s: &ServerStats, out: &mut Vec<u8>) {
+    let p = &s.process;
+    let _ = write!(
+        out,
+        "---\ncurrent-jobs-urgent: {}\ncurrent-jobs-ready: {}\ncurrent-jobs-reserved: {}\n\
+         current-jobs-delayed: {}\ncurrent-jobs-buried: {}\ncmd-put: {}\ncmd-peek: {}\n\
+         cmd-peek-ready: {}\ncmd-peek-delayed: {}\ncmd-peek-buried: {}\ncmd-reserve: {}\n\
+         cmd-reserve-with-timeout: {}\ncmd-delete: {}\ncmd-release: {}\ncmd-use: {}\n\
+         cmd-watch: {}\ncmd-ignore: {}\ncmd-bury: {}\ncmd-kick: {}\ncmd-touch: {}\n\
+         cmd-stats: {}\ncmd-stats-job: {}\ncmd-stats-tube: {}\ncmd-list-tubes: {}\n\
+         cmd-list-tube-used: {}\ncmd-list-tubes-watched: {}\ncmd-pause-tube: {}\n\
+         job-timeouts: {}\ntotal-jobs: {}\nmax-job-size: {}\ncurrent-tubes: {}\n\
+         current-connections: {}\ncurrent-producers: {}\ncurrent-workers: {}\n\
+         current-waiting: {}\ntotal-connections: {}\npid: {}\nversion: \"{}\"\n\
+         rusage-utime: {}.{:06}\nrusage-stime: {}.{:06}\nuptime: {}\n\
+         binlog-oldest-index: {}\nbinlog-current-index: {}\nbinlog-records-migrated: {}\n\
+         binlog-records-written: {}\nbinlog-max-size: {}\ndraining: {}\nid: {}\n\
+         hostname: {}\nos: {}\nplatform: {}\n",
+        s.current_jobs_urgent,
+        s.current_jobs_ready,
+        s.current_jobs_reserved,
+        s.current_jobs_delayed,
+        s.current_jobs_buried,
+        s.cmd_put,
+        s.cmd_peek,
+        s.cmd_peek_ready,
+        s.cmd_peek_delayed,
+        s.cmd_peek_buried,
+        s.cmd_reserve,
+        s.cmd_reserve_with_timeout,
+        s.cmd_delete,
+        s.cmd_release,
+        s.cmd_use,
+        s.cmd_watch,
+        s.cmd_ignore,
+        s.cmd_bury,
+        s.cmd_kick,
+        s.cmd_touch,
+        s.cmd_stats,
+        s.cmd_stats_job,
+        s.cmd_stats_tube,
+        s.cmd_list_tubes,
+        s.cmd_list_tube_used,
+        s.cmd_list_tubes_watched,
+        s.cmd_pause_tube,
+        s.job_timeouts,
+        s.total_jobs,
+        s.max_job_size,
+        s.current_tubes,
+        s.current_connections,
+        s.current_producers,
+        s.current_workers,
+        s.current_waiting,
+        s.total_connections,
+        p.pid,
+        p.version,
+        p.rusage_utime_us / 1_000_000,
+        p.rusage_utime_us % 1_000_000,
+        p.rusage_stime_us / 1_000_000,
+        p.rusage_stime_us % 1_000_000,
+        p.uptime_secs,
+        p.binlog_oldest_index,
+        p.binlog_current_index,
+        p.binlog_records_migrated,
+        p.binlog_records_written,
+        p.binlog_max_size,
+        s.draining,
+        p.id,
+        p.hostname,
+        p.os,
+        p.platform,
+    );
+}
+
+fn tube_stats_yaml(t: &TubeStats, out: &mut Vec<u8>) {
+    let _ = write!(
+        out,
+        "---\nname: {}\ncurrent-jobs-urgent: {}\ncurrent-jobs-ready: {}\n\
+         current-jobs-reserved: {}\ncurrent-jobs-delayed: {}\ncurrent-jobs-buried: {}\n\
+         total-jobs: {}\ncurrent-using: {}\ncurrent-watching: {}\ncurrent-waiting: {}\n\
+         cmd-delete: {}\ncmd-pause-tube: {}\npause: {}\npause-time-left: {}\n",
+        t.name,
+        t.current_jobs_urgent,
+        t.current_jobs_ready,
+        t.current_jobs_reserved,
+        t.current_jobs_delayed,
+        t.current_jobs_buried,
+        t.total_jobs,
+        t.current_using,
+        t.current_watching,
+        t.current_waiting,
+        t.cmd_delete,
+        t.cmd_pause_tube,
+        t.pause_secs,
+        t.pause_time_left_secs,
+    );
+}
+
+fn job_stats_yaml(j: &JobStats, out: &mut Vec<u8>) {
+    let _ = write!(
+        out,
+        "---\nid: {}\ntube: {}\nstate: {}\npri: {}\nage: {}\ndelay: {}\nttr: {}\n\
+         time-left: {}\nfile: {}\nreserves: {}\ntimeouts: {}\nreleases: {}\nburies: {}\n\
+         kicks: {}\n",
+        j.id,
+        j.tube,
+        j.state,
+        j.pri,
+        j.age_secs,
+        j.delay_secs,
+        j.ttr_secs,
+        j.time_left_secs,
+        j.file,
+        j.reserves,
+        j.timeouts,
+        j.releases,
+        j.buries,
+        j.kicks,
+    );
+}
+
+/// Appends `OK <len>\r\n<yaml>\r\n` where the YAML is produced by `fill`.
+fn ok_body(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
+    let mut yaml = Vec::with_capacity(1024);
+    fill(&mut yaml);
+    let _ = write!(out, "OK {}\r\n", yaml.len());
+    out.extend_from_slice(&yaml);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn job_reply(out: &mut Vec<u8>, word: &str, id: u64, body: &[u8]) {
+    let _ = write!(out, "{word} {id} {}\r\n", body.len());
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the wire form of `response` to `out` (server side).
+pub fn encode_response(response: &Response, out: &mut Vec<u8>) {
+    let word: &[u8] = match response {
+        Response::Inserted(id) => {
+            let _ = write!(out, "INSERTED {id}\r\n");
+            return;
+        }
+        Response::BuriedId(id) => {
+            let _ = write!(out, "BURIED {id}\r\n");
+            return;
+        }
+        Response::Using(tube) => {
+            let _ = write!(out, "USING {tube}\r\n");
+            return;
+        }
+        Response::Watching(n) => {
+            let _ = write!(out, "WATCHING {n}\r\n");
+            return;
+        }
+        Response::Kicked(n) => {
+            let _ = write!(out, "KICKED {n}\r\n");
+            return;
+        }
+        Response::Reserved { id, body } => return job_reply(out, "RESERVED", *id, body),
+        Response::Found { id, body } => return job_reply(out, "FOUND", *id, body),
+        Response::Stats(s) => return ok_body(out, |y| stats_yaml(s, y)),
+        Response::StatsTube(t) => return ok_body(out, |y| tube_stats_yaml(t, y)),
+        Response::StatsJob(j) => return ok_body(out, |y| job_stats_yaml(j, y)),
+        Response::TubeList(tubes) => {
+            return ok_body(out, |y| {
+                y.extend_from_slice(b"---\n");
+                for t in tubes {
+                    let _ = writeln!(y, "- {t}");
+                }
+            })
+        }
+        Response::Ok(yaml) => {
+            let _ = write!(out, "OK {}\r\n", yaml.len());
+            out.extend_from_slice(yaml);
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
+        Response::ExpectedCrlf => b"EXPECTED_CRLF",
+        Response::JobTooBig => b"JOB_TOO_BIG",
+        Response::Draining => b"DRAINING",
+        Response::OutOfMemory => b"OUT_OF_MEMORY",
+        Response::InternalError => b"INTERNAL_ERROR",
+        Response::BadFormat => b"BAD_FORMAT",
+        Response::UnknownCommand => b"UNKNOWN_COMMAND",
+        Response::DeadlineSoon => b"DEADLINE_SOON",
+        Response::TimedOut => b"TIMED_OUT",
+        Response::Deleted => b"DELETED",
+        Response::NotFound => b"NOT_FOUND",
+        Response::Released => b"RELEASED",
+        Response::Buried => b"BURIED",
+        Response::Touched => b"TOUCHED",
+        Response::NotIgnored => b"NOT_IGNORED",
+        Response::KickedJob => b"KICKED",
+        Response::Paused => b"PAUSED",
+    };
+    out.extend_from_slice(word);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What a client got that it could not read as a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseError {
+    /// A line longer than any reply line can be.
+    LineTooLong,
+    /// A body longer than the client allows.
+    BodyTooLong(u64),
+    /// Not a reply beanstalkd could send.
+    Malformed(String),
+}
+
+impl std::fmt::Display for ResponseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseError::LineTooLong => {
+                write!(f, "reply line longer than {LINE_MAX_BYTES} bytes")
+            }
+            ResponseError::BodyTooLong(n) => write!(f, "reply body of {n} bytes is over the limit"),
+            ResponseError::Malformed(line) => write!(f, "malformed reply {line:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ResponseError {}
+
+/// Client-side decoder of responses. Bounded: a reply line may be at most
+/// 224 bytes and a body at most `max_body` bytes.
+#[derive(Debug)]
+pub struct ResponseDecoder {
+    max_body: u64,
+}
+
+impl ResponseDecoder {
+    pub fn new(max_body: u64) -> ResponseDecoder {
+        ResponseDecoder { max_body }
+    }
+
+    /// Decodes one response from the front of `buf`; `Ok(None)` means more
+    /// bytes are needed and nothing was consumed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Response>, ResponseError> {
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() > LINE_MAX_BYTES {
+                return Err(ResponseError::LineTooLong);
+            }
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&buf[..eol])
+            .map_err(|_| ResponseError::Malformed(String::from_utf8_lossy(&buf[..eol]).into()))?;
+        let malformed = || ResponseError::Malformed(line.to_string());
+        let mut words = line.split(' ');
+        let word = words.next().unwrap_or_default();
+        let args: Vec<&str> = words.collect();
+        let num = |i: usize| -> Result<u64, ResponseError> {
+            args.get(i)
+                .and_then(|a| a.parse::<u64>().ok())
+                .ok_or_else(malformed)
+        };
+        // Replies with a body: RESERVED <id> <n>, FOUND <id> <n>, OK <n>.
+        let with_body = match (word, args.len()) {
+            ("RESERVED", 2) | ("FOUND", 2) => Some((Some(num(0)?), num(1)?)),
+            ("OK", 1) => Some((None, num(0)?)),
+            _ => None,
+        };
+        if let Some((id, len)) = with_body {
+            if len > self.max_body {
+                return Err(ResponseError::BodyTooLong(len));
+            }
+            let len = len as usize;
+            let total = eol + 2 + len + 2;
+            if buf.len() < total {
+                return Ok(None);
+            }
+            if &buf[total - 2..total] != b"\r\n" {
+                return Err(malformed());
+            }
+            let word = word.to_string();
+            buf.advance(eol + 2);
+            let body = buf.split_to(len).freeze();
+            buf.advance(2);
+            return Ok(Some(match (word.as_str(), id) {
+                ("RESERVED", Some(id)) => Response::Reserved { id, body },
+                ("FOUND", Some(id)) => Response::Found { id, body },
+                _ => Response::Ok(body),
+            }));
+        }
+        let response = match (word, args.len()) {
+            ("INSERTED", 1) => Response::Inserted(num(0)?),
+            ("BURIED", 1) => Response::BuriedId(num(0)?),
+            ("USING", 1) => {
+                Response::Using(TubeName::new(args[0].as_bytes()).map_err(|_| malformed())?)
+            }
+            ("WATCHING", 1) => Response::Watching(num(0)? as usize),
+            ("KICKED", 1) => Response::Kicked(u32::try_from(num(0)?).map_err(|_| malformed())?),
+            (_, 0) => match word {
+                "EXPECTED_CRLF" => Response::ExpectedCrlf,
+                "JOB_TOO_BIG" => Response::JobTooBig,
+                "DRAINING" => Response::Draining,
+                "OUT_OF_MEMORY" => Response::OutOfMemory,
+                "INTERNAL_ERROR" => Response::InternalError,
+                "BAD_FORMAT" => Response::BadFormat,
+                "UNKNOWN_COMMAND" => Response::UnknownCommand,
+                "DEADLINE_SOON" => Response::DeadlineSoon,
+                "TIMED_OUT" => Response::TimedOut,
+                "DELETED" => Response::Deleted,
+                "NOT_FOUND" => Response::NotFound,
+                "RELEASED" => Response::Released,
+                "BURIED" => Response::Buried,
+                "TOUCHED" => Response::Touched,
+                "NOT_IGNORED" => Response::NotIgnored,
+                "KICKED" => Response::KickedJob,
+                "PAUSED" => Response::Paused,
+                _ => return Err(malformed()),
+            },
+            _ => return Err(malformed()),
+        };
+        buf.advance(eol + 2);
+        Ok(Some(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_responses_round_trip() {
+        let responses = vec![
+            Response::Inserted(3),
+            Response::BuriedId(4),
+            Response::Reserved {
+                id: 5,
+                body: Bytes::from_static(b"a\r\nb"),
+            },
+            Response::Found {
+                id: 6,
+                body: Bytes::new(),
+            },
+            Response::Using(TubeName::default_tube()),
+            Response::Watching(2),
+            Response::Kicked(7),
+            Response::KickedJob,
+            Response::Buried,
+            Response::NotFound,
+            Response::Ok(Bytes::from_static(b"---\n- default\n")),
+            Response::DeadlineSoon,
+        ];
+        let mut wire = Vec::new();
+        for r in &responses {
+            encode_response(r, &mut wire);
+        }
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut decoder = ResponseDecoder::new(1 << 20);
+        let mut got = Vec::new();
+        while let Some(r) = decoder.decode(&mut buf).expect("valid reply") {
+            got.push(r);
+        }
+        assert_eq!(got, responses);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn tube_list_is_beanstalkd_yaml() {
+        let mut wire = Vec::new();
+        encode_response(
+            &Response::TubeList(vec![TubeName::default_tube()]),
+            &mut wire,
+        );
+        assert_eq!(wire, b"OK 14\r\n---\n- default\n\r\n");
+    }
+
+    #[test]
+    fn decoder_is_bounded() {
+        let mut decoder = ResponseDecoder::new(10);
+        let mut buf = BytesMut::from(&b"RESERVED 1 11\r\n"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(ResponseError::BodyTooLong(11))
+        );
+        let mut buf = BytesMut::from(&[b'x'; 300][..]);
+        assert_eq!(decoder.decode(&mut buf), Err(ResponseError::LineTooLong));
+    }
+}
