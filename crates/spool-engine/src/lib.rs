@@ -1,1 +1,14 @@
-//! placeholder
+//! The job state machine of spool, sans I/O.
+//!
+//! [`Engine`] owns every queue ("tube"), job and client session, and applies
+//! beanstalkd's rules to them: priorities, delays, time-to-run, burying,
+//! kicking, pausing, blocked reserves. It takes the current time as an
+//! argument and returns replies through an outbox; it never reads a clock,
+//! a socket or a file. The adapters in `spool-server` own all I/O.
+
+mod engine;
+mod job;
+mod ms;
+
+pub use engine::{ConnId, Engine, EngineConfig, IdHasher, TubeId};
+pub use job::{Backoff, Job, JobExtra, JobId, JobState};

@@ -1,1 +1,11 @@
-//! placeholder
+//! Everything of spool that does I/O: the [`Broker`] seam, the local broker
+//! that runs the sans-IO engine on a task, and the network adapters that
+//! speak to clients.
+
+pub mod beanstalk;
+mod broker;
+mod local;
+pub mod process;
+
+pub use broker::{Broker, BrokerError, Peer, Session};
+pub use local::{LocalBroker, LocalSession};

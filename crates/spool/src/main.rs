@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "spool", version, about = "A durable, beanstalkd-compatible task queue")]
+#[command(
+    name = "spool",
+    version,
+    about = "A durable, beanstalkd-compatible task queue"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,63 @@
+//! The seam between front doors and storage.
+//!
+//! Adapters (the beanstalkd listener now, the HTTP API later) talk to a
+//! [`Broker`] and never to an engine or a database directly. The local
+//! broker runs the in-process engine; a PostgreSQL broker will implement the
+//! same two traits, so adapters need no change when it lands.
+
+use std::fmt;
+use std::future::Future;
+
+use spool_proto::{Request, Response};
+
+/// Why a broker could not serve a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    /// The broker has shut down.
+    Closed,
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BrokerError::Closed => f.write_str("the broker has shut down"),
+        }
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// Who is on the other end of a session, for introspection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub addr: String,
+}
+
+pub trait Broker: Clone + Send + Sync + 'static {
+    type Session: Session;
+
+    /// Opens a session: one client connection's view of the queues (the
+    /// tube it uses, the tubes it watches, the jobs it has reserved).
+    fn open_session(&self, peer: Peer) -> Result<Self::Session, BrokerError>;
+
+    /// Refuses new jobs with `DRAINING` while set.
+    fn set_draining(&self, draining: bool);
+}
+
+/// One client's session. Dropping it closes the session: a blocked reserve
+/// is abandoned and reserved jobs go back to ready.
+pub trait Session: Send + 'static {
+    /// Queues requests for execution in order. Every request gets exactly
+    /// one response, in order; a blocking `reserve` holds back the responses
+    /// of the requests after it until it completes. `quit` must not be sent:
+    /// the adapter handles it by dropping the session.
+    fn submit(&mut self, requests: Vec<Request>) -> Result<(), BrokerError>;
+
+    /// The client will send nothing more: the broker finishes what was
+    /// submitted (abandoning a blocked reserve) and then closes the session.
+    fn hangup(&mut self);
+
+    /// Waits for responses and appends them to `out`. Returns false once the
+    /// session is closed and every response has been handed out.
+    fn recv(&mut self, out: &mut Vec<Response>) -> impl Future<Output = bool> + Send;
+}
