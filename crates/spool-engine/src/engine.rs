@@ -21,6 +21,14 @@ use crate::ms::Ms;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// Whole seconds left until `deadline`. beanstalkd reads its clock anew for
+/// every reply, so some time has always passed since the event that set the
+/// deadline: a fresh 3-second reservation shows 2. Counting `now` as one
+/// nanosecond later reproduces that with the engine's fixed `now`.
+fn time_left_secs(deadline_ns: u64, now: u64) -> u64 {
+    deadline_ns.saturating_sub(now + 1) / NS_PER_SEC
+}
+
 /// A client session, as numbered by the engine.
 pub type ConnId = u64;
 
@@ -505,7 +513,7 @@ impl Engine {
             cmd_pause_tube: t.cmd_pause_tube,
             pause_secs: t.pause_ns / NS_PER_SEC,
             pause_time_left_secs: if t.pause_ns > 0 {
-                t.unpause_at_ns.saturating_sub(now) / NS_PER_SEC
+                time_left_secs(t.unpause_at_ns, now)
             } else {
                 0
             },
@@ -514,8 +522,8 @@ impl Engine {
 
     pub fn job_stats(&self, id: JobId, now: u64) -> Option<JobStats> {
         let j = self.jobs.get(&id)?;
-        let time_left_ns = match j.state {
-            JobState::Reserved | JobState::Delayed => j.deadline_at_ns.saturating_sub(now),
+        let time_left_secs = match j.state {
+            JobState::Reserved | JobState::Delayed => time_left_secs(j.deadline_at_ns, now),
             JobState::Ready | JobState::Buried => 0,
         };
         Some(JobStats {
@@ -526,7 +534,7 @@ impl Engine {
             age_secs: now.saturating_sub(j.created_at_ns) / NS_PER_SEC,
             delay_secs: j.delay_ns / NS_PER_SEC,
             ttr_secs: j.ttr_ns / NS_PER_SEC,
-            time_left_secs: time_left_ns / NS_PER_SEC,
+            time_left_secs,
             file: 0,
             reserves: u64::from(j.reserves),
             timeouts: u64::from(j.timeouts),

@@ -9,9 +9,11 @@
 //! - integers follow C's `strtoul`/`strtol` rules where beanstalkd uses them
 //!   (`kick 1x` kicks one job) and its stricter `read_u32`/`read_u64`
 //!   elsewhere (`delete 1x` is `BAD_FORMAT`);
-//! - a line is complete at the first `\r` only if `\n` follows it; a line
-//!   that is not complete within 224 bytes is `BAD_FORMAT` and those 224
-//!   bytes are dropped, the rest parsed as a new line.
+//! - a line is complete at the first `\r` only if `\n` follows it;
+//! - a line that is not complete within 224 bytes is discarded up to its
+//!   end, in 224-byte windows, and only then answered `BAD_FORMAT` (so a
+//!   client that never ends the line gets no answer, and memory stays at one
+//!   window).
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -93,6 +95,8 @@ pub enum ProtocolError {
 #[derive(Debug)]
 enum State {
     Line,
+    /// Inside a line that was too long: dropping it up to its end.
+    DiscardLine,
     Body {
         pri: u32,
         delay_secs: u32,
@@ -131,7 +135,7 @@ impl RequestDecoder {
     /// `decode` again for it to make progress (a hint for sizing reads).
     pub fn bytes_wanted(&self) -> usize {
         match self.state {
-            State::Line => LINE_MAX_BYTES,
+            State::Line | State::DiscardLine => LINE_MAX_BYTES,
             State::Body { len, .. } => len + 2,
             State::Skip { .. } => 0,
         }
@@ -149,6 +153,18 @@ impl RequestDecoder {
         loop {
             match self.state {
                 State::Line => return self.decode_line(buf),
+                State::DiscardLine => {
+                    let window = &buf[..buf.len().min(LINE_MAX_BYTES)];
+                    if let Some(line_len) = scan_line_end(window) {
+                        buf.advance(line_len);
+                        self.state = State::Line;
+                        return Some(Err(ProtocolError::BadFormat));
+                    }
+                    if buf.len() < LINE_MAX_BYTES {
+                        return None;
+                    }
+                    buf.advance(LINE_MAX_BYTES);
+                }
                 State::Body {
                     pri,
                     delay_secs,
@@ -242,7 +258,8 @@ impl RequestDecoder {
         }
         if buf.len() >= LINE_MAX_BYTES {
             buf.advance(LINE_MAX_BYTES);
-            return Some(Err(ProtocolError::BadFormat));
+            self.state = State::DiscardLine;
+            return self.decode(buf);
         }
         None
     }
@@ -662,12 +679,37 @@ mod tests {
     }
 
     #[test]
-    fn long_lines_are_cut_at_224_bytes() {
-        let mut line = vec![b'x'; 300];
-        line.extend_from_slice(b"\r\n");
-        assert_eq!(decode_all(&line), vec![Err(BadFormat), Err(UnknownCommand)]);
-        // A lone CR hides the line end until the buffer is full.
+    fn long_lines_are_dropped_to_their_end() {
+        let long = |n: usize, tail: &[u8]| {
+            let mut line = vec![b'y'; n];
+            line.extend_from_slice(tail);
+            decode_all(&line)
+        };
+        let peek = Ok(Request::Peek(9));
+        assert_eq!(
+            long(300, b"\r\npeek 9\r\n"),
+            vec![Err(BadFormat), peek.clone()]
+        );
+        assert_eq!(
+            long(222, b"\r\npeek 9\r\n"),
+            vec![Err(UnknownCommand), peek.clone()]
+        );
+        // The CR ends the first window, so the line runs on to the next CRLF.
+        assert_eq!(long(223, b"\r\npeek 9\r\n"), vec![Err(BadFormat)]);
+        assert_eq!(long(447, b"\r\npeek 9\r\n"), vec![Err(BadFormat)]);
+        assert_eq!(
+            long(448, b"\r\npeek 9\r\n"),
+            vec![Err(BadFormat), peek.clone()]
+        );
+        // No answer until the line ends.
+        assert_eq!(long(1300, b""), vec![]);
+        // A lone CR hides the line end until the window is full.
         assert_eq!(decode_all(b"foo\rbar\r\n"), vec![]);
+        let mut input = vec![b'y'; 100];
+        input.push(b'\r');
+        input.extend_from_slice(&[b'y'; 200]);
+        input.extend_from_slice(b"\r\npeek 9\r\n");
+        assert_eq!(decode_all(&input), vec![Err(BadFormat), peek]);
     }
 
     #[test]
