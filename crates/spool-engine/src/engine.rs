@@ -291,6 +291,15 @@ impl Engine {
         self.decref(conn.use_tube);
     }
 
+    /// Ends a blocked reserve with `TIMED_OUT`, as beanstalkd does when the
+    /// client closes its sending side while waiting. No-op if not waiting.
+    pub fn time_out_wait(&mut self, conn_id: ConnId) {
+        if self.is_waiting(conn_id) {
+            self.remove_waiting_conn(conn_id);
+            self.outbox.push((conn_id, Response::TimedOut));
+        }
+    }
+
     /// Runs one beanstalkd command for `conn` (which must be connected and
     /// not waiting). `quit` is the caller's business and is ignored here.
     pub fn execute(&mut self, conn: ConnId, request: Request, now: u64) {
@@ -377,7 +386,7 @@ impl Engine {
             }
             Request::PauseTube { tube, delay_secs } => {
                 self.counters.cmd_pause_tube += 1;
-                self.cmd_pause_tube(tube.as_ref(), u64::from(delay_secs) * NS_PER_SEC, now)
+                self.cmd_pause_tube(&tube, u64::from(delay_secs) * NS_PER_SEC, now)
             }
             Request::Quit => None,
         };
@@ -550,6 +559,7 @@ impl Engine {
         self.counters.cmd_put += 1;
         let body = match put.body {
             PutBody::TooBig => return Some(Response::JobTooBig),
+            PutBody::TrailingBytes => return Some(Response::BadFormat),
             PutBody::MissingCrlf => {
                 self.set_producer(conn_id);
                 self.next_job_id += 1; // beanstalkd spends the id on the header
@@ -802,13 +812,8 @@ impl Engine {
         }
     }
 
-    fn cmd_pause_tube(
-        &mut self,
-        name: Option<&TubeName>,
-        delay_ns: u64,
-        now: u64,
-    ) -> Option<Response> {
-        let Some(&tube) = name.and_then(|n| self.tube_ids.get(n)) else {
+    fn cmd_pause_tube(&mut self, name: &TubeName, delay_ns: u64, now: u64) -> Option<Response> {
+        let Some(&tube) = self.tube_ids.get(name) else {
             return Some(Response::NotFound);
         };
         // Always pause for a positive time so the end of the pause is an

@@ -58,10 +58,8 @@ pub enum Request {
     ListTubes,
     ListTubeUsed,
     ListTubesWatched,
-    /// `tube: None` is a name beanstalkd parses but no tube can have
-    /// (longer than 200 bytes or starting with `-`): always `NOT_FOUND`.
     PauseTube {
-        tube: Option<TubeName>,
+        tube: TubeName,
         delay_secs: u32,
     },
     Quit,
@@ -83,6 +81,10 @@ pub enum PutBody {
     TooBig,
     /// The announced number of bytes was not followed by `\r\n`.
     MissingCrlf,
+    /// Bytes followed the size on the command line. beanstalkd answers
+    /// `BAD_FORMAT` but, having parsed the size, counts it as a put; the
+    /// bytes after the line are read as the next command.
+    TrailingBytes,
 }
 
 /// A line the decoder could not turn into a request.
@@ -285,7 +287,16 @@ impl RequestDecoder {
                 let (pri, rest) = read_u32(args)?;
                 let (delay_secs, rest) = read_u32(rest)?;
                 let (ttr_secs, rest) = read_u32(rest)?;
-                let len = read_u32_end(rest)?;
+                let (len, rest) = read_u32(rest)?;
+                // beanstalkd checks the size before the bytes after it.
+                if len <= self.max_job_size && !rest.is_empty() {
+                    return done(Request::Put(Put {
+                        pri,
+                        delay_secs,
+                        ttr_secs,
+                        body: PutBody::TrailingBytes,
+                    }));
+                }
                 Ok(Parsed::PutHeader {
                     pri,
                     delay_secs,
@@ -353,7 +364,7 @@ impl RequestDecoder {
                 }
                 let delay_secs = read_u32_end(&args[start + name_len..])?;
                 done(Request::PauseTube {
-                    tube: TubeName::new(&args[start..start + name_len]).ok(),
+                    tube: tube_name(&args[start..start + name_len])?,
                     delay_secs,
                 })
             }
@@ -545,7 +556,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
         Request::Put(put) => {
             let body: &[u8] = match &put.body {
                 PutBody::Complete(body) => body,
-                PutBody::TooBig | PutBody::MissingCrlf => b"",
+                PutBody::TooBig | PutBody::MissingCrlf | PutBody::TrailingBytes => b"",
             };
             let _ = write!(
                 out,
@@ -587,10 +598,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
         Request::ListTubes => write!(out, "list-tubes"),
         Request::ListTubeUsed => write!(out, "list-tube-used"),
         Request::ListTubesWatched => write!(out, "list-tubes-watched"),
-        Request::PauseTube { tube, delay_secs } => match tube {
-            Some(t) => write!(out, "pause-tube {t} {delay_secs}"),
-            None => write!(out, "pause-tube - {delay_secs}"),
-        },
+        Request::PauseTube { tube, delay_secs } => write!(out, "pause-tube {tube} {delay_secs}"),
         Request::Quit => write!(out, "quit"),
     };
     out.extend_from_slice(b"\r\n");
@@ -645,16 +653,18 @@ mod tests {
         assert_eq!(
             one("pause-tubedefault 5\r\n"),
             Ok(Request::PauseTube {
-                tube: Some(TubeName::default_tube()),
+                tube: TubeName::default_tube(),
                 delay_secs: 5
             })
         );
+        assert_eq!(one("pause-tube -foo 1\r\n"), Err(BadFormat));
         assert_eq!(one("pause-tube default\t1\r\n"), Err(BadFormat));
         assert_eq!(one("use -foo\r\n"), Err(BadFormat));
         assert_eq!(one("use  foo\r\n"), Err(BadFormat));
         assert_eq!(one("a\0b\r\n"), Err(BadFormat));
         assert_eq!(one("put 4294967296 0 1 1\r\n"), Err(BadFormat));
-        assert_eq!(one("put 0 0 1 1 \r\n"), Err(BadFormat));
+        assert_eq!(one("put 0 0 1 99999999999\r\n"), Err(BadFormat));
+        assert_eq!(one("put 0 0 1 +2\r\n"), Err(BadFormat));
     }
 
     #[test]
@@ -672,6 +682,12 @@ mod tests {
             put(PutBody::Complete(Bytes::from_static(b"hello")))
         );
         assert_eq!(one("put 1 2 3 1\r\nxy\r"), put(PutBody::MissingCrlf));
+        assert_eq!(one("put 1 2 3 1 \r\n"), put(PutBody::TrailingBytes));
+        // Too big wins over trailing bytes: the body is still skipped.
+        assert_eq!(
+            decode_all(b"put 1 2 3 11 x\r\n0123456789a\r\n"),
+            vec![put(PutBody::TooBig)]
+        );
         assert_eq!(
             decode_all(b"put 1 2 3 11\r\n0123456789a\r\nstats\r\n"),
             vec![put(PutBody::TooBig), Ok(Request::Stats)]
@@ -751,7 +767,7 @@ mod tests {
             Request::Bury { id: 1, pri: 2 },
             Request::Kick { bound: 7 },
             Request::PauseTube {
-                tube: Some(tube.clone()),
+                tube: tube.clone(),
                 delay_secs: 5,
             },
             Request::ListTubesWatched,

@@ -130,7 +130,13 @@ fn spawn_connection<S: Socket, B: Broker>(
 pub trait Socket: Send + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Reads what is available into `buf`'s spare capacity.
+    ///
+    /// A read that leaves spare capacity has drained the socket, so it also
+    /// clears the readiness flag; the usual next read that would only return
+    /// `EAGAIN` is skipped. This is safe with tokio's edge-triggered epoll:
+    /// bytes that arrive later raise a new edge.
+    fn read_available(&self, buf: &mut BytesMut) -> io::Result<usize>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
 }
 
@@ -143,8 +149,22 @@ macro_rules! impl_socket {
             fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$t>::writable(self)
             }
-            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-                <$t>::try_read_buf(self, buf)
+            fn read_available(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                let mut read = 0;
+                let outcome = self.try_io(tokio::io::Interest::READABLE, || {
+                    let spare = buf.capacity() - buf.len();
+                    read = <$t>::try_read_buf(self, buf)?;
+                    if read > 0 && read < spare {
+                        // Drained: report WouldBlock so try_io clears readiness.
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(())
+                });
+                match outcome {
+                    Ok(()) => Ok(read),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+                    Err(e) => Err(e),
+                }
             }
             fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
                 <$t>::try_write(self, buf)
@@ -248,7 +268,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             self.input
                 .reserve(READ_CHUNK_BYTES.max(self.decoder.bytes_wanted()));
         }
-        match self.stream.try_read_buf(&mut self.input) {
+        match self.stream.read_available(&mut self.input) {
             Ok(0) => {
                 self.done_reading = true;
                 self.input = BytesMut::new();

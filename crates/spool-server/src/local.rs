@@ -267,9 +267,13 @@ impl EngineTask {
                 let Some(session) = self.sessions.get_mut(&id) else {
                     return;
                 };
+                // Like beanstalkd: a blocked reserve times out, what was sent
+                // before the hangup is answered, then the session closes.
                 session.hung_up = true;
-                if self.engine.is_waiting(id) || (session.pending.is_empty() && !session.queued) {
-                    self.close(id);
+                self.engine.time_out_wait(id);
+                if !session.queued {
+                    session.queued = true;
+                    self.runnable.push_back(id);
                 }
             }
             Msg::Close { id } => self.close(id),
@@ -303,10 +307,14 @@ impl EngineTask {
             while let Some(request) = session.pending.pop_front() {
                 self.engine.execute(id, request, now);
                 if self.engine.is_waiting(id) {
-                    break;
+                    if !session.hung_up {
+                        break;
+                    }
+                    // Nobody will read a job handed out now.
+                    self.engine.time_out_wait(id);
                 }
             }
-            if session.hung_up && (session.pending.is_empty() || self.engine.is_waiting(id)) {
+            if session.hung_up && session.pending.is_empty() {
                 self.close(id);
             }
         }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, and every test.
+# Extra arguments are passed to `cargo test`, e.g.
+#   bash scripts/test.sh -- --nocapture
+#   SPOOL_DIFF_FILTER=ttr bash scripts/test.sh --test differential
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+stage() {
+    printf '\n==> %s\n' "$*"
+}
+
+# The differential test plays every scenario against the real beanstalkd
+# 1.12, so make sure it is installed.
+if ! command -v beanstalkd >/dev/null 2>&1; then
+    stage "installing beanstalkd (the differential test's oracle)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y beanstalkd
+fi
+
+stage "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+stage "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+stage "cargo test --workspace $*"
+cargo test --workspace "$@"
+
+stage "all checks passed"
