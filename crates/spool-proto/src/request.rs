@@ -223,13 +223,15 @@ impl RequestDecoder {
     fn decode_line(&mut self, buf: &mut BytesMut) -> Option<Result<Request, ProtocolError>> {
         let window = &buf[..buf.len().min(LINE_MAX_BYTES)];
         if let Some(line_len) = scan_line_end(window) {
-            let line = buf.split_to(line_len);
-            let line = &line[..line_len - 2];
+            let line = &buf[..line_len - 2];
             let parsed = if line.contains(&0) {
                 Err(ProtocolError::BadFormat)
             } else {
                 self.parse_line(line)
             };
+            // Advancing rather than splitting keeps the caller's buffer
+            // unshared, so it can be reused without reallocating.
+            buf.advance(line_len);
             return match parsed {
                 Ok(Parsed::Done(request)) => Some(Ok(request)),
                 Ok(Parsed::PutHeader {

@@ -7,15 +7,21 @@
 //! here, in their place in that order.
 //!
 //! Memory per connection is bounded and an idle connection holds no buffer:
-//! the read buffer is allocated when bytes arrive and freed once they are
-//! decoded; the write buffer likewise. At most `PIPELINED_REQUESTS_MAX`
-//! requests may wait for replies and at most `WRITE_BUFFER_MAX_BYTES` wait
-//! to be written before the task stops reading from the client.
+//! bytes are read into a per-thread scratch buffer and decoded there; only a
+//! half-received request is copied into a buffer of the connection's own,
+//! which is freed as soon as it is decoded. The write buffer is freed once
+//! written. At most `PIPELINED_REQUESTS_MAX` requests wait for replies, and
+//! replies are encoded only while fewer than `WRITE_BUFFER_MAX_BYTES` wait
+//! to be written; past either bound the task stops reading from the client.
+//! The task polls its mailbox and socket by hand rather than through
+//! `select!`, so a waiting connection stores no futures.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use spool_proto::limits::{PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
@@ -24,8 +30,23 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::broker::{Broker, Peer, Session};
 
-/// Smallest read: enough for a burst of pipelined commands.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Size of the per-thread scratch buffer reads land in: enough for a burst
+/// of pipelined commands.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Rounds of work one poll of a connection may do before yielding, so a
+/// client that never stops sending cannot starve the others.
+const POLL_ROUNDS_MAX: usize = 16;
+
+/// How many connections the kernel may queue before `accept`, as beanstalkd.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+thread_local! {
+    /// Where reads land before decoding. Shared by every connection on the
+    /// thread (a connection never holds it across an await), so an idle or
+    /// fully decoded connection owns no read buffer.
+    static SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
 
 #[derive(Debug, Clone)]
 pub struct BeanstalkConfig {
@@ -125,11 +146,9 @@ fn spawn_connection<S: Socket, B: Broker>(
     }
 }
 
-/// The socket operations a connection needs; TCP and unix streams both
-/// have them.
 pub trait Socket: Send + 'static {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Reads what is available into `buf`'s spare capacity.
     ///
     /// A read that leaves spare capacity has drained the socket, so it also
@@ -143,11 +162,11 @@ pub trait Socket: Send + 'static {
 macro_rules! impl_socket {
     ($t:ty) => {
         impl Socket for $t {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$t>::readable(self)
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
             }
-            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$t>::writable(self)
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
             }
             fn read_available(&self, buf: &mut BytesMut) -> io::Result<usize> {
                 let mut read = 0;
@@ -180,6 +199,8 @@ struct Connection<S, Sess> {
     stream: S,
     session: Sess,
     decoder: RequestDecoder,
+    /// Bytes read but not decoded: a half-received request, or complete
+    /// requests waiting for room in the pipeline.
     input: BytesMut,
     output: Vec<u8>,
     /// One entry per request not yet answered, in order: `None` while the
@@ -215,30 +236,59 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     }
 
     async fn run(mut self) {
-        loop {
+        std::future::poll_fn(|cx| self.poll(cx)).await;
+    }
+
+    /// Polls the mailbox and the socket directly instead of awaiting futures,
+    /// so the task stores nothing but the `Connection` while it waits.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        for _ in 0..POLL_ROUNDS_MAX {
+            let mut progressed = false;
+            if let Poll::Ready(open) = self.session.poll_recv(cx, &mut self.responses) {
+                progressed = true;
+                if let Step::Close = self.on_replies(open) {
+                    return Poll::Ready(());
+                }
+            }
+            // With room in the pipeline, `pump` has decoded every complete
+            // request, so leftover input is a partial one that needs bytes.
             let can_read = !self.done_reading
-                && self.awaiting < PIPELINED_REQUESTS_MAX
+                && self.slots.len() < PIPELINED_REQUESTS_MAX
                 && self.output.len() < WRITE_BUFFER_MAX_BYTES;
-            let want_write = !self.output.is_empty();
-            let step = tokio::select! {
-                biased;
-                open = self.session.recv(&mut self.responses) => self.on_replies(open),
-                ready = self.stream.readable(), if can_read => match ready {
-                    Ok(()) => self.on_readable(),
-                    Err(_) => Step::Close,
-                },
-                ready = self.stream.writable(), if want_write => match ready {
-                    Ok(()) => self.flush(),
-                    Err(_) => Step::Close,
-                },
-            };
-            if let Step::Close = step {
-                return;
+            if can_read {
+                if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
+                    progressed = true;
+                    let step = match ready {
+                        Ok(()) => self.on_readable(),
+                        Err(_) => Step::Close,
+                    };
+                    if let Step::Close = step {
+                        return Poll::Ready(());
+                    }
+                }
+            }
+            if !self.output.is_empty() {
+                if let Poll::Ready(ready) = self.stream.poll_write_ready(cx) {
+                    progressed = true;
+                    let step = match ready {
+                        Ok(()) => self.pump(),
+                        Err(_) => Step::Close,
+                    };
+                    if let Step::Close = step {
+                        return Poll::Ready(());
+                    }
+                }
             }
             if self.done_reading && self.slots.is_empty() && self.output.is_empty() {
-                return;
+                return Poll::Ready(());
+            }
+            if !progressed {
+                return Poll::Pending;
             }
         }
+        // Busy connection: let others run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn on_replies(&mut self, open: bool) -> Step {
@@ -253,38 +303,64 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 None => return Step::Close,
             }
         }
-        self.encode_ready();
         if !open {
             // The broker closed the session: say what we have, then go.
-            self.slots.clear();
+            self.slots.retain(Option::is_some);
             self.awaiting = 0;
             self.done_reading = true;
+            self.input = BytesMut::new();
         }
-        self.flush()
+        self.pump()
     }
 
     fn on_readable(&mut self) -> Step {
-        if self.input.capacity() - self.input.len() < READ_CHUNK_BYTES {
-            self.input
-                .reserve(READ_CHUNK_BYTES.max(self.decoder.bytes_wanted()));
-        }
-        match self.stream.read_available(&mut self.input) {
+        let read = if self.input.is_empty() {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.clear();
+                scratch.reserve(READ_CHUNK_BYTES);
+                let read = self.stream.read_available(&mut scratch);
+                if matches!(read, Ok(n) if n > 0) {
+                    self.decode(&mut scratch);
+                    if !scratch.is_empty() && !self.done_reading {
+                        // Keep only what is not decoded yet, in a buffer of
+                        // our own sized for the request it starts.
+                        let capacity = scratch.len().max(self.decoder.bytes_wanted());
+                        let mut own = BytesMut::with_capacity(capacity);
+                        own.extend_from_slice(&scratch);
+                        self.input = own;
+                    }
+                }
+                read
+            })
+        } else {
+            // The rest of a partial request: read into its own buffer, which
+            // is sized for it (a body up to the max job size).
+            let wanted = self.decoder.bytes_wanted().max(self.input.len() + 1024);
+            self.input.reserve(wanted - self.input.len());
+            self.stream.read_available(&mut self.input)
+        };
+        match read {
             Ok(0) => {
                 self.done_reading = true;
                 self.input = BytesMut::new();
                 self.session.hangup();
-                return Step::Continue;
+                Step::Continue
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-            Err(_) => return Step::Close,
+            Ok(_) => self.pump(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
+            Err(_) => Step::Close,
         }
-        while let Some(decoded) = self.decoder.decode(&mut self.input) {
+    }
+
+    /// Decodes requests from `buf` while this connection may take more.
+    fn decode(&mut self, buf: &mut BytesMut) {
+        while !self.done_reading && self.slots.len() < PIPELINED_REQUESTS_MAX {
+            let Some(decoded) = self.decoder.decode(buf) else {
+                break;
+            };
             match decoded {
-                Ok(Request::Quit) => {
-                    self.done_reading = true;
-                    break;
-                }
+                Ok(Request::Quit) => self.done_reading = true,
                 Ok(request) => {
                     self.batch.push(request);
                     self.slots.push_back(None);
@@ -295,43 +371,58 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                     self.slots.push_back(Some(Response::UnknownCommand))
                 }
             }
-            if self.awaiting >= PIPELINED_REQUESTS_MAX {
-                break;
-            }
         }
-        if self.input.is_empty() || self.done_reading {
-            // Nothing half-read: give the memory back while idle.
-            self.input = BytesMut::new();
-        }
-        if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            if self.session.submit(batch).is_err() {
-                return Step::Close;
-            }
-        }
-        self.encode_ready();
-        self.flush()
     }
 
+    /// Moves work along until it would block: decodes buffered input while
+    /// there is room, submits it, encodes answered requests in order up to
+    /// the write bound, and writes.
+    fn pump(&mut self) -> Step {
+        loop {
+            if !self.input.is_empty() && !self.done_reading {
+                let mut input = std::mem::take(&mut self.input);
+                self.decode(&mut input);
+                if !input.is_empty() && !self.done_reading {
+                    self.input = input;
+                }
+            }
+            if self.done_reading {
+                self.input = BytesMut::new();
+            }
+            if !self.batch.is_empty() {
+                let batch = std::mem::take(&mut self.batch);
+                if self.session.submit(batch).is_err() {
+                    return Step::Close;
+                }
+            }
+            self.encode_ready();
+            if self.output.is_empty() {
+                return Step::Continue;
+            }
+            while !self.output.is_empty() {
+                match self.stream.try_write(&self.output) {
+                    Ok(n) => {
+                        self.output.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                    Err(_) => return Step::Close,
+                }
+            }
+            // Written out: give the memory back while idle.
+            self.output = Vec::new();
+        }
+    }
+
+    /// Encodes answered requests, in order, until the write buffer is full;
+    /// the rest wait in `slots` (job bodies there are shared, not copied).
     fn encode_ready(&mut self) {
-        while let Some(Some(_)) = self.slots.front() {
+        while self.output.len() < WRITE_BUFFER_MAX_BYTES {
+            if !matches!(self.slots.front(), Some(Some(_))) {
+                return;
+            }
             if let Some(Some(response)) = self.slots.pop_front() {
                 encode_response(&response, &mut self.output);
             }
         }
-    }
-
-    fn flush(&mut self) -> Step {
-        while !self.output.is_empty() {
-            match self.stream.try_write(&self.output) {
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-                Err(_) => return Step::Close,
-            }
-        }
-        self.output = Vec::new();
-        Step::Continue
     }
 }

@@ -6,7 +6,7 @@
 //! same two traits, so adapters need no change when it lands.
 
 use std::fmt;
-use std::future::Future;
+use std::task::{Context, Poll};
 
 use spool_proto::{Request, Response};
 
@@ -57,7 +57,11 @@ pub trait Session: Send + 'static {
     /// submitted (abandoning a blocked reserve) and then closes the session.
     fn hangup(&mut self);
 
-    /// Waits for responses and appends them to `out`. Returns false once the
+    /// Moves available responses to `out` (`Ready(true)`), or registers the
+    /// task to be woken when some arrive (`Pending`). `Ready(false)` once the
     /// session is closed and every response has been handed out.
-    fn recv(&mut self, out: &mut Vec<Response>) -> impl Future<Output = bool> + Send;
+    ///
+    /// A poll function rather than an async one so that a connection task
+    /// stores no future for it: idle connections stay small.
+    fn poll_recv(&mut self, cx: &mut Context<'_>, out: &mut Vec<Response>) -> Poll<bool>;
 }

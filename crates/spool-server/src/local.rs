@@ -8,13 +8,14 @@
 //! which is also where the write-ahead log will group-commit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use spool_engine::{ConnId, Engine, EngineConfig, IdHasher};
 use spool_proto::{Request, Response};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::broker::{Broker, BrokerError, Peer, Session};
 use crate::process::ProcessInfo;
@@ -34,22 +35,38 @@ enum Msg {
 /// Where the engine task leaves a session's replies.
 #[derive(Debug, Default)]
 struct Mailbox {
-    replies: Mutex<Vec<Response>>,
-    closed: AtomicBool,
-    notify: Notify,
+    inner: Mutex<Inbox>,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    replies: Vec<Response>,
+    closed: bool,
+    /// The connection task waiting for replies, if it is waiting.
+    waker: Option<Waker>,
 }
 
 impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        // A panic elsewhere cannot leave an Inbox half-updated.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn push(&self, response: Response) {
-        self.replies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(response);
+        self.lock().replies.push(response);
+    }
+
+    /// Wakes the connection task if it waits; called once per delivery round.
+    fn wake(&self) {
+        let waker = self.lock().waker.take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.lock().closed = true;
+        self.wake();
     }
 }
 
@@ -132,34 +149,20 @@ impl Session for LocalSession {
         let _ = self.tx.send(Msg::Hangup { id: self.id });
     }
 
-    async fn recv(&mut self, out: &mut Vec<Response>) -> bool {
-        loop {
-            {
-                let mut replies = self
-                    .mailbox
-                    .replies
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if !replies.is_empty() {
-                    out.append(&mut replies);
-                    return true;
-                }
-            }
-            if self.mailbox.closed.load(Ordering::Acquire) {
-                // Replies pushed before the close are taken above first.
-                let mut replies = self
-                    .mailbox
-                    .replies
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if replies.is_empty() {
-                    return false;
-                }
-                out.append(&mut replies);
-                return true;
-            }
-            self.mailbox.notify.notified().await;
+    fn poll_recv(&mut self, cx: &mut Context<'_>, out: &mut Vec<Response>) -> Poll<bool> {
+        let mut inbox = self.mailbox.lock();
+        if !inbox.replies.is_empty() {
+            out.append(&mut inbox.replies);
+            return Poll::Ready(true);
         }
+        if inbox.closed {
+            return Poll::Ready(false);
+        }
+        match &mut inbox.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => inbox.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
@@ -330,7 +333,7 @@ impl EngineTask {
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            session.mailbox.notify.notify_one();
+            session.mailbox.wake();
             if !session.queued && !session.pending.is_empty() && !self.engine.is_waiting(id) {
                 session.queued = true;
                 self.runnable.push_back(id);

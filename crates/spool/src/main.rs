@@ -32,9 +32,20 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            if !e.use_stderr() {
+                // --help and --version
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap names the flag; a bad environment value should be named
+            // as the variable the user actually set.
+            match serve::env_error() {
+                Some(env) => eprintln!("spool: {env}"),
+                None => {
+                    let _ = e.print();
+                }
+            }
+            return ExitCode::from(2);
         }
     };
     let result = match cli.command {

@@ -43,7 +43,11 @@ pub struct ServeArgs {
     port: u16,
 
     /// Keep queues in memory only; they are lost when the process stops.
-    #[arg(long = "in-memory", env = "SPOOL_IN_MEMORY")]
+    #[arg(
+        long = "in-memory",
+        env = "SPOOL_IN_MEMORY",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     in_memory: bool,
 
     /// Directory for the write-ahead log (beanstalkd's -b).
@@ -108,6 +112,42 @@ pub struct ServeConfig {
     pub listen: ListenAddr,
     pub max_job_size: u32,
     pub log_filter: String,
+}
+
+/// (variable, is the value valid, what is expected)
+type EnvCheck = (&'static str, fn(&str) -> bool, &'static str);
+
+/// Environment twins whose bad values clap would report naming only the
+/// flag. After a parse error, [`env_error`] names the variable instead.
+const ENV_CHECKS: &[EnvCheck] = &[
+    (
+        "SPOOL_PORT",
+        |v| v.parse::<u16>().is_ok(),
+        "a TCP port, 0 to 65535",
+    ),
+    (
+        "SPOOL_MAX_JOB_SIZE",
+        |v| v.parse::<u32>().is_ok(),
+        "a number of bytes, 1 to 1073741824",
+    ),
+    (
+        "SPOOL_IN_MEMORY",
+        |v| {
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "1" | "0" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "t" | "f"
+            )
+        },
+        "true or false",
+    ),
+];
+
+/// The first `SPOOL_*` variable with a value that cannot be parsed.
+pub fn env_error() -> Option<ConfigError> {
+    ENV_CHECKS.iter().find_map(|(name, valid, expected)| {
+        let value = std::env::var(name).ok()?;
+        (!valid(&value)).then(|| ConfigError(format!("{name}={value}: expected {expected}")))
+    })
 }
 
 impl ServeArgs {
@@ -252,12 +292,20 @@ async fn shutdown_signal() {
 fn bind(listen: &ListenAddr) -> anyhow::Result<BeanstalkListener> {
     match listen {
         ListenAddr::Tcp(addr) => {
-            let std_listener =
-                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            std_listener.set_nonblocking(true)?;
-            Ok(BeanstalkListener::Tcp(tokio::net::TcpListener::from_std(
-                std_listener,
-            )?))
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }?;
+            // A restarted server must not wait for old connections' TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket
+                .bind(*addr)
+                .with_context(|| format!("binding {addr}"))?;
+            let listener = socket
+                .listen(beanstalk::LISTEN_BACKLOG)
+                .with_context(|| format!("listening on {addr}"))?;
+            Ok(BeanstalkListener::Tcp(listener))
         }
         ListenAddr::Unix(path) => {
             // A socket file left by a previous run is replaced, as beanstalkd
@@ -270,6 +318,8 @@ fn bind(listen: &ListenAddr) -> anyhow::Result<BeanstalkListener> {
                     anyhow::bail!("{} exists and is not a socket", path.display());
                 }
             }
+            // tokio's unix listener uses the std backlog (128); beanstalkd's
+            // 1024 matters for bursts of TCP clients, far less here.
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("binding unix socket {}", path.display()))?;
             Ok(BeanstalkListener::Unix(listener, path.clone()))

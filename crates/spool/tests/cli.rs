@@ -1,0 +1,245 @@
+//! `spool` command-line handling: flags and their environment twins, exit
+//! codes (2 for a bad setting, with a message naming it), and the listener
+//! forms. Every process run here is bounded in time.
+
+mod support;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{clear_spool_env, run_spool, spool_bin, wait_output, Addr, Client, Server, TempDir};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts `out` exited with `code` and its stderr mentions every one of
+/// `needles`.
+fn assert_exit(out: &Output, code: i32, needles: &[&str]) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status; stdout: {:?} stderr: {:?}",
+        stdout(out),
+        stderr(out)
+    );
+    for needle in needles {
+        assert!(
+            stderr(out).contains(needle),
+            "stderr should mention {needle:?}: {:?}",
+            stderr(out)
+        );
+    }
+}
+
+#[test]
+fn data_dir_is_refused_naming_the_flag() {
+    let out = run_spool(&["serve", "--in-memory", "-b", "/nonexistent/spool"], &[]);
+    assert_exit(&out, 2, &["-b", "/nonexistent/spool"]);
+    let out = run_spool(
+        &["serve", "--in-memory"],
+        &[("SPOOL_DATA_DIR", "/nonexistent/spool")],
+    );
+    assert_exit(&out, 2, &["SPOOL_DATA_DIR", "/nonexistent/spool"]);
+}
+
+#[test]
+fn durable_default_is_refused_without_in_memory() {
+    let out = run_spool(&["serve"], &[]);
+    assert_exit(&out, 2, &["--in-memory"]);
+}
+
+#[test]
+fn max_job_size_out_of_range_exits_2() {
+    for value in ["0", "2000000000", "1073741825"] {
+        let out = run_spool(&["serve", "--in-memory", "-z", value], &[]);
+        assert_exit(&out, 2, &["SPOOL_MAX_JOB_SIZE", "-z", value, "1073741824"]);
+    }
+    let out = run_spool(&["serve", "--in-memory"], &[("SPOOL_MAX_JOB_SIZE", "0")]);
+    assert_exit(&out, 2, &["SPOOL_MAX_JOB_SIZE"]);
+}
+
+#[test]
+fn max_job_size_env_not_a_number_exits_2() {
+    let out = run_spool(&["serve", "--in-memory"], &[("SPOOL_MAX_JOB_SIZE", "abc")]);
+    assert_exit(&out, 2, &["abc"]);
+}
+
+#[test]
+fn bad_env_values_name_the_variable() {
+    // DESIGN §5: a bad env value gets a message naming the variable, the
+    // value and what is expected, not only the flag it stands in for.
+    let out = run_spool(&["serve", "--in-memory"], &[("SPOOL_MAX_JOB_SIZE", "abc")]);
+    assert_exit(&out, 2, &["SPOOL_MAX_JOB_SIZE", "abc"]);
+    let out = run_spool(&["serve"], &[("SPOOL_IN_MEMORY", "maybe")]);
+    assert_exit(&out, 2, &["SPOOL_IN_MEMORY", "maybe"]);
+}
+
+#[test]
+fn bad_listen_and_port_exit_2() {
+    let out = run_spool(&["serve", "--in-memory", "-l", "nope"], &[]);
+    assert_exit(&out, 2, &["SPOOL_LISTEN", "nope"]);
+    let out = run_spool(&["serve", "--in-memory", "-l", "unix:"], &[]);
+    assert_exit(&out, 2, &["unix:"]);
+    let out = run_spool(&["serve", "--in-memory"], &[("SPOOL_LISTEN", "bogus")]);
+    assert_exit(&out, 2, &["SPOOL_LISTEN", "bogus"]);
+    let out = run_spool(&["serve", "--in-memory", "-p", "70000"], &[]);
+    assert_exit(&out, 2, &["70000"]);
+    let out = run_spool(&["serve", "--in-memory", "--no-such-flag"], &[]);
+    assert_exit(&out, 2, &["--no-such-flag"]);
+}
+
+#[test]
+fn version_flag() {
+    let want = format!("spool {}", env!("CARGO_PKG_VERSION"));
+    let out = run_spool(&["serve", "-v"], &[]);
+    assert_exit(&out, 0, &[]);
+    assert_eq!(stdout(&out).trim(), want);
+    let out = run_spool(&["--version"], &[]);
+    assert_exit(&out, 0, &[]);
+    assert_eq!(stdout(&out).trim(), want);
+}
+
+#[test]
+fn help_exits_0() {
+    let out = run_spool(&["--help"], &[]);
+    assert_exit(&out, 0, &[]);
+    assert!(stdout(&out).contains("serve"), "{}", stdout(&out));
+    let out = run_spool(&["serve", "--help"], &[]);
+    assert_exit(&out, 0, &[]);
+    for flag in ["--listen", "--port", "--in-memory", "--max-job-size"] {
+        assert!(stdout(&out).contains(flag), "serve --help lacks {flag}");
+    }
+    // No verb at all is a usage error.
+    let out = run_spool(&[], &[]);
+    assert_exit(&out, 2, &[]);
+}
+
+#[test]
+fn listen_on_a_unix_socket() {
+    let server = Server::start_unix();
+    let Addr::Unix(path) = server.addr().clone() else {
+        unreachable!()
+    };
+    assert!(path.exists());
+    let mut c = server.client();
+    c.expect("put 0 0 60 2\r\nhi\r\n", "INSERTED 1\r\n");
+    c.expect("reserve\r\n", "RESERVED 1 2\r\nhi\r\n");
+    c.expect("delete 1\r\n", "DELETED\r\n");
+}
+
+/// Starts `spool serve` with `args` and `env`, waits until `path` accepts.
+fn start_on_unix(
+    args: &[&str],
+    env: &[(&str, &str)],
+    path: &std::path::Path,
+) -> std::process::Child {
+    let mut cmd = Command::new(spool_bin());
+    clear_spool_env(&mut cmd);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("spawning spool");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return child;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("spool exited early: {status}");
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("spool did not listen on {} within 10 s", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn env_twins_configure_the_server() {
+    let dir = TempDir::new("cli-env");
+    let path = dir.path().join("env.sock");
+    let listen = format!("unix:{}", path.display());
+    let mut child = start_on_unix(
+        &["serve"],
+        &[
+            ("SPOOL_IN_MEMORY", "true"),
+            ("SPOOL_LISTEN", &listen),
+            ("SPOOL_MAX_JOB_SIZE", "10"),
+        ],
+        &path,
+    );
+    let mut c = Client::connect(&Addr::Unix(path.clone()));
+    c.expect("put 0 0 60 11\r\n0123456789a\r\n", "JOB_TOO_BIG\r\n");
+    c.expect("put 0 0 60 10\r\n0123456789\r\n", "INSERTED 1\r\n");
+    assert_eq!(c.stats_map("stats\r\n")["max-job-size"], "10");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let dir = TempDir::new("cli-stale");
+    let path = dir.path().join("s.sock");
+    // A socket file left behind by a listener that is gone.
+    drop(UnixListener::bind(&path).expect("binding a socket"));
+    assert!(path.exists());
+    let listen = format!("unix:{}", path.display());
+    let mut child = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
+    let mut c = Client::connect(&Addr::Unix(path.clone()));
+    c.expect("list-tube-used\r\n", "USING default\r\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_regular_file_at_the_socket_path_is_left_alone() {
+    let dir = TempDir::new("cli-file");
+    let path = dir.path().join("not-a-socket");
+    std::fs::write(&path, b"precious").expect("writing a file");
+    let listen = format!("unix:{}", path.display());
+    let out = run_spool(&["serve", "--in-memory", "-l", &listen], &[]);
+    assert!(!out.status.success(), "spool started on a regular file");
+    assert!(
+        stderr(&out).contains("not a socket"),
+        "stderr: {:?}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&path).expect("file still there"), b"precious");
+}
+
+#[test]
+fn a_port_in_use_is_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let out = run_spool(
+        &["serve", "--in-memory", "-l", "127.0.0.1", "-p", &port],
+        &[],
+    );
+    assert_exit(&out, 1, &[&port]);
+}
+
+#[test]
+fn sigterm_stops_the_server_and_removes_its_socket() {
+    let dir = TempDir::new("cli-term");
+    let path = dir.path().join("s.sock");
+    let listen = format!("unix:{}", path.display());
+    let child = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM failed");
+    let out = wait_output(child, Duration::from_secs(10));
+    assert!(out.status.success(), "exit after SIGTERM: {}", out.status);
+    assert!(!path.exists(), "the socket file is still there");
+}
