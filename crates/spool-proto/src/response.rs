@@ -406,9 +406,19 @@ impl ResponseDecoder {
         let line = std::str::from_utf8(&buf[..eol])
             .map_err(|_| ResponseError::Malformed(String::from_utf8_lossy(&buf[..eol]).into()))?;
         let malformed = || ResponseError::Malformed(line.to_string());
-        let mut words = line.split(' ');
-        let word = words.next().unwrap_or_default();
-        let args: Vec<&str> = words.collect();
+        // At most three fields follow the word; no allocation per reply.
+        let mut fields = line.split(' ');
+        let word = fields.next().unwrap_or_default();
+        let mut arg_buf = [""; 3];
+        let mut arg_count = 0;
+        for field in fields {
+            if arg_count == arg_buf.len() {
+                return Err(malformed());
+            }
+            arg_buf[arg_count] = field;
+            arg_count += 1;
+        }
+        let args = &arg_buf[..arg_count];
         let num = |i: usize| -> Result<u64, ResponseError> {
             args.get(i)
                 .and_then(|a| a.parse::<u64>().ok())
@@ -432,14 +442,18 @@ impl ResponseDecoder {
             if &buf[total - 2..total] != b"\r\n" {
                 return Err(malformed());
             }
-            let word = word.to_string();
+            let kind = match (word, id) {
+                ("RESERVED", Some(id)) => Some((true, id)),
+                ("FOUND", Some(id)) => Some((false, id)),
+                _ => None,
+            };
             buf.advance(eol + 2);
             let body = buf.split_to(len).freeze();
             buf.advance(2);
-            return Ok(Some(match (word.as_str(), id) {
-                ("RESERVED", Some(id)) => Response::Reserved { id, body },
-                ("FOUND", Some(id)) => Response::Found { id, body },
-                _ => Response::Ok(body),
+            return Ok(Some(match kind {
+                Some((true, id)) => Response::Reserved { id, body },
+                Some((false, id)) => Response::Found { id, body },
+                None => Response::Ok(body),
             }));
         }
         let response = match (word, args.len()) {
