@@ -81,6 +81,17 @@ struct Tube {
     unpause_at_ns: u64,
 }
 
+/// The kinds of timer `tick` runs, in the order they win ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Delay,
+    Pause,
+    /// A blocked reserve's timeout or DEADLINE_SOON: before an expiry at the
+    /// same instant, so the waiter hears of it before the job is taken.
+    Wait,
+    Ttr,
+}
+
 #[derive(Debug)]
 struct Wait {
     /// When the wait ends with `TIMED_OUT` or `DEADLINE_SOON`, if ever.
@@ -399,50 +410,61 @@ impl Engine {
     /// blocked reserves time out, reservations expire. Returns when it next
     /// has work, if ever.
     pub fn tick(&mut self, now: u64) -> Option<u64> {
-        while let Some(&(due, id)) = self.delayed.first() {
-            if due > now {
+        // One timer at a time, earliest first, whatever its kind: a caller
+        // that runs late (a busy server) must see the same outcome as one
+        // that woke on time. Ties go to the kinds in the order listed.
+        loop {
+            let due = [
+                self.delayed.first().map(|&(at, _)| (at, Timer::Delay)),
+                self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
+                self.wait_timers.first().map(|&(at, _)| (at, Timer::Wait)),
+                // A reservation expires once its deadline has passed
+                // (beanstalkd keeps it while `deadline >= now`).
+                self.reservations
+                    .first()
+                    .map(|&(at, _, _)| (at + 1, Timer::Ttr)),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|&(at, _)| at <= now)
+            .min();
+            let Some((_, timer)) = due else {
                 break;
-            }
-            self.delayed.remove(&(due, id));
-            let tube = self.jobs[&id].tube;
-            self.tube_mut(tube).delayed.remove(&(due, id));
-            self.enqueue(id, 0, now);
-        }
-        while let Some(&(at, tube)) = self.paused.first() {
-            if at > now {
-                break;
-            }
-            self.unpause(tube);
-            self.process_queue(now);
-        }
-        // Waits before expiries: a waiting connection whose job is about to
-        // expire hears DEADLINE_SOON before the job is taken from it.
-        while let Some(&(at, conn_id)) = self.wait_timers.first() {
-            if at > now {
-                break;
-            }
-            let soon = self.deadline_soon(conn_id, now);
-            self.remove_waiting_conn(conn_id);
-            let reply = if soon {
-                Response::DeadlineSoon
-            } else {
-                Response::TimedOut
             };
-            self.outbox.push((conn_id, reply));
-        }
-        // A reservation expires once its deadline has passed (beanstalkd
-        // keeps it while `deadline >= now`).
-        while let Some(&(deadline, seq, id)) = self.reservations.first() {
-            if deadline >= now {
-                break;
+            match timer {
+                Timer::Delay => {
+                    let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
+                    let tube = self.jobs[&id].tube;
+                    self.tube_mut(tube).delayed.remove(&(due, id));
+                    self.enqueue(id, 0, now);
+                }
+                Timer::Pause => {
+                    let &(_, tube) = self.paused.first().expect("a pause is due");
+                    self.unpause(tube);
+                    self.process_queue(now);
+                }
+                Timer::Wait => {
+                    let &(_, conn_id) = self.wait_timers.first().expect("a wait is due");
+                    let soon = self.deadline_soon(conn_id, now);
+                    self.remove_waiting_conn(conn_id);
+                    let reply = if soon {
+                        Response::DeadlineSoon
+                    } else {
+                        Response::TimedOut
+                    };
+                    self.outbox.push((conn_id, reply));
+                }
+                Timer::Ttr => {
+                    let &(_, seq, id) = self.reservations.first().expect("a reservation is due");
+                    let job = self.jobs.get_mut(&id).expect("reserved job exists");
+                    debug_assert_eq!(job.seq, seq);
+                    job.timeouts += 1;
+                    job.attempts += 1;
+                    self.counters.job_timeouts += 1;
+                    self.release_reservation_of(id);
+                    self.enqueue(id, 0, now);
+                }
             }
-            let job = self.jobs.get_mut(&id).expect("reserved job exists");
-            debug_assert_eq!(job.seq, seq);
-            job.timeouts += 1;
-            job.attempts += 1;
-            self.counters.job_timeouts += 1;
-            self.release_reservation_of(id);
-            self.enqueue(id, 0, now);
         }
         self.next_wake()
     }

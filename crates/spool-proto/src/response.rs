@@ -397,8 +397,10 @@ impl ResponseDecoder {
     /// Decodes one response from the front of `buf`; `Ok(None)` means more
     /// bytes are needed and nothing was consumed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Response>, ResponseError> {
-        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-            if buf.len() > LINE_MAX_BYTES {
+        // A reply line ends within the same 224 bytes a request line must.
+        let window = &buf[..buf.len().min(LINE_MAX_BYTES)];
+        let Some(eol) = window.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() >= LINE_MAX_BYTES {
                 return Err(ResponseError::LineTooLong);
             }
             return Ok(None);
@@ -419,8 +421,10 @@ impl ResponseDecoder {
             arg_count += 1;
         }
         let args = &arg_buf[..arg_count];
+        // Digits only: Rust's parser would also take a leading `+`.
         let num = |i: usize| -> Result<u64, ResponseError> {
             args.get(i)
+                .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|a| a.parse::<u64>().ok())
                 .ok_or_else(malformed)
         };
