@@ -18,6 +18,7 @@ use spool_proto::{JobStats, Put, PutBody, Request, Response, ServerStats, TubeNa
 
 use crate::job::{Job, JobId, JobState};
 use crate::ms::Ms;
+use crate::record::{LogRecord, RestState};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -180,7 +181,30 @@ pub struct Engine {
     counters: Counters,
     draining: bool,
     outbox: Vec<(ConnId, Response)>,
+    /// Whether durable changes are recorded in `log` (off in memory).
+    logging: bool,
+    log: Vec<LogRecord>,
+    /// The log could not be written: durable changes are refused.
+    storage_failed: bool,
 }
+
+/// A record that does not fit the jobs replayed before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayError {
+    DuplicateJob(JobId),
+    UnknownJob(JobId),
+}
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayError::DuplicateJob(id) => write!(f, "job {id} is put twice"),
+            ReplayError::UnknownJob(id) => write!(f, "job {id} changes before it is put"),
+        }
+    }
+}
+
+impl std::error::Error for ReplayError {}
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Engine {
@@ -203,6 +227,9 @@ impl Engine {
             counters: Counters::default(),
             draining: false,
             outbox: Vec::new(),
+            logging: false,
+            log: Vec::new(),
+            storage_failed: false,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -223,6 +250,112 @@ impl Engine {
         self.draining
     }
 
+    /// Record durable changes as [`LogRecord`]s from now on.
+    pub fn enable_logging(&mut self) {
+        self.logging = true;
+    }
+
+    /// The log cannot be written any more: refuse every durable change
+    /// (`OUT_OF_MEMORY` for puts, `INTERNAL_ERROR` otherwise) until restart.
+    pub fn set_storage_failed(&mut self) {
+        self.storage_failed = true;
+    }
+
+    /// Durable changes made since the last call, in order.
+    pub fn drain_log_into(&mut self, out: &mut Vec<LogRecord>) {
+        out.append(&mut self.log);
+    }
+
+    fn record(&mut self, record: impl FnOnce() -> LogRecord) {
+        if self.logging {
+            self.log.push(record());
+        }
+    }
+
+    fn rest_state(delay_ns: u64, now: u64) -> RestState {
+        if delay_ns > 0 {
+            RestState::Delayed {
+                due_ns: now + delay_ns,
+            }
+        } else {
+            RestState::Ready
+        }
+    }
+
+    /// Applies one logged change while recovering, before any session is
+    /// open. Records must come in the order they were logged.
+    pub fn replay(&mut self, record: LogRecord) -> Result<(), ReplayError> {
+        match record {
+            LogRecord::Put {
+                id,
+                tube,
+                pri,
+                ttr_ns,
+                delay_ns,
+                created_at_ns,
+                state,
+                body,
+            } => {
+                if self.jobs.contains_key(&id) {
+                    return Err(ReplayError::DuplicateJob(id));
+                }
+                let tube = self.find_or_make_tube(&tube);
+                self.insert_job(id, tube, pri, delay_ns, ttr_ns, body, created_at_ns);
+                self.counters.total_jobs += 1;
+                self.tube_mut(tube).total_jobs += 1;
+                self.next_job_id = self.next_job_id.max(id + 1);
+                self.place(id, state);
+            }
+            LogRecord::Update { id, pri, state } => {
+                let Some(job) = self.jobs.get(&id) else {
+                    return Err(ReplayError::UnknownJob(id));
+                };
+                let (old, tube, old_pri, seq, deadline) =
+                    (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
+                match old {
+                    JobState::Ready => self.remove_ready(tube, old_pri, id),
+                    JobState::Buried => self.remove_buried(tube, seq, id),
+                    JobState::Delayed => self.remove_delayed(tube, deadline, id),
+                    JobState::Reserved => unreachable!("nothing is reserved while replaying"),
+                }
+                self.jobs.get_mut(&id).expect("job exists").pri = pri;
+                self.place(id, state);
+            }
+            LogRecord::Delete { id } => {
+                let Some(job) = self.jobs.get(&id) else {
+                    return Err(ReplayError::UnknownJob(id));
+                };
+                let (old, tube, pri, seq, deadline) =
+                    (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
+                match old {
+                    JobState::Ready => self.remove_ready(tube, pri, id),
+                    JobState::Buried => self.remove_buried(tube, seq, id),
+                    JobState::Delayed => self.remove_delayed(tube, deadline, id),
+                    JobState::Reserved => unreachable!("nothing is reserved while replaying"),
+                }
+                self.jobs.remove(&id);
+                self.decref(tube);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a replayed job, in no queue yet, where its record says.
+    fn place(&mut self, id: JobId, state: RestState) {
+        match state {
+            RestState::Ready => self.enqueue(id, 0, 0),
+            RestState::Delayed { due_ns } => {
+                let job = self.jobs.get_mut(&id).expect("job exists");
+                job.state = JobState::Delayed;
+                job.deadline_at_ns = due_ns;
+                let tube = job.tube;
+                self.delayed.insert((due_ns, id));
+                self.tube_mut(tube).delayed.insert((due_ns, id));
+            }
+            RestState::Buried => self.bury(id),
+        }
+    }
+
     /// Replies produced since the last call, in the order they were made.
     pub fn take_replies(&mut self) -> Vec<(ConnId, Response)> {
         std::mem::take(&mut self.outbox)
@@ -239,6 +372,16 @@ impl Engine {
 
     pub fn job_count(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// Every job, in no particular order.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// The name of the tube a job is in.
+    pub fn job_tube(&self, id: JobId) -> Option<&TubeName> {
+        self.jobs.get(&id).map(|j| &self.tube(j.tube).name)
     }
 
     /// True while `conn` is blocked in a `reserve`: its next request must
@@ -595,19 +738,28 @@ impl Engine {
         if self.draining {
             return Some(Response::Draining);
         }
+        if self.storage_failed {
+            return Some(Response::OutOfMemory);
+        }
         let tube = self.conn(conn_id).use_tube;
         let delay_ns = u64::from(put.delay_secs) * NS_PER_SEC;
-        self.insert_job(
-            id,
-            tube,
-            put.pri,
-            delay_ns,
-            u64::from(put.ttr_secs) * NS_PER_SEC,
-            body,
-            now,
-        );
+        let ttr_ns = u64::from(put.ttr_secs) * NS_PER_SEC;
+        self.insert_job(id, tube, put.pri, delay_ns, ttr_ns, body, now);
         self.counters.total_jobs += 1;
         self.tube_mut(tube).total_jobs += 1;
+        if self.logging {
+            let job = &self.jobs[&id];
+            self.log.push(LogRecord::Put {
+                id,
+                tube: self.tube(tube).name.clone(),
+                pri: job.pri,
+                ttr_ns: job.ttr_ns,
+                delay_ns,
+                created_at_ns: now,
+                state: Self::rest_state(delay_ns, now),
+                body: job.body.clone(),
+            });
+        }
         self.enqueue(id, delay_ns, now);
         Some(Response::Inserted(id))
     }
@@ -731,6 +883,9 @@ impl Engine {
 
     fn cmd_delete(&mut self, conn_id: ConnId, id: JobId) -> Option<Response> {
         self.counters.cmd_delete += 1;
+        if self.storage_failed {
+            return Some(Response::InternalError);
+        }
         let Some(job) = self.jobs.get(&id) else {
             return Some(Response::NotFound);
         };
@@ -752,6 +907,7 @@ impl Engine {
         self.tube_mut(tube).cmd_delete += 1;
         self.jobs.remove(&id);
         self.decref(tube);
+        self.record(|| LogRecord::Delete { id });
         Some(Response::Deleted)
     }
 
@@ -764,6 +920,9 @@ impl Engine {
         now: u64,
     ) -> Option<Response> {
         self.counters.cmd_release += 1;
+        if self.storage_failed {
+            return Some(Response::InternalError);
+        }
         if !self.is_reserved_by(id, conn_id) {
             return Some(Response::NotFound);
         }
@@ -772,18 +931,31 @@ impl Engine {
         job.pri = pri;
         job.delay_ns = delay_ns;
         job.releases += 1;
+        self.record(|| LogRecord::Update {
+            id,
+            pri,
+            state: Self::rest_state(delay_ns, now),
+        });
         self.enqueue(id, delay_ns, now);
         Some(Response::Released)
     }
 
     fn cmd_bury(&mut self, conn_id: ConnId, id: JobId, pri: u32) -> Option<Response> {
         self.counters.cmd_bury += 1;
+        if self.storage_failed {
+            return Some(Response::InternalError);
+        }
         if !self.is_reserved_by(id, conn_id) {
             return Some(Response::NotFound);
         }
         self.release_reservation_of(id);
         self.jobs.get_mut(&id).expect("job exists").pri = pri;
         self.bury(id);
+        self.record(|| LogRecord::Update {
+            id,
+            pri,
+            state: RestState::Buried,
+        });
         Some(Response::Buried)
     }
 
@@ -807,6 +979,9 @@ impl Engine {
 
     fn cmd_kick(&mut self, conn_id: ConnId, bound: u32, now: u64) -> Option<Response> {
         self.counters.cmd_kick += 1;
+        if self.storage_failed {
+            return Some(Response::InternalError);
+        }
         let tube = self.conn(conn_id).use_tube;
         let from_buried = !self.tube(tube).buried.is_empty();
         let mut kicked = 0;
@@ -825,6 +1000,9 @@ impl Engine {
     }
 
     fn cmd_kick_job(&mut self, id: JobId, now: u64) -> Option<Response> {
+        if self.storage_failed {
+            return Some(Response::InternalError);
+        }
         match self.jobs.get(&id).map(|j| j.state) {
             Some(JobState::Buried | JobState::Delayed) => {
                 self.kick(id, now);
@@ -911,7 +1089,14 @@ impl Engine {
             JobState::Delayed => self.remove_delayed(tube, deadline, id),
             JobState::Ready | JobState::Reserved => return,
         }
-        self.jobs.get_mut(&id).expect("job exists").kicks += 1;
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.kicks += 1;
+        let pri = job.pri;
+        self.record(|| LogRecord::Update {
+            id,
+            pri,
+            state: RestState::Ready,
+        });
         self.enqueue(id, 0, now);
     }
 

@@ -9,6 +9,8 @@
 mod engine;
 mod job;
 mod ms;
+mod record;
 
-pub use engine::{ConnId, Engine, EngineConfig, IdHasher, TubeId};
+pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
+pub use record::{LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION};
