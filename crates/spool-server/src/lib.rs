@@ -8,4 +8,4 @@ mod local;
 pub mod process;
 
 pub use broker::{Broker, BrokerError, Peer, Session};
-pub use local::{LocalBroker, LocalSession};
+pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogBatch, LogLink};

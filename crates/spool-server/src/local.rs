@@ -3,17 +3,22 @@
 //!
 //! There is no lock around the engine. Connection tasks send batches of
 //! requests; the engine task wakes, takes every message waiting in the
-//! channel, executes them all, runs timers once, and hands each session its
-//! replies through a mailbox. Under load one wake-up serves many connections,
-//! which is also where the write-ahead log will group-commit.
+//! channel, executes them all, runs timers, and hands each session its
+//! replies through a mailbox. Under load one wake-up serves many connections.
+//!
+//! With a write-ahead log the same round is the unit of group commit: the
+//! durable changes of a round go to the log thread as one batch, and the
+//! round's replies are held until the log acknowledges that batch. Rounds
+//! that change nothing durable queue behind the last held round, so every
+//! session still receives its replies in request order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use spool_engine::{ConnId, Engine, EngineConfig, IdHasher};
+use spool_engine::{ConnId, Engine, IdHasher, LogRecord};
 use spool_proto::{Request, Response};
 use tokio::sync::mpsc;
 
@@ -24,12 +29,73 @@ use crate::process::ProcessInfo;
 /// delivers replies; bounds the latency one busy wake-up can add.
 const MESSAGES_PER_ROUND_MAX: usize = 4096;
 
+/// The engine's clock: monotonic nanoseconds since the broker started, and
+/// the wall-clock time of that start, which log records are stored in.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    epoch_ns: u64,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Clock {
+            start: Instant::now(),
+            epoch_ns: wall.as_nanos() as u64,
+        }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Wall-clock nanoseconds since the Unix epoch at engine time 0.
+    pub fn epoch_ns(&self) -> u64 {
+        self.epoch_ns
+    }
+
+    fn instant_at(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns)
+    }
+}
+
+/// Durable changes of one round, on their way to the log thread.
+#[derive(Debug)]
+pub struct LogBatch {
+    pub round: u64,
+    pub records: Vec<LogRecord>,
+}
+
+/// The log thread's answer: every batch up to `round` is as durable as the
+/// fsync policy promises, or the log failed and accepts nothing more.
+#[derive(Debug)]
+pub enum CommitAck {
+    Committed { round: u64 },
+    Failed { error: String },
+}
+
+/// The two ends of the engine task's link to a log thread.
+#[derive(Debug)]
+pub struct LogLink {
+    pub batches: std::sync::mpsc::Sender<LogBatch>,
+    pub acks: mpsc::UnboundedReceiver<CommitAck>,
+}
+
 enum Msg {
     Open { id: ConnId, mailbox: Arc<Mailbox> },
     Submit { id: ConnId, requests: Vec<Request> },
     Hangup { id: ConnId },
     Close { id: ConnId },
     SetDraining(bool),
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
 }
 
 /// Where the engine task leaves a session's replies.
@@ -52,22 +118,19 @@ impl Mailbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, response: Response) {
-        self.lock().replies.push(response);
-    }
-
-    /// Wakes the connection task if it waits; called once per delivery round.
     fn wake(&self) {
         let waker = self.lock().waker.take();
         if let Some(waker) = waker {
             waker.wake();
         }
     }
+}
 
-    fn close(&self) {
-        self.lock().closed = true;
-        self.wake();
-    }
+/// A reply or the end of a session, on its way to a mailbox.
+#[derive(Debug)]
+enum Delivery {
+    Reply(Arc<Mailbox>, Response),
+    Close(Arc<Mailbox>),
 }
 
 /// A [`Broker`] backed by an in-process engine. Cheap to clone.
@@ -77,24 +140,31 @@ pub struct LocalBroker {
     next_id: Arc<AtomicU64>,
 }
 
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Msg")
-    }
-}
-
 impl LocalBroker {
-    /// Starts the engine task on the current tokio runtime.
-    pub fn start(config: EngineConfig, process: ProcessInfo) -> LocalBroker {
+    /// Starts the engine task on the current tokio runtime. With `log`, the
+    /// engine must have logging enabled and replies wait for commits.
+    pub fn start(
+        engine: Engine,
+        clock: Clock,
+        log: Option<LogLink>,
+        process: ProcessInfo,
+    ) -> LocalBroker {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = EngineTask {
-            engine: Engine::new(config),
-            clock: Instant::now(),
+            engine,
+            clock,
             sessions: Default::default(),
             runnable: VecDeque::new(),
             replies: Vec::new(),
+            round: Vec::new(),
             touched: Vec::new(),
             process,
+            log: log.map(|link| LogState {
+                link,
+                records: Vec::new(),
+                last_round: 0,
+                held: VecDeque::new(),
+            }),
         };
         tokio::spawn(task.run(rx));
         LocalBroker {
@@ -183,63 +253,66 @@ struct SessionState {
 type SessionMap =
     std::collections::HashMap<ConnId, SessionState, std::hash::BuildHasherDefault<IdHasher>>;
 
+struct LogState {
+    link: LogLink,
+    records: Vec<LogRecord>,
+    /// The last round sent to the log thread.
+    last_round: u64,
+    /// Deliveries waiting for the commit of their round, oldest first.
+    held: VecDeque<(u64, Vec<Delivery>)>,
+}
+
 struct EngineTask {
     engine: Engine,
-    clock: Instant,
+    clock: Clock,
     sessions: SessionMap,
     /// Sessions with pending requests that are not blocked.
     runnable: VecDeque<ConnId>,
     replies: Vec<(ConnId, Response)>,
+    /// Deliveries made this round.
+    round: Vec<Delivery>,
     touched: Vec<ConnId>,
     process: ProcessInfo,
+    log: Option<LogState>,
 }
 
 impl EngineTask {
-    fn now(&self) -> u64 {
-        self.clock.elapsed().as_nanos() as u64
-    }
-
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_wake: Option<u64> = None;
         loop {
-            let msg = match next_wake {
-                Some(at) => {
-                    let deadline = self.clock + Duration::from_nanos(at);
-                    tokio::select! {
-                        msg = rx.recv() => match msg {
-                            Some(msg) => Some(msg),
-                            None => break,
-                        },
-                        _ = tokio::time::sleep_until(deadline.into()) => None,
+            let sleep_until = next_wake.map(|at| self.clock.instant_at(at));
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => {
+                        self.handle(msg);
+                        for _ in 1..MESSAGES_PER_ROUND_MAX {
+                            match rx.try_recv() {
+                                Ok(msg) => self.handle(msg),
+                                Err(_) => break,
+                            }
+                        }
                     }
-                }
-                None => match rx.recv().await {
-                    Some(msg) => Some(msg),
                     None => break,
                 },
-            };
-            if let Some(msg) = msg {
-                self.handle(msg);
-                for _ in 1..MESSAGES_PER_ROUND_MAX {
-                    match rx.try_recv() {
-                        Ok(msg) => self.handle(msg),
-                        Err(_) => break,
-                    }
-                }
+                ack = recv_ack(&mut self.log) => self.on_ack(ack),
+                _ = sleep(sleep_until) => {}
             }
-            let now = self.now();
+            let now = self.clock.now_ns();
             loop {
                 self.run_sessions(now);
                 self.engine.tick(now);
-                if !self.deliver() {
+                if !self.collect() {
                     break;
                 }
             }
+            self.finish_round();
             next_wake = self.engine.next_wake();
         }
+        // The broker is gone: hand out what is safe to hand out, then close.
         for session in self.sessions.values() {
-            session.mailbox.close();
+            self.round.push(Delivery::Close(session.mailbox.clone()));
         }
+        self.finish_round();
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -288,15 +361,13 @@ impl EngineTask {
         if !self.sessions.contains_key(&id) {
             return;
         }
-        // Replies already made for this session go out before it closes.
-        self.engine.drain_replies_into(&mut self.replies);
-        self.route_replies();
+        // Replies already made for this session go before its end.
+        self.collect();
         let Some(session) = self.sessions.remove(&id) else {
             return;
         };
-        let now = self.now();
-        self.engine.disconnect(id, now);
-        session.mailbox.close();
+        self.engine.disconnect(id, self.clock.now_ns());
+        self.round.push(Delivery::Close(session.mailbox));
     }
 
     /// Executes pending requests of every runnable session until each is
@@ -323,17 +394,29 @@ impl EngineTask {
         }
     }
 
-    /// Hands replies to mailboxes. Returns true if a blocked session became
-    /// runnable again and another round is needed.
-    fn deliver(&mut self) -> bool {
+    /// Turns the engine's replies into this round's deliveries. Returns
+    /// true if a blocked session became runnable again and another pass is
+    /// needed.
+    fn collect(&mut self) -> bool {
         self.engine.drain_replies_into(&mut self.replies);
-        self.route_replies();
+        for (id, mut response) in self.replies.drain(..) {
+            let Some(session) = self.sessions.get(&id) else {
+                continue;
+            };
+            if let Response::Stats(stats) = &mut response {
+                stats.process = self.process.snapshot();
+            }
+            self.round
+                .push(Delivery::Reply(session.mailbox.clone(), response));
+            if self.touched.last() != Some(&id) {
+                self.touched.push(id);
+            }
+        }
         let mut again = false;
         for id in self.touched.drain(..) {
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            session.mailbox.wake();
             if !session.queued && !session.pending.is_empty() && !self.engine.is_waiting(id) {
                 session.queued = true;
                 self.runnable.push_back(id);
@@ -343,18 +426,119 @@ impl EngineTask {
         again
     }
 
-    fn route_replies(&mut self) {
-        for (id, mut response) in self.replies.drain(..) {
-            let Some(session) = self.sessions.get(&id) else {
-                continue;
+    /// Ends a round: its durable changes go to the log, and its deliveries
+    /// are made now or held until the log has them.
+    fn finish_round(&mut self) {
+        let deliveries = std::mem::take(&mut self.round);
+        let Some(log) = &mut self.log else {
+            deliver(deliveries);
+            return;
+        };
+        self.engine.drain_log_into(&mut log.records);
+        if !log.records.is_empty() {
+            log.last_round += 1;
+            let batch = LogBatch {
+                round: log.last_round,
+                records: std::mem::take(&mut log.records),
             };
-            if let Response::Stats(stats) = &mut response {
-                stats.process = self.process.snapshot();
+            log.held.push_back((log.last_round, deliveries));
+            if log.link.batches.send(batch).is_err() {
+                self.on_ack(Some(CommitAck::Failed {
+                    error: "the log thread has stopped".to_string(),
+                }));
             }
-            session.mailbox.push(response);
-            if self.touched.last() != Some(&id) {
-                self.touched.push(id);
+        } else if let Some((_, last)) = log.held.back_mut() {
+            last.extend(deliveries);
+        } else {
+            deliver(deliveries);
+        }
+    }
+
+    fn on_ack(&mut self, ack: Option<CommitAck>) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        match ack {
+            Some(CommitAck::Committed { round }) => {
+                while log.held.front().is_some_and(|(r, _)| *r <= round) {
+                    if let Some((_, deliveries)) = log.held.pop_front() {
+                        deliver(deliveries);
+                    }
+                }
+            }
+            Some(CommitAck::Failed { error }) => {
+                tracing::error!(%error, "write-ahead log failed; refusing changes until restart");
+                self.engine.set_storage_failed();
+                // The held changes may not be on disk: their requests fail.
+                while let Some((_, deliveries)) = log.held.pop_front() {
+                    deliver(deliveries.into_iter().map(fail_unsaved_change).collect());
+                }
+                self.log = None;
+            }
+            None => {
+                self.on_ack(Some(CommitAck::Failed {
+                    error: "the log thread has stopped".to_string(),
+                }));
             }
         }
+    }
+}
+
+/// Replies that acknowledge a durable change become errors when the change
+/// could not be logged: beanstalkd answers `INTERNAL_ERROR` when its binlog
+/// write fails.
+fn fail_unsaved_change(delivery: Delivery) -> Delivery {
+    match delivery {
+        Delivery::Reply(mailbox, response) => {
+            let response = match response {
+                Response::Inserted(_)
+                | Response::BuriedId(_)
+                | Response::Deleted
+                | Response::Released
+                | Response::Buried
+                | Response::Kicked(_)
+                | Response::KickedJob => Response::InternalError,
+                other => other,
+            };
+            Delivery::Reply(mailbox, response)
+        }
+        close => close,
+    }
+}
+
+/// Hands deliveries to mailboxes and wakes each mailbox's task once.
+fn deliver(deliveries: Vec<Delivery>) {
+    let mut to_wake: Vec<Arc<Mailbox>> = Vec::new();
+    for delivery in deliveries {
+        let mailbox = match delivery {
+            Delivery::Reply(mailbox, response) => {
+                mailbox.lock().replies.push(response);
+                mailbox
+            }
+            Delivery::Close(mailbox) => {
+                mailbox.lock().closed = true;
+                mailbox
+            }
+        };
+        if !to_wake.last().is_some_and(|m| Arc::ptr_eq(m, &mailbox)) {
+            to_wake.push(mailbox);
+        }
+    }
+    for mailbox in to_wake {
+        mailbox.wake();
+    }
+}
+
+async fn recv_ack(log: &mut Option<LogState>) -> Option<CommitAck> {
+    match log {
+        Some(log) => log.link.acks.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep(until: Option<Instant>) {
+    match until {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -10,11 +10,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use spool_engine::EngineConfig;
+use spool_engine::{Engine, EngineConfig};
 use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
 use spool_server::process::ProcessInfo;
-use spool_server::{Broker, LocalBroker};
+use spool_server::{Broker, Clock, LocalBroker};
 
 /// What `stats` reports as `version`: the beanstalkd version spool speaks,
 /// then spool's own.
@@ -238,12 +238,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let listener = bind(&config.listen)?;
-    let broker = LocalBroker::start(
-        EngineConfig {
-            max_job_size: config.max_job_size,
-        },
-        ProcessInfo::new(VERSION),
-    );
+    let engine = Engine::new(EngineConfig {
+        max_job_size: config.max_job_size,
+    });
+    let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new(VERSION));
     tracing::info!(
         listen = %listener.local_addr(),
         storage = "in-memory",
