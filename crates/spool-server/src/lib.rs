@@ -4,6 +4,7 @@
 
 pub mod beanstalk;
 mod broker;
+pub mod durable;
 mod local;
 pub mod process;
 

@@ -13,8 +13,10 @@ use anyhow::Context;
 use spool_engine::{Engine, EngineConfig};
 use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
+use spool_server::durable::{self, FsyncPolicy};
 use spool_server::process::ProcessInfo;
 use spool_server::{Broker, Clock, LocalBroker};
+use spool_wal::{WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
 /// What `stats` reports as `version`: the beanstalkd version spool speaks,
 /// then spool's own.
@@ -50,15 +52,21 @@ pub struct ServeArgs {
     )]
     in_memory: bool,
 
-    /// Directory for the write-ahead log (beanstalkd's -b).
+    /// Directory of the write-ahead log (beanstalkd's -b) [default: ./spool-data]
     #[arg(short = 'b', long = "data-dir", env = "SPOOL_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// beanstalkd's -f MS: fsync at most every MS milliseconds.
+    /// When an acknowledged write is on disk: `always` (acknowledged only
+    /// after its fsync, group-committed), `interval:<ms>` (fsync by a timer
+    /// every <ms>), or `never` (left to the OS) [default: always]
+    #[arg(long = "fsync", env = "SPOOL_FSYNC")]
+    fsync: Option<String>,
+
+    /// beanstalkd's -f MS: the same as --fsync interval:MS.
     #[arg(short = 'f', value_name = "MS")]
     fsync_interval_ms: Option<u64>,
 
-    /// beanstalkd's -F: never fsync.
+    /// beanstalkd's -F: the same as --fsync never.
     #[arg(short = 'F')]
     fsync_never: bool,
 
@@ -71,9 +79,14 @@ pub struct ServeArgs {
     )]
     max_job_size: u32,
 
-    /// beanstalkd's -s BYTES: binlog file size. Accepted for compatibility.
-    #[arg(short = 's', value_name = "BYTES")]
-    binlog_size: Option<u64>,
+    /// Size at which the log starts a new segment file (beanstalkd's -s).
+    #[arg(
+        short = 's',
+        long = "segment-size",
+        value_name = "BYTES",
+        env = "SPOOL_SEGMENT_SIZE"
+    )]
+    segment_size: Option<u64>,
 
     /// Log filter directive, e.g. `info` or `spool_server=debug`.
     #[arg(long = "log-level", env = "SPOOL_LOG_LEVEL", default_value = "info")]
@@ -107,11 +120,41 @@ pub enum ListenAddr {
 }
 
 /// Validated settings of `spool serve`.
+/// Where the queues live.
+#[derive(Debug, Clone)]
+pub enum StorageConfig {
+    InMemory,
+    Wal {
+        dir: PathBuf,
+        fsync: FsyncPolicy,
+        segment_max_bytes: u64,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: ListenAddr,
     pub max_job_size: u32,
     pub log_filter: String,
+    pub storage: StorageConfig,
+}
+
+/// Where the log lives when no directory is given.
+const DEFAULT_DATA_DIR: &str = "./spool-data";
+
+/// Smallest segment size: a segment must hold a maximum-size record plus
+/// framing without rotating on every write.
+const SEGMENT_MIN_BYTES: u64 = 1 << 20;
+
+fn parse_fsync(value: &str) -> Option<FsyncPolicy> {
+    match value {
+        "always" => Some(FsyncPolicy::Always),
+        "never" => Some(FsyncPolicy::Never),
+        _ => {
+            let ms: u64 = value.strip_prefix("interval:")?.parse().ok()?;
+            (ms > 0).then(|| FsyncPolicy::Interval(std::time::Duration::from_millis(ms)))
+        }
+    }
 }
 
 /// (variable, is the value valid, what is expected)
@@ -152,20 +195,7 @@ pub fn env_error() -> Option<ConfigError> {
 
 impl ServeArgs {
     fn validate(&self) -> Result<ServeConfig, ConfigError> {
-        if let Some(dir) = &self.data_dir {
-            return Err(ConfigError(format!(
-                "--data-dir/-b/SPOOL_DATA_DIR={}: the write-ahead log is not available in this \
-                 build yet; run with --in-memory",
-                dir.display()
-            )));
-        }
-        if !self.in_memory {
-            return Err(ConfigError(
-                "durable storage (the default) is not available in this build yet; pass \
-                 --in-memory (or SPOOL_IN_MEMORY=true) to keep queues in memory"
-                    .to_string(),
-            ));
-        }
+        let storage = self.storage()?;
         if self.max_job_size == 0 || self.max_job_size > MAX_JOB_SIZE_LIMIT_BYTES {
             return Err(ConfigError(format!(
                 "--max-job-size/-z/SPOOL_MAX_JOB_SIZE={}: expected 1 to {MAX_JOB_SIZE_LIMIT_BYTES} bytes",
@@ -187,6 +217,59 @@ impl ServeArgs {
             listen,
             max_job_size: self.max_job_size,
             log_filter,
+            storage,
+        })
+    }
+
+    fn storage(&self) -> Result<StorageConfig, ConfigError> {
+        let fsync_flags = [
+            self.fsync.is_some(),
+            self.fsync_interval_ms.is_some(),
+            self.fsync_never,
+        ];
+        if fsync_flags.iter().filter(|&&given| given).count() > 1 {
+            return Err(ConfigError(
+                "--fsync/SPOOL_FSYNC, -f and -F all set the fsync policy: give one".to_string(),
+            ));
+        }
+        if self.in_memory {
+            if let Some(dir) = &self.data_dir {
+                return Err(ConfigError(format!(
+                    "--data-dir/-b/SPOOL_DATA_DIR={} and --in-memory/SPOOL_IN_MEMORY conflict: \
+                     choose durable storage or memory",
+                    dir.display()
+                )));
+            }
+            return Ok(StorageConfig::InMemory);
+        }
+        let fsync = match (&self.fsync, self.fsync_interval_ms, self.fsync_never) {
+            (Some(value), _, _) => parse_fsync(value).ok_or_else(|| {
+                ConfigError(format!(
+                    "--fsync/SPOOL_FSYNC={value}: expected always, never or interval:<ms> with ms > 0"
+                ))
+            })?,
+            (None, Some(0), _) => {
+                return Err(ConfigError(
+                    "-f 0: expected an fsync interval in milliseconds above 0".to_string(),
+                ))
+            }
+            (None, Some(ms), _) => FsyncPolicy::Interval(std::time::Duration::from_millis(ms)),
+            (None, None, true) => FsyncPolicy::Never,
+            (None, None, false) => FsyncPolicy::Always,
+        };
+        let segment_max_bytes = self.segment_size.unwrap_or(SEGMENT_MAX_BYTES_DEFAULT);
+        if segment_max_bytes < SEGMENT_MIN_BYTES {
+            return Err(ConfigError(format!(
+                "--segment-size/-s/SPOOL_SEGMENT_SIZE={segment_max_bytes}: expected at least {SEGMENT_MIN_BYTES} bytes"
+            )));
+        }
+        Ok(StorageConfig::Wal {
+            dir: self
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            fsync,
+            segment_max_bytes,
         })
     }
 }
@@ -224,27 +307,74 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_filter))
         .with_writer(std::io::stderr)
         .init();
-    if args.fsync_interval_ms.is_some() || args.fsync_never || args.binlog_size.is_some() {
-        tracing::warn!("-f, -F and -s only matter with a data directory; ignored with --in-memory");
-    }
     // One thread, like beanstalkd: the engine task and every connection
     // share it, so handing a batch to the engine never crosses threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    let log_thread = runtime.block_on(serve(config))?;
+    // Dropping the runtime drops the engine task and with it the log link;
+    // the log thread then makes a last sync and ends.
+    drop(runtime);
+    if let Some(thread) = log_thread {
+        if thread.join().is_err() {
+            anyhow::bail!("the log thread panicked");
+        }
+    }
+    Ok(())
 }
 
-async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let listener = bind(&config.listen)?;
-    let engine = Engine::new(EngineConfig {
+async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    let clock = Clock::start();
+    let mut engine = Engine::new(EngineConfig {
         max_job_size: config.max_job_size,
     });
-    let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new(VERSION));
+    let (log, log_thread, storage) = match &config.storage {
+        StorageConfig::InMemory => (None, None, "in-memory".to_string()),
+        StorageConfig::Wal {
+            dir,
+            fsync,
+            segment_max_bytes,
+        } => {
+            let started = std::time::Instant::now();
+            let options = WalOptions::default().segment_max_bytes(*segment_max_bytes);
+            let recover_dir = dir.clone();
+            // Replay runs off the runtime so that the runtime stays free to
+            // answer (health checks, once there is an HTTP listener).
+            let (wal, report, recovered) = tokio::task::spawn_blocking(move || {
+                let (wal, report) = durable::recover(&recover_dir, options, &mut engine, &clock)?;
+                Ok::<_, durable::RecoverError>((wal, report, engine))
+            })
+            .await
+            .context("recovery panicked")?
+            .with_context(|| format!("recovering the log in {}", dir.display()))?;
+            engine = recovered;
+            if let Some(tail) = &report.torn_tail {
+                tracing::warn!(%tail, "the end of the log was torn (a crash mid-write); cut it off");
+            }
+            tracing::info!(
+                dir = %dir.display(),
+                records = report.records,
+                segments = report.segments,
+                jobs = engine.job_count(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovered the log"
+            );
+            let (link, thread) = durable::spawn_log_thread(wal, *fsync, clock.epoch_ns())
+                .context("starting the log thread")?;
+            (
+                Some(link),
+                Some(thread),
+                format!("{} (fsync {fsync:?})", dir.display()),
+            )
+        }
+    };
+    let listener = bind(&config.listen)?;
+    let broker = LocalBroker::start(engine, clock, log, ProcessInfo::new(VERSION));
     tracing::info!(
         listen = %listener.local_addr(),
-        storage = "in-memory",
+        storage = %storage,
         max_job_size = config.max_job_size,
         "spool is serving the beanstalkd protocol"
     );
@@ -270,7 +400,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await;
     tracing::info!("shutting down");
-    Ok(())
+    Ok(log_thread)
 }
 
 async fn shutdown_signal() {

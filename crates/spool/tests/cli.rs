@@ -38,9 +38,9 @@ fn assert_exit(out: &Output, code: i32, needles: &[&str]) {
 }
 
 #[test]
-fn data_dir_is_refused_naming_the_flag() {
+fn data_dir_and_in_memory_conflict() {
     let out = run_spool(&["serve", "--in-memory", "-b", "/nonexistent/spool"], &[]);
-    assert_exit(&out, 2, &["-b", "/nonexistent/spool"]);
+    assert_exit(&out, 2, &["-b", "/nonexistent/spool", "--in-memory"]);
     let out = run_spool(
         &["serve", "--in-memory"],
         &[("SPOOL_DATA_DIR", "/nonexistent/spool")],
@@ -49,9 +49,19 @@ fn data_dir_is_refused_naming_the_flag() {
 }
 
 #[test]
-fn durable_default_is_refused_without_in_memory() {
-    let out = run_spool(&["serve"], &[]);
-    assert_exit(&out, 2, &["--in-memory"]);
+fn bad_fsync_policies_exit_2() {
+    for value in ["sometimes", "interval:0", "interval:x", "interval:"] {
+        let out = run_spool(&["serve", "--fsync", value], &[]);
+        assert_exit(&out, 2, &["SPOOL_FSYNC", value, "interval:<ms>"]);
+    }
+    let out = run_spool(&["serve"], &[("SPOOL_FSYNC", "often")]);
+    assert_exit(&out, 2, &["SPOOL_FSYNC", "often"]);
+    let out = run_spool(&["serve", "--fsync", "always", "-F"], &[]);
+    assert_exit(&out, 2, &["-F", "--fsync"]);
+    let out = run_spool(&["serve", "-f", "0"], &[]);
+    assert_exit(&out, 2, &["-f 0"]);
+    let out = run_spool(&["serve", "-s", "1000"], &[]);
+    assert_exit(&out, 2, &["SPOOL_SEGMENT_SIZE", "1000"]);
 }
 
 #[test]

@@ -1,0 +1,209 @@
+//! Durable storage for the local broker: recovery of the engine from the
+//! write-ahead log at start, and the log thread that writes each round's
+//! records and acknowledges them per the fsync policy.
+//!
+//! The log thread is a plain OS thread because `write` and `fsync` block.
+//! It takes every batch waiting in its channel before it writes, so all
+//! rounds that arrive while one fsync runs share the next one (group
+//! commit).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use spool_engine::{Engine, LogRecord, RecordError, ReplayError};
+use spool_wal::{RecoveryReport, Wal, WalError, WalOptions};
+use tokio::sync::mpsc;
+
+use crate::local::{Clock, CommitAck, LogBatch, LogLink};
+
+/// When an acknowledged change is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// A write is acknowledged only after the fsync that covers it.
+    Always,
+    /// A write is acknowledged once written to the OS (it survives the
+    /// process being killed) and is on disk within this interval (it may be
+    /// lost if the machine loses power before that).
+    Interval(Duration),
+    /// Written to the OS, never synced by spool: the OS decides when.
+    Never,
+}
+
+/// Why the log could not be recovered.
+#[derive(Debug)]
+pub enum RecoverError {
+    Wal(WalError),
+    /// A record passed its checksum but does not decode: written by a newer
+    /// version, or a bug.
+    Record {
+        index: u64,
+        error: RecordError,
+    },
+    /// A record does not fit the records before it.
+    Replay {
+        index: u64,
+        error: ReplayError,
+    },
+}
+
+impl fmt::Display for RecoverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecoverError::Wal(e) => write!(f, "{e}"),
+            RecoverError::Record { index, error } => {
+                write!(f, "log record {index} cannot be read: {error}")
+            }
+            RecoverError::Replay { index, error } => {
+                write!(f, "log record {index} cannot be applied: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RecoverError {}
+
+impl From<WalError> for RecoverError {
+    fn from(e: WalError) -> Self {
+        RecoverError::Wal(e)
+    }
+}
+
+/// Opens the log in `dir` and replays it into `engine`, which then logs
+/// its changes. Blocking: run it off the async runtime.
+pub fn recover(
+    dir: &Path,
+    options: WalOptions,
+    engine: &mut Engine,
+    clock: &Clock,
+) -> Result<(Wal, RecoveryReport), RecoverError> {
+    let mut recovery = Wal::open(dir, options)?;
+    let mut index = 0u64;
+    while let Some(payload) = recovery.next_record()? {
+        let record = LogRecord::decode(payload, clock.epoch_ns())
+            .map_err(|error| RecoverError::Record { index, error })?;
+        engine
+            .replay(record)
+            .map_err(|error| RecoverError::Replay { index, error })?;
+        index += 1;
+    }
+    let (wal, report) = recovery.finish()?;
+    engine.enable_logging();
+    Ok((wal, report))
+}
+
+/// Starts the log thread for `wal`; the returned link goes to
+/// [`crate::LocalBroker::start`]. The thread ends, after a last sync, when
+/// the broker drops the link; join it before the process exits.
+pub fn spawn_log_thread(
+    wal: Wal,
+    policy: FsyncPolicy,
+    epoch_ns: u64,
+) -> std::io::Result<(LogLink, std::thread::JoinHandle<()>)> {
+    let (batch_tx, batch_rx) = std::sync::mpsc::channel();
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("spool-wal".to_string())
+        .spawn(move || {
+            let mut writer = LogWriter {
+                wal,
+                policy,
+                epoch_ns,
+                buf: Vec::new(),
+                unsynced: false,
+                last_sync: Instant::now(),
+            };
+            let ack = match writer.run(&batch_rx, &ack_tx) {
+                Ok(()) => return,
+                Err(e) => CommitAck::Failed {
+                    error: e.to_string(),
+                },
+            };
+            let _ = ack_tx.send(ack);
+        })?;
+    let link = LogLink {
+        batches: batch_tx,
+        acks: ack_rx,
+    };
+    Ok((link, thread))
+}
+
+struct LogWriter {
+    wal: Wal,
+    policy: FsyncPolicy,
+    epoch_ns: u64,
+    buf: Vec<u8>,
+    unsynced: bool,
+    last_sync: Instant,
+}
+
+impl LogWriter {
+    /// Runs until the broker goes away (then syncs what is written) or the
+    /// log fails (then the error is returned and the log is not touched
+    /// again: a failed fsync must not be retried).
+    fn run(
+        &mut self,
+        batches: &Receiver<LogBatch>,
+        acks: &mpsc::UnboundedSender<CommitAck>,
+    ) -> Result<(), WalError> {
+        loop {
+            let first = match (self.policy, self.unsynced) {
+                (FsyncPolicy::Interval(every), true) => {
+                    let left = every.saturating_sub(self.last_sync.elapsed());
+                    match batches.recv_timeout(left) {
+                        Ok(batch) => Some(batch),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match batches.recv() {
+                    Ok(batch) => Some(batch),
+                    Err(_) => break,
+                },
+            };
+            if let Some(batch) = first {
+                let mut round = batch.round;
+                self.append(&batch.records)?;
+                // Everything that queued up meanwhile shares this write.
+                while let Ok(batch) = batches.try_recv() {
+                    round = batch.round;
+                    self.append(&batch.records)?;
+                }
+                self.wal.write()?;
+                match self.policy {
+                    FsyncPolicy::Always => self.sync()?,
+                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
+                }
+                if acks.send(CommitAck::Committed { round }).is_err() {
+                    break;
+                }
+            }
+            if let FsyncPolicy::Interval(every) = self.policy {
+                if self.unsynced && self.last_sync.elapsed() >= every {
+                    self.sync()?;
+                }
+            }
+        }
+        if self.unsynced {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, records: &[LogRecord]) -> Result<(), WalError> {
+        for record in records {
+            self.buf.clear();
+            record.encode(self.epoch_ns, &mut self.buf);
+            self.wal.append(&self.buf)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), WalError> {
+        self.wal.sync()?;
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}

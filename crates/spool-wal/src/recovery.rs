@@ -1,0 +1,652 @@
+//! Recovery: reading every segment back in order when the log is opened,
+//! deciding whether damage at the end of the last segment is a torn tail (cut
+//! off and reported) or corruption (an error naming file and offset), and
+//! handing the repaired log to the writer.
+//!
+//! Records are streamed to the caller from one reusable buffer, so replaying
+//! millions of small records costs no allocation per record.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::WalError;
+use crate::format::{
+    self, classify_file_name, decode_segment_header, encode_segment_header, le_u32, record_crc, segment_file_name,
+    valid_record_at, FileKind, HeaderError, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN,
+};
+use crate::storage::{parent_dir, LockGuard, Storage, WriteFile};
+use crate::wal::{SegmentInfo, Wal, WalOptions};
+
+/// Read buffer size: big enough that reads are few and large (one system
+/// call per MiB), small enough not to matter next to the engine's state.
+/// A record larger than this grows the buffer to fit it.
+const READ_BUFFER_BYTES: usize = 1 << 20;
+
+/// Most work (bytes hashed plus byte offsets tried) spent looking for a valid
+/// record after a damaged one in the last segment, which is what tells a torn
+/// tail from corruption. Bounds the extra startup time after a crash to well
+/// under a second even when the damaged record is a partly written 1 GiB one;
+/// any tail of a few MiB is searched completely.
+pub const TAIL_SEARCH_BUDGET: u64 = 512 << 20;
+
+/// Candidate records at most this long are tried first when searching a
+/// damaged tail, so that small valid records right after the damage are found
+/// before the budget goes on long, unlikely candidates.
+const TAIL_SEARCH_SMALL_RECORD_BYTES: u32 = 64 << 10;
+
+/// What recovery found, for the caller to log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Segment files read.
+    pub segments: usize,
+    /// Sequence numbers of the first and last segment (after recovery, the
+    /// last one is the segment new records go to).
+    pub first_segment: Option<u64>,
+    pub last_segment: Option<u64>,
+    /// Records replayed.
+    pub records: u64,
+    /// Sum of their payload lengths.
+    pub payload_bytes: u64,
+    /// Bytes of segment files kept, headers and framing included.
+    pub file_bytes: u64,
+    /// Set when the end of the last segment was cut off.
+    pub torn_tail: Option<TornTail>,
+    /// True when there was no log and a new one was created.
+    pub created: bool,
+}
+
+/// The damaged end of the last segment that recovery cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TornTail {
+    pub segment: u64,
+    pub path: PathBuf,
+    /// The file now ends here: the end of the last whole record (or 0 when the
+    /// segment's header itself was incomplete, and the header was rewritten).
+    pub offset: u64,
+    /// Bytes cut off.
+    pub discarded_bytes: u64,
+    /// What was wrong at `offset`.
+    pub reason: String,
+    /// False when the search for valid records after the damage ran out of
+    /// its budget ([`TAIL_SEARCH_BUDGET`]) before covering the whole tail.
+    pub search_complete: bool,
+}
+
+impl fmt::Display for TornTail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "torn tail in {}: {} at byte offset {}; cut {} bytes (no acknowledged write can be among them when fsync=always)",
+            self.path.display(),
+            self.reason,
+            self.offset,
+            self.discarded_bytes
+        )?;
+        if !self.search_complete {
+            write!(f, "; the search for valid records after it stopped at its budget")?;
+        }
+        Ok(())
+    }
+}
+
+/// How the last segment must be repaired before new records go after it.
+#[derive(Debug, Clone, Copy)]
+enum Repair {
+    None,
+    TruncateTo(u64),
+    RewriteHeader,
+}
+
+/// The segment being read.
+struct SegmentReader {
+    seq: u64,
+    path: PathBuf,
+    file: Box<dyn Read + Send>,
+    file_len: u64,
+    is_last: bool,
+    /// File offset of `buf[0]`.
+    buf_offset: u64,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+/// An opened log being replayed. Call [`next_record`](Recovery::next_record)
+/// until it returns `None`, then [`finish`](Recovery::finish) to get the
+/// writer; the data directory stays locked throughout.
+///
+/// ```no_run
+/// # fn main() -> Result<(), spool_wal::WalError> {
+/// let mut recovery = spool_wal::Wal::open("spool-data", spool_wal::WalOptions::default())?;
+/// while let Some(record) = recovery.next_record()? {
+///     // apply `record` to the in-memory state
+///     # let _ = record;
+/// }
+/// let (wal, report) = recovery.finish()?;
+/// if let Some(torn) = &report.torn_tail {
+///     eprintln!("{torn}");
+/// }
+/// # drop(wal); Ok(()) }
+/// ```
+pub struct Recovery {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    options: WalOptions,
+    lock: Box<dyn LockGuard>,
+    seqs: Vec<u64>,
+    next_index: usize,
+    reader: Option<SegmentReader>,
+    buf: Vec<u8>,
+    done: Vec<SegmentInfo>,
+    repair: Repair,
+    report: RecoveryReport,
+    failed: Option<String>,
+}
+
+impl fmt::Debug for Recovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recovery")
+            .field("dir", &self.dir)
+            .field("segments", &self.seqs.len())
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Step {
+    Record(std::ops::Range<usize>),
+    SegmentDone,
+    Finished,
+}
+
+impl Recovery {
+    pub(crate) fn start(storage: Arc<dyn Storage>, dir: &Path, options: WalOptions) -> Result<Self, WalError> {
+        options.validate()?;
+        storage
+            .create_dir_all(dir)
+            .map_err(|e| WalError::io("create directory", dir, e))?;
+        let lock_path = dir.join(format::LOCK_FILE_NAME);
+        let lock = match storage.lock(&lock_path) {
+            Ok(guard) => guard,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(WalError::Locked(lock_path)),
+            Err(e) => return Err(WalError::io("lock", lock_path, e)),
+        };
+        let names = storage.list(dir).map_err(|e| WalError::io("list", dir, e))?;
+        let mut seqs = Vec::new();
+        for name in names {
+            match classify_file_name(&name) {
+                FileKind::Segment(seq) => seqs.push(seq),
+                FileKind::MalformedSegment => {
+                    return Err(WalError::corrupt(
+                        dir.join(&name),
+                        0,
+                        "file ends in .wal but is not named like a segment (16 lowercase hex digits)",
+                    ))
+                }
+                FileKind::Other => {}
+            }
+        }
+        seqs.sort_unstable();
+        // Segments are only ever removed from the front, so a gap means a
+        // segment went missing and its records with it.
+        for pair in seqs.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                return Err(WalError::corrupt(
+                    dir.join(segment_file_name(pair[1])),
+                    0,
+                    format!(
+                        "segment {} is missing (segments {:#x} and {:#x} are not consecutive)",
+                        segment_file_name(pair[0] + 1),
+                        pair[0],
+                        pair[1]
+                    ),
+                ));
+            }
+        }
+        Ok(Recovery {
+            storage,
+            dir: dir.to_path_buf(),
+            options,
+            lock,
+            seqs,
+            next_index: 0,
+            reader: None,
+            buf: Vec::new(),
+            done: Vec::new(),
+            repair: Repair::None,
+            report: RecoveryReport::default(),
+            failed: None,
+        })
+    }
+
+    /// The next surviving record, in log order, or `None` after the last one.
+    ///
+    /// The slice borrows an internal buffer and is valid until the next call.
+    /// After an error every later call fails too.
+    pub fn next_record(&mut self) -> Result<Option<&[u8]>, WalError> {
+        if let Some(cause) = &self.failed {
+            return Err(WalError::Poisoned { cause: cause.clone() });
+        }
+        loop {
+            match self.step() {
+                Ok(Step::Record(range)) => return Ok(Some(&self.buf[range])),
+                Ok(Step::SegmentDone) => {}
+                Ok(Step::Finished) => return Ok(None),
+                Err(e) => {
+                    self.failed = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// What has been found so far (complete once `next_record` returned
+    /// `None`).
+    pub fn report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Reads any records not yet read (discarding them), repairs the end of
+    /// the last segment (cutting off a torn tail, or creating the first
+    /// segment of a new log) and returns the writer.
+    pub fn finish(mut self) -> Result<(Wal, RecoveryReport), WalError> {
+        while self.next_record()?.is_some() {}
+        let storage = Arc::clone(&self.storage);
+        let (file, segments) = match self.done.last().cloned() {
+            None => {
+                let seq = 1;
+                let path = self.dir.join(segment_file_name(seq));
+                let file = create_segment(&*storage, &self.dir, seq)?;
+                // The data directory itself may be new: make its entry durable.
+                let parent = parent_dir(&self.dir);
+                storage
+                    .sync_dir(&parent)
+                    .map_err(|e| WalError::io("fsync directory", parent, e))?;
+                self.report.created = true;
+                self.report.segments = 1;
+                self.report.first_segment = Some(seq);
+                self.report.last_segment = Some(seq);
+                self.report.file_bytes = SEGMENT_HEADER_LEN;
+                let info = SegmentInfo {
+                    seq,
+                    path,
+                    len: SEGMENT_HEADER_LEN,
+                };
+                (file, vec![info])
+            }
+            Some(last) => {
+                let mut file = storage
+                    .open_append(&last.path)
+                    .map_err(|e| WalError::io("open for writing", &last.path, e))?;
+                match self.repair {
+                    Repair::None => {}
+                    Repair::TruncateTo(len) => {
+                        file.truncate(len)
+                            .map_err(|e| WalError::io("truncate torn tail", &last.path, e))?;
+                        file.sync_data().map_err(|e| WalError::io("fsync", &last.path, e))?;
+                    }
+                    Repair::RewriteHeader => {
+                        file.truncate(0)
+                            .map_err(|e| WalError::io("truncate torn header", &last.path, e))?;
+                        file.write_all(&encode_segment_header(last.seq))
+                            .map_err(|e| WalError::io("write header", &last.path, e))?;
+                        file.sync_data().map_err(|e| WalError::io("fsync", &last.path, e))?;
+                    }
+                }
+                (file, std::mem::take(&mut self.done))
+            }
+        };
+        let wal = Wal::from_recovery(storage, self.dir, self.options, self.lock, file, segments);
+        Ok((wal, self.report))
+    }
+
+    /// Reads every record into memory and finishes. Convenient for tests and
+    /// small logs; a large log is better replayed with `next_record`.
+    pub fn collect_records(mut self) -> Result<(Wal, Vec<Vec<u8>>, RecoveryReport), WalError> {
+        let mut records = Vec::new();
+        while let Some(r) = self.next_record()? {
+            records.push(r.to_vec());
+        }
+        let (wal, report) = self.finish()?;
+        Ok((wal, records, report))
+    }
+
+    fn step(&mut self) -> Result<Step, WalError> {
+        let Some(r) = self.reader.as_mut() else {
+            if self.next_index == self.seqs.len() {
+                return Ok(Step::Finished);
+            }
+            self.open_segment()?;
+            return Ok(Step::SegmentDone);
+        };
+        let pos = r.buf_offset + r.start as u64;
+        let path = r.path.clone();
+        let io_err = |e| WalError::io("read", &path, e);
+        if !fill(r, &mut self.buf, RECORD_HEADER_LEN as usize).map_err(io_err)? {
+            if r.start == r.end {
+                self.end_segment(pos);
+                return Ok(Step::SegmentDone);
+            }
+            let have = r.end - r.start;
+            return self.damaged(pos, format!("partial record header ({have} of 8 bytes)"));
+        }
+        let header = &self.buf[r.start..r.start + RECORD_HEADER_LEN as usize];
+        let len = le_u32(header);
+        let stored_crc = le_u32(&header[4..]);
+        if len as usize > RECORD_MAX_BYTES {
+            return self.damaged(pos, format!("record length {len} is over the {RECORD_MAX_BYTES}-byte limit"));
+        }
+        let total = RECORD_HEADER_LEN + u64::from(len);
+        if pos + total > r.file_len {
+            let left = r.file_len.saturating_sub(pos + RECORD_HEADER_LEN);
+            return self.damaged(
+                pos,
+                format!("record of {len} bytes runs past the end of the file ({left} bytes left)"),
+            );
+        }
+        #[allow(clippy::cast_possible_truncation)] // total <= RECORD_MAX_BYTES + 8
+        let total = total as usize;
+        if !fill(r, &mut self.buf, total).map_err(io_err)? {
+            return self.damaged(pos, "file ended before the end of the record (it shrank while being read)".into());
+        }
+        let payload = r.start + RECORD_HEADER_LEN as usize..r.start + total;
+        if record_crc(len.to_le_bytes(), &self.buf[payload.clone()]) != stored_crc {
+            return self.damaged(pos, "record checksum mismatch".into());
+        }
+        r.start += total;
+        self.report.records += 1;
+        self.report.payload_bytes += u64::from(len);
+        Ok(Step::Record(payload))
+    }
+
+    /// Opens the next segment and checks its header.
+    fn open_segment(&mut self) -> Result<(), WalError> {
+        let seq = self.seqs[self.next_index];
+        let is_last = self.next_index + 1 == self.seqs.len();
+        self.next_index += 1;
+        let path = self.dir.join(segment_file_name(seq));
+        let (file, file_len) = self
+            .storage
+            .open_read(&path)
+            .map_err(|e| WalError::io("open", &path, e))?;
+        if self.buf.len() < READ_BUFFER_BYTES {
+            self.buf.resize(READ_BUFFER_BYTES, 0);
+        }
+        let mut r = SegmentReader {
+            seq,
+            path,
+            file,
+            file_len,
+            is_last,
+            buf_offset: 0,
+            start: 0,
+            end: 0,
+            eof: false,
+        };
+        self.report.segments += 1;
+        self.report.first_segment.get_or_insert(seq);
+        self.report.last_segment = Some(seq);
+        let full = fill(&mut r, &mut self.buf, SEGMENT_HEADER_LEN as usize)
+            .map_err(|e| WalError::io("read", &r.path, e))?;
+        let header = &self.buf[..r.end.min(SEGMENT_HEADER_LEN as usize)];
+        let checked = if full {
+            decode_segment_header(header, seq)
+        } else {
+            Err(HeaderError::Short)
+        };
+        match checked {
+            Ok(()) => {
+                r.start = SEGMENT_HEADER_LEN as usize;
+                self.reader = Some(r);
+                Ok(())
+            }
+            Err(e) => {
+                // The writer fsyncs a new segment's header before writing any
+                // record to it, so a last segment whose header did not survive
+                // but which has no room for a record (or holds only zeros)
+                // cannot contain acknowledged records: it was torn while being
+                // created. A header that is intact but unexpected is not torn.
+                let torn_kind = matches!(e, HeaderError::Short | HeaderError::BadMagic | HeaderError::BadChecksum);
+                let torn = is_last
+                    && torn_kind
+                    && (file_len <= SEGMENT_HEADER_LEN || {
+                        let mut rest = Vec::new();
+                        read_rest(&mut r, &self.buf, &mut rest)?;
+                        rest.iter().all(|&b| b == 0)
+                    });
+                if !torn {
+                    return Err(WalError::BadHeader {
+                        path: r.path,
+                        reason: e.to_string(),
+                    });
+                }
+                self.report.torn_tail = Some(TornTail {
+                    segment: seq,
+                    path: r.path.clone(),
+                    offset: 0,
+                    discarded_bytes: file_len,
+                    reason: format!("segment header incomplete ({e}), left by a crash while the segment was created"),
+                    search_complete: true,
+                });
+                self.repair = Repair::RewriteHeader;
+                self.report.file_bytes += SEGMENT_HEADER_LEN;
+                self.done.push(SegmentInfo {
+                    seq,
+                    path: r.path,
+                    len: SEGMENT_HEADER_LEN,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn end_segment(&mut self, len: u64) {
+        if let Some(r) = self.reader.take() {
+            self.report.file_bytes += len;
+            self.done.push(SegmentInfo {
+                seq: r.seq,
+                path: r.path,
+                len,
+            });
+        }
+    }
+
+    /// The record at `pos` of the current segment is damaged: corruption,
+    /// unless this is the last segment and nothing valid follows.
+    fn damaged(&mut self, pos: u64, reason: String) -> Result<Step, WalError> {
+        let Some(r) = self.reader.as_mut() else {
+            return Ok(Step::Finished);
+        };
+        if !r.is_last {
+            return Err(WalError::corrupt(
+                &r.path,
+                pos,
+                format!("{reason} (in a segment that is not the last, so it cannot be a torn write)"),
+            ));
+        }
+        let mut tail = Vec::new();
+        read_rest(r, &self.buf, &mut tail)?;
+        match search_tail(&tail) {
+            TailSearch::ValidRecordAt(rel) => Err(WalError::corrupt(
+                &r.path,
+                pos,
+                format!(
+                    "{reason}, and a valid record follows at offset {}, so this is not a torn write",
+                    pos + rel as u64
+                ),
+            )),
+            TailSearch::NothingValid { complete } => {
+                self.report.torn_tail = Some(TornTail {
+                    segment: r.seq,
+                    path: r.path.clone(),
+                    offset: pos,
+                    discarded_bytes: r.file_len - pos,
+                    reason,
+                    search_complete: complete,
+                });
+                self.repair = Repair::TruncateTo(pos);
+                self.end_segment(pos);
+                Ok(Step::SegmentDone)
+            }
+        }
+    }
+}
+
+/// Makes `buf[r.start..r.end]` hold at least `n` bytes, reading more of the
+/// file as needed. Returns false if the file ends first.
+fn fill(r: &mut SegmentReader, buf: &mut Vec<u8>, n: usize) -> io::Result<bool> {
+    while r.end - r.start < n {
+        if r.eof {
+            return Ok(false);
+        }
+        if r.start + n > buf.len() {
+            // Move the unread bytes to the front; grow only for a record
+            // larger than the buffer (its length was checked against the
+            // file's, so this never allocates for a damaged length).
+            buf.copy_within(r.start..r.end, 0);
+            r.buf_offset += r.start as u64;
+            r.end -= r.start;
+            r.start = 0;
+            if n > buf.len() {
+                buf.resize(n, 0);
+            }
+        }
+        match r.file.read(&mut buf[r.end..]) {
+            Ok(0) => r.eof = true,
+            Ok(read) => r.end += read,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Everything from `r.start` to the end of the file.
+fn read_rest(r: &mut SegmentReader, buf: &[u8], out: &mut Vec<u8>) -> Result<(), WalError> {
+    out.extend_from_slice(&buf[r.start..r.end]);
+    r.file
+        .read_to_end(out)
+        .map_err(|e| WalError::io("read", &r.path, e))?;
+    r.end = r.start;
+    r.eof = true;
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum TailSearch {
+    ValidRecordAt(usize),
+    NothingValid { complete: bool },
+}
+
+/// Looks for a valid record after the damaged one at `tail[0]`.
+///
+/// Tries, in order: the place the damaged record's own length points to
+/// (where the next record is if only the payload or checksum was hit), then
+/// every later byte offset, short candidates before long ones (which also
+/// finds the next record when the length field itself was hit). Zeros are
+/// never a valid record (the CRC of a zero length is not zero), so a
+/// preallocated or unwritten tail is quickly found to hold nothing.
+fn search_tail(tail: &[u8]) -> TailSearch {
+    if tail.iter().all(|&b| b == 0) {
+        return TailSearch::NothingValid { complete: true };
+    }
+    let h = RECORD_HEADER_LEN as usize;
+    if tail.len() >= h {
+        let next = h + le_u32(tail) as usize;
+        if le_u32(tail) as usize <= RECORD_MAX_BYTES && next < tail.len() && valid_record_at(&tail[next..]).is_some() {
+            return TailSearch::ValidRecordAt(next);
+        }
+    }
+    let mut budget = TAIL_SEARCH_BUDGET;
+    let mut spend = |cost: u64| match budget.checked_sub(cost) {
+        Some(left) => {
+            budget = left;
+            true
+        }
+        None => false,
+    };
+    for small_pass in [true, false] {
+        for p in 1..=tail.len().saturating_sub(h) {
+            if !spend(1) {
+                return TailSearch::NothingValid { complete: false };
+            }
+            let len = le_u32(&tail[p..]);
+            if (len <= TAIL_SEARCH_SMALL_RECORD_BYTES) != small_pass
+                || len as usize > RECORD_MAX_BYTES
+                || p + h + len as usize > tail.len()
+            {
+                continue;
+            }
+            if !spend(4 + u64::from(len)) {
+                return TailSearch::NothingValid { complete: false };
+            }
+            if valid_record_at(&tail[p..]).is_some() {
+                return TailSearch::ValidRecordAt(p);
+            }
+        }
+    }
+    TailSearch::NothingValid { complete: true }
+}
+
+/// Creates segment `seq` with its header, durably (file and directory entry).
+pub(crate) fn create_segment(storage: &dyn Storage, dir: &Path, seq: u64) -> Result<Box<dyn WriteFile>, WalError> {
+    let path = dir.join(segment_file_name(seq));
+    let mut file = storage
+        .create_new(&path)
+        .map_err(|e| WalError::io("create segment", &path, e))?;
+    file.write_all(&encode_segment_header(seq))
+        .map_err(|e| WalError::io("write header", &path, e))?;
+    // The header is durable before any record can be written after it, which
+    // is what lets recovery treat a last segment with a bad header and no
+    // room for records as torn rather than corrupt.
+    file.sync_data().map_err(|e| WalError::io("fsync", &path, e))?;
+    storage
+        .sync_dir(dir)
+        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::encode_record;
+
+    fn records(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            encode_record(&mut out, p);
+        }
+        out
+    }
+
+    #[test]
+    fn zeros_and_garbage_hold_nothing_valid() {
+        assert_eq!(search_tail(&[0; 100]), TailSearch::NothingValid { complete: true });
+        let garbage: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        assert_eq!(search_tail(&garbage), TailSearch::NothingValid { complete: true });
+    }
+
+    #[test]
+    fn finds_next_record_after_damaged_payload() {
+        let mut tail = records(&[b"hello", b"world"]);
+        tail[9] ^= 1;
+        assert_eq!(search_tail(&tail), TailSearch::ValidRecordAt(13));
+    }
+
+    #[test]
+    fn finds_next_record_after_damaged_length() {
+        let mut tail = records(&[b"hello", b"world", b"again"]);
+        tail[0..4].copy_from_slice(&[0x55, 0x13, 0x00, 0x7f]);
+        assert_eq!(search_tail(&tail), TailSearch::ValidRecordAt(13));
+    }
+
+    #[test]
+    fn partial_record_holds_nothing_valid() {
+        let tail = records(&[b"a longer payload that was cut short"]);
+        assert_eq!(search_tail(&tail[..20]), TailSearch::NothingValid { complete: true });
+    }
+}

@@ -1,0 +1,457 @@
+//! The writer: buffering appended records, handing them to the OS, fsyncing,
+//! rotating segments, deleting old ones, and refusing to go on after an I/O
+//! error it cannot prove harmless.
+//!
+//! The writer is synchronous and meant to live on one dedicated thread. It
+//! separates the three costs so the caller can batch them (group commit):
+//! [`Wal::append`] only copies into memory, [`Wal::write`] makes one `write`
+//! system call per segment touched, [`Wal::sync`] makes one `fdatasync`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::WalError;
+use crate::format::{encode_record, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN, SEGMENT_MAX_BYTES_DEFAULT};
+use crate::recovery::{create_segment, Recovery};
+use crate::storage::{FsStorage, LockGuard, Storage, WriteFile};
+
+/// After a write, a pending-record buffer that grew past this (say, for one
+/// huge job) is shrunk back, so one big batch does not pin its memory forever.
+const PENDING_RETAIN_MAX_BYTES: usize = 8 << 20;
+
+/// How the log is laid out on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalOptions {
+    /// A segment that has records and would grow past this starts a new
+    /// segment first. A single record bigger than this gets a segment of its
+    /// own. Default [`SEGMENT_MAX_BYTES_DEFAULT`] (64 MiB).
+    pub segment_max_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_max_bytes: SEGMENT_MAX_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl WalOptions {
+    /// Sets [`segment_max_bytes`](WalOptions::segment_max_bytes).
+    pub fn segment_max_bytes(mut self, bytes: u64) -> Self {
+        self.segment_max_bytes = bytes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), WalError> {
+        if self.segment_max_bytes < SEGMENT_HEADER_LEN + RECORD_HEADER_LEN {
+            return Err(WalError::InvalidOptions(
+                "segment_max_bytes must leave room for the 32-byte header and one record frame",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One segment file of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub seq: u64,
+    pub path: PathBuf,
+    /// Bytes in the file (for the current segment: bytes handed to the OS so
+    /// far, not counting records only appended).
+    pub len: u64,
+}
+
+/// Counters for metrics. Cumulative since the log was opened, except where
+/// a field says otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WalStats {
+    /// Records accepted by `append`.
+    pub records_appended: u64,
+    /// Records handed to the OS by `write`.
+    pub records_written: u64,
+    /// Bytes handed to the OS by `write` (framing included, headers not).
+    pub bytes_written: u64,
+    /// `write` system calls (each writes one contiguous chunk).
+    pub write_calls: u64,
+    /// `fdatasync` calls on segment files (commits, rotations, repairs).
+    pub fsyncs: u64,
+    /// fsyncs of the data directory (segment creation and removal).
+    pub dir_fsyncs: u64,
+    /// Duration of the most recent fsync made by `sync`/`commit`.
+    pub last_fsync: Duration,
+    /// Sum of the durations of fsyncs made by `sync`/`commit`.
+    pub fsync_total: Duration,
+    /// Batches dropped because the disk was full ([`WalError::OutOfSpace`]).
+    pub batches_rejected: u64,
+    /// Segment files now (gauge).
+    pub segments: usize,
+    /// Sequence number of the segment being written (gauge).
+    pub current_segment: u64,
+    /// Records appended but not yet written (gauge).
+    pub pending_records: u64,
+    /// Bytes appended but not yet written (gauge).
+    pub pending_bytes: u64,
+}
+
+/// What one [`Wal::commit`] made durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// Records made durable by this call (written now or by earlier `write`s).
+    pub records: u64,
+    /// Their framed size in bytes.
+    pub bytes: u64,
+    /// Time spent in fsync (zero if there was nothing to sync).
+    pub fsync: Duration,
+}
+
+/// An open write-ahead log: a locked data directory of segment files, the
+/// last of which receives new records.
+///
+/// Obtained from [`Wal::open`] through [`Recovery::finish`]. Records that were
+/// appended but not written when the `Wal` is dropped are lost, like any
+/// unacknowledged write; call [`Wal::close`] (or `commit`) first.
+pub struct Wal {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    options: WalOptions,
+    _lock: Box<dyn LockGuard>,
+    /// All segments, oldest first; the last is the one `file` writes to.
+    segments: Vec<SegmentInfo>,
+    file: Box<dyn WriteFile>,
+    /// Framed records appended and not yet written.
+    pending: Vec<u8>,
+    /// Offsets into `pending` where a new segment must start.
+    breaks: Vec<usize>,
+    pending_records: u64,
+    /// Length the segment that receives the last pending record will have
+    /// once written.
+    planned_len: u64,
+    /// Written, not yet synced.
+    unsynced_records: u64,
+    unsynced_bytes: u64,
+    unsynced: bool,
+    poisoned: Option<String>,
+    stats: WalStats,
+}
+
+impl fmt::Debug for Wal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.len())
+            .field("poisoned", &self.poisoned)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` on the real file system, taking
+    /// its lock. Replay the records with [`Recovery::next_record`], then call
+    /// [`Recovery::finish`] for the writer.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<Recovery, WalError> {
+        Self::open_with_storage(Arc::new(FsStorage), dir, options)
+    }
+
+    /// [`Wal::open`] on any [`Storage`] (tests use
+    /// [`SimStorage`](crate::sim::SimStorage)).
+    pub fn open_with_storage(
+        storage: Arc<dyn Storage>,
+        dir: impl AsRef<Path>,
+        options: WalOptions,
+    ) -> Result<Recovery, WalError> {
+        Recovery::start(storage, dir.as_ref(), options)
+    }
+
+    pub(crate) fn from_recovery(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        options: WalOptions,
+        lock: Box<dyn LockGuard>,
+        file: Box<dyn WriteFile>,
+        segments: Vec<SegmentInfo>,
+    ) -> Wal {
+        let current = segments.last().map_or(SEGMENT_HEADER_LEN, |s| s.len);
+        Wal {
+            storage,
+            dir,
+            options,
+            _lock: lock,
+            segments,
+            file,
+            pending: Vec::new(),
+            breaks: Vec::new(),
+            pending_records: 0,
+            planned_len: current,
+            unsynced_records: 0,
+            unsynced_bytes: 0,
+            unsynced: false,
+            poisoned: None,
+            stats: WalStats::default(),
+        }
+    }
+
+    /// Buffers one record. No system call; nothing is on disk until `write`
+    /// (in the OS) and `sync` (durable).
+    pub fn append(&mut self, payload: &[u8]) -> Result<(), WalError> {
+        self.check()?;
+        if payload.len() > RECORD_MAX_BYTES {
+            return Err(WalError::RecordTooLarge {
+                len: payload.len(),
+                max: RECORD_MAX_BYTES,
+            });
+        }
+        let framed = RECORD_HEADER_LEN + payload.len() as u64;
+        if self.planned_len > SEGMENT_HEADER_LEN && self.planned_len + framed > self.options.segment_max_bytes {
+            self.breaks.push(self.pending.len());
+            self.planned_len = SEGMENT_HEADER_LEN;
+        }
+        encode_record(&mut self.pending, payload);
+        self.planned_len += framed;
+        self.pending_records += 1;
+        self.stats.records_appended += 1;
+        Ok(())
+    }
+
+    /// Hands every appended record to the OS: one `write` call per segment
+    /// the batch touches. When the batch fills the current segment, that
+    /// segment is fsynced and the next one created (see [`Wal::rotate`]).
+    ///
+    /// On [`WalError::OutOfSpace`] the batch was dropped and the log is still
+    /// usable. On any other error the log is poisoned, and the batch must be
+    /// treated as failed (though part of it may be replayed after a restart).
+    pub fn write(&mut self) -> Result<(), WalError> {
+        self.check()?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let breaks = std::mem::take(&mut self.breaks);
+        let result = self.write_chunks(&pending, &breaks);
+        let records = std::mem::take(&mut self.pending_records);
+        self.pending = pending;
+        self.pending.clear();
+        if self.pending.capacity() > PENDING_RETAIN_MAX_BYTES {
+            self.pending.shrink_to(PENDING_RETAIN_MAX_BYTES);
+        }
+        self.breaks = breaks;
+        self.breaks.clear();
+        self.planned_len = self.current().len;
+        if result.is_ok() {
+            self.stats.records_written += records;
+            self.unsynced_records += records;
+        }
+        result
+    }
+
+    fn write_chunks(&mut self, pending: &[u8], breaks: &[usize]) -> Result<(), WalError> {
+        let mut start = 0;
+        for (i, &end) in breaks.iter().chain(std::iter::once(&pending.len())).enumerate() {
+            if i > 0 {
+                self.rotate_now()?;
+            }
+            let chunk = &pending[start..end];
+            start = end;
+            if chunk.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.file.write_all(chunk) {
+                // Only before the first rotation of this call is none of the
+                // batch durable yet (a rotation fsyncs what came before it).
+                return Err(self.write_failed(e, i == 0));
+            }
+            let n = chunk.len() as u64;
+            self.segments_last_mut().len += n;
+            self.stats.bytes_written += n;
+            self.stats.write_calls += 1;
+            self.unsynced_bytes += n;
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Decides what a failed write means. A full disk before any byte of
+    /// the batch could be durable is undone by cutting the file back to the
+    /// last whole record; the batch is reported dropped and the log goes on.
+    /// Anything else poisons the log.
+    fn write_failed(&mut self, e: io::Error, batch_not_durable: bool) -> WalError {
+        let path = self.current().path.clone();
+        let no_space = matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
+        if no_space && batch_not_durable {
+            match self.file.truncate(self.current().len) {
+                Ok(()) => {
+                    self.stats.batches_rejected += 1;
+                    return WalError::OutOfSpace { path, source: e };
+                }
+                Err(te) => return self.poison(WalError::io("truncate after failed write", path, te)),
+            }
+        }
+        self.poison(WalError::io("write", path, e))
+    }
+
+    /// Makes everything written so far durable with one `fdatasync`. Records
+    /// appended but not written are not included (use `commit`). Returns the
+    /// time spent in fsync; does nothing if nothing was written since the
+    /// last sync. A failure poisons the log: a failed fsync is never retried.
+    pub fn sync(&mut self) -> Result<Duration, WalError> {
+        self.check()?;
+        if !self.unsynced {
+            return Ok(Duration::ZERO);
+        }
+        let took = self.sync_file()?;
+        self.stats.last_fsync = took;
+        self.stats.fsync_total += took;
+        Ok(took)
+    }
+
+    /// `write` then `sync`: when this returns `Ok`, every record appended
+    /// before the call is durable.
+    pub fn commit(&mut self) -> Result<Commit, WalError> {
+        self.write()?;
+        let (records, bytes) = (self.unsynced_records, self.unsynced_bytes);
+        let fsync = self.sync()?;
+        Ok(Commit { records, bytes, fsync })
+    }
+
+    /// Commits, then starts a new segment and returns its sequence number.
+    /// The old segment is fsynced before the new one is created, and the new
+    /// one's header and directory entry are fsynced before it is used, so a
+    /// segment that is not the last is always complete on disk.
+    ///
+    /// For compaction: rotate, append a snapshot of the live state, commit,
+    /// then [`remove_segments_before`](Wal::remove_segments_before) the
+    /// returned sequence number. Until the removal, a crash replays the old
+    /// segments *and* the snapshot, so snapshot records must be safe to apply
+    /// on top of the state the old segments rebuild.
+    pub fn rotate(&mut self) -> Result<u64, WalError> {
+        self.commit()?;
+        self.rotate_now()
+    }
+
+    fn rotate_now(&mut self) -> Result<u64, WalError> {
+        if self.unsynced {
+            self.sync_file()?;
+        }
+        let seq = self.current().seq + 1;
+        let file = match create_segment(&*self.storage, &self.dir, seq) {
+            Ok(f) => f,
+            Err(e) => return Err(self.poison(e)),
+        };
+        self.stats.fsyncs += 1;
+        self.stats.dir_fsyncs += 1;
+        self.file = file;
+        self.segments.push(SegmentInfo {
+            seq,
+            path: self.dir.join(crate::format::segment_file_name(seq)),
+            len: SEGMENT_HEADER_LEN,
+        });
+        Ok(seq)
+    }
+
+    fn sync_file(&mut self) -> Result<Duration, WalError> {
+        let started = Instant::now();
+        if let Err(e) = self.file.sync_data() {
+            let path = self.current().path.clone();
+            return Err(self.poison(WalError::io("fsync", path, e)));
+        }
+        self.stats.fsyncs += 1;
+        self.unsynced = false;
+        self.unsynced_records = 0;
+        self.unsynced_bytes = 0;
+        Ok(started.elapsed())
+    }
+
+    /// Commits, then deletes every segment older than `seq` (never the
+    /// current one), oldest first, fsyncing the directory after each, so a
+    /// crash part-way leaves a contiguous run of segments. Returns how many
+    /// were deleted.
+    pub fn remove_segments_before(&mut self, seq: u64) -> Result<usize, WalError> {
+        // The records that replace the old segments must be durable before
+        // the old segments go.
+        self.commit()?;
+        let cut = seq.min(self.current().seq);
+        let mut removed = 0;
+        while self.segments.first().is_some_and(|s| s.seq < cut) {
+            let path = self.segments[0].path.clone();
+            if let Err(e) = self.storage.remove_file(&path) {
+                return Err(self.poison(WalError::io("remove segment", path, e)));
+            }
+            self.segments.remove(0);
+            removed += 1;
+            if let Err(e) = self.storage.sync_dir(&self.dir) {
+                let dir = self.dir.clone();
+                return Err(self.poison(WalError::io("fsync directory", dir, e)));
+            }
+            self.stats.dir_fsyncs += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Commits and closes the log, releasing the directory lock.
+    pub fn close(mut self) -> Result<(), WalError> {
+        self.commit().map(drop)
+    }
+
+    /// The segment files, oldest first; the last is being written.
+    pub fn segments(&self) -> &[SegmentInfo] {
+        &self.segments
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> WalStats {
+        WalStats {
+            segments: self.segments.len(),
+            current_segment: self.current().seq,
+            pending_records: self.pending_records,
+            pending_bytes: self.pending.len() as u64,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Whether an earlier error made the log unusable until reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    fn check(&self) -> Result<(), WalError> {
+        match &self.poisoned {
+            Some(cause) => Err(WalError::Poisoned { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, e: WalError) -> WalError {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e.to_string());
+        }
+        e
+    }
+
+    fn current(&self) -> &SegmentInfo {
+        // Recovery always hands over at least one segment, and the current
+        // one is never removed.
+        match self.segments.last() {
+            Some(s) => s,
+            None => unreachable!("a Wal always has a current segment"),
+        }
+    }
+
+    fn segments_last_mut(&mut self) -> &mut SegmentInfo {
+        match self.segments.last_mut() {
+            Some(s) => s,
+            None => unreachable!("a Wal always has a current segment"),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Injected I/O failures: which ones poison the log, which ones it survives,
+//! and what a reopen recovers afterwards.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+
+use common::{open_sim, sim_dir};
+use spool_wal::sim::{Fault, SimStorage};
+use spool_wal::{Wal, WalError, WalOptions};
+
+fn assert_poisoned(wal: &mut Wal) {
+    assert!(wal.is_poisoned());
+    let results = [
+        wal.append(b"x").map(drop),
+        wal.write(),
+        wal.sync().map(drop),
+        wal.commit().map(drop),
+        wal.rotate().map(drop),
+        wal.remove_segments_before(u64::MAX).map(drop),
+    ];
+    for r in results {
+        assert!(matches!(r, Err(WalError::Poisoned { .. })), "{r:?}");
+    }
+}
+
+#[test]
+fn failed_fsync_poisons_every_later_call() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"durable").unwrap();
+    wal.commit().unwrap();
+    sim.inject(Fault::Sync { nth: 0 });
+    wal.append(b"not durable").unwrap();
+    let err = wal.commit().unwrap_err();
+    assert!(matches!(err, WalError::Io { op: "fsync", .. }), "{err}");
+    assert_poisoned(&mut wal);
+    let msg = wal.append(b"y").unwrap_err().to_string();
+    assert!(msg.contains("fsync"), "the poison names its cause: {msg}");
+    drop(wal);
+
+    // A crash now keeps at least the committed record.
+    let (_wal, records, _) = open_sim(&sim.crash_image(1), WalOptions::default()).unwrap();
+    assert_eq!(records[0], b"durable");
+}
+
+#[test]
+fn failed_write_other_than_disk_full_poisons() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    sim.inject(Fault::Write {
+        nth: 0,
+        kind: ErrorKind::Other,
+        written: 3,
+    });
+    wal.append(b"a").unwrap();
+    let err = wal.write().unwrap_err();
+    assert!(matches!(err, WalError::Io { op: "write", .. }), "{err}");
+    assert_poisoned(&mut wal);
+}
+
+#[test]
+fn disk_full_drops_the_batch_and_the_log_goes_on() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"before").unwrap();
+    wal.commit().unwrap();
+    let len_before = wal.segments()[0].len;
+
+    // A short write (5 bytes land) and then ENOSPC.
+    sim.inject(Fault::Write {
+        nth: 0,
+        kind: ErrorKind::StorageFull,
+        written: 5,
+    });
+    wal.append(b"dropped 1").unwrap();
+    wal.append(b"dropped 2").unwrap();
+    let err = wal.commit().unwrap_err();
+    assert!(matches!(err, WalError::OutOfSpace { .. }), "{err}");
+    assert!(!wal.is_poisoned());
+    assert_eq!(wal.stats().batches_rejected, 1);
+    assert_eq!(wal.stats().pending_records, 0);
+    let path = wal.segments()[0].path.clone();
+    assert_eq!(sim.read_file(&path).unwrap().len() as u64, len_before, "partial write undone");
+
+    // Space is back.
+    wal.append(b"after").unwrap();
+    wal.commit().unwrap();
+    drop(wal);
+    let (_wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
+    assert_eq!(records, vec![b"before".to_vec(), b"after".to_vec()]);
+    assert_eq!(report.torn_tail, None);
+}
+
+#[test]
+fn quota_exceeded_is_treated_like_disk_full() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    sim.inject(Fault::Write {
+        nth: 0,
+        kind: ErrorKind::QuotaExceeded,
+        written: 0,
+    });
+    wal.append(b"dropped").unwrap();
+    assert!(matches!(wal.commit(), Err(WalError::OutOfSpace { .. })));
+    assert!(!wal.is_poisoned());
+}
+
+#[test]
+fn disk_full_after_a_rotation_in_the_same_batch_poisons() {
+    // The first part of the batch went into the old segment, which the
+    // rotation fsynced: it will be replayed, so the batch cannot be reported
+    // as dropped.
+    // Writes: 0 = first chunk, 1 = new segment's header, 2 = second chunk.
+    for nth in [1, 2] {
+        let sim = SimStorage::new();
+        let options = WalOptions::default().segment_max_bytes(100);
+        let (mut wal, _, _) = open_sim(&sim, options.clone()).unwrap();
+        wal.append(&[1; 40]).unwrap(); // 32 + 48 = 80 bytes
+        wal.append(&[2; 40]).unwrap(); // would make 128: next segment
+        sim.inject(Fault::Write {
+            nth,
+            kind: ErrorKind::StorageFull,
+            written: 0,
+        });
+        let err = wal.write().unwrap_err();
+        assert!(matches!(err, WalError::Io { .. }), "{err}");
+        assert_poisoned(&mut wal);
+        drop(wal);
+        let (_wal, records, _) = open_sim(&sim, options).unwrap();
+        assert_eq!(records, vec![vec![1; 40]]);
+    }
+}
+
+#[test]
+fn failure_while_creating_a_segment_poisons_and_recovers() {
+    for nth in 0..4 {
+        // Rotation: fsync old segment (covered by other tests), create, write
+        // header, fsync, fsync dir. Cut the power at each step.
+        let sim = SimStorage::new();
+        let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+        wal.append(b"one").unwrap();
+        wal.commit().unwrap();
+        sim.inject(Fault::PowerCut { nth });
+        assert!(wal.rotate().is_err());
+        assert_poisoned(&mut wal);
+        drop(wal);
+        for seed in 0..8 {
+            let image = sim.crash_image(seed);
+            let (mut wal, records, _) = open_sim(&image, WalOptions::default()).unwrap();
+            assert_eq!(records, vec![b"one".to_vec()], "power cut at {nth}, seed {seed}");
+            wal.append(b"two").unwrap();
+            wal.commit().unwrap();
+            drop(wal);
+            let (_wal, records, _) = open_sim(&image, WalOptions::default()).unwrap();
+            assert_eq!(records, vec![b"one".to_vec(), b"two".to_vec()]);
+        }
+    }
+}
+
+#[test]
+fn failed_directory_fsync_while_removing_poisons() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"old").unwrap();
+    let seq = wal.rotate().unwrap();
+    wal.append(b"new").unwrap();
+    wal.commit().unwrap();
+    sim.inject(Fault::Sync { nth: 0 });
+    let err = wal.remove_segments_before(seq).unwrap_err();
+    assert!(matches!(err, WalError::Io { op: "fsync directory", .. }), "{err}");
+    assert_poisoned(&mut wal);
+    drop(wal);
+    for seed in 0..8 {
+        // The unlink may or may not have reached the disk.
+        let (_wal, records, _) = open_sim(&sim.crash_image(seed), WalOptions::default()).unwrap();
+        assert!(
+            records == vec![b"old".to_vec(), b"new".to_vec()] || records == vec![b"new".to_vec()],
+            "{records:?}"
+        );
+    }
+}
+
+#[test]
+fn failed_recovery_leaves_the_directory_unlocked() {
+    let sim = SimStorage::new();
+    sim.put_file(&sim_dir().join("0000000000000001.wal"), b"definitely not a header, and long enough");
+    let err = open_sim(&sim, WalOptions::default()).unwrap_err();
+    assert!(matches!(err, WalError::BadHeader { .. }), "{err}");
+    // The error dropped the Recovery and its lock.
+    let err = open_sim(&sim, WalOptions::default()).unwrap_err();
+    assert!(matches!(err, WalError::BadHeader { .. }), "{err}");
+}
+
+#[test]
+fn recovery_reports_after_an_error_keep_failing() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"a").unwrap();
+    wal.rotate().unwrap();
+    wal.append(b"b").unwrap();
+    wal.commit().unwrap();
+    drop(wal);
+    let first = sim_dir().join("0000000000000001.wal");
+    let mut bytes = sim.read_file(&first).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    sim.put_file(&first, &bytes);
+    let mut recovery = Wal::open_with_storage(Arc::new(sim.clone()), sim_dir(), WalOptions::default()).unwrap();
+    assert!(matches!(recovery.next_record(), Err(WalError::Corrupt { .. })));
+    assert!(matches!(recovery.next_record(), Err(WalError::Poisoned { .. })));
+    assert!(matches!(recovery.finish(), Err(WalError::Poisoned { .. })));
+}

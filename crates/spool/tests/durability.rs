@@ -1,0 +1,232 @@
+//! Durable storage through the real binary: what a restart keeps, where the
+//! data lives by default, and that two servers cannot share a data
+//! directory. Kill -9 under load is `crash.rs`.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{clear_spool_env, spool_bin, wait_output, Addr, Client, TempDir};
+
+/// A `spool serve` child with a data directory, killed with SIGKILL on drop.
+struct Durable {
+    child: Child,
+    addr: Addr,
+}
+
+impl Durable {
+    fn start(dir: &Path, extra: &[&str]) -> Durable {
+        Self::start_in(None, &["-b", dir.to_str().expect("utf-8 path")], extra)
+    }
+
+    /// Starts `spool serve ARGS EXTRA`, optionally in working directory `cwd`.
+    fn start_in(cwd: Option<&Path>, args: &[&str], extra: &[&str]) -> Durable {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("picking a port")
+            .port();
+        let mut cmd = Command::new(spool_bin());
+        clear_spool_env(&mut cmd);
+        cmd.arg("serve")
+            .args(args)
+            .args(["-l", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
+            .env("SPOOL_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().expect("spawning spool");
+        let addr = Addr::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("spool exited before listening: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spool did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Durable { child, addr }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.addr)
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stat(c: &mut Client, id: u64, key: &str) -> String {
+    c.send(format!("stats-job {id}\r\n"));
+    let reply = c.reply();
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {key} in {reply:?}"))
+}
+
+#[test]
+fn a_restart_after_kill_9_keeps_every_acknowledged_change() {
+    let dir = TempDir::new("durable");
+    let server = Durable::start(dir.path(), &[]);
+    let mut c = server.client();
+    let ready = c.put(5, 0, 60, b"ready job");
+    let delayed = c.put(1, 100, 60, b"delayed job");
+    let buried = c.put(2, 0, 60, b"buried job");
+    c.expect(
+        format!("reserve-job {buried}\r\n"),
+        &format!("RESERVED {buried} 10\r\nburied job\r\n"),
+    );
+    c.expect(format!("bury {buried} 9\r\n"), "BURIED\r\n");
+    c.expect("use other\r\n", "USING other\r\n");
+    let other = c.put(0, 0, 60, b"in other");
+    let deleted = c.put(0, 0, 60, b"deleted");
+    c.expect(format!("delete {deleted}\r\n"), "DELETED\r\n");
+    let reserved = c.put(7, 0, 60, b"reserved");
+    c.expect(
+        format!("reserve-job {reserved}\r\n"),
+        &format!("RESERVED {reserved} 8\r\nreserved\r\n"),
+    );
+    let released = c.put(0, 0, 60, b"released");
+    c.expect(
+        format!("reserve-job {released}\r\n"),
+        &format!("RESERVED {released} 8\r\nreleased\r\n"),
+    );
+    c.expect(format!("release {released} 3 50\r\n"), "RELEASED\r\n");
+    server.kill();
+
+    let server = Durable::start(dir.path(), &[]);
+    let mut c = server.client();
+    c.expect(
+        format!("peek {ready}\r\n"),
+        &format!("FOUND {ready} 9\r\nready job\r\n"),
+    );
+    assert_eq!(stat(&mut c, ready, "state"), "ready");
+    assert_eq!(stat(&mut c, ready, "pri"), "5");
+    assert_eq!(stat(&mut c, delayed, "state"), "delayed");
+    let left: u64 = stat(&mut c, delayed, "time-left").parse().expect("number");
+    assert!((90..100).contains(&left), "delay kept its due time: {left}");
+    assert_eq!(stat(&mut c, buried, "state"), "buried");
+    assert_eq!(stat(&mut c, buried, "pri"), "9");
+    assert_eq!(stat(&mut c, other, "tube"), "other");
+    c.expect(format!("peek {deleted}\r\n"), "NOT_FOUND\r\n");
+    // Reservations are not durable: the job is ready again.
+    assert_eq!(stat(&mut c, reserved, "state"), "ready");
+    assert_eq!(stat(&mut c, released, "state"), "delayed");
+    assert_eq!(stat(&mut c, released, "pri"), "3");
+    // Ids are never reused.
+    let next = c.put(0, 0, 60, b"after restart");
+    assert!(next > released, "id {next} after {released}");
+    c.expect(format!("kick-job {buried}\r\n"), "KICKED\r\n");
+    server.kill();
+
+    // The kick survives a second restart too.
+    let server = Durable::start(dir.path(), &[]);
+    let mut c = server.client();
+    assert_eq!(stat(&mut c, buried, "state"), "ready");
+    assert_eq!(stat(&mut c, next, "state"), "ready");
+}
+
+#[test]
+fn every_fsync_policy_survives_a_process_kill() {
+    for policy in ["always", "interval:20", "never"] {
+        let dir = TempDir::new("policy");
+        let server = Durable::start(dir.path(), &["--fsync", policy]);
+        let mut c = server.client();
+        let ids: Vec<u64> = (0..50)
+            .map(|i| c.put(0, 0, 60, format!("job {i}").as_bytes()))
+            .collect();
+        // The OS has every acknowledged write: a process kill loses none.
+        server.kill();
+        let server = Durable::start(dir.path(), &["--fsync", policy]);
+        let mut c = server.client();
+        for (i, id) in ids.iter().enumerate() {
+            let body = format!("job {i}");
+            c.expect(
+                format!("peek {id}\r\n"),
+                &format!("FOUND {id} {}\r\n{body}\r\n", body.len()),
+            );
+        }
+    }
+}
+
+#[test]
+fn the_default_data_dir_is_spool_data_in_the_working_directory() {
+    let cwd = TempDir::new("cwd");
+    let server = Durable::start_in(Some(cwd.path()), &[], &[]);
+    let mut c = server.client();
+    let id = c.put(0, 0, 60, b"kept");
+    server.kill();
+    assert!(
+        cwd.path().join("spool-data").is_dir(),
+        "spool-data was created in the working directory"
+    );
+    let server = Durable::start_in(Some(cwd.path()), &[], &[]);
+    server.client().expect(
+        format!("peek {id}\r\n"),
+        &format!("FOUND {id} 4\r\nkept\r\n"),
+    );
+}
+
+#[test]
+fn two_servers_cannot_share_a_data_directory() {
+    let dir = TempDir::new("locked");
+    let _first = Durable::start(dir.path(), &[]);
+    let mut cmd = Command::new(spool_bin());
+    clear_spool_env(&mut cmd);
+    cmd.args([
+        "serve",
+        "-b",
+        dir.path().to_str().expect("utf-8"),
+        "-p",
+        "0",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "second server exits 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("lock"),
+        "the error says the directory is locked: {stderr}"
+    );
+}
+
+#[test]
+fn an_unusable_data_dir_is_a_clear_error() {
+    let dir = TempDir::new("file");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").expect("writing a file");
+    let mut cmd = Command::new(spool_bin());
+    clear_spool_env(&mut cmd);
+    cmd.args(["serve", "-b", file.to_str().expect("utf-8"), "-p", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not-a-dir"),
+        "the error names the path: {stderr}"
+    );
+}
