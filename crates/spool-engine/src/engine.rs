@@ -18,7 +18,7 @@ use spool_proto::{JobStats, Put, PutBody, Request, Response, ServerStats, TubeNa
 
 use crate::job::{Job, JobId, JobState};
 use crate::ms::Ms;
-use crate::record::{LogRecord, RestState};
+use crate::record::{job_record_log_bytes, JobRecord, LogRecord, RestState};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -186,20 +186,20 @@ pub struct Engine {
     log: Vec<LogRecord>,
     /// The log could not be written: durable changes are refused.
     storage_failed: bool,
+    /// See [`Engine::live_log_bytes`].
+    live_log_bytes: u64,
 }
 
 /// A record that does not fit the jobs replayed before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayError {
     DuplicateJob(JobId),
-    UnknownJob(JobId),
 }
 
 impl std::fmt::Display for ReplayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReplayError::DuplicateJob(id) => write!(f, "job {id} is put twice"),
-            ReplayError::UnknownJob(id) => write!(f, "job {id} changes before it is put"),
         }
     }
 }
@@ -230,6 +230,7 @@ impl Engine {
             logging: false,
             log: Vec::new(),
             storage_failed: false,
+            live_log_bytes: 0,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -286,58 +287,104 @@ impl Engine {
     /// open. Records must come in the order they were logged.
     pub fn replay(&mut self, record: LogRecord) -> Result<(), ReplayError> {
         match record {
-            LogRecord::Put {
-                id,
-                tube,
-                pri,
-                ttr_ns,
-                delay_ns,
-                created_at_ns,
-                state,
-                body,
-            } => {
-                if self.jobs.contains_key(&id) {
-                    return Err(ReplayError::DuplicateJob(id));
+            LogRecord::Put(job) => {
+                if self.jobs.contains_key(&job.id) {
+                    return Err(ReplayError::DuplicateJob(job.id));
                 }
-                let tube = self.find_or_make_tube(&tube);
-                self.insert_job(id, tube, pri, delay_ns, ttr_ns, body, created_at_ns);
-                self.counters.total_jobs += 1;
-                self.tube_mut(tube).total_jobs += 1;
-                self.next_job_id = self.next_job_id.max(id + 1);
-                self.place(id, state);
+                self.replay_job(job, true);
+            }
+            LogRecord::Snapshot(job) => {
+                let replaces = self.jobs.contains_key(&job.id);
+                if replaces {
+                    self.remove_replayed(job.id);
+                }
+                self.replay_job(job, !replaces);
             }
             LogRecord::Update { id, pri, state } => {
-                let Some(job) = self.jobs.get(&id) else {
-                    return Err(ReplayError::UnknownJob(id));
-                };
-                let (old, tube, old_pri, seq, deadline) =
-                    (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
-                match old {
-                    JobState::Ready => self.remove_ready(tube, old_pri, id),
-                    JobState::Buried => self.remove_buried(tube, seq, id),
-                    JobState::Delayed => self.remove_delayed(tube, deadline, id),
-                    JobState::Reserved => unreachable!("nothing is reserved while replaying"),
+                // After a compaction the job's Put may be gone; the snapshot
+                // that follows holds its state.
+                if !self.jobs.contains_key(&id) {
+                    return Ok(());
                 }
+                self.unqueue_replayed(id);
                 self.jobs.get_mut(&id).expect("job exists").pri = pri;
                 self.place(id, state);
             }
             LogRecord::Delete { id } => {
-                let Some(job) = self.jobs.get(&id) else {
-                    return Err(ReplayError::UnknownJob(id));
-                };
-                let (old, tube, pri, seq, deadline) =
-                    (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
-                match old {
-                    JobState::Ready => self.remove_ready(tube, pri, id),
-                    JobState::Buried => self.remove_buried(tube, seq, id),
-                    JobState::Delayed => self.remove_delayed(tube, deadline, id),
-                    JobState::Reserved => unreachable!("nothing is reserved while replaying"),
+                if self.jobs.contains_key(&id) {
+                    self.remove_replayed(id);
                 }
-                self.jobs.remove(&id);
-                self.decref(tube);
             }
         }
         Ok(())
+    }
+
+    /// `new`: the job is not already counted in `total-jobs`.
+    fn replay_job(&mut self, job: JobRecord, new: bool) {
+        let tube = self.find_or_make_tube(&job.tube);
+        self.insert_job(
+            job.id,
+            tube,
+            job.pri,
+            job.delay_ns,
+            job.ttr_ns,
+            job.body,
+            job.created_at_ns,
+        );
+        if new {
+            self.counters.total_jobs += 1;
+            self.tube_mut(tube).total_jobs += 1;
+        }
+        self.next_job_id = self.next_job_id.max(job.id + 1);
+        self.place(job.id, job.state);
+    }
+
+    /// Takes a replayed job out of its queue (nothing is reserved while
+    /// replaying).
+    fn unqueue_replayed(&mut self, id: JobId) {
+        let job = &self.jobs[&id];
+        let (state, tube, pri, seq, deadline) =
+            (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
+        match state {
+            JobState::Ready => self.remove_ready(tube, pri, id),
+            JobState::Buried => self.remove_buried(tube, seq, id),
+            JobState::Delayed => self.remove_delayed(tube, deadline, id),
+            JobState::Reserved => unreachable!("nothing is reserved while replaying"),
+        }
+    }
+
+    fn remove_replayed(&mut self, id: JobId) {
+        self.unqueue_replayed(id);
+        self.drop_job(id);
+    }
+
+    /// The whole current state of a live job, for compaction. A reserved
+    /// job is logged as ready: reservations are not durable.
+    pub fn snapshot_record(&self, id: JobId) -> Option<LogRecord> {
+        let job = self.jobs.get(&id)?;
+        let state = match job.state {
+            JobState::Ready | JobState::Reserved => RestState::Ready,
+            JobState::Delayed => RestState::Delayed {
+                due_ns: job.deadline_at_ns,
+            },
+            JobState::Buried => RestState::Buried,
+        };
+        Some(LogRecord::Snapshot(JobRecord {
+            id,
+            tube: self.tube(job.tube).name.clone(),
+            pri: job.pri,
+            ttr_ns: job.ttr_ns,
+            delay_ns: job.delay_ns,
+            created_at_ns: job.created_at_ns,
+            state,
+            body: job.body.clone(),
+        }))
+    }
+
+    /// Log bytes that the live jobs' records take: what a fully compacted
+    /// log would hold.
+    pub fn live_log_bytes(&self) -> u64 {
+        self.live_log_bytes
     }
 
     /// Puts a replayed job, in no queue yet, where its record says.
@@ -749,7 +796,7 @@ impl Engine {
         self.tube_mut(tube).total_jobs += 1;
         if self.logging {
             let job = &self.jobs[&id];
-            self.log.push(LogRecord::Put {
+            self.log.push(LogRecord::Put(JobRecord {
                 id,
                 tube: self.tube(tube).name.clone(),
                 pri: job.pri,
@@ -758,7 +805,7 @@ impl Engine {
                 created_at_ns: now,
                 state: Self::rest_state(delay_ns, now),
                 body: job.body.clone(),
-            });
+            }));
         }
         self.enqueue(id, delay_ns, now);
         Some(Response::Inserted(id))
@@ -776,6 +823,8 @@ impl Engine {
         now: u64,
     ) {
         self.incref(tube);
+        self.live_log_bytes +=
+            job_record_log_bytes(self.tube(tube).name.as_str().len(), body.len());
         self.jobs.insert(
             id,
             Job {
@@ -801,6 +850,14 @@ impl Engine {
                 extra: None,
             },
         );
+    }
+
+    /// Forgets a job that is in no queue.
+    fn drop_job(&mut self, id: JobId) {
+        let job = self.jobs.remove(&id).expect("job exists");
+        self.live_log_bytes -=
+            job_record_log_bytes(self.tube(job.tube).name.as_str().len(), job.body.len());
+        self.decref(job.tube);
     }
 
     fn cmd_use(&mut self, conn_id: ConnId, name: &TubeName) -> Option<Response> {
@@ -905,8 +962,7 @@ impl Engine {
             JobState::Delayed => self.remove_delayed(tube, deadline, id),
         }
         self.tube_mut(tube).cmd_delete += 1;
-        self.jobs.remove(&id);
-        self.decref(tube);
+        self.drop_job(id);
         self.record(|| LogRecord::Delete { id });
         Some(Response::Deleted)
     }

@@ -13,4 +13,6 @@ mod record;
 
 pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
-pub use record::{LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION};
+pub use record::{
+    job_record_log_bytes, JobRecord, LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION,
+};

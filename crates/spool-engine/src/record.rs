@@ -16,8 +16,15 @@
 //!                | u8 state | u64 due_wall_ns | u8 tube_len | tube | u32 body_len | body
 //! kind 2 Update: u64 id | u32 pri | u8 state | u64 due_wall_ns
 //! kind 3 Delete: u64 id
+//! kind 4 Snapshot: as Put
 //! state: 0 ready, 1 delayed (until due_wall_ns), 2 buried
 //! ```
+//!
+//! A Snapshot is a job's whole current state, written by compaction; it
+//! creates or replaces the job. Compaction writes snapshots of every live
+//! job after a cut and then deletes the segments before the cut, so after a
+//! compaction an Update or Delete may name a job whose Put is gone; replay
+//! skips those (the snapshot that follows holds the job's state).
 //!
 //! Times are wall-clock nanoseconds since the Unix epoch on disk and the
 //! engine's monotonic nanoseconds in memory; `epoch_ns` (wall time at
@@ -34,6 +41,13 @@ pub const RECORD_FORMAT_VERSION: u8 = 1;
 const KIND_PUT: u8 = 1;
 const KIND_UPDATE: u8 = 2;
 const KIND_DELETE: u8 = 3;
+const KIND_SNAPSHOT: u8 = 4;
+
+/// Bytes a job's Put or Snapshot record takes in the log, framing included
+/// (the write-ahead log adds 8 bytes of length and checksum per record).
+pub fn job_record_log_bytes(tube_len: usize, body_len: usize) -> u64 {
+    (60 + tube_len + body_len) as u64
+}
 
 /// Where a logged job rests. Reserved is not a resting state: it is logged
 /// as the state the job returns to.
@@ -47,18 +61,23 @@ pub enum RestState {
     Buried,
 }
 
+/// A job's whole durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub tube: TubeName,
+    pub pri: u32,
+    pub ttr_ns: u64,
+    pub delay_ns: u64,
+    pub created_at_ns: u64,
+    pub state: RestState,
+    pub body: Bytes,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
-    Put {
-        id: JobId,
-        tube: TubeName,
-        pri: u32,
-        ttr_ns: u64,
-        delay_ns: u64,
-        created_at_ns: u64,
-        state: RestState,
-        body: Bytes,
-    },
+    /// A new job.
+    Put(JobRecord),
     Update {
         id: JobId,
         pri: u32,
@@ -67,6 +86,8 @@ pub enum LogRecord {
     Delete {
         id: JobId,
     },
+    /// A job's current state, written by compaction: creates or replaces.
+    Snapshot(JobRecord),
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -118,28 +139,13 @@ impl LogRecord {
     pub fn encode(&self, epoch_ns: u64, out: &mut Vec<u8>) {
         out.push(RECORD_FORMAT_VERSION);
         match self {
-            LogRecord::Put {
-                id,
-                tube,
-                pri,
-                ttr_ns,
-                delay_ns,
-                created_at_ns,
-                state,
-                body,
-            } => {
+            LogRecord::Put(job) => {
                 out.push(KIND_PUT);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&pri.to_le_bytes());
-                out.extend_from_slice(&ttr_ns.to_le_bytes());
-                out.extend_from_slice(&delay_ns.to_le_bytes());
-                out.extend_from_slice(&to_wall(*created_at_ns, epoch_ns).to_le_bytes());
-                put_state(out, *state, epoch_ns);
-                // Tube names are at most 200 bytes.
-                out.push(tube.as_str().len() as u8);
-                out.extend_from_slice(tube.as_str().as_bytes());
-                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                out.extend_from_slice(body);
+                encode_job(job, epoch_ns, out);
+            }
+            LogRecord::Snapshot(job) => {
+                out.push(KIND_SNAPSHOT);
+                encode_job(job, epoch_ns, out);
             }
             LogRecord::Update { id, pri, state } => {
                 out.push(KIND_UPDATE);
@@ -161,29 +167,8 @@ impl LogRecord {
             return Err(RecordError::UnknownVersion(version));
         }
         let record = match r.u8()? {
-            KIND_PUT => {
-                let id = r.u64()?;
-                let pri = r.u32()?;
-                let ttr_ns = r.u64()?;
-                let delay_ns = r.u64()?;
-                let created_at_ns = from_wall(r.u64()?, epoch_ns);
-                let state = r.state(epoch_ns)?;
-                let tube_len = r.u8()? as usize;
-                let tube =
-                    TubeName::new(r.bytes(tube_len)?).map_err(|_| RecordError::BadTubeName)?;
-                let body_len = r.u32()? as usize;
-                let body = Bytes::copy_from_slice(r.bytes(body_len)?);
-                LogRecord::Put {
-                    id,
-                    tube,
-                    pri,
-                    ttr_ns,
-                    delay_ns,
-                    created_at_ns,
-                    state,
-                    body,
-                }
-            }
+            KIND_PUT => LogRecord::Put(decode_job(&mut r, epoch_ns)?),
+            KIND_SNAPSHOT => LogRecord::Snapshot(decode_job(&mut r, epoch_ns)?),
             KIND_UPDATE => LogRecord::Update {
                 id: r.u64()?,
                 pri: r.u32()?,
@@ -194,6 +179,43 @@ impl LogRecord {
         };
         Ok(record)
     }
+}
+
+fn encode_job(job: &JobRecord, epoch_ns: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(&job.id.to_le_bytes());
+    out.extend_from_slice(&job.pri.to_le_bytes());
+    out.extend_from_slice(&job.ttr_ns.to_le_bytes());
+    out.extend_from_slice(&job.delay_ns.to_le_bytes());
+    out.extend_from_slice(&to_wall(job.created_at_ns, epoch_ns).to_le_bytes());
+    put_state(out, job.state, epoch_ns);
+    // Tube names are at most 200 bytes.
+    out.push(job.tube.as_str().len() as u8);
+    out.extend_from_slice(job.tube.as_str().as_bytes());
+    out.extend_from_slice(&(job.body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&job.body);
+}
+
+fn decode_job(r: &mut Reader<'_>, epoch_ns: u64) -> Result<JobRecord, RecordError> {
+    let id = r.u64()?;
+    let pri = r.u32()?;
+    let ttr_ns = r.u64()?;
+    let delay_ns = r.u64()?;
+    let created_at_ns = from_wall(r.u64()?, epoch_ns);
+    let state = r.state(epoch_ns)?;
+    let tube_len = r.u8()? as usize;
+    let tube = TubeName::new(r.bytes(tube_len)?).map_err(|_| RecordError::BadTubeName)?;
+    let body_len = r.u32()? as usize;
+    let body = Bytes::copy_from_slice(r.bytes(body_len)?);
+    Ok(JobRecord {
+        id,
+        tube,
+        pri,
+        ttr_ns,
+        delay_ns,
+        created_at_ns,
+        state,
+        body,
+    })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -245,19 +267,28 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let epoch = 1_700_000_000_000_000_000;
-        let records = [
-            LogRecord::Put {
-                id: 7,
-                tube: TubeName::new(b"emails").unwrap(),
-                pri: 1024,
-                ttr_ns: 60_000_000_000,
-                delay_ns: 5_000_000_000,
-                created_at_ns: 42,
-                state: RestState::Delayed {
-                    due_ns: 5_000_000_042,
-                },
-                body: Bytes::from_static(b"hello\r\nworld"),
+        let job = JobRecord {
+            id: 7,
+            tube: TubeName::new(b"emails").unwrap(),
+            pri: 1024,
+            ttr_ns: 60_000_000_000,
+            delay_ns: 5_000_000_000,
+            created_at_ns: 42,
+            state: RestState::Delayed {
+                due_ns: 5_000_000_042,
             },
+            body: Bytes::from_static(b"hello\r\nworld"),
+        };
+        let mut put = Vec::new();
+        LogRecord::Put(job.clone()).encode(epoch, &mut put);
+        assert_eq!(
+            put.len() as u64 + 8,
+            job_record_log_bytes("emails".len(), job.body.len()),
+            "the size estimate matches the encoding plus framing"
+        );
+        let records = [
+            LogRecord::Put(job.clone()),
+            LogRecord::Snapshot(job),
             LogRecord::Update {
                 id: 7,
                 pri: 3,

@@ -16,7 +16,7 @@ use spool_engine::{Engine, LogRecord, RecordError, ReplayError};
 use spool_wal::{RecoveryReport, Wal, WalError, WalOptions};
 use tokio::sync::mpsc;
 
-use crate::local::{Clock, CommitAck, LogBatch, LogLink};
+use crate::local::{Clock, CommitAck, LogLink, LogMsg};
 
 /// When an acknowledged change is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,7 @@ pub fn spawn_log_thread(
     wal: Wal,
     policy: FsyncPolicy,
     epoch_ns: u64,
+    compaction_min_log_bytes: u64,
 ) -> std::io::Result<(LogLink, std::thread::JoinHandle<()>)> {
     let (batch_tx, batch_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -113,6 +114,7 @@ pub fn spawn_log_thread(
                 buf: Vec::new(),
                 unsynced: false,
                 last_sync: Instant::now(),
+                cut: None,
             };
             let ack = match writer.run(&batch_rx, &ack_tx) {
                 Ok(()) => return,
@@ -123,8 +125,9 @@ pub fn spawn_log_thread(
             let _ = ack_tx.send(ack);
         })?;
     let link = LogLink {
-        batches: batch_tx,
+        messages: batch_tx,
         acks: ack_rx,
+        compaction_min_log_bytes,
     };
     Ok((link, thread))
 }
@@ -136,6 +139,8 @@ struct LogWriter {
     buf: Vec<u8>,
     unsynced: bool,
     last_sync: Instant,
+    /// The first segment of a compaction in progress.
+    cut: Option<u64>,
 }
 
 impl LogWriter {
@@ -144,7 +149,7 @@ impl LogWriter {
     /// again: a failed fsync must not be retried).
     fn run(
         &mut self,
-        batches: &Receiver<LogBatch>,
+        batches: &Receiver<LogMsg>,
         acks: &mpsc::UnboundedSender<CommitAck>,
     ) -> Result<(), WalError> {
         loop {
@@ -162,21 +167,25 @@ impl LogWriter {
                     Err(_) => break,
                 },
             };
-            if let Some(batch) = first {
-                let mut round = batch.round;
-                self.append(&batch.records)?;
+            if let Some(message) = first {
+                let mut round = self.handle(message)?;
                 // Everything that queued up meanwhile shares this write.
-                while let Ok(batch) = batches.try_recv() {
-                    round = batch.round;
-                    self.append(&batch.records)?;
+                while let Ok(message) = batches.try_recv() {
+                    round = self.handle(message)?.or(round);
                 }
                 self.wal.write()?;
-                match self.policy {
-                    FsyncPolicy::Always => self.sync()?,
-                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
-                }
-                if acks.send(CommitAck::Committed { round }).is_err() {
-                    break;
+                if let Some(round) = round {
+                    match self.policy {
+                        FsyncPolicy::Always => self.sync()?,
+                        FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
+                    }
+                    let log_bytes = self.wal.segments().iter().map(|s| s.len).sum();
+                    if acks
+                        .send(CommitAck::Committed { round, log_bytes })
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
             }
             if let FsyncPolicy::Interval(every) = self.policy {
@@ -189,6 +198,34 @@ impl LogWriter {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Applies one message; returns the round it carried, if a batch.
+    fn handle(&mut self, message: LogMsg) -> Result<Option<u64>, WalError> {
+        match message {
+            LogMsg::Batch { round, records } => {
+                self.append(&records)?;
+                Ok(Some(round))
+            }
+            LogMsg::BeginCompaction => {
+                // Everything before the cut stays until the snapshot after
+                // it is on disk.
+                self.cut = Some(self.wal.rotate()?);
+                Ok(None)
+            }
+            LogMsg::EndCompaction => {
+                let Some(cut) = self.cut.take() else {
+                    return Ok(None);
+                };
+                // The snapshot must be on disk before the history it
+                // replaces is deleted, whatever the fsync policy.
+                self.wal.write()?;
+                self.sync()?;
+                let removed = self.wal.remove_segments_before(cut)?;
+                tracing::info!(removed_segments = removed, "compacted the log");
+                Ok(None)
+            }
+        }
     }
 
     fn append(&mut self, records: &[LogRecord]) -> Result<(), WalError> {

@@ -62,26 +62,47 @@ impl Clock {
     }
 }
 
-/// Durable changes of one round, on their way to the log thread.
+/// Snapshot records the engine task adds to one round while compacting:
+/// enough to finish a million jobs in about a thousand rounds, little enough
+/// that no round stalls the connections waiting behind it.
+const COMPACTION_RECORDS_PER_ROUND: usize = 1024;
+
+/// What the engine task sends the log thread, in order.
 #[derive(Debug)]
-pub struct LogBatch {
-    pub round: u64,
-    pub records: Vec<LogRecord>,
+pub enum LogMsg {
+    /// Durable changes of one round.
+    Batch { round: u64, records: Vec<LogRecord> },
+    /// Start a new segment: the cut. Snapshot records of every live job
+    /// follow (in later batches), then `EndCompaction`.
+    BeginCompaction,
+    /// The snapshot is complete: sync it and delete the segments before the
+    /// cut.
+    EndCompaction,
 }
 
 /// The log thread's answer: every batch up to `round` is as durable as the
 /// fsync policy promises, or the log failed and accepts nothing more.
 #[derive(Debug)]
 pub enum CommitAck {
-    Committed { round: u64 },
-    Failed { error: String },
+    Committed {
+        round: u64,
+        /// Bytes in the log's segment files now.
+        log_bytes: u64,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// The two ends of the engine task's link to a log thread.
 #[derive(Debug)]
 pub struct LogLink {
-    pub batches: std::sync::mpsc::Sender<LogBatch>,
+    pub messages: std::sync::mpsc::Sender<LogMsg>,
     pub acks: mpsc::UnboundedReceiver<CommitAck>,
+    /// Compaction starts when the log holds more than twice the live jobs'
+    /// records and more than this (one segment: below it there is no old
+    /// segment to delete).
+    pub compaction_min_log_bytes: u64,
 }
 
 enum Msg {
@@ -164,6 +185,8 @@ impl LocalBroker {
                 records: Vec::new(),
                 last_round: 0,
                 held: VecDeque::new(),
+                log_bytes: 0,
+                compaction: None,
             }),
         };
         tokio::spawn(task.run(rx));
@@ -260,6 +283,10 @@ struct LogState {
     last_round: u64,
     /// Deliveries waiting for the commit of their round, oldest first.
     held: VecDeque<(u64, Vec<Delivery>)>,
+    /// Size of the log as of the last commit.
+    log_bytes: u64,
+    /// While compacting: the jobs still to snapshot.
+    compaction: Option<Vec<u64>>,
 }
 
 struct EngineTask {
@@ -307,6 +334,11 @@ impl EngineTask {
             }
             self.finish_round();
             next_wake = self.engine.next_wake();
+            if self.log.as_ref().is_some_and(|l| l.compaction.is_some()) {
+                // More snapshot work: come back after others had a turn.
+                tokio::task::yield_now().await;
+                next_wake = Some(self.clock.now_ns());
+            }
         }
         // The broker is gone: hand out what is safe to hand out, then close.
         for session in self.sessions.values() {
@@ -435,22 +467,54 @@ impl EngineTask {
             return;
         };
         self.engine.drain_log_into(&mut log.records);
+        let mut compaction_done = false;
+        if let Some(ids) = &mut log.compaction {
+            for _ in 0..COMPACTION_RECORDS_PER_ROUND {
+                let Some(id) = ids.pop() else { break };
+                // A job deleted since the cut needs no snapshot.
+                if let Some(record) = self.engine.snapshot_record(id) {
+                    log.records.push(record);
+                }
+            }
+            compaction_done = ids.is_empty();
+        }
+        let mut sent = true;
         if !log.records.is_empty() {
             log.last_round += 1;
-            let batch = LogBatch {
-                round: log.last_round,
-                records: std::mem::take(&mut log.records),
-            };
-            log.held.push_back((log.last_round, deliveries));
-            if log.link.batches.send(batch).is_err() {
-                self.on_ack(Some(CommitAck::Failed {
-                    error: "the log thread has stopped".to_string(),
-                }));
-            }
+            let round = log.last_round;
+            let records = std::mem::take(&mut log.records);
+            log.held.push_back((round, deliveries));
+            sent = log
+                .link
+                .messages
+                .send(LogMsg::Batch { round, records })
+                .is_ok();
         } else if let Some((_, last)) = log.held.back_mut() {
             last.extend(deliveries);
         } else {
             deliver(deliveries);
+        }
+        if compaction_done {
+            log.compaction = None;
+            sent &= log.link.messages.send(LogMsg::EndCompaction).is_ok();
+        } else if log.compaction.is_none()
+            && log.log_bytes > log.link.compaction_min_log_bytes
+            && log.log_bytes > 2 * self.engine.live_log_bytes()
+        {
+            tracing::info!(
+                log_bytes = log.log_bytes,
+                live_bytes = self.engine.live_log_bytes(),
+                "compacting the log"
+            );
+            log.compaction = Some(self.engine.jobs().map(|j| j.id).collect());
+            // Until the next commit reports the new size.
+            log.log_bytes = 0;
+            sent &= log.link.messages.send(LogMsg::BeginCompaction).is_ok();
+        }
+        if !sent {
+            self.on_ack(Some(CommitAck::Failed {
+                error: "the log thread has stopped".to_string(),
+            }));
         }
     }
 
@@ -459,7 +523,8 @@ impl EngineTask {
             return;
         };
         match ack {
-            Some(CommitAck::Committed { round }) => {
+            Some(CommitAck::Committed { round, log_bytes }) => {
+                log.log_bytes = log_bytes;
                 while log.held.front().is_some_and(|(r, _)| *r <= round) {
                     if let Some((_, deliveries)) = log.held.pop_front() {
                         deliver(deliveries);
