@@ -10,6 +10,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spool_engine::{Engine, LogRecord, RecordError, ReplayError};
@@ -30,6 +31,35 @@ pub enum FsyncPolicy {
     /// Written to the OS, never synced by spool: the OS decides when.
     Never,
 }
+
+/// Figures about the log for metrics and `stats`, updated by the log thread
+/// after every commit. Counters only grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Commits: one write (and, with `fsync always`, one fsync) each.
+    pub commits: u64,
+    /// Records written, over all commits: with `commits`, the mean group
+    /// commit batch size.
+    pub records_written: u64,
+    /// Largest number of records one commit carried.
+    pub largest_commit_records: u64,
+    pub bytes_written: u64,
+    pub fsyncs: u64,
+    pub fsync_ns_total: u64,
+    pub fsync_ns_max: u64,
+    pub compactions: u64,
+    /// Segment files now, and their total size.
+    pub segments: u64,
+    pub log_bytes: u64,
+    /// Sequence numbers of the oldest and newest segment.
+    pub oldest_segment: u64,
+    pub current_segment: u64,
+    /// Set once the log failed; changes are refused until restart.
+    pub failed: Option<String>,
+}
+
+/// Shared view of [`StorageStats`].
+pub type SharedStorageStats = Arc<Mutex<StorageStats>>;
 
 /// Why the log could not be recovered.
 #[derive(Debug)]
@@ -101,12 +131,15 @@ pub fn spawn_log_thread(
     policy: FsyncPolicy,
     epoch_ns: u64,
     compaction_min_log_bytes: u64,
+    stats: SharedStorageStats,
 ) -> std::io::Result<(LogLink, std::thread::JoinHandle<()>)> {
     let (batch_tx, batch_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let thread_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("spool-wal".to_string())
         .spawn(move || {
+            let stats = thread_stats;
             let mut writer = LogWriter {
                 wal,
                 policy,
@@ -115,19 +148,22 @@ pub fn spawn_log_thread(
                 unsynced: false,
                 last_sync: Instant::now(),
                 cut: None,
+                stats,
+                batch_records: 0,
             };
-            let ack = match writer.run(&batch_rx, &ack_tx) {
+            writer.publish();
+            let error = match writer.run(&batch_rx, &ack_tx) {
                 Ok(()) => return,
-                Err(e) => CommitAck::Failed {
-                    error: e.to_string(),
-                },
+                Err(e) => e.to_string(),
             };
-            let _ = ack_tx.send(ack);
+            lock(&writer.stats).failed = Some(error.clone());
+            let _ = ack_tx.send(CommitAck::Failed { error });
         })?;
     let link = LogLink {
         messages: batch_tx,
         acks: ack_rx,
         compaction_min_log_bytes,
+        stats: stats.clone(),
     };
     Ok((link, thread))
 }
@@ -141,6 +177,13 @@ struct LogWriter {
     last_sync: Instant,
     /// The first segment of a compaction in progress.
     cut: Option<u64>,
+    stats: SharedStorageStats,
+    /// Records in the commit being assembled.
+    batch_records: u64,
+}
+
+fn lock(stats: &SharedStorageStats) -> std::sync::MutexGuard<'_, StorageStats> {
+    stats.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LogWriter {
@@ -174,6 +217,7 @@ impl LogWriter {
                     round = self.handle(message)?.or(round);
                 }
                 self.wal.write()?;
+                self.commit_done();
                 if let Some(round) = round {
                     match self.policy {
                         FsyncPolicy::Always => self.sync()?,
@@ -222,13 +266,16 @@ impl LogWriter {
                 self.wal.write()?;
                 self.sync()?;
                 let removed = self.wal.remove_segments_before(cut)?;
-                tracing::info!(removed_segments = removed, "compacted the log");
+                lock(&self.stats).compactions += 1;
+                let log_bytes = self.publish();
+                tracing::info!(removed_segments = removed, log_bytes, "compacted the log");
                 Ok(None)
             }
         }
     }
 
     fn append(&mut self, records: &[LogRecord]) -> Result<(), WalError> {
+        self.batch_records += records.len() as u64;
         for record in records {
             self.buf.clear();
             record.encode(self.epoch_ns, &mut self.buf);
@@ -238,9 +285,36 @@ impl LogWriter {
     }
 
     fn sync(&mut self) -> Result<(), WalError> {
-        self.wal.sync()?;
+        let took = self.wal.sync()?;
         self.unsynced = false;
         self.last_sync = Instant::now();
+        let ns = took.as_nanos() as u64;
+        let mut stats = lock(&self.stats);
+        stats.fsyncs += 1;
+        stats.fsync_ns_total += ns;
+        stats.fsync_ns_max = stats.fsync_ns_max.max(ns);
         Ok(())
+    }
+
+    /// Counts the commit just written.
+    fn commit_done(&mut self) {
+        let records = std::mem::take(&mut self.batch_records);
+        let mut stats = lock(&self.stats);
+        stats.commits += 1;
+        stats.records_written += records;
+        stats.largest_commit_records = stats.largest_commit_records.max(records);
+    }
+
+    /// Publishes the log's shape; returns its size in bytes.
+    fn publish(&self) -> u64 {
+        let segments = self.wal.segments();
+        let log_bytes = segments.iter().map(|s| s.len).sum();
+        let mut stats = lock(&self.stats);
+        stats.segments = segments.len() as u64;
+        stats.log_bytes = log_bytes;
+        stats.oldest_segment = segments.first().map_or(0, |s| s.seq);
+        stats.current_segment = segments.last().map_or(0, |s| s.seq);
+        stats.bytes_written = self.wal.stats().bytes_written;
+        log_bytes
     }
 }

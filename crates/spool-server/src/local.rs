@@ -103,6 +103,9 @@ pub struct LogLink {
     /// records and more than this (one segment: below it there is no old
     /// segment to delete).
     pub compaction_min_log_bytes: u64,
+    /// The log thread's figures, reported in `stats` as beanstalkd's
+    /// `binlog-*` fields.
+    pub stats: crate::durable::SharedStorageStats,
 }
 
 enum Msg {
@@ -437,6 +440,14 @@ impl EngineTask {
             };
             if let Response::Stats(stats) = &mut response {
                 stats.process = self.process.snapshot();
+                if let Some(log) = &self.log {
+                    let storage = log.link.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    let p = &mut stats.process;
+                    p.binlog_oldest_index = storage.oldest_segment;
+                    p.binlog_current_index = storage.current_segment;
+                    p.binlog_records_written = storage.records_written;
+                    p.binlog_max_size = log.link.compaction_min_log_bytes;
+                }
             }
             self.round
                 .push(Delivery::Reply(session.mailbox.clone(), response));

@@ -361,9 +361,14 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "recovered the log"
             );
-            let (link, thread) =
-                durable::spawn_log_thread(wal, *fsync, clock.epoch_ns(), *segment_max_bytes)
-                    .context("starting the log thread")?;
+            let (link, thread) = durable::spawn_log_thread(
+                wal,
+                *fsync,
+                clock.epoch_ns(),
+                *segment_max_bytes,
+                Default::default(),
+            )
+            .context("starting the log thread")?;
             (
                 Some(link),
                 Some(thread),
