@@ -188,6 +188,8 @@ pub struct Engine {
     storage_failed: bool,
     /// See [`Engine::live_log_bytes`].
     live_log_bytes: u64,
+    /// The disk is full: puts are refused, other changes go on.
+    disk_full: bool,
 }
 
 /// A record that does not fit the jobs replayed before it.
@@ -231,6 +233,7 @@ impl Engine {
             log: Vec::new(),
             storage_failed: false,
             live_log_bytes: 0,
+            disk_full: false,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -260,6 +263,12 @@ impl Engine {
     /// (`OUT_OF_MEMORY` for puts, `INTERNAL_ERROR` otherwise) until restart.
     pub fn set_storage_failed(&mut self) {
         self.storage_failed = true;
+    }
+
+    /// Refuse puts with `OUT_OF_MEMORY` while the disk is full; deletes
+    /// and other changes go on (the log reserves room for them).
+    pub fn set_disk_full(&mut self, full: bool) {
+        self.disk_full = full;
     }
 
     /// Durable changes made since the last call, in order.
@@ -785,7 +794,7 @@ impl Engine {
         if self.draining {
             return Some(Response::Draining);
         }
-        if self.storage_failed {
+        if self.storage_failed || self.disk_full {
             return Some(Response::OutOfMemory);
         }
         let tube = self.conn(conn_id).use_tube;

@@ -6,9 +6,19 @@
 //! It takes every batch waiting in its channel before it writes, so all
 //! rounds that arrive while one fsync runs share the next one (group
 //! commit).
+//!
+//! A full disk must not break the log. The thread keeps a reserve file in
+//! the data directory holding room for every live job's future delete
+//! record plus some headroom. When free space runs low, it gives reserve
+//! bytes back right before a write so the write fits; when it cannot grow
+//! the reserve back, it reports the disk full and the engine refuses puts
+//! (`OUT_OF_MEMORY`) while deletes go on in the reserved room. It retries
+//! every second, and puts resume once space returns.
 
 use std::fmt;
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +28,27 @@ use spool_wal::{RecoveryReport, Wal, WalError, WalOptions};
 use tokio::sync::mpsc;
 
 use crate::local::{Clock, CommitAck, LogLink, LogMsg};
+
+/// Room held for one job's delete record: 10 bytes of payload and 8 of
+/// framing.
+const DELETE_RESERVE_BYTES: u64 = 18;
+
+/// Free space below which a write first takes its room from the reserve.
+const LOW_SPACE_MARGIN_BYTES: u64 = 256 << 10;
+
+/// Largest headroom the reserve keeps beyond the delete reservations: room
+/// for the batches written between two checks of free space.
+const RESERVE_HEADROOM_MAX_BYTES: u64 = 16 << 20;
+
+/// The reserve grows and shrinks in steps of this, so most batches do not
+/// touch it.
+const RESERVE_STEP_BYTES: u64 = 64 << 10;
+
+/// How often the log thread tries to restore a reserve a full disk emptied.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+
+/// The file name of the reserve in the data directory.
+pub const RESERVE_FILE: &str = "space.reserve";
 
 /// When an acknowledged change is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,11 +159,14 @@ pub fn recover(
 /// the broker drops the link; join it before the process exits.
 pub fn spawn_log_thread(
     wal: Wal,
+    dir: &Path,
     policy: FsyncPolicy,
     epoch_ns: u64,
     compaction_min_log_bytes: u64,
     stats: SharedStorageStats,
 ) -> std::io::Result<(LogLink, std::thread::JoinHandle<()>)> {
+    let headroom = compaction_min_log_bytes.min(RESERVE_HEADROOM_MAX_BYTES);
+    let reserve = SpaceReserve::open(dir, headroom)?;
     let (batch_tx, batch_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let thread_stats = stats.clone();
@@ -150,8 +184,11 @@ pub fn spawn_log_thread(
                 cut: None,
                 stats,
                 batch_records: 0,
+                batch_bytes: 0,
+                reserve,
             };
             writer.publish();
+            writer.check_space(&ack_tx);
             let error = match writer.run(&batch_rx, &ack_tx) {
                 Ok(()) => return,
                 Err(e) => e.to_string(),
@@ -178,8 +215,10 @@ struct LogWriter {
     /// The first segment of a compaction in progress.
     cut: Option<u64>,
     stats: SharedStorageStats,
-    /// Records in the commit being assembled.
+    /// Records and bytes in the commit being assembled.
     batch_records: u64,
+    batch_bytes: u64,
+    reserve: SpaceReserve,
 }
 
 fn lock(stats: &SharedStorageStats) -> std::sync::MutexGuard<'_, StorageStats> {
@@ -196,15 +235,19 @@ impl LogWriter {
         acks: &mpsc::UnboundedSender<CommitAck>,
     ) -> Result<(), WalError> {
         loop {
-            let first = match (self.policy, self.unsynced) {
+            let sync_due = match (self.policy, self.unsynced) {
                 (FsyncPolicy::Interval(every), true) => {
-                    let left = every.saturating_sub(self.last_sync.elapsed());
-                    match batches.recv_timeout(left) {
-                        Ok(batch) => Some(batch),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
+                    Some(every.saturating_sub(self.last_sync.elapsed()))
                 }
+                _ => None,
+            };
+            let retry_due = self.reserve.full.then_some(DISK_FULL_RETRY);
+            let first = match sync_due.into_iter().chain(retry_due).min() {
+                Some(left) => match batches.recv_timeout(left) {
+                    Ok(batch) => Some(batch),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
                 _ => match batches.recv() {
                     Ok(batch) => Some(batch),
                     Err(_) => break,
@@ -216,6 +259,7 @@ impl LogWriter {
                 while let Ok(message) = batches.try_recv() {
                     round = self.handle(message)?.or(round);
                 }
+                self.reserve.make_room(self.batch_bytes);
                 self.wal.write()?;
                 self.commit_done();
                 if let Some(round) = round {
@@ -237,6 +281,7 @@ impl LogWriter {
                     self.sync()?;
                 }
             }
+            self.check_space(acks);
         }
         if self.unsynced {
             self.sync()?;
@@ -247,13 +292,20 @@ impl LogWriter {
     /// Applies one message; returns the round it carried, if a batch.
     fn handle(&mut self, message: LogMsg) -> Result<Option<u64>, WalError> {
         match message {
-            LogMsg::Batch { round, records } => {
+            LogMsg::Batch {
+                round,
+                records,
+                live_jobs,
+            } => {
                 self.append(&records)?;
+                self.reserve.live_jobs = live_jobs;
                 Ok(Some(round))
             }
             LogMsg::BeginCompaction => {
                 // Everything before the cut stays until the snapshot after
-                // it is on disk.
+                // it is on disk. The new segment needs a little room.
+                self.reserve
+                    .make_room(self.batch_bytes + RESERVE_STEP_BYTES);
                 self.cut = Some(self.wal.rotate()?);
                 Ok(None)
             }
@@ -263,6 +315,7 @@ impl LogWriter {
                 };
                 // The snapshot must be on disk before the history it
                 // replaces is deleted, whatever the fsync policy.
+                self.reserve.make_room(self.batch_bytes);
                 self.wal.write()?;
                 self.sync()?;
                 let removed = self.wal.remove_segments_before(cut)?;
@@ -279,6 +332,7 @@ impl LogWriter {
         for record in records {
             self.buf.clear();
             record.encode(self.epoch_ns, &mut self.buf);
+            self.batch_bytes += self.buf.len() as u64 + 8;
             self.wal.append(&self.buf)?;
         }
         Ok(())
@@ -296,8 +350,24 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Grows the reserve back to its size, and tells the engine whether
+    /// puts may go on.
+    fn check_space(&mut self, acks: &mpsc::UnboundedSender<CommitAck>) {
+        let was_full = self.reserve.full;
+        self.reserve.restore();
+        if self.reserve.full != was_full {
+            if self.reserve.full {
+                tracing::warn!("disk full: refusing puts until space returns");
+            } else {
+                tracing::info!("disk space is back: accepting puts");
+            }
+            let _ = acks.send(CommitAck::DiskFull(self.reserve.full));
+        }
+    }
+
     /// Counts the commit just written.
     fn commit_done(&mut self) {
+        self.batch_bytes = 0;
         let records = std::mem::take(&mut self.batch_records);
         let mut stats = lock(&self.stats);
         stats.commits += 1;
@@ -316,5 +386,75 @@ impl LogWriter {
         stats.current_segment = segments.last().map_or(0, |s| s.seq);
         stats.bytes_written = self.wal.stats().bytes_written;
         log_bytes
+    }
+}
+
+/// See the module documentation.
+struct SpaceReserve {
+    file: File,
+    dir: PathBuf,
+    /// Current size of the reserve file.
+    len: u64,
+    headroom: u64,
+    live_jobs: u64,
+    /// The reserve could not be grown to its size: puts are refused.
+    full: bool,
+}
+
+impl SpaceReserve {
+    fn open(dir: &Path, headroom: u64) -> std::io::Result<SpaceReserve> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(RESERVE_FILE))?;
+        let len = file.metadata()?.len();
+        Ok(SpaceReserve {
+            file,
+            dir: dir.to_path_buf(),
+            len,
+            headroom,
+            live_jobs: 0,
+            full: false,
+        })
+    }
+
+    fn target(&self) -> u64 {
+        let want = self.live_jobs * DELETE_RESERVE_BYTES + self.headroom;
+        want.div_ceil(RESERVE_STEP_BYTES) * RESERVE_STEP_BYTES
+    }
+
+    /// Before writing `bytes` to the log: if the disk is nearly full, free
+    /// that much of the reserve so the write fits.
+    fn make_room(&mut self, bytes: u64) {
+        let free = crate::process::available_bytes(&self.dir).unwrap_or(u64::MAX);
+        let wanted = bytes + LOW_SPACE_MARGIN_BYTES;
+        if free >= wanted || self.len == 0 {
+            return;
+        }
+        let give_back = (wanted - free).div_ceil(RESERVE_STEP_BYTES) * RESERVE_STEP_BYTES;
+        let len = self.len.saturating_sub(give_back);
+        if self.file.set_len(len).is_ok() {
+            self.len = len;
+        }
+    }
+
+    /// Grows the reserve to its size by writing zeros (a sparse extension
+    /// would hold no blocks). On a full disk it keeps what it got.
+    fn restore(&mut self) {
+        let target = self.target();
+        let zeros = [0u8; RESERVE_STEP_BYTES as usize];
+        while self.len < target {
+            let step = (target - self.len).min(RESERVE_STEP_BYTES) as usize;
+            if self.file.write_all_at(&zeros[..step], self.len).is_err() {
+                // Drop a partial step so the file length stays truthful.
+                let _ = self.file.set_len(self.len);
+                self.full = true;
+                return;
+            }
+            self.len += step as u64;
+        }
+        self.full = false;
     }
 }

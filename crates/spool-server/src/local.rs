@@ -70,8 +70,12 @@ const COMPACTION_RECORDS_PER_ROUND: usize = 1024;
 /// What the engine task sends the log thread, in order.
 #[derive(Debug)]
 pub enum LogMsg {
-    /// Durable changes of one round.
-    Batch { round: u64, records: Vec<LogRecord> },
+    /// Durable changes of one round, and how many jobs live after it.
+    Batch {
+        round: u64,
+        records: Vec<LogRecord>,
+        live_jobs: u64,
+    },
     /// Start a new segment: the cut. Snapshot records of every live job
     /// follow (in later batches), then `EndCompaction`.
     BeginCompaction,
@@ -92,6 +96,8 @@ pub enum CommitAck {
     Failed {
         error: String,
     },
+    /// The disk is full (puts must be refused) or has room again.
+    DiskFull(bool),
 }
 
 /// The two ends of the engine task's link to a log thread.
@@ -495,10 +501,15 @@ impl EngineTask {
             let round = log.last_round;
             let records = std::mem::take(&mut log.records);
             log.held.push_back((round, deliveries));
+            let live_jobs = self.engine.job_count() as u64;
             sent = log
                 .link
                 .messages
-                .send(LogMsg::Batch { round, records })
+                .send(LogMsg::Batch {
+                    round,
+                    records,
+                    live_jobs,
+                })
                 .is_ok();
         } else if let Some((_, last)) = log.held.back_mut() {
             last.extend(deliveries);
@@ -542,6 +553,7 @@ impl EngineTask {
                     }
                 }
             }
+            Some(CommitAck::DiskFull(full)) => self.engine.set_disk_full(full),
             Some(CommitAck::Failed { error }) => {
                 tracing::error!(%error, "write-ahead log failed; refusing changes until restart");
                 self.engine.set_storage_failed();

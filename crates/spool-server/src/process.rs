@@ -1,5 +1,6 @@
 //! Facts about the running process that beanstalkd's `stats` reports: pid,
-//! CPU time, uptime, host name and OS. The only module that calls libc.
+//! CPU time, uptime, host name and OS, and free disk space. The only module
+//! that calls libc.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
@@ -82,4 +83,21 @@ fn random_instance_id() -> String {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes an unprivileged process may still write on the file system that
+/// holds `path`, or `None` if it cannot be told.
+pub fn available_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs only writes into the zeroed struct we pass, and reads
+    // the NUL-terminated path.
+    let stat = unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c_path.as_ptr(), &mut stat) != 0 {
+            return None;
+        }
+        stat
+    };
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }

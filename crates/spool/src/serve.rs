@@ -363,6 +363,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
             );
             let (link, thread) = durable::spawn_log_thread(
                 wal,
+                dir,
                 *fsync,
                 clock.epoch_ns(),
                 *segment_max_bytes,

@@ -231,10 +231,14 @@ fn an_unusable_data_dir_is_a_clear_error() {
     );
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// Bytes of the log's segment files (not the space reserve, which holds
+/// room for future deletes on purpose).
+fn log_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .expect("reading the data dir")
-        .map(|e| e.expect("dir entry").metadata().expect("metadata").len())
+        .map(|e| e.expect("dir entry"))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        .map(|e| e.metadata().expect("metadata").len())
         .sum()
 }
 
@@ -286,10 +290,10 @@ fn compaction_keeps_disk_use_near_the_live_data_and_loses_nothing() {
     // Compaction runs in the background; give it a moment to finish.
     let bound = 2 * live_bytes + SEGMENT;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while dir_bytes(dir.path()) > bound && Instant::now() < deadline {
+    while log_bytes(dir.path()) > bound && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let used = dir_bytes(dir.path());
+    let used = log_bytes(dir.path());
     eprintln!("disk use after 10x churn: {used} bytes for {live_bytes} bytes of live jobs");
     assert!(
         used <= bound,
@@ -309,4 +313,101 @@ fn compaction_keeps_disk_use_near_the_live_data_and_loses_nothing() {
         c.send(format!("peek {id}\r\n"));
         assert!(c.reply().starts_with(&format!("FOUND {id} 2000\r\n")));
     }
+}
+
+/// A small tmpfs mounted for one test; unmounted on drop. Mounting needs
+/// root, which the test command has (it installs packages too).
+struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = TempDir::new("tmpfs");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "this test fills a small tmpfs and must be able to mount one (run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_puts_keeps_deletes_working_and_recovers() {
+    let disk = Tmpfs::mount("6m");
+    let data = disk.path().join("data");
+    std::fs::create_dir(&data).expect("creating the data dir");
+    let args = ["-s", "1048576"];
+    let server = Durable::start(&data, &args);
+    let mut c = server.client();
+    let body = vec![b'f'; 8000];
+    let mut ids = Vec::new();
+    let mut refused = false;
+    for _ in 0..2000 {
+        c.send(format!("put 0 0 60 {}\r\n", body.len()));
+        c.send(&body);
+        c.send("\r\n");
+        let reply = c.reply();
+        if reply == "OUT_OF_MEMORY\r\n" {
+            refused = true;
+            break;
+        }
+        let id = reply
+            .trim_end()
+            .strip_prefix("INSERTED ")
+            .and_then(|id| id.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("put answered {reply:?}"));
+        ids.push(id);
+    }
+    assert!(refused, "a 6 MB disk cannot take 16 MB of jobs");
+    assert!(!ids.is_empty(), "some jobs fit");
+    // Every acknowledged job is readable; deletes work on the full disk.
+    for id in &ids {
+        c.send(format!("peek {id}\r\n"));
+        assert!(c.reply().starts_with(&format!("FOUND {id} ")));
+    }
+    delete_many(&mut c, &ids);
+    // Compaction frees the deleted jobs' space; then puts work again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        c.send("put 0 0 60 5\r\nagain\r\n");
+        let reply = c.reply();
+        if let Some(id) = reply.trim_end().strip_prefix("INSERTED ") {
+            break id.parse::<u64>().expect("id");
+        }
+        assert_eq!(reply, "OUT_OF_MEMORY\r\n");
+        assert!(
+            Instant::now() < deadline,
+            "puts did not resume after space returned"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    server.kill();
+    // Nothing was corrupted: the log opens and holds exactly the new job.
+    let server = Durable::start(&data, &args);
+    let mut c = server.client();
+    c.send("stats\r\n");
+    assert!(c.reply().contains("current-jobs-ready: 1\n"));
+    c.expect(
+        format!("peek {after}\r\n"),
+        &format!("FOUND {after} 5\r\nagain\r\n"),
+    );
+    drop(c);
+    drop(server);
 }
