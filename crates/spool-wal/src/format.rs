@@ -11,7 +11,7 @@ pub const MAGIC: [u8; 8] = *b"SPOOLWAL";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Bytes of the segment header: magic (8), version (4), sequence (8),
-/// reserved (8, zero), CRC-32 of the first 28 bytes (4).
+/// length of the previous segment (8), CRC-32 of the first 28 bytes (4).
 pub const SEGMENT_HEADER_LEN: u64 = 32;
 
 /// Bytes in front of each record's payload: payload length (4) and CRC-32 (4).
@@ -43,6 +43,7 @@ const _: () = {
     // Room for the largest job body plus its metadata.
     assert!(RECORD_MAX_BYTES >= (1 << 30) + (64 << 10));
     assert!(SEGMENT_MAX_BYTES_DEFAULT > SEGMENT_HEADER_LEN + RECORD_HEADER_LEN);
+    // magic, version, sequence, previous segment's length, crc
     assert!(MAGIC.len() + 4 + 8 + 8 + 4 == SEGMENT_HEADER_LEN as usize);
 };
 
@@ -68,21 +69,26 @@ pub(crate) fn classify_file_name(name: &str) -> FileKind {
     let Some(stem) = name.strip_suffix(".wal") else {
         return FileKind::Other;
     };
-    let well_formed =
-        stem.len() == 16 && stem.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let well_formed = stem.len() == 16
+        && stem
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     match u64::from_str_radix(stem, 16) {
         Ok(seq) if well_formed => FileKind::Segment(seq),
         _ => FileKind::MalformedSegment,
     }
 }
 
-/// The 32-byte header that opens segment `seq`.
-pub fn encode_segment_header(seq: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+/// The 32-byte header that opens segment `seq`. `prev_segment_len` is the
+/// final length of segment `seq - 1` (0 if there is none): segments before
+/// the last are never written again, so recovery can tell that one lost
+/// whole records from its end, which its own bytes cannot show.
+pub fn encode_segment_header(seq: u64, prev_segment_len: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[12..20].copy_from_slice(&seq.to_le_bytes());
-    // 20..28 reserved, zero.
+    h[20..28].copy_from_slice(&prev_segment_len.to_le_bytes());
     let crc = crc32fast::hash(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
@@ -95,33 +101,48 @@ pub(crate) enum HeaderError {
     BadMagic,
     BadChecksum,
     UnsupportedVersion(u32),
-    ReservedNotZero,
     WrongSequence { found: u64 },
 }
 
 impl std::fmt::Display for HeaderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HeaderError::Short => write!(f, "file is shorter than the {SEGMENT_HEADER_LEN}-byte header"),
+            HeaderError::Short => write!(
+                f,
+                "file is shorter than the {SEGMENT_HEADER_LEN}-byte header"
+            ),
             HeaderError::BadMagic => write!(f, "magic is not \"SPOOLWAL\""),
             HeaderError::BadChecksum => write!(f, "header checksum mismatch"),
             HeaderError::UnsupportedVersion(v) => {
                 write!(f, "format version {v} is not supported (this build reads version {FORMAT_VERSION})")
             }
-            HeaderError::ReservedNotZero => write!(f, "reserved header bytes are not zero"),
             HeaderError::WrongSequence { found } => {
-                write!(f, "header names segment {found:#x}, which does not match the file name")
+                write!(
+                    f,
+                    "header names segment {found:#x}, which does not match the file name"
+                )
             }
         }
     }
+}
+
+/// What a valid segment header says besides its sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SegmentHeader {
+    pub(crate) prev_segment_len: u64,
 }
 
 /// Checks a segment header against the sequence number its file name gives.
 ///
 /// The checksum is checked before the version so that a damaged header is
 /// reported as damage, and a well-formed header from a newer format as such.
-pub(crate) fn decode_segment_header(bytes: &[u8], expected_seq: u64) -> Result<(), HeaderError> {
-    let h = bytes.get(..SEGMENT_HEADER_LEN as usize).ok_or(HeaderError::Short)?;
+pub(crate) fn decode_segment_header(
+    bytes: &[u8],
+    expected_seq: u64,
+) -> Result<SegmentHeader, HeaderError> {
+    let h = bytes
+        .get(..SEGMENT_HEADER_LEN as usize)
+        .ok_or(HeaderError::Short)?;
     if h[0..8] != MAGIC {
         return Err(HeaderError::BadMagic);
     }
@@ -132,21 +153,26 @@ pub(crate) fn decode_segment_header(bytes: &[u8], expected_seq: u64) -> Result<(
     if version != FORMAT_VERSION {
         return Err(HeaderError::UnsupportedVersion(version));
     }
-    if h[20..28] != [0; 8] {
-        return Err(HeaderError::ReservedNotZero);
-    }
     let seq = le_u64(&h[12..20]);
     if seq != expected_seq {
         return Err(HeaderError::WrongSequence { found: seq });
     }
-    Ok(())
+    Ok(SegmentHeader {
+        prev_segment_len: le_u64(&h[20..28]),
+    })
 }
 
 /// Appends one framed record (length, CRC-32 of length bytes and payload,
-/// payload) to `out`. The caller has checked `payload.len()` against
-/// [`RECORD_MAX_BYTES`].
-pub(crate) fn encode_record(out: &mut Vec<u8>, payload: &[u8]) {
-    debug_assert!(payload.len() <= RECORD_MAX_BYTES);
+/// payload) to `out`.
+///
+/// # Panics
+/// If `payload` is longer than [`RECORD_MAX_BYTES`] (the writer checks first
+/// and returns an error instead).
+pub fn encode_record(out: &mut Vec<u8>, payload: &[u8]) {
+    assert!(
+        payload.len() <= RECORD_MAX_BYTES,
+        "record over RECORD_MAX_BYTES"
+    );
     #[allow(clippy::cast_possible_truncation)] // bounded by RECORD_MAX_BYTES
     let len = (payload.len() as u32).to_le_bytes();
     out.reserve(RECORD_HEADER_LEN as usize + payload.len());
@@ -197,37 +223,50 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_rejects_damage() {
-        let h = encode_segment_header(0x1234_5678_9abc);
-        assert_eq!(decode_segment_header(&h, 0x1234_5678_9abc), Ok(()));
+        let h = encode_segment_header(0x1234_5678_9abc, 4242);
+        assert_eq!(
+            decode_segment_header(&h, 0x1234_5678_9abc),
+            Ok(SegmentHeader {
+                prev_segment_len: 4242
+            })
+        );
         assert_eq!(
             decode_segment_header(&h, 7),
-            Err(HeaderError::WrongSequence { found: 0x1234_5678_9abc })
+            Err(HeaderError::WrongSequence {
+                found: 0x1234_5678_9abc
+            })
         );
         assert_eq!(decode_segment_header(&h[..31], 1), Err(HeaderError::Short));
         for i in 0..h.len() {
             let mut bad = h;
             bad[i] ^= 0x10;
-            assert!(decode_segment_header(&bad, 0x1234_5678_9abc).is_err(), "byte {i}");
+            assert!(
+                decode_segment_header(&bad, 0x1234_5678_9abc).is_err(),
+                "byte {i}"
+            );
         }
     }
 
     #[test]
     fn header_layout_is_the_documented_one() {
-        let h = encode_segment_header(1);
+        let h = encode_segment_header(2, 0x0102);
         assert_eq!(&h[0..8], b"SPOOLWAL");
         assert_eq!(h[8..12], [1, 0, 0, 0]);
-        assert_eq!(h[12..20], [1, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(h[20..28], [0; 8]);
+        assert_eq!(h[12..20], [2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(h[20..28], [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(le_u32(&h[28..32]), crc32fast::hash(&h[..28]));
     }
 
     #[test]
     fn newer_version_is_reported_as_such() {
-        let mut h = encode_segment_header(1);
+        let mut h = encode_segment_header(1, 0);
         h[8] = 2;
         let crc = crc32fast::hash(&h[0..28]);
         h[28..32].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode_segment_header(&h, 1), Err(HeaderError::UnsupportedVersion(2)));
+        assert_eq!(
+            decode_segment_header(&h, 1),
+            Err(HeaderError::UnsupportedVersion(2))
+        );
     }
 
     #[test]
@@ -256,11 +295,23 @@ mod tests {
     #[test]
     fn file_names() {
         assert_eq!(segment_file_name(0xab), "00000000000000ab.wal");
-        assert_eq!(classify_file_name("00000000000000ab.wal"), FileKind::Segment(0xab));
-        assert_eq!(classify_file_name("00000000000000AB.wal"), FileKind::MalformedSegment);
+        assert_eq!(
+            classify_file_name("00000000000000ab.wal"),
+            FileKind::Segment(0xab)
+        );
+        assert_eq!(
+            classify_file_name("00000000000000AB.wal"),
+            FileKind::MalformedSegment
+        );
         assert_eq!(classify_file_name("ab.wal"), FileKind::MalformedSegment);
-        assert_eq!(classify_file_name("+000000000000000.wal"), FileKind::MalformedSegment);
+        assert_eq!(
+            classify_file_name("+000000000000000.wal"),
+            FileKind::MalformedSegment
+        );
         assert_eq!(classify_file_name("LOCK"), FileKind::Other);
-        assert_eq!(classify_file_name("00000000000000ab.wal.bak"), FileKind::Other);
+        assert_eq!(
+            classify_file_name("00000000000000ab.wal.bak"),
+            FileKind::Other
+        );
     }
 }

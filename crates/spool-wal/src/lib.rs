@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Modules:
-//! - [`format`]: segment names, header and record layout, limits.
+//! - [`format`](mod@format): segment names, header and record layout, limits.
 //! - `recovery`: replaying segments, telling torn tails from corruption.
 //! - `wal`: the writer (append, write, sync, rotate, remove, poisoning).
 //! - [`storage`]: the I/O seam, with the real file system behind it.

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use crate::error::WalError;
 use crate::format::{
-    self, classify_file_name, decode_segment_header, encode_segment_header, le_u32, record_crc, segment_file_name,
-    valid_record_at, FileKind, HeaderError, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN,
+    self, classify_file_name, decode_segment_header, encode_segment_header, le_u32, record_crc,
+    segment_file_name, valid_record_at, FileKind, HeaderError, RECORD_HEADER_LEN, RECORD_MAX_BYTES,
+    SEGMENT_HEADER_LEN,
 };
 use crate::storage::{parent_dir, LockGuard, Storage, WriteFile};
 use crate::wal::{SegmentInfo, Wal, WalOptions};
@@ -87,7 +88,10 @@ impl fmt::Display for TornTail {
             self.discarded_bytes
         )?;
         if !self.search_complete {
-            write!(f, "; the search for valid records after it stopped at its budget")?;
+            write!(
+                f,
+                "; the search for valid records after it stopped at its budget"
+            )?;
         }
         Ok(())
     }
@@ -164,7 +168,11 @@ enum Step {
 }
 
 impl Recovery {
-    pub(crate) fn start(storage: Arc<dyn Storage>, dir: &Path, options: WalOptions) -> Result<Self, WalError> {
+    pub(crate) fn start(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        options: WalOptions,
+    ) -> Result<Self, WalError> {
         options.validate()?;
         storage
             .create_dir_all(dir)
@@ -172,21 +180,23 @@ impl Recovery {
         let lock_path = dir.join(format::LOCK_FILE_NAME);
         let lock = match storage.lock(&lock_path) {
             Ok(guard) => guard,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(WalError::Locked(lock_path)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(WalError::Locked(lock_path))
+            }
             Err(e) => return Err(WalError::io("lock", lock_path, e)),
         };
-        let names = storage.list(dir).map_err(|e| WalError::io("list", dir, e))?;
+        let names = storage
+            .list(dir)
+            .map_err(|e| WalError::io("list", dir, e))?;
         let mut seqs = Vec::new();
         for name in names {
             match classify_file_name(&name) {
                 FileKind::Segment(seq) => seqs.push(seq),
-                FileKind::MalformedSegment => {
-                    return Err(WalError::corrupt(
-                        dir.join(&name),
-                        0,
-                        "file ends in .wal but is not named like a segment (16 lowercase hex digits)",
-                    ))
-                }
+                FileKind::MalformedSegment => return Err(WalError::corrupt(
+                    dir.join(&name),
+                    0,
+                    "file ends in .wal but is not named like a segment (16 lowercase hex digits)",
+                )),
                 FileKind::Other => {}
             }
         }
@@ -229,7 +239,9 @@ impl Recovery {
     /// After an error every later call fails too.
     pub fn next_record(&mut self) -> Result<Option<&[u8]>, WalError> {
         if let Some(cause) = &self.failed {
-            return Err(WalError::Poisoned { cause: cause.clone() });
+            return Err(WalError::Poisoned {
+                cause: cause.clone(),
+            });
         }
         loop {
             match self.step() {
@@ -260,7 +272,7 @@ impl Recovery {
             None => {
                 let seq = 1;
                 let path = self.dir.join(segment_file_name(seq));
-                let file = create_segment(&*storage, &self.dir, seq)?;
+                let file = create_segment(&*storage, &self.dir, seq, 0)?;
                 // The data directory itself may be new: make its entry durable.
                 let parent = parent_dir(&self.dir);
                 storage
@@ -287,14 +299,20 @@ impl Recovery {
                     Repair::TruncateTo(len) => {
                         file.truncate(len)
                             .map_err(|e| WalError::io("truncate torn tail", &last.path, e))?;
-                        file.sync_data().map_err(|e| WalError::io("fsync", &last.path, e))?;
+                        file.sync_all()
+                            .map_err(|e| WalError::io("fsync", &last.path, e))?;
                     }
                     Repair::RewriteHeader => {
+                        let prev_len = match self.done.len() {
+                            n if n >= 2 => self.done[n - 2].len,
+                            _ => 0,
+                        };
                         file.truncate(0)
                             .map_err(|e| WalError::io("truncate torn header", &last.path, e))?;
-                        file.write_all(&encode_segment_header(last.seq))
+                        file.write_all(&encode_segment_header(last.seq, prev_len))
                             .map_err(|e| WalError::io("write header", &last.path, e))?;
-                        file.sync_data().map_err(|e| WalError::io("fsync", &last.path, e))?;
+                        file.sync_all()
+                            .map_err(|e| WalError::io("fsync", &last.path, e))?;
                     }
                 }
                 (file, std::mem::take(&mut self.done))
@@ -324,9 +342,9 @@ impl Recovery {
             return Ok(Step::SegmentDone);
         };
         let pos = r.buf_offset + r.start as u64;
-        let path = r.path.clone();
-        let io_err = |e| WalError::io("read", &path, e);
-        if !fill(r, &mut self.buf, RECORD_HEADER_LEN as usize).map_err(io_err)? {
+        if !fill(r, &mut self.buf, RECORD_HEADER_LEN as usize)
+            .map_err(|e| WalError::io("read", &r.path, e))?
+        {
             if r.start == r.end {
                 self.end_segment(pos);
                 return Ok(Step::SegmentDone);
@@ -338,7 +356,10 @@ impl Recovery {
         let len = le_u32(header);
         let stored_crc = le_u32(&header[4..]);
         if len as usize > RECORD_MAX_BYTES {
-            return self.damaged(pos, format!("record length {len} is over the {RECORD_MAX_BYTES}-byte limit"));
+            return self.damaged(
+                pos,
+                format!("record length {len} is over the {RECORD_MAX_BYTES}-byte limit"),
+            );
         }
         let total = RECORD_HEADER_LEN + u64::from(len);
         if pos + total > r.file_len {
@@ -350,8 +371,11 @@ impl Recovery {
         }
         #[allow(clippy::cast_possible_truncation)] // total <= RECORD_MAX_BYTES + 8
         let total = total as usize;
-        if !fill(r, &mut self.buf, total).map_err(io_err)? {
-            return self.damaged(pos, "file ended before the end of the record (it shrank while being read)".into());
+        if !fill(r, &mut self.buf, total).map_err(|e| WalError::io("read", &r.path, e))? {
+            return self.damaged(
+                pos,
+                "file ended before the end of the record (it shrank while being read)".into(),
+            );
         }
         let payload = r.start + RECORD_HEADER_LEN as usize..r.start + total;
         if record_crc(len.to_le_bytes(), &self.buf[payload.clone()]) != stored_crc {
@@ -373,8 +397,11 @@ impl Recovery {
             .storage
             .open_read(&path)
             .map_err(|e| WalError::io("open", &path, e))?;
-        if self.buf.len() < READ_BUFFER_BYTES {
-            self.buf.resize(READ_BUFFER_BYTES, 0);
+        // A small segment needs no more than its own size.
+        let want = usize::try_from(file_len)
+            .map_or(READ_BUFFER_BYTES, |len| len.clamp(64, READ_BUFFER_BYTES));
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
         }
         let mut r = SegmentReader {
             seq,
@@ -399,7 +426,21 @@ impl Recovery {
             Err(HeaderError::Short)
         };
         match checked {
-            Ok(()) => {
+            Ok(header) => {
+                if let Some(prev) = self.done.last() {
+                    // 0: not recorded (no predecessor when it was written).
+                    if header.prev_segment_len != 0 && prev.len != header.prev_segment_len {
+                        return Err(WalError::corrupt(
+                            &prev.path,
+                            prev.len.min(header.prev_segment_len),
+                            format!(
+                                "segment is {} bytes long, but the next segment's header says it was {} bytes when \
+                                 the next one was started: records were cut from its end (or bytes added)",
+                                prev.len, header.prev_segment_len
+                            ),
+                        ));
+                    }
+                }
                 r.start = SEGMENT_HEADER_LEN as usize;
                 self.reader = Some(r);
                 Ok(())
@@ -410,7 +451,10 @@ impl Recovery {
                 // but which has no room for a record (or holds only zeros)
                 // cannot contain acknowledged records: it was torn while being
                 // created. A header that is intact but unexpected is not torn.
-                let torn_kind = matches!(e, HeaderError::Short | HeaderError::BadMagic | HeaderError::BadChecksum);
+                let torn_kind = matches!(
+                    e,
+                    HeaderError::Short | HeaderError::BadMagic | HeaderError::BadChecksum
+                );
                 let torn = is_last
                     && torn_kind
                     && (file_len <= SEGMENT_HEADER_LEN || {
@@ -465,7 +509,9 @@ impl Recovery {
             return Err(WalError::corrupt(
                 &r.path,
                 pos,
-                format!("{reason} (in a segment that is not the last, so it cannot be a torn write)"),
+                format!(
+                    "{reason} (in a segment that is not the last, so it cannot be a torn write)"
+                ),
             ));
         }
         let mut tail = Vec::new();
@@ -551,17 +597,24 @@ enum TailSearch {
 /// never a valid record (the CRC of a zero length is not zero), so a
 /// preallocated or unwritten tail is quickly found to hold nothing.
 fn search_tail(tail: &[u8]) -> TailSearch {
+    search_tail_within(tail, TAIL_SEARCH_BUDGET)
+}
+
+fn search_tail_within(tail: &[u8], budget: u64) -> TailSearch {
     if tail.iter().all(|&b| b == 0) {
         return TailSearch::NothingValid { complete: true };
     }
     let h = RECORD_HEADER_LEN as usize;
     if tail.len() >= h {
         let next = h + le_u32(tail) as usize;
-        if le_u32(tail) as usize <= RECORD_MAX_BYTES && next < tail.len() && valid_record_at(&tail[next..]).is_some() {
+        if le_u32(tail) as usize <= RECORD_MAX_BYTES
+            && next < tail.len()
+            && valid_record_at(&tail[next..]).is_some()
+        {
             return TailSearch::ValidRecordAt(next);
         }
     }
-    let mut budget = TAIL_SEARCH_BUDGET;
+    let mut budget = budget;
     let mut spend = |cost: u64| match budget.checked_sub(cost) {
         Some(left) => {
             budget = left;
@@ -593,17 +646,24 @@ fn search_tail(tail: &[u8]) -> TailSearch {
 }
 
 /// Creates segment `seq` with its header, durably (file and directory entry).
-pub(crate) fn create_segment(storage: &dyn Storage, dir: &Path, seq: u64) -> Result<Box<dyn WriteFile>, WalError> {
+/// `prev_len` is the final length of segment `seq - 1`, 0 if none.
+pub(crate) fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    seq: u64,
+    prev_len: u64,
+) -> Result<Box<dyn WriteFile>, WalError> {
     let path = dir.join(segment_file_name(seq));
     let mut file = storage
         .create_new(&path)
         .map_err(|e| WalError::io("create segment", &path, e))?;
-    file.write_all(&encode_segment_header(seq))
+    file.write_all(&encode_segment_header(seq, prev_len))
         .map_err(|e| WalError::io("write header", &path, e))?;
     // The header is durable before any record can be written after it, which
     // is what lets recovery treat a last segment with a bad header and no
     // room for records as torn rather than corrupt.
-    file.sync_data().map_err(|e| WalError::io("fsync", &path, e))?;
+    file.sync_data()
+        .map_err(|e| WalError::io("fsync", &path, e))?;
     storage
         .sync_dir(dir)
         .map_err(|e| WalError::io("fsync directory", dir, e))?;
@@ -625,9 +685,17 @@ mod tests {
 
     #[test]
     fn zeros_and_garbage_hold_nothing_valid() {
-        assert_eq!(search_tail(&[0; 100]), TailSearch::NothingValid { complete: true });
-        let garbage: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        assert_eq!(search_tail(&garbage), TailSearch::NothingValid { complete: true });
+        assert_eq!(
+            search_tail(&[0; 100]),
+            TailSearch::NothingValid { complete: true }
+        );
+        let garbage: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        assert_eq!(
+            search_tail(&garbage),
+            TailSearch::NothingValid { complete: true }
+        );
     }
 
     #[test]
@@ -645,8 +713,26 @@ mod tests {
     }
 
     #[test]
+    fn search_stops_at_its_budget() {
+        // A damaged record, then 10 KB of junk, then a valid record: found
+        // with room to spare, not found (and said so) on a tiny budget.
+        let mut tail = vec![0xee; 8];
+        tail.extend((0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+        tail.extend(records(&[b"valid"]));
+        let at = tail.len() - 13;
+        assert_eq!(search_tail(&tail), TailSearch::ValidRecordAt(at));
+        assert_eq!(
+            search_tail_within(&tail, 1000),
+            TailSearch::NothingValid { complete: false }
+        );
+    }
+
+    #[test]
     fn partial_record_holds_nothing_valid() {
         let tail = records(&[b"a longer payload that was cut short"]);
-        assert_eq!(search_tail(&tail[..20]), TailSearch::NothingValid { complete: true });
+        assert_eq!(
+            search_tail(&tail[..20]),
+            TailSearch::NothingValid { complete: true }
+        );
     }
 }

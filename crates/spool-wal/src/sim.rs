@@ -114,15 +114,22 @@ impl State {
     }
 
     fn file_mut(&mut self, path: &Path) -> io::Result<&mut SimFile> {
-        self.files
-            .get_mut(path)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display())))
+        self.files.get_mut(path).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: no such file", path.display()),
+            )
+        })
     }
 
     fn sync_fault(&mut self) -> io::Result<()> {
         let n = self.syncs;
         self.syncs += 1;
-        if self.faults.iter().any(|f| matches!(f, Fault::Sync { nth } if *nth == n)) {
+        if self
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::Sync { nth } if *nth == n))
+        {
             return Err(io::Error::other("simulated fsync failure (EIO)"));
         }
         Ok(())
@@ -157,7 +164,9 @@ impl SimStorage {
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not hide the state from the others.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Arms a fault; counting for it starts now.
@@ -169,7 +178,9 @@ impl SimStorage {
                 kind,
                 written,
             },
-            Fault::Sync { nth } => Fault::Sync { nth: nth + st.syncs },
+            Fault::Sync { nth } => Fault::Sync {
+                nth: nth + st.syncs,
+            },
             Fault::PowerCut { nth } => Fault::PowerCut {
                 nth: nth + st.mutations,
             },
@@ -263,7 +274,8 @@ fn names_in(st: &State, dir: &Path) -> Vec<String> {
 /// What one file may hold after a crash.
 fn crash_contents(file: &SimFile, rng: &mut Rng) -> Vec<u8> {
     let durable_len = file.durable.len();
-    let extends_durable = file.data.len() >= durable_len && file.data[..durable_len] == file.durable[..];
+    let extends_durable =
+        file.data.len() >= durable_len && file.data[..durable_len] == file.durable[..];
     if !extends_durable {
         // Truncated or rewritten since the last sync: either version.
         return if rng.upto(1) == 0 {
@@ -307,7 +319,10 @@ impl LockGuard for SimLock {}
 
 impl Drop for SimLock {
     fn drop(&mut self) {
-        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.locks.remove(&self.path);
     }
 }
@@ -319,13 +334,17 @@ struct SimHandle {
 
 impl fmt::Debug for SimHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SimHandle").field("path", &self.path).finish()
+        f.debug_struct("SimHandle")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 impl SimHandle {
     fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -359,6 +378,10 @@ impl WriteFile for SimHandle {
         let file = st.file_mut(&self.path)?;
         file.durable = file.data.clone();
         Ok(())
+    }
+
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.sync_data()
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {

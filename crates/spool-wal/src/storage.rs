@@ -51,6 +51,10 @@ pub trait WriteFile: Send + fmt::Debug {
     /// Makes the file's data durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
 
+    /// Makes the file's data and metadata durable (`fsync`); used after a
+    /// truncation, whose size change `fdatasync` need not persist.
+    fn sync_all(&mut self) -> io::Result<()>;
+
     /// Cuts the file to `len` bytes; later writes go to the new end.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 }
@@ -82,6 +86,10 @@ impl WriteFile for FsFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.file.sync_all()
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::WalError;
-use crate::format::{encode_record, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN, SEGMENT_MAX_BYTES_DEFAULT};
+use crate::format::{
+    encode_record, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN,
+    SEGMENT_MAX_BYTES_DEFAULT,
+};
 use crate::recovery::{create_segment, Recovery};
 use crate::storage::{FsStorage, LockGuard, Storage, WriteFile};
 
@@ -209,7 +212,9 @@ impl Wal {
             });
         }
         let framed = RECORD_HEADER_LEN + payload.len() as u64;
-        if self.planned_len > SEGMENT_HEADER_LEN && self.planned_len + framed > self.options.segment_max_bytes {
+        if self.planned_len > SEGMENT_HEADER_LEN
+            && self.planned_len + framed > self.options.segment_max_bytes
+        {
             self.breaks.push(self.pending.len());
             self.planned_len = SEGMENT_HEADER_LEN;
         }
@@ -253,7 +258,11 @@ impl Wal {
 
     fn write_chunks(&mut self, pending: &[u8], breaks: &[usize]) -> Result<(), WalError> {
         let mut start = 0;
-        for (i, &end) in breaks.iter().chain(std::iter::once(&pending.len())).enumerate() {
+        for (i, &end) in breaks
+            .iter()
+            .chain(std::iter::once(&pending.len()))
+            .enumerate()
+        {
             if i > 0 {
                 self.rotate_now()?;
             }
@@ -283,14 +292,19 @@ impl Wal {
     /// Anything else poisons the log.
     fn write_failed(&mut self, e: io::Error, batch_not_durable: bool) -> WalError {
         let path = self.current().path.clone();
-        let no_space = matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
+        let no_space = matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
         if no_space && batch_not_durable {
             match self.file.truncate(self.current().len) {
                 Ok(()) => {
                     self.stats.batches_rejected += 1;
                     return WalError::OutOfSpace { path, source: e };
                 }
-                Err(te) => return self.poison(WalError::io("truncate after failed write", path, te)),
+                Err(te) => {
+                    return self.poison(WalError::io("truncate after failed write", path, te))
+                }
             }
         }
         self.poison(WalError::io("write", path, e))
@@ -317,7 +331,11 @@ impl Wal {
         self.write()?;
         let (records, bytes) = (self.unsynced_records, self.unsynced_bytes);
         let fsync = self.sync()?;
-        Ok(Commit { records, bytes, fsync })
+        Ok(Commit {
+            records,
+            bytes,
+            fsync,
+        })
     }
 
     /// Commits, then starts a new segment and returns its sequence number.
@@ -339,8 +357,8 @@ impl Wal {
         if self.unsynced {
             self.sync_file()?;
         }
-        let seq = self.current().seq + 1;
-        let file = match create_segment(&*self.storage, &self.dir, seq) {
+        let (seq, prev_len) = (self.current().seq + 1, self.current().len);
+        let file = match create_segment(&*self.storage, &self.dir, seq, prev_len) {
             Ok(f) => f,
             Err(e) => return Err(self.poison(e)),
         };
@@ -427,7 +445,9 @@ impl Wal {
 
     fn check(&self) -> Result<(), WalError> {
         match &self.poisoned {
-            Some(cause) => Err(WalError::Poisoned { cause: cause.clone() }),
+            Some(cause) => Err(WalError::Poisoned {
+                cause: cause.clone(),
+            }),
             None => Ok(()),
         }
     }

@@ -1,6 +1,9 @@
 //! Injected I/O failures: which ones poison the log, which ones it survives,
 //! and what a reopen recovers afterwards.
 
+// Helpers outside #[test] functions unwrap too: a panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::ErrorKind;
@@ -82,7 +85,11 @@ fn disk_full_drops_the_batch_and_the_log_goes_on() {
     assert_eq!(wal.stats().batches_rejected, 1);
     assert_eq!(wal.stats().pending_records, 0);
     let path = wal.segments()[0].path.clone();
-    assert_eq!(sim.read_file(&path).unwrap().len() as u64, len_before, "partial write undone");
+    assert_eq!(
+        sim.read_file(&path).unwrap().len() as u64,
+        len_before,
+        "partial write undone"
+    );
 
     // Space is back.
     wal.append(b"after").unwrap();
@@ -149,7 +156,11 @@ fn failure_while_creating_a_segment_poisons_and_recovers() {
         for seed in 0..8 {
             let image = sim.crash_image(seed);
             let (mut wal, records, _) = open_sim(&image, WalOptions::default()).unwrap();
-            assert_eq!(records, vec![b"one".to_vec()], "power cut at {nth}, seed {seed}");
+            assert_eq!(
+                records,
+                vec![b"one".to_vec()],
+                "power cut at {nth}, seed {seed}"
+            );
             wal.append(b"two").unwrap();
             wal.commit().unwrap();
             drop(wal);
@@ -169,7 +180,16 @@ fn failed_directory_fsync_while_removing_poisons() {
     wal.commit().unwrap();
     sim.inject(Fault::Sync { nth: 0 });
     let err = wal.remove_segments_before(seq).unwrap_err();
-    assert!(matches!(err, WalError::Io { op: "fsync directory", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            WalError::Io {
+                op: "fsync directory",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_poisoned(&mut wal);
     drop(wal);
     for seed in 0..8 {
@@ -185,7 +205,10 @@ fn failed_directory_fsync_while_removing_poisons() {
 #[test]
 fn failed_recovery_leaves_the_directory_unlocked() {
     let sim = SimStorage::new();
-    sim.put_file(&sim_dir().join("0000000000000001.wal"), b"definitely not a header, and long enough");
+    sim.put_file(
+        &sim_dir().join("0000000000000001.wal"),
+        b"definitely not a header, and long enough",
+    );
     let err = open_sim(&sim, WalOptions::default()).unwrap_err();
     assert!(matches!(err, WalError::BadHeader { .. }), "{err}");
     // The error dropped the Recovery and its lock.
@@ -206,8 +229,30 @@ fn recovery_reports_after_an_error_keep_failing() {
     let mut bytes = sim.read_file(&first).unwrap();
     *bytes.last_mut().unwrap() ^= 1;
     sim.put_file(&first, &bytes);
-    let mut recovery = Wal::open_with_storage(Arc::new(sim.clone()), sim_dir(), WalOptions::default()).unwrap();
-    assert!(matches!(recovery.next_record(), Err(WalError::Corrupt { .. })));
-    assert!(matches!(recovery.next_record(), Err(WalError::Poisoned { .. })));
+    let mut recovery =
+        Wal::open_with_storage(Arc::new(sim.clone()), sim_dir(), WalOptions::default()).unwrap();
+    assert!(matches!(
+        recovery.next_record(),
+        Err(WalError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        recovery.next_record(),
+        Err(WalError::Poisoned { .. })
+    ));
     assert!(matches!(recovery.finish(), Err(WalError::Poisoned { .. })));
+}
+
+#[test]
+fn segments_too_small_for_a_record_are_refused() {
+    let err = open_sim(
+        &SimStorage::new(),
+        WalOptions::default().segment_max_bytes(39),
+    )
+    .unwrap_err();
+    assert!(matches!(err, WalError::InvalidOptions(_)), "{err}");
+    open_sim(
+        &SimStorage::new(),
+        WalOptions::default().segment_max_bytes(40),
+    )
+    .unwrap();
 }

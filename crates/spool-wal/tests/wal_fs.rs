@@ -2,6 +2,9 @@
 //! the directory lock, corruption reported with file and offset, and a
 //! by-hand recovery speed check.
 
+// Helpers outside #[test] functions unwrap too: a panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Instant;
@@ -9,7 +12,10 @@ use std::time::Instant;
 use common::{record_offsets, TempDir};
 use spool_wal::{Wal, WalError, WalOptions, RECORD_MAX_BYTES};
 
-fn open(dir: &std::path::Path, options: WalOptions) -> (Wal, Vec<Vec<u8>>, spool_wal::RecoveryReport) {
+fn open(
+    dir: &std::path::Path,
+    options: WalOptions,
+) -> (Wal, Vec<Vec<u8>>, spool_wal::RecoveryReport) {
     Wal::open(dir, options).unwrap().collect_records().unwrap()
 }
 
@@ -167,7 +173,10 @@ fn rotate_then_remove_older_segments_survives_reopen() {
     drop(wal);
 
     let (wal, records, report) = open(tmp.path(), WalOptions::default());
-    assert_eq!(records, vec![b"snapshot: live state".to_vec(), b"after snapshot".to_vec()]);
+    assert_eq!(
+        records,
+        vec![b"snapshot: live state".to_vec(), b"after snapshot".to_vec()]
+    );
     assert_eq!(report.first_segment, Some(snapshot_seq));
     assert_eq!(wal.segments()[0].seq, snapshot_seq);
 }
@@ -180,7 +189,9 @@ fn oversized_record_is_refused_without_poisoning() {
     // checked first.
     let too_big = vec![0u8; RECORD_MAX_BYTES + 1];
     let err = wal.append(&too_big).unwrap_err();
-    assert!(matches!(err, WalError::RecordTooLarge { len, max } if len == RECORD_MAX_BYTES + 1 && max == RECORD_MAX_BYTES));
+    assert!(
+        matches!(err, WalError::RecordTooLarge { len, max } if len == RECORD_MAX_BYTES + 1 && max == RECORD_MAX_BYTES)
+    );
     drop(too_big);
     wal.append(b"fine").unwrap();
     wal.commit().unwrap();
@@ -215,14 +226,19 @@ fn corruption_in_the_middle_names_file_and_offset() {
         .collect_records()
         .unwrap_err();
     match &err {
-        WalError::Corrupt { path: p, offset, .. } => {
+        WalError::Corrupt {
+            path: p, offset, ..
+        } => {
             assert_eq!(p, &path);
             assert_eq!(*offset, offsets[2]);
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("0000000000000001.wal") && msg.contains(&offsets[2].to_string()), "{msg}");
+    assert!(
+        msg.contains("0000000000000001.wal") && msg.contains(&offsets[2].to_string()),
+        "{msg}"
+    );
 }
 
 #[test]

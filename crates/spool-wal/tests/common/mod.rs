@@ -20,7 +20,10 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!("spool-wal-{tag}-{}-{n}-{nanos}", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "spool-wal-{tag}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
