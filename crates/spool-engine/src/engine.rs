@@ -985,13 +985,9 @@ impl Engine {
         now: u64,
     ) -> Option<Response> {
         self.counters.cmd_release += 1;
-        if self.storage_failed {
-            return Some(Response::InternalError);
+        if let Err(refusal) = self.take_back(conn_id, id) {
+            return Some(refusal);
         }
-        if !self.is_reserved_by(id, conn_id) {
-            return Some(Response::NotFound);
-        }
-        self.release_reservation_of(id);
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.pri = pri;
         job.delay_ns = delay_ns;
@@ -1007,13 +1003,9 @@ impl Engine {
 
     fn cmd_bury(&mut self, conn_id: ConnId, id: JobId, pri: u32) -> Option<Response> {
         self.counters.cmd_bury += 1;
-        if self.storage_failed {
-            return Some(Response::InternalError);
+        if let Err(refusal) = self.take_back(conn_id, id) {
+            return Some(refusal);
         }
-        if !self.is_reserved_by(id, conn_id) {
-            return Some(Response::NotFound);
-        }
-        self.release_reservation_of(id);
         self.jobs.get_mut(&id).expect("job exists").pri = pri;
         self.bury(id);
         self.record(|| LogRecord::Update {
@@ -1185,6 +1177,19 @@ impl Engine {
         let removed = self.tube_mut(tube).delayed.remove(&(deadline, id));
         debug_assert!(removed, "job {id} was in its tube's delay set");
         self.delayed.remove(&(deadline, id));
+    }
+
+    /// For release and bury: takes a job back from `conn`, which must hold
+    /// it; the job is then in no queue until the caller puts it somewhere.
+    fn take_back(&mut self, conn_id: ConnId, id: JobId) -> Result<(), Response> {
+        if self.storage_failed {
+            return Err(Response::InternalError);
+        }
+        if !self.is_reserved_by(id, conn_id) {
+            return Err(Response::NotFound);
+        }
+        self.release_reservation_of(id);
+        Ok(())
     }
 
     fn is_reserved_by(&self, id: JobId, conn: ConnId) -> bool {

@@ -320,20 +320,10 @@ async fn produce(conn: &mut Conn, shared: &Shared, stats: &mut WorkerStats) -> R
         if inflight.is_empty() {
             break;
         }
-        if !conn.flush().await? {
-            stats.time_limit_hit = true;
-            break;
-        }
-        let Some(mut reply) = conn.next_reply().await? else {
+        let Some((mut reply, received)) = reply_before(conn, shared.deadline).await? else {
             stats.time_limit_hit = true;
             break;
         };
-        let received = Instant::now();
-        if received >= shared.deadline {
-            // Only work finished before the deadline counts.
-            stats.time_limit_hit = true;
-            break;
-        }
         loop {
             let (seq, sent) = inflight
                 .pop_front()
@@ -418,24 +408,10 @@ async fn consume(conn: &mut Conn, shared: &Shared, stats: &mut WorkerStats) -> R
         if inflight.is_empty() {
             break;
         }
-        if !conn.flush().await? {
-            stats.time_limit_hit = true;
-            break;
-        }
-        let Some(mut reply) = conn.next_reply().await? else {
+        let Some((mut reply, received)) = reply_before(conn, shared.deadline).await? else {
             stats.time_limit_hit = true;
             break;
         };
-        let received = Instant::now();
-        if received >= shared.deadline {
-            // Only work finished before the deadline counts. This also keeps
-            // the exactly-once check honest: a consumer that stopped at the
-            // deadline had its reserved jobs released by the server, and
-            // another consumer may receive one again, but only after the
-            // deadline.
-            stats.time_limit_hit = true;
-            break;
-        }
         loop {
             let (waiting, sent) = inflight
                 .pop_front()
@@ -509,6 +485,23 @@ async fn consume(conn: &mut Conn, shared: &Shared, stats: &mut WorkerStats) -> R
         }
     }
     Ok(())
+}
+
+/// Sends what is buffered and waits for the next reply with the time it
+/// arrived. `None` when the time limit ended the run, including a reply that
+/// arrived after the deadline: only work finished before it counts. That
+/// also keeps the exactly-once check honest: a consumer that stopped at the
+/// deadline had its reserved jobs released by the server, and another
+/// consumer may receive one again, but only after the deadline.
+async fn reply_before(conn: &mut Conn, deadline: Instant) -> Result<Option<(Response, Instant)>> {
+    if !conn.flush().await? {
+        return Ok(None);
+    }
+    let Some(reply) = conn.next_reply().await? else {
+        return Ok(None);
+    };
+    let received = Instant::now();
+    Ok((received < deadline).then_some((reply, received)))
 }
 
 #[cfg(test)]
