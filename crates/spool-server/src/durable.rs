@@ -44,6 +44,9 @@ const RESERVE_HEADROOM_MAX_BYTES: u64 = 16 << 20;
 /// touch it.
 const RESERVE_STEP_BYTES: u64 = 64 << 10;
 
+/// How long a free-space reading is trusted (less what was written since).
+const FREE_SPACE_READING_TTL: Duration = Duration::from_millis(100);
+
 /// How often the log thread tries to restore a reserve a full disk emptied.
 const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
 
@@ -399,6 +402,10 @@ struct SpaceReserve {
     live_jobs: u64,
     /// The reserve could not be grown to its size: puts are refused.
     full: bool,
+    /// Free space at the last reading, less what was written since, and
+    /// when it was read: `statvfs` is not worth a call per commit.
+    free_estimate: u64,
+    read_at: Option<Instant>,
 }
 
 impl SpaceReserve {
@@ -417,6 +424,8 @@ impl SpaceReserve {
             headroom,
             live_jobs: 0,
             full: false,
+            free_estimate: 0,
+            read_at: None,
         })
     }
 
@@ -428,8 +437,18 @@ impl SpaceReserve {
     /// Before writing `bytes` to the log: if the disk is nearly full, free
     /// that much of the reserve so the write fits.
     fn make_room(&mut self, bytes: u64) {
-        let free = crate::process::available_bytes(&self.dir).unwrap_or(u64::MAX);
         let wanted = bytes + LOW_SPACE_MARGIN_BYTES;
+        let fresh = self
+            .read_at
+            .is_some_and(|at| at.elapsed() < FREE_SPACE_READING_TTL);
+        // Plenty of room by the last reading: no need to look again.
+        if fresh && self.free_estimate >= wanted.saturating_mul(4) {
+            self.free_estimate -= bytes;
+            return;
+        }
+        let free = crate::process::available_bytes(&self.dir).unwrap_or(u64::MAX);
+        self.read_at = Some(Instant::now());
+        self.free_estimate = free.saturating_sub(bytes);
         if free >= wanted || self.len == 0 {
             return;
         }
