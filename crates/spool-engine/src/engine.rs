@@ -324,6 +324,7 @@ impl Engine {
                     self.remove_replayed(id);
                 }
             }
+            LogRecord::NextId { id } => self.next_job_id = self.next_job_id.max(id),
         }
         Ok(())
     }
@@ -388,6 +389,20 @@ impl Engine {
             state,
             body: job.body.clone(),
         }))
+    }
+
+    /// The id the next job will get, as a record: compaction writes it first
+    /// so that ids are never reused after the records that used them are
+    /// gone.
+    pub fn next_id_record(&self) -> LogRecord {
+        LogRecord::NextId {
+            id: self.next_job_id,
+        }
+    }
+
+    /// The id the next job will get.
+    pub fn next_job_id(&self) -> JobId {
+        self.next_job_id
     }
 
     /// Log bytes that the live jobs' records take: what a fully compacted

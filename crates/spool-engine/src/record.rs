@@ -17,6 +17,7 @@
 //! kind 2 Update: u64 id | u32 pri | u8 state | u64 due_wall_ns
 //! kind 3 Delete: u64 id
 //! kind 4 Snapshot: as Put
+//! kind 5 NextId: u64 id
 //! state: 0 ready, 1 delayed (until due_wall_ns), 2 buried
 //! ```
 //!
@@ -24,7 +25,9 @@
 //! creates or replaces the job. Compaction writes snapshots of every live
 //! job after a cut and then deletes the segments before the cut, so after a
 //! compaction an Update or Delete may name a job whose Put is gone; replay
-//! skips those (the snapshot that follows holds the job's state).
+//! skips those (the snapshot that follows holds the job's state). A NextId
+//! record starts every snapshot: job ids are never reused, even when the
+//! newest jobs were deleted and their records compacted away.
 //!
 //! Times are wall-clock nanoseconds since the Unix epoch on disk and the
 //! engine's monotonic nanoseconds in memory; `epoch_ns` (wall time at
@@ -42,6 +45,7 @@ const KIND_PUT: u8 = 1;
 const KIND_UPDATE: u8 = 2;
 const KIND_DELETE: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
+const KIND_NEXT_ID: u8 = 5;
 
 /// Bytes a job's Put or Snapshot record takes in the log, framing included
 /// (the write-ahead log adds 8 bytes of length and checksum per record).
@@ -88,6 +92,10 @@ pub enum LogRecord {
     },
     /// A job's current state, written by compaction: creates or replaces.
     Snapshot(JobRecord),
+    /// Every id below this has been handed out.
+    NextId {
+        id: JobId,
+    },
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -147,6 +155,10 @@ impl LogRecord {
                 out.push(KIND_SNAPSHOT);
                 encode_job(job, epoch_ns, out);
             }
+            LogRecord::NextId { id } => {
+                out.push(KIND_NEXT_ID);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
             LogRecord::Update { id, pri, state } => {
                 out.push(KIND_UPDATE);
                 out.extend_from_slice(&id.to_le_bytes());
@@ -175,6 +187,7 @@ impl LogRecord {
                 state: r.state(epoch_ns)?,
             },
             KIND_DELETE => LogRecord::Delete { id: r.u64()? },
+            KIND_NEXT_ID => LogRecord::NextId { id: r.u64()? },
             kind => return Err(RecordError::UnknownKind(kind)),
         };
         Ok(record)
@@ -300,6 +313,7 @@ mod tests {
                 state: RestState::Ready,
             },
             LogRecord::Delete { id: 7 },
+            LogRecord::NextId { id: 8 },
         ];
         for record in records {
             let mut bytes = Vec::new();

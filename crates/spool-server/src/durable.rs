@@ -7,6 +7,11 @@
 //! rounds that arrive while one fsync runs share the next one (group
 //! commit).
 //!
+//! Under `interval` and `never` there is no fsync to wait for, so no thread
+//! either: the engine task writes each round's records itself
+//! ([`InlineLog`]) and replies as soon as the `write` returns, as
+//! beanstalkd does; the interval fsync then runs on the engine task too.
+//!
 //! A full disk must not break the log. The thread keeps a reserve file in
 //! the data directory holding room for every live job's future delete
 //! record plus some headroom. When free space runs low, it gives reserve
@@ -168,30 +173,15 @@ pub fn spawn_log_thread(
     compaction_min_log_bytes: u64,
     stats: SharedStorageStats,
 ) -> std::io::Result<(LogLink, std::thread::JoinHandle<()>)> {
-    let headroom = compaction_min_log_bytes.min(RESERVE_HEADROOM_MAX_BYTES);
-    let reserve = SpaceReserve::open(dir, headroom)?;
+    let mut writer = LogWriter::new(wal, dir, policy, epoch_ns, compaction_min_log_bytes, &stats)?;
     let (batch_tx, batch_rx) = std::sync::mpsc::channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let thread_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("spool-wal".to_string())
         .spawn(move || {
-            let stats = thread_stats;
-            let mut writer = LogWriter {
-                wal,
-                policy,
-                epoch_ns,
-                buf: Vec::new(),
-                unsynced: false,
-                last_sync: Instant::now(),
-                cut: None,
-                stats,
-                batch_records: 0,
-                batch_bytes: 0,
-                reserve,
-            };
-            writer.publish();
-            writer.check_space(&ack_tx);
+            if let Some(ack) = writer.check_space() {
+                let _ = ack_tx.send(ack);
+            }
             let error = match writer.run(&batch_rx, &ack_tx) {
                 Ok(()) => return,
                 Err(e) => e.to_string(),
@@ -203,9 +193,119 @@ pub fn spawn_log_thread(
         messages: batch_tx,
         acks: ack_rx,
         compaction_min_log_bytes,
-        stats: stats.clone(),
+        stats,
     };
     Ok((link, thread))
+}
+
+/// The log written by the engine task itself, for the fsync policies that
+/// do not wait for an fsync. See the module documentation.
+pub struct InlineLog {
+    writer: LogWriter,
+    compaction_min_log_bytes: u64,
+    failed: bool,
+}
+
+impl fmt::Debug for InlineLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InlineLog").finish_non_exhaustive()
+    }
+}
+
+impl InlineLog {
+    pub fn new(
+        wal: Wal,
+        dir: &Path,
+        policy: FsyncPolicy,
+        epoch_ns: u64,
+        compaction_min_log_bytes: u64,
+        stats: SharedStorageStats,
+    ) -> std::io::Result<InlineLog> {
+        assert!(
+            policy != FsyncPolicy::Always,
+            "fsync always waits for fsyncs: use the log thread"
+        );
+        let writer = LogWriter::new(wal, dir, policy, epoch_ns, compaction_min_log_bytes, &stats)?;
+        Ok(InlineLog {
+            writer,
+            compaction_min_log_bytes,
+            failed: false,
+        })
+    }
+
+    pub(crate) fn compaction_min_log_bytes(&self) -> u64 {
+        self.compaction_min_log_bytes
+    }
+
+    pub(crate) fn stats(&self) -> &SharedStorageStats {
+        &self.writer.stats
+    }
+
+    /// Applies a message and writes it out at once; the acknowledgements
+    /// it produces are returned, never delayed.
+    pub(crate) fn submit(&mut self, message: LogMsg, acks: &mut Vec<CommitAck>) {
+        if self.failed {
+            return;
+        }
+        let result = self.writer.handle(message).and_then(|round| {
+            self.writer.write_batch()?;
+            if let Some(round) = round {
+                self.writer.unsynced = true;
+                let log_bytes = self.writer.publish();
+                acks.push(CommitAck::Committed { round, log_bytes });
+            }
+            Ok(())
+        });
+        self.fail_on(result, acks);
+    }
+
+    /// Runs what is due: the interval fsync, restoring the space reserve.
+    pub(crate) fn tick(&mut self, acks: &mut Vec<CommitAck>) {
+        if self.failed {
+            return;
+        }
+        if let FsyncPolicy::Interval(every) = self.writer.policy {
+            if self.writer.unsynced && self.writer.last_sync.elapsed() >= every {
+                let result = self.writer.sync();
+                self.fail_on(result, acks);
+            }
+        }
+        acks.extend(self.writer.check_space());
+    }
+
+    /// When [`InlineLog::tick`] next has work.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        let sync = match (self.writer.policy, self.writer.unsynced) {
+            (FsyncPolicy::Interval(every), true) => Some(self.writer.last_sync + every),
+            _ => None,
+        };
+        let retry = self
+            .writer
+            .reserve
+            .full
+            .then(|| Instant::now() + DISK_FULL_RETRY);
+        sync.into_iter().chain(retry).min()
+    }
+
+    fn fail_on(&mut self, result: Result<(), WalError>, acks: &mut Vec<CommitAck>) {
+        if let Err(e) = result {
+            let error = e.to_string();
+            lock(&self.writer.stats).failed = Some(error.clone());
+            self.failed = true;
+            acks.push(CommitAck::Failed { error });
+        }
+    }
+}
+
+impl Drop for InlineLog {
+    /// What was written reaches the disk before the process goes.
+    fn drop(&mut self) {
+        if !self.failed && self.writer.unsynced {
+            if let Err(e) = self.writer.sync() {
+                tracing::error!(error = %e, "the last sync of the log failed");
+            }
+        }
+    }
 }
 
 struct LogWriter {
@@ -222,6 +322,34 @@ struct LogWriter {
     batch_records: u64,
     batch_bytes: u64,
     reserve: SpaceReserve,
+}
+
+impl LogWriter {
+    fn new(
+        wal: Wal,
+        dir: &Path,
+        policy: FsyncPolicy,
+        epoch_ns: u64,
+        compaction_min_log_bytes: u64,
+        stats: &SharedStorageStats,
+    ) -> std::io::Result<LogWriter> {
+        let headroom = compaction_min_log_bytes.min(RESERVE_HEADROOM_MAX_BYTES);
+        let writer = LogWriter {
+            wal,
+            policy,
+            epoch_ns,
+            buf: Vec::new(),
+            unsynced: false,
+            last_sync: Instant::now(),
+            cut: None,
+            stats: stats.clone(),
+            batch_records: 0,
+            batch_bytes: 0,
+            reserve: SpaceReserve::open(dir, headroom)?,
+        };
+        writer.publish();
+        Ok(writer)
+    }
 }
 
 fn lock(stats: &SharedStorageStats) -> std::sync::MutexGuard<'_, StorageStats> {
@@ -262,9 +390,7 @@ impl LogWriter {
                 while let Ok(message) = batches.try_recv() {
                     round = self.handle(message)?.or(round);
                 }
-                self.reserve.make_room(self.batch_bytes);
-                self.wal.write()?;
-                self.commit_done();
+                self.write_batch()?;
                 if let Some(round) = round {
                     match self.policy {
                         FsyncPolicy::Always => self.sync()?,
@@ -284,7 +410,11 @@ impl LogWriter {
                     self.sync()?;
                 }
             }
-            self.check_space(acks);
+            if let Some(ack) = self.check_space() {
+                if acks.send(ack).is_err() {
+                    break;
+                }
+            }
         }
         if self.unsynced {
             self.sync()?;
@@ -353,19 +483,29 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Grows the reserve back to its size, and tells the engine whether
-    /// puts may go on.
-    fn check_space(&mut self, acks: &mpsc::UnboundedSender<CommitAck>) {
+    /// Writes what was appended, first taking room from the reserve if the
+    /// disk is nearly full.
+    fn write_batch(&mut self) -> Result<(), WalError> {
+        self.reserve.make_room(self.batch_bytes);
+        self.wal.write()?;
+        self.commit_done();
+        Ok(())
+    }
+
+    /// Grows the reserve back to its size; says so when puts must stop or
+    /// may resume.
+    fn check_space(&mut self) -> Option<CommitAck> {
         let was_full = self.reserve.full;
         self.reserve.restore();
-        if self.reserve.full != was_full {
-            if self.reserve.full {
-                tracing::warn!("disk full: refusing puts until space returns");
-            } else {
-                tracing::info!("disk space is back: accepting puts");
-            }
-            let _ = acks.send(CommitAck::DiskFull(self.reserve.full));
+        if self.reserve.full == was_full {
+            return None;
         }
+        if self.reserve.full {
+            tracing::warn!("disk full: refusing puts until space returns");
+        } else {
+            tracing::info!("disk space is back: accepting puts");
+        }
+        Some(CommitAck::DiskFull(self.reserve.full))
     }
 
     /// Counts the commit just written.

@@ -9,4 +9,4 @@ mod local;
 pub mod process;
 
 pub use broker::{Broker, BrokerError, Peer, Session};
-pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg};
+pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink};

@@ -100,6 +100,43 @@ pub enum CommitAck {
     DiskFull(bool),
 }
 
+/// Where the engine task's log records go.
+#[derive(Debug)]
+pub enum LogSink {
+    /// A log thread that group-commits (`fsync always`).
+    Thread(LogLink),
+    /// Written by the engine task itself (`fsync interval` and `never`).
+    Inline(Box<crate::durable::InlineLog>),
+}
+
+impl LogSink {
+    fn compaction_min_log_bytes(&self) -> u64 {
+        match self {
+            LogSink::Thread(link) => link.compaction_min_log_bytes,
+            LogSink::Inline(log) => log.compaction_min_log_bytes(),
+        }
+    }
+
+    fn stats(&self) -> &crate::durable::SharedStorageStats {
+        match self {
+            LogSink::Thread(link) => &link.stats,
+            LogSink::Inline(log) => log.stats(),
+        }
+    }
+
+    /// Hands a message on; acknowledgements that are already known (all of
+    /// them, when inline) go to `acks`. False if the log thread is gone.
+    fn send(&mut self, message: LogMsg, acks: &mut Vec<CommitAck>) -> bool {
+        match self {
+            LogSink::Thread(link) => link.messages.send(message).is_ok(),
+            LogSink::Inline(log) => {
+                log.submit(message, acks);
+                true
+            }
+        }
+    }
+}
+
 /// The two ends of the engine task's link to a log thread.
 #[derive(Debug)]
 pub struct LogLink {
@@ -176,7 +213,7 @@ impl LocalBroker {
     pub fn start(
         engine: Engine,
         clock: Clock,
-        log: Option<LogLink>,
+        log: Option<LogSink>,
         process: ProcessInfo,
     ) -> LocalBroker {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -189,8 +226,8 @@ impl LocalBroker {
             round: Vec::new(),
             touched: Vec::new(),
             process,
-            log: log.map(|link| LogState {
-                link,
+            log: log.map(|sink| LogState {
+                sink,
                 records: Vec::new(),
                 last_round: 0,
                 held: VecDeque::new(),
@@ -286,7 +323,7 @@ type SessionMap =
     std::collections::HashMap<ConnId, SessionState, std::hash::BuildHasherDefault<IdHasher>>;
 
 struct LogState {
-    link: LogLink,
+    sink: LogSink,
     records: Vec<LogRecord>,
     /// The last round sent to the log thread.
     last_round: u64,
@@ -316,7 +353,15 @@ impl EngineTask {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_wake: Option<u64> = None;
         loop {
-            let sleep_until = next_wake.map(|at| self.clock.instant_at(at));
+            let inline_due = match self.log.as_ref().map(|l| &l.sink) {
+                Some(LogSink::Inline(log)) => log.next_due(),
+                _ => None,
+            };
+            let sleep_until = next_wake
+                .map(|at| self.clock.instant_at(at))
+                .into_iter()
+                .chain(inline_due)
+                .min();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => {
@@ -333,6 +378,7 @@ impl EngineTask {
                 ack = recv_ack(&mut self.log) => self.on_ack(ack),
                 _ = sleep(sleep_until) => {}
             }
+            self.tick_inline_log();
             let now = self.clock.now_ns();
             loop {
                 self.run_sessions(now);
@@ -447,12 +493,12 @@ impl EngineTask {
             if let Response::Stats(stats) = &mut response {
                 stats.process = self.process.snapshot();
                 if let Some(log) = &self.log {
-                    let storage = log.link.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    let storage = log.sink.stats().lock().unwrap_or_else(|e| e.into_inner());
                     let p = &mut stats.process;
                     p.binlog_oldest_index = storage.oldest_segment;
                     p.binlog_current_index = storage.current_segment;
                     p.binlog_records_written = storage.records_written;
-                    p.binlog_max_size = log.link.compaction_min_log_bytes;
+                    p.binlog_max_size = log.sink.compaction_min_log_bytes();
                 }
             }
             self.round
@@ -496,21 +542,21 @@ impl EngineTask {
             compaction_done = ids.is_empty();
         }
         let mut sent = true;
+        let mut acks = Vec::new();
         if !log.records.is_empty() {
             log.last_round += 1;
             let round = log.last_round;
             let records = std::mem::take(&mut log.records);
             log.held.push_back((round, deliveries));
             let live_jobs = self.engine.job_count() as u64;
-            sent = log
-                .link
-                .messages
-                .send(LogMsg::Batch {
+            sent = log.sink.send(
+                LogMsg::Batch {
                     round,
                     records,
                     live_jobs,
-                })
-                .is_ok();
+                },
+                &mut acks,
+            );
         } else if let Some((_, last)) = log.held.back_mut() {
             last.extend(deliveries);
         } else {
@@ -518,9 +564,9 @@ impl EngineTask {
         }
         if compaction_done {
             log.compaction = None;
-            sent &= log.link.messages.send(LogMsg::EndCompaction).is_ok();
+            sent &= log.sink.send(LogMsg::EndCompaction, &mut acks);
         } else if log.compaction.is_none()
-            && log.log_bytes > log.link.compaction_min_log_bytes
+            && log.log_bytes > log.sink.compaction_min_log_bytes()
             && log.log_bytes > 2 * self.engine.live_log_bytes()
         {
             tracing::info!(
@@ -529,14 +575,35 @@ impl EngineTask {
                 "compacting the log"
             );
             log.compaction = Some(self.engine.jobs().map(|j| j.id).collect());
+            // First after the cut: ids in use stay taken when the records
+            // that used them are compacted away.
+            log.records.push(self.engine.next_id_record());
             // Until the next commit reports the new size.
             log.log_bytes = 0;
-            sent &= log.link.messages.send(LogMsg::BeginCompaction).is_ok();
+            sent &= log.sink.send(LogMsg::BeginCompaction, &mut acks);
         }
         if !sent {
-            self.on_ack(Some(CommitAck::Failed {
+            acks.push(CommitAck::Failed {
                 error: "the log thread has stopped".to_string(),
-            }));
+            });
+        }
+        for ack in acks {
+            self.on_ack(Some(ack));
+        }
+    }
+
+    /// Runs the inline log's timers (interval fsync, space checks).
+    fn tick_inline_log(&mut self) {
+        let mut acks = Vec::new();
+        if let Some(LogState {
+            sink: LogSink::Inline(log),
+            ..
+        }) = &mut self.log
+        {
+            log.tick(&mut acks);
+        }
+        for ack in acks {
+            self.on_ack(Some(ack));
         }
     }
 
@@ -619,8 +686,11 @@ fn deliver(deliveries: Vec<Delivery>) {
 
 async fn recv_ack(log: &mut Option<LogState>) -> Option<CommitAck> {
     match log {
-        Some(log) => log.link.acks.recv().await,
-        None => std::future::pending().await,
+        Some(LogState {
+            sink: LogSink::Thread(link),
+            ..
+        }) => link.acks.recv().await,
+        _ => std::future::pending().await,
     }
 }
 

@@ -13,9 +13,9 @@ use anyhow::Context;
 use spool_engine::{Engine, EngineConfig};
 use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
-use spool_server::durable::{self, FsyncPolicy};
+use spool_server::durable::{self, FsyncPolicy, InlineLog};
 use spool_server::process::ProcessInfo;
-use spool_server::{Broker, Clock, LocalBroker};
+use spool_server::{Broker, Clock, LocalBroker, LogSink};
 use spool_wal::{WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
 /// What `stats` reports as `version`: the beanstalkd version spool speaks,
@@ -361,20 +361,31 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "recovered the log"
             );
-            let (link, thread) = durable::spawn_log_thread(
-                wal,
-                dir,
-                *fsync,
-                clock.epoch_ns(),
-                *segment_max_bytes,
-                Default::default(),
-            )
-            .context("starting the log thread")?;
-            (
-                Some(link),
-                Some(thread),
-                format!("{} (fsync {fsync:?})", dir.display()),
-            )
+            let description = format!("{} (fsync {fsync:?})", dir.display());
+            if *fsync == FsyncPolicy::Always {
+                // Replies wait for fsyncs: a thread group-commits them.
+                let (link, thread) = durable::spawn_log_thread(
+                    wal,
+                    dir,
+                    *fsync,
+                    clock.epoch_ns(),
+                    *segment_max_bytes,
+                    Default::default(),
+                )
+                .context("starting the log thread")?;
+                (Some(LogSink::Thread(link)), Some(thread), description)
+            } else {
+                let log = InlineLog::new(
+                    wal,
+                    dir,
+                    *fsync,
+                    clock.epoch_ns(),
+                    *segment_max_bytes,
+                    Default::default(),
+                )
+                .context("opening the space reserve")?;
+                (Some(LogSink::Inline(Box::new(log))), None, description)
+            }
         }
     };
     let listener = bind(&config.listen)?;
