@@ -25,7 +25,8 @@
 //! Modules:
 //! - [`format`](mod@format): segment names, header and record layout, limits.
 //! - `recovery`: replaying segments, telling torn tails from corruption.
-//! - `wal`: the writer (append, write, sync, rotate, remove, poisoning).
+//! - `wal`: the writer (append, write, sync, rotate, remove, poisoning, and
+//!   the zero-filled region kept ahead of the last record).
 //! - [`storage`]: the I/O seam, with the real file system behind it.
 //! - [`sim`]: in-memory storage with fault injection and crash images, for tests.
 //! - `error`: [`WalError`].
@@ -41,4 +42,4 @@ pub use error::WalError;
 pub use format::{RECORD_MAX_BYTES, SEGMENT_MAX_BYTES_DEFAULT};
 pub use recovery::{Recovery, RecoveryReport, TornTail, TAIL_SEARCH_BUDGET};
 pub use storage::{FsStorage, Storage};
-pub use wal::{Commit, SegmentInfo, Wal, WalOptions, WalStats};
+pub use wal::{Commit, SegmentInfo, Wal, WalOptions, WalStats, ZERO_FILL_AHEAD_BYTES};

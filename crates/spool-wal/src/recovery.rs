@@ -1,7 +1,9 @@
 //! Recovery: reading every segment back in order when the log is opened,
 //! deciding whether damage at the end of the last segment is a torn tail (cut
 //! off and reported) or corruption (an error naming file and offset), and
-//! handing the repaired log to the writer.
+//! handing the repaired log to the writer. Zeros after the last record of
+//! the last segment are the writer's zero-filled region, the normal end of
+//! that segment: they are neither reported nor cut.
 //!
 //! Records are streamed to the caller from one reusable buffer, so replaying
 //! millions of small records costs no allocation per record.
@@ -147,6 +149,9 @@ pub struct Recovery {
     buf: Vec<u8>,
     done: Vec<SegmentInfo>,
     repair: Repair,
+    /// File length of the last segment (past its records when it ends in
+    /// the writer's zero-filled region).
+    last_file_len: u64,
     report: RecoveryReport,
     failed: Option<String>,
 }
@@ -228,6 +233,7 @@ impl Recovery {
             buf: Vec::new(),
             done: Vec::new(),
             repair: Repair::None,
+            last_file_len: 0,
             report: RecoveryReport::default(),
             failed: None,
         })
@@ -268,7 +274,7 @@ impl Recovery {
     pub fn finish(mut self) -> Result<(Wal, RecoveryReport), WalError> {
         while self.next_record()?.is_some() {}
         let storage = Arc::clone(&self.storage);
-        let (file, segments) = match self.done.last().cloned() {
+        let (file, file_len, segments) = match self.done.last().cloned() {
             None => {
                 let seq = 1;
                 let path = self.dir.join(segment_file_name(seq));
@@ -288,12 +294,19 @@ impl Recovery {
                     path,
                     len: SEGMENT_HEADER_LEN,
                 };
-                (file, vec![info])
+                (file, SEGMENT_HEADER_LEN, vec![info])
             }
             Some(last) => {
                 let mut file = storage
                     .open_append(&last.path)
                     .map_err(|e| WalError::io("open for writing", &last.path, e))?;
+                // The writer goes on after the last record, into the zeros
+                // (if any) that follow it.
+                let file_len = match self.repair {
+                    Repair::None => self.last_file_len,
+                    Repair::TruncateTo(len) => len,
+                    Repair::RewriteHeader => SEGMENT_HEADER_LEN,
+                };
                 match self.repair {
                     Repair::None => {}
                     Repair::TruncateTo(len) => {
@@ -315,10 +328,18 @@ impl Recovery {
                             .map_err(|e| WalError::io("fsync", &last.path, e))?;
                     }
                 }
-                (file, std::mem::take(&mut self.done))
+                (file, file_len, std::mem::take(&mut self.done))
             }
         };
-        let wal = Wal::from_recovery(storage, self.dir, self.options, self.lock, file, segments);
+        let wal = Wal::from_recovery(
+            storage,
+            self.dir,
+            self.options,
+            self.lock,
+            file,
+            file_len,
+            segments,
+        );
         Ok((wal, self.report))
     }
 
@@ -414,6 +435,9 @@ impl Recovery {
             end: 0,
             eof: false,
         };
+        if is_last {
+            self.last_file_len = file_len;
+        }
         self.report.segments += 1;
         self.report.first_segment.get_or_insert(seq);
         self.report.last_segment = Some(seq);
@@ -516,6 +540,13 @@ impl Recovery {
         }
         let mut tail = Vec::new();
         read_rest(r, &self.buf, &mut tail)?;
+        if tail.iter().all(|&b| b == 0) {
+            // The writer's zero-filled region (a zero-length record never
+            // has a zero checksum, so zeros are never a record): the clean
+            // end of the segment, left in place for the writer to go on in.
+            self.end_segment(pos);
+            return Ok(Step::SegmentDone);
+        }
         match search_tail(&tail) {
             TailSearch::ValidRecordAt(rel) => Err(WalError::corrupt(
                 &r.path,

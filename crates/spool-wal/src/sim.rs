@@ -5,9 +5,14 @@
 //! durable by `sync_data`, and, per directory, which entries were made durable
 //! by `sync_dir`. [`SimStorage::crash_image`] then keeps what a real crash is
 //! guaranteed to keep (synced data under synced names) plus an arbitrary
-//! amount of the rest: a prefix of each file's unsynced bytes, whose last
+//! amount of the rest: a prefix of each file's unsynced changes, whose last
 //! bytes may be garbled or read back as zeros (the file size reached the disk
 //! but the data did not), and either state of each unsynced directory entry.
+//!
+//! Unsynced changes include overwrites of synced bytes (records written into
+//! the zeroed region the log keeps ahead of its end) as well as growth (that
+//! region itself, which until synced may come back short, garbled at its end,
+//! or not at all); bytes after the kept prefix are the synced ones.
 //!
 //! It does not model a crash that persists later unsynced pages of a file but
 //! not earlier ones; see "Limits of torn-tail detection" in
@@ -36,6 +41,9 @@ pub enum Fault {
     /// The `nth` `sync_data` or `sync_dir` fails (EIO); nothing it would
     /// have made durable becomes durable.
     Sync { nth: u64 },
+    /// The `nth` `zero_extend` fails with `kind` after growing the file by
+    /// half the requested zeros.
+    ZeroFill { nth: u64, kind: io::ErrorKind },
     /// The `nth` mutating operation (create, write, fsync, truncate, remove,
     /// mkdir) and every operation after it fail: the machine lost power just
     /// before it. Take [`SimStorage::crash_image`] afterwards.
@@ -71,6 +79,7 @@ struct State {
     locks: BTreeSet<PathBuf>,
     faults: Vec<Fault>,
     writes: u64,
+    zero_fills: u64,
     syncs: u64,
     mutations: u64,
     powered_off: bool,
@@ -181,6 +190,10 @@ impl SimStorage {
             Fault::Sync { nth } => Fault::Sync {
                 nth: nth + st.syncs,
             },
+            Fault::ZeroFill { nth, kind } => Fault::ZeroFill {
+                nth: nth + st.zero_fills,
+                kind,
+            },
             Fault::PowerCut { nth } => Fault::PowerCut {
                 nth: nth + st.mutations,
             },
@@ -274,19 +287,26 @@ fn names_in(st: &State, dir: &Path) -> Vec<String> {
 /// What one file may hold after a crash.
 fn crash_contents(file: &SimFile, rng: &mut Rng) -> Vec<u8> {
     let durable_len = file.durable.len();
-    let extends_durable =
-        file.data.len() >= durable_len && file.data[..durable_len] == file.durable[..];
-    if !extends_durable {
-        // Truncated or rewritten since the last sync: either version.
+    if file.data.len() < durable_len {
+        // Truncated since the last sync: either version.
         return if rng.upto(1) == 0 {
             file.durable.clone()
         } else {
             file.data.clone()
         };
     }
-    let unsynced = file.data.len() - durable_len;
+    // Unsynced changes start at the first byte that differs from the synced
+    // contents: an overwrite inside them, or else growth past their end.
+    let first_change = file
+        .data
+        .iter()
+        .zip(&file.durable)
+        .position(|(a, b)| a != b)
+        .unwrap_or(durable_len);
+    let unsynced = file.data.len() - first_change;
     let kept = rng.upto(unsynced);
-    let mut out = file.data[..durable_len + kept].to_vec();
+    let kept_end = first_change + kept;
+    let mut out = file.data[..kept_end].to_vec();
     // Only unsynced bytes may be damaged.
     let damage = rng.upto(kept.min(16));
     let start = out.len() - damage;
@@ -300,6 +320,11 @@ fn crash_contents(file: &SimFile, rng: &mut Rng) -> Vec<u8> {
             }
         }
         _ => out[start..].fill(0),
+    }
+    // Past the kept changes the synced bytes are still there (the size was
+    // synced even where the new data was not).
+    if kept_end < durable_len {
+        out.extend_from_slice(&file.durable[kept_end..]);
     }
     out
 }
@@ -366,6 +391,64 @@ impl WriteFile for SimHandle {
             }
             None => {
                 file.data.extend_from_slice(buf);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.lock_state();
+        st.mutation()?;
+        let n = st.writes;
+        st.writes += 1;
+        let fault = st.faults.iter().find_map(|f| match f {
+            Fault::Write { nth, kind, written } if *nth == n => Some((*kind, *written)),
+            _ => None,
+        });
+        let file = st.file_mut(&self.path)?;
+        let at =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let (buf, result) = match fault {
+            Some((kind, written)) => (
+                &buf[..written.min(buf.len())],
+                Err(io::Error::new(kind, "simulated write failure")),
+            ),
+            None => (buf, Ok(())),
+        };
+        if file.data.len() < at + buf.len() {
+            // Writing past the end leaves zeros in any gap, as a file does.
+            file.data.resize(at + buf.len(), 0);
+        }
+        file.data[at..at + buf.len()].copy_from_slice(buf);
+        result
+    }
+
+    fn zero_extend(&mut self, from: u64, to: u64) -> io::Result<()> {
+        let mut st = self.lock_state();
+        st.mutation()?;
+        let n = st.zero_fills;
+        st.zero_fills += 1;
+        let fault = st.faults.iter().find_map(|f| match f {
+            Fault::ZeroFill { nth, kind } if *nth == n => Some(*kind),
+            _ => None,
+        });
+        let file = st.file_mut(&self.path)?;
+        let bad = || io::Error::from(io::ErrorKind::InvalidInput);
+        let from = usize::try_from(from).map_err(|_| bad())?;
+        let to = usize::try_from(to).map_err(|_| bad())?;
+        if from != file.data.len() || to < from {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "zero_extend must start at the end of the file",
+            ));
+        }
+        match fault {
+            Some(kind) => {
+                file.data.resize(from + (to - from) / 2, 0);
+                Err(io::Error::new(kind, "simulated zero-fill failure"))
+            }
+            None => {
+                file.data.resize(to, 0);
                 Ok(())
             }
         }

@@ -5,7 +5,9 @@
 //!
 //! The trait is deliberately small and shaped like what the log does, not like
 //! a general file system: whole-file sequential reads, appends at the end of
-//! one file, truncation, fsyncs of files and directories.
+//! a file (segment headers), positioned writes (records, into the zeroed
+//! region kept ahead of the log's end), extension with written zeros,
+//! truncation, fsyncs of files and directories.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -29,7 +31,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Opens `path` for sequential reading; also returns its length.
     fn open_read(&self, path: &Path) -> io::Result<(Box<dyn Read + Send>, u64)>;
 
-    /// Opens an existing file for writing, positioned at its end.
+    /// Opens an existing file for writing; `write_all` appends at its end.
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WriteFile>>;
 
     /// Creates a new, empty file; fails if it exists.
@@ -42,11 +44,22 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
-/// A file open for appending.
+/// A file open for writing.
 pub trait WriteFile: Send + fmt::Debug {
     /// Writes all of `buf` at the end of the file. On error, any prefix of
     /// `buf` may have been written.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+
+    /// Writes all of `buf` at byte `offset` (overwriting, or extending the
+    /// file if it runs past the end). On error, any prefix of `buf` may have
+    /// been written.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Grows the file from `from` (its current length) to `to` bytes by
+    /// writing zeros, so that the blocks are allocated and later overwrites
+    /// change no file metadata (`set_len` would leave a sparse hole instead).
+    /// On error, the file may have grown by any number of zero bytes.
+    fn zero_extend(&mut self, from: u64, to: u64) -> io::Result<()>;
 
     /// Makes the file's data durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
@@ -84,6 +97,19 @@ impl WriteFile for FsFile {
         Write::write_all(&mut self.file, buf)
     }
 
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        write_all_at(&self.file, buf, offset)
+    }
+
+    fn zero_extend(&mut self, from: u64, to: u64) -> io::Result<()> {
+        let len = usize::try_from(to.saturating_sub(from))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // One allocation and one write per extension (a few MiB, once per
+        // few MiB of records); a zeroed allocation costs no page touches
+        // until the kernel copies from it.
+        write_all_at(&self.file, &vec![0; len], from)
+    }
+
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -97,6 +123,20 @@ impl WriteFile for FsFile {
         self.file.seek(SeekFrom::Start(len))?;
         Ok(())
     }
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn write_all_at(mut file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    // No positioned write in std here: seek, then write. The file position
+    // is not relied on elsewhere except by `write_all`, which appends to a
+    // file the log only ever grows or cuts before calling it.
+    file.seek(SeekFrom::Start(offset))?;
+    Write::write_all(&mut file, buf)
 }
 
 impl Storage for FsStorage {

@@ -20,9 +20,12 @@ struct Log {
     records: Vec<Vec<Vec<u8>>>,
 }
 
+/// The log, written without zero-fill ahead so that its files hold exactly
+/// the header and records that the damage below is applied to.
 fn build() -> Log {
     let sim = SimStorage::new();
-    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    let options = WalOptions::default().zero_fill_ahead_bytes(0);
+    let (mut wal, _, _) = open_sim(&sim, options).unwrap();
     let mut records = vec![Vec::new(), Vec::new()];
     for (seg, texts) in [
         ["alpha", "", "gamma gamma"],
@@ -157,20 +160,72 @@ fn every_truncation_is_a_torn_tail_in_the_last_segment_only() {
 }
 
 #[test]
-fn zeros_after_the_last_record_are_cut() {
+fn zeros_after_the_last_record_are_a_clean_end() {
+    // The writer's zero-filled region: not reported, not cut, and the next
+    // records go right after the last one, into the zeros.
     let log = build();
     let (path, original) = log.files.last().unwrap();
     for zeros in [1, 7, 8, 9, 4096] {
         let mut bytes = original.clone();
         bytes.resize(bytes.len() + zeros, 0);
         let sim = with_file_replaced(&log, 1, &bytes);
+        let (mut wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
+        assert_eq!(records, log.records.concat());
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(
+            report.file_bytes,
+            (log.files[0].1.len() + original.len()) as u64
+        );
+        assert_eq!(
+            wal.segments()[1].len,
+            original.len() as u64,
+            "logical length"
+        );
+        assert_eq!(sim.read_file(path).unwrap(), bytes, "zeros kept");
+        wal.append(b"eta").unwrap();
+        wal.commit().unwrap();
+        drop(wal);
+        let on_disk = sim.read_file(path).unwrap();
+        assert_eq!(&on_disk[..original.len()], &original[..]);
+        let (_wal, again, report) = open_sim(&sim, WalOptions::default()).unwrap();
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(again.len(), records.len() + 1);
+        assert_eq!(again.last().unwrap(), b"eta");
+    }
+}
+
+#[test]
+fn damage_followed_by_zeros_is_still_a_torn_tail() {
+    let log = build();
+    let (path, original) = log.files.last().unwrap();
+    // Half a record header, then zeros; and zeros, then garbage.
+    for (junk, zeros_first) in [(&[9u8, 0, 0, 0, 1, 2][..], false), (&[0x5a; 3][..], true)] {
+        let mut bytes = original.clone();
+        if zeros_first {
+            bytes.resize(bytes.len() + 100, 0);
+            bytes.extend_from_slice(junk);
+        } else {
+            bytes.extend_from_slice(junk);
+            bytes.resize(bytes.len() + 100, 0);
+        }
+        let sim = with_file_replaced(&log, 1, &bytes);
         let (_wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
         assert_eq!(records, log.records.concat());
         let torn = report.torn_tail.unwrap();
         assert_eq!(torn.offset, original.len() as u64);
-        assert_eq!(torn.discarded_bytes, zeros as u64);
+        assert_eq!(torn.discarded_bytes, (bytes.len() - original.len()) as u64);
         assert_eq!(sim.read_file(path).unwrap(), *original);
     }
+}
+
+#[test]
+fn zeros_at_the_end_of_a_segment_that_is_not_the_last_are_corruption() {
+    let log = build();
+    let mut bytes = log.files[0].1.clone();
+    bytes.resize(bytes.len() + 64, 0);
+    let sim = with_file_replaced(&log, 0, &bytes);
+    let err = open_sim(&sim, WalOptions::default()).unwrap_err();
+    assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
 }
 
 #[test]

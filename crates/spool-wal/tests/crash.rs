@@ -6,6 +6,10 @@
 //! contiguous run of the appended records, in order, ending at or after the
 //! last committed one, and starting no later than the first record that
 //! segment removal was asked to keep.
+//!
+//! Zero-fill ahead is on in most cases (small regions, so that segments fill
+//! and rotate, or the default), so the images include records written over
+//! synced zeros and zero-filled regions that did not (all) reach the disk.
 
 // Helpers outside #[test] functions unwrap too: a panic is how a test fails.
 #![allow(clippy::unwrap_used)]
@@ -16,7 +20,7 @@ use common::{open_sim, parse_segment, sim_dir};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use spool_wal::sim::{Fault, SimStorage};
-use spool_wal::{Wal, WalOptions};
+use spool_wal::{Wal, WalOptions, ZERO_FILL_AHEAD_BYTES};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -73,8 +77,11 @@ fn run(
     power_cut: Option<u64>,
     seed: u64,
     segment_max: u64,
+    zero_fill: u64,
 ) -> Result<(), TestCaseError> {
-    let options = WalOptions::default().segment_max_bytes(segment_max);
+    let options = WalOptions::default()
+        .segment_max_bytes(segment_max)
+        .zero_fill_ahead_bytes(zero_fill);
     let sim = SimStorage::new();
     let (mut wal, _, _) = open_sim(&sim, options.clone()).unwrap();
     if let Some(nth) = power_cut {
@@ -190,8 +197,13 @@ proptest! {
         power_cut in proptest::option::of(0u64..150),
         seed in any::<u64>(),
         segment_max in prop_oneof![Just(64u64 << 20), 48u64..1200],
+        zero_fill in prop_oneof![
+            1 => Just(0u64),
+            3 => 1u64..3000,
+            1 => Just(ZERO_FILL_AHEAD_BYTES),
+        ],
     ) {
-        run(&ops, power_cut, seed, segment_max)?;
+        run(&ops, power_cut, seed, segment_max, zero_fill)?;
     }
 }
 

@@ -256,3 +256,77 @@ fn segments_too_small_for_a_record_are_refused() {
     )
     .unwrap();
 }
+
+#[test]
+fn disk_full_while_zero_filling_falls_back_to_appending() {
+    // The zeros are an optimization: no room for them is not a dropped batch.
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    sim.inject(Fault::ZeroFill {
+        nth: 0,
+        kind: ErrorKind::StorageFull,
+    });
+    wal.append(b"appended").unwrap();
+    wal.commit().unwrap();
+    assert!(!wal.is_poisoned());
+    assert_eq!(wal.stats().zero_fills, 0);
+    let path = wal.segments()[0].path.clone();
+    let len = wal.segments()[0].len;
+    assert_eq!(
+        sim.read_file(&path).unwrap().len() as u64,
+        len,
+        "half-written zeros cut"
+    );
+    // Space is back: the next write fills ahead again.
+    wal.append(b"zero-filled").unwrap();
+    wal.commit().unwrap();
+    assert_eq!(wal.stats().zero_fills, 1);
+    drop(wal);
+    let (_wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
+    assert_eq!(records, vec![b"appended".to_vec(), b"zero-filled".to_vec()]);
+    assert_eq!(report.torn_tail, None);
+}
+
+#[test]
+fn failed_zero_fill_other_than_disk_full_poisons() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    sim.inject(Fault::ZeroFill {
+        nth: 0,
+        kind: ErrorKind::Other,
+    });
+    wal.append(b"a").unwrap();
+    let err = wal.write().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WalError::Io {
+                op: "zero-fill",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_poisoned(&mut wal);
+}
+
+#[test]
+fn rotation_cuts_the_zero_filled_region_durably() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"first segment").unwrap();
+    wal.commit().unwrap();
+    let old = wal.segments()[0].clone();
+    assert!(sim.read_file(&old.path).unwrap().len() as u64 > old.len);
+    wal.rotate().unwrap();
+    assert_eq!(sim.read_file(&old.path).unwrap().len() as u64, old.len);
+    assert_eq!(wal.segments()[0], old, "logical length unchanged");
+    // What any crash from here on leaves of the old segment: no zeros.
+    for seed in 0..16 {
+        let image = sim.crash_image(seed);
+        assert_eq!(image.read_file(&old.path).unwrap().len() as u64, old.len);
+        let (_wal, records, report) = open_sim(&image, WalOptions::default()).unwrap();
+        assert_eq!(records, vec![b"first segment".to_vec()]);
+        assert_eq!(report.torn_tail, None);
+    }
+}

@@ -13,8 +13,10 @@
 //! Checks: opening returns `Ok` or a `WalError`, never panics; when it
 //! recovers, the complete segment's records come first, the last segment is
 //! left holding exactly its header and the recovered records (the torn tail
-//! cut at a record boundary), and the repaired log takes a new record and
-//! reopens cleanly with the same records plus the new one.
+//! cut at a record boundary), followed by nothing or, when no torn tail was
+//! reported, only zeros (the writer's zero-filled region, a clean end), and
+//! the repaired log takes a new record and reopens cleanly with the same
+//! records plus the new one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -75,7 +77,8 @@ pub fn check_recovery(data: &[u8]) {
     assert_eq!(report.records, records.len() as u64);
     assert!(report.torn_tail.as_ref().is_none_or(|t| t.segment == seq));
 
-    // The last segment now holds its header and exactly the recovered records.
+    // The last segment now holds its header and exactly the recovered records,
+    // then at most zeros that were not reported as damage.
     let repaired = sim.read_file(&path).expect("last segment still there");
     assert!(repaired.len() >= 32);
     let header = &repaired[..32];
@@ -87,10 +90,17 @@ pub fn check_recovery(data: &[u8]) {
     for r in &records[prefix.len()..] {
         encode_record(&mut expected, r);
     }
+    let end = 32 + expected.len();
     assert!(
-        repaired[32..] == expected[..],
+        repaired.len() >= end && repaired[32..end] == expected[..],
         "last segment not cut at the last whole record"
     );
+    let rest = &repaired[end..];
+    assert!(
+        rest.is_empty() || (report.torn_tail.is_none() && rest.iter().all(|&b| b == 0)),
+        "last segment holds more than its records and a clean zero tail"
+    );
+    assert_eq!(wal.segments().last().map(|s| s.len), Some(end as u64));
 
     // The repaired log takes new records and reopens cleanly.
     wal.append(b"after recovery").expect("append");
