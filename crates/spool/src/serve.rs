@@ -338,7 +338,12 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
             segment_max_bytes,
         } => {
             let started = std::time::Instant::now();
-            let options = WalOptions::default().segment_max_bytes(*segment_max_bytes);
+            let mut options = WalOptions::default().segment_max_bytes(*segment_max_bytes);
+            if *fsync != FsyncPolicy::Always {
+                // Zero-filling ahead only pays when every commit fsyncs;
+                // otherwise it just doubles the bytes written.
+                options = options.zero_fill_ahead_bytes(0);
+            }
             let recover_dir = dir.clone();
             // Replay runs off the runtime so that the runtime stays free to
             // answer (health checks, once there is an HTTP listener).
