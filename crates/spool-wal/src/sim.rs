@@ -97,6 +97,18 @@ fn power_cut_error() -> io::Error {
 
 impl State {
     /// Counts a mutating operation; fails if the power is (now) off.
+    /// Counts a write (a mutation) and returns the write fault planned for
+    /// it, if any: (error kind, bytes that reach the file first).
+    fn next_write(&mut self) -> io::Result<Option<(io::ErrorKind, usize)>> {
+        self.mutation()?;
+        let n = self.writes;
+        self.writes += 1;
+        Ok(self.faults.iter().find_map(|f| match f {
+            Fault::Write { nth, kind, written } if *nth == n => Some((*kind, *written)),
+            _ => None,
+        }))
+    }
+
     fn mutation(&mut self) -> io::Result<()> {
         if self.powered_off {
             return Err(power_cut_error());
@@ -376,13 +388,7 @@ impl SimHandle {
 impl WriteFile for SimHandle {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut st = self.lock_state();
-        st.mutation()?;
-        let n = st.writes;
-        st.writes += 1;
-        let fault = st.faults.iter().find_map(|f| match f {
-            Fault::Write { nth, kind, written } if *nth == n => Some((*kind, *written)),
-            _ => None,
-        });
+        let fault = st.next_write()?;
         let file = st.file_mut(&self.path)?;
         match fault {
             Some((kind, written)) => {
@@ -398,13 +404,7 @@ impl WriteFile for SimHandle {
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut st = self.lock_state();
-        st.mutation()?;
-        let n = st.writes;
-        st.writes += 1;
-        let fault = st.faults.iter().find_map(|f| match f {
-            Fault::Write { nth, kind, written } if *nth == n => Some((*kind, *written)),
-            _ => None,
-        });
+        let fault = st.next_write()?;
         let file = st.file_mut(&self.path)?;
         let at =
             usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
