@@ -92,19 +92,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- prerequisites ---------------------------------------------------------
-log "building spool (release)"
-cargo build --release -p spool >&2
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-if ! command -v beanstalkd >/dev/null; then
-    log "installing beanstalkd"
-    apt-get update >&2 && apt-get install -y beanstalkd >&2
-fi
-if ((STRACE_JOBS > 0)) && ! command -v strace >/dev/null; then
-    log "installing strace (optional)"
-    { apt-get install -y strace >&2 || { apt-get update >&2 && apt-get install -y strace >&2; }; } ||
-        log "strace unavailable: syscalls per job will be skipped"
-fi
+# --- prerequisites ---------------------------------------------------------
+prerequisites
 for tool in timeout getconf du stat mktemp; do
     command -v "$tool" >/dev/null || { log "missing $tool (coreutils)"; exit 1; }
 done
@@ -216,9 +208,6 @@ stop_server() {
     [[ -n $STOP_STATUS ]] || STOP_STATUS=$rc
     unset "LIVE[$pid]"
 }
-
-# shellcheck source=scripts/bench-lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 # stats_value PORT KEY: KEY's value from one `stats` request; fails if the
 # server does not accept or does not answer with KEY within 1 s.

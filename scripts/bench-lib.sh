@@ -34,3 +34,20 @@ ratio() {
 whole() {
     awk -v a="$1" 'BEGIN { if (a == "-") print "-"; else printf "%.0f", a }'
 }
+
+# prerequisites: builds the release binary; installs beanstalkd and (when
+# STRACE_JOBS > 0) strace if missing. Needs `log` from the calling script.
+prerequisites() {
+    log "building spool (release)"
+    cargo build --release -p spool >&2
+
+    if ! command -v beanstalkd >/dev/null; then
+        log "installing beanstalkd"
+        apt-get update >&2 && apt-get install -y beanstalkd >&2
+    fi
+    if ((STRACE_JOBS > 0)) && ! command -v strace >/dev/null; then
+        log "installing strace (optional)"
+        { apt-get install -y strace >&2 || { apt-get update >&2 && apt-get install -y strace >&2; }; } ||
+            log "strace unavailable: syscalls per job will be skipped"
+    fi
+}

@@ -49,19 +49,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- prerequisites ---------------------------------------------------------
-log "building spool (release)"
-cargo build --release -p spool >&2
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
-if ! command -v beanstalkd >/dev/null; then
-    log "installing beanstalkd"
-    apt-get update >&2 && apt-get install -y beanstalkd >&2
-fi
-if ((STRACE_JOBS > 0)) && ! command -v strace >/dev/null; then
-    log "installing strace (optional)"
-    { apt-get install -y strace >&2 || { apt-get update >&2 && apt-get install -y strace >&2; }; } ||
-        log "strace unavailable: syscalls per job will be skipped"
-fi
+# --- prerequisites ---------------------------------------------------------
+prerequisites
 for tool in timeout getconf; do
     command -v "$tool" >/dev/null || { log "missing $tool (coreutils)"; exit 1; }
 done
@@ -117,9 +109,6 @@ stop_server() {
     kill "${PID[$name]}" 2>/dev/null || true
     wait "${PID[$name]}" 2>/dev/null || true
 }
-
-# shellcheck source=scripts/bench-lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 
 # bench SERVER LABEL RUN ARGS...: one bench run against SERVER. Its JSON
 # and the server's CPU µs per job go to $OUT/SERVER-LABEL-rRUN.{json,cpu};
