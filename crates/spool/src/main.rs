@@ -3,6 +3,8 @@
 //! to exit codes (2 for bad configuration, 1 for everything else).
 
 mod bench;
+mod cpu;
+mod logging;
 mod serve;
 
 use std::process::ExitCode;

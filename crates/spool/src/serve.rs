@@ -8,6 +8,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cpu;
+use crate::logging::{self, LogFormat};
 
 use anyhow::Context;
 use spool_engine::{Engine, EngineConfig};
@@ -88,9 +92,59 @@ pub struct ServeArgs {
     )]
     segment_size: Option<u64>,
 
-    /// Log filter directive, e.g. `info` or `spool_server=debug`.
+    /// Log filter directive, e.g. `info` or `spool_server=debug`; changeable
+    /// at runtime through `PUT /admin/log-level`.
     #[arg(long = "log-level", env = "SPOOL_LOG_LEVEL", default_value = "info")]
     log_level: String,
+
+    /// Log format on stdout: `json` or `text` [default: json when stdout is
+    /// not a terminal, text when it is]
+    #[arg(long = "log-format", env = "SPOOL_LOG_FORMAT")]
+    log_format: Option<String>,
+
+    /// Address of the HTTP listener (probes, /metrics, /admin), IP:PORT.
+    #[arg(
+        long = "http-listen",
+        env = "SPOOL_HTTP_LISTEN",
+        default_value = "127.0.0.1:11301"
+    )]
+    http_listen: String,
+
+    /// Most client connections open at once, over both front doors
+    /// [default: as many as the fd limit allows, keeping headroom]
+    #[arg(long = "max-connections", env = "SPOOL_MAX_CONNECTIONS")]
+    max_connections: Option<String>,
+
+    /// A connection that stops sending in the middle of a command line or
+    /// body for this long is closed (e.g. `30s`, `500ms`); idle connections
+    /// between commands are not.
+    #[arg(
+        long = "request-timeout",
+        env = "SPOOL_REQUEST_TIMEOUT",
+        default_value = "30s"
+    )]
+    request_timeout: String,
+
+    /// A connection whose replies stay unread for this long is closed.
+    #[arg(
+        long = "write-timeout",
+        env = "SPOOL_WRITE_TIMEOUT",
+        default_value = "30s"
+    )]
+    write_timeout: String,
+
+    /// On SIGTERM/SIGINT, how long reserved jobs may take to finish before
+    /// they are released and the process exits.
+    #[arg(
+        long = "shutdown-grace",
+        env = "SPOOL_SHUTDOWN_GRACE",
+        default_value = "25s"
+    )]
+    shutdown_grace: String,
+
+    /// Bearer token that `/admin/*` (and the job API) require when set.
+    #[arg(long = "auth-token", env = "SPOOL_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
 
     /// More log output (beanstalkd's -V); repeat for more.
     #[arg(short = 'V', action = clap::ArgAction::Count)]
@@ -134,9 +188,49 @@ pub enum StorageConfig {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: ListenAddr,
+    pub http_listen: SocketAddr,
     pub max_job_size: u32,
     pub log_filter: String,
+    pub log_format: LogFormat,
     pub storage: StorageConfig,
+    /// None: limited by the fd limit only.
+    pub max_connections: Option<u32>,
+    pub request_timeout: Duration,
+    pub write_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub auth_token: Option<String>,
+}
+
+/// Longest timeout or grace period accepted: a day. Anything longer is
+/// almost certainly a unit mistake (ms given as s).
+const DURATION_SETTING_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
+fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let (digits, unit_ms) = if let Some(v) = value.strip_suffix("ms") {
+        (v, 1)
+    } else if let Some(v) = value.strip_suffix('s') {
+        (v, 1000)
+    } else if let Some(v) = value.strip_suffix('m') {
+        (v, 60_000)
+    } else {
+        (value, 1000)
+    };
+    let count: u64 = digits.trim().parse().ok()?;
+    let duration = Duration::from_millis(count.checked_mul(unit_ms)?);
+    (duration <= DURATION_SETTING_MAX).then_some(duration)
+}
+
+/// Validates a duration setting named by its flag and variable.
+fn duration_setting(names: &str, value: &str, min: Duration) -> Result<Duration, ConfigError> {
+    match parse_duration(value) {
+        Some(d) if d >= min => Ok(d),
+        _ => Err(ConfigError(format!(
+            "{names}={value}: expected a duration like 30s or 500ms, from {}ms to 24h",
+            min.as_millis()
+        ))),
+    }
 }
 
 /// Where the log lives when no directory is given.
@@ -213,11 +307,70 @@ impl ServeArgs {
                 "--log-level/SPOOL_LOG_LEVEL={log_filter}: expected a filter directive like `info` or `spool=debug` ({e})"
             ))
         })?;
+        let log_format = match self.log_format.as_deref() {
+            None => LogFormat::for_stdout(),
+            Some(value) => LogFormat::parse(value).ok_or_else(|| {
+                ConfigError(format!(
+                    "--log-format/SPOOL_LOG_FORMAT={value}: expected json or text"
+                ))
+            })?,
+        };
+        let http_listen = self.http_listen.parse::<SocketAddr>().map_err(|_| {
+            ConfigError(format!(
+                "--http-listen/SPOOL_HTTP_LISTEN={}: expected IP:PORT, e.g. 127.0.0.1:11301",
+                self.http_listen
+            ))
+        })?;
+        let max_connections = match &self.max_connections {
+            None => None,
+            Some(value) => match value.parse::<u32>() {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--max-connections/SPOOL_MAX_CONNECTIONS={value}: expected a number of connections, 1 to {}",
+                        u32::MAX
+                    )))
+                }
+            },
+        };
+        let request_timeout = duration_setting(
+            "--request-timeout/SPOOL_REQUEST_TIMEOUT",
+            &self.request_timeout,
+            Duration::from_millis(1),
+        )?;
+        let write_timeout = duration_setting(
+            "--write-timeout/SPOOL_WRITE_TIMEOUT",
+            &self.write_timeout,
+            Duration::from_millis(1),
+        )?;
+        let shutdown_grace = duration_setting(
+            "--shutdown-grace/SPOOL_SHUTDOWN_GRACE",
+            &self.shutdown_grace,
+            Duration::ZERO,
+        )?;
+        let auth_token = match &self.auth_token {
+            None => None,
+            Some(token) if token.is_empty() || token.chars().any(|c| !c.is_ascii_graphic()) => {
+                // The value is a secret: never echo it.
+                return Err(ConfigError(
+                    "--auth-token/SPOOL_AUTH_TOKEN=<hidden>: expected a non-empty token of printable ASCII without spaces"
+                        .to_string(),
+                ));
+            }
+            Some(token) => Some(token.clone()),
+        };
         Ok(ServeConfig {
             listen,
+            http_listen,
             max_job_size: self.max_job_size,
             log_filter,
+            log_format,
             storage,
+            max_connections,
+            request_timeout,
+            write_timeout,
+            shutdown_grace,
+            auth_token,
         })
     }
 
@@ -303,16 +456,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = args.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_filter))
-        .with_writer(std::io::stderr)
-        .init();
-    // One thread, like beanstalkd: the engine task and every connection
-    // share it, so handing a batch to the engine never crosses threads.
+    let log_control =
+        logging::init(config.log_format, &config.log_filter).context("starting the logger")?;
+    let cpu = cpu::detect();
+    tracing::info!(
+        cpus = cpu.cpus,
+        quota_cpus = ?cpu.quota_cpus,
+        source = %cpu.source,
+        "CPU budget"
+    );
+    // One thread serves the data path, like beanstalkd: the engine task and
+    // every connection share it, so handing a batch to the engine never
+    // crosses threads (measured: two workers on two cores ran the mixed
+    // load at 0.6-0.7x of one). The CPU budget sizes the pools around it.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(cpu.cpus)
         .build()
         .context("starting the async runtime")?;
+    let _ = log_control;
     let log_thread = runtime.block_on(serve(config))?;
     // Dropping the runtime drops the engine task and with it the log link;
     // the log thread then makes a last sync and ends.

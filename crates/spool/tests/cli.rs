@@ -152,6 +152,7 @@ fn start_on_unix(
     let mut cmd = Command::new(spool_bin());
     clear_spool_env(&mut cmd);
     cmd.args(args)
+        .env("SPOOL_HTTP_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -252,4 +253,63 @@ fn sigterm_stops_the_server_and_removes_its_socket() {
     let out = wait_output(child, Duration::from_secs(10));
     assert!(out.status.success(), "exit after SIGTERM: {}", out.status);
     assert!(!path.exists(), "the socket file is still there");
+}
+
+#[test]
+fn bad_operating_settings_exit_2_naming_the_variable() {
+    // (variable, bad value, what the message must also mention)
+    let cases: &[(&str, &str, &str)] = &[
+        ("SPOOL_HTTP_LISTEN", "localhost", "IP:PORT"),
+        ("SPOOL_HTTP_LISTEN", "127.0.0.1:99999", "IP:PORT"),
+        ("SPOOL_LOG_FORMAT", "xml", "json or text"),
+        ("SPOOL_LOG_LEVEL", "[[[", "filter directive"),
+        ("SPOOL_MAX_CONNECTIONS", "0", "number of connections"),
+        ("SPOOL_MAX_CONNECTIONS", "lots", "number of connections"),
+        ("SPOOL_REQUEST_TIMEOUT", "soon", "duration"),
+        ("SPOOL_REQUEST_TIMEOUT", "0s", "duration"),
+        ("SPOOL_WRITE_TIMEOUT", "-1s", "duration"),
+        ("SPOOL_SHUTDOWN_GRACE", "25 minutes", "duration"),
+        ("SPOOL_SHUTDOWN_GRACE", "100000h", "duration"),
+    ];
+    for (variable, value, expected) in cases {
+        let out = run_spool(&["serve", "--in-memory"], &[(variable, value)]);
+        assert_exit(&out, 2, &[variable, value, expected]);
+        assert_eq!(
+            stderr(&out).lines().count(),
+            1,
+            "one line for {variable}={value}: {:?}",
+            stderr(&out)
+        );
+    }
+    // The flags are named too.
+    let out = run_spool(&["serve", "--in-memory", "--shutdown-grace", "x"], &[]);
+    assert_exit(&out, 2, &["--shutdown-grace", "SPOOL_SHUTDOWN_GRACE", "x"]);
+}
+
+#[test]
+fn a_bad_auth_token_is_refused_without_echoing_it() {
+    let out = run_spool(
+        &["serve", "--in-memory"],
+        &[("SPOOL_AUTH_TOKEN", "secret with spaces")],
+    );
+    assert_exit(&out, 2, &["SPOOL_AUTH_TOKEN"]);
+    assert!(!stderr(&out).contains("secret"), "{}", stderr(&out));
+}
+
+#[test]
+fn good_operating_settings_start_the_server() {
+    let server = Server::start_with(&[
+        "--shutdown-grace",
+        "1500ms",
+        "--request-timeout",
+        "2m",
+        "--write-timeout",
+        "10",
+        "--max-connections",
+        "100",
+        "--log-format",
+        "json",
+    ]);
+    let mut c = server.client();
+    c.expect("list-tube-used\r\n", "USING default\r\n");
 }

@@ -222,6 +222,7 @@ impl Spool {
             .arg(dir)
             .args(["-l", "127.0.0.1", "-p", &port.to_string()])
             .args(["--fsync", fsync, "-s", SEGMENT_BYTES])
+            .args(["--http-listen", "127.0.0.1:0"])
             .env("SPOOL_LOG_LEVEL", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

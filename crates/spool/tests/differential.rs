@@ -1245,7 +1245,8 @@ impl Peer {
             }
             Peer::Spool => {
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_spool"));
-                cmd.args(["serve", "--in-memory", "-l", "127.0.0.1", "-p", &port]);
+                cmd.args(["serve", "--in-memory", "-l", "127.0.0.1", "-p", &port])
+                    .args(["--http-listen", "127.0.0.1:0"]);
                 cmd
             }
         }

@@ -33,6 +33,7 @@ impl Durable {
         cmd.arg("serve")
             .args(args)
             .args(["-l", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(extra)
             .env("SPOOL_LOG_LEVEL", "warn")
             .stdin(Stdio::null())
@@ -198,6 +199,8 @@ fn two_servers_cannot_share_a_data_directory() {
         dir.path().to_str().expect("utf-8"),
         "-p",
         "0",
+        "--http-listen",
+        "127.0.0.1:0",
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
@@ -219,6 +222,7 @@ fn an_unusable_data_dir_is_a_clear_error() {
     let mut cmd = Command::new(spool_bin());
     clear_spool_env(&mut cmd);
     cmd.args(["serve", "-b", file.to_str().expect("utf-8"), "-p", "0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

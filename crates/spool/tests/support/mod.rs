@@ -46,6 +46,8 @@ pub fn run_spool(args: &[&str], env: &[(&str, &str)]) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     clear_spool_env(&mut cmd);
+    // Parallel tests must not all try the default HTTP port.
+    cmd.env("SPOOL_HTTP_LISTEN", "127.0.0.1:0");
     for (key, value) in env {
         cmd.env(key, value);
     }
@@ -125,10 +127,12 @@ pub enum Addr {
 pub struct Server {
     child: Child,
     addr: Addr,
-    /// The server's stderr, drained by a thread so it can never block the
-    /// server; the last 64 KiB are kept for failure messages.
-    stderr: Arc<Mutex<Vec<u8>>>,
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
+    /// The HTTP listener (probes, /metrics, /admin); None for an oracle.
+    http: Option<SocketAddr>,
+    /// The server's stdout (its logs) and stderr, drained by threads so
+    /// they can never block the server; the last 64 KiB are kept.
+    output: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     /// Keeps a unix socket's directory alive as long as the server.
     _dir: Option<TempDir>,
 }
@@ -189,6 +193,7 @@ impl Server {
         addr: Addr,
         dir: Option<TempDir>,
     ) -> Result<Server, String> {
+        let mut http = None;
         let mut cmd = match oracle() {
             Some(bin) => {
                 let mut cmd = Command::new(bin);
@@ -202,45 +207,39 @@ impl Server {
                     .args(&listen)
                     .args(extra)
                     .env("SPOOL_LOG_LEVEL", "warn");
+                if !extra.contains(&"--http-listen") {
+                    let port = free_port();
+                    let http_addr = SocketAddr::from(([127, 0, 0, 1], port));
+                    cmd.args(["--http-listen", &http_addr.to_string()]);
+                    http = Some(http_addr);
+                }
                 cmd
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("spawning: {e}"))?;
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let stderr_reader = child.stderr.take().map(|mut pipe| {
-            let stderr = stderr.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut kept = stderr.lock().unwrap_or_else(|e| e.into_inner());
-                    kept.extend_from_slice(&chunk[..n]);
-                    let excess = kept.len().saturating_sub(64 * 1024);
-                    kept.drain(..excess);
-                }
-            })
-        });
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning: {e}"))?;
+        let (output, readers) = drain_output(&mut child);
         let mut server = Server {
             child,
             addr,
-            stderr,
-            stderr_reader,
+            http,
+            output,
+            readers,
             _dir: dir,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = server.child.try_wait().map_err(|e| e.to_string())? {
-                if let Some(reader) = server.stderr_reader.take() {
+                for reader in server.readers.drain(..) {
                     let _ = reader.join();
                 }
                 return Err(format!(
                     "server exited with {status}: {}",
-                    server.stderr_text()
+                    server.output_text()
                 ));
             }
             if server.probe() {
@@ -296,18 +295,52 @@ impl Server {
         kb * 1024
     }
 
-    /// What the server wrote to stderr so far (its last 64 KiB).
-    pub fn stderr_text(&self) -> String {
-        let kept = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+    /// What the server wrote to stdout and stderr so far (the last 64 KiB).
+    pub fn output_text(&self) -> String {
+        let kept = self.output.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&kept).into_owned()
+    }
+
+    /// The server's HTTP listener.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .expect("the server has an HTTP listener (spool, not an oracle)")
+    }
+
+    /// One HTTP/1.1 request to the server's HTTP listener.
+    pub fn http(&self, method: &str, path: &str, body: &str) -> HttpReply {
+        http_request(self.http_addr(), method, path, &[], body)
+    }
+
+    /// Sends `signal` (e.g. libc's SIGTERM number) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the server to exit; None if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Panics unless the server process is still running.
     pub fn assert_alive(&mut self) {
         if let Some(status) = self.child.try_wait().expect("try_wait") {
             panic!(
-                "the server exited: {status}; stderr: {}",
-                self.stderr_text()
+                "the server exited: {status}; output: {}",
+                self.output_text()
             );
         }
     }
@@ -317,10 +350,155 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(reader) = self.stderr_reader.take() {
+        for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
     }
+}
+
+/// A free loopback port (another process may take it before it is bound:
+/// callers retry on a bind failure).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// Drains a child's stdout and stderr into one buffer (the last 64 KiB), so
+/// the child can never block on a full pipe.
+pub fn drain_output(child: &mut Child) -> (Arc<Mutex<Vec<u8>>>, Vec<std::thread::JoinHandle<()>>) {
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    let pipes: Vec<Box<dyn Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for mut pipe in pipes {
+        let output = output.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                let mut kept = output.lock().unwrap_or_else(|e| e.into_inner());
+                kept.extend_from_slice(&chunk[..n]);
+                let excess = kept.len().saturating_sub(64 * 1024);
+                kept.drain(..excess);
+            }
+        }));
+    }
+    (output, readers)
+}
+
+/// An HTTP reply: status, headers (lower-cased names) and body.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`, every step bounded by
+/// [`REPLY_TIMEOUT`]. A hand-rolled client on purpose: the tests check the
+/// server's bytes, not a client library's reading of them.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpReply {
+    let mut stream = TcpStream::connect_timeout(&addr, REPLY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("timeout");
+    stream
+        .set_write_timeout(Some(REPLY_TIMEOUT))
+        .expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream
+        .write_all(request.as_bytes())
+        .expect("sending the request");
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("reading the reply to {method} {path}: {e}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Decodes a chunked body.
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
 }
 
 /// A TCP or unix-socket stream.
