@@ -144,7 +144,7 @@ launch() {
         log "port $port is already in use; pick another with SPOOL_PORT / BEANSTALKD_PORT"
         exit 1
     fi
-    local spool=(env SPOOL_LOG_LEVEL="$level" "$BIN" serve -l 127.0.0.1 -p "$port")
+    local spool=(env SPOOL_LOG_LEVEL="$level" SPOOL_LOG_FORMAT=text "$BIN" serve -l 127.0.0.1 -p "$port" --http-listen 127.0.0.1:0)
     # beanstalkd wants its binlog directory to exist.
     [[ $variant == *-mem ]] || mkdir -p "$dir"
     case $variant in

@@ -83,7 +83,7 @@ start_server() {
     case $name in
     beanstalkd) beanstalkd -l 127.0.0.1 -p "$port" >"$OUT/$name.log" 2>&1 &
         pid=$! ;;
-    spool) SPOOL_LOG_LEVEL=warn "$BIN" serve --in-memory -l 127.0.0.1 -p "$port" >"$OUT/$name.log" 2>&1 &
+    spool) SPOOL_LOG_LEVEL=warn "$BIN" serve --in-memory -l 127.0.0.1 -p "$port" --http-listen 127.0.0.1:0 >"$OUT/$name.log" 2>&1 &
         pid=$! ;;
     esac
     STARTED_PIDS+=("$pid")
