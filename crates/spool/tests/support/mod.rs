@@ -154,6 +154,17 @@ impl Server {
     /// Like [`Server::start`] with extra `spool serve` flags (only `-z N`
     /// is passed on to an oracle).
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_storage(&["--in-memory"], extra)
+    }
+
+    /// `spool serve -b DIR EXTRA` (durable, fsync always unless `extra`
+    /// says otherwise) on an ephemeral loopback port.
+    pub fn start_durable(dir: &Path, extra: &[&str]) -> Server {
+        let dir = dir.to_str().expect("utf-8 path");
+        Server::start_storage(&["-b", dir], extra)
+    }
+
+    fn start_storage(storage: &[&str], extra: &[&str]) -> Server {
         // Binding port 0 picks a free port; the server then binds it. If
         // another process takes it in between, the server exits and we try
         // again with a new port.
@@ -164,12 +175,13 @@ impl Server {
                 probe.local_addr().expect("local addr").port()
             };
             let addr = Addr::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
-            let args = vec![
+            let mut args: Vec<String> = storage.iter().map(|s| s.to_string()).collect();
+            args.extend([
                 "-l".to_string(),
                 "127.0.0.1".to_string(),
                 "-p".to_string(),
                 port.to_string(),
-            ];
+            ]);
             match Server::spawn(args, extra, addr, None) {
                 Ok(server) => return server,
                 Err(e) => last_error = e,
@@ -182,7 +194,11 @@ impl Server {
     pub fn start_unix() -> Server {
         let dir = TempDir::new("sock");
         let path = dir.path().join("s.sock");
-        let args = vec!["-l".to_string(), format!("unix:{}", path.display())];
+        let args = vec![
+            "--in-memory".to_string(),
+            "-l".to_string(),
+            format!("unix:{}", path.display()),
+        ];
         Server::spawn(args, &[], Addr::Unix(path), Some(dir))
             .unwrap_or_else(|e| panic!("could not start a server: {e}"))
     }
@@ -197,13 +213,14 @@ impl Server {
         let mut cmd = match oracle() {
             Some(bin) => {
                 let mut cmd = Command::new(bin);
-                cmd.args(&listen).args(extra);
+                let listen = listen.iter().filter(|a| *a != "--in-memory");
+                cmd.args(listen).args(extra);
                 cmd
             }
             None => {
                 let mut cmd = Command::new(spool_bin());
                 clear_spool_env(&mut cmd);
-                cmd.args(["serve", "--in-memory"])
+                cmd.arg("serve")
                     .args(&listen)
                     .args(extra)
                     .env("SPOOL_LOG_LEVEL", "warn");
