@@ -17,10 +17,22 @@ use spool_proto::limits::{DEADLINE_SAFETY_MARGIN_NS, MIN_TTR_NS, URGENT_PRIORITY
 use spool_proto::{JobStats, Put, PutBody, Request, Response, ServerStats, TubeName, TubeStats};
 
 use crate::job::{Job, JobId, JobState};
+use crate::metrics::Histogram;
 use crate::ms::Ms;
 use crate::record::{job_record_log_bytes, JobRecord, LogRecord, RestState};
+use crate::snapshot::{
+    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SNAPSHOT_RESERVED_IDS_MAX,
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Freed tubes whose counters and histograms are kept, by name, for when
+/// the tube comes back: beanstalkd frees a tube as soon as nothing refers to
+/// it, and a counter that vanished and restarted at zero with every idle
+/// moment would make `rate()` useless. Bounded because clients may use any
+/// number of tube names; past it the longest-retired name is forgotten.
+/// About 1 KiB each.
+pub const RETIRED_QUEUES_MAX: usize = 1024;
 
 /// Whole seconds left until `deadline`. beanstalkd reads its clock anew for
 /// every reply, so some time has always passed since the event that set the
@@ -80,6 +92,28 @@ struct Tube {
     /// Length of the current pause; 0 when not paused.
     pause_ns: u64,
     unpause_at_ns: u64,
+    metrics: QueueMetrics,
+}
+
+/// A tube's cumulative counters and histograms: what outlives the tube (see
+/// [`RETIRED_QUEUES_MAX`]).
+#[derive(Debug, Clone)]
+struct QueueMetrics {
+    counters: QueueCounters,
+    wait: Histogram,
+    run: Histogram,
+    skew: Histogram,
+}
+
+impl Default for QueueMetrics {
+    fn default() -> Self {
+        QueueMetrics {
+            counters: QueueCounters::default(),
+            wait: Histogram::queue_latency(),
+            run: Histogram::queue_latency(),
+            skew: Histogram::queue_latency(),
+        }
+    }
 }
 
 /// The kinds of timer `tick` runs, in the order they win ties.
@@ -97,6 +131,8 @@ enum Timer {
 struct Wait {
     /// When the wait ends with `TIMED_OUT` or `DEADLINE_SOON`, if ever.
     timer_at_ns: Option<u64>,
+    /// When the reserve began, for introspection.
+    since_ns: u64,
 }
 
 #[derive(Debug)]
@@ -190,6 +226,13 @@ pub struct Engine {
     live_log_bytes: u64,
     /// The disk is full: puts are refused, other changes go on.
     disk_full: bool,
+    /// A graceful shutdown: puts are refused and reserves never block.
+    shutting_down: bool,
+    /// Metrics of freed tubes by name, with the order they were freed in
+    /// (see [`RETIRED_QUEUES_MAX`]).
+    retired: HashMap<TubeName, (u64, QueueMetrics)>,
+    retired_order: BTreeMap<u64, TubeName>,
+    next_retired_seq: u64,
 }
 
 /// A record that does not fit the jobs replayed before it.
@@ -234,6 +277,10 @@ impl Engine {
             storage_failed: false,
             live_log_bytes: 0,
             disk_full: false,
+            shutting_down: false,
+            retired: HashMap::new(),
+            retired_order: BTreeMap::new(),
+            next_retired_seq: 0,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -252,6 +299,35 @@ impl Engine {
 
     pub fn is_draining(&self) -> bool {
         self.draining
+    }
+
+    /// Starts a graceful shutdown, for good: puts are refused with
+    /// `DRAINING` (as while draining), every blocked reserve is answered
+    /// `TIMED_OUT` now, and reserves from now on answer `TIMED_OUT` at once
+    /// instead of blocking. Reserved jobs stay with their sessions so that
+    /// workers can finish them; their TTRs still run.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        let mut blocked: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.wait.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        // In id order, so that the replies do not depend on hash order.
+        blocked.sort_unstable();
+        for id in blocked {
+            self.time_out_wait(id);
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// How many jobs `conn` has reserved (0 for an unknown session).
+    pub fn reserved_count(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn).map_or(0, |c| c.reserved.len())
     }
 
     /// Record durable changes as [`LogRecord`]s from now on.
@@ -544,7 +620,7 @@ impl Engine {
                 self.cmd_reserve(conn, Some(timeout), now)
             }
             Request::ReserveJob(id) => self.cmd_reserve_job(conn, id, now),
-            Request::Delete(id) => self.cmd_delete(conn, id),
+            Request::Delete(id) => self.cmd_delete(conn, id, now),
             Request::Release {
                 id,
                 pri,
@@ -649,7 +725,9 @@ impl Engine {
                 Timer::Delay => {
                     let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
                     let tube = self.jobs[&id].tube;
-                    self.tube_mut(tube).delayed.remove(&(due, id));
+                    let t = self.tube_mut(tube);
+                    t.delayed.remove(&(due, id));
+                    t.metrics.skew.observe_ns(now - due);
                     self.enqueue(id, 0, now);
                 }
                 Timer::Pause => {
@@ -674,7 +752,9 @@ impl Engine {
                     debug_assert_eq!(job.seq, seq);
                     job.timeouts += 1;
                     job.attempts += 1;
+                    let tube = job.tube;
                     self.counters.job_timeouts += 1;
+                    self.tube_mut(tube).metrics.counters.timed_out += 1;
                     self.release_reservation_of(id);
                     self.enqueue(id, 0, now);
                 }
@@ -736,8 +816,93 @@ impl Engine {
             current_workers: c.workers,
             current_waiting: c.waiting,
             total_connections: c.total_connections,
-            draining: self.draining,
+            draining: self.draining || self.shutting_down,
             process: Default::default(),
+        }
+    }
+
+    /// Everything the operating surface shows, at `now`. Costs a pass over
+    /// tubes and sessions (not jobs): meant for scrapes and admin requests,
+    /// not for every round.
+    pub fn snapshot(&self, now: u64) -> EngineSnapshot {
+        let queues = self
+            .tube_order
+            .iter()
+            .map(|tube| {
+                let t = self.tube(tube);
+                Self::queue_snapshot(t.name.to_string(), &t.metrics, Some(t), now)
+            })
+            .collect();
+        let retired_queues = self
+            .retired_order
+            .values()
+            .filter_map(|name| {
+                let (_, metrics) = self.retired.get(name)?;
+                Some(Self::queue_snapshot(name.to_string(), metrics, None, now))
+            })
+            .collect();
+        let mut sessions: Vec<SessionSnapshot> = self
+            .conns
+            .iter()
+            .map(|(&conn_id, conn)| SessionSnapshot {
+                conn_id,
+                tube_used: self.tube(conn.use_tube).name.to_string(),
+                watched: conn
+                    .watch
+                    .iter()
+                    .map(|t| self.tube(t).name.to_string())
+                    .collect(),
+                reserved_job_ids: conn
+                    .reserved
+                    .values()
+                    .take(SNAPSHOT_RESERVED_IDS_MAX)
+                    .copied()
+                    .collect(),
+                reserved_count: conn.reserved.len() as u64,
+                blocked_in_reserve_ns: conn.wait.as_ref().map(|w| now.saturating_sub(w.since_ns)),
+            })
+            .collect();
+        sessions.sort_unstable_by_key(|s| s.conn_id);
+        EngineSnapshot {
+            now_ns: now,
+            jobs_total: self.jobs.len() as u64,
+            queues,
+            retired_queues,
+            sessions,
+            draining: self.draining || self.shutting_down,
+            shutting_down: self.shutting_down,
+            storage_failed: self.storage_failed,
+            disk_full: self.disk_full,
+            next_job_id: self.next_job_id,
+            server: self.stats(),
+        }
+    }
+
+    /// A live tube's snapshot, or a retired tube's (`tube` None: no jobs).
+    fn queue_snapshot(
+        name: String,
+        metrics: &QueueMetrics,
+        tube: Option<&Tube>,
+        now: u64,
+    ) -> QueueSnapshot {
+        let count = |f: fn(&Tube) -> u64| tube.map_or(0, f);
+        QueueSnapshot {
+            name,
+            ready: count(|t| t.ready.len() as u64),
+            urgent: count(|t| t.urgent),
+            reserved: count(|t| t.reserved),
+            delayed: count(|t| t.delayed.len() as u64),
+            buried: count(|t| t.buried.len() as u64),
+            waiting_reservers: count(|t| t.waiting.len() as u64),
+            using: count(|t| t.using),
+            watching: count(|t| t.watching),
+            // A pause whose end has passed is over even if no tick ran yet.
+            paused: tube.is_some_and(|t| t.pause_ns > 0 && t.unpause_at_ns > now),
+            total_jobs: count(|t| t.total_jobs),
+            counters: metrics.counters,
+            wait: metrics.wait.clone(),
+            run: metrics.run.clone(),
+            skew: metrics.skew.clone(),
         }
     }
 
@@ -806,7 +971,7 @@ impl Engine {
         self.set_producer(conn_id);
         let id = self.next_job_id;
         self.next_job_id += 1;
-        if self.draining {
+        if self.draining || self.shutting_down {
             return Some(Response::Draining);
         }
         if self.storage_failed || self.disk_full {
@@ -817,7 +982,9 @@ impl Engine {
         let ttr_ns = u64::from(put.ttr_secs) * NS_PER_SEC;
         self.insert_job(id, tube, put.pri, delay_ns, ttr_ns, body, now);
         self.counters.total_jobs += 1;
-        self.tube_mut(tube).total_jobs += 1;
+        let t = self.tube_mut(tube);
+        t.total_jobs += 1;
+        t.metrics.counters.put += 1;
         if self.logging {
             let job = &self.jobs[&id];
             self.log.push(LogRecord::Put(JobRecord {
@@ -937,6 +1104,10 @@ impl Engine {
         now: u64,
     ) -> Option<Response> {
         self.set_worker(conn_id);
+        if self.shutting_down {
+            // No new work, and no reserve may hold a session open.
+            return Some(Response::TimedOut);
+        }
         if self.deadline_soon(conn_id, now) && !self.conn_ready(conn_id) {
             return Some(Response::DeadlineSoon);
         }
@@ -962,7 +1133,7 @@ impl Engine {
         None
     }
 
-    fn cmd_delete(&mut self, conn_id: ConnId, id: JobId) -> Option<Response> {
+    fn cmd_delete(&mut self, conn_id: ConnId, id: JobId, now: u64) -> Option<Response> {
         self.counters.cmd_delete += 1;
         if self.storage_failed {
             return Some(Response::InternalError);
@@ -970,22 +1141,31 @@ impl Engine {
         let Some(job) = self.jobs.get(&id) else {
             return Some(Response::NotFound);
         };
-        let (state, tube, pri, deadline, seq, reserver) = (
+        let (state, tube, pri, deadline, seq, reserver, ttr) = (
             job.state,
             job.tube,
             job.pri,
             job.deadline_at_ns,
             job.seq,
             job.reserver,
+            job.ttr_ns,
         );
         match state {
-            JobState::Reserved if reserver == Some(conn_id) => self.release_reservation_of(id),
+            JobState::Reserved if reserver == Some(conn_id) => {
+                self.release_reservation_of(id);
+                // The deadline is the reservation (or last touch) plus TTR.
+                let reserved_at = deadline.saturating_sub(ttr);
+                let run_ns = now.saturating_sub(reserved_at);
+                self.tube_mut(tube).metrics.run.observe_ns(run_ns);
+            }
             JobState::Reserved => return Some(Response::NotFound),
             JobState::Ready => self.remove_ready(tube, pri, id),
             JobState::Buried => self.remove_buried(tube, seq, id),
             JobState::Delayed => self.remove_delayed(tube, deadline, id),
         }
-        self.tube_mut(tube).cmd_delete += 1;
+        let t = self.tube_mut(tube);
+        t.cmd_delete += 1;
+        t.metrics.counters.deleted += 1;
         self.drop_job(id);
         self.record(|| LogRecord::Delete { id });
         Some(Response::Deleted)
@@ -1007,6 +1187,8 @@ impl Engine {
         job.pri = pri;
         job.delay_ns = delay_ns;
         job.releases += 1;
+        let tube = job.tube;
+        self.tube_mut(tube).metrics.counters.released += 1;
         self.record(|| LogRecord::Update {
             id,
             pri,
@@ -1021,7 +1203,10 @@ impl Engine {
         if let Err(refusal) = self.take_back(conn_id, id) {
             return Some(refusal);
         }
-        self.jobs.get_mut(&id).expect("job exists").pri = pri;
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.pri = pri;
+        let tube = job.tube;
+        self.tube_mut(tube).metrics.counters.buried += 1;
         self.bury(id);
         self.record(|| LogRecord::Update {
             id,
@@ -1130,6 +1315,9 @@ impl Engine {
             self.tube_mut(tube).delayed.insert((due, id));
         } else {
             job.state = JobState::Ready;
+            // A ready job has no deadline: the field holds when it became
+            // ready, for the wait histogram, at no cost per job.
+            job.deadline_at_ns = now;
             let urgent = pri < URGENT_PRIORITY_THRESHOLD;
             let t = self.tube_mut(tube);
             t.ready.insert((pri, id));
@@ -1164,6 +1352,7 @@ impl Engine {
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.kicks += 1;
         let pri = job.pri;
+        self.tube_mut(tube).metrics.counters.kicked += 1;
         self.record(|| LogRecord::Update {
             id,
             pri,
@@ -1229,17 +1418,27 @@ impl Engine {
         self.counters.reserved -= 1;
     }
 
+    /// Hands a job that is in no queue (but still says the state it was
+    /// taken from) to `conn`.
     fn reserve_job(&mut self, conn_id: ConnId, id: JobId, now: u64) {
         let seq = self.next_seq();
         let job = self.jobs.get_mut(&id).expect("job exists");
+        let waited_ns =
+            (job.state == JobState::Ready).then(|| now.saturating_sub(job.deadline_at_ns));
+        let tube = job.tube;
         job.deadline_at_ns = now + job.ttr_ns;
         job.state = JobState::Reserved;
         job.reserver = Some(conn_id);
         job.reserves += 1;
         job.seq = seq;
         job.version += 1;
-        let (deadline, tube, body) = (job.deadline_at_ns, job.tube, job.body.clone());
-        self.tube_mut(tube).reserved += 1;
+        let (deadline, body) = (job.deadline_at_ns, job.body.clone());
+        let t = self.tube_mut(tube);
+        t.reserved += 1;
+        t.metrics.counters.reserved += 1;
+        if let Some(waited_ns) = waited_ns {
+            t.metrics.wait.observe_ns(waited_ns);
+        }
         self.counters.reserved += 1;
         self.reservations.insert((deadline, seq, id));
         let conn = self.conns.get_mut(&conn_id).expect("connected");
@@ -1301,7 +1500,10 @@ impl Engine {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        conn.wait = Some(Wait { timer_at_ns });
+        conn.wait = Some(Wait {
+            timer_at_ns,
+            since_ns: now,
+        });
         let watch: Vec<TubeId> = conn.watch.iter().collect();
         if let Some(at) = timer_at_ns {
             self.wait_timers.insert((at, conn_id));
@@ -1400,6 +1602,13 @@ impl Engine {
                 slot
             }
         };
+        let metrics = match self.retired.remove(name) {
+            Some((seq, metrics)) => {
+                self.retired_order.remove(&seq);
+                metrics
+            }
+            None => QueueMetrics::default(),
+        };
         self.tubes[slot as usize] = Some(Tube {
             name: name.clone(),
             refs: 0,
@@ -1416,6 +1625,7 @@ impl Engine {
             cmd_pause_tube: 0,
             pause_ns: 0,
             unpause_at_ns: 0,
+            metrics,
         });
         self.tube_order.push(TubeId(slot));
         TubeId(slot)
@@ -1439,6 +1649,21 @@ impl Engine {
         self.tube_order.remove(tube);
         self.waited_tubes.remove(&tube);
         self.free_tube_slots.push(tube.0);
+        self.retire(t.name, t.metrics);
+    }
+
+    /// Keeps a freed tube's metrics for when its name comes back.
+    fn retire(&mut self, name: TubeName, metrics: QueueMetrics) {
+        let seq = self.next_retired_seq;
+        self.next_retired_seq += 1;
+        self.retired_order.insert(seq, name.clone());
+        self.retired.insert(name, (seq, metrics));
+        while self.retired.len() > RETIRED_QUEUES_MAX {
+            let Some((_, oldest)) = self.retired_order.pop_first() else {
+                break;
+            };
+            self.retired.remove(&oldest);
+        }
     }
 
     /// Checks the cross-structure invariants; for tests.

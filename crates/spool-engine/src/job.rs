@@ -62,7 +62,9 @@ pub struct Job {
     pub ttr_ns: u64,
     pub body: Bytes,
     pub created_at_ns: u64,
-    /// When a delayed job becomes ready, or when a reservation expires.
+    /// When a delayed job becomes ready, or when a reservation expires. A
+    /// ready job has no deadline: there it holds when the job became ready,
+    /// which the wait histogram needs (no extra field per job).
     pub deadline_at_ns: u64,
     pub state: JobState,
     /// Failed attempts so far (TTR expiries, later also worker `fail`s).

@@ -8,11 +8,17 @@
 
 mod engine;
 mod job;
+pub mod metrics;
 mod ms;
 mod record;
+mod snapshot;
 
-pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId};
+pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, RETIRED_QUEUES_MAX};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
+pub use metrics::{Buckets, Histogram};
 pub use record::{
     job_record_log_bytes, JobRecord, LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION,
+};
+pub use snapshot::{
+    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SNAPSHOT_RESERVED_IDS_MAX,
 };

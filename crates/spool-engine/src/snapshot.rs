@@ -1,0 +1,112 @@
+//! Plain-data pictures of the engine for metrics and introspection.
+//!
+//! [`Engine::snapshot`](crate::Engine::snapshot) fills an
+//! [`EngineSnapshot`] at one `now`; adapters turn it into Prometheus text,
+//! `/admin/*` JSON or `spool top` rows without touching the engine again.
+//! Everything here is owned data, so a snapshot can cross threads and
+//! outlive the round it was taken in.
+
+use spool_proto::ServerStats;
+
+use crate::metrics::Histogram;
+
+/// Reserved job ids listed per session in a snapshot: enough to spot a
+/// worker that hoards jobs; past it only the count grows, so one session
+/// holding a million reservations cannot make a snapshot huge.
+pub const SNAPSHOT_RESERVED_IDS_MAX: usize = 64;
+
+/// Cumulative job events of one queue (tube), for the
+/// `spool_jobs_*_total{queue}` counters. They start at zero when the
+/// process starts (replaying the log counts nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Jobs put (accepted puts only).
+    pub put: u64,
+    /// Jobs handed to a worker: `reserve`, `reserve-with-timeout`,
+    /// `reserve-job`.
+    pub reserved: u64,
+    pub deleted: u64,
+    /// `release` commands that succeeded. Jobs that go back to ready because
+    /// their session closed are not releases.
+    pub released: u64,
+    /// `bury` commands that succeeded.
+    pub buried: u64,
+    /// Jobs kicked, one per job (a `kick 10` that moves 10 jobs counts 10).
+    pub kicked: u64,
+    /// Reservations that expired (TTR).
+    pub timed_out: u64,
+}
+
+/// One queue at the snapshot's `now`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSnapshot {
+    pub name: String,
+    pub ready: u64,
+    /// Ready jobs with a priority below 1024 (beanstalkd's "urgent").
+    pub urgent: u64,
+    pub reserved: u64,
+    pub delayed: u64,
+    pub buried: u64,
+    /// Sessions blocked in a reserve that watch this queue.
+    pub waiting_reservers: u64,
+    /// Sessions using it (for puts) and watching it (for reserves).
+    pub using: u64,
+    pub watching: u64,
+    pub paused: bool,
+    /// Jobs ever put into this queue while it existed, counting replayed
+    /// jobs (beanstalkd's `total-jobs`).
+    pub total_jobs: u64,
+    pub counters: QueueCounters,
+    /// Ready → reserved.
+    pub wait: Histogram,
+    /// Reserved → deleted (from the last `touch`, if any: the engine keeps
+    /// no separate reservation start per job).
+    pub run: Histogram,
+    /// Due time of a delayed job → the tick that made it ready.
+    pub skew: Histogram,
+}
+
+/// One client session at the snapshot's `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSnapshot {
+    pub conn_id: u64,
+    pub tube_used: String,
+    pub watched: Vec<String>,
+    /// Reserved jobs in reservation order, at most
+    /// [`SNAPSHOT_RESERVED_IDS_MAX`] of them.
+    pub reserved_job_ids: Vec<u64>,
+    /// All reserved jobs, listed or not.
+    pub reserved_count: u64,
+    /// How long it has been blocked in a reserve, if it is.
+    pub blocked_in_reserve_ns: Option<u64>,
+}
+
+/// The engine at one `now`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSnapshot {
+    /// The engine time the snapshot was taken at.
+    pub now_ns: u64,
+    /// Live jobs, in every state.
+    pub jobs_total: u64,
+    /// Live queues in `list-tubes` order.
+    pub queues: Vec<QueueSnapshot>,
+    /// Queues that were freed (no job, no session refers to them) but
+    /// whose counters and histograms are kept so that Prometheus counters
+    /// never go backwards when a tube comes and goes; at most
+    /// [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX), all counts zero.
+    pub retired_queues: Vec<QueueSnapshot>,
+    /// Sessions by id.
+    pub sessions: Vec<SessionSnapshot>,
+    /// Puts are refused (SIGUSR1 drain or shutdown).
+    pub draining: bool,
+    /// A graceful shutdown has begun.
+    pub shutting_down: bool,
+    /// The log failed; durable changes are refused until restart.
+    pub storage_failed: bool,
+    /// The disk is full; puts are refused.
+    pub disk_full: bool,
+    /// The id the next job will get.
+    pub next_job_id: u64,
+    /// beanstalkd's `stats` counters (process fields left empty).
+    pub server: ServerStats,
+}
