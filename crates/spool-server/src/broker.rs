@@ -6,8 +6,10 @@
 //! same two traits, so adapters need no change when it lands.
 
 use std::fmt;
+use std::future::Future;
 use std::task::{Context, Poll};
 
+use spool_engine::EngineSnapshot;
 use spool_proto::{Request, Response};
 
 /// Why a broker could not serve a session.
@@ -33,6 +35,21 @@ pub struct Peer {
     pub addr: String,
 }
 
+/// What readiness probes and alerts need to know, read without asking the
+/// engine (see [`Broker::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerHealth {
+    /// The log failed with this error; durable changes are refused until
+    /// restart.
+    pub storage_failed: Option<String>,
+    /// The disk is full; puts are refused until space returns.
+    pub disk_full: bool,
+    /// Puts are refused with `DRAINING` (SIGUSR1, or shutting down).
+    pub draining: bool,
+    /// [`Broker::begin_shutdown`] was called.
+    pub shutting_down: bool,
+}
+
 pub trait Broker: Clone + Send + Sync + 'static {
     type Session: Session;
 
@@ -42,11 +59,33 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// Refuses new jobs with `DRAINING` while set.
     fn set_draining(&self, draining: bool);
+
+    /// Queues, sessions and counters as they are now, for metrics and
+    /// introspection. Costs a pass over queues and sessions on the engine.
+    fn snapshot(&self) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send;
+
+    /// Cheap and synchronous: for probes that must answer while the engine
+    /// is busy.
+    fn health(&self) -> BrokerHealth;
+
+    /// Starts a graceful shutdown (SIGTERM), for good: puts are answered
+    /// `DRAINING`; every blocked reserve, and every reserve from now on, is
+    /// answered `TIMED_OUT` at once; a session that holds no reserved job
+    /// and has no request in progress is closed (its `poll_recv` returns
+    /// `Ready(false)` after its last replies); one that holds reserved jobs
+    /// stays open so its worker can delete, release or bury them, and is
+    /// closed once it holds none. Whoever enforces the grace period drops
+    /// the sessions left, which releases their jobs.
+    fn begin_shutdown(&self);
 }
 
 /// One client's session. Dropping it closes the session: a blocked reserve
 /// is abandoned and reserved jobs go back to ready.
 pub trait Session: Send + 'static {
+    /// The broker's number for this session, as snapshots show it
+    /// ([`spool_engine::SessionSnapshot::conn_id`]).
+    fn id(&self) -> u64;
+
     /// Queues requests for execution in order. Every request gets exactly
     /// one response, in order; a blocking `reserve` holds back the responses
     /// of the requests after it until it completes. `quit` must not be sent:

@@ -28,7 +28,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spool_engine::{Engine, LogRecord, RecordError, ReplayError};
+use spool_engine::{Buckets, Engine, Histogram, LogRecord, RecordError, ReplayError};
 use spool_wal::{RecoveryReport, Wal, WalError, WalOptions};
 use tokio::sync::mpsc;
 
@@ -73,7 +73,7 @@ pub enum FsyncPolicy {
 
 /// Figures about the log for metrics and `stats`, updated by the log thread
 /// after every commit. Counters only grow.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageStats {
     /// Commits: one write (and, with `fsync always`, one fsync) each.
     pub commits: u64,
@@ -95,6 +95,32 @@ pub struct StorageStats {
     pub current_segment: u64,
     /// Set once the log failed; changes are refused until restart.
     pub failed: Option<String>,
+    /// Every fsync's duration (`spool_wal_fsync_seconds`).
+    pub fsync_seconds: Histogram,
+    /// Records per commit (`spool_wal_commit_batch_size`).
+    pub commit_batch_records: Histogram,
+}
+
+impl Default for StorageStats {
+    fn default() -> Self {
+        StorageStats {
+            commits: 0,
+            records_written: 0,
+            largest_commit_records: 0,
+            bytes_written: 0,
+            fsyncs: 0,
+            fsync_ns_total: 0,
+            fsync_ns_max: 0,
+            compactions: 0,
+            segments: 0,
+            log_bytes: 0,
+            oldest_segment: 0,
+            current_segment: 0,
+            failed: None,
+            fsync_seconds: Histogram::new(Buckets::IoLatency),
+            commit_batch_records: Histogram::new(Buckets::CommitBatch),
+        }
+    }
 }
 
 /// Shared view of [`StorageStats`].
@@ -480,6 +506,7 @@ impl LogWriter {
         stats.fsyncs += 1;
         stats.fsync_ns_total += ns;
         stats.fsync_ns_max = stats.fsync_ns_max.max(ns);
+        stats.fsync_seconds.observe_ns(ns);
         Ok(())
     }
 
@@ -516,6 +543,7 @@ impl LogWriter {
         stats.commits += 1;
         stats.records_written += records;
         stats.largest_commit_records = stats.largest_commit_records.max(records);
+        stats.commit_batch_records.observe_records(records);
     }
 
     /// Publishes the log's shape; returns its size in bytes.

@@ -11,18 +11,26 @@
 //! round's replies are held until the log acknowledges that batch. Rounds
 //! that change nothing durable queue behind the last held round, so every
 //! session still receives its replies in request order.
+//!
+//! For the operating surface the engine task also answers snapshot requests
+//! (through a oneshot, in the round the request arrives), keeps the health
+//! flags that probes read without asking it, and runs the broker's side of
+//! a graceful shutdown: once it has begun, every round closes the sessions
+//! that hold no reserved job and have nothing in progress.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use spool_engine::{ConnId, Engine, IdHasher, LogRecord};
+use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord};
 use spool_proto::{Request, Response};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::broker::{Broker, BrokerError, Peer, Session};
+use crate::broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
+use crate::durable::SharedStorageStats;
 use crate::process::ProcessInfo;
 
 /// Messages the engine task handles in one wake-up before it runs timers and
@@ -157,6 +165,20 @@ enum Msg {
     Hangup { id: ConnId },
     Close { id: ConnId },
     SetDraining(bool),
+    Snapshot(oneshot::Sender<EngineSnapshot>),
+    BeginShutdown,
+}
+
+/// The health flags: written by the engine task (and by the broker handle
+/// for the flags it sets itself, so that they read true at once), read by
+/// [`Broker::health`] from any thread.
+#[derive(Debug, Default)]
+struct HealthFlags {
+    /// Set once: a failed log stays failed until restart.
+    storage_failed: OnceLock<String>,
+    disk_full: AtomicBool,
+    draining: AtomicBool,
+    shutting_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Msg {
@@ -205,6 +227,8 @@ enum Delivery {
 pub struct LocalBroker {
     tx: mpsc::UnboundedSender<Msg>,
     next_id: Arc<AtomicU64>,
+    health: Arc<HealthFlags>,
+    storage: Option<SharedStorageStats>,
 }
 
 impl LocalBroker {
@@ -217,7 +241,10 @@ impl LocalBroker {
         process: ProcessInfo,
     ) -> LocalBroker {
         let (tx, rx) = mpsc::unbounded_channel();
+        let health = Arc::new(HealthFlags::default());
+        let storage = log.as_ref().map(|sink| sink.stats().clone());
         let task = EngineTask {
+            health: health.clone(),
             engine,
             clock,
             sessions: Default::default(),
@@ -239,7 +266,15 @@ impl LocalBroker {
         LocalBroker {
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
+            health,
+            storage,
         }
+    }
+
+    /// The log's figures (commits, fsync latency, segments), or `None` when
+    /// jobs are kept in memory only.
+    pub fn storage_stats(&self) -> Option<SharedStorageStats> {
+        self.storage.clone()
     }
 }
 
@@ -263,7 +298,35 @@ impl Broker for LocalBroker {
     }
 
     fn set_draining(&self, draining: bool) {
+        self.health.draining.store(draining, Ordering::Relaxed);
         let _ = self.tx.send(Msg::SetDraining(draining));
+    }
+
+    fn snapshot(&self) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let sent = self.tx.send(Msg::Snapshot(reply_tx)).is_ok();
+        async move {
+            if !sent {
+                return Err(BrokerError::Closed);
+            }
+            reply_rx.await.map_err(|_| BrokerError::Closed)
+        }
+    }
+
+    fn health(&self) -> BrokerHealth {
+        let flags = &self.health;
+        let shutting_down = flags.shutting_down.load(Ordering::Relaxed);
+        BrokerHealth {
+            storage_failed: flags.storage_failed.get().cloned(),
+            disk_full: flags.disk_full.load(Ordering::Relaxed),
+            draining: shutting_down || flags.draining.load(Ordering::Relaxed),
+            shutting_down,
+        }
+    }
+
+    fn begin_shutdown(&self) {
+        self.health.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Msg::BeginShutdown);
     }
 }
 
@@ -275,6 +338,10 @@ pub struct LocalSession {
 }
 
 impl Session for LocalSession {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
     fn submit(&mut self, requests: Vec<Request>) -> Result<(), BrokerError> {
         self.tx
             .send(Msg::Submit {
@@ -347,6 +414,7 @@ struct EngineTask {
     touched: Vec<ConnId>,
     process: ProcessInfo,
     log: Option<LogState>,
+    health: Arc<HealthFlags>,
 }
 
 impl EngineTask {
@@ -386,6 +454,9 @@ impl EngineTask {
                 if !self.collect() {
                     break;
                 }
+            }
+            if self.engine.is_shutting_down() {
+                self.close_idle_sessions();
             }
             self.finish_round();
             next_wake = self.engine.next_wake();
@@ -441,6 +512,39 @@ impl EngineTask {
             }
             Msg::Close { id } => self.close(id),
             Msg::SetDraining(draining) => self.engine.set_draining(draining),
+            Msg::Snapshot(reply) => {
+                // The asker may have given up; that is its business.
+                let _ = reply.send(self.engine.snapshot(self.clock.now_ns()));
+            }
+            Msg::BeginShutdown => {
+                if !self.engine.is_shutting_down() {
+                    tracing::info!(
+                        sessions = self.sessions.len(),
+                        "shutting down: refusing puts, ending reserves, closing idle sessions"
+                    );
+                }
+                self.health.shutting_down.store(true, Ordering::Relaxed);
+                self.engine.begin_shutdown();
+            }
+        }
+    }
+
+    /// While shutting down: closes every session that holds no reserved
+    /// job and has nothing pending, after the replies it already has.
+    fn close_idle_sessions(&mut self) {
+        let idle: Vec<ConnId> = self
+            .sessions
+            .iter()
+            .filter(|&(&id, session)| {
+                !session.queued
+                    && session.pending.is_empty()
+                    && !self.engine.is_waiting(id)
+                    && self.engine.reserved_count(id) == 0
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            self.close(id);
         }
     }
 
@@ -620,9 +724,14 @@ impl EngineTask {
                     }
                 }
             }
-            Some(CommitAck::DiskFull(full)) => self.engine.set_disk_full(full),
+            Some(CommitAck::DiskFull(full)) => {
+                self.health.disk_full.store(full, Ordering::Relaxed);
+                self.engine.set_disk_full(full);
+            }
             Some(CommitAck::Failed { error }) => {
                 tracing::error!(%error, "write-ahead log failed; refusing changes until restart");
+                // Only the first failure is kept: it is the cause.
+                let _ = self.health.storage_failed.set(error);
                 self.engine.set_storage_failed();
                 // The held changes may not be on disk: their requests fail.
                 while let Some((_, deliveries)) = log.held.pop_front() {
@@ -698,5 +807,289 @@ async fn sleep(until: Option<Instant>) {
     match until {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use spool_engine::EngineConfig;
+    use spool_proto::{Put, PutBody, TubeName};
+
+    use super::*;
+
+    /// Generous: only a broken broker waits this long.
+    const REPLY_DEADLINE: Duration = Duration::from_secs(10);
+    /// Snapshots taken while waiting for the engine to reach a state.
+    const SNAPSHOT_POLLS_MAX: usize = 1000;
+
+    fn broker() -> LocalBroker {
+        let engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"))
+    }
+
+    fn put(body: &'static [u8]) -> Request {
+        Request::Put(Put {
+            pri: 0,
+            delay_secs: 0,
+            ttr_secs: 60,
+            body: PutBody::Complete(Bytes::from_static(body)),
+        })
+    }
+
+    /// The next replies, or `None` once the session is closed and drained.
+    async fn next(session: &mut LocalSession) -> Option<Vec<Response>> {
+        let mut out = Vec::new();
+        let open = tokio::time::timeout(
+            REPLY_DEADLINE,
+            std::future::poll_fn(|cx| session.poll_recv(cx, &mut out)),
+        )
+        .await
+        .expect("the broker answers");
+        open.then_some(out)
+    }
+
+    /// Exactly `count` replies (they may come in several deliveries).
+    async fn replies(session: &mut LocalSession, count: usize) -> Vec<Response> {
+        let mut all = Vec::new();
+        while all.len() < count {
+            match next(session).await {
+                Some(more) => all.extend(more),
+                None => panic!("closed after {all:?}"),
+            }
+        }
+        assert_eq!(all.len(), count, "{all:?}");
+        all
+    }
+
+    async fn closed(session: &mut LocalSession) {
+        assert_eq!(next(session).await, None);
+    }
+
+    /// Waits (bounded) until the engine shows `session` blocked in reserve.
+    async fn until_blocked(broker: &LocalBroker, session: u64) {
+        for _ in 0..SNAPSHOT_POLLS_MAX {
+            let snapshot = broker.snapshot().await.unwrap();
+            let blocked = snapshot
+                .sessions
+                .iter()
+                .any(|s| s.conn_id == session && s.blocked_in_reserve_ns.is_some());
+            if blocked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("session {session} never blocked in reserve");
+    }
+
+    #[tokio::test]
+    async fn snapshot_round_trips_through_the_engine_task() {
+        let broker = broker();
+        assert!(broker.storage_stats().is_none());
+        let mut session = broker.open_session(Peer::default()).unwrap();
+        let tube = TubeName::new(b"emails").unwrap();
+        session
+            .submit(vec![Request::Use(tube.clone()), put(b"a"), put(b"b")])
+            .unwrap();
+        let got = replies(&mut session, 3).await;
+        assert!(matches!(got[1], Response::Inserted(_)), "{got:?}");
+
+        let snapshot = broker.snapshot().await.unwrap();
+        assert_eq!(snapshot.jobs_total, 2);
+        let queue = snapshot.queues.iter().find(|q| q.name == "emails").unwrap();
+        assert_eq!(queue.ready, 2);
+        assert_eq!(queue.counters.put, 2);
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.sessions[0].conn_id, session.id());
+        assert_eq!(snapshot.sessions[0].tube_used, "emails");
+        assert_eq!(broker.health(), BrokerHealth::default());
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_blocked_reserves_and_closes_idle_sessions() {
+        let broker = broker();
+        let mut waiter = broker.open_session(Peer::default()).unwrap();
+        let mut timed = broker.open_session(Peer::default()).unwrap();
+        let mut idle = broker.open_session(Peer::default()).unwrap();
+        waiter.submit(vec![Request::Reserve]).unwrap();
+        timed
+            .submit(vec![Request::ReserveWithTimeout {
+                timeout_secs: Some(3600),
+            }])
+            .unwrap();
+        until_blocked(&broker, waiter.id()).await;
+        until_blocked(&broker, timed.id()).await;
+
+        broker.begin_shutdown();
+        let health = broker.health();
+        assert!(health.shutting_down && health.draining);
+        assert_eq!(replies(&mut waiter, 1).await, vec![Response::TimedOut]);
+        closed(&mut waiter).await;
+        assert_eq!(replies(&mut timed, 1).await, vec![Response::TimedOut]);
+        closed(&mut timed).await;
+        closed(&mut idle).await;
+
+        // A session opened during the shutdown is closed at once too.
+        let mut late = broker.open_session(Peer::default()).unwrap();
+        closed(&mut late).await;
+        let snapshot = broker.snapshot().await.unwrap();
+        assert!(snapshot.sessions.is_empty(), "{snapshot:?}");
+        assert!(snapshot.shutting_down);
+    }
+
+    #[tokio::test]
+    async fn shutdown_keeps_a_session_with_reservations_until_it_holds_none() {
+        let broker = broker();
+        let mut worker = broker.open_session(Peer::default()).unwrap();
+        worker
+            .submit(vec![
+                put(b"one"),
+                put(b"two"),
+                Request::Reserve,
+                Request::Reserve,
+            ])
+            .unwrap();
+        let got = replies(&mut worker, 4).await;
+        let [Response::Inserted(_), Response::Inserted(_), Response::Reserved { id: first, .. }, Response::Reserved { id: second, .. }] =
+            got.as_slice()
+        else {
+            panic!("{got:?}");
+        };
+        let (first, second) = (*first, *second);
+
+        broker.begin_shutdown();
+        // Still open: puts are refused, reserves do not block, its jobs are
+        // its own to finish.
+        worker
+            .submit(vec![
+                put(b"three"),
+                Request::Reserve,
+                Request::ReserveWithTimeout { timeout_secs: None },
+                Request::Delete(first),
+            ])
+            .unwrap();
+        assert_eq!(
+            replies(&mut worker, 4).await,
+            vec![
+                Response::Draining,
+                Response::TimedOut,
+                Response::TimedOut,
+                Response::Deleted
+            ]
+        );
+        let snapshot = broker.snapshot().await.unwrap();
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.sessions[0].reserved_job_ids, vec![second]);
+
+        // Releasing the last one ends the session after the reply.
+        worker
+            .submit(vec![Request::Release {
+                id: second,
+                pri: 0,
+                delay_secs: 0,
+            }])
+            .unwrap();
+        assert_eq!(replies(&mut worker, 1).await, vec![Response::Released]);
+        closed(&mut worker).await;
+        let snapshot = broker.snapshot().await.unwrap();
+        assert!(snapshot.sessions.is_empty());
+        assert_eq!(snapshot.jobs_total, 1);
+        assert_eq!(snapshot.queues[0].ready, 1);
+    }
+
+    #[tokio::test]
+    async fn storage_stats_count_fsyncs_and_commit_batches() {
+        // A fresh directory of our own; removed at the end.
+        let dir = std::env::temp_dir().join(format!(
+            "spool-local-test-{}-{}",
+            std::process::id(),
+            Clock::start().epoch_ns()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let clock = Clock::start();
+        let mut engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        let (wal, _) =
+            crate::durable::recover(&dir, Default::default(), &mut engine, &clock).unwrap();
+        let (link, thread) = crate::durable::spawn_log_thread(
+            wal,
+            &dir,
+            crate::durable::FsyncPolicy::Always,
+            clock.epoch_ns(),
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
+        let broker = LocalBroker::start(
+            engine,
+            clock,
+            Some(LogSink::Thread(link)),
+            ProcessInfo::new("test"),
+        );
+        let mut session = broker.open_session(Peer::default()).unwrap();
+        session.submit(vec![put(b"a"), put(b"b")]).unwrap();
+        let got = replies(&mut session, 2).await;
+        assert!(
+            got.iter().all(|r| matches!(r, Response::Inserted(_))),
+            "{got:?}"
+        );
+
+        // Acknowledged under `fsync always`: the commit and its fsync are
+        // counted before the acknowledgement left the log thread.
+        let stats = broker
+            .storage_stats()
+            .expect("a durable broker has storage stats");
+        let stats = stats.lock().unwrap().clone();
+        assert!(stats.fsync_seconds.count() >= 1, "{stats:?}");
+        assert_eq!(stats.fsync_seconds.count(), stats.fsyncs);
+        assert_eq!(stats.fsync_seconds.sum_ns(), stats.fsync_ns_total);
+        assert_eq!(stats.commit_batch_records.count(), stats.commits);
+        assert_eq!(
+            stats.commit_batch_records.sum_observed(),
+            stats.records_written
+        );
+        assert!(stats.records_written >= 2);
+        assert_eq!(broker.health().storage_failed, None);
+
+        drop(session);
+        drop(broker);
+        // The engine task drops the link when it sees the broker gone; the
+        // log thread then ends. Not waited for beyond the runtime's life.
+        drop(thread);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn draining_shows_in_health_and_refuses_puts_only() {
+        let broker = broker();
+        let mut session = broker.open_session(Peer::default()).unwrap();
+        broker.set_draining(true);
+        assert!(broker.health().draining);
+        assert!(!broker.health().shutting_down);
+        session
+            .submit(vec![
+                put(b"x"),
+                Request::ReserveWithTimeout {
+                    timeout_secs: Some(0),
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            replies(&mut session, 2).await,
+            vec![Response::Draining, Response::TimedOut]
+        );
+        // Not closed: the session goes on serving.
+        session.submit(vec![Request::ListTubeUsed]).unwrap();
+        assert_eq!(
+            replies(&mut session, 1).await,
+            vec![Response::Using(TubeName::default_tube())]
+        );
+        broker.set_draining(false);
+        assert!(!broker.health().draining);
     }
 }
