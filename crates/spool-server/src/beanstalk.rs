@@ -15,20 +15,40 @@
 //! to be written; past either bound the task stops reading from the client.
 //! The task polls its mailbox and socket by hand rather than through
 //! `select!`, so a waiting connection stores no futures.
+//!
+//! Every accepted connection is admitted through the [`Connections`]
+//! registry (refused ones are closed at once) and keeps its record there up
+//! to date: bytes, state, current command. Two timers guard against clients
+//! that hold a connection hostage, each allocated only while it runs: a
+//! connection stalled in the middle of a request for `request_timeout` (the
+//! slowloris attack), or whose replies wait unread for `write_timeout`, is
+//! closed. A connection idle between commands, or blocked in `reserve`, has
+//! neither timer and is never closed for idling; TCP keepalive finds peers
+//! that vanished.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
+use socket2::{SockRef, TcpKeepalive};
 use spool_proto::limits::{PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
 use spool_proto::{encode_response, ProtocolError, Request, RequestDecoder, Response};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::time::{Instant, Sleep};
 
 use crate::broker::{Broker, Peer, Session};
+use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
+use crate::limits::{
+    ACCEPT_ERROR_BACKOFF, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL,
+    WRITE_TIMEOUT_DEFAULT,
+};
 
 /// Size of the per-thread scratch buffer reads land in: enough for a burst
 /// of pipelined commands.
@@ -51,6 +71,23 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct BeanstalkConfig {
     pub max_job_size: u32,
+    /// A connection with part of a request buffered that receives no byte
+    /// for this long is closed (reason `request_timeout`).
+    pub request_timeout: Duration,
+    /// A connection whose replies wait unwritten, the client not reading,
+    /// for this long is closed (reason `write_timeout`).
+    pub write_timeout: Duration,
+}
+
+impl BeanstalkConfig {
+    /// The given job size limit and the default timeouts.
+    pub fn new(max_job_size: u32) -> BeanstalkConfig {
+        BeanstalkConfig {
+            max_job_size,
+            request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            write_timeout: WRITE_TIMEOUT_DEFAULT,
+        }
+    }
 }
 
 /// Where the beanstalkd protocol is served.
@@ -78,35 +115,65 @@ impl BeanstalkListener {
     }
 }
 
-/// Accepts connections until `shutdown` completes.
+/// Accepts connections until `shutdown` completes, admitting each through
+/// `connections`; then drops the listener and returns. Connection tasks keep
+/// running: the caller ends them through the broker (drain) and
+/// [`Connections::close_all`].
 pub async fn serve<B: Broker>(
     listener: BeanstalkListener,
     broker: B,
     config: BeanstalkConfig,
+    connections: Connections,
     shutdown: impl Future<Output = ()>,
 ) {
+    let config = Arc::new(config);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => return,
             accepted = accept(&listener) => accepted,
         };
+        let accepted = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Counted when it is fd exhaustion; either way back off
+                // instead of spinning on an error that persists.
+                if connections.record_accept_error(&e) {
+                    tracing::debug!(error = %e, "accept failed: out of file descriptors");
+                } else {
+                    tracing::warn!(error = %e, "accept failed");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                }
+            }
+        };
+        let handle = match connections.try_admit(Protocol::Beanstalk) {
+            Ok(handle) => handle,
+            Err(reason) => {
+                // Dropping the socket closes it; the refusal is counted.
+                tracing::debug!(%reason, "connection refused");
+                continue;
+            }
+        };
         match accepted {
-            Ok(Accepted::Tcp(stream, peer)) => {
+            Accepted::Tcp(stream, peer) => {
                 // Replies are small and latency matters more than packet count.
                 let _ = stream.set_nodelay(true);
-                spawn_connection(stream, peer, &broker, &config);
+                let keepalive = TcpKeepalive::new()
+                    .with_time(TCP_KEEPALIVE_IDLE)
+                    .with_interval(TCP_KEEPALIVE_INTERVAL);
+                if let Err(e) = SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                    tracing::debug!(error = %e, "cannot enable TCP keepalive");
+                }
+                spawn_connection(stream, peer, handle, &broker, &config);
             }
-            Ok(Accepted::Unix(stream)) => {
+            Accepted::Unix(stream) => {
                 let peer = Peer {
                     addr: "unix".to_string(),
                 };
-                spawn_connection(stream, peer, &broker, &config);
-            }
-            Err(e) => {
-                // Out of fds or similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                spawn_connection(stream, peer, handle, &broker, &config);
             }
         }
     }
@@ -135,14 +202,20 @@ async fn accept(listener: &BeanstalkListener) -> io::Result<Accepted> {
 fn spawn_connection<S: Socket, B: Broker>(
     stream: S,
     peer: Peer,
+    handle: ConnHandle,
     broker: &B,
-    config: &BeanstalkConfig,
+    config: &Arc<BeanstalkConfig>,
 ) {
+    handle.set_peer(peer.addr.clone());
     match broker.open_session(peer) {
         Ok(session) => {
-            tokio::spawn(Connection::new(stream, session, config.max_job_size).run());
+            handle.set_session_id(session.id());
+            tokio::spawn(Connection::new(stream, session, handle, config.clone()).run());
         }
-        Err(e) => tracing::warn!(error = %e, "cannot open a session"),
+        Err(e) => {
+            handle.close_reason(CloseReason::Server);
+            tracing::warn!(error = %e, "cannot open a session");
+        }
     }
 }
 
@@ -203,67 +276,147 @@ struct Connection<S, Sess> {
     /// requests waiting for room in the pipeline.
     input: BytesMut,
     output: Vec<u8>,
-    /// One entry per request not yet answered, in order: `None` while the
-    /// broker works on it, `Some` once the reply is known.
-    slots: VecDeque<Option<Response>>,
-    /// Slots that are `None`.
+    /// One entry per request not yet answered, in order.
+    slots: VecDeque<Slot>,
+    /// Slots that are `Waiting`.
     awaiting: usize,
     responses: Vec<Response>,
     batch: Vec<Request>,
-    /// The client sent `quit` or closed its side.
-    done_reading: bool,
+    /// Set once the client sent `quit` or closed its side, or the broker
+    /// closed the session: nothing more is read, and the connection closes
+    /// for this reason once its replies are written.
+    ending: Option<CloseReason>,
+    config: Arc<BeanstalkConfig>,
+    /// Runs while part of a request is buffered and the connection is
+    /// reading; restarted by every byte received.
+    request_timer: Option<Pin<Box<Sleep>>>,
+    /// Runs while replies wait for the socket; restarted by every byte
+    /// written.
+    write_timer: Option<Pin<Box<Sleep>>>,
+    /// Last, so the record ends after the session and socket are gone.
+    handle: ConnHandle,
+}
+
+/// A request's place in the reply order.
+enum Slot {
+    /// Handed to the broker, reply not back; the command's name.
+    Waiting(&'static str),
+    Answered(Response),
 }
 
 enum Step {
     Continue,
-    Close,
+    Close(CloseReason),
+}
+
+/// Why a socket error ends a connection: the client going away, or
+/// something else.
+fn io_close_reason(error: &io::Error) -> CloseReason {
+    match error.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof => CloseReason::Client,
+        _ => CloseReason::IoError,
+    }
+}
+
+/// The command's name as the protocol spells it, for introspection.
+fn command_name(request: &Request) -> &'static str {
+    match request {
+        Request::Put(_) => "put",
+        Request::Use(_) => "use",
+        Request::Reserve => "reserve",
+        Request::ReserveWithTimeout { .. } => "reserve-with-timeout",
+        Request::ReserveJob(_) => "reserve-job",
+        Request::Delete(_) => "delete",
+        Request::Release { .. } => "release",
+        Request::Bury { .. } => "bury",
+        Request::Touch(_) => "touch",
+        Request::Watch(_) => "watch",
+        Request::Ignore(_) => "ignore",
+        Request::Peek(_) => "peek",
+        Request::PeekReady => "peek-ready",
+        Request::PeekDelayed => "peek-delayed",
+        Request::PeekBuried => "peek-buried",
+        Request::Kick { .. } => "kick",
+        Request::KickJob(_) => "kick-job",
+        Request::StatsJob(_) => "stats-job",
+        Request::StatsTube(_) => "stats-tube",
+        Request::Stats => "stats",
+        Request::ListTubes => "list-tubes",
+        Request::ListTubeUsed => "list-tube-used",
+        Request::ListTubesWatched => "list-tubes-watched",
+        Request::PauseTube { .. } => "pause-tube",
+        Request::Quit => "quit",
+    }
+}
+
+/// Whether a command may wait for a job, for the `reserving` state.
+fn blocks_for_a_job(command: &str) -> bool {
+    matches!(command, "reserve" | "reserve-with-timeout")
 }
 
 impl<S: Socket, Sess: Session> Connection<S, Sess> {
-    fn new(stream: S, session: Sess, max_job_size: u32) -> Self {
+    fn new(stream: S, session: Sess, handle: ConnHandle, config: Arc<BeanstalkConfig>) -> Self {
         Connection {
             stream,
             session,
-            decoder: RequestDecoder::new(max_job_size),
+            decoder: RequestDecoder::new(config.max_job_size),
             input: BytesMut::new(),
             output: Vec::new(),
             slots: VecDeque::new(),
             awaiting: 0,
             responses: Vec::new(),
             batch: Vec::new(),
-            done_reading: false,
+            ending: None,
+            config,
+            request_timer: None,
+            write_timer: None,
+            handle,
         }
     }
 
     async fn run(mut self) {
-        std::future::poll_fn(|cx| self.poll(cx)).await;
+        let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
+        self.handle.close_reason(reason);
+    }
+
+    fn done_reading(&self) -> bool {
+        self.ending.is_some()
+    }
+
+    /// With room in the pipeline, `pump` has decoded every complete request,
+    /// so leftover input is a partial one that needs bytes.
+    fn can_read(&self) -> bool {
+        !self.done_reading()
+            && self.slots.len() < PIPELINED_REQUESTS_MAX
+            && self.output.len() < WRITE_BUFFER_MAX_BYTES
     }
 
     /// Polls the mailbox and the socket directly instead of awaiting futures,
     /// so the task stores nothing but the `Connection` while it waits.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if self.handle.poll_close_requested(cx).is_ready() {
+            return Poll::Ready(CloseReason::Shutdown);
+        }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progressed = false;
             if let Poll::Ready(open) = self.session.poll_recv(cx, &mut self.responses) {
                 progressed = true;
-                if let Step::Close = self.on_replies(open) {
-                    return Poll::Ready(());
+                if let Step::Close(reason) = self.on_replies(open) {
+                    return Poll::Ready(reason);
                 }
             }
-            // With room in the pipeline, `pump` has decoded every complete
-            // request, so leftover input is a partial one that needs bytes.
-            let can_read = !self.done_reading
-                && self.slots.len() < PIPELINED_REQUESTS_MAX
-                && self.output.len() < WRITE_BUFFER_MAX_BYTES;
-            if can_read {
+            if self.can_read() {
                 if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
                     progressed = true;
                     let step = match ready {
                         Ok(()) => self.on_readable(),
-                        Err(_) => Step::Close,
+                        Err(e) => Step::Close(io_close_reason(&e)),
                     };
-                    if let Step::Close = step {
-                        return Poll::Ready(());
+                    if let Step::Close(reason) = step {
+                        return Poll::Ready(reason);
                     }
                 }
             }
@@ -272,18 +425,21 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                     progressed = true;
                     let step = match ready {
                         Ok(()) => self.pump(),
-                        Err(_) => Step::Close,
+                        Err(e) => Step::Close(io_close_reason(&e)),
                     };
-                    if let Step::Close = step {
-                        return Poll::Ready(());
+                    if let Step::Close(reason) = step {
+                        return Poll::Ready(reason);
                     }
                 }
             }
-            if self.done_reading && self.slots.is_empty() && self.output.is_empty() {
-                return Poll::Ready(());
+            if let Some(reason) = self.ending {
+                if self.slots.is_empty() && self.output.is_empty() {
+                    return Poll::Ready(reason);
+                }
             }
             if !progressed {
-                return Poll::Pending;
+                self.show_state();
+                return self.poll_timers(cx);
             }
         }
         // Busy connection: let others run, then continue.
@@ -291,23 +447,81 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         Poll::Pending
     }
 
+    /// Starts, keeps or drops the two timers for what the connection waits
+    /// on now, and says whether one has run out. Called when nothing more
+    /// can be done, so an idle connection drops both.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let mid_request = self.can_read() && (!self.input.is_empty() || !self.decoder.is_idle());
+        if !mid_request {
+            self.request_timer = None;
+        } else if self.request_timer.is_none() {
+            self.request_timer = Some(Box::pin(tokio::time::sleep(self.config.request_timeout)));
+        }
+        if self.output.is_empty() {
+            self.write_timer = None;
+        } else if self.write_timer.is_none() {
+            self.write_timer = Some(Box::pin(tokio::time::sleep(self.config.write_timeout)));
+        }
+        if let Some(timer) = &mut self.request_timer {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(CloseReason::RequestTimeout);
+            }
+        }
+        if let Some(timer) = &mut self.write_timer {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(CloseReason::WriteTimeout);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Publishes what the connection waits on, and the command it runs.
+    fn show_state(&self) {
+        let state = if !self.output.is_empty() {
+            ConnState::Writing
+        } else if self.awaiting > 0 {
+            let running = self.slots.iter().find_map(|slot| match slot {
+                Slot::Waiting(command) => Some(*command),
+                Slot::Answered(_) => None,
+            });
+            if let Some(command) = running {
+                self.handle.set_command(command);
+            }
+            match running {
+                Some(command) if blocks_for_a_job(command) => ConnState::Reserving,
+                _ => ConnState::Executing,
+            }
+        } else if !self.input.is_empty() || !self.decoder.is_idle() {
+            ConnState::Reading
+        } else {
+            ConnState::Idle
+        };
+        self.handle.set_state(state);
+    }
+
     fn on_replies(&mut self, open: bool) -> Step {
         for response in self.responses.drain(..) {
-            match self.slots.iter_mut().find(|s| s.is_none()) {
+            match self
+                .slots
+                .iter_mut()
+                .find(|slot| matches!(slot, Slot::Waiting(_)))
+            {
                 Some(slot) => {
-                    *slot = Some(response);
+                    *slot = Slot::Answered(response);
                     self.awaiting -= 1;
                 }
                 // A reply we did not ask for: the broker is confused; drop
                 // the connection rather than answer out of order.
-                None => return Step::Close,
+                None => return Step::Close(CloseReason::Server),
             }
         }
         if !open {
             // The broker closed the session: say what we have, then go.
-            self.slots.retain(Option::is_some);
+            self.slots.retain(|slot| matches!(slot, Slot::Answered(_)));
             self.awaiting = 0;
-            self.done_reading = true;
+            if self.ending.is_none() {
+                self.ending = Some(CloseReason::Server);
+            }
             self.input = BytesMut::new();
         }
         self.pump()
@@ -322,7 +536,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 let read = self.stream.read_available(&mut scratch);
                 if matches!(read, Ok(n) if n > 0) {
                     self.decode(&mut scratch);
-                    if !scratch.is_empty() && !self.done_reading {
+                    if !scratch.is_empty() && !self.done_reading() {
                         // Keep only what is not decoded yet, in a buffer of
                         // our own sized for the request it starts.
                         let capacity = scratch.len().max(self.decoder.bytes_wanted());
@@ -342,34 +556,47 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         };
         match read {
             Ok(0) => {
-                self.done_reading = true;
+                if self.ending.is_none() {
+                    self.ending = Some(CloseReason::Client);
+                }
                 self.input = BytesMut::new();
                 self.session.hangup();
                 Step::Continue
             }
-            Ok(_) => self.pump(),
+            Ok(n) => {
+                self.handle.add_bytes_in(n);
+                // A byte arrived: a stalled request is moving again.
+                if let Some(timer) = &mut self.request_timer {
+                    timer
+                        .as_mut()
+                        .reset(Instant::now() + self.config.request_timeout);
+                }
+                self.pump()
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
-            Err(_) => Step::Close,
+            Err(e) => Step::Close(io_close_reason(&e)),
         }
     }
 
     /// Decodes requests from `buf` while this connection may take more.
     fn decode(&mut self, buf: &mut BytesMut) {
-        while !self.done_reading && self.slots.len() < PIPELINED_REQUESTS_MAX {
+        while !self.done_reading() && self.slots.len() < PIPELINED_REQUESTS_MAX {
             let Some(decoded) = self.decoder.decode(buf) else {
                 break;
             };
             match decoded {
-                Ok(Request::Quit) => self.done_reading = true,
+                Ok(Request::Quit) => self.ending = Some(CloseReason::Quit),
                 Ok(request) => {
+                    self.slots.push_back(Slot::Waiting(command_name(&request)));
                     self.batch.push(request);
-                    self.slots.push_back(None);
                     self.awaiting += 1;
                 }
-                Err(ProtocolError::BadFormat) => self.slots.push_back(Some(Response::BadFormat)),
-                Err(ProtocolError::UnknownCommand) => {
-                    self.slots.push_back(Some(Response::UnknownCommand))
+                Err(ProtocolError::BadFormat) => {
+                    self.slots.push_back(Slot::Answered(Response::BadFormat))
                 }
+                Err(ProtocolError::UnknownCommand) => self
+                    .slots
+                    .push_back(Slot::Answered(Response::UnknownCommand)),
             }
         }
     }
@@ -379,20 +606,20 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     /// the write bound, and writes.
     fn pump(&mut self) -> Step {
         loop {
-            if !self.input.is_empty() && !self.done_reading {
+            if !self.input.is_empty() && !self.done_reading() {
                 let mut input = std::mem::take(&mut self.input);
                 self.decode(&mut input);
-                if !input.is_empty() && !self.done_reading {
+                if !input.is_empty() && !self.done_reading() {
                     self.input = input;
                 }
             }
-            if self.done_reading {
+            if self.done_reading() {
                 self.input = BytesMut::new();
             }
             if !self.batch.is_empty() {
                 let batch = std::mem::take(&mut self.batch);
                 if self.session.submit(batch).is_err() {
-                    return Step::Close;
+                    return Step::Close(CloseReason::Server);
                 }
             }
             self.encode_ready();
@@ -403,9 +630,16 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 match self.stream.try_write(&self.output) {
                     Ok(n) => {
                         self.output.drain(..n);
+                        self.handle.add_bytes_out(n);
+                        // The client is reading: a stalled write moves again.
+                        if let Some(timer) = &mut self.write_timer {
+                            timer
+                                .as_mut()
+                                .reset(Instant::now() + self.config.write_timeout);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-                    Err(_) => return Step::Close,
+                    Err(e) => return Step::Close(io_close_reason(&e)),
                 }
             }
             // Written out: give the memory back while idle.
@@ -417,10 +651,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     /// the rest wait in `slots` (job bodies there are shared, not copied).
     fn encode_ready(&mut self) {
         while self.output.len() < WRITE_BUFFER_MAX_BYTES {
-            if !matches!(self.slots.front(), Some(Some(_))) {
+            if !matches!(self.slots.front(), Some(Slot::Answered(_))) {
                 return;
             }
-            if let Some(Some(response)) = self.slots.pop_front() {
+            if let Some(Slot::Answered(response)) = self.slots.pop_front() {
                 encode_response(&response, &mut self.output);
             }
         }

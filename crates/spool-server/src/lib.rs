@@ -4,7 +4,9 @@
 
 pub mod beanstalk;
 mod broker;
+pub mod connections;
 pub mod durable;
+pub mod limits;
 mod local;
 pub mod process;
 

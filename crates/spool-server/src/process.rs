@@ -1,9 +1,11 @@
 //! Facts about the running process that beanstalkd's `stats` reports: pid,
-//! CPU time, uptime, host name and OS, and free disk space. The only module
-//! that calls libc.
+//! CPU time, uptime, host name and OS, and free disk space; and the open file
+//! limit that connection admission works against. The only module that
+//! calls libc.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
+use std::io;
 use std::time::Instant;
 
 use spool_proto::ProcessStats;
@@ -100,4 +102,80 @@ pub fn available_bytes(path: &std::path::Path) -> Option<u64> {
         stat
     };
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// The soft and hard limits on open files (RLIMIT_NOFILE).
+fn nofile_limits() -> io::Result<(u64, u64)> {
+    // SAFETY: getrlimit only writes into the zeroed struct we pass.
+    let limits = unsafe {
+        let mut limits: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limits
+    };
+    Ok((limits.rlim_cur, limits.rlim_max))
+}
+
+/// Largest soft limit on open files the kernel accepts when the hard limit
+/// is unlimited.
+fn kernel_nr_open() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Raises the soft limit on open files to the hard limit, as servers
+/// expecting many connections do (the default soft limit, often 1024, is a
+/// relic of `select`). Returns the (soft, hard) limits in force afterwards.
+/// Logs nothing: the caller does.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = nofile_limits()?;
+    let target = if hard == libc::RLIM_INFINITY {
+        // Linux refuses an unlimited soft limit; nr_open is its ceiling.
+        kernel_nr_open().unwrap_or(soft)
+    } else {
+        hard
+    };
+    if target > soft {
+        let limits = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limits) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    nofile_limits()
+}
+
+/// The soft limit on open files: opening one more fd than this fails with
+/// `EMFILE`.
+pub fn fd_limit() -> io::Result<u64> {
+    Ok(nofile_limits()?.0)
+}
+
+/// How many fds the process has open now, from `/proc/self/fd`. Costs a
+/// directory read of every fd: not for every accept.
+pub fn open_fd_count() -> io::Result<u64> {
+    let listed = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+    // The directory being read is itself an open fd in the listing.
+    Ok(listed.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_limit_and_count_are_sane() {
+        let limit = fd_limit().unwrap();
+        let before = open_fd_count().unwrap();
+        assert!(before >= 3 && before < limit, "{before} of {limit}");
+        let (soft, hard) = nofile_limits().unwrap();
+        assert!(soft <= hard);
+    }
 }

@@ -1,0 +1,957 @@
+//! The registry of client connections that every front door (the beanstalkd
+//! listener, the HTTP listener) admits its connections through: admission
+//! control, per-connection introspection, lifecycle metrics and shutdown.
+//!
+//! Admission refuses a new connection when `max_connections` are open (over
+//! all protocols) or when one more would bring the process's open fds within
+//! [`FD_HEADROOM`] of its limit, so that the log, compaction and the HTTP
+//! listener never meet `EMFILE` because clients took the last descriptors.
+//! Counting `/proc/self/fd` on every accept is too slow at high connection
+//! rates, so admission keeps an estimate (fds open at the last count that
+//! are not connections, plus the live connections) and recounts only when
+//! the estimate nears the ceiling, at most every [`FD_RECOUNT_INTERVAL`], or
+//! right after `accept` failed with `EMFILE`/`ENFILE`.
+//!
+//! Each admitted connection gets a [`ConnHandle`]; dropping it ends the
+//! connection's record and counts it as closed with its reason. A handle
+//! costs about 150 bytes (its entry, the registry slot, the peer string),
+//! and updating it is an atomic store, or a short uncontended lock for the
+//! command name. Totals of live connections are summed when metrics are
+//! read, not on every read or write.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::limits::{
+    CONNECTION_DURATION_BUCKETS_SECONDS, FD_HEADROOM, FD_RECOUNT_FROM_PERCENT, FD_RECOUNT_INTERVAL,
+};
+use crate::process;
+
+/// The front door a connection came through (the `protocol` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Beanstalk,
+    Http,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Beanstalk, Protocol::Http];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Beanstalk => "beanstalk",
+            Protocol::Http => "http",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a new connection was refused (the `reason` label of
+/// `spool_connections_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// `max_connections` were open.
+    MaxConnections,
+    /// The process's open fds were within the headroom of their limit, or
+    /// `accept` itself failed for want of fds.
+    FdLimit,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 2] = [RejectReason::MaxConnections, RejectReason::FdLimit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::FdLimit => "fd_limit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a connection ended (the `reason` label of
+/// `spool_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The client closed its side or reset the connection.
+    Client,
+    /// The client sent `quit`.
+    Quit,
+    /// The client stalled in the middle of a request.
+    RequestTimeout,
+    /// The client did not read its replies.
+    WriteTimeout,
+    /// A socket error other than the client going away.
+    IoError,
+    /// The server closed it at shutdown.
+    Shutdown,
+    /// The broker closed the session.
+    Server,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::Client,
+        CloseReason::Quit,
+        CloseReason::RequestTimeout,
+        CloseReason::WriteTimeout,
+        CloseReason::IoError,
+        CloseReason::Shutdown,
+        CloseReason::Server,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Quit => "quit",
+            CloseReason::RequestTimeout => "request_timeout",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::IoError => "io_error",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Server => "server",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn from_index(index: u8) -> CloseReason {
+        CloseReason::ALL
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(CloseReason::Client)
+    }
+}
+
+/// What a connection is doing, for `/admin/connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    /// Between requests, nothing buffered.
+    Idle,
+    /// Part of a request received, waiting for the rest.
+    Reading,
+    /// Requests handed to the broker, replies not yet back.
+    Executing,
+    /// Blocked in a `reserve` waiting for a job.
+    Reserving,
+    /// Replies waiting for the client to read them.
+    Writing,
+}
+
+impl ConnState {
+    const ALL: [ConnState; 5] = [
+        ConnState::Idle,
+        ConnState::Reading,
+        ConnState::Executing,
+        ConnState::Reserving,
+        ConnState::Writing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Idle => "idle",
+            ConnState::Reading => "reading",
+            ConnState::Executing => "executing",
+            ConnState::Reserving => "reserving",
+            ConnState::Writing => "writing",
+        }
+    }
+
+    fn from_index(index: u8) -> ConnState {
+        ConnState::ALL
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(ConnState::Idle)
+    }
+}
+
+/// A fixed-bucket histogram of connection durations
+/// ([`CONNECTION_DURATION_BUCKETS_SECONDS`]), shaped like
+/// `spool_engine::metrics::Histogram` so the exposition prints both alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurationHistogram {
+    /// Observations per bucket (not cumulative); the last counts those
+    /// above every bound.
+    counts: [u64; CONNECTION_DURATION_BUCKETS_SECONDS.len() + 1],
+    count: u64,
+    sum_seconds: f64,
+}
+
+impl Default for DurationHistogram {
+    fn default() -> Self {
+        DurationHistogram {
+            counts: [0; CONNECTION_DURATION_BUCKETS_SECONDS.len() + 1],
+            count: 0,
+            sum_seconds: 0.0,
+        }
+    }
+}
+
+impl DurationHistogram {
+    pub fn observe(&mut self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        // Prometheus buckets are upper-inclusive (`le`).
+        let bucket = CONNECTION_DURATION_BUCKETS_SECONDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(CONNECTION_DURATION_BUCKETS_SECONDS.len());
+        self.counts[bucket] += 1;
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+
+    /// Upper bounds of the finite buckets, in seconds.
+    pub fn bounds(&self) -> &'static [f64] {
+        &CONNECTION_DURATION_BUCKETS_SECONDS
+    }
+
+    /// Observations per bucket (not cumulative), one more than
+    /// [`DurationHistogram::bounds`]: the last is the `+Inf` bucket.
+    pub fn bucket_counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// (upper bound, observations at or below it) for the finite buckets.
+    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        CONNECTION_DURATION_BUCKETS_SECONDS
+            .iter()
+            .zip(self.counts.iter())
+            .scan(0u64, |total, (&bound, &count)| {
+                *total += count;
+                Some((bound, *total))
+            })
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of the observed durations, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum_seconds
+    }
+}
+
+/// One connection as `/admin/connections` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    /// Unique for the life of the process, in order of admission.
+    pub id: u64,
+    pub protocol: Protocol,
+    pub peer: String,
+    #[serde(rename = "age_seconds", serialize_with = "serialize_seconds")]
+    pub age: Duration,
+    pub state: ConnState,
+    /// The command being executed or, when idle, the last one.
+    pub command: Option<&'static str>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The broker session serving the connection, where the front door
+    /// has one.
+    pub session_id: Option<u64>,
+}
+
+fn serialize_seconds<S: serde::Serializer>(age: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(age.as_secs_f64())
+}
+
+/// Lifecycle figures of one protocol.
+#[derive(Debug, Clone)]
+pub struct ProtocolMetrics {
+    pub protocol: Protocol,
+    /// Open now (`spool_connections`).
+    pub active: u64,
+    /// `spool_connections_opened_total`.
+    pub opened_total: u64,
+    /// `spool_connections_closed_total`, one entry per reason (all of
+    /// [`CloseReason::ALL`], zeros included).
+    pub closed_total: Vec<(CloseReason, u64)>,
+    /// Bytes received from clients, closed and live connections together.
+    pub bytes_in_total: u64,
+    /// Bytes sent to clients.
+    pub bytes_out_total: u64,
+    /// `spool_connection_duration_seconds`, of closed connections.
+    pub duration: DurationHistogram,
+}
+
+/// Everything the registry counts, for `/metrics` and `/admin/stats`.
+#[derive(Debug, Clone)]
+pub struct ConnectionMetrics {
+    /// One entry per protocol of [`Protocol::ALL`].
+    pub protocols: Vec<ProtocolMetrics>,
+    /// `spool_connections_rejected_total`, one entry per reason.
+    pub rejected_total: Vec<(RejectReason, u64)>,
+    /// The soft fd limit admission works against; `None` when unlimited or
+    /// unknown.
+    pub fd_limit: Option<u64>,
+    /// Admission's current estimate of the process's open fds.
+    pub fds_estimate: u64,
+    /// `max_connections`, when set.
+    pub max_connections: Option<u64>,
+}
+
+impl ConnectionMetrics {
+    pub fn protocol(&self, protocol: Protocol) -> Option<&ProtocolMetrics> {
+        self.protocols.iter().find(|p| p.protocol == protocol)
+    }
+
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected_total
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+impl ProtocolMetrics {
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.closed_total
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The registry. Cheap to clone (one `Arc`); every clone is the same
+/// registry.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Zero of the entries' `opened_ns`.
+    epoch: Instant,
+    max_connections: Option<u64>,
+    fd_limit: Option<u64>,
+    /// Highest number of fds admission lets the process reach:
+    /// `fd_limit - FD_HEADROOM`.
+    fd_ceiling: u64,
+    state: Mutex<State>,
+    /// Woken whenever a connection ends, for `wait_until_none`.
+    ended: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Live entries by slot; a slab, so a connection costs one pointer here.
+    slots: Vec<Option<Arc<Entry>>>,
+    free_slots: Vec<u32>,
+    live: u64,
+    next_id: u64,
+    protocols: [ProtocolTotals; 2],
+    rejected: [u64; 2],
+    /// Open fds that are not live connections, as of the last count.
+    fds_base: u64,
+    fds_counted_at: Instant,
+    /// `accept` failed for want of fds: recount at the next admission.
+    recount_due: bool,
+}
+
+#[derive(Debug, Default)]
+struct ProtocolTotals {
+    active: u64,
+    opened: u64,
+    closed: [u64; 7],
+    /// Bytes of connections that have ended (live ones are summed on read).
+    bytes_in_closed: u64,
+    bytes_out_closed: u64,
+    duration: DurationHistogram,
+}
+
+/// `session_id` of an entry that has none.
+const NO_SESSION: u64 = u64::MAX;
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    /// Admission time, in nanoseconds since the registry's epoch.
+    opened_ns: u64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    session_id: AtomicU64,
+    slot: u32,
+    protocol: Protocol,
+    state: AtomicU8,
+    close_reason: AtomicU8,
+    close_requested: AtomicBool,
+    details: Mutex<Details>,
+}
+
+#[derive(Debug)]
+struct Details {
+    peer: Box<str>,
+    command: Option<&'static str>,
+    /// The connection task, woken by `close_all`.
+    waker: Option<Waker>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves counters that are
+    // still usable; poisoning must not take the server down.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Connections {
+    /// A registry admitting up to `max_connections` (none: only the fd
+    /// limit bounds them), against the process's soft fd limit as it is
+    /// now: call [`process::raise_fd_limit`] first.
+    pub fn new(max_connections: Option<u32>) -> Connections {
+        let fd_limit = process::fd_limit().ok();
+        Connections::with_fd_limit(max_connections, fd_limit)
+    }
+
+    /// A registry that admits against `fd_limit` instead of the process's
+    /// own (tests use it to exercise the fd check without lowering the
+    /// limit of the whole test process). `None`: no fd check.
+    pub fn with_fd_limit(max_connections: Option<u32>, fd_limit: Option<u64>) -> Connections {
+        let now = Instant::now();
+        let fd_limit = fd_limit.filter(|&limit| limit != u64::MAX);
+        let fds_base = process::open_fd_count().unwrap_or(0);
+        Connections {
+            inner: Arc::new(Inner {
+                epoch: now,
+                max_connections: max_connections.map(u64::from),
+                fd_limit,
+                fd_ceiling: fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_HEADROOM)),
+                state: Mutex::new(State {
+                    slots: Vec::new(),
+                    free_slots: Vec::new(),
+                    live: 0,
+                    next_id: 1,
+                    protocols: Default::default(),
+                    rejected: [0; 2],
+                    fds_base,
+                    fds_counted_at: now,
+                    recount_due: false,
+                }),
+                ended: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// Admits a connection that was just accepted, or says why not (and
+    /// counts the refusal); on refusal the caller closes the socket.
+    pub fn try_admit(&self, protocol: Protocol) -> Result<ConnHandle, RejectReason> {
+        let now = Instant::now();
+        let recount = {
+            let mut state = lock(&self.inner.state);
+            if let Some(reason) = self.refusal(&state, false) {
+                state.rejected[reason.index()] += 1;
+                return Err(reason);
+            }
+            self.recount_wanted(&state, now)
+        };
+        if recount {
+            self.recount(now);
+        }
+        let mut state = lock(&self.inner.state);
+        if let Some(reason) = self.refusal(&state, true) {
+            state.rejected[reason.index()] += 1;
+            return Err(reason);
+        }
+        let slot = match state.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                state.slots.push(None);
+                // More than 4 billion live connections cannot happen (each
+                // holds an fd); saturate rather than panic.
+                u32::try_from(state.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let id = state.next_id;
+        state.next_id += 1;
+        let entry = Arc::new(Entry {
+            id,
+            opened_ns: u64::try_from(now.duration_since(self.inner.epoch).as_nanos())
+                .unwrap_or(u64::MAX),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            session_id: AtomicU64::new(NO_SESSION),
+            slot,
+            protocol,
+            state: AtomicU8::new(ConnState::Idle as u8),
+            close_reason: AtomicU8::new(CloseReason::Client as u8),
+            close_requested: AtomicBool::new(false),
+            details: Mutex::new(Details {
+                peer: Box::from(""),
+                command: None,
+                waker: None,
+            }),
+        });
+        if let Some(place) = state.slots.get_mut(slot as usize) {
+            *place = Some(entry.clone());
+        }
+        state.live += 1;
+        let totals = &mut state.protocols[protocol.index()];
+        totals.active += 1;
+        totals.opened += 1;
+        Ok(ConnHandle {
+            inner: self.inner.clone(),
+            entry,
+        })
+    }
+
+    /// Why one more connection cannot be admitted now, if it cannot.
+    /// `checking_fds`: also check the fd estimate (after a recount).
+    fn refusal(&self, state: &State, checking_fds: bool) -> Option<RejectReason> {
+        if let Some(max) = self.inner.max_connections {
+            if state.live >= max {
+                return Some(RejectReason::MaxConnections);
+            }
+        }
+        // The accepted socket is already open: it counts as the +1.
+        if checking_fds && state.fds_base + state.live + 1 > self.inner.fd_ceiling {
+            return Some(RejectReason::FdLimit);
+        }
+        None
+    }
+
+    fn recount_wanted(&self, state: &State, now: Instant) -> bool {
+        if self.inner.fd_limit.is_none() {
+            return false;
+        }
+        if state.recount_due {
+            return true;
+        }
+        let estimate = state.fds_base + state.live + 1;
+        let near = estimate.saturating_mul(100)
+            >= self
+                .inner
+                .fd_ceiling
+                .saturating_mul(FD_RECOUNT_FROM_PERCENT);
+        near && now.duration_since(state.fds_counted_at) >= FD_RECOUNT_INTERVAL
+    }
+
+    /// Counts the open fds (outside the lock: it reads a directory) and
+    /// resets the estimate's base from it.
+    fn recount(&self, now: Instant) {
+        let counted = process::open_fd_count();
+        let mut state = lock(&self.inner.state);
+        if let Ok(open) = counted {
+            state.fds_base = open.saturating_sub(state.live);
+        }
+        // On failure keep the old estimate; retry after the interval.
+        state.fds_counted_at = now;
+        state.recount_due = false;
+    }
+
+    /// Notes a failed `accept`. Running out of fds (`EMFILE`, `ENFILE`) is
+    /// counted as a refusal for `fd_limit` and makes the next admission
+    /// recount; the answer says whether it was that. The caller still
+    /// backs off before accepting again.
+    pub fn record_accept_error(&self, error: &io::Error) -> bool {
+        let out_of_fds = matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE) | Some(libc::ENFILE)
+        );
+        if out_of_fds {
+            let mut state = lock(&self.inner.state);
+            state.rejected[RejectReason::FdLimit.index()] += 1;
+            state.recount_due = true;
+        }
+        out_of_fds
+    }
+
+    /// Every live connection, oldest first.
+    pub fn list(&self) -> Vec<ConnectionInfo> {
+        let entries: Vec<Arc<Entry>> = {
+            let state = lock(&self.inner.state);
+            state.slots.iter().flatten().cloned().collect()
+        };
+        let now_ns = self.now_ns();
+        let mut infos: Vec<ConnectionInfo> = entries
+            .iter()
+            .map(|entry| {
+                let (peer, command) = {
+                    let details = lock(&entry.details);
+                    (details.peer.to_string(), details.command)
+                };
+                let session_id = entry.session_id.load(Ordering::Relaxed);
+                ConnectionInfo {
+                    id: entry.id,
+                    protocol: entry.protocol,
+                    peer,
+                    age: Duration::from_nanos(now_ns.saturating_sub(entry.opened_ns)),
+                    state: ConnState::from_index(entry.state.load(Ordering::Relaxed)),
+                    command,
+                    bytes_in: entry.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: entry.bytes_out.load(Ordering::Relaxed),
+                    session_id: (session_id != NO_SESSION).then_some(session_id),
+                }
+            })
+            .collect();
+        infos.sort_by_key(|info| info.id);
+        infos
+    }
+
+    /// Lifecycle figures per protocol and refusals.
+    pub fn metrics(&self) -> ConnectionMetrics {
+        let state = lock(&self.inner.state);
+        let mut live_bytes = [(0u64, 0u64); 2];
+        for entry in state.slots.iter().flatten() {
+            let bytes = &mut live_bytes[entry.protocol.index()];
+            bytes.0 += entry.bytes_in.load(Ordering::Relaxed);
+            bytes.1 += entry.bytes_out.load(Ordering::Relaxed);
+        }
+        let protocols = Protocol::ALL
+            .iter()
+            .map(|&protocol| {
+                let totals = &state.protocols[protocol.index()];
+                let (live_in, live_out) = live_bytes[protocol.index()];
+                ProtocolMetrics {
+                    protocol,
+                    active: totals.active,
+                    opened_total: totals.opened,
+                    closed_total: CloseReason::ALL
+                        .iter()
+                        .map(|&reason| (reason, totals.closed[reason.index()]))
+                        .collect(),
+                    bytes_in_total: totals.bytes_in_closed + live_in,
+                    bytes_out_total: totals.bytes_out_closed + live_out,
+                    duration: totals.duration.clone(),
+                }
+            })
+            .collect();
+        ConnectionMetrics {
+            protocols,
+            rejected_total: RejectReason::ALL
+                .iter()
+                .map(|&reason| (reason, state.rejected[reason.index()]))
+                .collect(),
+            fd_limit: self.inner.fd_limit,
+            fds_estimate: state.fds_base + state.live,
+            max_connections: self.inner.max_connections,
+        }
+    }
+
+    /// Connections of `protocol` open now.
+    pub fn active(&self, protocol: Protocol) -> u64 {
+        lock(&self.inner.state).protocols[protocol.index()].active
+    }
+
+    /// Asks every live connection to close: each task is woken, closes its
+    /// socket and ends with reason `shutdown`. Connections admitted later
+    /// are not affected.
+    pub fn close_all(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let state = lock(&self.inner.state);
+            state.slots.iter().flatten().cloned().collect()
+        };
+        for entry in entries {
+            entry.close_requested.store(true, Ordering::SeqCst);
+            let waker = lock(&entry.details).waker.take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Completes once no connection of `protocol` is open.
+    pub async fn wait_until_none(&self, protocol: Protocol) {
+        loop {
+            let ended = self.inner.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the check and
+            // the await still wakes us.
+            ended.as_mut().enable();
+            if self.active(protocol) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// One admitted connection's record. Dropping it ends the record: the
+/// connection counts as closed with the reason set by
+/// [`ConnHandle::close_reason`], or `client` when none was set.
+#[derive(Debug)]
+pub struct ConnHandle {
+    inner: Arc<Inner>,
+    entry: Arc<Entry>,
+}
+
+impl ConnHandle {
+    /// The connection's id in [`Connections::list`].
+    pub fn id(&self) -> u64 {
+        self.entry.id
+    }
+
+    pub fn set_peer(&self, peer: String) {
+        lock(&self.entry.details).peer = peer.into_boxed_str();
+    }
+
+    pub fn set_session_id(&self, session_id: u64) {
+        self.entry.session_id.store(session_id, Ordering::Relaxed);
+    }
+
+    pub fn add_bytes_in(&self, bytes: usize) {
+        self.entry
+            .bytes_in
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_bytes_out(&self, bytes: usize) {
+        self.entry
+            .bytes_out
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_state(&self, state: ConnState) {
+        self.entry.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// The command being executed (e.g. `"reserve"`), shown until the next.
+    pub fn set_command(&self, command: &'static str) {
+        let mut details = lock(&self.entry.details);
+        details.command = Some(command);
+    }
+
+    /// Why the connection is ending; the last call before the drop wins.
+    pub fn close_reason(&self, reason: CloseReason) {
+        self.entry
+            .close_reason
+            .store(reason.index() as u8, Ordering::Relaxed);
+    }
+
+    /// True once [`Connections::close_all`] asked this connection to close.
+    pub fn is_close_requested(&self) -> bool {
+        self.entry.close_requested.load(Ordering::SeqCst)
+    }
+
+    /// `Ready` once [`Connections::close_all`] asked this connection to
+    /// close; otherwise registers the task to be woken when it does.
+    pub fn poll_close_requested(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_close_requested() {
+            return Poll::Ready(());
+        }
+        {
+            let mut details = lock(&self.entry.details);
+            match &details.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => details.waker = Some(cx.waker().clone()),
+            }
+        }
+        // Checked again after registering: close_all sets the flag before
+        // it takes the waker, so one of the two sees the other.
+        if self.is_close_requested() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Completes once [`Connections::close_all`] asked this connection to
+    /// close (for front doors that select over futures).
+    pub async fn close_requested(&self) {
+        poll_fn(|cx| self.poll_close_requested(cx)).await
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        let entry = &self.entry;
+        let reason = CloseReason::from_index(entry.close_reason.load(Ordering::Relaxed));
+        let opened = Duration::from_nanos(entry.opened_ns);
+        let age = self.inner.epoch.elapsed().saturating_sub(opened);
+        {
+            let mut state = lock(&self.inner.state);
+            if let Some(place) = state.slots.get_mut(entry.slot as usize) {
+                *place = None;
+                state.free_slots.push(entry.slot);
+            }
+            state.live = state.live.saturating_sub(1);
+            let totals = &mut state.protocols[entry.protocol.index()];
+            totals.active = totals.active.saturating_sub(1);
+            totals.closed[reason.index()] += 1;
+            totals.bytes_in_closed += entry.bytes_in.load(Ordering::Relaxed);
+            totals.bytes_out_closed += entry.bytes_out.load(Ordering::Relaxed);
+            totals.duration.observe(age);
+        }
+        self.inner.ended.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_stays_small() {
+        // The budget per connection is about 150 bytes: the entry (plus
+        // the Arc's two counters), the slab slot, the handle and the peer.
+        assert!(
+            std::mem::size_of::<Entry>() + 16 <= 128,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+        assert_eq!(std::mem::size_of::<ConnHandle>(), 16);
+    }
+
+    #[test]
+    fn max_connections_refuses_and_counts() {
+        let registry = Connections::with_fd_limit(Some(2), None);
+        let a = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let _b = registry.try_admit(Protocol::Http).unwrap();
+        assert_eq!(
+            registry.try_admit(Protocol::Beanstalk).unwrap_err(),
+            RejectReason::MaxConnections
+        );
+        drop(a);
+        let _c = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let metrics = registry.metrics();
+        assert_eq!(metrics.rejected(RejectReason::MaxConnections), 1);
+        assert_eq!(metrics.rejected(RejectReason::FdLimit), 0);
+        let beanstalk = metrics.protocol(Protocol::Beanstalk).unwrap();
+        assert_eq!(beanstalk.active, 1);
+        assert_eq!(beanstalk.opened_total, 2);
+        assert_eq!(beanstalk.closed(CloseReason::Client), 1);
+        assert_eq!(beanstalk.duration.count(), 1);
+        assert_eq!(metrics.protocol(Protocol::Http).unwrap().active, 1);
+    }
+
+    #[test]
+    fn fd_ceiling_refuses_with_headroom() {
+        // A limit just above what is open now leaves room for 3 more.
+        let open = process::open_fd_count().unwrap();
+        let registry = Connections::with_fd_limit(None, Some(open + FD_HEADROOM + 3));
+        let mut admitted = Vec::new();
+        let mut refused = None;
+        for _ in 0..100 {
+            match registry.try_admit(Protocol::Beanstalk) {
+                Ok(handle) => admitted.push(handle),
+                Err(reason) => {
+                    refused = Some(reason);
+                    break;
+                }
+            }
+        }
+        assert_eq!(refused, Some(RejectReason::FdLimit));
+        assert!(
+            !admitted.is_empty() && admitted.len() <= 3,
+            "{}",
+            admitted.len()
+        );
+        assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 1);
+    }
+
+    #[test]
+    fn accept_out_of_fds_counts_as_fd_limit() {
+        let registry = Connections::with_fd_limit(None, None);
+        assert!(registry.record_accept_error(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(!registry.record_accept_error(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+        assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 1);
+    }
+
+    #[test]
+    fn list_and_metrics_show_what_handles_record() {
+        let registry = Connections::with_fd_limit(None, None);
+        let handle = registry.try_admit(Protocol::Beanstalk).unwrap();
+        handle.set_peer("127.0.0.1:4000".to_string());
+        handle.set_session_id(7);
+        handle.set_command("reserve");
+        handle.set_state(ConnState::Reserving);
+        handle.add_bytes_in(9);
+        handle.add_bytes_out(20);
+        let list = registry.list();
+        assert_eq!(list.len(), 1);
+        let info = &list[0];
+        assert_eq!(info.id, handle.id());
+        assert_eq!(info.peer, "127.0.0.1:4000");
+        assert_eq!(info.session_id, Some(7));
+        assert_eq!(info.command, Some("reserve"));
+        assert_eq!(info.state, ConnState::Reserving);
+        assert_eq!((info.bytes_in, info.bytes_out), (9, 20));
+        let json = serde_json::to_value(info).unwrap();
+        assert_eq!(json["state"], "reserving");
+        assert_eq!(json["protocol"], "beanstalk");
+        assert!(json["age_seconds"].is_number());
+        handle.close_reason(CloseReason::Quit);
+        drop(handle);
+        assert!(registry.list().is_empty());
+        let metrics = registry.metrics();
+        let beanstalk = metrics.protocol(Protocol::Beanstalk).unwrap();
+        assert_eq!(beanstalk.closed(CloseReason::Quit), 1);
+        assert_eq!(
+            (beanstalk.bytes_in_total, beanstalk.bytes_out_total),
+            (9, 20)
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_are_upper_inclusive() {
+        let mut histogram = DurationHistogram::default();
+        histogram.observe(Duration::from_millis(10));
+        histogram.observe(Duration::from_secs(2));
+        histogram.observe(Duration::from_secs(200_000));
+        let cumulative: Vec<(f64, u64)> = histogram.cumulative().collect();
+        assert_eq!(cumulative[0], (0.01, 1));
+        assert_eq!(cumulative.last().copied(), Some((86400.0, 2)));
+        assert_eq!(histogram.count(), 3);
+        assert_eq!(histogram.bucket_counts().last().copied(), Some(1));
+    }
+
+    #[test]
+    fn close_all_wakes_and_wait_until_none_completes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let registry = Connections::with_fd_limit(None, None);
+            let mut tasks = Vec::new();
+            for _ in 0..3 {
+                let handle = registry.try_admit(Protocol::Http).unwrap();
+                tasks.push(tokio::spawn(async move {
+                    handle.close_requested().await;
+                    handle.close_reason(CloseReason::Shutdown);
+                }));
+            }
+            tokio::task::yield_now().await;
+            registry.close_all();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                registry.wait_until_none(Protocol::Http),
+            )
+            .await
+            .unwrap();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let metrics = registry.metrics();
+            let http = metrics.protocol(Protocol::Http).unwrap();
+            assert_eq!(http.closed(CloseReason::Shutdown), 3);
+            assert_eq!(http.active, 0);
+        });
+    }
+}

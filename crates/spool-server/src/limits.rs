@@ -1,0 +1,60 @@
+//! Limits of the server side that are not part of the wire protocol (those
+//! live in `spool_proto::limits`): connection admission, fd headroom, socket
+//! timeouts and keepalive. Each constant says why it has its value.
+
+use std::time::Duration;
+
+/// File descriptors kept free for everything that is not a client
+/// connection: the WAL segment and the next one during rotation, compaction's
+/// snapshot and the segments it reads, the space reserve file, the data
+/// directory lock, the HTTP listener, `/proc` reads for metrics, stdio and
+/// the runtime's own (epoll, eventfd, signal pipe). Together about a dozen;
+/// 32 leaves room for a few more transient ones so that the log never fails
+/// with `EMFILE` because clients took the last descriptors.
+pub const FD_HEADROOM: u64 = 32;
+
+/// Longest time the admission's estimate of open fds (fds open at the last
+/// count + live connections) may go without a recount from `/proc/self/fd`
+/// while connections are near the limit. Counting costs a directory read of
+/// every fd, too much per accept at high connection rates, and the estimate
+/// drifts only by fds opened outside the registry, which the headroom covers.
+pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The estimate is recounted only once it passes this share of the fd
+/// ceiling (limit - headroom), in percent: below it a drift of a few fds
+/// cannot matter, and a recount with thousands of fds open costs
+/// milliseconds on the single runtime thread.
+pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
+
+/// How long the accept loop pauses after `accept` fails (out of fds, or
+/// another resource error), so that a persistent error cannot make it spin.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Idle time before the kernel sends TCP keepalive probes on a client
+/// connection: finds peers that vanished without a FIN (a crashed host, a
+/// dropped NAT entry) within minutes instead of the kernel's 2 hours, while
+/// costing one small packet a minute per idle connection.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Time between unanswered keepalive probes; with the kernel's default of 9
+/// probes, a dead peer is found 60 s + 9 × 10 s after it went silent.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Default of `--request-timeout`: how long a connection may stall in the
+/// middle of a command line or body before it is closed (the slowloris
+/// defence). Long enough for a slow client on a bad link to send a large
+/// body, short enough that stalled connections cannot pile up.
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Default of `--write-timeout`: how long replies may wait unwritten because
+/// the client does not read before the connection is closed. The same
+/// reasoning as the request timeout, on the other direction.
+pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Upper bounds, in seconds, of the connection duration histogram: from
+/// 10 ms (a connect-query-close client) to a day (a worker that stays
+/// connected). Roughly a factor of 3 to 10 apart: operators read from it
+/// which kind of client dominates, not precise quantiles.
+pub const CONNECTION_DURATION_BUCKETS_SECONDS: [f64; 14] = [
+    0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+];
