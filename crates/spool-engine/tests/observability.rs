@@ -3,6 +3,7 @@
 //! durations, snapshots show queues and sessions as they are, counters of a
 //! freed tube survive its return, and a graceful shutdown refuses puts and
 //! never lets a reserve block.
+#![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
 use spool_engine::{
