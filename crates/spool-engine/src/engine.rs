@@ -105,6 +105,15 @@ struct QueueMetrics {
     skew: Histogram,
 }
 
+impl QueueMetrics {
+    fn is_empty(&self) -> bool {
+        self.counters == QueueCounters::default()
+            && self.wait.count() == 0
+            && self.run.count() == 0
+            && self.skew.count() == 0
+    }
+}
+
 impl Default for QueueMetrics {
     fn default() -> Self {
         QueueMetrics {
@@ -1652,8 +1661,12 @@ impl Engine {
         self.retire(t.name, t.metrics);
     }
 
-    /// Keeps a freed tube's metrics for when its name comes back.
+    /// Keeps a freed tube's metrics for when its name comes back. A tube
+    /// that saw no job (one only watched or used) leaves nothing to keep.
     fn retire(&mut self, name: TubeName, metrics: QueueMetrics) {
+        if metrics.is_empty() {
+            return;
+        }
         let seq = self.next_retired_seq;
         self.next_retired_seq += 1;
         self.retired_order.insert(seq, name.clone());

@@ -90,9 +90,10 @@ pub struct EngineSnapshot {
     pub jobs_total: u64,
     /// Live queues in `list-tubes` order.
     pub queues: Vec<QueueSnapshot>,
-    /// Queues that were freed (no job, no session refers to them) but
-    /// whose counters and histograms are kept so that Prometheus counters
-    /// never go backwards when a tube comes and goes; at most
+    /// Queues that were freed (no job, no session refers to them) after
+    /// seeing at least one job, whose counters and histograms are kept so
+    /// that Prometheus counters do not restart at zero when a tube comes
+    /// and goes; oldest freed first, at most
     /// [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX), all counts zero.
     pub retired_queues: Vec<QueueSnapshot>,
     /// Sessions by id.

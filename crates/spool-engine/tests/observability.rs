@@ -432,10 +432,15 @@ fn retired_tubes_are_bounded_oldest_forgotten_first() {
     let total = spool_engine::RETIRED_QUEUES_MAX + 3;
     for i in 0..total {
         run(&mut e, 1, Request::Use(tube(&format!("t{i}"))), now);
+        let id = put_id(&mut e, 1, put(0, 0, 60), now);
+        run(&mut e, 1, Request::Delete(id), now);
     }
+    // A tube that saw no job leaves nothing behind.
+    run(&mut e, 1, Request::Use(tube("never-used")), now);
     run(&mut e, 1, Request::Use(tube("default")), now);
     let s = e.snapshot(now);
     assert_eq!(s.retired_queues.len(), spool_engine::RETIRED_QUEUES_MAX);
+    assert!(s.retired_queues.iter().all(|q| q.name != "never-used"));
     // Every tN was freed when the next name was used, t0 first: the three
     // oldest are forgotten.
     for i in 0..3 {
