@@ -6,6 +6,7 @@ pub mod beanstalk;
 mod broker;
 pub mod connections;
 pub mod durable;
+pub mod http;
 pub mod limits;
 mod local;
 pub mod process;

@@ -1,0 +1,266 @@
+//! `/admin/*`: introspection for people and the `spool stats` / `spool
+//! conns` / `spool top` verbs, and the runtime log level.
+//!
+//! The JSON shapes here are what the CLI reads; fields are added, never
+//! renamed. Durations are seconds (floats), sizes bytes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::{json, Value};
+use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot};
+
+use super::metrics::{ProcessFigures, RuntimeFigures};
+use super::{ApiError, HttpState};
+use crate::broker::Broker;
+use crate::durable::StorageStats;
+
+/// Quantile shown as a queue's wait figure: the p99 an on-call engineer
+/// compares against the queue's latency objective.
+const WAIT_QUANTILE: f64 = 0.99;
+
+const NS_PER_SECOND: f64 = 1e9;
+
+/// The engine snapshot, or why there is none yet (503: recovery runs, or
+/// the broker is gone; neither is the client's fault nor a server bug).
+async fn snapshot<B: Broker>(state: &HttpState<B>) -> Result<EngineSnapshot, ApiError> {
+    let Some(broker) = state.broker() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "recovering",
+            "the write-ahead log is being recovered; try again shortly",
+        ));
+    };
+    broker.snapshot().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the broker cannot answer: {e}"),
+        )
+    })
+}
+
+fn queue_json(queue: &QueueSnapshot) -> Value {
+    let c = &queue.counters;
+    json!({
+        "name": queue.name,
+        "ready": queue.ready,
+        "reserved": queue.reserved,
+        "delayed": queue.delayed,
+        "buried": queue.buried,
+        "urgent": queue.urgent,
+        "waiting_reservers": queue.waiting_reservers,
+        "paused": queue.paused,
+        "counters": {
+            "put": c.put,
+            "reserved": c.reserved,
+            "deleted": c.deleted,
+            "released": c.released,
+            "buried": c.buried,
+            "kicked": c.kicked,
+            "timed_out": c.timed_out,
+        },
+        "wait_p99_seconds": queue.wait.quantile(WAIT_QUANTILE),
+        "run_p99_seconds": queue.run.quantile(WAIT_QUANTILE),
+    })
+}
+
+fn storage_json(stats: &StorageStats) -> Value {
+    json!({
+        "log_bytes": stats.log_bytes,
+        "segments": stats.segments,
+        "commits": stats.commits,
+        "records_written": stats.records_written,
+        "bytes_written": stats.bytes_written,
+        "fsyncs": stats.fsyncs,
+        "fsync_seconds_max": stats.fsync_ns_max as f64 / NS_PER_SECOND,
+        "fsync_p99_seconds": stats.fsync_seconds.quantile(WAIT_QUANTILE),
+        "compactions": stats.compactions,
+        "failed": stats.failed,
+    })
+}
+
+pub(super) async fn stats<B: Broker>(
+    State(state): State<Arc<HttpState<B>>>,
+) -> Result<Json<Value>, ApiError> {
+    let snapshot = snapshot(&state).await?;
+    let process = ProcessFigures::read();
+    let runtime = RuntimeFigures::read();
+    let connection_metrics = state.connections.metrics();
+    let wal = state.storage_stats().map(|s| storage_json(&s));
+    Ok(Json(json!({
+        "version": state.version,
+        "pid": std::process::id(),
+        "uptime_seconds": state.uptime_seconds(),
+        "ready": state.unready_reason().is_none(),
+        "not_ready_reason": state.unready_reason(),
+        "process": {
+            "open_fds": process.open_fds,
+            "max_fds": process.max_fds,
+            "threads": process.threads,
+            "resident_memory_bytes": process.resident_memory_bytes,
+            "cpu_seconds": process.cpu_seconds,
+        },
+        "runtime": {
+            "workers": runtime.workers,
+            "alive_tasks": runtime.alive_tasks,
+            "global_queue_depth": runtime.global_queue_depth,
+        },
+        "connections": super::metrics::connections_json(&connection_metrics),
+        "jobs": snapshot.jobs_total,
+        "draining": snapshot.draining,
+        "queues": snapshot.queues.iter().map(queue_json).collect::<Vec<_>>(),
+        "wal": wal,
+    })))
+}
+
+fn session_json(session: &SessionSnapshot) -> Value {
+    json!({
+        "tube_used": session.tube_used,
+        "watched": session.watched,
+        "reserved_job_ids": session.reserved_job_ids,
+        "reserved_count": session.reserved_count,
+        "blocked_in_reserve_seconds": session
+            .blocked_in_reserve_ns
+            .map(|ns| ns as f64 / NS_PER_SECOND),
+    })
+}
+
+pub(super) async fn connections<B: Broker>(
+    State(state): State<Arc<HttpState<B>>>,
+) -> Result<Json<Value>, ApiError> {
+    // Sessions only exist once there is a broker; before that the list
+    // still shows the (HTTP) connections.
+    let snapshot = match state.broker() {
+        Some(_) => Some(snapshot(&state).await?),
+        None => None,
+    };
+    let sessions: HashMap<u64, &SessionSnapshot> = snapshot
+        .iter()
+        .flat_map(|s| &s.sessions)
+        .map(|s| (s.conn_id, s))
+        .collect();
+    let list: Vec<Value> = state
+        .connections
+        .list()
+        .into_iter()
+        .map(|conn| {
+            let session = conn
+                .session_id
+                .and_then(|id| sessions.get(&id))
+                .map(|s| session_json(s));
+            json!({
+                "id": conn.id,
+                "protocol": conn.protocol.as_str(),
+                "peer": conn.peer,
+                "age_seconds": conn.age.as_secs_f64(),
+                "state": conn.state.as_str(),
+                "command": conn.command,
+                "bytes_in": conn.bytes_in,
+                "bytes_out": conn.bytes_out,
+                "session_id": conn.session_id,
+                "session": session,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "connections": list })))
+}
+
+pub(super) async fn get_log_level<B: Broker>(
+    State(state): State<Arc<HttpState<B>>>,
+) -> Json<Value> {
+    let current = state
+        .log_filter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Json(json!({ "filter": current }))
+}
+
+/// The directive of a `PUT /admin/log-level` body: JSON `{"filter": "..."}`
+/// (when sent as JSON or shaped like it) or the directive as plain text.
+fn directive_of(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_filter", message);
+    let text = std::str::from_utf8(body)
+        .map_err(|_| bad("the body is not UTF-8".to_string()))?
+        .trim();
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+        || text.starts_with('{');
+    let directive = if is_json {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        value
+            .get("filter")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("expected {\"filter\": \"<directive>\"}".to_string()))?
+            .trim()
+            .to_string()
+    } else {
+        text.to_string()
+    };
+    if directive.is_empty() {
+        return Err(bad(
+            "expected a filter directive, e.g. `info` or `spool_server=debug`".to_string(),
+        ));
+    }
+    Ok(directive)
+}
+
+pub(super) async fn put_log_level<B: Broker>(
+    State(state): State<Arc<HttpState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let directive = directive_of(&headers, &body)?;
+    let filter = (state.set_log_filter)(&directive)
+        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, "bad_filter", message))?;
+    let mut current = state.log_filter.lock().unwrap_or_else(|e| e.into_inner());
+    current.clone_from(&filter);
+    Ok(Json(json!({ "filter": filter })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directive_from_text_and_json() {
+        let none = HeaderMap::new();
+        assert_eq!(directive_of(&none, b" debug \n").unwrap(), "debug");
+        assert_eq!(
+            directive_of(&none, br#"{"filter": "spool=trace"}"#).unwrap(),
+            "spool=trace"
+        );
+        let mut json_headers = HeaderMap::new();
+        json_headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        assert_eq!(
+            directive_of(&json_headers, br#"{"filter":"warn"}"#).unwrap(),
+            "warn"
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_400() {
+        let none = HeaderMap::new();
+        for body in [
+            &b""[..],
+            b"   ",
+            b"{not json",
+            br#"{"level": "info"}"#,
+            br#"{"filter": 3}"#,
+            br#"{"filter": " "}"#,
+            b"\xff\xfe",
+        ] {
+            let error = directive_of(&none, body).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body:?}");
+            assert_eq!(error.code, "bad_filter");
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! `GET /metrics`: every figure of the process in the Prometheus text
+//! format, under the names of DESIGN.md §4 (dashboards and alerts rely on
+//! them), plus the process, runtime and write-ahead-log figures an on-call
+//! engineer needs.
+//!
+//! Engine figures come from one [`EngineSnapshot`] taken per scrape, so the
+//! counts of one scrape are consistent with each other. Queues whose tube
+//! was freed keep their counters and histograms (the snapshot's retired
+//! queues) so that counters never go backwards; their gauges are gone with
+//! them. Before recovery has produced a broker the engine families are
+//! absent, not zero: a zero would be a made-up value.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use spool_engine::{EngineSnapshot, Histogram, QueueSnapshot};
+
+use super::exposition::{Exposition, HistogramSample, MetricKind, CONTENT_TYPE};
+use super::{text_response, HttpState};
+use crate::broker::Broker;
+use crate::connections::{ConnectionMetrics, ProtocolMetrics};
+use crate::durable::StorageStats;
+
+/// Process facts read from `/proc` and libc.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ProcessFigures {
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub resident_memory_bytes: Option<u64>,
+    pub threads: Option<u64>,
+    pub cpu_seconds: f64,
+}
+
+impl ProcessFigures {
+    pub fn read() -> ProcessFigures {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let (user_us, system_us) = crate::process::cpu_time_us();
+        ProcessFigures {
+            open_fds: crate::process::open_fd_count().ok(),
+            max_fds: crate::process::fd_limit().ok(),
+            resident_memory_bytes: status_field(&status, "VmRSS:").map(|kb| kb * 1024),
+            threads: status_field(&status, "Threads:"),
+            cpu_seconds: (user_us + system_us) as f64 / 1e6,
+        }
+    }
+}
+
+/// The number of a `Name:   123 kB` line of `/proc/self/status`.
+pub(super) fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The tokio runtime's stable metrics.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RuntimeFigures {
+    pub workers: usize,
+    pub alive_tasks: usize,
+    pub global_queue_depth: usize,
+}
+
+impl RuntimeFigures {
+    pub fn read() -> RuntimeFigures {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        RuntimeFigures {
+            workers: metrics.num_workers(),
+            alive_tasks: metrics.num_alive_tasks(),
+            global_queue_depth: metrics.global_queue_depth(),
+        }
+    }
+}
+
+pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
+    // A failed snapshot (the broker shut down) leaves the engine families
+    // out; everything else is still worth scraping.
+    let snapshot = match state.broker() {
+        Some(broker) => broker.snapshot().await.ok(),
+        None => None,
+    };
+    let mut out = Exposition::new();
+    write_server(&mut out, &state);
+    if let Some(snapshot) = &snapshot {
+        write_engine(&mut out, snapshot);
+    }
+    write_connections(&mut out, &state.connections.metrics());
+    if let Some(stats) = state.storage_stats() {
+        write_storage(&mut out, &stats);
+    }
+    write_process(
+        &mut out,
+        &ProcessFigures::read(),
+        state.started_unix_seconds,
+    );
+    write_runtime(&mut out, RuntimeFigures::read());
+    text_response(CONTENT_TYPE, out.finish()).into_response()
+}
+
+fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {
+    out.family(
+        "spool_build_info",
+        MetricKind::Gauge,
+        "Always 1; the version label says which spool runs.",
+    );
+    out.sample_u64("spool_build_info", &[("version", &state.version)], 1);
+    out.single(
+        "spool_uptime_seconds",
+        MetricKind::Gauge,
+        "Seconds since the server started.",
+        state.uptime_seconds(),
+    );
+    out.single(
+        "spool_ready",
+        MetricKind::Gauge,
+        "1 when /readyz answers 200 (recovered, storage healthy, not draining).",
+        if state.unready_reason().is_none() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+}
+
+/// (metric name, help, the counter's value in a queue)
+type CounterColumn = (&'static str, &'static str, fn(&QueueSnapshot) -> u64);
+
+const JOB_COUNTERS: [CounterColumn; 7] = [
+    ("spool_jobs_put_total", "Jobs put.", |q| q.counters.put),
+    (
+        "spool_jobs_reserved_total",
+        "Jobs handed to a worker.",
+        |q| q.counters.reserved,
+    ),
+    ("spool_jobs_deleted_total", "Jobs deleted.", |q| {
+        q.counters.deleted
+    }),
+    (
+        "spool_jobs_released_total",
+        "Jobs released by their worker.",
+        |q| q.counters.released,
+    ),
+    ("spool_jobs_buried_total", "Jobs buried.", |q| {
+        q.counters.buried
+    }),
+    (
+        "spool_jobs_kicked_total",
+        "Jobs kicked back to ready, one per job.",
+        |q| q.counters.kicked,
+    ),
+    (
+        "spool_jobs_timed_out_total",
+        "Reservations that ran past their TTR.",
+        |q| q.counters.timed_out,
+    ),
+];
+
+/// (state label, the count in a queue)
+type StateColumn = (&'static str, fn(&QueueSnapshot) -> u64);
+
+const QUEUE_STATES: [StateColumn; 4] = [
+    ("ready", |q| q.ready),
+    ("reserved", |q| q.reserved),
+    ("delayed", |q| q.delayed),
+    ("buried", |q| q.buried),
+];
+
+/// (metric name, help, the histogram of a queue)
+type HistogramColumn = (&'static str, &'static str, fn(&QueueSnapshot) -> &Histogram);
+
+const QUEUE_HISTOGRAMS: [HistogramColumn; 3] = [
+    (
+        "spool_job_wait_seconds",
+        "Time jobs spent ready before a worker reserved them.",
+        |q| &q.wait,
+    ),
+    (
+        "spool_job_run_seconds",
+        "Time from reservation to delete.",
+        |q| &q.run,
+    ),
+    (
+        "spool_schedule_skew_seconds",
+        "Delay between a job's due time and it becoming ready.",
+        |q| &q.skew,
+    ),
+];
+
+fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
+    let all_queues = || snapshot.queues.iter().chain(&snapshot.retired_queues);
+    for (name, help, value) in JOB_COUNTERS {
+        out.family(name, MetricKind::Counter, help);
+        for queue in all_queues() {
+            out.sample_u64(name, &[("queue", &queue.name)], value(queue));
+        }
+    }
+    out.family(
+        "spool_queue_jobs",
+        MetricKind::Gauge,
+        "Jobs in a queue now, by state.",
+    );
+    for queue in &snapshot.queues {
+        for (state, value) in QUEUE_STATES {
+            out.sample_u64(
+                "spool_queue_jobs",
+                &[("queue", &queue.name), ("state", state)],
+                value(queue),
+            );
+        }
+    }
+    out.family(
+        "spool_queue_waiting_reservers",
+        MetricKind::Gauge,
+        "Workers blocked in a reserve that watch the queue.",
+    );
+    for queue in &snapshot.queues {
+        out.sample_u64(
+            "spool_queue_waiting_reservers",
+            &[("queue", &queue.name)],
+            queue.waiting_reservers,
+        );
+    }
+    for (name, help, histogram) in QUEUE_HISTOGRAMS {
+        out.family(name, MetricKind::Histogram, help);
+        for queue in all_queues() {
+            out.histogram(name, &[("queue", &queue.name)], sample(histogram(queue)));
+        }
+    }
+    out.single(
+        "spool_jobs",
+        MetricKind::Gauge,
+        "Live jobs in every queue and state.",
+        snapshot.jobs_total as f64,
+    );
+}
+
+fn sample(histogram: &Histogram) -> HistogramSample<'_> {
+    HistogramSample {
+        upper_bounds: histogram.bounds(),
+        bucket_counts: histogram.bucket_counts(),
+        sum: histogram.sum(),
+        count: histogram.count(),
+    }
+}
+
+fn write_connections(out: &mut Exposition, metrics: &ConnectionMetrics) {
+    type Column = (
+        &'static str,
+        &'static str,
+        MetricKind,
+        fn(&ProtocolMetrics) -> u64,
+    );
+    let columns: [Column; 4] = [
+        (
+            "spool_connections",
+            "Client connections open now.",
+            MetricKind::Gauge,
+            |p| p.active,
+        ),
+        (
+            "spool_connections_opened_total",
+            "Client connections admitted.",
+            MetricKind::Counter,
+            |p| p.opened_total,
+        ),
+        (
+            "spool_connection_received_bytes_total",
+            "Bytes read from clients.",
+            MetricKind::Counter,
+            |p| p.bytes_in_total,
+        ),
+        (
+            "spool_connection_sent_bytes_total",
+            "Bytes written to clients.",
+            MetricKind::Counter,
+            |p| p.bytes_out_total,
+        ),
+    ];
+    for (name, help, kind, value) in columns {
+        out.family(name, kind, help);
+        for protocol in &metrics.protocols {
+            out.sample_u64(
+                name,
+                &[("protocol", protocol.protocol.as_str())],
+                value(protocol),
+            );
+        }
+    }
+    out.family(
+        "spool_connections_closed_total",
+        MetricKind::Counter,
+        "Client connections closed, by why.",
+    );
+    for protocol in &metrics.protocols {
+        for (reason, count) in &protocol.closed_total {
+            out.sample_u64(
+                "spool_connections_closed_total",
+                &[
+                    ("protocol", protocol.protocol.as_str()),
+                    ("reason", reason.as_str()),
+                ],
+                *count,
+            );
+        }
+    }
+    out.family(
+        "spool_connections_rejected_total",
+        MetricKind::Counter,
+        "Connections refused at accept (connection or fd limit).",
+    );
+    for (reason, count) in &metrics.rejected_total {
+        out.sample_u64(
+            "spool_connections_rejected_total",
+            &[("reason", reason.as_str())],
+            *count,
+        );
+    }
+    out.family(
+        "spool_connection_duration_seconds",
+        MetricKind::Histogram,
+        "How long closed client connections were open.",
+    );
+    for protocol in &metrics.protocols {
+        let duration = &protocol.duration;
+        out.histogram(
+            "spool_connection_duration_seconds",
+            &[("protocol", protocol.protocol.as_str())],
+            HistogramSample {
+                upper_bounds: duration.bounds(),
+                bucket_counts: duration.bucket_counts(),
+                sum: duration.sum(),
+                count: duration.count(),
+            },
+        );
+    }
+    if let Some(max) = metrics.max_connections {
+        out.single(
+            "spool_connections_max",
+            MetricKind::Gauge,
+            "Most client connections admitted at once (--max-connections).",
+            max as f64,
+        );
+    }
+}
+
+/// The connection figures of `/admin/stats`.
+pub(super) fn connections_json(metrics: &ConnectionMetrics) -> serde_json::Value {
+    let per_protocol = |value: fn(&ProtocolMetrics) -> serde_json::Value| {
+        metrics
+            .protocols
+            .iter()
+            .map(|p| (p.protocol.as_str().to_string(), value(p)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::json!({
+        "active": per_protocol(|p| p.active.into()),
+        "opened": per_protocol(|p| p.opened_total.into()),
+        "closed": per_protocol(|p| p
+            .closed_total
+            .iter()
+            .map(|(reason, count)| (reason.as_str().to_string(), (*count).into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()),
+        "bytes_in": per_protocol(|p| p.bytes_in_total.into()),
+        "bytes_out": per_protocol(|p| p.bytes_out_total.into()),
+        "rejected": metrics
+            .rejected_total
+            .iter()
+            .map(|(reason, count)| (reason.as_str().to_string(), serde_json::Value::from(*count)))
+            .collect::<serde_json::Map<_, _>>(),
+        "max_connections": metrics.max_connections,
+    })
+}
+
+fn write_storage(out: &mut Exposition, stats: &StorageStats) {
+    out.single(
+        "spool_wal_bytes",
+        MetricKind::Gauge,
+        "Bytes in the write-ahead log's segment files.",
+        stats.log_bytes as f64,
+    );
+    out.single(
+        "spool_wal_segments",
+        MetricKind::Gauge,
+        "Segment files of the write-ahead log.",
+        stats.segments as f64,
+    );
+    let counters: [(&str, &str, u64); 5] = [
+        (
+            "spool_wal_commits_total",
+            "Commits (one write, and one fsync under fsync always, each).",
+            stats.commits,
+        ),
+        (
+            "spool_wal_records_written_total",
+            "Records written to the log.",
+            stats.records_written,
+        ),
+        (
+            "spool_wal_written_bytes_total",
+            "Bytes written to the log.",
+            stats.bytes_written,
+        ),
+        ("spool_wal_fsyncs_total", "fsync calls.", stats.fsyncs),
+        (
+            "spool_wal_compactions_total",
+            "Compactions finished.",
+            stats.compactions,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.family(name, MetricKind::Counter, help);
+        out.sample_u64(name, &[], value);
+    }
+    out.family(
+        "spool_wal_fsync_seconds",
+        MetricKind::Histogram,
+        "Duration of the log's fsync calls.",
+    );
+    out.histogram("spool_wal_fsync_seconds", &[], sample(&stats.fsync_seconds));
+    out.family(
+        "spool_wal_commit_batch_size",
+        MetricKind::Histogram,
+        "Records per commit (group commit batch size).",
+    );
+    out.histogram(
+        "spool_wal_commit_batch_size",
+        &[],
+        sample(&stats.commit_batch_records),
+    );
+    out.single(
+        "spool_wal_failed",
+        MetricKind::Gauge,
+        "1 once the log failed; durable changes are refused until restart.",
+        if stats.failed.is_some() { 1.0 } else { 0.0 },
+    );
+}
+
+fn write_process(out: &mut Exposition, process: &ProcessFigures, start_time_seconds: f64) {
+    if let Some(fds) = process.open_fds {
+        out.single(
+            "process_open_fds",
+            MetricKind::Gauge,
+            "Number of open file descriptors.",
+            fds as f64,
+        );
+    }
+    if let Some(fds) = process.max_fds {
+        out.single(
+            "process_max_fds",
+            MetricKind::Gauge,
+            "Maximum number of open file descriptors.",
+            fds as f64,
+        );
+    }
+    if let Some(bytes) = process.resident_memory_bytes {
+        out.single(
+            "process_resident_memory_bytes",
+            MetricKind::Gauge,
+            "Resident memory size in bytes.",
+            bytes as f64,
+        );
+    }
+    if let Some(threads) = process.threads {
+        out.single(
+            "process_threads",
+            MetricKind::Gauge,
+            "OS threads of the process.",
+            threads as f64,
+        );
+    }
+    out.single(
+        "process_cpu_seconds_total",
+        MetricKind::Counter,
+        "Total user and system CPU time spent in seconds.",
+        process.cpu_seconds,
+    );
+    out.single(
+        "process_start_time_seconds",
+        MetricKind::Gauge,
+        "Start time of the process since unix epoch in seconds.",
+        start_time_seconds,
+    );
+}
+
+fn write_runtime(out: &mut Exposition, runtime: RuntimeFigures) {
+    out.single(
+        "spool_runtime_workers",
+        MetricKind::Gauge,
+        "Worker threads of the async runtime.",
+        runtime.workers as f64,
+    );
+    out.single(
+        "spool_runtime_alive_tasks",
+        MetricKind::Gauge,
+        "Tasks alive in the async runtime (connections, the engine, timers).",
+        runtime.alive_tasks as f64,
+    );
+    out.single(
+        "spool_runtime_global_queue_depth",
+        MetricKind::Gauge,
+        "Tasks waiting in the runtime's global queue.",
+        runtime.global_queue_depth as f64,
+    );
+}

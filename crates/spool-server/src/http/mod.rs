@@ -1,0 +1,795 @@
+//! The HTTP operating surface: probes (`/livez`, `/healthz`, `/readyz`),
+//! Prometheus metrics (`/metrics`) and the admin endpoints (`/admin/stats`,
+//! `/admin/connections`, `/admin/log-level`), on a listener of its own.
+//!
+//! The listener starts before the write-ahead log is recovered, which can
+//! take seconds: liveness answers at once, readiness says `recovering`, and
+//! the broker is handed over with [`HttpState::set_broker`] once it exists.
+//!
+//! Connections are served by hyper's HTTP/1 server directly rather than
+//! `axum::serve`, because the operating surface must hold its own against
+//! slow or hostile clients, and `axum::serve` has no timeouts:
+//! - hyper enforces the header read timeout. In hyper 1.x that timer starts
+//!   whenever the connection waits for a request head, also between
+//!   keep-alive requests, so it is the idle keep-alive timeout as well
+//!   (hyper has no separate one);
+//! - a request body must arrive within [`BODY_READ_TIMEOUT`] and fit in
+//!   [`REQUEST_BODY_MAX_BYTES`] (collected here, before routing);
+//! - a handler must answer within [`HANDLER_TIMEOUT`];
+//! - a response the client does not read is abandoned, and the connection
+//!   closed, after [`WRITE_STALL_TIMEOUT`] without progress.
+//!
+//! Every accepted connection is registered in the [`Connections`] registry
+//! with protocol `http`, so the connection metrics and `/admin/connections`
+//! cover both front doors, and refusals (connection or fd limits) are
+//! counted there.
+
+mod admin;
+pub mod exposition;
+mod metrics;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::broker::Broker;
+use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
+use crate::durable::SharedStorageStats;
+
+/// Where the HTTP listener binds unless told otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:11301";
+
+/// How long a client may take to send a whole request head, and how long a
+/// kept-alive connection may sit idle before the next one (hyper runs one
+/// timer for both). Long enough for any honest client on a slow link,
+/// short enough that a slowloris cannot pin connections for long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request body may take to arrive once its head is in. Admin
+/// bodies are a few bytes; the job API's are at most a job.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a handler may take: a snapshot waits for one engine round,
+/// which under any sane load is milliseconds. Past this the answer is 503
+/// rather than a connection held open forever.
+pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a response may wait for a client that does not read it.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request body accepted. Admin bodies are a log filter directive;
+/// 64 KiB leaves room for any sensible one and keeps a hostile upload from
+/// costing memory.
+pub const REQUEST_BODY_MAX_BYTES: usize = 64 << 10;
+
+/// Bytes of an oversized body read and dropped so that the 413 reaches
+/// the client (see `collect_body`); Go's net/http drains 256 KiB likewise.
+/// Bodies announced larger than the limit plus this are refused unread.
+pub const OVERSIZED_BODY_DRAIN_MAX_BYTES: usize = 256 << 10;
+
+/// Largest request head (request line plus headers) hyper buffers; hyper
+/// needs at least 8 KiB. Beyond this the client gets 431.
+pub const REQUEST_HEAD_MAX_BYTES: usize = 16 << 10;
+
+/// How long a graceful stop waits for requests in flight before it drops
+/// the connections still open.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a connection checks whether its writes are stalled.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Pause after a failed `accept` (out of fds, most likely) so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The timeouts and size limits of the HTTP server. [`Default`] gives the
+/// named constants; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub handler_timeout: Duration,
+    pub write_stall_timeout: Duration,
+    pub body_max_bytes: usize,
+    pub shutdown_drain_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            body_read_timeout: BODY_READ_TIMEOUT,
+            handler_timeout: HANDLER_TIMEOUT,
+            write_stall_timeout: WRITE_STALL_TIMEOUT,
+            body_max_bytes: REQUEST_BODY_MAX_BYTES,
+            shutdown_drain_timeout: SHUTDOWN_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Applies a log filter directive at runtime: `Ok(the filter now in
+/// force)` or `Err(why the directive is bad)`. The binary implements it
+/// with a tracing-subscriber reload handle.
+pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
+/// What the binary hands the HTTP server at start.
+pub struct HttpSettings {
+    /// Shown in `/admin/stats` and `spool_build_info`.
+    pub version: String,
+    /// When set, `/admin/*` and `/v1/*` need `Authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+    /// The log filter in force at start.
+    pub log_filter: String,
+    pub set_log_filter: LogFilterSetter,
+    pub connections: Connections,
+    pub limits: HttpLimits,
+}
+
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("version", &self.version)
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
+            .field("log_filter", &self.log_filter)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the handlers read. Shared as `Arc<HttpState<B>>`; the binary
+/// keeps a clone to hand over the broker and flip the readiness flags.
+pub struct HttpState<B: Broker> {
+    broker: OnceLock<B>,
+    storage_stats: OnceLock<SharedStorageStats>,
+    recovered: AtomicBool,
+    draining: AtomicBool,
+    shutting_down: AtomicBool,
+    version: String,
+    auth_token: Option<String>,
+    log_filter: Mutex<String>,
+    set_log_filter: LogFilterSetter,
+    connections: Connections,
+    limits: HttpLimits,
+    started: Instant,
+    /// Wall-clock time of `started`, in seconds since the Unix epoch: the
+    /// process start as far as this server can tell (it is created first
+    /// thing in `spool serve`).
+    started_unix_seconds: f64,
+}
+
+impl<B: Broker> std::fmt::Debug for HttpState<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState")
+            .field("has_broker", &self.broker.get().is_some())
+            .field("recovered", &self.recovered.load(Ordering::Relaxed))
+            .field("draining", &self.draining.load(Ordering::Relaxed))
+            .field("shutting_down", &self.shutting_down.load(Ordering::Relaxed))
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Broker> HttpState<B> {
+    pub fn new(settings: HttpSettings) -> Arc<HttpState<B>> {
+        let started_unix_seconds = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Arc::new(HttpState {
+            broker: OnceLock::new(),
+            storage_stats: OnceLock::new(),
+            recovered: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            version: settings.version,
+            auth_token: settings.auth_token.filter(|t| !t.is_empty()),
+            log_filter: Mutex::new(settings.log_filter),
+            set_log_filter: settings.set_log_filter,
+            connections: settings.connections,
+            limits: settings.limits,
+            started: Instant::now(),
+            started_unix_seconds,
+        })
+    }
+
+    /// Hands over the broker once recovery has built it. A second call is
+    /// ignored: there is one broker per process.
+    pub fn set_broker(&self, broker: B) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// The log's figures, for `/metrics` and `/admin/stats` (none in memory).
+    pub fn set_storage_stats(&self, stats: SharedStorageStats) {
+        let _ = self.storage_stats.set(stats);
+    }
+
+    /// Recovery finished: readiness may turn true.
+    pub fn set_recovered(&self) {
+        self.recovered.store(true, Ordering::SeqCst);
+    }
+
+    /// Drain mode (SIGUSR1): not ready, so load balancers move traffic away.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    /// Shutdown began (SIGTERM/SIGINT): readiness is false from now on.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    fn broker(&self) -> Option<&B> {
+        self.broker.get()
+    }
+
+    fn storage_stats(&self) -> Option<crate::durable::StorageStats> {
+        let stats = self.storage_stats.get()?;
+        Some(stats.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// `None` when ready, otherwise why not, as `/readyz` reports it.
+    fn unready_reason(&self) -> Option<String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Some("shutting_down".to_string());
+        }
+        let Some(broker) = self.broker() else {
+            return Some("recovering".to_string());
+        };
+        if !self.recovered.load(Ordering::SeqCst) {
+            return Some("recovering".to_string());
+        }
+        let health = broker.health();
+        if health.shutting_down {
+            return Some("shutting_down".to_string());
+        }
+        if let Some(error) = health.storage_failed {
+            return Some(format!("storage_failed: {error}"));
+        }
+        if let Some(error) = self.storage_stats().and_then(|s| s.failed) {
+            return Some(format!("storage_failed: {error}"));
+        }
+        if health.disk_full {
+            return Some("disk_full".to_string());
+        }
+        if health.draining || self.draining.load(Ordering::SeqCst) {
+            return Some("draining".to_string());
+        }
+        None
+    }
+
+    fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// An error answer: `{"error":{"code":...,"message":...}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The routes, with the auth check in front of `/admin/*` and `/v1/*`.
+pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/healthz", get(livez))
+        .route("/readyz", get(readyz::<B>))
+        .route("/metrics", get(metrics::metrics::<B>))
+        .route("/admin/stats", get(admin::stats::<B>))
+        .route("/admin/connections", get(admin::connections::<B>))
+        .route(
+            "/admin/log-level",
+            get(admin::get_log_level::<B>).put(admin::put_log_level::<B>),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<B>,
+        ))
+        .with_state(state)
+}
+
+async fn livez() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
+    match state.unready_reason() {
+        None => Json(json!({"status": "ready"})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// True for paths that need the bearer token when one is set.
+fn is_protected(path: &str) -> bool {
+    let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+    under("/admin") || under("/v1")
+}
+
+/// Compares in time that depends only on the expected token's length, so a
+/// client cannot find the token byte by byte by timing answers.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut differences = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        differences |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    differences == 0
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at(value.iter().position(|&b| b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some(token.trim_ascii())
+}
+
+/// Whether a request may reach a protected path.
+fn authorized(headers: &HeaderMap, expected: &str) -> bool {
+    bearer_token(headers).is_some_and(|given| token_matches(given, expected.as_bytes()))
+}
+
+async fn require_token<B: Broker>(
+    State(state): State<Arc<HttpState<B>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &state.auth_token {
+        if is_protected(request.uri().path()) && !authorized(request.headers(), expected) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <token>` (SPOOL_AUTH_TOKEN)",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// A short, fixed name for what a connection is doing, for
+/// `/admin/connections` (the registry keeps `&'static str`s).
+fn command_name(method: &Method, path: &str) -> &'static str {
+    match (method.as_str(), path) {
+        ("GET", "/livez") => "GET /livez",
+        ("GET", "/healthz") => "GET /healthz",
+        ("GET", "/readyz") => "GET /readyz",
+        ("GET", "/metrics") => "GET /metrics",
+        ("GET", "/admin/stats") => "GET /admin/stats",
+        ("GET", "/admin/connections") => "GET /admin/connections",
+        ("GET", "/admin/log-level") => "GET /admin/log-level",
+        ("PUT", "/admin/log-level") => "PUT /admin/log-level",
+        _ => "other",
+    }
+}
+
+/// Runs the HTTP server on `listener` until `shutdown` completes, then
+/// stops accepting, lets requests in flight finish (up to the drain
+/// timeout) and returns.
+pub async fn serve<B: Broker>(
+    listener: TcpListener,
+    state: Arc<HttpState<B>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let app = router(state.clone());
+    let limits = state.limits.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(handle) = state.connections.try_admit(Protocol::Http) else {
+                    // Refused (and counted) by the registry: dropping the
+                    // stream closes it.
+                    continue;
+                };
+                handle.set_peer(peer.to_string());
+                let _ = stream.set_nodelay(true);
+                tasks.spawn(serve_connection(
+                    stream,
+                    Arc::new(handle),
+                    app.clone(),
+                    limits.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Err(e) => {
+                // Counted as an fd_limit refusal when out of fds.
+                state.connections.record_accept_error(&e);
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_drain_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = tasks.len(),
+            "http connections still open after the drain timeout; closing them"
+        );
+        tasks.abort_all();
+    }
+}
+
+/// When the connection last could not write (`u64::MAX`: it is not
+/// blocked), in milliseconds since `base`.
+#[derive(Debug)]
+struct WriteStall {
+    base: Instant,
+    blocked_since_ms: AtomicU64,
+}
+
+impl WriteStall {
+    const NOT_BLOCKED: u64 = u64::MAX;
+
+    fn new() -> WriteStall {
+        WriteStall {
+            base: Instant::now(),
+            blocked_since_ms: AtomicU64::new(Self::NOT_BLOCKED),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn blocked(&self) {
+        // Only the first Pending of a stall sets the start.
+        let _ = self.blocked_since_ms.compare_exchange(
+            Self::NOT_BLOCKED,
+            self.now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn progressed(&self) {
+        self.blocked_since_ms
+            .store(Self::NOT_BLOCKED, Ordering::Relaxed);
+    }
+
+    fn stalled_longer_than(&self, limit: Duration) -> bool {
+        let since = self.blocked_since_ms.load(Ordering::Relaxed);
+        since != Self::NOT_BLOCKED && self.now_ms().saturating_sub(since) > limit.as_millis() as u64
+    }
+}
+
+/// The socket as hyper sees it: counts bytes into the registry and notes
+/// when writes stop making progress.
+struct MeteredStream {
+    inner: TcpStream,
+    handle: Arc<ConnHandle>,
+    stall: Arc<WriteStall>,
+}
+
+impl AsyncRead for MeteredStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            self.handle.add_bytes_in(read);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for MeteredStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl MeteredStream {
+    fn note_write(&self, result: &Poll<std::io::Result<usize>>) {
+        match result {
+            Poll::Ready(Ok(written)) => {
+                self.handle.add_bytes_out(*written);
+                self.stall.progressed();
+            }
+            Poll::Ready(Err(_)) => self.stall.progressed(),
+            Poll::Pending => self.stall.blocked(),
+        }
+    }
+}
+
+/// Serves one connection until the client leaves, a timeout closes it, or
+/// the server stops.
+async fn serve_connection(
+    stream: TcpStream,
+    handle: Arc<ConnHandle>,
+    app: Router,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stall = Arc::new(WriteStall::new());
+    let io = TokioIo::new(MeteredStream {
+        inner: stream,
+        handle: handle.clone(),
+        stall: stall.clone(),
+    });
+    let service_handle = handle.clone();
+    let service_limits = limits.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let app = app.clone();
+        let handle = service_handle.clone();
+        let limits = service_limits.clone();
+        async move { Ok::<_, Infallible>(answer(app, request, &limits, &handle).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(REQUEST_HEAD_MAX_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut stall_check = tokio::time::interval(STALL_CHECK_INTERVAL);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        connection.as_mut().graceful_shutdown();
+    }
+    let reason = loop {
+        tokio::select! {
+            result = connection.as_mut() => break match result {
+                Ok(()) if stopping => CloseReason::Shutdown,
+                Ok(()) => CloseReason::Client,
+                Err(e) if e.is_timeout() => CloseReason::RequestTimeout,
+                Err(e) if e.is_parse() || e.is_parse_too_large() => CloseReason::Client,
+                Err(_) => CloseReason::IoError,
+            },
+            changed = stop.changed(), if !stopping => {
+                // A closed channel means the server is gone: stop too.
+                let _ = changed;
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = handle.close_requested() => break CloseReason::Shutdown,
+            _ = stall_check.tick() => {
+                if stall.stalled_longer_than(limits.write_stall_timeout) {
+                    break CloseReason::WriteTimeout;
+                }
+            }
+        }
+    };
+    handle.close_reason(reason);
+}
+
+/// One request: the body collected within its limits, then the router
+/// within the handler timeout.
+async fn answer(
+    app: Router,
+    request: hyper::Request<Incoming>,
+    limits: &HttpLimits,
+    handle: &ConnHandle,
+) -> Response {
+    handle.set_command(command_name(request.method(), request.uri().path()));
+    handle.set_state(ConnState::Reading);
+    let response = match collect_body(request, limits).await {
+        Ok(request) => {
+            handle.set_state(ConnState::Executing);
+            let call = hyper::service::Service::call(
+                &hyper_util::service::TowerToHyperService::new(app),
+                request,
+            );
+            match tokio::time::timeout(limits.handler_timeout, call).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!(
+                        "the server did not answer within {} s",
+                        limits.handler_timeout.as_secs()
+                    ),
+                )
+                .into_response(),
+            }
+        }
+        Err(error) => error.into_response(),
+    };
+    // hyper writes the response from here; a client that does not read
+    // it is caught by the write-stall check.
+    handle.set_state(ConnState::Idle);
+    response
+}
+
+/// Reads the whole body, refusing one over the size limit (413) or one that
+/// arrives too slowly (408).
+///
+/// The rest of a slightly oversized body is read and dropped before the
+/// 413 goes out: closing a socket with unread bytes makes the kernel send a
+/// reset, which can destroy the 413 before the client reads it.
+async fn collect_body(
+    request: hyper::Request<Incoming>,
+    limits: &HttpLimits,
+) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds {} bytes", limits.body_max_bytes),
+        )
+    };
+    let drain_max_bytes = limits
+        .body_max_bytes
+        .saturating_add(OVERSIZED_BODY_DRAIN_MAX_BYTES) as u64;
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Far too large: refuse before reading a byte of it.
+    if announced.is_some_and(|len| len > drain_max_bytes) {
+        return Err(too_large());
+    }
+    let (parts, mut body) = request.into_parts();
+    let deadline = tokio::time::Instant::now() + limits.body_read_timeout;
+    let mut collected = Vec::new();
+    let mut received = 0u64;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        limits.body_read_timeout.as_secs()
+                    ),
+                )
+            })?;
+        let frame = match frame {
+            None => break,
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("the request body could not be read: {e}"),
+                ))
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        received = received.saturating_add(data.len() as u64);
+        if received > drain_max_bytes {
+            return Err(too_large());
+        }
+        if received <= limits.body_max_bytes as u64 {
+            collected.extend_from_slice(&data);
+        }
+    }
+    if received > limits.body_max_bytes as u64 {
+        return Err(too_large());
+    }
+    Ok(hyper::Request::from_parts(
+        parts,
+        Full::new(Bytes::from(collected)),
+    ))
+}
+
+/// The body of a response, for handlers that build one by hand.
+fn text_response(content_type: &'static str, text: String) -> Response {
+    let mut response = Response::new(Body::from(text));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests;

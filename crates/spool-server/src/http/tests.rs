@@ -1,0 +1,492 @@
+//! The HTTP server in process, over real loopback TCP: a local broker, the
+//! connection registry and `serve` on an ephemeral port, driven by a raw
+//! HTTP/1.1 client so the tests see the server's exact answers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool_engine::{Engine, EngineConfig};
+use spool_proto::{Put, PutBody, Request, TubeName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::connections::Connections;
+use crate::process::ProcessInfo;
+use crate::{Clock, LocalBroker, Session};
+
+/// Bound on any one exchange with the test server.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct TestServer {
+    addr: SocketAddr,
+    state: Arc<HttpState<LocalBroker>>,
+    connections: Connections,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(token: Option<&str>, limits: HttpLimits) -> TestServer {
+        let connections = Connections::with_fd_limit(None, None);
+        // The filter setter a binary backs with tracing-subscriber: here it
+        // accepts anything but the word "bogus".
+        let setter: LogFilterSetter = Arc::new(|directive: &str| {
+            if directive.contains("bogus") {
+                Err(format!("{directive:?} is not a filter directive"))
+            } else {
+                Ok(directive.to_string())
+            }
+        });
+        let state = HttpState::new(HttpSettings {
+            version: "test-version".to_string(),
+            auth_token: token.map(str::to_string),
+            log_filter: "info".to_string(),
+            set_log_filter: setter,
+            connections: connections.clone(),
+            limits,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            state,
+            connections,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    fn attach_broker(&self) -> LocalBroker {
+        let engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
+        self.state.set_broker(broker.clone());
+        self.state.set_recovered();
+        broker
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let raw = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect::<String>()
+        );
+        exchange(self.addr, raw.as_bytes()).await
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, &[], "").await
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(EXCHANGE_TIMEOUT, &mut self.server)
+            .await
+            .expect("serve returns after its shutdown future")
+            .unwrap();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Sends `raw`, reads until the server closes, parses status and body
+/// (bodies here are never chunked: axum sets Content-Length on them).
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(raw).await.unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {text:?}"));
+        Reply {
+            status,
+            head: head.to_string(),
+            body: body.to_string(),
+        }
+    })
+    .await
+    .expect("an answer within the exchange timeout")
+}
+
+#[tokio::test]
+async fn probes_follow_recovery_drain_and_shutdown() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    for path in ["/livez", "/healthz"] {
+        let reply = server.get(path).await;
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.json()["status"], "ok");
+    }
+    let reply = server.get("/readyz").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["reason"], "recovering");
+    assert_eq!(reply.json()["status"], "unavailable");
+    // Admin answers need the engine: 503 while recovering, never a panic.
+    assert_eq!(server.get("/admin/stats").await.status, 503);
+
+    server.attach_broker();
+    assert_eq!(server.get("/readyz").await.status, 200);
+    server.state.set_draining(true);
+    let reply = server.get("/readyz").await;
+    assert_eq!(
+        (reply.status, reply.json()["reason"].clone()),
+        (503, "draining".into())
+    );
+    server.state.set_draining(false);
+    assert_eq!(server.get("/readyz").await.status, 200);
+    server.state.set_shutting_down();
+    let reply = server.get("/readyz").await;
+    assert_eq!(reply.json()["reason"], "shutting_down");
+    assert_eq!(server.get("/livez").await.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_4xx() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    server.attach_broker();
+    let reply = server.get("/nope").await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (404, "not_found".to_string())
+    );
+    assert!(reply
+        .head
+        .to_ascii_lowercase()
+        .contains("content-type: application/json"));
+    let reply = server.request("POST", "/metrics", &[], "").await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (405, "method_not_allowed".to_string())
+    );
+    let reply = server.request("DELETE", "/admin/log-level", &[], "").await;
+    assert_eq!(reply.status, 405);
+    let big = "x".repeat(REQUEST_BODY_MAX_BYTES + 1);
+    let reply = server.request("PUT", "/admin/log-level", &[], &big).await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (413, "body_too_large".to_string())
+    );
+    // Announced far over the limit: refused without reading the body.
+    let reply = exchange(
+        server.addr,
+        b"PUT /admin/log-level HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 413);
+    let reply = server
+        .request(
+            "PUT",
+            "/admin/log-level",
+            &[("Content-Type", "application/json")],
+            "{",
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (400, "bad_filter".to_string())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn log_level_changes_through_the_setter() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    assert_eq!(
+        server.get("/admin/log-level").await.json()["filter"],
+        "info"
+    );
+    let reply = server
+        .request("PUT", "/admin/log-level", &[], "spool=debug")
+        .await;
+    assert_eq!(
+        (reply.status, reply.json()["filter"].clone()),
+        (200, "spool=debug".into())
+    );
+    let reply = server
+        .request("PUT", "/admin/log-level", &[], r#"{"filter":"warn"}"#)
+        .await;
+    assert_eq!(reply.json()["filter"], "warn");
+    let reply = server
+        .request("PUT", "/admin/log-level", &[], "bogus")
+        .await;
+    assert_eq!(
+        (reply.status, reply.error_code()),
+        (400, "bad_filter".to_string())
+    );
+    assert_eq!(
+        server.get("/admin/log-level").await.json()["filter"],
+        "warn"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_needs_the_token_probes_and_metrics_do_not() {
+    let server = TestServer::start(Some("s3cret"), HttpLimits::default()).await;
+    server.attach_broker();
+    for path in [
+        "/admin/stats",
+        "/admin/connections",
+        "/admin/log-level",
+        "/admin/nope",
+        "/v1/jobs",
+    ] {
+        let reply = server.get(path).await;
+        assert_eq!(
+            (reply.status, reply.error_code()),
+            (401, "unauthorized".to_string()),
+            "{path}"
+        );
+    }
+    for auth in [
+        "Bearer wrong",
+        "Bearer s3cret2",
+        "Basic s3cret",
+        "s3cret",
+        "Bearer ",
+    ] {
+        let reply = server
+            .request("GET", "/admin/stats", &[("Authorization", auth)], "")
+            .await;
+        assert_eq!(reply.status, 401, "{auth}");
+    }
+    let reply = server
+        .request(
+            "GET",
+            "/admin/stats",
+            &[("Authorization", "bearer s3cret")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    for path in ["/livez", "/healthz", "/readyz", "/metrics"] {
+        assert_eq!(server.get(path).await.status, 200, "{path}");
+    }
+    server.stop().await;
+}
+
+#[test]
+fn token_comparison() {
+    assert!(token_matches(b"abc", b"abc"));
+    assert!(!token_matches(b"abd", b"abc"));
+    assert!(!token_matches(b"ab", b"abc"));
+    assert!(!token_matches(b"abcd", b"abc"));
+    assert!(!token_matches(b"", b"abc"));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, "Bearer  tok ".parse().unwrap());
+    assert!(authorized(&headers, "tok"));
+    headers.insert(header::AUTHORIZATION, "Token tok".parse().unwrap());
+    assert!(!authorized(&headers, "tok"));
+    assert!(is_protected("/admin/stats"));
+    assert!(is_protected("/v1"));
+    assert!(!is_protected("/administrator"));
+    assert!(!is_protected("/metrics"));
+}
+
+#[tokio::test]
+async fn stats_metrics_and_connections_show_a_session() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    let broker = server.attach_broker();
+    // A beanstalkd-style session, registered as the listener would.
+    let handle = server
+        .connections
+        .try_admit(crate::connections::Protocol::Beanstalk)
+        .unwrap();
+    let mut session = broker.open_session(crate::Peer::default()).unwrap();
+    handle.set_peer("127.0.0.1:9".to_string());
+    handle.set_session_id(session.id());
+    session
+        .submit(vec![
+            Request::Use(TubeName::new(b"emails").unwrap()),
+            Request::Put(Put {
+                pri: 0,
+                delay_secs: 0,
+                ttr_secs: 60,
+                body: PutBody::Complete(bytes::Bytes::from_static(b"hi")),
+            }),
+            Request::Watch(TubeName::new(b"emails").unwrap()),
+            Request::ReserveWithTimeout {
+                timeout_secs: Some(0),
+            },
+        ])
+        .unwrap();
+    // Wait for the four replies (bounded).
+    let mut replies = Vec::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while replies.len() < 4 {
+            std::future::poll_fn(|cx| session.poll_recv(cx, &mut replies)).await;
+        }
+    })
+    .await
+    .expect("replies from the broker");
+
+    let conns = server.get("/admin/connections").await.json();
+    let list = conns["connections"].as_array().unwrap();
+    let beanstalk = list
+        .iter()
+        .find(|c| c["protocol"] == "beanstalk")
+        .expect("the beanstalk connection is listed");
+    assert_eq!(beanstalk["peer"], "127.0.0.1:9");
+    assert_eq!(beanstalk["session"]["tube_used"], "emails");
+    assert_eq!(
+        beanstalk["session"]["reserved_job_ids"],
+        serde_json::json!([1])
+    );
+    assert!(list.iter().any(|c| c["protocol"] == "http"), "{conns}");
+
+    let stats = server.get("/admin/stats").await.json();
+    let emails = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "emails")
+        .expect("the emails queue");
+    assert_eq!(emails["reserved"], 1);
+    assert_eq!(emails["counters"]["put"], 1);
+    assert_eq!(emails["counters"]["reserved"], 1);
+    assert_eq!(stats["version"], "test-version");
+    assert_eq!(stats["connections"]["active"]["beanstalk"], 1);
+
+    let reply = server.get("/metrics").await;
+    assert!(reply
+        .head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4"));
+    for line in [
+        "spool_jobs_put_total{queue=\"emails\"} 1",
+        "spool_queue_jobs{queue=\"emails\",state=\"reserved\"} 1",
+        "spool_connections{protocol=\"beanstalk\"} 1",
+        "spool_build_info{version=\"test-version\"} 1",
+        "spool_ready 1",
+    ] {
+        assert!(
+            reply.body.lines().any(|l| l == line),
+            "{line} in:\n{}",
+            reply.body
+        );
+    }
+    drop(handle);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_request_head_is_closed_and_counted() {
+    let limits = HttpLimits {
+        header_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let server = TestServer::start(None, limits).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The server closes the connection (after the timeout; bounded wait).
+    let mut rest = Vec::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes a stalled connection")
+        .unwrap_or_default();
+    let closed = |m: &crate::connections::ConnectionMetrics| {
+        m.protocol(crate::connections::Protocol::Http)
+            .map(|p| p.closed(CloseReason::RequestTimeout))
+            .unwrap_or(0)
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while closed(&server.connections.metrics()) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the close is counted as request_timeout");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_body_gets_408() {
+    let limits = HttpLimits {
+        body_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let server = TestServer::start(None, limits).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /admin/log-level HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nde")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read(&mut answer))
+        .await
+        .expect("an answer to the stalled body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_timeout"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // One keep-alive request; the connection then idles.
+    stream
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    server.stop().await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed at shutdown");
+    assert!(read.is_ok() && rest.is_empty(), "{rest:?}");
+}
