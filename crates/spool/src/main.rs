@@ -2,6 +2,7 @@
 //! clients of its front doors. Only this crate uses `anyhow`; it maps errors
 //! to exit codes (2 for bad configuration, 1 for everything else).
 
+mod admin;
 mod bench;
 mod cpu;
 mod logging;
@@ -22,12 +23,21 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
     Serve(serve::ServeArgs),
     /// Generate load against a beanstalkd-protocol server and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Show a running server's figures: process, connections, queues, log.
+    Stats(admin::StatsArgs),
+    /// List a running server's client connections and their sessions.
+    Conns(admin::StatsArgs),
+    /// A live view of a running server: per-queue rates and counts,
+    /// refreshed every second.
+    Top(admin::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +63,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Stats(args) => admin::stats(args),
+        Command::Conns(args) => admin::conns(args),
+        Command::Top(args) => admin::top(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

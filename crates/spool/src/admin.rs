@@ -1,0 +1,588 @@
+//! `spool stats`, `spool conns` and `spool top`: clients of the server's
+//! HTTP admin endpoints, the way gops is for Go processes.
+//!
+//! Each verb fetches `/admin/stats` or `/admin/connections` with hyper's
+//! HTTP/1 client on a current-thread runtime (one request at a time needs
+//! nothing more) and prints aligned tables, or the server's JSON as is with
+//! `--json` for scripts. Every request is bounded in time, so a hung server
+//! cannot hang the CLI.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Where `spool serve` listens for HTTP unless told otherwise.
+const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:11301";
+
+/// Bound on connecting plus one whole request and response: an admin
+/// answer takes milliseconds; a server that takes longer is stuck.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest answer read: `/admin/connections` of a server with a hundred
+/// thousand connections is tens of MiB.
+const RESPONSE_MAX_BYTES: usize = 256 << 20;
+
+/// How often `spool top` refreshes.
+const TOP_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Clears a terminal and moves the cursor home (ANSI).
+const CLEAR_SCREEN: &str = "\x1b[2J\x1b[H";
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The server's HTTP listener, HOST:PORT.
+    #[arg(long = "http", env = "SPOOL_HTTP_LISTEN", default_value = DEFAULT_HTTP_ADDR)]
+    http: String,
+
+    /// Bearer token, when the server has SPOOL_AUTH_TOKEN set.
+    #[arg(long = "token", env = "SPOOL_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+
+    /// Print the server's JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+
+    /// Stop after this many refreshes [default: until interrupted]
+    #[arg(long, value_name = "N")]
+    iterations: Option<u64>,
+}
+
+/// `spool stats`.
+pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let stats = runtime()?.block_on(fetch(&args.server, "/admin/stats"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        print!("{}", render_stats(&stats));
+    }
+    Ok(())
+}
+
+/// `spool conns`.
+pub fn conns(args: StatsArgs) -> anyhow::Result<()> {
+    let conns = runtime()?.block_on(fetch(&args.server, "/admin/connections"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&conns)?);
+    } else {
+        print!("{}", render_connections(&conns));
+    }
+    Ok(())
+}
+
+/// `spool top`.
+pub fn top(args: TopArgs) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let clear = std::io::stdout().is_terminal();
+    let mut previous: Option<(Instant, Value)> = None;
+    let mut done = 0u64;
+    while args.iterations.is_none_or(|n| done < n) {
+        if done > 0 {
+            std::thread::sleep(TOP_REFRESH_INTERVAL);
+        }
+        let stats = runtime.block_on(fetch(&args.server, "/admin/stats"))?;
+        let now = Instant::now();
+        let rates = previous
+            .as_ref()
+            .map(|(then, old)| (now.duration_since(*then).as_secs_f64(), old));
+        let screen = render_top(&stats, rates);
+        let mut out = std::io::stdout().lock();
+        if clear {
+            out.write_all(CLEAR_SCREEN.as_bytes())?;
+        }
+        out.write_all(screen.as_bytes())?;
+        out.flush()?;
+        previous = Some((now, stats));
+        done += 1;
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// GETs `path` and parses the JSON answer; every failure is one clear line.
+async fn fetch(server: &ServerArgs, path: &str) -> anyhow::Result<Value> {
+    let addr = server.http.as_str();
+    let (status, body) =
+        tokio::time::timeout(REQUEST_TIMEOUT, get(addr, server.token.as_deref(), path))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the server at {addr} did not answer {path} within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            })??;
+    if status == hyper::StatusCode::UNAUTHORIZED {
+        bail!("the server needs a token: set SPOOL_AUTH_TOKEN or --token");
+    }
+    let value: Value = serde_json::from_slice(&body).with_context(|| {
+        format!("the server at {addr} answered {path} with {status} and a body that is not JSON")
+    })?;
+    if !status.is_success() {
+        let message = value
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no reason given");
+        bail!("the server at {addr} answered {path} with {status}: {message}");
+    }
+    Ok(value)
+}
+
+async fn get(
+    addr: &str,
+    token: Option<&str>,
+    path: &str,
+) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        anyhow!(
+            "cannot reach the spool HTTP listener at {addr}: {e} (is `spool serve` running? \
+             set --http or SPOOL_HTTP_LISTEN)"
+        )
+    })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP handshake with {addr}"))?;
+    // The connection future drives the socket; it ends with the request.
+    tokio::spawn(connection);
+    let mut request = hyper::Request::get(path)
+        .header(header::HOST, addr)
+        .header(header::ACCEPT, "application/json");
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .context("building the request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET {path} from {addr}"))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), RESPONSE_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading the answer to GET {path} from {addr}: {e}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// How a column lines up: text to the left, numbers to the right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Aligned columns two spaces apart, under a header row.
+fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, ((cell, width), (_, align))) in row.iter().zip(&widths).zip(columns).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
+            match align {
+                Align::Left => {
+                    line.push_str(cell);
+                    line.push_str(&pad);
+                }
+                Align::Right => {
+                    line.push_str(&pad);
+                    line.push_str(cell);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn num(value: &Value, pointer: &str) -> String {
+    match value.pointer(pointer) {
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        _ => "-".to_string(),
+    }
+}
+
+fn as_f64(value: &Value, pointer: &str) -> Option<f64> {
+    value.pointer(pointer).and_then(Value::as_f64)
+}
+
+/// 1536 → "1.5 KiB".
+fn bytes_text(bytes: Option<f64>) -> String {
+    let Some(mut value) = bytes else {
+        return "-".to_string();
+    };
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if value < 1024.0 {
+            return if unit == "B" {
+                format!("{value:.0} {unit}")
+            } else {
+                format!("{value:.1} {unit}")
+            };
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.1} TiB")
+}
+
+/// Seconds as "45ms", "12.3s", "4m05s", "2h03m", "3d04h".
+fn duration_text(seconds: Option<f64>) -> String {
+    let Some(seconds) = seconds else {
+        return "-".to_string();
+    };
+    if seconds < 1.0 {
+        return format!("{:.0}ms", seconds * 1000.0);
+    }
+    if seconds < 60.0 {
+        return format!("{seconds:.1}s");
+    }
+    let whole = seconds as u64;
+    match whole {
+        0..3600 => format!("{}m{:02}s", whole / 60, whole % 60),
+        3600..86400 => format!("{}h{:02}m", whole / 3600, (whole % 3600) / 60),
+        _ => format!("{}d{:02}h", whole / 86400, (whole % 86400) / 3600),
+    }
+}
+
+/// "beanstalk 3, http 1" from a `{protocol: count}` object.
+fn per_protocol(value: Option<&Value>) -> String {
+    let Some(Value::Object(map)) = value else {
+        return "-".to_string();
+    };
+    let parts: Vec<String> = map.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn header_lines(stats: &Value) -> String {
+    let ready = match stats.get("not_ready_reason").and_then(Value::as_str) {
+        Some(reason) => format!("not ready ({reason})"),
+        None => "ready".to_string(),
+    };
+    let mut out = format!(
+        "spool {}  pid {}  up {}  {}\n",
+        num(stats, "/version"),
+        num(stats, "/pid"),
+        duration_text(as_f64(stats, "/uptime_seconds")),
+        ready
+    );
+    out.push_str(&format!(
+        "process     fds {}/{}  threads {}  tasks {}  rss {}  cpu {}\n",
+        num(stats, "/process/open_fds"),
+        num(stats, "/process/max_fds"),
+        num(stats, "/process/threads"),
+        num(stats, "/runtime/alive_tasks"),
+        bytes_text(as_f64(stats, "/process/resident_memory_bytes")),
+        duration_text(as_f64(stats, "/process/cpu_seconds")),
+    ));
+    out.push_str(&format!(
+        "connections {}\n",
+        per_protocol(stats.pointer("/connections/active"))
+    ));
+    match stats.get("wal") {
+        Some(wal) if !wal.is_null() => out.push_str(&format!(
+            "wal         {} in {} segments  {} commits  {} fsyncs  {} compactions{}\n",
+            bytes_text(as_f64(wal, "/log_bytes")),
+            num(wal, "/segments"),
+            num(wal, "/commits"),
+            num(wal, "/fsyncs"),
+            num(wal, "/compactions"),
+            match wal.get("failed").and_then(Value::as_str) {
+                Some(error) => format!("  FAILED: {error}"),
+                None => String::new(),
+            }
+        )),
+        _ => out.push_str("wal         none (in memory)\n"),
+    }
+    out.push_str(&format!("jobs        {}\n", num(stats, "/jobs")));
+    out
+}
+
+fn queues(stats: &Value) -> &[Value] {
+    stats
+        .get("queues")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn render_stats(stats: &Value) -> String {
+    let mut out = header_lines(stats);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = queues(stats)
+        .iter()
+        .map(|q| {
+            vec![
+                num(q, "/name"),
+                num(q, "/ready"),
+                num(q, "/reserved"),
+                num(q, "/delayed"),
+                num(q, "/buried"),
+                num(q, "/waiting_reservers"),
+                num(q, "/counters/put"),
+                num(q, "/counters/reserved"),
+                num(q, "/counters/deleted"),
+                num(q, "/counters/timed_out"),
+                duration_text(as_f64(q, "/wait_p99_seconds")),
+            ]
+        })
+        .collect();
+    out.push_str(&render_table(
+        &[
+            ("QUEUE", Align::Left),
+            ("READY", Align::Right),
+            ("RESERVED", Align::Right),
+            ("DELAYED", Align::Right),
+            ("BURIED", Align::Right),
+            ("WAITING", Align::Right),
+            ("PUTS", Align::Right),
+            ("RESERVES", Align::Right),
+            ("DELETES", Align::Right),
+            ("TIMEOUTS", Align::Right),
+            ("WAIT P99", Align::Right),
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn render_connections(conns: &Value) -> String {
+    let list = conns
+        .get("connections")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            let session = c.get("session").filter(|s| !s.is_null());
+            let watched = session
+                .and_then(|s| s.get("watched"))
+                .and_then(Value::as_array)
+                .map(|tubes| {
+                    tubes
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "-".to_string());
+            let reserved = session
+                .and_then(|s| s.get("reserved_job_ids"))
+                .and_then(Value::as_array)
+                .map(|ids| {
+                    let shown: Vec<String> = ids.iter().map(Value::to_string).collect();
+                    let total = session
+                        .and_then(|s| s.get("reserved_count"))
+                        .and_then(Value::as_u64)
+                        .unwrap_or(ids.len() as u64);
+                    match (shown.is_empty(), total as usize > shown.len()) {
+                        (true, _) => "-".to_string(),
+                        (false, false) => shown.join(","),
+                        (false, true) => {
+                            format!("{} (+{})", shown.join(","), total as usize - shown.len())
+                        }
+                    }
+                })
+                .unwrap_or_else(|| "-".to_string());
+            vec![
+                num(c, "/id"),
+                num(c, "/protocol"),
+                num(c, "/peer"),
+                duration_text(as_f64(c, "/age_seconds")),
+                num(c, "/state"),
+                num(c, "/command"),
+                bytes_text(as_f64(c, "/bytes_in")),
+                bytes_text(as_f64(c, "/bytes_out")),
+                session.map_or("-".to_string(), |s| num(s, "/tube_used")),
+                watched,
+                reserved,
+                duration_text(session.and_then(|s| as_f64(s, "/blocked_in_reserve_seconds"))),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            ("ID", Align::Left),
+            ("PROTO", Align::Left),
+            ("PEER", Align::Left),
+            ("AGE", Align::Right),
+            ("STATE", Align::Left),
+            ("COMMAND", Align::Left),
+            ("IN", Align::Right),
+            ("OUT", Align::Right),
+            ("TUBE", Align::Left),
+            ("WATCHED", Align::Left),
+            ("RESERVED", Align::Left),
+            ("BLOCKED", Align::Right),
+        ],
+        &rows,
+    )
+}
+
+/// Counter values per queue name, for rates between two polls.
+fn counters_by_queue(stats: &Value, counter: &str) -> HashMap<String, f64> {
+    queues(stats)
+        .iter()
+        .filter_map(|q| {
+            let name = q.get("name")?.as_str()?.to_string();
+            let value = q.pointer(&format!("/counters/{counter}"))?.as_f64()?;
+            Some((name, value))
+        })
+        .collect()
+}
+
+/// Per-second rates of one counter between two polls.
+#[derive(Debug)]
+struct CounterRate {
+    now: HashMap<String, f64>,
+    then: HashMap<String, f64>,
+    seconds: f64,
+}
+
+impl CounterRate {
+    fn text(&self, queue: &str) -> String {
+        let delta = self.now.get(queue).copied().unwrap_or(0.0)
+            - self.then.get(queue).copied().unwrap_or(0.0);
+        // A counter cannot fall; a restarted server can.
+        format!("{:.1}", delta.max(0.0) / self.seconds)
+    }
+}
+
+/// One `spool top` screen; `previous` is (seconds since, stats then).
+fn render_top(stats: &Value, previous: Option<(f64, &Value)>) -> String {
+    let mut out = header_lines(stats);
+    out.push('\n');
+    let rates: Vec<Option<CounterRate>> = ["put", "reserved", "deleted"]
+        .iter()
+        .map(|counter| {
+            let (seconds, old) = previous?;
+            (seconds > 0.0).then(|| CounterRate {
+                now: counters_by_queue(stats, counter),
+                then: counters_by_queue(old, counter),
+                seconds,
+            })
+        })
+        .collect();
+    let rows: Vec<Vec<String>> = queues(stats)
+        .iter()
+        .map(|q| {
+            let name = num(q, "/name");
+            let mut row = vec![name.clone()];
+            for rate in &rates {
+                row.push(match rate {
+                    Some(rate) => rate.text(&name),
+                    None => "-".to_string(),
+                });
+            }
+            row.extend([
+                num(q, "/ready"),
+                num(q, "/reserved"),
+                num(q, "/delayed"),
+                num(q, "/buried"),
+                duration_text(as_f64(q, "/wait_p99_seconds")),
+            ]);
+            row
+        })
+        .collect();
+    out.push_str(&render_table(
+        &[
+            ("QUEUE", Align::Left),
+            ("PUT/S", Align::Right),
+            ("RESERVE/S", Align::Right),
+            ("DELETE/S", Align::Right),
+            ("READY", Align::Right),
+            ("RESERVED", Align::Right),
+            ("DELAYED", Align::Right),
+            ("BURIED", Align::Right),
+            ("WAIT P99", Align::Right),
+        ],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_columns_align() {
+        let table = render_table(
+            &[("QUEUE", Align::Left), ("READY", Align::Right)],
+            &[
+                vec!["default".to_string(), "3".to_string()],
+                vec!["q".to_string(), "12345".to_string()],
+            ],
+        );
+        assert_eq!(table, "QUEUE    READY\ndefault      3\nq        12345\n");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(duration_text(Some(0.0123)), "12ms");
+        assert_eq!(duration_text(Some(12.34)), "12.3s");
+        assert_eq!(duration_text(Some(245.0)), "4m05s");
+        assert_eq!(duration_text(Some(7380.0)), "2h03m");
+        assert_eq!(duration_text(None), "-");
+        assert_eq!(bytes_text(Some(512.0)), "512 B");
+        assert_eq!(bytes_text(Some(1536.0)), "1.5 KiB");
+    }
+
+    #[test]
+    fn top_rates_from_counter_deltas() {
+        let old = json!({"queues": [{"name": "q", "counters": {"put": 10, "reserved": 0, "deleted": 0}}]});
+        let new = json!({"queues": [{"name": "q", "ready": 5, "counters": {"put": 30, "reserved": 4, "deleted": 2}}]});
+        let screen = render_top(&new, Some((2.0, &old)));
+        let row = screen
+            .lines()
+            .find(|l| l.starts_with("q "))
+            .expect("a row for q");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[..5], ["q", "10.0", "2.0", "1.0", "5"]);
+        let first = render_top(&new, None);
+        assert!(first
+            .lines()
+            .any(|l| l.starts_with("q ") && l.contains(" - ")));
+    }
+}
