@@ -490,3 +490,55 @@ async fn shutdown_closes_idle_keep_alive_connections() {
         .expect("the idle connection is closed at shutdown");
     assert!(read.is_ok() && rest.is_empty(), "{rest:?}");
 }
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_by_the_write_stall_timeout() {
+    let limits = HttpLimits {
+        write_stall_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let server = TestServer::start(None, limits).await;
+    let broker = server.attach_broker();
+    // A session watching many tubes keeps them alive: /metrics then runs to
+    // megabytes, more than the socket buffers of a client that reads nothing.
+    let mut session = broker.open_session(crate::Peer::default()).unwrap();
+    let tubes = 3000;
+    let requests: Vec<Request> = (0..tubes)
+        .map(|i| Request::Watch(TubeName::new(format!("tube-{i}").as_bytes()).unwrap()))
+        .collect();
+    session.submit(requests).unwrap();
+    let mut replies = Vec::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while replies.len() < tubes {
+            std::future::poll_fn(|cx| session.poll_recv(cx, &mut replies)).await;
+        }
+    })
+    .await
+    .expect("the watches are answered");
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive buffer, so the response cannot hide in it.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let write_timeouts = || {
+        server
+            .connections
+            .metrics()
+            .protocol(crate::connections::Protocol::Http)
+            .map(|p| p.closed(CloseReason::WriteTimeout))
+            .unwrap_or(0)
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while write_timeouts() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stalled connection is closed as write_timeout");
+    drop(stream);
+    server.stop().await;
+}
