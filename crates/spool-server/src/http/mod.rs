@@ -30,6 +30,7 @@ mod metrics;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -430,6 +431,24 @@ fn command_name(method: &Method, path: &str) -> &'static str {
     }
 }
 
+/// Pending connections the HTTP listener queues: probes and scrapes come a
+/// few at a time, but a burst of `spool top`s or a restarted scraper fleet
+/// should not see refused connects.
+pub const HTTP_LISTEN_BACKLOG: u32 = 128;
+
+/// Binds the HTTP listener (call inside the runtime). `SO_REUSEADDR` so a
+/// restarted server need not wait out the old connections' `TIME_WAIT`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_LISTEN_BACKLOG)
+}
+
 /// Runs the HTTP server on `listener` until `shutdown` completes, then
 /// stops accepting, lets requests in flight finish (up to the drain
 /// timeout) and returns.
@@ -461,6 +480,7 @@ pub async fn serve<B: Broker>(
                 let _ = stream.set_nodelay(true);
                 tasks.spawn(serve_connection(
                     stream,
+                    peer,
                     Arc::new(handle),
                     app.clone(),
                     limits.clone(),
@@ -608,6 +628,7 @@ impl MeteredStream {
 /// the server stops.
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     handle: Arc<ConnHandle>,
     app: Router,
     limits: HttpLimits,
@@ -663,6 +684,7 @@ async fn serve_connection(
             }
         }
     };
+    tracing::debug!(%peer, reason = reason.as_str(), "http connection closed");
     handle.close_reason(reason);
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use spool_engine::{Engine, EngineConfig};
 use spool_proto::{Put, PutBody, Request, TubeName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::*;
@@ -48,7 +48,7 @@ impl TestServer {
             connections: connections.clone(),
             limits,
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, state.clone(), async {
@@ -540,5 +540,21 @@ async fn a_client_that_does_not_read_is_closed_by_the_write_stall_timeout() {
     .await
     .expect("the stalled connection is closed as write_timeout");
     drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_from_hyper() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    let reply = exchange(server.addr, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!((400..500).contains(&reply.status), "{reply:?}");
+    let huge_header = format!(
+        "GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(REQUEST_HEAD_MAX_BYTES + 1024)
+    );
+    let reply = exchange(server.addr, huge_header.as_bytes()).await;
+    assert!((400..500).contains(&reply.status), "{reply:?}");
+    // The server is unharmed.
+    assert_eq!(server.get("/livez").await.status, 200);
     server.stop().await;
 }
