@@ -8,6 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cpu;
@@ -17,9 +18,11 @@ use anyhow::Context;
 use spool_engine::{Engine, EngineConfig};
 use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
+use spool_server::connections::{Connections, Protocol};
 use spool_server::durable::{self, FsyncPolicy, InlineLog};
+use spool_server::http::{self, HttpLimits, HttpSettings, HttpState};
 use spool_server::process::ProcessInfo;
-use spool_server::{Broker, Clock, LocalBroker, LogSink};
+use spool_server::{process, Broker, Clock, LocalBroker, LogSink};
 use spool_wal::{WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
 /// What `stats` reports as `version`: the beanstalkd version spool speaks,
@@ -450,6 +453,17 @@ fn parse_listen(listen: &str, port: u16) -> Result<ListenAddr, ConfigError> {
     )))
 }
 
+/// Most worker threads of the HTTP runtime: probes and scrapes are light,
+/// and every thread beyond the CPU budget is only contention.
+const HTTP_WORKER_THREADS_MAX: usize = 4;
+
+/// After the grace period, how long connection tasks get to notice that
+/// they are closed and drop their sessions.
+const CLOSE_ALL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the HTTP server gets to finish requests in flight at exit.
+const HTTP_STOP_WAIT: Duration = Duration::from_secs(2);
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.version {
         println!("spool {}", env!("CARGO_PKG_VERSION"));
@@ -459,12 +473,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let log_control =
         logging::init(config.log_format, &config.log_filter).context("starting the logger")?;
     let cpu = cpu::detect();
+    let http_workers = cpu.cpus.min(HTTP_WORKER_THREADS_MAX);
     tracing::info!(
         cpus = cpu.cpus,
         quota_cpus = ?cpu.quota_cpus,
         source = %cpu.source,
+        data_path_threads = 1,
+        http_threads = http_workers,
         "CPU budget"
     );
+    match process::raise_fd_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "fd limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the fd limit"),
+    }
+    let connections = Connections::new(config.max_connections);
+
     // One thread serves the data path, like beanstalkd: the engine task and
     // every connection share it, so handing a batch to the engine never
     // crosses threads (measured: two workers on two cores ran the mixed
@@ -474,20 +497,79 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .max_blocking_threads(cpu.cpus)
         .build()
         .context("starting the async runtime")?;
-    let _ = log_control;
-    let log_thread = runtime.block_on(serve(config))?;
+    // Probes, metrics and admin run on their own threads: /livez answers
+    // while the data path is busy or still replaying the log.
+    let http_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(http_workers)
+        .max_blocking_threads(cpu.cpus)
+        .thread_name("spool-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+
+    let current_filter = log_control.current();
+    let http_state = HttpState::<LocalBroker>::new(HttpSettings {
+        version: VERSION.to_string(),
+        auth_token: config.auth_token.clone(),
+        log_filter: current_filter,
+        set_log_filter: Arc::new(move |directive: &str| log_control.set(directive)),
+        connections: connections.clone(),
+        limits: HttpLimits::default(),
+        // runtime: Some(runtime.handle().clone()),
+    });
+    let http_listener = std::net::TcpListener::bind(config.http_listen)
+        .with_context(|| format!("binding the HTTP listener {}", config.http_listen))?;
+    http_listener
+        .set_nonblocking(true)
+        .context("configuring the HTTP listener")?;
+    let http_addr = http_listener
+        .local_addr()
+        .context("reading the HTTP listener's address")?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_server = {
+        let state = http_state.clone();
+        http_runtime.spawn(async move {
+            match tokio::net::TcpListener::from_std(http_listener) {
+                Ok(listener) => {
+                    http::serve(listener, state, async {
+                        let _ = http_stopped.await;
+                    })
+                    .await
+                }
+                Err(e) => tracing::error!(error = %e, "the HTTP listener failed"),
+            }
+        })
+    };
+    tracing::info!(http = %http_addr, "serving probes, /metrics and /admin over HTTP");
+
+    let served = runtime.block_on(serve(config, http_state, connections));
     // Dropping the runtime drops the engine task and with it the log link;
     // the log thread then makes a last sync and ends.
     drop(runtime);
+    let log_thread = served?;
+    let mut result = Ok(());
     if let Some(thread) = log_thread {
         if thread.join().is_err() {
-            anyhow::bail!("the log thread panicked");
+            result = Err(anyhow::anyhow!("the log thread panicked"));
         }
     }
-    Ok(())
+    let _ = http_stop.send(());
+    http_runtime.block_on(async {
+        let _ = tokio::time::timeout(HTTP_STOP_WAIT, http_server).await;
+    });
+    http_runtime.shutdown_timeout(HTTP_STOP_WAIT);
+    tracing::info!("stopped");
+    result
 }
 
-async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+async fn serve(
+    config: ServeConfig,
+    http_state: Arc<HttpState<LocalBroker>>,
+    connections: Connections,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    // Handlers first: a SIGTERM during replay is then served right after
+    // it instead of killing the process.
+    let mut signals = Signals::install().context("installing signal handlers")?;
     let clock = Clock::start();
     let mut engine = Engine::new(EngineConfig {
         max_job_size: config.max_job_size,
@@ -507,8 +589,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
                 options = options.zero_fill_ahead_bytes(0);
             }
             let recover_dir = dir.clone();
-            // Replay runs off the runtime so that the runtime stays free to
-            // answer (health checks, once there is an HTTP listener).
+            tracing::info!(dir = %dir.display(), "replaying the log");
+            // Replay runs off the runtime so that the runtime stays free.
             let (wal, report, recovered) = tokio::task::spawn_blocking(move || {
                 let (wal, report) = durable::recover(&recover_dir, options, &mut engine, &clock)?;
                 Ok::<_, durable::RecoverError>((wal, report, engine))
@@ -557,48 +639,111 @@ async fn serve(config: ServeConfig) -> anyhow::Result<Option<std::thread::JoinHa
     };
     let listener = bind(&config.listen)?;
     let broker = LocalBroker::start(engine, clock, log, ProcessInfo::new(VERSION));
+    if let Some(stats) = broker.storage_stats() {
+        http_state.set_storage_stats(stats);
+    }
+    http_state.set_broker(broker.clone());
+    http_state.set_recovered();
     tracing::info!(
         listen = %listener.local_addr(),
         storage = %storage,
         max_job_size = config.max_job_size,
+        max_connections = ?config.max_connections,
         "spool is serving the beanstalkd protocol"
     );
-    let drain_broker = broker.clone();
-    tokio::spawn(async move {
-        let Ok(mut usr1) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-        else {
-            return;
-        };
-        while usr1.recv().await.is_some() {
-            tracing::info!("SIGUSR1: draining, new jobs are refused");
-            drain_broker.set_draining(true);
-        }
-    });
+    if let Some(mut usr1) = signals.usr1.take() {
+        let (broker, http_state) = (broker.clone(), http_state.clone());
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: draining, new jobs are refused");
+                broker.set_draining(true);
+                http_state.set_draining(true);
+            }
+        });
+    }
     beanstalk::serve(
         listener,
-        broker,
+        broker.clone(),
         BeanstalkConfig {
             max_job_size: config.max_job_size,
+            request_timeout: config.request_timeout,
+            write_timeout: config.write_timeout,
         },
-        shutdown_signal(),
+        connections.clone(),
+        signals.terminated(),
     )
     .await;
-    tracing::info!("shutting down");
+
+    // SIGTERM or SIGINT: the listener is closed. Readiness goes false, puts
+    // are refused, blocked reserves are answered, idle sessions close, and
+    // workers holding jobs get the grace period to finish them.
+    http_state.set_shutting_down();
+    broker.begin_shutdown();
+    let holding = connections.active(Protocol::Beanstalk);
+    tracing::info!(
+        connections = holding,
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        "shutting down: refusing new jobs, waiting for reserved jobs to finish"
+    );
+    let finished = tokio::time::timeout(
+        config.shutdown_grace,
+        connections.wait_until_none(Protocol::Beanstalk),
+    )
+    .await
+    .is_ok();
+    if !finished {
+        let remaining = broker.snapshot().await.map(|s| {
+            s.sessions
+                .iter()
+                .map(|session| session.reserved_count)
+                .sum::<u64>()
+        });
+        tracing::warn!(
+            connections = connections.active(Protocol::Beanstalk),
+            reserved_jobs = ?remaining.ok(),
+            "grace period over: closing the remaining connections; their jobs go back to ready"
+        );
+        connections.close_all();
+        let _ = tokio::time::timeout(
+            CLOSE_ALL_WAIT,
+            connections.wait_until_none(Protocol::Beanstalk),
+        )
+        .await;
+    }
+    tracing::info!("connections closed; syncing the log");
     Ok(log_thread)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals `spool serve` acts on, installed before recovery.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    usr1: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: Some(signal(SignalKind::terminate())?),
+            int: Some(signal(SignalKind::interrupt())?),
+            usr1: Some(signal(SignalKind::user_defined1())?),
+        })
+    }
+
+    /// Completes at the first SIGTERM or SIGINT.
+    fn terminated(&mut self) -> impl std::future::Future<Output = ()> {
+        let term = self.term.take();
+        let int = self.int.take();
+        async move {
+            let (Some(mut term), Some(mut int)) = (term, int) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        }
     }
 }
 
