@@ -92,12 +92,13 @@ pub(super) async fn stats<B: Broker>(
     let runtime = RuntimeFigures::read();
     let connection_metrics = state.connections.metrics();
     let wal = state.storage_stats().map(|s| storage_json(&s));
+    let not_ready_reason = state.unready_reason();
     Ok(Json(json!({
         "version": state.version,
         "pid": std::process::id(),
         "uptime_seconds": state.uptime_seconds(),
-        "ready": state.unready_reason().is_none(),
-        "not_ready_reason": state.unready_reason(),
+        "ready": not_ready_reason.is_none(),
+        "not_ready_reason": not_ready_reason,
         "process": {
             "open_fds": process.open_fds,
             "max_fds": process.max_fds,
