@@ -310,7 +310,11 @@ fn header_lines(stats: &Value) -> String {
         num(stats, "/process/open_fds"),
         num(stats, "/process/max_fds"),
         num(stats, "/process/threads"),
-        num(stats, "/runtime/alive_tasks"),
+        // The data path's tasks (connections, the engine) when known.
+        match stats.pointer("/runtime/data/alive_tasks") {
+            Some(_) => num(stats, "/runtime/data/alive_tasks"),
+            None => num(stats, "/runtime/http/alive_tasks"),
+        },
         bytes_text(as_f64(stats, "/process/resident_memory_bytes")),
         duration_text(as_f64(stats, "/process/cpu_seconds")),
     ));

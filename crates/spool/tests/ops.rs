@@ -412,7 +412,7 @@ fn admin_stats_and_connections_show_queues_and_sessions() {
     assert!(stats["process"]["max_fds"].as_u64().unwrap() > 0);
     assert!(stats["process"]["threads"].as_u64().unwrap() >= 1);
     assert!(stats["process"]["resident_memory_bytes"].as_u64().unwrap() > 0);
-    assert!(stats["runtime"]["alive_tasks"].as_u64().is_some());
+    assert!(stats["runtime"]["http"]["alive_tasks"].as_u64().is_some());
     assert!(
         stats["connections"]["active"]["beanstalk"]
             .as_u64()

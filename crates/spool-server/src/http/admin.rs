@@ -89,7 +89,17 @@ pub(super) async fn stats<B: Broker>(
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = snapshot(&state).await?;
     let process = ProcessFigures::read();
-    let runtime = RuntimeFigures::read();
+    let runtimes: serde_json::Map<String, Value> = RuntimeFigures::read(&state)
+        .into_iter()
+        .map(|(name, r)| {
+            let figures = json!({
+                "workers": r.workers,
+                "alive_tasks": r.alive_tasks,
+                "global_queue_depth": r.global_queue_depth,
+            });
+            (name.to_string(), figures)
+        })
+        .collect();
     let connection_metrics = state.connections.metrics();
     let wal = state.storage_stats().map(|s| storage_json(&s));
     let not_ready_reason = state.unready_reason();
@@ -106,11 +116,7 @@ pub(super) async fn stats<B: Broker>(
             "resident_memory_bytes": process.resident_memory_bytes,
             "cpu_seconds": process.cpu_seconds,
         },
-        "runtime": {
-            "workers": runtime.workers,
-            "alive_tasks": runtime.alive_tasks,
-            "global_queue_depth": runtime.global_queue_depth,
-        },
+        "runtime": runtimes,
         "connections": super::metrics::connections_json(&connection_metrics),
         "jobs": snapshot.jobs_total,
         "draining": snapshot.draining,

@@ -57,7 +57,7 @@ pub(super) fn status_field(status: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// The tokio runtime's stable metrics.
+/// The stable metrics of one tokio runtime.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RuntimeFigures {
     pub workers: usize,
@@ -66,13 +66,27 @@ pub(super) struct RuntimeFigures {
 }
 
 impl RuntimeFigures {
-    pub fn read() -> RuntimeFigures {
-        let metrics = tokio::runtime::Handle::current().metrics();
+    fn of(handle: &tokio::runtime::Handle) -> RuntimeFigures {
+        let metrics = handle.metrics();
         RuntimeFigures {
             workers: metrics.num_workers(),
             alive_tasks: metrics.num_alive_tasks(),
             global_queue_depth: metrics.global_queue_depth(),
         }
+    }
+
+    /// (`runtime` label, figures): the data-path runtime when the binary
+    /// handed it over, and the one serving this request.
+    pub fn read<B: Broker>(state: &HttpState<B>) -> Vec<(&'static str, RuntimeFigures)> {
+        let mut all = Vec::with_capacity(2);
+        if let Some(data) = state.data_runtime.get() {
+            all.push(("data", RuntimeFigures::of(data)));
+        }
+        all.push((
+            "http",
+            RuntimeFigures::of(&tokio::runtime::Handle::current()),
+        ));
+        all
     }
 }
 
@@ -97,7 +111,7 @@ pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -
         &ProcessFigures::read(),
         state.started_unix_seconds,
     );
-    write_runtime(&mut out, RuntimeFigures::read());
+    write_runtime(&mut out, &RuntimeFigures::read(&state));
     text_response(CONTENT_TYPE, out.finish()).into_response()
 }
 
@@ -487,23 +501,29 @@ fn write_process(out: &mut Exposition, process: &ProcessFigures, start_time_seco
     );
 }
 
-fn write_runtime(out: &mut Exposition, runtime: RuntimeFigures) {
-    out.single(
-        "spool_runtime_workers",
-        MetricKind::Gauge,
-        "Worker threads of the async runtime.",
-        runtime.workers as f64,
-    );
-    out.single(
-        "spool_runtime_alive_tasks",
-        MetricKind::Gauge,
-        "Tasks alive in the async runtime (connections, the engine, timers).",
-        runtime.alive_tasks as f64,
-    );
-    out.single(
-        "spool_runtime_global_queue_depth",
-        MetricKind::Gauge,
-        "Tasks waiting in the runtime's global queue.",
-        runtime.global_queue_depth as f64,
-    );
+fn write_runtime(out: &mut Exposition, runtimes: &[(&str, RuntimeFigures)]) {
+    type Column = (&'static str, &'static str, fn(&RuntimeFigures) -> usize);
+    let columns: [Column; 3] = [
+        (
+            "spool_runtime_workers",
+            "Worker threads of an async runtime (data: connections and the engine; http: this listener).",
+            |r| r.workers,
+        ),
+        (
+            "spool_runtime_alive_tasks",
+            "Tasks alive in an async runtime.",
+            |r| r.alive_tasks,
+        ),
+        (
+            "spool_runtime_global_queue_depth",
+            "Tasks waiting in an async runtime's global queue.",
+            |r| r.global_queue_depth,
+        ),
+    ];
+    for (name, help, value) in columns {
+        out.family(name, MetricKind::Gauge, help);
+        for (runtime, figures) in runtimes {
+            out.sample_u64(name, &[("runtime", runtime)], value(figures) as u64);
+        }
+    }
 }

@@ -163,6 +163,7 @@ impl std::fmt::Debug for HttpSettings {
 pub struct HttpState<B: Broker> {
     broker: OnceLock<B>,
     storage_stats: OnceLock<SharedStorageStats>,
+    data_runtime: OnceLock<tokio::runtime::Handle>,
     recovered: AtomicBool,
     draining: AtomicBool,
     shutting_down: AtomicBool,
@@ -200,6 +201,7 @@ impl<B: Broker> HttpState<B> {
         Arc::new(HttpState {
             broker: OnceLock::new(),
             storage_stats: OnceLock::new(),
+            data_runtime: OnceLock::new(),
             recovered: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -223,6 +225,13 @@ impl<B: Broker> HttpState<B> {
     /// The log's figures, for `/metrics` and `/admin/stats` (none in memory).
     pub fn set_storage_stats(&self, stats: SharedStorageStats) {
         let _ = self.storage_stats.set(stats);
+    }
+
+    /// The runtime of the data path (connections and the engine), when it
+    /// is not the one serving HTTP: its task counts go into `/metrics` and
+    /// `/admin/stats` under `runtime="data"`.
+    pub fn set_data_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.data_runtime.set(handle);
     }
 
     /// Recovery finished: readiness may turn true.

@@ -330,6 +330,9 @@ fn token_comparison() {
 async fn stats_metrics_and_connections_show_a_session() {
     let server = TestServer::start(None, HttpLimits::default()).await;
     let broker = server.attach_broker();
+    server
+        .state
+        .set_data_runtime(tokio::runtime::Handle::current());
     // A beanstalkd-style session, registered as the listener would.
     let handle = server
         .connections
@@ -389,6 +392,7 @@ async fn stats_metrics_and_connections_show_a_session() {
     assert_eq!(emails["counters"]["reserved"], 1);
     assert_eq!(stats["version"], "test-version");
     assert_eq!(stats["connections"]["active"]["beanstalk"], 1);
+    assert!(stats["runtime"]["data"]["alive_tasks"].as_u64().unwrap() >= 1);
 
     let reply = server.get("/metrics").await;
     assert!(reply
@@ -401,6 +405,8 @@ async fn stats_metrics_and_connections_show_a_session() {
         "spool_connections{protocol=\"beanstalk\"} 1",
         "spool_build_info{version=\"test-version\"} 1",
         "spool_ready 1",
+        "spool_runtime_workers{runtime=\"data\"} 1",
+        "spool_runtime_workers{runtime=\"http\"} 1",
     ] {
         assert!(
             reply.body.lines().any(|l| l == line),
