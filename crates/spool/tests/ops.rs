@@ -677,3 +677,54 @@ fn cli_says_so_when_the_server_is_unreachable() {
         assert!(out.stdout.is_empty(), "{verb}");
     }
 }
+
+#[test]
+fn wal_figures_are_published_with_durable_storage() {
+    let dir = support::TempDir::new("ops-wal");
+    let server = Server::start_durable(dir.path(), &[]);
+    wait_ready(&server);
+    let (_, before) = metrics(&server);
+    for name in [
+        "spool_wal_bytes",
+        "spool_wal_segments",
+        "spool_wal_commits_total",
+        "spool_wal_fsyncs_total",
+        "spool_wal_compactions_total",
+        "spool_wal_fsync_seconds",
+        "spool_wal_commit_batch_size",
+    ] {
+        assert!(
+            before.types.contains_key(name),
+            "{name} missing from /metrics"
+        );
+    }
+    let mut client = server.client();
+    for _ in 0..5 {
+        client.put(0, 0, 60, b"durable");
+    }
+    let (_, after) = metrics(&server);
+    let grew = |name: &str| after.value(name, &[]).unwrap() > before.value(name, &[]).unwrap();
+    assert!(grew("spool_wal_commits_total"));
+    assert!(
+        grew("spool_wal_fsyncs_total"),
+        "fsync always is the default"
+    );
+    assert!(grew("spool_wal_fsync_seconds_count"));
+    assert!(grew("spool_wal_commit_batch_size_sum"));
+    assert_eq!(after.value("spool_wal_failed", &[]), Some(0.0));
+    let stats = server.http("GET", "/admin/stats", "").json();
+    assert!(stats["wal"]["commits"].as_u64().unwrap() >= 5, "{stats}");
+    assert!(stats["wal"]["segments"].as_u64().unwrap() >= 1, "{stats}");
+    let out = run_spool(&["stats", "--http", &server.http_addr().to_string()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("wal ") && l.contains("commits")),
+        "{text}"
+    );
+}
