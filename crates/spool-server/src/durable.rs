@@ -422,7 +422,9 @@ impl LogWriter {
                         FsyncPolicy::Always => self.sync()?,
                         FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
                     }
-                    let log_bytes = self.wal.segments().iter().map(|s| s.len).sum();
+                    // Published per commit: /metrics reads the log's size
+                    // and bytes written from the shared stats.
+                    let log_bytes = self.publish();
                     if acks
                         .send(CommitAck::Committed { round, log_bytes })
                         .is_err()

@@ -515,8 +515,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         set_log_filter: Arc::new(move |directive: &str| log_control.set(directive)),
         connections: connections.clone(),
         limits: HttpLimits::default(),
-        // runtime: Some(runtime.handle().clone()),
     });
+    http_state.set_data_runtime(runtime.handle().clone());
     let http_listener = std::net::TcpListener::bind(config.http_listen)
         .with_context(|| format!("binding the HTTP listener {}", config.http_listen))?;
     http_listener
