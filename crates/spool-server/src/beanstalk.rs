@@ -18,13 +18,13 @@
 //!
 //! Every accepted connection is admitted through the [`Connections`]
 //! registry (refused ones are closed at once) and keeps its record there up
-//! to date: bytes, state, current command. Two timers guard against clients
-//! that hold a connection hostage, each allocated only while it runs: a
+//! to date: bytes, state, current command. A timer, allocated only while it
+//! runs, guards against clients that hold a connection hostage: a
 //! connection stalled in the middle of a request for `request_timeout` (the
 //! slowloris attack), or whose replies wait unread for `write_timeout`, is
 //! closed. A connection idle between commands, or blocked in `reserve`, has
-//! neither timer and is never closed for idling; TCP keepalive finds peers
-//! that vanished.
+//! no timer and is never closed for idling; TCP keepalive finds peers that
+//! vanished.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -278,21 +278,20 @@ struct Connection<S, Sess> {
     output: Vec<u8>,
     /// One entry per request not yet answered, in order.
     slots: VecDeque<Slot>,
-    /// Slots that are `Waiting`.
-    awaiting: usize,
+    /// Slots that are `Waiting` (at most `PIPELINED_REQUESTS_MAX`).
+    awaiting: u32,
     responses: Vec<Response>,
-    batch: Vec<Request>,
     /// Set once the client sent `quit` or closed its side, or the broker
     /// closed the session: nothing more is read, and the connection closes
     /// for this reason once its replies are written.
     ending: Option<CloseReason>,
     config: Arc<BeanstalkConfig>,
-    /// Runs while part of a request is buffered and the connection is
-    /// reading; restarted by every byte received.
-    request_timer: Option<Pin<Box<Sleep>>>,
-    /// Runs while replies wait for the socket; restarted by every byte
-    /// written.
-    write_timer: Option<Pin<Box<Sleep>>>,
+    /// Runs while the connection is stalled (see [`Stall`]); restarted by
+    /// every byte that moves in the stalled direction. One timer, not one
+    /// per direction, keeps the task's memory unchanged by it.
+    stall_timer: Option<Pin<Box<Sleep>>>,
+    /// What `stall_timer` times, when it runs.
+    stall: Stall,
     /// Last, so the record ends after the session and socket are gone.
     handle: ConnHandle,
 }
@@ -307,6 +306,16 @@ enum Slot {
 enum Step {
     Continue,
     Close(CloseReason),
+}
+
+/// What a stalled connection waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// The rest of a request it has begun (`request_timeout`).
+    Request,
+    /// The client to read its replies (`write_timeout`). Checked first:
+    /// a client that does not read is stalled whatever else it sends.
+    Write,
 }
 
 /// Why a socket error ends a connection: the client going away, or
@@ -368,11 +377,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             slots: VecDeque::new(),
             awaiting: 0,
             responses: Vec::new(),
-            batch: Vec::new(),
             ending: None,
             config,
-            request_timer: None,
-            write_timer: None,
+            stall_timer: None,
+            stall: Stall::Request,
             handle,
         }
     }
@@ -439,7 +447,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             }
             if !progressed {
                 self.show_state();
-                return self.poll_timers(cx);
+                return self.poll_timer(cx);
             }
         }
         // Busy connection: let others run, then continue.
@@ -447,32 +455,53 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         Poll::Pending
     }
 
-    /// Starts, keeps or drops the two timers for what the connection waits
-    /// on now, and says whether one has run out. Called when nothing more
-    /// can be done, so an idle connection drops both.
-    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        let mid_request = self.can_read() && (!self.input.is_empty() || !self.decoder.is_idle());
-        if !mid_request {
-            self.request_timer = None;
-        } else if self.request_timer.is_none() {
-            self.request_timer = Some(Box::pin(tokio::time::sleep(self.config.request_timeout)));
+    /// Starts, keeps or drops the stall timer for what the connection
+    /// waits on now, and says whether it has run out. Called when nothing
+    /// more can be done, so an idle connection drops it.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let stall = if !self.output.is_empty() {
+            Stall::Write
+        } else if self.can_read() && (!self.input.is_empty() || !self.decoder.is_idle()) {
+            Stall::Request
+        } else {
+            self.stall_timer = None;
+            return Poll::Pending;
+        };
+        let timeout = self.stall_timeout(stall);
+        match &mut self.stall_timer {
+            Some(_) if self.stall == stall => {}
+            Some(timer) => timer.as_mut().reset(Instant::now() + timeout),
+            None => self.stall_timer = Some(Box::pin(tokio::time::sleep(timeout))),
         }
-        if self.output.is_empty() {
-            self.write_timer = None;
-        } else if self.write_timer.is_none() {
-            self.write_timer = Some(Box::pin(tokio::time::sleep(self.config.write_timeout)));
-        }
-        if let Some(timer) = &mut self.request_timer {
+        self.stall = stall;
+        if let Some(timer) = &mut self.stall_timer {
             if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(CloseReason::RequestTimeout);
-            }
-        }
-        if let Some(timer) = &mut self.write_timer {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(CloseReason::WriteTimeout);
+                return Poll::Ready(match stall {
+                    Stall::Request => CloseReason::RequestTimeout,
+                    Stall::Write => CloseReason::WriteTimeout,
+                });
             }
         }
         Poll::Pending
+    }
+
+    fn stall_timeout(&self, stall: Stall) -> Duration {
+        match stall {
+            Stall::Request => self.config.request_timeout,
+            Stall::Write => self.config.write_timeout,
+        }
+    }
+
+    /// Bytes moved in direction `stall`: if that is what the timer times,
+    /// it starts over.
+    fn made_progress(&mut self, stall: Stall) {
+        if self.stall != stall {
+            return;
+        }
+        let timeout = self.stall_timeout(stall);
+        if let Some(timer) = &mut self.stall_timer {
+            timer.as_mut().reset(Instant::now() + timeout);
+        }
     }
 
     /// Publishes what the connection waits on, and the command it runs.
@@ -528,14 +557,15 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     }
 
     fn on_readable(&mut self) -> Step {
-        let read = if self.input.is_empty() {
+        let (read, decoded) = if self.input.is_empty() {
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 scratch.clear();
                 scratch.reserve(READ_CHUNK_BYTES);
                 let read = self.stream.read_available(&mut scratch);
+                let mut decoded = Step::Continue;
                 if matches!(read, Ok(n) if n > 0) {
-                    self.decode(&mut scratch);
+                    decoded = self.decode(&mut scratch);
                     if !scratch.is_empty() && !self.done_reading() {
                         // Keep only what is not decoded yet, in a buffer of
                         // our own sized for the request it starts.
@@ -545,15 +575,18 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                         self.input = own;
                     }
                 }
-                read
+                (read, decoded)
             })
         } else {
             // The rest of a partial request: read into its own buffer, which
             // is sized for it (a body up to the max job size).
             let wanted = self.decoder.bytes_wanted().max(self.input.len() + 1024);
             self.input.reserve(wanted - self.input.len());
-            self.stream.read_available(&mut self.input)
+            (self.stream.read_available(&mut self.input), Step::Continue)
         };
+        if let Step::Close(reason) = decoded {
+            return Step::Close(reason);
+        }
         match read {
             Ok(0) => {
                 if self.ending.is_none() {
@@ -565,12 +598,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             }
             Ok(n) => {
                 self.handle.add_bytes_in(n);
-                // A byte arrived: a stalled request is moving again.
-                if let Some(timer) = &mut self.request_timer {
-                    timer
-                        .as_mut()
-                        .reset(Instant::now() + self.config.request_timeout);
-                }
+                self.made_progress(Stall::Request);
                 self.pump()
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
@@ -578,8 +606,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
     }
 
-    /// Decodes requests from `buf` while this connection may take more.
-    fn decode(&mut self, buf: &mut BytesMut) {
+    /// Decodes requests from `buf` while this connection may take more,
+    /// and submits them as one batch.
+    fn decode(&mut self, buf: &mut BytesMut) -> Step {
+        let mut batch = Vec::new();
         while !self.done_reading() && self.slots.len() < PIPELINED_REQUESTS_MAX {
             let Some(decoded) = self.decoder.decode(buf) else {
                 break;
@@ -588,7 +618,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 Ok(Request::Quit) => self.ending = Some(CloseReason::Quit),
                 Ok(request) => {
                     self.slots.push_back(Slot::Waiting(command_name(&request)));
-                    self.batch.push(request);
+                    batch.push(request);
                     self.awaiting += 1;
                 }
                 Err(ProtocolError::BadFormat) => {
@@ -599,6 +629,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                     .push_back(Slot::Answered(Response::UnknownCommand)),
             }
         }
+        if !batch.is_empty() && self.session.submit(batch).is_err() {
+            return Step::Close(CloseReason::Server);
+        }
+        Step::Continue
     }
 
     /// Moves work along until it would block: decodes buffered input while
@@ -608,19 +642,16 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         loop {
             if !self.input.is_empty() && !self.done_reading() {
                 let mut input = std::mem::take(&mut self.input);
-                self.decode(&mut input);
+                let decoded = self.decode(&mut input);
                 if !input.is_empty() && !self.done_reading() {
                     self.input = input;
+                }
+                if let Step::Close(reason) = decoded {
+                    return Step::Close(reason);
                 }
             }
             if self.done_reading() {
                 self.input = BytesMut::new();
-            }
-            if !self.batch.is_empty() {
-                let batch = std::mem::take(&mut self.batch);
-                if self.session.submit(batch).is_err() {
-                    return Step::Close(CloseReason::Server);
-                }
             }
             self.encode_ready();
             if self.output.is_empty() {
@@ -631,12 +662,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                     Ok(n) => {
                         self.output.drain(..n);
                         self.handle.add_bytes_out(n);
-                        // The client is reading: a stalled write moves again.
-                        if let Some(timer) = &mut self.write_timer {
-                            timer
-                                .as_mut()
-                                .reset(Instant::now() + self.config.write_timeout);
-                        }
+                        self.made_progress(Stall::Write);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
                     Err(e) => return Step::Close(io_close_reason(&e)),

@@ -13,15 +13,17 @@
 //! right after `accept` failed with `EMFILE`/`ENFILE`.
 //!
 //! Each admitted connection gets a [`ConnHandle`]; dropping it ends the
-//! connection's record and counts it as closed with its reason. A handle
-//! costs about 150 bytes (its entry, the registry slot, the peer string),
-//! and updating it is an atomic store, or a short uncontended lock for the
-//! command name. Totals of live connections are summed when metrics are
-//! read, not on every read or write.
+//! connection's record and counts it as closed with its reason. A
+//! connection costs about 140 bytes here (one 128-byte allocation for its
+//! entry, peer address included, and its registry slot); updating it is an
+//! atomic store, or a short lock for the command name. Totals of live
+//! connections are summed when metrics are read, not on every read or
+//! write.
 
 use std::future::poll_fn;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -346,6 +348,9 @@ pub struct Connections {
 struct Inner {
     /// Zero of the entries' `opened_ns`.
     epoch: Instant,
+    /// Command names seen so far; an entry stores its command as an index
+    /// into this list plus one (0: none), a byte instead of a `&str`.
+    command_names: Mutex<Vec<&'static str>>,
     max_connections: Option<u64>,
     fd_limit: Option<u64>,
     /// Highest number of fds admission lets the process reach:
@@ -386,6 +391,15 @@ struct ProtocolTotals {
 /// `session_id` of an entry that has none.
 const NO_SESSION: u64 = u64::MAX;
 
+/// Most distinct command names the registry tells apart: the index is a
+/// byte, 0 meaning none. The front doors have a few dozen commands; a name
+/// past the limit shows as none.
+const COMMAND_NAMES_MAX: usize = u8::MAX as usize;
+
+/// Bit of `Entry::flags` set by `close_all`; the bits below it hold the
+/// close reason's index.
+const CLOSE_REQUESTED: u8 = 0x80;
+
 #[derive(Debug)]
 struct Entry {
     id: u64,
@@ -397,17 +411,46 @@ struct Entry {
     slot: u32,
     protocol: Protocol,
     state: AtomicU8,
-    close_reason: AtomicU8,
-    close_requested: AtomicBool,
+    /// Index of the command name plus one (see `Inner::command_names`).
+    command: AtomicU8,
+    /// The close reason's index, and [`CLOSE_REQUESTED`].
+    flags: AtomicU8,
     details: Mutex<Details>,
 }
 
 #[derive(Debug)]
 struct Details {
-    peer: Box<str>,
-    command: Option<&'static str>,
+    peer: PeerAddr,
     /// The connection task, woken by `close_all`.
     waker: Option<Waker>,
+}
+
+/// A peer as the front door gave it: a socket address when it parses as
+/// one, stored inline (no allocation per connection), text otherwise.
+#[derive(Debug)]
+enum PeerAddr {
+    Unset,
+    Socket(SocketAddr),
+    Text(Box<str>),
+}
+
+impl PeerAddr {
+    fn new(peer: String) -> PeerAddr {
+        match peer.parse::<SocketAddr>() {
+            // Only when it prints back the same, so the list shows what was
+            // given.
+            Ok(addr) if addr.to_string() == peer => PeerAddr::Socket(addr),
+            _ => PeerAddr::Text(peer.into_boxed_str()),
+        }
+    }
+
+    fn to_text(&self) -> String {
+        match self {
+            PeerAddr::Unset => String::new(),
+            PeerAddr::Socket(addr) => addr.to_string(),
+            PeerAddr::Text(text) => text.to_string(),
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -437,6 +480,7 @@ impl Connections {
         Connections {
             inner: Arc::new(Inner {
                 epoch: now,
+                command_names: Mutex::new(Vec::new()),
                 max_connections: max_connections.map(u64::from),
                 fd_limit,
                 fd_ceiling: fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_HEADROOM)),
@@ -497,11 +541,10 @@ impl Connections {
             slot,
             protocol,
             state: AtomicU8::new(ConnState::Idle as u8),
-            close_reason: AtomicU8::new(CloseReason::Client as u8),
-            close_requested: AtomicBool::new(false),
+            command: AtomicU8::new(0),
+            flags: AtomicU8::new(CloseReason::Client as u8),
             details: Mutex::new(Details {
-                peer: Box::from(""),
-                command: None,
+                peer: PeerAddr::Unset,
                 waker: None,
             }),
         });
@@ -586,13 +629,14 @@ impl Connections {
             state.slots.iter().flatten().cloned().collect()
         };
         let now_ns = self.now_ns();
+        let command_names = lock(&self.inner.command_names).clone();
         let mut infos: Vec<ConnectionInfo> = entries
             .iter()
             .map(|entry| {
-                let (peer, command) = {
-                    let details = lock(&entry.details);
-                    (details.peer.to_string(), details.command)
-                };
+                let peer = lock(&entry.details).peer.to_text();
+                let command = usize::from(entry.command.load(Ordering::Relaxed))
+                    .checked_sub(1)
+                    .and_then(|index| command_names.get(index).copied());
                 let session_id = entry.session_id.load(Ordering::Relaxed);
                 ConnectionInfo {
                     id: entry.id,
@@ -665,7 +709,7 @@ impl Connections {
             state.slots.iter().flatten().cloned().collect()
         };
         for entry in entries {
-            entry.close_requested.store(true, Ordering::SeqCst);
+            entry.flags.fetch_or(CLOSE_REQUESTED, Ordering::SeqCst);
             let waker = lock(&entry.details).waker.take();
             if let Some(waker) = waker {
                 waker.wake();
@@ -693,6 +737,25 @@ impl Connections {
     }
 }
 
+impl Inner {
+    /// The byte an entry stores for `command` (0 when the list is full).
+    fn command_index(&self, command: &'static str) -> u8 {
+        let mut names = lock(&self.command_names);
+        let known = names
+            .iter()
+            .position(|name| std::ptr::eq(*name, command) || *name == command);
+        let index = match known {
+            Some(index) => index,
+            None if names.len() < COMMAND_NAMES_MAX => {
+                names.push(command);
+                names.len() - 1
+            }
+            None => return 0,
+        };
+        u8::try_from(index + 1).unwrap_or(0)
+    }
+}
+
 /// One admitted connection's record. Dropping it ends the record: the
 /// connection counts as closed with the reason set by
 /// [`ConnHandle::close_reason`], or `client` when none was set.
@@ -709,7 +772,7 @@ impl ConnHandle {
     }
 
     pub fn set_peer(&self, peer: String) {
-        lock(&self.entry.details).peer = peer.into_boxed_str();
+        lock(&self.entry.details).peer = PeerAddr::new(peer);
     }
 
     pub fn set_session_id(&self, session_id: u64) {
@@ -734,20 +797,24 @@ impl ConnHandle {
 
     /// The command being executed (e.g. `"reserve"`), shown until the next.
     pub fn set_command(&self, command: &'static str) {
-        let mut details = lock(&self.entry.details);
-        details.command = Some(command);
+        let index = self.inner.command_index(command);
+        self.entry.command.store(index, Ordering::Relaxed);
     }
 
     /// Why the connection is ending; the last call before the drop wins.
     pub fn close_reason(&self, reason: CloseReason) {
-        self.entry
-            .close_reason
-            .store(reason.index() as u8, Ordering::Relaxed);
+        // Keeps the close-requested bit that close_all may set meanwhile.
+        let _ = self
+            .entry
+            .flags
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |flags| {
+                Some((flags & CLOSE_REQUESTED) | reason.index() as u8)
+            });
     }
 
     /// True once [`Connections::close_all`] asked this connection to close.
     pub fn is_close_requested(&self) -> bool {
-        self.entry.close_requested.load(Ordering::SeqCst)
+        self.entry.flags.load(Ordering::SeqCst) & CLOSE_REQUESTED != 0
     }
 
     /// `Ready` once [`Connections::close_all`] asked this connection to
@@ -781,7 +848,7 @@ impl ConnHandle {
 impl Drop for ConnHandle {
     fn drop(&mut self) {
         let entry = &self.entry;
-        let reason = CloseReason::from_index(entry.close_reason.load(Ordering::Relaxed));
+        let reason = CloseReason::from_index(entry.flags.load(Ordering::SeqCst) & !CLOSE_REQUESTED);
         let opened = Duration::from_nanos(entry.opened_ns);
         let age = self.inner.epoch.elapsed().saturating_sub(opened);
         {
@@ -808,14 +875,54 @@ mod tests {
 
     #[test]
     fn entry_stays_small() {
-        // The budget per connection is about 150 bytes: the entry (plus
-        // the Arc's two counters), the slab slot, the handle and the peer.
+        // The budget per connection is about 150 bytes: the entry with the
+        // Arc's two counters fits malloc's 128-byte chunk (with its 8-byte
+        // header), plus the slab slot; the handle adds 16 to the task.
         assert!(
-            std::mem::size_of::<Entry>() + 16 <= 128,
+            std::mem::size_of::<Entry>() + 16 + 8 <= 128,
             "{}",
             std::mem::size_of::<Entry>()
         );
         assert_eq!(std::mem::size_of::<ConnHandle>(), 16);
+    }
+
+    #[test]
+    fn peers_and_commands_read_back_as_given() {
+        let registry = Connections::with_fd_limit(None, None);
+        let peers = ["127.0.0.1:4000", "[::1]:5000", "unix", ""];
+        let handles: Vec<ConnHandle> = peers
+            .iter()
+            .map(|peer| {
+                let handle = registry.try_admit(Protocol::Http).unwrap();
+                handle.set_peer(peer.to_string());
+                handle
+            })
+            .collect();
+        handles[0].set_command("GET /metrics");
+        handles[1].set_command("GET /metrics");
+        handles[2].set_command("reserve");
+        let list = registry.list();
+        let shown: Vec<&str> = list.iter().map(|info| info.peer.as_str()).collect();
+        assert_eq!(shown, peers);
+        let commands: Vec<Option<&str>> = list.iter().map(|info| info.command).collect();
+        assert_eq!(
+            commands,
+            [
+                Some("GET /metrics"),
+                Some("GET /metrics"),
+                Some("reserve"),
+                None
+            ]
+        );
+        handles[3].close_reason(CloseReason::Server);
+        registry.close_all();
+        assert!(handles[3].is_close_requested());
+        drop(handles);
+        let metrics = registry.metrics();
+        let http = metrics.protocol(Protocol::Http).unwrap();
+        // The close request does not change the reason each one set.
+        assert_eq!(http.closed(CloseReason::Server), 1);
+        assert_eq!(http.closed(CloseReason::Client), 3);
     }
 
     #[test]
