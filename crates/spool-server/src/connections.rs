@@ -10,7 +10,8 @@
 //! rates, so admission keeps an estimate (fds open at the last count that
 //! are not connections, plus the live connections) and recounts only when
 //! the estimate nears the ceiling, at most every [`FD_RECOUNT_INTERVAL`], or
-//! right after `accept` failed with `EMFILE`/`ENFILE`.
+//! right after `accept` failed with `EMFILE`/`ENFILE`; a recount also
+//! re-reads the soft limit, so a limit raised after start takes effect.
 //!
 //! Each admitted connection gets a [`ConnHandle`]; dropping it ends the
 //! connection's record and counts it as closed with its reason. A
@@ -352,10 +353,10 @@ struct Inner {
     /// into this list plus one (0: none), a byte instead of a `&str`.
     command_names: Mutex<Vec<&'static str>>,
     max_connections: Option<u64>,
-    fd_limit: Option<u64>,
-    /// Highest number of fds admission lets the process reach:
-    /// `fd_limit - FD_HEADROOM`.
-    fd_ceiling: u64,
+    /// The fd limit is the process's, re-read at every recount (so raising
+    /// it later, or `prlimit` on the running process, takes effect), rather
+    /// than one fixed at construction.
+    fd_limit_is_the_process_limit: bool,
     state: Mutex<State>,
     /// Woken whenever a connection ends, for `wait_until_none`.
     ended: tokio::sync::Notify,
@@ -375,6 +376,16 @@ struct State {
     fds_counted_at: Instant,
     /// `accept` failed for want of fds: recount at the next admission.
     recount_due: bool,
+    /// The soft fd limit admission works against; `None`: no fd check.
+    fd_limit: Option<u64>,
+    /// Highest number of fds admission lets the process reach:
+    /// `fd_limit - FD_HEADROOM`.
+    fd_ceiling: u64,
+}
+
+/// The admission ceiling for an fd limit.
+fn fd_ceiling(fd_limit: Option<u64>) -> u64 {
+    fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_HEADROOM))
 }
 
 #[derive(Debug, Default)]
@@ -463,17 +474,25 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Connections {
     /// A registry admitting up to `max_connections` (none: only the fd
-    /// limit bounds them), against the process's soft fd limit as it is
-    /// now: call [`process::raise_fd_limit`] first.
+    /// limit bounds them), against the process's soft fd limit (read now,
+    /// and again whenever admission recounts the open fds).
     pub fn new(max_connections: Option<u32>) -> Connections {
         let fd_limit = process::fd_limit().ok();
-        Connections::with_fd_limit(max_connections, fd_limit)
+        Connections::build(max_connections, fd_limit, true)
     }
 
     /// A registry that admits against `fd_limit` instead of the process's
     /// own (tests use it to exercise the fd check without lowering the
     /// limit of the whole test process). `None`: no fd check.
     pub fn with_fd_limit(max_connections: Option<u32>, fd_limit: Option<u64>) -> Connections {
+        Connections::build(max_connections, fd_limit, false)
+    }
+
+    fn build(
+        max_connections: Option<u32>,
+        fd_limit: Option<u64>,
+        fd_limit_is_the_process_limit: bool,
+    ) -> Connections {
         let now = Instant::now();
         let fd_limit = fd_limit.filter(|&limit| limit != u64::MAX);
         let fds_base = process::open_fd_count().unwrap_or(0);
@@ -482,8 +501,7 @@ impl Connections {
                 epoch: now,
                 command_names: Mutex::new(Vec::new()),
                 max_connections: max_connections.map(u64::from),
-                fd_limit,
-                fd_ceiling: fd_limit.map_or(u64::MAX, |limit| limit.saturating_sub(FD_HEADROOM)),
+                fd_limit_is_the_process_limit,
                 state: Mutex::new(State {
                     slots: Vec::new(),
                     free_slots: Vec::new(),
@@ -494,6 +512,8 @@ impl Connections {
                     fds_base,
                     fds_counted_at: now,
                     recount_due: false,
+                    fd_limit,
+                    fd_ceiling: fd_ceiling(fd_limit),
                 }),
                 ended: tokio::sync::Notify::new(),
             }),
@@ -570,14 +590,14 @@ impl Connections {
             }
         }
         // The accepted socket is already open: it counts as the +1.
-        if checking_fds && state.fds_base + state.live + 1 > self.inner.fd_ceiling {
+        if checking_fds && state.fds_base + state.live + 1 > state.fd_ceiling {
             return Some(RejectReason::FdLimit);
         }
         None
     }
 
     fn recount_wanted(&self, state: &State, now: Instant) -> bool {
-        if self.inner.fd_limit.is_none() {
+        if state.fd_limit.is_none() && !self.inner.fd_limit_is_the_process_limit {
             return false;
         }
         if state.recount_due {
@@ -585,10 +605,7 @@ impl Connections {
         }
         let estimate = state.fds_base + state.live + 1;
         let near = estimate.saturating_mul(100)
-            >= self
-                .inner
-                .fd_ceiling
-                .saturating_mul(FD_RECOUNT_FROM_PERCENT);
+            >= state.fd_ceiling.saturating_mul(FD_RECOUNT_FROM_PERCENT);
         near && now.duration_since(state.fds_counted_at) >= FD_RECOUNT_INTERVAL
     }
 
@@ -596,9 +613,18 @@ impl Connections {
     /// resets the estimate's base from it.
     fn recount(&self, now: Instant) {
         let counted = process::open_fd_count();
+        let limit = if self.inner.fd_limit_is_the_process_limit {
+            process::fd_limit().ok()
+        } else {
+            None
+        };
         let mut state = lock(&self.inner.state);
         if let Ok(open) = counted {
             state.fds_base = open.saturating_sub(state.live);
+        }
+        if let Some(limit) = limit {
+            state.fd_limit = Some(limit).filter(|&limit| limit != u64::MAX);
+            state.fd_ceiling = fd_ceiling(state.fd_limit);
         }
         // On failure keep the old estimate; retry after the interval.
         state.fds_counted_at = now;
@@ -689,7 +715,7 @@ impl Connections {
                 .iter()
                 .map(|&reason| (reason, state.rejected[reason.index()]))
                 .collect(),
-            fd_limit: self.inner.fd_limit,
+            fd_limit: state.fd_limit,
             fds_estimate: state.fds_base + state.live,
             max_connections: self.inner.max_connections,
         }
