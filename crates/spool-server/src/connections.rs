@@ -4,8 +4,10 @@
 //!
 //! Admission refuses a new connection when `max_connections` are open (over
 //! all protocols) or when one more would bring the process's open fds within
-//! [`FD_HEADROOM`] of its limit, so that the log, compaction and the HTTP
-//! listener never meet `EMFILE` because clients took the last descriptors.
+//! [`FD_HEADROOM`] of its limit, so that the log, compaction and the
+//! listeners never meet `EMFILE` because clients took the last descriptors;
+//! beanstalkd connections stop [`HTTP_FD_RESERVE`] fds earlier, so probes
+//! and scrapes still get through when workers have taken their share.
 //! Counting `/proc/self/fd` on every accept is too slow at high connection
 //! rates, so admission keeps an estimate (fds open at the last count that
 //! are not connections, plus the live connections) and recounts only when
@@ -33,6 +35,7 @@ use serde::Serialize;
 
 use crate::limits::{
     CONNECTION_DURATION_BUCKETS_SECONDS, FD_HEADROOM, FD_RECOUNT_FROM_PERCENT, FD_RECOUNT_INTERVAL,
+    HTTP_FD_RESERVE,
 };
 use crate::process;
 
@@ -56,6 +59,15 @@ impl Protocol {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// Fds below the admission ceiling that connections of this protocol
+    /// may not take ([`HTTP_FD_RESERVE`] keeps them for HTTP).
+    fn fds_reserved_for_others(self) -> u64 {
+        match self {
+            Protocol::Beanstalk => HTTP_FD_RESERVE,
+            Protocol::Http => 0,
+        }
     }
 }
 
@@ -526,7 +538,7 @@ impl Connections {
         let now = Instant::now();
         let recount = {
             let mut state = lock(&self.inner.state);
-            if let Some(reason) = self.refusal(&state, false) {
+            if let Some(reason) = self.refusal(&state, protocol, false) {
                 state.rejected[reason.index()] += 1;
                 return Err(reason);
             }
@@ -536,7 +548,7 @@ impl Connections {
             self.recount(now);
         }
         let mut state = lock(&self.inner.state);
-        if let Some(reason) = self.refusal(&state, true) {
+        if let Some(reason) = self.refusal(&state, protocol, true) {
             state.rejected[reason.index()] += 1;
             return Err(reason);
         }
@@ -583,14 +595,22 @@ impl Connections {
 
     /// Why one more connection cannot be admitted now, if it cannot.
     /// `checking_fds`: also check the fd estimate (after a recount).
-    fn refusal(&self, state: &State, checking_fds: bool) -> Option<RejectReason> {
+    fn refusal(
+        &self,
+        state: &State,
+        protocol: Protocol,
+        checking_fds: bool,
+    ) -> Option<RejectReason> {
         if let Some(max) = self.inner.max_connections {
             if state.live >= max {
                 return Some(RejectReason::MaxConnections);
             }
         }
         // The accepted socket is already open: it counts as the +1.
-        if checking_fds && state.fds_base + state.live + 1 > state.fd_ceiling {
+        let ceiling = state
+            .fd_ceiling
+            .saturating_sub(protocol.fds_reserved_for_others());
+        if checking_fds && state.fds_base + state.live + 1 > ceiling {
             return Some(RejectReason::FdLimit);
         }
         None
@@ -973,29 +993,44 @@ mod tests {
         assert_eq!(metrics.protocol(Protocol::Http).unwrap().active, 1);
     }
 
-    #[test]
-    fn fd_ceiling_refuses_with_headroom() {
-        // A limit just above what is open now leaves room for 3 more.
-        let open = process::open_fd_count().unwrap();
-        let registry = Connections::with_fd_limit(None, Some(open + FD_HEADROOM + 3));
+    /// Admits connections of `protocol` until one is refused (at most
+    /// 100); returns them and the refusal.
+    fn admit_until_refused(
+        registry: &Connections,
+        protocol: Protocol,
+    ) -> (Vec<ConnHandle>, Option<RejectReason>) {
         let mut admitted = Vec::new();
-        let mut refused = None;
         for _ in 0..100 {
-            match registry.try_admit(Protocol::Beanstalk) {
+            match registry.try_admit(protocol) {
                 Ok(handle) => admitted.push(handle),
-                Err(reason) => {
-                    refused = Some(reason);
-                    break;
-                }
+                Err(reason) => return (admitted, Some(reason)),
             }
         }
+        (admitted, None)
+    }
+
+    #[test]
+    fn fd_ceiling_refuses_with_headroom_and_keeps_a_reserve_for_http() {
+        // A limit just above what is open now leaves room for 3 beanstalk
+        // connections, and then the HTTP reserve.
+        let open = process::open_fd_count().unwrap();
+        let limit = open + FD_HEADROOM + HTTP_FD_RESERVE + 3;
+        let registry = Connections::with_fd_limit(None, Some(limit));
+        let (beanstalk, refused) = admit_until_refused(&registry, Protocol::Beanstalk);
         assert_eq!(refused, Some(RejectReason::FdLimit));
         assert!(
-            !admitted.is_empty() && admitted.len() <= 3,
+            !beanstalk.is_empty() && beanstalk.len() <= 3,
             "{}",
-            admitted.len()
+            beanstalk.len()
         );
-        assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 1);
+        let (http, refused) = admit_until_refused(&registry, Protocol::Http);
+        assert_eq!(refused, Some(RejectReason::FdLimit));
+        assert!(
+            !http.is_empty() && http.len() as u64 <= HTTP_FD_RESERVE + 3,
+            "{}",
+            http.len()
+        );
+        assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 2);
     }
 
     #[test]

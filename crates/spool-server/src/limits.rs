@@ -13,6 +13,14 @@ use std::time::Duration;
 /// with `EMFILE` because clients took the last descriptors.
 pub const FD_HEADROOM: u64 = 32;
 
+/// Of the fds client connections may use, the last few only HTTP
+/// connections may take: when beanstalkd clients have used up their share,
+/// liveness probes, metric scrapes and the admin CLI still get through (a
+/// failing liveness probe would have Kubernetes restart a server that is
+/// merely full). Probes and scrapes come one at a time; 8 leaves room for a
+/// few at once.
+pub const HTTP_FD_RESERVE: u64 = 8;
+
 /// Longest time the admission's estimate of open fds (fds open at the last
 /// count + live connections) may go without a recount from `/proc/self/fd`
 /// while connections are near the limit. Counting costs a directory read of

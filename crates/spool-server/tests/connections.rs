@@ -20,7 +20,7 @@ use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
 use spool_server::connections::{
     CloseReason, ConnState, ConnectionMetrics, Connections, Protocol, RejectReason,
 };
-use spool_server::limits::FD_HEADROOM;
+use spool_server::limits::{FD_HEADROOM, HTTP_FD_RESERVE};
 use spool_server::process::{self, ProcessInfo};
 use spool_server::{Clock, LocalBroker};
 
@@ -232,7 +232,7 @@ fn the_fd_ceiling_refuses_connections_and_the_server_keeps_answering() {
     let open = process::open_fd_count().unwrap();
     let server = TestServer::start(
         BeanstalkConfig::new(65_535),
-        Connections::with_fd_limit(None, Some(open + FD_HEADROOM + 24)),
+        Connections::with_fd_limit(None, Some(open + FD_HEADROOM + HTTP_FD_RESERVE + 24)),
     );
     let mut first = server.client();
     first.expect(b"list-tube-used\r\n", "USING default\r\n");
