@@ -205,7 +205,10 @@ fn producer(addr: SocketAddr, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<u64>>>
             Ok(_) => {}
         }
         if let Some(id) = line.strip_prefix("INSERTED ") {
-            acked.lock().unwrap().push(id.trim().parse().expect("id"));
+            acked
+                .lock()
+                .expect("lock")
+                .push(id.trim().parse().expect("id"));
         } else {
             return line.starts_with("DRAINING");
         }
@@ -262,7 +265,7 @@ fn sigterm_drains_without_losing_work() {
         let _ = p.join();
     }
     // The worker finishes its job after the signal.
-    worker.expect(&format!("delete {held_id}\r\n"), "DELETED\r\n");
+    worker.expect(format!("delete {held_id}\r\n"), "DELETED\r\n");
     let status = server
         .wait_exit(Duration::from_secs(30))
         .expect("exit after the last reservation finished");
@@ -284,7 +287,7 @@ fn sigterm_drains_without_losing_work() {
         let reply = c.reply();
         assert!(reply.starts_with("FOUND"), "job {id}: {reply}");
     }
-    c.expect(&format!("peek {held_id}\r\n"), "NOT_FOUND\r\n");
+    c.expect(format!("peek {held_id}\r\n"), "NOT_FOUND\r\n");
 }
 
 #[test]
