@@ -13,6 +13,7 @@ pub mod process;
 
 pub use broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
 pub use durable::{SharedStorageStats, StorageStats};
+pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink};
 pub use spool_engine::metrics::{
     Buckets, Histogram, COMMIT_BATCH_BUCKETS_RECORDS, IO_LATENCY_BUCKETS_SECONDS,
     QUEUE_LATENCY_BUCKETS_SECONDS,
@@ -21,4 +22,3 @@ pub use spool_engine::{
     EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, RETIRED_QUEUES_MAX,
     SNAPSHOT_RESERVED_IDS_MAX,
 };
-pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink};

@@ -711,7 +711,10 @@ fn wal_figures_are_published_with_durable_storage() {
     );
     assert!(grew("spool_wal_fsync_seconds_count"));
     assert!(grew("spool_wal_commit_batch_size_sum"));
-    assert!(grew("spool_wal_bytes"), "the log's size follows its commits");
+    assert!(
+        grew("spool_wal_bytes"),
+        "the log's size follows its commits"
+    );
     assert_eq!(after.value("spool_wal_failed", &[]), Some(0.0));
     let stats = server.http("GET", "/admin/stats", "").json();
     assert!(stats["wal"]["commits"].as_u64().unwrap() >= 5, "{stats}");
