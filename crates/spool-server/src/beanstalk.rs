@@ -387,6 +387,11 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
 
     async fn run(mut self) {
         let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
+        tracing::debug!(
+            connection = self.handle.id(),
+            reason = reason.as_str(),
+            "beanstalkd connection closed"
+        );
         self.handle.close_reason(reason);
     }
 

@@ -26,7 +26,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -372,6 +372,9 @@ struct Inner {
     state: Mutex<State>,
     /// Woken whenever a connection ends, for `wait_until_none`.
     ended: tokio::sync::Notify,
+    /// Set at SIGTERM: a session the broker ends from then on is counted as
+    /// closed by `shutdown`, not as an ordinary `server` close.
+    shutting_down: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -528,6 +531,7 @@ impl Connections {
                     fd_ceiling: fd_ceiling(fd_limit),
                 }),
                 ended: tokio::sync::Notify::new(),
+                shutting_down: AtomicBool::new(false),
             }),
         }
     }
@@ -746,6 +750,12 @@ impl Connections {
         lock(&self.inner.state).protocols[protocol.index()].active
     }
 
+    /// The server is shutting down: connections the broker ends from now on
+    /// are counted with reason `shutdown`.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
     /// Asks every live connection to close: each task is woken, closes its
     /// socket and ends with reason `shutdown`. Connections admitted later
     /// are not affected.
@@ -894,7 +904,11 @@ impl ConnHandle {
 impl Drop for ConnHandle {
     fn drop(&mut self) {
         let entry = &self.entry;
-        let reason = CloseReason::from_index(entry.flags.load(Ordering::SeqCst) & !CLOSE_REQUESTED);
+        let mut reason =
+            CloseReason::from_index(entry.flags.load(Ordering::SeqCst) & !CLOSE_REQUESTED);
+        if reason == CloseReason::Server && self.inner.shutting_down.load(Ordering::SeqCst) {
+            reason = CloseReason::Shutdown;
+        }
         let opened = Duration::from_nanos(entry.opened_ns);
         let age = self.inner.epoch.elapsed().saturating_sub(opened);
         {

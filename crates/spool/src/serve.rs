@@ -678,6 +678,7 @@ async fn serve(
     // are refused, blocked reserves are answered, idle sessions close, and
     // workers holding jobs get the grace period to finish them.
     http_state.set_shutting_down();
+    connections.begin_shutdown();
     broker.begin_shutdown();
     let holding = connections.active(Protocol::Beanstalk);
     tracing::info!(

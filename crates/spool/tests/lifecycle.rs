@@ -264,6 +264,19 @@ fn sigterm_drains_without_losing_work() {
     for p in producers {
         let _ = p.join();
     }
+    // The idle connections the server closed are counted as shut down.
+    wait_until(
+        Duration::from_secs(10),
+        "closes counted as shutdown",
+        || {
+            let metrics = server.http("GET", "/metrics", "").body;
+            metrics.lines().any(|l| {
+                l.starts_with(
+                    "spool_connections_closed_total{protocol=\"beanstalk\",reason=\"shutdown\"}",
+                ) && !l.ends_with(" 0")
+            })
+        },
+    );
     // The worker finishes its job after the signal.
     worker.expect(format!("delete {held_id}\r\n"), "DELETED\r\n");
     let status = server
