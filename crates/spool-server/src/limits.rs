@@ -1,6 +1,7 @@
 //! Limits of the server side that are not part of the wire protocol (those
-//! live in `spool_proto::limits`): connection admission, fd headroom, socket
-//! timeouts and keepalive. Each constant says why it has its value.
+//! live in `spool_proto::limits`, shared with clients): connection
+//! admission, fd headroom, socket timeouts and keepalive, and the HTTP
+//! listener's timeouts and sizes. Each constant says why it has its value.
 
 use std::time::Duration;
 
@@ -66,3 +67,52 @@ pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const CONNECTION_DURATION_BUCKETS_SECONDS: [f64; 14] = [
     0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
 ];
+
+// --- HTTP listener -------------------------------------------------------
+
+/// Pending connections the HTTP listener queues: probes and scrapes come a
+/// few at a time, but a burst of `spool top`s or a restarted scraper fleet
+/// should not see refused connects.
+pub const HTTP_LISTEN_BACKLOG: u32 = 128;
+
+/// Where the HTTP listener binds unless told otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:11301";
+
+/// How long a client may take to send a whole request head, and how long a
+/// kept-alive connection may sit idle before the next one (hyper runs one
+/// timer for both). Long enough for any honest client on a slow link,
+/// short enough that a slowloris cannot pin connections for long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request body may take to arrive once its head is in. Admin
+/// bodies are a few bytes; the job API's are at most a job.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a handler may take: a snapshot waits for one engine round,
+/// which under any sane load is milliseconds. Past this the answer is 503
+/// rather than a connection held open forever.
+pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a response may wait for a client that does not read it.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request body accepted. Admin bodies are a log filter directive;
+/// 64 KiB leaves room for any sensible one and keeps a hostile upload from
+/// costing memory.
+pub const REQUEST_BODY_MAX_BYTES: usize = 64 << 10;
+
+/// Bytes of an oversized body read and dropped so that the 413 reaches
+/// the client (see `collect_body`); Go's net/http drains 256 KiB likewise.
+/// Bodies announced larger than the limit plus this are refused unread.
+pub const OVERSIZED_BODY_DRAIN_MAX_BYTES: usize = 256 << 10;
+
+/// Largest request head (request line plus headers) hyper buffers; hyper
+/// needs at least 8 KiB. Beyond this the client gets 431.
+pub const REQUEST_HEAD_MAX_BYTES: usize = 16 << 10;
+
+/// How long a graceful stop waits for requests in flight before it drops
+/// the connections still open.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a connection checks whether its writes are stalled.
+pub const HTTP_STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);

@@ -517,28 +517,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits: HttpLimits::default(),
     });
     http_state.set_data_runtime(runtime.handle().clone());
-    let http_listener = std::net::TcpListener::bind(config.http_listen)
+    let http_listener = http_runtime
+        .block_on(async { http::bind(config.http_listen) })
         .with_context(|| format!("binding the HTTP listener {}", config.http_listen))?;
-    http_listener
-        .set_nonblocking(true)
-        .context("configuring the HTTP listener")?;
     let http_addr = http_listener
         .local_addr()
         .context("reading the HTTP listener's address")?;
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_server = {
         let state = http_state.clone();
-        http_runtime.spawn(async move {
-            match tokio::net::TcpListener::from_std(http_listener) {
-                Ok(listener) => {
-                    http::serve(listener, state, async {
-                        let _ = http_stopped.await;
-                    })
-                    .await
-                }
-                Err(e) => tracing::error!(error = %e, "the HTTP listener failed"),
-            }
-        })
+        http_runtime.spawn(http::serve(http_listener, state, async {
+            let _ = http_stopped.await;
+        }))
     };
     tracing::info!(http = %http_addr, "serving probes, /metrics and /admin over HTTP");
 

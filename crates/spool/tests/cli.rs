@@ -313,3 +313,14 @@ fn good_operating_settings_start_the_server() {
     let mut c = server.client();
     c.expect("list-tube-used\r\n", "USING default\r\n");
 }
+
+#[test]
+fn an_http_port_in_use_is_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("binding");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = run_spool(
+        &["serve", "--in-memory", "-p", "0", "--http-listen", &addr],
+        &[],
+    );
+    assert_exit(&out, 1, &["HTTP", &addr]);
+}

@@ -58,51 +58,12 @@ use crate::broker::Broker;
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::durable::SharedStorageStats;
 
-/// Where the HTTP listener binds unless told otherwise.
-pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:11301";
-
-/// How long a client may take to send a whole request head, and how long a
-/// kept-alive connection may sit idle before the next one (hyper runs one
-/// timer for both). Long enough for any honest client on a slow link,
-/// short enough that a slowloris cannot pin connections for long.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a request body may take to arrive once its head is in. Admin
-/// bodies are a few bytes; the job API's are at most a job.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a handler may take: a snapshot waits for one engine round,
-/// which under any sane load is milliseconds. Past this the answer is 503
-/// rather than a connection held open forever.
-pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a response may wait for a client that does not read it.
-pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Largest request body accepted. Admin bodies are a log filter directive;
-/// 64 KiB leaves room for any sensible one and keeps a hostile upload from
-/// costing memory.
-pub const REQUEST_BODY_MAX_BYTES: usize = 64 << 10;
-
-/// Bytes of an oversized body read and dropped so that the 413 reaches
-/// the client (see `collect_body`); Go's net/http drains 256 KiB likewise.
-/// Bodies announced larger than the limit plus this are refused unread.
-pub const OVERSIZED_BODY_DRAIN_MAX_BYTES: usize = 256 << 10;
-
-/// Largest request head (request line plus headers) hyper buffers; hyper
-/// needs at least 8 KiB. Beyond this the client gets 431.
-pub const REQUEST_HEAD_MAX_BYTES: usize = 16 << 10;
-
-/// How long a graceful stop waits for requests in flight before it drops
-/// the connections still open.
-pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How often a connection checks whether its writes are stalled.
-const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Pause after a failed `accept` (out of fds, most likely) so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+use crate::limits::{ACCEPT_ERROR_BACKOFF, HTTP_LISTEN_BACKLOG, HTTP_STALL_CHECK_INTERVAL};
+pub use crate::limits::{
+    BODY_READ_TIMEOUT, DEFAULT_HTTP_LISTEN, HANDLER_TIMEOUT, HEADER_READ_TIMEOUT,
+    OVERSIZED_BODY_DRAIN_MAX_BYTES, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
+    SHUTDOWN_DRAIN_TIMEOUT, WRITE_STALL_TIMEOUT,
+};
 
 /// The timeouts and size limits of the HTTP server. [`Default`] gives the
 /// named constants; tests shorten them.
@@ -440,11 +401,6 @@ fn command_name(method: &Method, path: &str) -> &'static str {
     }
 }
 
-/// Pending connections the HTTP listener queues: probes and scrapes come a
-/// few at a time, but a burst of `spool top`s or a restarted scraper fleet
-/// should not see refused connects.
-pub const HTTP_LISTEN_BACKLOG: u32 = 128;
-
 /// Binds the HTTP listener (call inside the runtime). `SO_REUSEADDR` so a
 /// restarted server need not wait out the old connections' `TIME_WAIT`.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -665,7 +621,7 @@ async fn serve_connection(
         .keep_alive(true);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
-    let mut stall_check = tokio::time::interval(STALL_CHECK_INTERVAL);
+    let mut stall_check = tokio::time::interval(HTTP_STALL_CHECK_INTERVAL);
     let mut stopping = *stop.borrow();
     if stopping {
         connection.as_mut().graceful_shutdown();
