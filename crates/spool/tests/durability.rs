@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{clear_spool_env, spool_bin, wait_output, Addr, Client, TempDir};
+use support::{clear_spool_env, spool_bin, wait_output, Addr, Client, Server, TempDir};
 
 /// A `spool serve` child with a data directory, killed with SIGKILL on drop.
 struct Durable {
@@ -358,7 +358,8 @@ fn a_full_disk_refuses_puts_keeps_deletes_working_and_recovers() {
     let data = disk.path().join("data");
     std::fs::create_dir(&data).expect("creating the data dir");
     let args = ["-s", "1048576"];
-    let server = Durable::start(&data, &args);
+    // The support module's server: this test reads its HTTP side too.
+    let server = Server::start_durable(&data, &args);
     let mut c = server.client();
     let body = vec![b'f'; 8000];
     let mut ids = Vec::new();
@@ -381,6 +382,19 @@ fn a_full_disk_refuses_puts_keeps_deletes_working_and_recovers() {
     }
     assert!(refused, "a 6 MB disk cannot take 16 MB of jobs");
     assert!(!ids.is_empty(), "some jobs fit");
+    // Still ready (reserves and deletes work, and deletes free the space),
+    // but the probe and the metrics say the disk is full.
+    let ready = server.http("GET", "/readyz", "");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(ready.body.contains("disk_full"), "{}", ready.body);
+    assert!(
+        server
+            .http("GET", "/metrics", "")
+            .body
+            .lines()
+            .any(|l| l == "spool_disk_full 1"),
+        "spool_disk_full 1 in /metrics"
+    );
     // Every acknowledged job is readable; deletes work on the full disk.
     for id in &ids {
         c.send(format!("peek {id}\r\n"));
@@ -402,7 +416,9 @@ fn a_full_disk_refuses_puts_keeps_deletes_working_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    server.kill();
+    let ready = server.http("GET", "/readyz", "");
+    assert!(!ready.body.contains("disk_full"), "{}", ready.body);
+    drop(server);
     // Nothing was corrupted: the log opens and holds exactly the new job.
     let server = Durable::start(&data, &args);
     let mut c = server.client();

@@ -138,6 +138,12 @@ fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {
             0.0
         },
     );
+    out.single(
+        "spool_disk_full",
+        MetricKind::Gauge,
+        "1 while puts are refused for want of disk space (deletes still work).",
+        if state.disk_full() { 1.0 } else { 0.0 },
+    );
 }
 
 /// (metric name, help, the counter's value in a queue)

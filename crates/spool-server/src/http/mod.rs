@@ -240,13 +240,18 @@ impl<B: Broker> HttpState<B> {
         if let Some(error) = self.storage_stats().and_then(|s| s.failed) {
             return Some(format!("storage_failed: {error}"));
         }
-        if health.disk_full {
-            return Some("disk_full".to_string());
-        }
+        // A full disk is not a reason to leave rotation: reserves and
+        // deletes still work, and deletes are what frees the space. It shows
+        // in the 200 body and as `spool_disk_full`.
         if health.draining || self.draining.load(Ordering::SeqCst) {
             return Some("draining".to_string());
         }
         None
+    }
+
+    /// Puts are refused for want of disk space (deletes still work).
+    fn disk_full(&self) -> bool {
+        self.broker().is_some_and(|b| b.health().disk_full)
     }
 
     fn uptime_seconds(&self) -> f64 {
@@ -307,6 +312,9 @@ async fn livez() -> Json<serde_json::Value> {
 
 async fn readyz<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
     match state.unready_reason() {
+        None if state.disk_full() => {
+            Json(json!({"status": "ready", "degraded": ["disk_full"]})).into_response()
+        }
         None => Json(json!({"status": "ready"})).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
