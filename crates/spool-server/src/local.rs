@@ -7,10 +7,14 @@
 //! replies through a mailbox. Under load one wake-up serves many connections.
 //!
 //! With a write-ahead log the same round is the unit of group commit: the
-//! durable changes of a round go to the log thread as one batch, and the
-//! round's replies are held until the log acknowledges that batch. Rounds
-//! that change nothing durable queue behind the last held round, so every
-//! session still receives its replies in request order.
+//! durable changes of a round go to the log thread as one batch. A reply
+//! waits only for what it depends on: one that acknowledges a change (or
+//! says a job is not found) waits for the commit of every round sent so far;
+//! one that hands out or shows a job (`RESERVED`, `FOUND`, `stats-job`) waits for the
+//! commit of that job's last change; every reply waits behind the earlier
+//! replies of its own session. Anything else (a reserve of a job whose put
+//! is long on disk, `stats`, `use`) goes out at once, so a worker is not
+//! made to wait for producers' fsyncs.
 //!
 //! For the operating surface the engine task also answers snapshot requests
 //! (through a oneshot, in the round the request arrives), keeps the health
@@ -222,6 +226,64 @@ enum Delivery {
     Close(Arc<Mailbox>),
 }
 
+/// What a delivery must wait for before the client may see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Nothing durable: only the session's earlier replies.
+    Nothing,
+    /// Every round sent to the log so far: the reply acknowledges a change,
+    /// or says a job is gone, which may be a change still in flight.
+    Commit,
+    /// The last uncommitted change of this job, if any: the reply hands out
+    /// or shows it.
+    Job(u64),
+}
+
+impl Need {
+    fn of(response: &Response) -> Need {
+        match response {
+            Response::Inserted(_)
+            | Response::BuriedId(_)
+            | Response::Deleted
+            | Response::Released
+            | Response::Buried
+            | Response::Kicked(_)
+            | Response::KickedJob
+            | Response::NotFound => Need::Commit,
+            Response::Reserved { id, .. } | Response::Found { id, .. } => Need::Job(*id),
+            Response::StatsJob(stats) => Need::Job(stats.id),
+            _ => Need::Nothing,
+        }
+    }
+}
+
+/// A delivery of this round, with whose it is and what it waits for.
+#[derive(Debug)]
+struct Outgoing {
+    conn: ConnId,
+    need: Need,
+    delivery: Delivery,
+}
+
+/// Deliveries waiting for the commit of one round, and the jobs that round
+/// changed.
+#[derive(Debug)]
+struct HeldRound {
+    round: u64,
+    deliveries: Vec<Delivery>,
+    jobs: Vec<u64>,
+}
+
+/// The job a log record changes; None for records that change no job's
+/// state (compaction snapshots rewrite what is already there).
+fn changed_job(record: &LogRecord) -> Option<u64> {
+    match record {
+        LogRecord::Put(job) => Some(job.id),
+        LogRecord::Update { id, .. } | LogRecord::Delete { id } => Some(*id),
+        LogRecord::Snapshot(_) | LogRecord::NextId { .. } => None,
+    }
+}
+
 /// A [`Broker`] backed by an in-process engine. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct LocalBroker {
@@ -257,7 +319,10 @@ impl LocalBroker {
                 sink,
                 records: Vec::new(),
                 last_round: 0,
+                committed_round: 0,
                 held: VecDeque::new(),
+                uncommitted_jobs: Default::default(),
+                session_holds: Default::default(),
                 log_bytes: 0,
                 compaction: None,
             }),
@@ -394,8 +459,18 @@ struct LogState {
     records: Vec<LogRecord>,
     /// The last round sent to the log thread.
     last_round: u64,
-    /// Deliveries waiting for the commit of their round, oldest first.
-    held: VecDeque<(u64, Vec<Delivery>)>,
+    /// The last round the log acknowledged.
+    committed_round: u64,
+    /// One entry per round in flight (`committed_round + 1 ..=
+    /// last_round`, in order): the deliveries waiting for its commit.
+    held: VecDeque<HeldRound>,
+    /// Jobs changed by a round in flight, and the last such round.
+    uncommitted_jobs: std::collections::HashMap<u64, u64, std::hash::BuildHasherDefault<IdHasher>>,
+    /// Sessions that had deliveries held: the round their last one waited
+    /// for. Later deliveries of the session wait for at least that round
+    /// (an entry at or below `committed_round` no longer holds anything).
+    /// One entry per session at most, removed when the session closes.
+    session_holds: std::collections::HashMap<ConnId, u64, std::hash::BuildHasherDefault<IdHasher>>,
     /// Size of the log as of the last commit.
     log_bytes: u64,
     /// While compacting: the jobs still to snapshot.
@@ -410,7 +485,7 @@ struct EngineTask {
     runnable: VecDeque<ConnId>,
     replies: Vec<(ConnId, Response)>,
     /// Deliveries made this round.
-    round: Vec<Delivery>,
+    round: Vec<Outgoing>,
     touched: Vec<ConnId>,
     process: ProcessInfo,
     log: Option<LogState>,
@@ -467,8 +542,12 @@ impl EngineTask {
             }
         }
         // The broker is gone: hand out what is safe to hand out, then close.
-        for session in self.sessions.values() {
-            self.round.push(Delivery::Close(session.mailbox.clone()));
+        for (&conn, session) in &self.sessions {
+            self.round.push(Outgoing {
+                conn,
+                need: Need::Nothing,
+                delivery: Delivery::Close(session.mailbox.clone()),
+            });
         }
         self.finish_round();
     }
@@ -558,7 +637,11 @@ impl EngineTask {
             return;
         };
         self.engine.disconnect(id, self.clock.now_ns());
-        self.round.push(Delivery::Close(session.mailbox));
+        self.round.push(Outgoing {
+            conn: id,
+            need: Need::Nothing,
+            delivery: Delivery::Close(session.mailbox),
+        });
     }
 
     /// Executes pending requests of every runnable session until each is
@@ -605,8 +688,11 @@ impl EngineTask {
                     p.binlog_max_size = log.sink.compaction_min_log_bytes();
                 }
             }
-            self.round
-                .push(Delivery::Reply(session.mailbox.clone(), response));
+            self.round.push(Outgoing {
+                conn: id,
+                need: Need::of(&response),
+                delivery: Delivery::Reply(session.mailbox.clone(), response),
+            });
             if self.touched.last() != Some(&id) {
                 self.touched.push(id);
             }
@@ -626,11 +712,11 @@ impl EngineTask {
     }
 
     /// Ends a round: its durable changes go to the log, and its deliveries
-    /// are made now or held until the log has them.
+    /// are made now or held until the log has what they depend on.
     fn finish_round(&mut self) {
-        let deliveries = std::mem::take(&mut self.round);
+        let outgoing = std::mem::take(&mut self.round);
         let Some(log) = &mut self.log else {
-            deliver(deliveries);
+            deliver(outgoing.into_iter().map(|o| o.delivery).collect());
             return;
         };
         self.engine.drain_log_into(&mut log.records);
@@ -651,7 +737,16 @@ impl EngineTask {
             log.last_round += 1;
             let round = log.last_round;
             let records = std::mem::take(&mut log.records);
-            log.held.push_back((round, deliveries));
+            let mut jobs = Vec::new();
+            for id in records.iter().filter_map(changed_job) {
+                log.uncommitted_jobs.insert(id, round);
+                jobs.push(id);
+            }
+            log.held.push_back(HeldRound {
+                round,
+                deliveries: Vec::new(),
+                jobs,
+            });
             let live_jobs = self.engine.job_count() as u64;
             sent = log.sink.send(
                 LogMsg::Batch {
@@ -661,11 +756,47 @@ impl EngineTask {
                 },
                 &mut acks,
             );
-        } else if let Some((_, last)) = log.held.back_mut() {
-            last.extend(deliveries);
-        } else {
-            deliver(deliveries);
         }
+        let mut now = Vec::new();
+        for Outgoing {
+            conn,
+            need,
+            delivery,
+        } in outgoing
+        {
+            let needed = match need {
+                Need::Nothing => 0,
+                Need::Commit => log.last_round,
+                Need::Job(id) => log.uncommitted_jobs.get(&id).copied().unwrap_or(0),
+            };
+            let behind = log.session_holds.get(&conn).copied().unwrap_or(0);
+            let wait_for = needed.max(behind);
+            let closing = matches!(delivery, Delivery::Close(_));
+            if wait_for <= log.committed_round {
+                now.push(delivery);
+            } else {
+                // Rounds in flight are `committed_round + 1 ..= last_round`,
+                // one entry each, in order.
+                let index = (wait_for - log.committed_round - 1) as usize;
+                match log.held.get_mut(index) {
+                    Some(held) => {
+                        debug_assert_eq!(held.round, wait_for);
+                        held.deliveries.push(delivery);
+                        log.session_holds.insert(conn, wait_for);
+                    }
+                    // Unreachable while the invariant above holds; if it
+                    // did not, the safe answer is to wait for everything.
+                    None => match log.held.back_mut() {
+                        Some(last) => last.deliveries.push(delivery),
+                        None => now.push(delivery),
+                    },
+                }
+            }
+            if closing {
+                log.session_holds.remove(&conn);
+            }
+        }
+        deliver(now);
         if compaction_done {
             log.compaction = None;
             sent &= log.sink.send(LogMsg::EndCompaction, &mut acks);
@@ -718,9 +849,15 @@ impl EngineTask {
         match ack {
             Some(CommitAck::Committed { round, log_bytes }) => {
                 log.log_bytes = log_bytes;
-                while log.held.front().is_some_and(|(r, _)| *r <= round) {
-                    if let Some((_, deliveries)) = log.held.pop_front() {
-                        deliver(deliveries);
+                log.committed_round = log.committed_round.max(round);
+                while log.held.front().is_some_and(|h| h.round <= round) {
+                    if let Some(held) = log.held.pop_front() {
+                        for id in held.jobs {
+                            if log.uncommitted_jobs.get(&id) == Some(&held.round) {
+                                log.uncommitted_jobs.remove(&id);
+                            }
+                        }
+                        deliver(held.deliveries);
                     }
                 }
             }
@@ -734,8 +871,13 @@ impl EngineTask {
                 let _ = self.health.storage_failed.set(error);
                 self.engine.set_storage_failed();
                 // The held changes may not be on disk: their requests fail.
-                while let Some((_, deliveries)) = log.held.pop_front() {
-                    deliver(deliveries.into_iter().map(fail_unsaved_change).collect());
+                while let Some(held) = log.held.pop_front() {
+                    deliver(
+                        held.deliveries
+                            .into_iter()
+                            .map(fail_unsaved_change)
+                            .collect(),
+                    );
                 }
                 self.log = None;
             }
@@ -1091,5 +1233,151 @@ mod tests {
         );
         broker.set_draining(false);
         assert!(!broker.health().draining);
+    }
+
+    /// A broker whose log is the test itself: batches arrive on the
+    /// returned receiver and are acknowledged only when the test says so.
+    fn broker_with_manual_log() -> (
+        LocalBroker,
+        std::sync::mpsc::Receiver<LogMsg>,
+        mpsc::UnboundedSender<CommitAck>,
+    ) {
+        let mut engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        engine.enable_logging();
+        let (messages, batches) = std::sync::mpsc::channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let link = LogLink {
+            messages,
+            acks,
+            compaction_min_log_bytes: u64::MAX,
+            stats: Default::default(),
+        };
+        let broker = LocalBroker::start(
+            engine,
+            Clock::start(),
+            Some(LogSink::Thread(link)),
+            ProcessInfo::new("test"),
+        );
+        (broker, batches, ack_tx)
+    }
+
+    /// Waits for the next batch the engine task sends the log; its round.
+    async fn next_batch(batches: &std::sync::mpsc::Receiver<LogMsg>) -> u64 {
+        for _ in 0..SNAPSHOT_POLLS_MAX {
+            match batches.try_recv() {
+                Ok(LogMsg::Batch { round, .. }) => return round,
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        panic!("no batch reached the log");
+    }
+
+    /// Returns once every request submitted before the call has been
+    /// executed and its round finished: a snapshot is answered as the
+    /// engine task takes it in, so the second one is taken in a later
+    /// wake-up than anything sent before the first.
+    async fn barrier(broker: &LocalBroker) {
+        broker.snapshot().await.unwrap();
+        broker.snapshot().await.unwrap();
+    }
+
+    /// What the session has been handed so far, without waiting.
+    fn delivered(session: &mut LocalSession) -> Vec<Response> {
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = session.poll_recv(&mut cx, &mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn replies_wait_only_for_the_commits_they_depend_on() {
+        let (broker, batches, acks) = broker_with_manual_log();
+        let mut producer = broker.open_session(Peer::default()).unwrap();
+        let mut worker = broker.open_session(Peer::default()).unwrap();
+
+        producer.submit(vec![put(b"a")]).unwrap();
+        assert_eq!(next_batch(&batches).await, 1);
+        barrier(&broker).await;
+        assert_eq!(
+            delivered(&mut producer),
+            vec![],
+            "INSERTED waits for its fsync"
+        );
+
+        // Nothing durable: answered while round 1 is in flight.
+        worker.submit(vec![Request::ListTubeUsed]).unwrap();
+        let tube = TubeName::new(b"default").unwrap();
+        assert_eq!(
+            replies(&mut worker, 1).await,
+            vec![Response::Using(tube.clone())]
+        );
+
+        // The job's put is not on disk yet: the reserve waits for it.
+        worker.submit(vec![Request::Reserve]).unwrap();
+        barrier(&broker).await;
+        assert_eq!(delivered(&mut worker), vec![]);
+        acks.send(CommitAck::Committed {
+            round: 1,
+            log_bytes: 0,
+        })
+        .unwrap();
+        assert_eq!(replies(&mut producer, 1).await, vec![Response::Inserted(1)]);
+        let got = replies(&mut worker, 1).await;
+        assert!(
+            matches!(got.as_slice(), [Response::Reserved { id: 1, .. }]),
+            "{got:?}"
+        );
+
+        // A delete waits for its commit, and the worker's next reply waits
+        // behind it even though it needs nothing durable.
+        worker
+            .submit(vec![Request::Delete(1), Request::ListTubeUsed])
+            .unwrap();
+        assert_eq!(next_batch(&batches).await, 2);
+        barrier(&broker).await;
+        assert_eq!(delivered(&mut worker), vec![]);
+        // Another session is not held by the worker's commit.
+        producer.submit(vec![Request::ListTubeUsed]).unwrap();
+        assert_eq!(
+            replies(&mut producer, 1).await,
+            vec![Response::Using(tube.clone())]
+        );
+        // Not found may be the delete in flight: it waits for it.
+        producer.submit(vec![Request::Peek(1)]).unwrap();
+        barrier(&broker).await;
+        assert_eq!(delivered(&mut producer), vec![]);
+        acks.send(CommitAck::Committed {
+            round: 2,
+            log_bytes: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            replies(&mut worker, 2).await,
+            vec![Response::Deleted, Response::Using(tube)]
+        );
+        assert_eq!(replies(&mut producer, 1).await, vec![Response::NotFound]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_log_fails_the_held_changes_but_not_the_rest() {
+        let (broker, batches, acks) = broker_with_manual_log();
+        let mut producer = broker.open_session(Peer::default()).unwrap();
+        producer
+            .submit(vec![put(b"a"), Request::ListTubeUsed])
+            .unwrap();
+        assert_eq!(next_batch(&batches).await, 1);
+        acks.send(CommitAck::Failed {
+            error: "disk on fire".to_string(),
+        })
+        .unwrap();
+        let tube = TubeName::new(b"default").unwrap();
+        assert_eq!(
+            replies(&mut producer, 2).await,
+            vec![Response::InternalError, Response::Using(tube)]
+        );
+        assert!(broker.health().storage_failed.is_some());
     }
 }

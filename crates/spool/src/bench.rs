@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// as incomplete.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     time_limit_secs: u64,
+    /// Consumers wait for each `DELETED` before they send the next
+    /// reserve, as synchronous client libraries do; by default the delete
+    /// goes out together with the next reserve.
+    #[arg(long)]
+    wait_for_delete: bool,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -143,6 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         producers as usize,
         random_u32(),
         deadline,
+        args.wait_for_delete,
     )?);
 
     // Interleave roles so every thread gets a share of both.

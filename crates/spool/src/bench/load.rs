@@ -50,6 +50,8 @@ pub(super) struct Shared {
     pub(super) epoch: Instant,
     /// Hard end of the run: every wait gives up here.
     pub(super) deadline: Instant,
+    /// Consumers send a reserve only once their last delete was answered.
+    wait_for_delete: bool,
     put_template: PutTemplate,
     reserve_request: Vec<u8>,
     next_seq: AtomicU64,
@@ -82,6 +84,7 @@ impl Shared {
         producers: usize,
         run_tag: u32,
         deadline: Instant,
+        wait_for_delete: bool,
     ) -> Result<Shared> {
         let len = usize::try_from(jobs).context("--jobs does not fit in memory")?;
         let flags = |wanted: bool| -> Vec<AtomicBool> {
@@ -102,6 +105,7 @@ impl Shared {
             mode,
             jobs,
             pipeline,
+            wait_for_delete,
             tube,
             run_tag,
             epoch: Instant::now(),
@@ -394,7 +398,12 @@ async fn consume(conn: &mut Conn, shared: &Shared, stats: &mut WorkerStats) -> R
             entry.1 = now;
         }
         unsent = 0;
-        while !stop_reserving && reserves_in_flight < shared.pipeline {
+        // `inflight` holds reserves and deletes; the rest are deletes.
+        let deletes_in_flight = inflight.len() - reserves_in_flight;
+        while !stop_reserving
+            && reserves_in_flight < shared.pipeline
+            && !(shared.wait_for_delete && deletes_in_flight > 0)
+        {
             if own_tickets > 0 {
                 own_tickets -= 1;
             } else if shared.reserve_tickets.fetch_add(1, Relaxed) >= shared.jobs {
