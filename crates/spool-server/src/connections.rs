@@ -123,10 +123,13 @@ pub enum CloseReason {
     Shutdown,
     /// The broker closed the session.
     Server,
+    /// The server closed a connection that sat idle between requests past
+    /// a timeout (the HTTP listener's kept-alive connections).
+    IdleTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Client,
         CloseReason::Quit,
         CloseReason::RequestTimeout,
@@ -134,6 +137,7 @@ impl CloseReason {
         CloseReason::IoError,
         CloseReason::Shutdown,
         CloseReason::Server,
+        CloseReason::IdleTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -145,6 +149,7 @@ impl CloseReason {
             CloseReason::IoError => "io_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Server => "server",
+            CloseReason::IdleTimeout => "idle_timeout",
         }
     }
 
@@ -407,7 +412,7 @@ fn fd_ceiling(fd_limit: Option<u64>) -> u64 {
 struct ProtocolTotals {
     active: u64,
     opened: u64,
-    closed: [u64; 7],
+    closed: [u64; CloseReason::ALL.len()],
     /// Bytes of connections that have ended (live ones are summed on read).
     bytes_in_closed: u64,
     bytes_out_closed: u64,
