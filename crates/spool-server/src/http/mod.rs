@@ -12,7 +12,11 @@
 //! - hyper enforces the header read timeout. In hyper 1.x that timer starts
 //!   whenever the connection waits for a request head, also between
 //!   keep-alive requests, so it is the idle keep-alive timeout as well
-//!   (hyper has no separate one);
+//!   (hyper has no separate one). The metered stream notes whether any byte
+//!   arrived since the last answer, which tells the two apart: a timeout
+//!   with none closes an idle connection (`idle_timeout`, what every
+//!   kept-alive scraper meets), one with some a stalled request
+//!   (`request_timeout`, a slowloris);
 //! - a request body must arrive within [`BODY_READ_TIMEOUT`] and fit in
 //!   [`REQUEST_BODY_MAX_BYTES`] (collected here, before routing);
 //! - a handler must answer within [`HANDLER_TIMEOUT`];
@@ -526,12 +530,44 @@ impl WriteStall {
     }
 }
 
-/// The socket as hyper sees it: counts bytes into the registry and notes
-/// when writes stop making progress.
+/// Whether the client sent anything since the connection's last answer
+/// (or since it opened): what tells a stalled request from an idle
+/// keep-alive connection when hyper's header read timer fires.
+#[derive(Debug, Default)]
+struct RequestActivity {
+    bytes_since_answer: AtomicBool,
+}
+
+impl RequestActivity {
+    fn received(&self) {
+        self.bytes_since_answer.store(true, Ordering::Relaxed);
+    }
+
+    /// An answer is ready: the request, body included, has been read, so
+    /// bytes from now on belong to the next request. (Bytes of a pipelined
+    /// next request read together with this one are forgotten: should that
+    /// request stall, its close counts as idle. It is still closed.)
+    fn answered(&self) {
+        self.bytes_since_answer.store(false, Ordering::Relaxed);
+    }
+
+    /// Why a header read timeout closes the connection.
+    fn timeout_reason(&self) -> CloseReason {
+        if self.bytes_since_answer.load(Ordering::Relaxed) {
+            CloseReason::RequestTimeout
+        } else {
+            CloseReason::IdleTimeout
+        }
+    }
+}
+
+/// The socket as hyper sees it: counts bytes into the registry, notes when
+/// writes stop making progress and whether a request has begun.
 struct MeteredStream {
     inner: TcpStream,
     handle: Arc<ConnHandle>,
     stall: Arc<WriteStall>,
+    activity: Arc<RequestActivity>,
 }
 
 impl AsyncRead for MeteredStream {
@@ -545,6 +581,7 @@ impl AsyncRead for MeteredStream {
         let read = buf.filled().len().saturating_sub(before);
         if read > 0 {
             self.handle.add_bytes_in(read);
+            self.activity.received();
         }
         result
     }
@@ -608,18 +645,26 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let stall = Arc::new(WriteStall::new());
+    let activity = Arc::new(RequestActivity::default());
     let io = TokioIo::new(MeteredStream {
         inner: stream,
         handle: handle.clone(),
         stall: stall.clone(),
+        activity: activity.clone(),
     });
     let service_handle = handle.clone();
     let service_limits = limits.clone();
+    let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let app = app.clone();
         let handle = service_handle.clone();
         let limits = service_limits.clone();
-        async move { Ok::<_, Infallible>(answer(app, request, &limits, &handle).await) }
+        let activity = service_activity.clone();
+        async move {
+            let response = answer(app, request, &limits, &handle).await;
+            activity.answered();
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -639,7 +684,8 @@ async fn serve_connection(
             result = connection.as_mut() => break match result {
                 Ok(()) if stopping => CloseReason::Shutdown,
                 Ok(()) => CloseReason::Client,
-                Err(e) if e.is_timeout() => CloseReason::RequestTimeout,
+                // hyper's only timer here is the header read timeout.
+                Err(e) if e.is_timeout() => activity.timeout_reason(),
                 Err(e) if e.is_parse() || e.is_parse_too_large() => CloseReason::Client,
                 Err(_) => CloseReason::IoError,
             },

@@ -436,18 +436,78 @@ async fn a_stalled_request_head_is_closed_and_counted() {
         .await
         .expect("the server closes a stalled connection")
         .unwrap_or_default();
-    let closed = |m: &crate::connections::ConnectionMetrics| {
-        m.protocol(crate::connections::Protocol::Http)
-            .map(|p| p.closed(CloseReason::RequestTimeout))
-            .unwrap_or(0)
-    };
+    wait_for_http_close(&server.connections, CloseReason::RequestTimeout).await;
+    assert_eq!(
+        http_closed(&server.connections, CloseReason::IdleTimeout),
+        0
+    );
+    server.stop().await;
+}
+
+/// HTTP connections closed for `reason` so far.
+fn http_closed(connections: &Connections, reason: CloseReason) -> u64 {
+    connections
+        .metrics()
+        .protocol(crate::connections::Protocol::Http)
+        .map(|p| p.closed(reason))
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until an HTTP connection has closed for `reason`.
+async fn wait_for_http_close(connections: &Connections, reason: CloseReason) {
     tokio::time::timeout(EXCHANGE_TIMEOUT, async {
-        while closed(&server.connections.metrics()) == 0 {
+        while http_closed(connections, reason) == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
-    .expect("the close is counted as request_timeout");
+    .unwrap_or_else(|_| panic!("a close counted as {}", reason.as_str()));
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_as_idle_timeout() {
+    let limits = HttpLimits {
+        header_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let server = TestServer::start(None, limits).await;
+    // A scraper's kept-alive connection: two requests, then silence.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the idle connection")
+        .unwrap_or_default();
+    wait_for_http_close(&server.connections, CloseReason::IdleTimeout).await;
+    // A connection that never sends a byte is idle too.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, silent.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the silent connection")
+        .unwrap_or_default();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while http_closed(&server.connections, CloseReason::IdleTimeout) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("both closes counted as idle_timeout");
+    assert_eq!(
+        http_closed(&server.connections, CloseReason::RequestTimeout),
+        0
+    );
     server.stop().await;
 }
 
