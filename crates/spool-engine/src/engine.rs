@@ -21,7 +21,8 @@ use crate::metrics::Histogram;
 use crate::ms::Ms;
 use crate::record::{job_record_log_bytes, JobRecord, LogRecord, RestState};
 use crate::snapshot::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SNAPSHOT_RESERVED_IDS_MAX,
+    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SnapshotScope,
+    SNAPSHOT_RESERVED_IDS_MAX,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -830,10 +831,10 @@ impl Engine {
         }
     }
 
-    /// Everything the operating surface shows, at `now`. Costs a pass over
-    /// tubes and sessions (not jobs): meant for scrapes and admin requests,
-    /// not for every round.
-    pub fn snapshot(&self, now: u64) -> EngineSnapshot {
+    /// What the operating surface shows, at `now`. Costs a pass over tubes,
+    /// and over sessions for [`SnapshotScope::Full`] (never over jobs): meant
+    /// for scrapes and admin requests, not for every round.
+    pub fn snapshot(&self, now: u64, scope: SnapshotScope) -> EngineSnapshot {
         let queues = self
             .tube_order
             .iter()
@@ -850,6 +851,27 @@ impl Engine {
                 Some(Self::queue_snapshot(name.to_string(), metrics, None, now))
             })
             .collect();
+        let sessions = match scope {
+            SnapshotScope::Queues => Vec::new(),
+            SnapshotScope::Full => self.session_snapshots(now),
+        };
+        EngineSnapshot {
+            now_ns: now,
+            jobs_total: self.jobs.len() as u64,
+            queues,
+            retired_queues,
+            sessions,
+            draining: self.draining || self.shutting_down,
+            shutting_down: self.shutting_down,
+            storage_failed: self.storage_failed,
+            disk_full: self.disk_full,
+            next_job_id: self.next_job_id,
+            server: self.stats(),
+        }
+    }
+
+    /// Every session, by id.
+    fn session_snapshots(&self, now: u64) -> Vec<SessionSnapshot> {
         let mut sessions: Vec<SessionSnapshot> = self
             .conns
             .iter()
@@ -872,19 +894,7 @@ impl Engine {
             })
             .collect();
         sessions.sort_unstable_by_key(|s| s.conn_id);
-        EngineSnapshot {
-            now_ns: now,
-            jobs_total: self.jobs.len() as u64,
-            queues,
-            retired_queues,
-            sessions,
-            draining: self.draining || self.shutting_down,
-            shutting_down: self.shutting_down,
-            storage_failed: self.storage_failed,
-            disk_full: self.disk_full,
-            next_job_id: self.next_job_id,
-            server: self.stats(),
-        }
+        sessions
     }
 
     /// A live tube's snapshot, or a retired tube's (`tube` None: no jobs).

@@ -15,6 +15,19 @@ use crate::metrics::Histogram;
 /// holding a million reservations cannot make a snapshot huge.
 pub const SNAPSHOT_RESERVED_IDS_MAX: usize = 64;
 
+/// How much of the engine a snapshot copies. Taking one runs on the engine's
+/// single data-path thread, so a reader asks only for what it shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotScope {
+    /// Queues (live and retired), server counters and flags; no sessions
+    /// ([`EngineSnapshot::sessions`] is empty). For `/metrics` and
+    /// `spool top`, which never show sessions.
+    Queues,
+    /// Everything, sessions included (one entry per client connection, with
+    /// its strings and reserved ids): for introspection that lists them.
+    Full,
+}
+
 /// Cumulative job events of one queue (tube), for the
 /// `spool_jobs_*_total{queue}` counters. They start at zero when the
 /// process starts (replaying the log counts nothing).
@@ -96,7 +109,7 @@ pub struct EngineSnapshot {
     /// and goes; oldest freed first, at most
     /// [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX), all counts zero.
     pub retired_queues: Vec<QueueSnapshot>,
-    /// Sessions by id.
+    /// Sessions by id; empty when taken with [`SnapshotScope::Queues`].
     pub sessions: Vec<SessionSnapshot>,
     /// Puts are refused (SIGUSR1 drain or shutdown).
     pub draining: bool,

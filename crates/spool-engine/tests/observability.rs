@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use spool_engine::{
-    ConnId, Engine, EngineConfig, EngineSnapshot, QueueCounters, QueueSnapshot,
+    ConnId, Engine, EngineConfig, EngineSnapshot, QueueCounters, QueueSnapshot, SnapshotScope,
     SNAPSHOT_RESERVED_IDS_MAX,
 };
 use spool_proto::{Put, PutBody, Request, Response, TubeName};
@@ -72,7 +72,7 @@ fn queue<'a>(snapshot: &'a EngineSnapshot, name: &str) -> &'a QueueSnapshot {
 }
 
 fn counters(e: &Engine, name: &str, now: u64) -> QueueCounters {
-    queue(&e.snapshot(now), name).counters
+    queue(&e.snapshot(now, SnapshotScope::Full), name).counters
 }
 
 #[test]
@@ -210,7 +210,12 @@ fn kick_counts_every_job_kicked_in_its_own_queue() {
     assert_eq!(counters(&e, "default", now).kicked, 0);
     assert_eq!(counters(&e, "k", now).put, 4);
     // Kicked jobs did not wait for their due time: no skew observed.
-    assert_eq!(queue(&e.snapshot(now), "k").skew.count(), 0);
+    assert_eq!(
+        queue(&e.snapshot(now, SnapshotScope::Full), "k")
+            .skew
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -226,7 +231,7 @@ fn histograms_measure_wait_run_and_skew() {
         run(&mut e, 1, Request::Delete(a), t0 + 3 * SEC + 40 * MS),
         vec![Response::Deleted]
     );
-    let s = e.snapshot(t0 + 4 * SEC);
+    let s = e.snapshot(t0 + 4 * SEC, SnapshotScope::Full);
     let q = queue(&s, "default");
     assert_eq!(q.wait.count(), 1);
     assert_eq!(q.wait.sum_ns(), 3 * SEC);
@@ -238,14 +243,14 @@ fn histograms_measure_wait_run_and_skew() {
     let t1 = 20 * SEC;
     let b = put_id(&mut e, 1, put(0, 5, 600), t1);
     e.tick(t1 + 5 * SEC + 250 * MS);
-    let q = queue(&e.snapshot(t1 + 6 * SEC), "default").clone();
+    let q = queue(&e.snapshot(t1 + 6 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.skew.count(), 1);
     assert_eq!(q.skew.sum_ns(), 250 * MS);
     let p99 = q.skew.quantile(0.99).unwrap();
     assert!((0.1..=0.25).contains(&p99), "{p99}");
     // Its wait starts when it became ready, not when it was put.
     assert_eq!(reserve_id(&mut e, 1, t1 + 7 * SEC), b);
-    let q = queue(&e.snapshot(t1 + 7 * SEC), "default").clone();
+    let q = queue(&e.snapshot(t1 + 7 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 2);
     assert_eq!(q.wait.sum_ns(), 3 * SEC + (7 * SEC - 5 * SEC - 250 * MS));
 
@@ -269,7 +274,7 @@ fn histograms_measure_wait_run_and_skew() {
     e.execute(2, Request::Reserve, t1 + 9 * SEC);
     assert!(e.is_waiting(2));
     let c = put_id(&mut e, 1, put(0, 0, 600), t1 + 10 * SEC);
-    let q = queue(&e.snapshot(t1 + 10 * SEC), "default").clone();
+    let q = queue(&e.snapshot(t1 + 10 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 4);
     assert_eq!(q.wait.sum_ns(), 3 * SEC + 1_750 * MS + SEC);
     assert_eq!(
@@ -287,7 +292,7 @@ fn histograms_measure_wait_run_and_skew() {
         vec![Response::KickedJob]
     );
     assert_eq!(reserve_id(&mut e, 2, t1 + 21 * SEC), c);
-    let q = queue(&e.snapshot(t1 + 21 * SEC), "default").clone();
+    let q = queue(&e.snapshot(t1 + 21 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 5);
     assert_eq!(q.wait.sum_ns(), 3 * SEC + 1_750 * MS + SEC + SEC);
     e.check_invariants();
@@ -330,7 +335,7 @@ fn snapshot_shows_queues_and_sessions() {
     );
 
     let later = now + 2 * SEC;
-    let s = e.snapshot(later);
+    let s = e.snapshot(later, SnapshotScope::Full);
     assert_eq!(s.now_ns, later);
     assert_eq!(s.jobs_total, 4);
     assert!(!s.draining && !s.shutting_down && !s.storage_failed && !s.disk_full);
@@ -374,7 +379,7 @@ fn snapshot_shows_queues_and_sessions() {
     assert_eq!(two.blocked_in_reserve_ns, None);
 
     // After the pause ends the queue is not paused, tick or no tick.
-    assert!(!queue(&e.snapshot(now + 61 * SEC), "jobs").paused);
+    assert!(!queue(&e.snapshot(now + 61 * SEC, SnapshotScope::Full), "jobs").paused);
 }
 
 #[test]
@@ -388,10 +393,32 @@ fn snapshot_lists_a_bounded_number_of_reserved_ids() {
         put_id(&mut e, 1, put(0, 0, 600), now);
         ids.push(reserve_id(&mut e, 1, now));
     }
-    let s = e.snapshot(now);
+    let s = e.snapshot(now, SnapshotScope::Full);
     let session = &s.sessions[0];
     assert_eq!(session.reserved_count, total as u64);
     assert_eq!(session.reserved_job_ids, ids[..SNAPSHOT_RESERVED_IDS_MAX]);
+}
+
+#[test]
+fn a_queues_snapshot_leaves_sessions_out_and_keeps_the_rest() {
+    let mut e = engine();
+    e.connect(1);
+    e.connect(2);
+    let now = SEC;
+    put_id(&mut e, 1, put(0, 0, 600), now);
+    reserve_id(&mut e, 2, now);
+    let full = e.snapshot(now, SnapshotScope::Full);
+    assert_eq!(full.sessions.len(), 2);
+    let queues = e.snapshot(now, SnapshotScope::Queues);
+    assert!(queues.sessions.is_empty());
+    // Everything else is the same picture.
+    assert_eq!(
+        EngineSnapshot {
+            sessions: Vec::new(),
+            ..full
+        },
+        queues
+    );
 }
 
 #[test]
@@ -404,7 +431,7 @@ fn counters_of_a_freed_tube_come_back_with_it() {
     run(&mut e, 1, Request::Delete(id), now);
     // Leaving the tube frees it: beanstalkd forgets idle tubes.
     run(&mut e, 1, Request::Use(tube("default")), now);
-    let s = e.snapshot(now);
+    let s = e.snapshot(now, SnapshotScope::Full);
     assert!(s.queues.iter().all(|q| q.name != "brief"));
     let retired = s.retired_queues.iter().find(|q| q.name == "brief").unwrap();
     assert_eq!(retired.counters.put, 1);
@@ -417,7 +444,7 @@ fn counters_of_a_freed_tube_come_back_with_it() {
     // Back again: the counters continue where they were.
     run(&mut e, 1, Request::Use(tube("brief")), now);
     put_id(&mut e, 1, put(0, 0, 60), now);
-    let s = e.snapshot(now);
+    let s = e.snapshot(now, SnapshotScope::Full);
     assert!(s.retired_queues.iter().all(|q| q.name != "brief"));
     assert_eq!(queue(&s, "brief").counters.put, 2);
     assert_eq!(queue(&s, "brief").counters.deleted, 1);
@@ -438,7 +465,7 @@ fn retired_tubes_are_bounded_oldest_forgotten_first() {
     // A tube that saw no job leaves nothing behind.
     run(&mut e, 1, Request::Use(tube("never-used")), now);
     run(&mut e, 1, Request::Use(tube("default")), now);
-    let s = e.snapshot(now);
+    let s = e.snapshot(now, SnapshotScope::Full);
     assert_eq!(s.retired_queues.len(), spool_engine::RETIRED_QUEUES_MAX);
     assert!(s.retired_queues.iter().all(|q| q.name != "never-used"));
     // Every tN was freed when the next name was used, t0 first: the three
@@ -507,8 +534,8 @@ fn shutdown_refuses_puts_and_never_blocks_a_reserve() {
     );
     // Puts are refused, whatever SIGUSR1 drain says.
     assert_eq!(run(&mut e, 2, put(0, 0, 5), now), vec![Response::Draining]);
-    assert!(e.snapshot(now).draining);
-    assert!(e.snapshot(now).shutting_down);
+    assert!(e.snapshot(now, SnapshotScope::Full).draining);
+    assert!(e.snapshot(now, SnapshotScope::Full).shutting_down);
     assert!(e.stats().draining);
 
     // The holder can still finish its job; TTR expiry still works.

@@ -9,7 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::task::{Context, Poll};
 
-use spool_engine::EngineSnapshot;
+use spool_engine::{EngineSnapshot, SnapshotScope};
 use spool_proto::{Request, Response};
 
 /// Why a broker could not serve a session.
@@ -60,9 +60,14 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Refuses new jobs with `DRAINING` while set.
     fn set_draining(&self, draining: bool);
 
-    /// Queues, sessions and counters as they are now, for metrics and
-    /// introspection. Costs a pass over queues and sessions on the engine.
-    fn snapshot(&self) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send;
+    /// Queues and counters as they are now, and sessions too with
+    /// [`SnapshotScope::Full`], for metrics and introspection. Costs a pass
+    /// over queues (and sessions) on the engine's data path: ask for
+    /// [`SnapshotScope::Queues`] unless sessions are shown.
+    fn snapshot(
+        &self,
+        scope: SnapshotScope,
+    ) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send;
 
     /// Cheap and synchronous: for probes that must answer while the engine
     /// is busy.

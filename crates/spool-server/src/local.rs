@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord};
+use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord, SnapshotScope};
 use spool_proto::{Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
@@ -169,7 +169,7 @@ enum Msg {
     Hangup { id: ConnId },
     Close { id: ConnId },
     SetDraining(bool),
-    Snapshot(oneshot::Sender<EngineSnapshot>),
+    Snapshot(SnapshotScope, oneshot::Sender<EngineSnapshot>),
     BeginShutdown,
 }
 
@@ -367,9 +367,12 @@ impl Broker for LocalBroker {
         let _ = self.tx.send(Msg::SetDraining(draining));
     }
 
-    fn snapshot(&self) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
+    fn snapshot(
+        &self,
+        scope: SnapshotScope,
+    ) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let sent = self.tx.send(Msg::Snapshot(reply_tx)).is_ok();
+        let sent = self.tx.send(Msg::Snapshot(scope, reply_tx)).is_ok();
         async move {
             if !sent {
                 return Err(BrokerError::Closed);
@@ -591,9 +594,9 @@ impl EngineTask {
             }
             Msg::Close { id } => self.close(id),
             Msg::SetDraining(draining) => self.engine.set_draining(draining),
-            Msg::Snapshot(reply) => {
+            Msg::Snapshot(scope, reply) => {
                 // The asker may have given up; that is its business.
-                let _ = reply.send(self.engine.snapshot(self.clock.now_ns()));
+                let _ = reply.send(self.engine.snapshot(self.clock.now_ns(), scope));
             }
             Msg::BeginShutdown => {
                 if !self.engine.is_shutting_down() {
@@ -1015,7 +1018,7 @@ mod tests {
     /// Waits (bounded) until the engine shows `session` blocked in reserve.
     async fn until_blocked(broker: &LocalBroker, session: u64) {
         for _ in 0..SNAPSHOT_POLLS_MAX {
-            let snapshot = broker.snapshot().await.unwrap();
+            let snapshot = broker.snapshot(SnapshotScope::Full).await.unwrap();
             let blocked = snapshot
                 .sessions
                 .iter()
@@ -1040,7 +1043,7 @@ mod tests {
         let got = replies(&mut session, 3).await;
         assert!(matches!(got[1], Response::Inserted(_)), "{got:?}");
 
-        let snapshot = broker.snapshot().await.unwrap();
+        let snapshot = broker.snapshot(SnapshotScope::Full).await.unwrap();
         assert_eq!(snapshot.jobs_total, 2);
         let queue = snapshot.queues.iter().find(|q| q.name == "emails").unwrap();
         assert_eq!(queue.ready, 2);
@@ -1078,7 +1081,7 @@ mod tests {
         // A session opened during the shutdown is closed at once too.
         let mut late = broker.open_session(Peer::default()).unwrap();
         closed(&mut late).await;
-        let snapshot = broker.snapshot().await.unwrap();
+        let snapshot = broker.snapshot(SnapshotScope::Full).await.unwrap();
         assert!(snapshot.sessions.is_empty(), "{snapshot:?}");
         assert!(snapshot.shutting_down);
     }
@@ -1123,7 +1126,7 @@ mod tests {
                 Response::Deleted
             ]
         );
-        let snapshot = broker.snapshot().await.unwrap();
+        let snapshot = broker.snapshot(SnapshotScope::Full).await.unwrap();
         assert_eq!(snapshot.sessions.len(), 1);
         assert_eq!(snapshot.sessions[0].reserved_job_ids, vec![second]);
 
@@ -1137,7 +1140,7 @@ mod tests {
             .unwrap();
         assert_eq!(replies(&mut worker, 1).await, vec![Response::Released]);
         closed(&mut worker).await;
-        let snapshot = broker.snapshot().await.unwrap();
+        let snapshot = broker.snapshot(SnapshotScope::Full).await.unwrap();
         assert!(snapshot.sessions.is_empty());
         assert_eq!(snapshot.jobs_total, 1);
         assert_eq!(snapshot.queues[0].ready, 1);
@@ -1280,8 +1283,8 @@ mod tests {
     /// engine task takes it in, so the second one is taken in a later
     /// wake-up than anything sent before the first.
     async fn barrier(broker: &LocalBroker) {
-        broker.snapshot().await.unwrap();
-        broker.snapshot().await.unwrap();
+        broker.snapshot(SnapshotScope::Full).await.unwrap();
+        broker.snapshot(SnapshotScope::Full).await.unwrap();
     }
 
     /// What the session has been handed so far, without waiting.

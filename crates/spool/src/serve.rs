@@ -683,12 +683,15 @@ async fn serve(
     .await
     .is_ok();
     if !finished {
-        let remaining = broker.snapshot().await.map(|s| {
-            s.sessions
-                .iter()
-                .map(|session| session.reserved_count)
-                .sum::<u64>()
-        });
+        let remaining = broker
+            .snapshot(spool_server::SnapshotScope::Full)
+            .await
+            .map(|s| {
+                s.sessions
+                    .iter()
+                    .map(|session| session.reserved_count)
+                    .sum::<u64>()
+            });
         tracing::warn!(
             connections = connections.active(Protocol::Beanstalk),
             reserved_jobs = ?remaining.ok(),

@@ -35,13 +35,16 @@ async fn snapshot<B: Broker>(state: &HttpState<B>) -> Result<EngineSnapshot, Api
             "the write-ahead log is being recovered; try again shortly",
         ));
     };
-    broker.snapshot().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("the broker cannot answer: {e}"),
-        )
-    })
+    broker
+        .snapshot(spool_engine::SnapshotScope::Full)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("the broker cannot answer: {e}"),
+            )
+        })
 }
 
 fn queue_json(queue: &QueueSnapshot) -> Value {

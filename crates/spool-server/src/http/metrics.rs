@@ -94,7 +94,10 @@ pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -
     // A failed snapshot (the broker shut down) leaves the engine families
     // out; everything else is still worth scraping.
     let snapshot = match state.broker() {
-        Some(broker) => broker.snapshot().await.ok(),
+        Some(broker) => broker
+            .snapshot(spool_engine::SnapshotScope::Full)
+            .await
+            .ok(),
         None => None,
     };
     let mut out = Exposition::new();
