@@ -15,6 +15,10 @@
 #   6  spool --fsync never        vs beanstalkd -b            mixed 4P+4C p1
 #   7  spool --fsync never        vs spool --in-memory        mixed 4P+4C p1
 #      (what the log costs spool itself)
+#   8  spool --fsync always       vs beanstalkd in memory     sync 64P+8C p1
+#   9  spool --fsync always       vs beanstalkd -b            sync 4P+4C p1
+#      (sync: consumers wait for DELETED before the next reserve, as
+#      synchronous client libraries do)
 #
 # "beanstalkd -b" is beanstalkd's default with a binlog, which is NOT "no
 # fsync": beanstalkd 1.12 syncs at most once every 50 ms by default (its -h
@@ -234,8 +238,11 @@ stats_value() {
 declare -A LOAD_ARGS=(
     [m64]="--mode mixed --producers 64 --consumers 8 --pipeline 1 --body-size 100"
     [m4]="--mode mixed --producers 4 --consumers 4 --pipeline 1 --body-size 100"
+    [m64s]="--mode mixed --producers 64 --consumers 8 --pipeline 1 --body-size 100 --wait-for-delete"
+    [m4s]="--mode mixed --producers 4 --consumers 4 --pipeline 1 --body-size 100 --wait-for-delete"
 )
-declare -A LOAD_DESC=([m64]="mixed 64P+8C p1" [m4]="mixed 4P+4C p1")
+declare -A LOAD_DESC=([m64]="mixed 64P+8C p1" [m4]="mixed 4P+4C p1"
+    [m64s]="sync 64P+8C p1" [m4s]="sync 4P+4C p1")
 # Rows: "spool-variant peer-variant load target" (target: minimum ratio, or -)
 ROWS=(
     "spool-always bs-mem m64 1"
@@ -245,6 +252,8 @@ ROWS=(
     "spool-never bs-F m4 -"
     "spool-never bs-b m4 -"
     "spool-never spool-mem m4 -"
+    "spool-always bs-mem m64s -"
+    "spool-always bs-b m4s -"
 )
 # Every (variant, load) measured once per run, spool and its peer alternating
 # so that drift in the machine's load hits both alike.
@@ -254,6 +263,8 @@ MEASURE=(
     "spool-i50 m4" "bs-f50 m4"
     "spool-never m4" "bs-F m4"
     "spool-mem m4"
+    "spool-always m64s" "bs-mem m64s"
+    "spool-always m4s" "bs-b m4s"
 )
 TAG=$$
 
@@ -290,6 +301,13 @@ bench() {
     fi
 }
 
+# The disk's sync latency bounds every fsync-always figure: measure it once.
+DSYNC_WRITES=2000
+dsync_t0=$(now)
+dd if=/dev/zero of="$TMP/dsync-probe" bs=128 count="$DSYNC_WRITES" oflag=dsync status=none
+DSYNC_US=$(( $(elapsed_ms "$dsync_t0" "$(now)") * 1000 / DSYNC_WRITES ))
+rm -f "$TMP/dsync-probe"
+log "disk: $DSYNC_US us per O_DSYNC write"
 log "loads of $JOBS jobs, 100-byte bodies, one server under load at a time, data under $TMP ($FSTYPE)"
 for ((run = 1; run <= RUNS; run++)); do
     for m in "${MEASURE[@]}"; do
@@ -453,6 +471,9 @@ mib() { awk -v a="$1" -v d="$2" 'BEGIN { if (a == "-" || a == "") print "-"; els
 echo
 echo "spool durable vs beanstalkd $(beanstalkd -v 2>&1 | awk '{print $2}'), $JOBS jobs per load, 100-byte bodies, best of $RUNS run(s);"
 echo "client: spool bench, $THREADS thread(s); $(nproc) CPUs shared by client and server; data on $FSTYPE ($TMP)"
+echo "disk: $DSYNC_US us per 128-byte O_DSYNC write (dd, $DSYNC_WRITES writes): the floor of one fsync always commit"
+echo "sync = consumers wait for DELETED before the next reserve (synchronous client libraries);"
+echo "  the other loads send each delete together with the next reserve"
 echo "ratio = spool / peer (ops/s: higher is better); p99 in microseconds (send to reply), spool/peer;"
 echo "CPU = server CPU time (user + system, all threads) per job, spool/peer"
 echo

@@ -64,13 +64,16 @@ impl LogControl {
         let directive = directive.trim();
         let filter = EnvFilter::try_new(directive)
             .map_err(|e| format!("{directive:?} is not a filter directive: {e}"))?;
+        // Held across the reload, so concurrent changes apply in the order
+        // they record themselves and `current` names the filter in force.
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         self.handle
             .reload(filter)
             .map_err(|e| format!("could not change the filter: {e}"))?;
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         *current = directive.to_string();
+        drop(current);
         tracing::info!(filter = %directive, "log filter changed");
-        Ok(current.clone())
+        Ok(directive.to_string())
     }
 }
 

@@ -208,7 +208,7 @@ pub struct ServeConfig {
 /// almost certainly a unit mistake (ms given as s).
 const DURATION_SETTING_MAX: Duration = Duration::from_secs(24 * 3600);
 
-/// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
+/// Parses `30s`, `500ms`, `2m`, `1h` or a bare number of seconds.
 fn parse_duration(value: &str) -> Option<Duration> {
     let value = value.trim();
     let (digits, unit_ms) = if let Some(v) = value.strip_suffix("ms") {
@@ -217,6 +217,8 @@ fn parse_duration(value: &str) -> Option<Duration> {
         (v, 1000)
     } else if let Some(v) = value.strip_suffix('m') {
         (v, 60_000)
+    } else if let Some(v) = value.strip_suffix('h') {
+        (v, 3_600_000)
     } else {
         (value, 1000)
     };
@@ -533,10 +535,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(http = %http_addr, "serving probes, /metrics and /admin over HTTP");
 
     let served = runtime.block_on(serve(config, http_state, connections));
-    // Dropping the runtime drops the engine task and with it the log link;
-    // the log thread then makes a last sync and ends.
-    drop(runtime);
-    let log_thread = served?;
+    let log_thread = match served {
+        Ok(Served::StoppedDuringRecovery) => {
+            runtime.shutdown_background();
+            None
+        }
+        other => {
+            // Dropping the runtime drops the engine task and with it the
+            // log link; the log thread then makes a last sync and ends.
+            drop(runtime);
+            match other? {
+                Served::Finished(log_thread) => log_thread,
+                Served::StoppedDuringRecovery => None,
+            }
+        }
+    };
     let mut result = Ok(());
     if let Some(thread) = log_thread {
         if thread.join().is_err() {
@@ -556,10 +569,11 @@ async fn serve(
     config: ServeConfig,
     http_state: Arc<HttpState<LocalBroker>>,
     connections: Connections,
-) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+) -> anyhow::Result<Served> {
     // Handlers first: a SIGTERM during replay is then served right after
     // it instead of killing the process.
     let mut signals = Signals::install().context("installing signal handlers")?;
+    let mut terminated = std::pin::pin!(signals.terminated());
     let clock = Clock::start();
     let mut engine = Engine::new(EngineConfig {
         max_job_size: config.max_job_size,
@@ -581,13 +595,23 @@ async fn serve(
             let recover_dir = dir.clone();
             tracing::info!(dir = %dir.display(), "replaying the log");
             // Replay runs off the runtime so that the runtime stays free.
-            let (wal, report, recovered) = tokio::task::spawn_blocking(move || {
+            let replay = tokio::task::spawn_blocking(move || {
                 let (wal, report) = durable::recover(&recover_dir, options, &mut engine, &clock)?;
                 Ok::<_, durable::RecoverError>((wal, report, engine))
-            })
-            .await
-            .context("recovery panicked")?
-            .with_context(|| format!("recovering the log in {}", dir.display()))?;
+            });
+            // A signal during a long replay stops the process now: nothing
+            // was acknowledged yet, and exiting mid-replay is no worse than
+            // a crash at that instant, which the log is built to survive.
+            let replayed = tokio::select! {
+                replayed = replay => replayed,
+                _ = &mut terminated => {
+                    tracing::info!("stopped during log replay");
+                    return Ok(Served::StoppedDuringRecovery);
+                }
+            };
+            let (wal, report, recovered) = replayed
+                .context("recovery panicked")?
+                .with_context(|| format!("recovering the log in {}", dir.display()))?;
             engine = recovered;
             if let Some(tail) = &report.torn_tail {
                 tracing::warn!(%tail, "the end of the log was torn (a crash mid-write); cut it off");
@@ -660,7 +684,7 @@ async fn serve(
             write_timeout: config.write_timeout,
         },
         connections.clone(),
-        signals.terminated(),
+        terminated,
     )
     .await;
 
@@ -705,7 +729,17 @@ async fn serve(
         .await;
     }
     tracing::info!("connections closed; syncing the log");
-    Ok(log_thread)
+    Ok(Served::Finished(log_thread))
+}
+
+/// How `serve` ended.
+enum Served {
+    /// Served until a signal; the log thread (if any) syncs and ends once
+    /// the runtime is dropped.
+    Finished(Option<std::thread::JoinHandle<()>>),
+    /// A signal arrived while the log was replayed; the replay still runs
+    /// on a blocking thread and must not be waited for.
+    StoppedDuringRecovery,
 }
 
 /// The signals `spool serve` acts on, installed before recovery.
@@ -782,6 +816,18 @@ fn bind(listen: &ListenAddr) -> anyhow::Result<BeanstalkListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("24h"), Some(DURATION_SETTING_MAX));
+        for bad in ["25h", "", "s", "1.5s", "-1s", "1d", "18446744073709551615h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn listen_forms() {

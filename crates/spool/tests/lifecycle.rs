@@ -70,23 +70,35 @@ fn log_format_text_is_for_people() {
 #[test]
 fn the_log_level_changes_at_runtime() {
     let server = Server::start_with(&["--log-level", "warn"]);
-    // Connections come and go at debug level: nothing yet.
-    drop(server.client());
-    let reply = server.http("PUT", "/admin/log-level", "debug");
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let reply = server.http("GET", "/admin/log-level", "");
-    assert!(reply.body.contains("debug"), "{}", reply.body);
+    // Connections come and go at debug level: nothing of that yet.
     let mut c = server.client();
     c.expect("list-tube-used\r\n", "USING default\r\n");
     drop(c);
-    wait_until(Duration::from_secs(10), "a debug line", || {
-        server.output_text().contains("\"DEBUG\"")
+    // The server handled the close before it answers the next request.
+    server
+        .client()
+        .expect("list-tube-used\r\n", "USING default\r\n");
+    assert!(
+        !server.output_text().contains("\"DEBUG\""),
+        "{}",
+        server.output_text()
+    );
+    let reply = server.http("PUT", "/admin/log-level", "warn,spool_server=debug");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = server.http("GET", "/admin/log-level", "");
+    assert!(reply.body.contains("spool_server=debug"), "{}", reply.body);
+    let mut c = server.client();
+    c.expect("list-tube-used\r\n", "USING default\r\n");
+    drop(c);
+    wait_until(Duration::from_secs(10), "the close logged at debug", || {
+        let output = server.output_text();
+        output.contains("\"DEBUG\"") && output.contains("beanstalkd connection closed")
     });
     // A directive that does not parse changes nothing.
     let reply = server.http("PUT", "/admin/log-level", "[[[");
     assert_eq!(reply.status, 400, "{}", reply.body);
     let reply = server.http("GET", "/admin/log-level", "");
-    assert!(reply.body.contains("debug"), "{}", reply.body);
+    assert!(reply.body.contains("spool_server=debug"), "{}", reply.body);
 }
 
 /// Fills `dir` with `jobs` durable jobs (fsync never: only the count
@@ -117,38 +129,84 @@ fn fill(dir: &std::path::Path, jobs: usize) {
     assert!(status.success(), "{status}");
 }
 
+/// `spool serve -b DIR` started on fresh ports, returned as soon as its
+/// HTTP port accepts, which is before the log is replayed.
+struct Recovering {
+    child: std::process::Child,
+    output: Arc<Mutex<Vec<u8>>>,
+    _readers: Vec<std::thread::JoinHandle<()>>,
+    http: SocketAddr,
+    beanstalk: SocketAddr,
+}
+
+impl Recovering {
+    fn start(dir: &std::path::Path) -> Recovering {
+        let mut last = String::new();
+        // Another process may take a picked port before the server binds
+        // it: the server then exits, and a new pair of ports is tried.
+        for _ in 0..3 {
+            let beanstalk: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let mut cmd = Command::new(spool_bin());
+            clear_spool_env(&mut cmd);
+            cmd.args(["serve", "-b", dir.to_str().expect("utf-8")])
+                .args(["-l", "127.0.0.1", "-p", &beanstalk.port().to_string()])
+                .args(["--http-listen", &http.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().expect("spawning");
+            let (output, readers) = drain_output(&mut child);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!(
+                        "exited {status}: {}",
+                        String::from_utf8_lossy(&output.lock().expect("lock"))
+                    );
+                    break;
+                }
+                if TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
+                    return Recovering {
+                        child,
+                        output,
+                        _readers: readers,
+                        http,
+                        beanstalk,
+                    };
+                }
+                assert!(Instant::now() < deadline, "the HTTP port never opened");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        panic!("could not start the server: {last}");
+    }
+
+    fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().expect("lock")).into_owned()
+    }
+}
+
+impl Drop for Recovering {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn probes_answer_while_the_log_is_replayed() {
     let dir = TempDir::new("probe-recovery");
     // Enough jobs that replay takes a while even in a release build.
     fill(dir.path(), 300_000);
-    let port = free_port();
-    let http_port = free_port();
-    let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
-    let mut cmd = Command::new(spool_bin());
-    clear_spool_env(&mut cmd);
-    cmd.args(["serve", "-b", dir.path().to_str().expect("utf-8")])
-        .args(["-l", "127.0.0.1", "-p", &port.to_string()])
-        .args(["--http-listen", &http.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawning");
-    let (output, _readers) = drain_output(&mut child);
-    let beanstalk: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut server = Recovering::start(dir.path());
+    let http = server.http;
     let mut seen_recovering = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < deadline, "never became ready");
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "exited {status}: {}",
-                String::from_utf8_lossy(&output.lock().unwrap())
-            );
-        }
-        if TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_err() {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("exited {status}: {}", server.output_text());
         }
         // The probes answer from the moment the HTTP port opens, long
         // before replay ends and the beanstalkd port opens.
@@ -169,10 +227,42 @@ fn probes_answer_while_the_log_is_replayed() {
         seen_recovering,
         "the probes never answered during replay (is 300k jobs too few here?)"
     );
-    let mut c = Client::connect(&support::Addr::Tcp(beanstalk));
+    let mut c = Client::connect(&support::Addr::Tcp(server.beanstalk));
     assert_eq!(c.stats_map("stats\r\n")["current-jobs-ready"], "300000");
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+#[test]
+fn sigterm_during_replay_stops_the_server_at_once() {
+    let dir = TempDir::new("term-recovery");
+    fill(dir.path(), 300_000);
+    let mut server = Recovering::start(dir.path());
+    let ready = http_request(server.http, "GET", "/readyz", &[], "");
+    assert_eq!(ready.status, 503, "still replaying: {}", ready.body);
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}: {}", server.output_text());
+    let output = server.output_text();
+    assert!(output.contains("stopped during log replay"), "{output}");
+    assert!(
+        !output.contains("serving the beanstalkd protocol"),
+        "{output}"
+    );
+    drop(server);
+    // Nothing was lost by stopping mid-replay.
+    let server = Server::start_durable(dir.path(), &[]);
+    let mut c = server.client();
+    assert_eq!(c.stats_map("stats\r\n")["current-jobs-ready"], "300000");
 }
 
 /// A client that puts jobs one at a time until told to stop or the server
