@@ -7,6 +7,12 @@
 //! The quota of every ancestor cgroup counts (a parent's limit binds its
 //! children), so the walk goes from the process's cgroup up to the mount
 //! root and keeps the smallest.
+//!
+//! std's `available_parallelism` applies the same quotas (and the CPU
+//! affinity mask) on Linux; the budget never exceeds it. What this module
+//! adds is the account of where the number came from, for the startup log
+//! an operator reads when a pod is throttled, and a rule that is tested
+//! against cgroup v1 and v2 layouts here rather than trusted.
 
 use std::path::{Path, PathBuf};
 
