@@ -483,6 +483,8 @@ pub async fn serve<B: Broker>(
             open = tasks.len(),
             "http connections still open after the drain timeout; closing them"
         );
+        // Each of them recorded `shutdown` as its close reason when the
+        // stop was signalled; aborting drops its handle with that reason.
         tasks.abort_all();
     }
 }
@@ -677,6 +679,7 @@ async fn serve_connection(
     let mut stall_check = tokio::time::interval(HTTP_STALL_CHECK_INTERVAL);
     let mut stopping = *stop.borrow();
     if stopping {
+        handle.close_reason(CloseReason::Shutdown);
         connection.as_mut().graceful_shutdown();
     }
     let reason = loop {
@@ -693,6 +696,11 @@ async fn serve_connection(
                 // A closed channel means the server is gone: stop too.
                 let _ = changed;
                 stopping = true;
+                // Recorded now: a connection still busy at the drain
+                // timeout is aborted and never reaches the end of this
+                // loop, and its handle would otherwise count it as closed
+                // by the client.
+                handle.close_reason(CloseReason::Shutdown);
                 connection.as_mut().graceful_shutdown();
             }
             _ = handle.close_requested() => break CloseReason::Shutdown,

@@ -558,6 +558,38 @@ async fn shutdown_closes_idle_keep_alive_connections() {
 }
 
 #[tokio::test]
+async fn connections_aborted_at_the_drain_timeout_count_as_shutdown() {
+    let limits = HttpLimits {
+        shutdown_drain_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let server = TestServer::start(None, limits).await;
+    let connections = server.connections.clone();
+    // A request whose body never comes: in flight until the (default, long)
+    // body timeout, so the drain cannot finish it.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"PUT /admin/log-level HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nde")
+        .await
+        .unwrap();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while !connections
+            .list()
+            .iter()
+            .any(|c| c.command == Some("PUT /admin/log-level"))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the request is in flight");
+    server.stop().await;
+    wait_for_http_close(&connections, CloseReason::Shutdown).await;
+    assert_eq!(http_closed(&connections, CloseReason::Client), 0);
+    drop(stream);
+}
+
+#[tokio::test]
 async fn a_client_that_does_not_read_is_closed_by_the_write_stall_timeout() {
     let limits = HttpLimits {
         write_stall_timeout: Duration::from_millis(200),
