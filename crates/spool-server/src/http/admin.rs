@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{json, Value};
-use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot};
+use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot, SnapshotScope};
 
 use super::metrics::{ProcessFigures, RuntimeFigures};
 use super::{ApiError, HttpState};
@@ -25,9 +25,13 @@ const WAIT_QUANTILE: f64 = 0.99;
 
 const NS_PER_SECOND: f64 = 1e9;
 
-/// The engine snapshot, or why there is none yet (503: recovery runs, or
-/// the broker is gone; neither is the client's fault nor a server bug).
-async fn snapshot<B: Broker>(state: &HttpState<B>) -> Result<EngineSnapshot, ApiError> {
+/// The engine snapshot of `scope`, or why there is none yet (503: recovery
+/// runs, or the broker is gone; neither is the client's fault nor a server
+/// bug).
+async fn snapshot<B: Broker>(
+    state: &HttpState<B>,
+    scope: SnapshotScope,
+) -> Result<EngineSnapshot, ApiError> {
     let Some(broker) = state.broker() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -35,16 +39,13 @@ async fn snapshot<B: Broker>(state: &HttpState<B>) -> Result<EngineSnapshot, Api
             "the write-ahead log is being recovered; try again shortly",
         ));
     };
-    broker
-        .snapshot(spool_engine::SnapshotScope::Full)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("the broker cannot answer: {e}"),
-            )
-        })
+    broker.snapshot(scope).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the broker cannot answer: {e}"),
+        )
+    })
 }
 
 fn queue_json(queue: &QueueSnapshot) -> Value {
@@ -90,7 +91,10 @@ fn storage_json(stats: &StorageStats) -> Value {
 pub(super) async fn stats<B: Broker>(
     State(state): State<Arc<HttpState<B>>>,
 ) -> Result<Json<Value>, ApiError> {
-    let snapshot = snapshot(&state).await?;
+    // Queues only: the stats show no sessions, and copying every
+    // session's strings and reserved ids would cost the data path for
+    // nothing.
+    let snapshot = snapshot(&state, SnapshotScope::Queues).await?;
     let process = ProcessFigures::read();
     let runtimes: serde_json::Map<String, Value> = RuntimeFigures::read(&state)
         .into_iter()
@@ -146,7 +150,7 @@ pub(super) async fn connections<B: Broker>(
     // Sessions only exist once there is a broker; before that the list
     // still shows the (HTTP) connections.
     let snapshot = match state.broker() {
-        Some(_) => Some(snapshot(&state).await?),
+        Some(_) => Some(snapshot(&state, SnapshotScope::Full).await?),
         None => None,
     };
     let sessions: HashMap<u64, &SessionSnapshot> = snapshot

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use spool_engine::{EngineSnapshot, Histogram, QueueSnapshot};
+use spool_engine::{EngineSnapshot, Histogram, QueueSnapshot, SnapshotScope};
 
 use super::exposition::{Exposition, HistogramSample, MetricKind, CONTENT_TYPE};
 use super::{text_response, HttpState};
@@ -92,12 +92,10 @@ impl RuntimeFigures {
 
 pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
     // A failed snapshot (the broker shut down) leaves the engine families
-    // out; everything else is still worth scraping.
+    // out; everything else is still worth scraping. No metric shows a
+    // session, so none is copied.
     let snapshot = match state.broker() {
-        Some(broker) => broker
-            .snapshot(spool_engine::SnapshotScope::Full)
-            .await
-            .ok(),
+        Some(broker) => broker.snapshot(SnapshotScope::Queues).await.ok(),
         None => None,
     };
     let mut out = Exposition::new();
