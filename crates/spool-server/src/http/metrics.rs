@@ -5,16 +5,17 @@
 //!
 //! Engine figures come from one [`EngineSnapshot`] taken per scrape, so the
 //! counts of one scrape are consistent with each other. Queues whose tube
-//! was freed keep their counters and histograms (the snapshot's retired
-//! queues) so that counters never go backwards; their gauges are gone with
-//! them. Before recovery has produced a broker the engine families are
-//! absent, not zero: a zero would be a made-up value.
+//! was freed keep their counters (the snapshot's retired queues) so that
+//! counters never go backwards; their gauges and latency histograms are
+//! gone with them (a histogram is some 25 series per queue, and a retired
+//! queue observes nothing more). Before recovery has produced a broker the
+//! engine families are absent, not zero: a zero would be a made-up value.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use spool_engine::{EngineSnapshot, Histogram, QueueSnapshot, SnapshotScope};
+use spool_engine::{EngineSnapshot, Histogram, QueueCounters, QueueSnapshot, SnapshotScope};
 
 use super::exposition::{Exposition, HistogramSample, MetricKind, CONTENT_TYPE};
 use super::{text_response, HttpState};
@@ -147,36 +148,32 @@ fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {
     );
 }
 
-/// (metric name, help, the counter's value in a queue)
-type CounterColumn = (&'static str, &'static str, fn(&QueueSnapshot) -> u64);
+/// (metric name, help, the counter's value in a queue's counters)
+type CounterColumn = (&'static str, &'static str, fn(&QueueCounters) -> u64);
 
 const JOB_COUNTERS: [CounterColumn; 7] = [
-    ("spool_jobs_put_total", "Jobs put.", |q| q.counters.put),
+    ("spool_jobs_put_total", "Jobs put.", |c| c.put),
     (
         "spool_jobs_reserved_total",
         "Jobs handed to a worker.",
-        |q| q.counters.reserved,
+        |c| c.reserved,
     ),
-    ("spool_jobs_deleted_total", "Jobs deleted.", |q| {
-        q.counters.deleted
-    }),
+    ("spool_jobs_deleted_total", "Jobs deleted.", |c| c.deleted),
     (
         "spool_jobs_released_total",
         "Jobs released by their worker.",
-        |q| q.counters.released,
+        |c| c.released,
     ),
-    ("spool_jobs_buried_total", "Jobs buried.", |q| {
-        q.counters.buried
-    }),
+    ("spool_jobs_buried_total", "Jobs buried.", |c| c.buried),
     (
         "spool_jobs_kicked_total",
         "Jobs kicked back to ready, one per job.",
-        |q| q.counters.kicked,
+        |c| c.kicked,
     ),
     (
         "spool_jobs_timed_out_total",
         "Reservations that ran past their TTR.",
-        |q| q.counters.timed_out,
+        |c| c.timed_out,
     ),
 ];
 
@@ -212,11 +209,20 @@ const QUEUE_HISTOGRAMS: [HistogramColumn; 3] = [
 ];
 
 fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
-    let all_queues = || snapshot.queues.iter().chain(&snapshot.retired_queues);
+    // Counters of live and retired queues: a retired queue's are kept so
+    // that they never go backwards while its tube comes and goes.
+    let all_counters = || {
+        let live = snapshot.queues.iter().map(|q| (&q.name, &q.counters));
+        let retired = snapshot
+            .retired_queues
+            .iter()
+            .map(|q| (&q.name, &q.counters));
+        live.chain(retired)
+    };
     for (name, help, value) in JOB_COUNTERS {
         out.family(name, MetricKind::Counter, help);
-        for queue in all_queues() {
-            out.sample_u64(name, &[("queue", &queue.name)], value(queue));
+        for (queue, counters) in all_counters() {
+            out.sample_u64(name, &[("queue", queue)], value(counters));
         }
     }
     out.family(
@@ -245,9 +251,12 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
             queue.waiting_reservers,
         );
     }
+    // Live queues only: a retired queue keeps no histograms (they would be
+    // dozens of series per freed tube, for a queue that observes nothing
+    // more).
     for (name, help, histogram) in QUEUE_HISTOGRAMS {
         out.family(name, MetricKind::Histogram, help);
-        for queue in all_queues() {
+        for queue in &snapshot.queues {
             out.histogram(name, &[("queue", &queue.name)], sample(histogram(queue)));
         }
     }

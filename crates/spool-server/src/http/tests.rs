@@ -419,6 +419,71 @@ async fn stats_metrics_and_connections_show_a_session() {
 }
 
 #[tokio::test]
+async fn retired_queues_keep_their_counters_not_their_histograms() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    let broker = server.attach_broker();
+    let mut session = broker.open_session(crate::Peer::default()).unwrap();
+    let gone = TubeName::new(b"gone").unwrap();
+    let default = TubeName::new(b"default").unwrap();
+    // A job through the tube "gone", which is then freed: nothing uses or
+    // watches it and it holds no job.
+    let requests = vec![
+        Request::Use(gone.clone()),
+        Request::Put(Put {
+            pri: 0,
+            delay_secs: 0,
+            ttr_secs: 60,
+            body: PutBody::Complete(bytes::Bytes::from_static(b"hi")),
+        }),
+        Request::Watch(gone.clone()),
+        Request::Ignore(default.clone()),
+        Request::ReserveWithTimeout {
+            timeout_secs: Some(0),
+        },
+        Request::Delete(1),
+        Request::Watch(default.clone()),
+        Request::Ignore(gone),
+        Request::Use(default),
+    ];
+    let expected = requests.len();
+    session.submit(requests).unwrap();
+    let mut replies = Vec::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        while replies.len() < expected {
+            std::future::poll_fn(|cx| session.poll_recv(cx, &mut replies)).await;
+        }
+    })
+    .await
+    .expect("replies from the broker");
+    let snapshot = broker
+        .snapshot(spool_engine::SnapshotScope::Queues)
+        .await
+        .unwrap();
+    assert!(
+        snapshot.retired_queues.iter().any(|q| q.name == "gone"),
+        "{replies:?}"
+    );
+
+    let body = server.get("/metrics").await.body;
+    for line in [
+        "spool_jobs_put_total{queue=\"gone\"} 1",
+        "spool_jobs_deleted_total{queue=\"gone\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in:\n{body}");
+    }
+    assert!(
+        !body.lines().any(|l| l.contains("queue=\"gone\"")
+            && (l.starts_with("spool_job_") || l.starts_with("spool_schedule_skew_"))),
+        "no histogram of a retired queue in:\n{body}"
+    );
+    // The live queue keeps its histograms.
+    assert!(body
+        .lines()
+        .any(|l| l.starts_with("spool_job_wait_seconds_count{queue=\"default\"}")));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_stalled_request_head_is_closed_and_counted() {
     let limits = HttpLimits {
         header_read_timeout: Duration::from_millis(200),
