@@ -21,19 +21,27 @@ use crate::metrics::Histogram;
 use crate::ms::Ms;
 use crate::record::{job_record_log_bytes, JobRecord, LogRecord, RestState};
 use crate::snapshot::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SnapshotScope,
-    SNAPSHOT_RESERVED_IDS_MAX,
+    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
+    SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Freed tubes whose counters and histograms are kept, by name, for when
-/// the tube comes back: beanstalkd frees a tube as soon as nothing refers to
-/// it, and a counter that vanished and restarted at zero with every idle
-/// moment would make `rate()` useless. Bounded because clients may use any
-/// number of tube names; past it the longest-retired name is forgotten.
-/// About 1 KiB each.
-pub const RETIRED_QUEUES_MAX: usize = 1024;
+/// Freed tubes whose job counters are kept, by name, for when the tube comes
+/// back: beanstalkd frees a tube as soon as nothing refers to it, and a
+/// counter that vanished and restarted at zero with every idle moment would
+/// make `rate()` useless. Only the 7 `spool_jobs_*_total` counters are kept
+/// (their histograms are dropped and restart empty if the tube returns), so
+/// a retired tube costs 7 series in every `/metrics` scrape (a live one
+/// costs about 80: counters, gauges and three 20-bucket histograms) and a
+/// few hundred bytes of memory (its name and 56 bytes of counters).
+///
+/// Bounded because clients may cycle through any number of tube names; past
+/// it the longest-retired name is forgotten. 256 keeps the worst case at
+/// 256 × 7 = 1,792 series (about 100 KiB of exposition text), what some 22
+/// live tubes cost, while it still covers the tubes an ordinary deployment
+/// lets go idle between two jobs.
+pub const RETIRED_QUEUES_MAX: usize = 256;
 
 /// Whole seconds left until `deadline`. beanstalkd reads its clock anew for
 /// every reply, so some time has always passed since the event that set the
@@ -96,8 +104,8 @@ struct Tube {
     metrics: QueueMetrics,
 }
 
-/// A tube's cumulative counters and histograms: what outlives the tube (see
-/// [`RETIRED_QUEUES_MAX`]).
+/// A tube's cumulative counters and histograms; the counters outlive the
+/// tube (see [`RETIRED_QUEUES_MAX`]).
 #[derive(Debug, Clone)]
 struct QueueMetrics {
     counters: QueueCounters,
@@ -107,22 +115,20 @@ struct QueueMetrics {
 }
 
 impl QueueMetrics {
-    fn is_empty(&self) -> bool {
-        self.counters == QueueCounters::default()
-            && self.wait.count() == 0
-            && self.run.count() == 0
-            && self.skew.count() == 0
+    /// A returning tube's metrics: its retired counters, empty histograms.
+    fn with_counters(counters: QueueCounters) -> Self {
+        QueueMetrics {
+            counters,
+            wait: Histogram::queue_latency(),
+            run: Histogram::queue_latency(),
+            skew: Histogram::queue_latency(),
+        }
     }
 }
 
 impl Default for QueueMetrics {
     fn default() -> Self {
-        QueueMetrics {
-            counters: QueueCounters::default(),
-            wait: Histogram::queue_latency(),
-            run: Histogram::queue_latency(),
-            skew: Histogram::queue_latency(),
-        }
+        QueueMetrics::with_counters(QueueCounters::default())
     }
 }
 
@@ -238,9 +244,9 @@ pub struct Engine {
     disk_full: bool,
     /// A graceful shutdown: puts are refused and reserves never block.
     shutting_down: bool,
-    /// Metrics of freed tubes by name, with the order they were freed in
+    /// Counters of freed tubes by name, with the order they were freed in
     /// (see [`RETIRED_QUEUES_MAX`]).
-    retired: HashMap<TubeName, (u64, QueueMetrics)>,
+    retired: HashMap<TubeName, (u64, QueueCounters)>,
     retired_order: BTreeMap<u64, TubeName>,
     next_retired_seq: u64,
 }
@@ -838,17 +844,17 @@ impl Engine {
         let queues = self
             .tube_order
             .iter()
-            .map(|tube| {
-                let t = self.tube(tube);
-                Self::queue_snapshot(t.name.to_string(), &t.metrics, Some(t), now)
-            })
+            .map(|tube| Self::queue_snapshot(self.tube(tube), now))
             .collect();
         let retired_queues = self
             .retired_order
             .values()
             .filter_map(|name| {
-                let (_, metrics) = self.retired.get(name)?;
-                Some(Self::queue_snapshot(name.to_string(), metrics, None, now))
+                let (_, counters) = self.retired.get(name)?;
+                Some(RetiredQueueSnapshot {
+                    name: name.to_string(),
+                    counters: *counters,
+                })
             })
             .collect();
         let sessions = match scope {
@@ -897,31 +903,25 @@ impl Engine {
         sessions
     }
 
-    /// A live tube's snapshot, or a retired tube's (`tube` None: no jobs).
-    fn queue_snapshot(
-        name: String,
-        metrics: &QueueMetrics,
-        tube: Option<&Tube>,
-        now: u64,
-    ) -> QueueSnapshot {
-        let count = |f: fn(&Tube) -> u64| tube.map_or(0, f);
+    /// A live tube's snapshot.
+    fn queue_snapshot(t: &Tube, now: u64) -> QueueSnapshot {
         QueueSnapshot {
-            name,
-            ready: count(|t| t.ready.len() as u64),
-            urgent: count(|t| t.urgent),
-            reserved: count(|t| t.reserved),
-            delayed: count(|t| t.delayed.len() as u64),
-            buried: count(|t| t.buried.len() as u64),
-            waiting_reservers: count(|t| t.waiting.len() as u64),
-            using: count(|t| t.using),
-            watching: count(|t| t.watching),
+            name: t.name.to_string(),
+            ready: t.ready.len() as u64,
+            urgent: t.urgent,
+            reserved: t.reserved,
+            delayed: t.delayed.len() as u64,
+            buried: t.buried.len() as u64,
+            waiting_reservers: t.waiting.len() as u64,
+            using: t.using,
+            watching: t.watching,
             // A pause whose end has passed is over even if no tick ran yet.
-            paused: tube.is_some_and(|t| t.pause_ns > 0 && t.unpause_at_ns > now),
-            total_jobs: count(|t| t.total_jobs),
-            counters: metrics.counters,
-            wait: metrics.wait.clone(),
-            run: metrics.run.clone(),
-            skew: metrics.skew.clone(),
+            paused: t.pause_ns > 0 && t.unpause_at_ns > now,
+            total_jobs: t.total_jobs,
+            counters: t.metrics.counters,
+            wait: t.metrics.wait.clone(),
+            run: t.metrics.run.clone(),
+            skew: t.metrics.skew.clone(),
         }
     }
 
@@ -1622,9 +1622,9 @@ impl Engine {
             }
         };
         let metrics = match self.retired.remove(name) {
-            Some((seq, metrics)) => {
+            Some((seq, counters)) => {
                 self.retired_order.remove(&seq);
-                metrics
+                QueueMetrics::with_counters(counters)
             }
             None => QueueMetrics::default(),
         };
@@ -1668,19 +1668,20 @@ impl Engine {
         self.tube_order.remove(tube);
         self.waited_tubes.remove(&tube);
         self.free_tube_slots.push(tube.0);
-        self.retire(t.name, t.metrics);
+        self.retire(t.name, t.metrics.counters);
     }
 
-    /// Keeps a freed tube's metrics for when its name comes back. A tube
-    /// that saw no job (one only watched or used) leaves nothing to keep.
-    fn retire(&mut self, name: TubeName, metrics: QueueMetrics) {
-        if metrics.is_empty() {
+    /// Keeps a freed tube's counters for when its name comes back; its
+    /// histograms go. A tube whose counters are all zero (one only watched
+    /// or used, or one that saw only replayed jobs) leaves nothing to keep.
+    fn retire(&mut self, name: TubeName, counters: QueueCounters) {
+        if counters == QueueCounters::default() {
             return;
         }
         let seq = self.next_retired_seq;
         self.next_retired_seq += 1;
         self.retired_order.insert(seq, name.clone());
-        self.retired.insert(name, (seq, metrics));
+        self.retired.insert(name, (seq, counters));
         while self.retired.len() > RETIRED_QUEUES_MAX {
             let Some((_, oldest)) = self.retired_order.pop_first() else {
                 break;

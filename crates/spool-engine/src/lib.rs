@@ -20,6 +20,6 @@ pub use record::{
     job_record_log_bytes, JobRecord, LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION,
 };
 pub use snapshot::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SnapshotScope,
-    SNAPSHOT_RESERVED_IDS_MAX,
+    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
+    SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
 };

@@ -79,6 +79,16 @@ pub struct QueueSnapshot {
     pub skew: Histogram,
 }
 
+/// A freed tube's job counters, kept so that Prometheus counters do not
+/// restart at zero when a tube comes and goes. Its histograms are not kept
+/// (see [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX)); it holds no job
+/// and no session refers to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredQueueSnapshot {
+    pub name: String,
+    pub counters: QueueCounters,
+}
+
 /// One client session at the snapshot's `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSnapshot {
@@ -104,11 +114,9 @@ pub struct EngineSnapshot {
     /// Live queues in `list-tubes` order.
     pub queues: Vec<QueueSnapshot>,
     /// Queues that were freed (no job, no session refers to them) after
-    /// seeing at least one job, whose counters and histograms are kept so
-    /// that Prometheus counters do not restart at zero when a tube comes
-    /// and goes; oldest freed first, at most
-    /// [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX), all counts zero.
-    pub retired_queues: Vec<QueueSnapshot>,
+    /// counting at least one job event, with their counters; oldest freed
+    /// first, at most [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX).
+    pub retired_queues: Vec<RetiredQueueSnapshot>,
     /// Sessions by id; empty when taken with [`SnapshotScope::Queues`].
     pub sessions: Vec<SessionSnapshot>,
     /// Puts are refused (SIGUSR1 drain or shutdown).

@@ -19,6 +19,6 @@ pub use spool_engine::metrics::{
     QUEUE_LATENCY_BUCKETS_SECONDS,
 };
 pub use spool_engine::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, SessionSnapshot, SnapshotScope,
-    RETIRED_QUEUES_MAX, SNAPSHOT_RESERVED_IDS_MAX,
+    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
+    SnapshotScope, RETIRED_QUEUES_MAX, SNAPSHOT_RESERVED_IDS_MAX,
 };
