@@ -656,8 +656,8 @@ async fn serve(
     if let Some(stats) = broker.storage_stats() {
         http_state.set_storage_stats(stats);
     }
+    // Readiness turns true with the broker: recovery is over.
     http_state.set_broker(broker.clone());
-    http_state.set_recovered();
     tracing::info!(
         listen = %listener.local_addr(),
         storage = %storage,
@@ -666,12 +666,12 @@ async fn serve(
         "spool is serving the beanstalkd protocol"
     );
     if let Some(mut usr1) = signals.usr1.take() {
-        let (broker, http_state) = (broker.clone(), http_state.clone());
+        // /readyz reads the drain from the broker's health.
+        let broker = broker.clone();
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
                 tracing::info!("SIGUSR1: draining, new jobs are refused");
                 broker.set_draining(true);
-                http_state.set_draining(true);
             }
         });
     }
@@ -690,8 +690,9 @@ async fn serve(
 
     // SIGTERM or SIGINT: the listener is closed. Readiness goes false, puts
     // are refused, blocked reserves are answered, idle sessions close, and
-    // workers holding jobs get the grace period to finish them.
-    http_state.set_shutting_down();
+    // workers holding jobs get the grace period to finish them. /readyz
+    // says shutting_down from broker.begin_shutdown() on (its health flag
+    // is set at once; nothing here awaits before it).
     connections.begin_shutdown();
     broker.begin_shutdown();
     let holding = connections.active(Protocol::Beanstalk);

@@ -124,14 +124,15 @@ impl std::fmt::Debug for HttpSettings {
 }
 
 /// Everything the handlers read. Shared as `Arc<HttpState<B>>`; the binary
-/// keeps a clone to hand over the broker and flip the readiness flags.
+/// keeps a clone to hand over the broker once recovery has built it.
+///
+/// Readiness keeps no flags of its own: it is "a broker was handed over"
+/// plus what [`Broker::health`] reports (drain and shutdown show there the
+/// moment the binary asks the broker for them), so the two cannot disagree.
 pub struct HttpState<B: Broker> {
     broker: OnceLock<B>,
     storage_stats: OnceLock<SharedStorageStats>,
     data_runtime: OnceLock<tokio::runtime::Handle>,
-    recovered: AtomicBool,
-    draining: AtomicBool,
-    shutting_down: AtomicBool,
     version: String,
     auth_token: Option<String>,
     log_filter: Mutex<String>,
@@ -149,9 +150,6 @@ impl<B: Broker> std::fmt::Debug for HttpState<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpState")
             .field("has_broker", &self.broker.get().is_some())
-            .field("recovered", &self.recovered.load(Ordering::Relaxed))
-            .field("draining", &self.draining.load(Ordering::Relaxed))
-            .field("shutting_down", &self.shutting_down.load(Ordering::Relaxed))
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
@@ -167,9 +165,6 @@ impl<B: Broker> HttpState<B> {
             broker: OnceLock::new(),
             storage_stats: OnceLock::new(),
             data_runtime: OnceLock::new(),
-            recovered: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
             version: settings.version,
             auth_token: settings.auth_token.filter(|t| !t.is_empty()),
             log_filter: Mutex::new(settings.log_filter),
@@ -181,8 +176,9 @@ impl<B: Broker> HttpState<B> {
         })
     }
 
-    /// Hands over the broker once recovery has built it. A second call is
-    /// ignored: there is one broker per process.
+    /// Hands over the broker once recovery has built it: readiness may turn
+    /// true from now on. A second call is ignored: there is one broker per
+    /// process.
     pub fn set_broker(&self, broker: B) {
         let _ = self.broker.set(broker);
     }
@@ -199,41 +195,31 @@ impl<B: Broker> HttpState<B> {
         let _ = self.data_runtime.set(handle);
     }
 
-    /// Recovery finished: readiness may turn true.
-    pub fn set_recovered(&self) {
-        self.recovered.store(true, Ordering::SeqCst);
-    }
-
-    /// Drain mode (SIGUSR1): not ready, so load balancers move traffic away.
-    pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::SeqCst);
-    }
-
-    /// Shutdown began (SIGTERM/SIGINT): readiness is false from now on.
-    pub fn set_shutting_down(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-    }
-
     fn broker(&self) -> Option<&B> {
         self.broker.get()
     }
 
+    /// A copy of the log's figures (two histograms among them): taken at
+    /// most once per `/metrics` or `/admin/stats` request, under the lock
+    /// the log thread updates them under.
     fn storage_stats(&self) -> Option<crate::durable::StorageStats> {
         let stats = self.storage_stats.get()?;
         Some(stats.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
+    /// The log's failure, if it failed: all a probe needs of its figures,
+    /// read without copying the rest.
+    fn storage_failure(&self) -> Option<String> {
+        let stats = self.storage_stats.get()?;
+        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.failed.clone()
+    }
+
     /// `None` when ready, otherwise why not, as `/readyz` reports it.
     fn unready_reason(&self) -> Option<String> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Some("shutting_down".to_string());
-        }
         let Some(broker) = self.broker() else {
             return Some("recovering".to_string());
         };
-        if !self.recovered.load(Ordering::SeqCst) {
-            return Some("recovering".to_string());
-        }
         let health = broker.health();
         if health.shutting_down {
             return Some("shutting_down".to_string());
@@ -241,13 +227,13 @@ impl<B: Broker> HttpState<B> {
         if let Some(error) = health.storage_failed {
             return Some(format!("storage_failed: {error}"));
         }
-        if let Some(error) = self.storage_stats().and_then(|s| s.failed) {
+        if let Some(error) = self.storage_failure() {
             return Some(format!("storage_failed: {error}"));
         }
         // A full disk is not a reason to leave rotation: reserves and
         // deletes still work, and deletes are what frees the space. It shows
         // in the 200 body and as `spool_disk_full`.
-        if health.draining || self.draining.load(Ordering::SeqCst) {
+        if health.draining {
             return Some("draining".to_string());
         }
         None

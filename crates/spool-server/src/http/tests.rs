@@ -69,7 +69,6 @@ impl TestServer {
         });
         let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
         self.state.set_broker(broker.clone());
-        self.state.set_recovered();
         broker
     }
 
@@ -166,19 +165,34 @@ async fn probes_follow_recovery_drain_and_shutdown() {
     // Admin answers need the engine: 503 while recovering, never a panic.
     assert_eq!(server.get("/admin/stats").await.status, 503);
 
-    server.attach_broker();
+    // Readiness follows the broker's own health: no flag of the HTTP state
+    // has to be flipped beside it.
+    let broker = server.attach_broker();
     assert_eq!(server.get("/readyz").await.status, 200);
-    server.state.set_draining(true);
+    broker.set_draining(true);
     let reply = server.get("/readyz").await;
     assert_eq!(
         (reply.status, reply.json()["reason"].clone()),
         (503, "draining".into())
     );
-    server.state.set_draining(false);
+    broker.set_draining(false);
     assert_eq!(server.get("/readyz").await.status, 200);
-    server.state.set_shutting_down();
+    // What SIGTERM handling does: the next probe already says so.
+    broker.begin_shutdown();
     let reply = server.get("/readyz").await;
-    assert_eq!(reply.json()["reason"], "shutting_down");
+    assert_eq!(
+        (reply.status, reply.json()["reason"].clone()),
+        (503, "shutting_down".into())
+    );
+    assert_eq!(
+        server
+            .get("/metrics")
+            .await
+            .body
+            .lines()
+            .find(|l| l.starts_with("spool_ready ")),
+        Some("spool_ready 0")
+    );
     assert_eq!(server.get("/livez").await.status, 200);
     server.stop().await;
 }
