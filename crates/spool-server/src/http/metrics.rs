@@ -5,10 +5,11 @@
 //!
 //! Engine figures come from one [`EngineSnapshot`] taken per scrape, so the
 //! counts of one scrape are consistent with each other. Queues whose tube
-//! was freed keep their counters and histograms (the snapshot's retired
-//! queues) so that counters never go backwards; their gauges are gone with
-//! them. Before recovery has produced a broker the engine families are
-//! absent, not zero: a zero would be a made-up value.
+//! was freed keep their counters (the snapshot's retired queues) so that
+//! counters never go backwards; their gauges and latency histograms are
+//! gone with them (a histogram is some 25 series per queue, and a retired
+//! queue observes nothing more). Before recovery has produced a broker the
+//! engine families are absent, not zero: a zero would be a made-up value.
 
 use std::sync::Arc;
 
@@ -147,7 +148,7 @@ fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {
     );
 }
 
-/// (metric name, help, the counter's value in a queue)
+/// (metric name, help, the counter's value in a queue's counters)
 type CounterColumn = (&'static str, &'static str, fn(&QueueCounters) -> u64);
 
 const JOB_COUNTERS: [CounterColumn; 7] = [
@@ -208,15 +209,15 @@ const QUEUE_HISTOGRAMS: [HistogramColumn; 3] = [
 ];
 
 fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
-    // Retired queues keep only their counters.
+    // Counters of live and retired queues: a retired queue's are kept so
+    // that they never go backwards while its tube comes and goes.
     let all_counters = || {
         let live = snapshot.queues.iter().map(|q| (&q.name, &q.counters));
-        live.chain(
-            snapshot
-                .retired_queues
-                .iter()
-                .map(|q| (&q.name, &q.counters)),
-        )
+        let retired = snapshot
+            .retired_queues
+            .iter()
+            .map(|q| (&q.name, &q.counters));
+        live.chain(retired)
     };
     for (name, help, value) in JOB_COUNTERS {
         out.family(name, MetricKind::Counter, help);
@@ -250,6 +251,9 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
             queue.waiting_reservers,
         );
     }
+    // Live queues only: a retired queue keeps no histograms (they would be
+    // dozens of series per freed tube, for a queue that observes nothing
+    // more).
     for (name, help, histogram) in QUEUE_HISTOGRAMS {
         out.family(name, MetricKind::Histogram, help);
         for queue in &snapshot.queues {
