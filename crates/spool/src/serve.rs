@@ -509,11 +509,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the HTTP runtime")?;
 
-    let current_filter = log_control.current();
+    let log_reader = log_control.clone();
     let http_state = HttpState::<LocalBroker>::new(HttpSettings {
         version: VERSION.to_string(),
         auth_token: config.auth_token.clone(),
-        log_filter: current_filter,
+        log_filter: Arc::new(move || log_reader.current()),
         set_log_filter: Arc::new(move |directive: &str| log_control.set(directive)),
         connections: connections.clone(),
         limits: HttpLimits::default(),

@@ -37,7 +37,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -99,14 +99,19 @@ impl Default for HttpLimits {
 /// with a tracing-subscriber reload handle.
 pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
+/// The log filter in force now, as whatever applies it knows it. Asked on
+/// every `GET /admin/log-level` rather than cached here, so that answers
+/// cannot disagree with the filter in force after concurrent changes.
+pub type LogFilterGetter = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the binary hands the HTTP server at start.
 pub struct HttpSettings {
     /// Shown in `/admin/stats` and `spool_build_info`.
     pub version: String,
     /// When set, `/admin/*` and `/v1/*` need `Authorization: Bearer <token>`.
     pub auth_token: Option<String>,
-    /// The log filter in force at start.
-    pub log_filter: String,
+    /// Reads the log filter in force.
+    pub log_filter: LogFilterGetter,
     pub set_log_filter: LogFilterSetter,
     pub connections: Connections,
     pub limits: HttpLimits,
@@ -117,7 +122,7 @@ impl std::fmt::Debug for HttpSettings {
         f.debug_struct("HttpSettings")
             .field("version", &self.version)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
-            .field("log_filter", &self.log_filter)
+            .field("log_filter", &(self.log_filter)())
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
@@ -135,7 +140,7 @@ pub struct HttpState<B: Broker> {
     data_runtime: OnceLock<tokio::runtime::Handle>,
     version: String,
     auth_token: Option<String>,
-    log_filter: Mutex<String>,
+    log_filter: LogFilterGetter,
     set_log_filter: LogFilterSetter,
     connections: Connections,
     limits: HttpLimits,
@@ -167,7 +172,7 @@ impl<B: Broker> HttpState<B> {
             data_runtime: OnceLock::new(),
             version: settings.version,
             auth_token: settings.auth_token.filter(|t| !t.is_empty()),
-            log_filter: Mutex::new(settings.log_filter),
+            log_filter: settings.log_filter,
             set_log_filter: settings.set_log_filter,
             connections: settings.connections,
             limits: settings.limits,

@@ -22,6 +22,8 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct TestServer {
     addr: SocketAddr,
+    /// The filter behind the log filter getter and setter.
+    log_filter: Arc<std::sync::Mutex<String>>,
     state: Arc<HttpState<LocalBroker>>,
     connections: Connections,
     stop: Option<oneshot::Sender<()>>,
@@ -31,19 +33,23 @@ struct TestServer {
 impl TestServer {
     async fn start(token: Option<&str>, limits: HttpLimits) -> TestServer {
         let connections = Connections::with_fd_limit(None, None);
-        // The filter setter a binary backs with tracing-subscriber: here it
-        // accepts anything but the word "bogus".
-        let setter: LogFilterSetter = Arc::new(|directive: &str| {
+        // The filter a binary backs with tracing-subscriber: here a string
+        // that the setter changes to anything but the word "bogus".
+        let log_filter = Arc::new(std::sync::Mutex::new("info".to_string()));
+        let current = log_filter.clone();
+        let setter: LogFilterSetter = Arc::new(move |directive: &str| {
             if directive.contains("bogus") {
-                Err(format!("{directive:?} is not a filter directive"))
-            } else {
-                Ok(directive.to_string())
+                return Err(format!("{directive:?} is not a filter directive"));
             }
+            *current.lock().unwrap() = directive.to_string();
+            Ok(directive.to_string())
         });
+        let current = log_filter.clone();
+        let getter: LogFilterGetter = Arc::new(move || current.lock().unwrap().clone());
         let state = HttpState::new(HttpSettings {
             version: "test-version".to_string(),
             auth_token: token.map(str::to_string),
-            log_filter: "info".to_string(),
+            log_filter: getter,
             set_log_filter: setter,
             connections: connections.clone(),
             limits,
@@ -56,6 +62,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            log_filter,
             state,
             connections,
             stop: Some(stop),
@@ -273,6 +280,13 @@ async fn log_level_changes_through_the_setter() {
     assert_eq!(
         server.get("/admin/log-level").await.json()["filter"],
         "warn"
+    );
+    // Changed by someone else (another PUT racing this one): GET names
+    // the filter in force, not the last one this server set.
+    *server.log_filter.lock().unwrap() = "spool=trace".to_string();
+    assert_eq!(
+        server.get("/admin/log-level").await.json()["filter"],
+        "spool=trace"
     );
     server.stop().await;
 }
