@@ -305,28 +305,7 @@ impl LocalBroker {
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(HealthFlags::default());
         let storage = log.as_ref().map(|sink| sink.stats().clone());
-        let task = EngineTask {
-            health: health.clone(),
-            engine,
-            clock,
-            sessions: Default::default(),
-            runnable: VecDeque::new(),
-            replies: Vec::new(),
-            round: Vec::new(),
-            touched: Vec::new(),
-            process,
-            log: log.map(|sink| LogState {
-                sink,
-                records: Vec::new(),
-                last_round: 0,
-                committed_round: 0,
-                held: VecDeque::new(),
-                uncommitted_jobs: Default::default(),
-                session_holds: Default::default(),
-                log_bytes: 0,
-                compaction: None,
-            }),
-        };
+        let task = EngineTask::new(engine, clock, log, process, health.clone());
         tokio::spawn(task.run(rx));
         LocalBroker {
             tx,
@@ -480,6 +459,25 @@ struct LogState {
     compaction: Option<Vec<u64>>,
 }
 
+impl LogState {
+    /// Every round up to `round` is committed: moves the deliveries that
+    /// waited for them to `released`, in round order.
+    fn committed(&mut self, round: u64, log_bytes: u64, released: &mut Vec<Delivery>) {
+        self.log_bytes = log_bytes;
+        self.committed_round = self.committed_round.max(round);
+        while self.held.front().is_some_and(|h| h.round <= round) {
+            if let Some(held) = self.held.pop_front() {
+                for id in held.jobs {
+                    if self.uncommitted_jobs.get(&id) == Some(&held.round) {
+                        self.uncommitted_jobs.remove(&id);
+                    }
+                }
+                released.extend(held.deliveries);
+            }
+        }
+    }
+}
+
 struct EngineTask {
     engine: Engine,
     clock: Clock,
@@ -496,6 +494,37 @@ struct EngineTask {
 }
 
 impl EngineTask {
+    fn new(
+        engine: Engine,
+        clock: Clock,
+        log: Option<LogSink>,
+        process: ProcessInfo,
+        health: Arc<HealthFlags>,
+    ) -> EngineTask {
+        EngineTask {
+            health,
+            engine,
+            clock,
+            sessions: Default::default(),
+            runnable: VecDeque::new(),
+            replies: Vec::new(),
+            round: Vec::new(),
+            touched: Vec::new(),
+            process,
+            log: log.map(|sink| LogState {
+                sink,
+                records: Vec::new(),
+                last_round: 0,
+                committed_round: 0,
+                held: VecDeque::new(),
+                uncommitted_jobs: Default::default(),
+                session_holds: Default::default(),
+                log_bytes: 0,
+                compaction: None,
+            }),
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_wake: Option<u64> = None;
         loop {
@@ -760,7 +789,27 @@ impl EngineTask {
                 &mut acks,
             );
         }
+        // The inline log acknowledges as it writes: apply what it already
+        // committed before sorting, so that this round's replies (and those
+        // held for earlier rounds) go out together, without a detour
+        // through the held buckets. A failure, and whatever follows it, is
+        // applied after sorting: it must fail this round's acknowledgements,
+        // which it finds among the held deliveries.
         let mut now = Vec::new();
+        let mut later = Vec::new();
+        for ack in acks {
+            match ack {
+                CommitAck::Committed { round, log_bytes } if later.is_empty() => {
+                    log.committed(round, log_bytes, &mut now);
+                }
+                CommitAck::DiskFull(full) if later.is_empty() => {
+                    self.health.disk_full.store(full, Ordering::Relaxed);
+                    self.engine.set_disk_full(full);
+                }
+                failed_or_after => later.push(failed_or_after),
+            }
+        }
+        let mut acks = later;
         for Outgoing {
             conn,
             need,
@@ -785,7 +834,9 @@ impl EngineTask {
                     Some(held) => {
                         debug_assert_eq!(held.round, wait_for);
                         held.deliveries.push(delivery);
-                        log.session_holds.insert(conn, wait_for);
+                        if wait_for > behind {
+                            log.session_holds.insert(conn, wait_for);
+                        }
                     }
                     // Unreachable while the invariant above holds; if it
                     // did not, the safe answer is to wait for everything.
@@ -851,18 +902,9 @@ impl EngineTask {
         };
         match ack {
             Some(CommitAck::Committed { round, log_bytes }) => {
-                log.log_bytes = log_bytes;
-                log.committed_round = log.committed_round.max(round);
-                while log.held.front().is_some_and(|h| h.round <= round) {
-                    if let Some(held) = log.held.pop_front() {
-                        for id in held.jobs {
-                            if log.uncommitted_jobs.get(&id) == Some(&held.round) {
-                                log.uncommitted_jobs.remove(&id);
-                            }
-                        }
-                        deliver(held.deliveries);
-                    }
-                }
+                let mut released = Vec::new();
+                log.committed(round, log_bytes, &mut released);
+                deliver(released);
             }
             Some(CommitAck::DiskFull(full)) => {
                 self.health.disk_full.store(full, Ordering::Relaxed);
@@ -1382,5 +1424,112 @@ mod tests {
             vec![Response::InternalError, Response::Using(tube)]
         );
         assert!(broker.health().storage_failed.is_some());
+    }
+
+    /// An engine task whose log is written inline (`fsync never`) to
+    /// `storage`, driven by the test itself; the space reserve lives in
+    /// `dir`.
+    fn task_with_inline_log(
+        storage: &spool_wal::sim::SimStorage,
+        dir: &std::path::Path,
+    ) -> EngineTask {
+        let clock = Clock::start();
+        let mut engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        let recovery = spool_wal::Wal::open_with_storage(
+            Arc::new(storage.clone()),
+            "/wal",
+            spool_wal::WalOptions::default(),
+        )
+        .unwrap();
+        let (wal, _) = recovery.finish().unwrap();
+        engine.enable_logging();
+        let log = crate::durable::InlineLog::new(
+            wal,
+            dir,
+            crate::durable::FsyncPolicy::Never,
+            clock.epoch_ns(),
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
+        EngineTask::new(
+            engine,
+            clock,
+            Some(LogSink::Inline(Box::new(log))),
+            ProcessInfo::new("test"),
+            Default::default(),
+        )
+    }
+
+    /// A fresh directory of our own for the space reserve.
+    fn reserve_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "spool-local-{name}-{}-{}",
+            std::process::id(),
+            Clock::start().epoch_ns()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// One round of the engine task for `requests` of a new session 1;
+    /// its mailbox.
+    fn one_round(task: &mut EngineTask, requests: Vec<Request>) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox::default());
+        task.handle(Msg::Open {
+            id: 1,
+            mailbox: mailbox.clone(),
+        });
+        task.handle(Msg::Submit { id: 1, requests });
+        let now = task.clock.now_ns();
+        task.run_sessions(now);
+        task.collect();
+        task.finish_round();
+        mailbox
+    }
+
+    #[test]
+    fn an_inline_commit_sends_the_round_out_without_holding_it() {
+        let storage = spool_wal::sim::SimStorage::new();
+        let dir = reserve_dir("inline-commit");
+        let mut task = task_with_inline_log(&storage, &dir);
+        let mailbox = one_round(&mut task, vec![put(b"a"), Request::ListTubeUsed]);
+        let tube = TubeName::new(b"default").unwrap();
+        assert_eq!(
+            mailbox.lock().replies,
+            vec![Response::Inserted(1), Response::Using(tube)]
+        );
+        // Committed as it was written: nothing was held on the way out.
+        let log = task.log.as_ref().expect("the log still works");
+        assert_eq!((log.last_round, log.committed_round), (1, 1));
+        assert!(log.held.is_empty());
+        assert!(log.uncommitted_jobs.is_empty());
+        assert!(log.session_holds.is_empty(), "{:?}", log.session_holds);
+        drop(task);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_inline_write_fails_the_rounds_changes_but_not_the_rest() {
+        let storage = spool_wal::sim::SimStorage::new();
+        let dir = reserve_dir("inline-failure");
+        let mut task = task_with_inline_log(&storage, &dir);
+        storage.inject(spool_wal::sim::Fault::Write {
+            nth: 0,
+            kind: std::io::ErrorKind::Other,
+            written: 0,
+        });
+        let mailbox = one_round(&mut task, vec![put(b"a"), Request::ListTubeUsed]);
+        let tube = TubeName::new(b"default").unwrap();
+        assert_eq!(
+            mailbox.lock().replies,
+            vec![Response::InternalError, Response::Using(tube)]
+        );
+        assert!(task.log.is_none());
+        assert!(task.health.storage_failed.get().is_some());
+        drop(task);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
