@@ -2,8 +2,11 @@
 //! listener, the HTTP listener) admits its connections through: admission
 //! control, per-connection introspection, lifecycle metrics and shutdown.
 //!
-//! Admission refuses a new connection when `max_connections` are open (over
-//! all protocols) or when one more would bring the process's open fds within
+//! Admission refuses a new connection when its front door's cap is reached
+//! (`max_connections` beanstalkd connections, [`HTTP_CONNECTIONS_MAX`] HTTP
+//! ones: each front door has its own, so workers filling theirs never shut
+//! out liveness probes and scrapes) or when one more would bring the
+//! process's open fds within
 //! [`FD_HEADROOM`] of its limit, so that the log, compaction and the
 //! listeners never meet `EMFILE` because clients took the last descriptors;
 //! beanstalkd connections stop [`HTTP_FD_RESERVE`] fds earlier, so probes
@@ -35,7 +38,7 @@ use serde::Serialize;
 
 use crate::limits::{
     CONNECTION_DURATION_BUCKETS_SECONDS, FD_HEADROOM, FD_RECOUNT_FROM_PERCENT, FD_RECOUNT_INTERVAL,
-    HTTP_FD_RESERVE,
+    HTTP_CONNECTIONS_MAX, HTTP_FD_RESERVE,
 };
 use crate::process;
 
@@ -76,7 +79,8 @@ impl Protocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectReason {
-    /// `max_connections` were open.
+    /// The front door's cap was reached: `max_connections` beanstalkd
+    /// connections, or [`HTTP_CONNECTIONS_MAX`] HTTP ones, were open.
     MaxConnections,
     /// The process's open fds were within the headroom of their limit, or
     /// `accept` itself failed for want of fds.
@@ -329,7 +333,7 @@ pub struct ConnectionMetrics {
     pub fd_limit: Option<u64>,
     /// Admission's current estimate of the process's open fds.
     pub fds_estimate: u64,
-    /// `max_connections`, when set.
+    /// `max_connections`, when set: the cap on beanstalkd connections.
     pub max_connections: Option<u64>,
 }
 
@@ -493,8 +497,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Connections {
-    /// A registry admitting up to `max_connections` (none: only the fd
-    /// limit bounds them), against the process's soft fd limit (read now,
+    /// A registry admitting up to `max_connections` beanstalkd connections
+    /// (none: only the fd limit bounds them) and [`HTTP_CONNECTIONS_MAX`]
+    /// HTTP ones, against the process's soft fd limit (read now,
     /// and again whenever admission recounts the open fds).
     pub fn new(max_connections: Option<u32>) -> Connections {
         let fd_limit = process::fd_limit().ok();
@@ -610,10 +615,12 @@ impl Connections {
         protocol: Protocol,
         checking_fds: bool,
     ) -> Option<RejectReason> {
-        if let Some(max) = self.inner.max_connections {
-            if state.live >= max {
-                return Some(RejectReason::MaxConnections);
-            }
+        let cap = match protocol {
+            Protocol::Beanstalk => self.inner.max_connections,
+            Protocol::Http => Some(HTTP_CONNECTIONS_MAX),
+        };
+        if cap.is_some_and(|cap| state.protocols[protocol.index()].active >= cap) {
+            return Some(RejectReason::MaxConnections);
         }
         // The accepted socket is already open: it counts as the +1.
         let ceiling = state
@@ -994,7 +1001,9 @@ mod tests {
     fn max_connections_refuses_and_counts() {
         let registry = Connections::with_fd_limit(Some(2), None);
         let a = registry.try_admit(Protocol::Beanstalk).unwrap();
-        let _b = registry.try_admit(Protocol::Http).unwrap();
+        let _b = registry.try_admit(Protocol::Beanstalk).unwrap();
+        // HTTP connections neither count against the cap nor are refused by it.
+        let _http = registry.try_admit(Protocol::Http).unwrap();
         assert_eq!(
             registry.try_admit(Protocol::Beanstalk).unwrap_err(),
             RejectReason::MaxConnections
@@ -1005,21 +1014,33 @@ mod tests {
         assert_eq!(metrics.rejected(RejectReason::MaxConnections), 1);
         assert_eq!(metrics.rejected(RejectReason::FdLimit), 0);
         let beanstalk = metrics.protocol(Protocol::Beanstalk).unwrap();
-        assert_eq!(beanstalk.active, 1);
-        assert_eq!(beanstalk.opened_total, 2);
+        assert_eq!(beanstalk.active, 2);
+        assert_eq!(beanstalk.opened_total, 3);
         assert_eq!(beanstalk.closed(CloseReason::Client), 1);
         assert_eq!(beanstalk.duration.count(), 1);
         assert_eq!(metrics.protocol(Protocol::Http).unwrap().active, 1);
     }
 
+    #[test]
+    fn http_has_its_own_cap() {
+        let registry = Connections::with_fd_limit(Some(1), None);
+        let _worker = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let (http, refused) = admit_until_refused(&registry, Protocol::Http);
+        assert_eq!(refused, Some(RejectReason::MaxConnections));
+        assert_eq!(http.len() as u64, HTTP_CONNECTIONS_MAX);
+        drop(http);
+        let _probe = registry.try_admit(Protocol::Http).unwrap();
+        assert_eq!(registry.metrics().rejected(RejectReason::MaxConnections), 1);
+    }
+
     /// Admits connections of `protocol` until one is refused (at most
-    /// 100); returns them and the refusal.
+    /// a few hundred); returns them and the refusal.
     fn admit_until_refused(
         registry: &Connections,
         protocol: Protocol,
     ) -> (Vec<ConnHandle>, Option<RejectReason>) {
         let mut admitted = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..=HTTP_CONNECTIONS_MAX.max(100) {
             match registry.try_admit(protocol) {
                 Ok(handle) => admitted.push(handle),
                 Err(reason) => return (admitted, Some(reason)),

@@ -14,6 +14,17 @@ use std::time::Duration;
 /// with `EMFILE` because clients took the last descriptors.
 pub const FD_HEADROOM: u64 = 32;
 
+/// Most HTTP connections open at once, apart from `--max-connections`,
+/// which bounds beanstalkd clients only: so that workers filling their cap
+/// never shut out `/livez`, `/readyz` and `/metrics` (Kubernetes would
+/// restart a server that is merely full). HTTP clients are probes,
+/// scrapers, the admin CLI and job-API callers, each holding a connection or
+/// a few, and a kept-alive connection is closed after a short idle time;
+/// 256 leaves room for all of them at once while bounding what a client
+/// opening HTTP connections in a loop can take (the fd ceiling, with
+/// [`HTTP_FD_RESERVE`], bounds them too).
+pub const HTTP_CONNECTIONS_MAX: u64 = 256;
+
 /// Of the fds client connections may use, the last few only HTTP
 /// connections may take: when beanstalkd clients have used up their share,
 /// liveness probes, metric scrapes and the admin CLI still get through (a

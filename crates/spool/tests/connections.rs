@@ -1,6 +1,7 @@
 //! Admission control and timeouts of a real `spool serve`: connections are
 //! refused near a lowered fd limit (`ulimit -n`) while the server keeps
-//! answering, `--max-connections` refuses the next connection, and
+//! answering, `--max-connections` refuses the next beanstalkd client but
+//! not probes and scrapes, and
 //! `--request-timeout` closes a stalled client but not an idle one.
 
 mod support;
@@ -211,33 +212,52 @@ fn connections_are_refused_near_a_lowered_fd_limit_and_the_server_keeps_answerin
 }
 
 #[test]
-fn max_connections_refuses_the_next_connection() {
-    let server = Server::start_with(&["--max-connections", "2"]);
-    let mut a = server.client();
-    // The start-up probe's connection is gone once the server counts one.
-    a.wait_for_stat("stats\r\n", "current-connections", "1");
-    let mut b = server.client();
-    b.expect("list-tube-used\r\n", "USING default\r\n");
-    let mut refused = server.client();
-    refused.expect_closed();
-    a.expect("list-tube-used\r\n", "USING default\r\n");
-    drop(b);
-    a.wait_for_stat("stats\r\n", "current-connections", "1");
-    let mut c = server.client();
-    c.expect("use c\r\n", "USING c\r\n");
-    // HTTP connections count too: make room for the scrape.
-    drop(c);
-    a.wait_for_stat("stats\r\n", "current-connections", "1");
-    let metrics = server.http("GET", "/metrics", "").body;
+fn max_connections_refuses_beanstalkd_clients_but_not_probes_and_scrapes() {
+    let server = Server::start_with(&["--max-connections", "1"]);
+    let &Addr::Tcp(addr) = server.addr() else {
+        panic!("a TCP server was started");
+    };
+    // The start-up probe's connection may still hold the one place for a
+    // moment: retry (bounded) until a client is served.
+    let deadline = Instant::now() + WAIT_LIMIT;
+    let worker = loop {
+        if let Some(stream) = served(addr) {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "no connection ever admitted");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rejected = |metrics: &str| {
+        sample(
+            metrics,
+            "spool_connections_rejected_total",
+            &[("reason", "max_connections")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = rejected(&server.http("GET", "/metrics", "").body);
+    assert!(
+        served(addr).is_none(),
+        "a second beanstalkd client was admitted"
+    );
+    // The server is full of beanstalkd clients, and still answers probes
+    // and scrapes.
+    let livez = server.http("GET", "/livez", "");
+    assert_eq!(livez.status, 200, "{}", livez.body);
+    let scrape = server.http("GET", "/metrics", "");
+    assert_eq!(scrape.status, 200, "{}", scrape.body);
+    assert_eq!(rejected(&scrape.body), before + 1.0, "{}", scrape.body);
     assert_eq!(
         sample(
-            &metrics,
-            "spool_connections_rejected_total",
-            &[("reason", "max_connections")]
+            &scrape.body,
+            "spool_connections",
+            &[("protocol", "beanstalk")]
         ),
         Some(1.0),
-        "{metrics}"
+        "{}",
+        scrape.body
     );
+    drop(worker);
 }
 
 #[test]
