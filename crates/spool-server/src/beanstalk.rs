@@ -19,11 +19,16 @@
 //! Every accepted connection is admitted through the [`Connections`]
 //! registry (refused ones are closed at once) and keeps its record there up
 //! to date: bytes, state, current command. A timer, allocated only while it
-//! runs, guards against clients that hold a connection hostage: a
-//! connection stalled in the middle of a request for `request_timeout` (the
-//! slowloris attack), or whose replies wait unread for `write_timeout`, is
-//! closed. A connection idle between commands, or blocked in `reserve`, has
-//! no timer and is never closed for idling; TCP keepalive finds peers that
+//! runs, guards against clients that hold a connection hostage (the
+//! slowloris attack). A request has a deadline that bytes trickling in do
+//! not push back: a command line must be complete within `request_timeout`
+//! of its first byte, and a body within `request_timeout` of the start of
+//! its request plus its length at [`REQUEST_BODY_MIN_BYTES_PER_SEC`], so a
+//! large body on a slow link gets through but a client sending a byte now
+//! and then does not hold the connection. Replies that wait unread for
+//! `write_timeout` (restarted by every byte the client takes) close it too.
+//! A connection idle between commands, or blocked in `reserve`, has no
+//! timer and is never closed for idling; TCP keepalive finds peers that
 //! vanished.
 
 use std::cell::RefCell;
@@ -38,7 +43,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use socket2::{SockRef, TcpKeepalive};
-use spool_proto::limits::{PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
+use spool_proto::limits::{LINE_MAX_BYTES, PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
 use spool_proto::{encode_response, ProtocolError, Request, RequestDecoder, Response};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
@@ -46,8 +51,8 @@ use tokio::time::{Instant, Sleep};
 use crate::broker::{Broker, Peer, Session};
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
-    ACCEPT_ERROR_BACKOFF, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL,
-    WRITE_TIMEOUT_DEFAULT,
+    ACCEPT_ERROR_BACKOFF, REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT,
+    TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
 
 /// Size of the per-thread scratch buffer reads land in: enough for a burst
@@ -71,8 +76,10 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct BeanstalkConfig {
     pub max_job_size: u32,
-    /// A connection with part of a request buffered that receives no byte
-    /// for this long is closed (reason `request_timeout`).
+    /// A command line not complete this long after its first byte, or a
+    /// body not complete this long after the start of its request plus its
+    /// length at [`REQUEST_BODY_MIN_BYTES_PER_SEC`], closes the connection
+    /// (reason `request_timeout`).
     pub request_timeout: Duration,
     /// A connection whose replies wait unwritten, the client not reading,
     /// for this long is closed (reason `write_timeout`).
@@ -286,12 +293,22 @@ struct Connection<S, Sess> {
     /// for this reason once its replies are written.
     ending: Option<CloseReason>,
     config: Arc<BeanstalkConfig>,
-    /// Runs while the connection is stalled (see [`Stall`]); restarted by
-    /// every byte that moves in the stalled direction. One timer, not one
-    /// per direction, keeps the task's memory unchanged by it.
+    /// Runs while the connection is stalled (see [`Stall`]): until the
+    /// request's deadline, or until `write_timeout` after the client last
+    /// took a byte. One timer, not one per direction, keeps the task's
+    /// memory unchanged by it.
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// What `stall_timer` times, when it runs.
     stall: Stall,
+    /// When the request being received must be complete; `None` between
+    /// requests (and while reading is paused, so the clock restarts when
+    /// it resumes).
+    request_deadline: Option<Instant>,
+    /// What `request_deadline` allows for so far.
+    request_part: RequestPart,
+    /// A request was decoded since `request_deadline` was set: what remains
+    /// buffered, if anything, is a new request.
+    request_completed: bool,
     /// Last, so the record ends after the session and socket are gone.
     handle: ConnHandle,
 }
@@ -308,10 +325,24 @@ enum Step {
     Close(CloseReason),
 }
 
+/// The part of a request the deadline has been set for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RequestPart {
+    /// No deadline set.
+    None,
+    /// The command line: `request_timeout` from its first byte.
+    Line,
+    /// A body of known length: its time at the minimum rate added.
+    Body,
+    /// An oversized body being discarded (the decoder does not say how
+    /// long): time added for the bytes of it that arrive.
+    DiscardedBody,
+}
+
 /// What a stalled connection waits for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stall {
-    /// The rest of a request it has begun (`request_timeout`).
+    /// The rest of a request it has begun (its deadline).
     Request,
     /// The client to read its replies (`write_timeout`). Checked first:
     /// a client that does not read is stalled whatever else it sends.
@@ -361,6 +392,22 @@ fn command_name(request: &Request) -> &'static str {
     }
 }
 
+/// A body the decoder waits for.
+enum BodyBytes {
+    /// None: between requests or in a command line.
+    None,
+    /// This many bytes, its CRLF included.
+    Known(usize),
+    /// An oversized body being read and discarded, of a length not known.
+    Discarded,
+}
+
+/// How long `bytes` take at [`REQUEST_BODY_MIN_BYTES_PER_SEC`].
+fn time_at_min_body_rate(bytes: usize) -> Duration {
+    let millis = (bytes as u64).saturating_mul(1000) / REQUEST_BODY_MIN_BYTES_PER_SEC;
+    Duration::from_millis(millis)
+}
+
 /// Whether a command may wait for a job, for the `reserving` state.
 fn blocks_for_a_job(command: &str) -> bool {
     matches!(command, "reserve" | "reserve-with-timeout")
@@ -381,6 +428,9 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             config,
             stall_timer: None,
             stall: Stall::Request,
+            request_deadline: None,
+            request_part: RequestPart::None,
+            request_completed: false,
             handle,
         }
     }
@@ -464,19 +514,38 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     /// waits on now, and says whether it has run out. Called when nothing
     /// more can be done, so an idle connection drops it.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        let stall = if !self.output.is_empty() {
-            Stall::Write
-        } else if self.can_read() && (!self.input.is_empty() || !self.decoder.is_idle()) {
-            Stall::Request
+        let deadline = if !self.output.is_empty() {
+            match &self.stall_timer {
+                // Restarted by each byte written (`made_progress`).
+                Some(timer) if self.stall == Stall::Write => timer.deadline(),
+                _ => Instant::now() + self.config.write_timeout,
+            }
+        } else if self.can_read() && self.has_partial_request() {
+            self.track_request_deadline(0);
+            match self.request_deadline {
+                Some(deadline) => deadline,
+                None => Instant::now() + self.config.request_timeout,
+            }
         } else {
             self.stall_timer = None;
+            if !self.can_read() {
+                // Reading paused by the pipeline or write bound (the server
+                // holds the rest back): the request's clock starts over
+                // when reading resumes.
+                self.request_deadline = None;
+                self.request_part = RequestPart::None;
+            }
             return Poll::Pending;
         };
-        let timeout = self.stall_timeout(stall);
+        let stall = if self.output.is_empty() {
+            Stall::Request
+        } else {
+            Stall::Write
+        };
         match &mut self.stall_timer {
-            Some(_) if self.stall == stall => {}
-            Some(timer) => timer.as_mut().reset(Instant::now() + timeout),
-            None => self.stall_timer = Some(Box::pin(tokio::time::sleep(timeout))),
+            Some(timer) if timer.deadline() == deadline => {}
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.stall_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
         self.stall = stall;
         if let Some(timer) = &mut self.stall_timer {
@@ -490,20 +559,70 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         Poll::Pending
     }
 
-    fn stall_timeout(&self, stall: Stall) -> Duration {
-        match stall {
-            Stall::Request => self.config.request_timeout,
-            Stall::Write => self.config.write_timeout,
+    /// Part of a request is buffered or being decoded.
+    fn has_partial_request(&self) -> bool {
+        !self.input.is_empty() || !self.decoder.is_idle()
+    }
+
+    /// Sets or extends the deadline of the request being received, after
+    /// `read` more bytes arrived (0: called without a read). A request's
+    /// first bytes start it at `request_timeout`; reaching its body adds
+    /// the body's length at [`REQUEST_BODY_MIN_BYTES_PER_SEC`]; bytes of
+    /// the same line or body never push it back.
+    fn track_request_deadline(&mut self, read: usize) {
+        if self.request_completed || !self.has_partial_request() {
+            // What is left, if anything, began in the latest read.
+            self.request_completed = false;
+            self.request_deadline = None;
+            self.request_part = RequestPart::None;
+        }
+        if !self.has_partial_request() {
+            return;
+        }
+        let deadline = match self.request_deadline {
+            Some(deadline) => deadline,
+            None => {
+                self.request_part = RequestPart::Line;
+                Instant::now() + self.config.request_timeout
+            }
+        };
+        let deadline = match (self.request_part, self.body_bytes_expected()) {
+            (RequestPart::Line, BodyBytes::Known(len)) => {
+                self.request_part = RequestPart::Body;
+                deadline + time_at_min_body_rate(len)
+            }
+            (RequestPart::Line, BodyBytes::Discarded) => {
+                self.request_part = RequestPart::DiscardedBody;
+                deadline + time_at_min_body_rate(read)
+            }
+            (RequestPart::DiscardedBody, _) => deadline + time_at_min_body_rate(read),
+            _ => deadline,
+        };
+        self.request_deadline = Some(deadline);
+    }
+
+    /// What the decoder says of the body it waits for, if it waits for one.
+    fn body_bytes_expected(&self) -> BodyBytes {
+        if self.decoder.is_idle() {
+            return BodyBytes::None;
+        }
+        match self.decoder.bytes_wanted() {
+            // An oversized body is counted off as it streams past; the
+            // decoder does not say how much is left.
+            0 => BodyBytes::Discarded,
+            // A too-long line being dropped (or a body of exactly that
+            // size, which the line's deadline covers anyway).
+            LINE_MAX_BYTES => BodyBytes::None,
+            wanted => BodyBytes::Known(wanted),
         }
     }
 
-    /// Bytes moved in direction `stall`: if that is what the timer times,
-    /// it starts over.
-    fn made_progress(&mut self, stall: Stall) {
-        if self.stall != stall {
+    /// Bytes written to the client restart the write timer.
+    fn made_progress(&mut self) {
+        if self.stall != Stall::Write {
             return;
         }
-        let timeout = self.stall_timeout(stall);
+        let timeout = self.config.write_timeout;
         if let Some(timer) = &mut self.stall_timer {
             timer.as_mut().reset(Instant::now() + timeout);
         }
@@ -603,8 +722,9 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             }
             Ok(n) => {
                 self.handle.add_bytes_in(n);
-                self.made_progress(Stall::Request);
-                self.pump()
+                let step = self.pump();
+                self.track_request_deadline(n);
+                step
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
             Err(e) => Step::Close(io_close_reason(&e)),
@@ -619,6 +739,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             let Some(decoded) = self.decoder.decode(buf) else {
                 break;
             };
+            self.request_completed = true;
             match decoded {
                 Ok(Request::Quit) => self.ending = Some(CloseReason::Quit),
                 Ok(request) => {
@@ -667,7 +788,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                     Ok(n) => {
                         self.output.drain(..n);
                         self.handle.add_bytes_out(n);
-                        self.made_progress(Stall::Write);
+                        self.made_progress();
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
                     Err(e) => return Step::Close(io_close_reason(&e)),

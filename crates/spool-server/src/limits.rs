@@ -60,11 +60,25 @@ pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// probes, a dead peer is found 60 s + 9 × 10 s after it went silent.
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Default of `--request-timeout`: how long a connection may stall in the
-/// middle of a command line or body before it is closed (the slowloris
-/// defence). Long enough for a slow client on a bad link to send a large
-/// body, short enough that stalled connections cannot pile up.
+/// Default of `--request-timeout`: how long after its first byte a command
+/// line must be complete, and how long a body may take on top of its time
+/// at [`REQUEST_BODY_MIN_BYTES_PER_SEC`] (the slowloris defence: bytes
+/// trickling in do not push the deadline back). A command line is at most
+/// 224 bytes, which any live client sends in well under a second; 30 s
+/// leaves room for a congested link and a client that writes a request in
+/// pieces, while bounding how long a connection that never completes one
+/// can be held.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// Slowest rate a job body may arrive at: a body's deadline is the request
+/// timeout from the start of its request plus its length at this rate, so
+/// large bodies on slow links get through while a client trickling bytes
+/// cannot hold a connection for longer than its body would take at this
+/// rate. 1 KiB/s is twice the minimum rate of Apache's slowloris defence
+/// (mod_reqtimeout, 500 bytes/s) and far below any working link (a
+/// GPRS-class mobile link moves several KiB/s); the default 64 KiB job gets
+/// 64 s on top of the timeout.
+pub const REQUEST_BODY_MIN_BYTES_PER_SEC: u64 = 1024;
 
 /// Default of `--write-timeout`: how long replies may wait unwritten because
 /// the client does not read before the connection is closed. The same

@@ -1,5 +1,6 @@
 //! Connection lifecycle of the beanstalkd front door over real loopback TCP:
-//! admission (max connections, fd ceiling), the request and write timeouts,
+//! admission (max connections, fd ceiling), the request deadlines (a line
+//! from its first byte, a body at a minimum rate) and the write timeout,
 //! `close_all`, and what the registry lists and counts.
 //!
 //! Each test runs `beanstalk::serve` with an in-memory `LocalBroker` on a
@@ -20,7 +21,7 @@ use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
 use spool_server::connections::{
     CloseReason, ConnState, ConnectionMetrics, Connections, Protocol, RejectReason,
 };
-use spool_server::limits::{FD_HEADROOM, HTTP_FD_RESERVE};
+use spool_server::limits::{FD_HEADROOM, HTTP_FD_RESERVE, REQUEST_BODY_MIN_BYTES_PER_SEC};
 use spool_server::process::{self, ProcessInfo};
 use spool_server::{Clock, LocalBroker};
 
@@ -302,18 +303,76 @@ fn a_half_sent_body_is_closed_by_the_request_timeout() {
     other.expect(b"peek-ready\r\n", "NOT_FOUND\r\n");
 }
 
+/// Sends `bytes` one at a time, `gap` apart, until the server closes the
+/// connection; returns how many it took before it did (all of them if it
+/// never did).
+fn trickle_until_closed(client: &mut Client, bytes: &[u8], gap: Duration) -> usize {
+    client.stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    for (sent, byte) in bytes.iter().enumerate() {
+        match client.stream.read(&mut buf) {
+            Ok(0) => return sent,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return sent,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Ok(_) => panic!("a reply to a request that was never completed"),
+            Err(e) => panic!("reading: {e}"),
+        }
+        if client.stream.write_all(&[*byte]).is_err() {
+            return sent;
+        }
+        std::thread::sleep(gap);
+    }
+    bytes.len()
+}
+
 #[test]
-fn a_body_that_keeps_arriving_slowly_is_not_timed_out() {
-    // Bytes 10x more often than the timeout, for longer than the timeout:
-    // every byte restarts the clock.
-    let timeout = Duration::from_secs(3);
+fn a_command_line_trickled_byte_by_byte_is_closed_after_one_timeout() {
+    // A byte every quarter timeout would restart a per-byte timer forever;
+    // the line's deadline runs from its first byte. The line takes 10
+    // timeouts to send: it must be closed long before it is complete.
+    let timeout = Duration::from_millis(500);
+    let server = TestServer::with_timeouts(timeout, WAIT_LIMIT);
+    let line = format!("use {}\r\n", "t".repeat(34));
+    let mut slow = server.client();
+    let sent = trickle_until_closed(&mut slow, line.as_bytes(), timeout / 4);
+    assert!(sent < line.len(), "the trickled line was never cut off");
+    slow.stream.set_nonblocking(false).unwrap();
+    assert!(slow.is_closed_by_server());
+    server.wait_closed(CloseReason::RequestTimeout, 1);
+}
+
+#[test]
+fn a_body_trickled_below_the_minimum_rate_is_closed() {
+    // 100 bytes at 8 bytes a second: their time at the minimum rate is a
+    // fraction of a second, the trickle takes 12 seconds.
+    let timeout = Duration::from_millis(500);
     let server = TestServer::with_timeouts(timeout, WAIT_LIMIT);
     let mut slow = server.client();
-    let body = b"0123456789abcde";
+    slow.send(b"put 0 0 10 100\r\n");
+    let body = [b'x'; 100];
+    let sent = trickle_until_closed(&mut slow, &body, timeout / 4);
+    assert!(sent < body.len(), "the trickled body was never cut off");
+    slow.stream.set_nonblocking(false).unwrap();
+    assert!(slow.is_closed_by_server());
+    server.wait_closed(CloseReason::RequestTimeout, 1);
+}
+
+#[test]
+fn a_body_arriving_slowly_above_the_minimum_rate_is_not_timed_out() {
+    // Twice the minimum rate for three timeouts: longer than the timeout,
+    // well within the body's allowance (the timeout plus six timeouts).
+    let timeout = Duration::from_secs(1);
+    let server = TestServer::with_timeouts(timeout, WAIT_LIMIT);
+    let chunks = 12u32;
+    let duration = timeout * 3;
+    let len = (2 * REQUEST_BODY_MIN_BYTES_PER_SEC * duration.as_secs()) as usize;
+    let chunk = len / chunks as usize;
+    let body = vec![b'b'; chunk * chunks as usize];
+    let mut slow = server.client();
     slow.send(format!("put 0 0 10 {}\r\n", body.len()).as_bytes());
-    for byte in body {
-        slow.send(&[*byte]);
-        std::thread::sleep(timeout / 10);
+    for piece in body.chunks(chunk) {
+        slow.send(piece);
+        std::thread::sleep(duration / chunks);
     }
     slow.expect(b"\r\n", "INSERTED 1\r\n");
     assert_eq!(server.closed(CloseReason::RequestTimeout), 0);
