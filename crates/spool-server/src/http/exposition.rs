@@ -101,8 +101,11 @@ impl Exposition {
             .zip(histogram.bucket_counts.iter())
         {
             cumulative = cumulative.saturating_add(*count);
-            // A bucket cannot hold more than the total; clamping keeps the
-            // series monotonic should the figures be read mid-update.
+            // Callers pass copies (snapshots), never figures that change
+            // while this runs; but should bucket counts add up to more than
+            // `count`, the format would be broken (a finite bucket above
+            // `+Inf`). Clamping keeps every bucket at or below `+Inf`, and
+            // the buckets still never decrease.
             let shown = cumulative.min(histogram.count);
             self.line_head(&bucket_name, labels, Some(&format_value(*bound)));
             let _ = writeln!(self.out, " {shown}");
@@ -175,8 +178,11 @@ pub fn format_value(value: f64) -> String {
     } else if value == f64::NEG_INFINITY {
         "-Inf".to_string()
     } else {
-        // Rust's shortest round-trip form ("0.005", "3600", "1e-7") parses
-        // back to the same float in Prometheus.
+        // Rust's `Display` writes the shortest digits that round-trip, in
+        // plain decimal and never with an exponent ("0.005", "3600",
+        // "0.0000001" for 1e-7). Prometheus (Go's ParseFloat) reads that
+        // back to the same float; very large or small values are merely
+        // long.
         format!("{value}")
     }
 }
@@ -242,7 +248,8 @@ mod tests {
     #[test]
     fn histogram_without_labels_and_clamped_buckets() {
         let mut e = Exposition::new();
-        // Bucket counts read a moment after the count: never above it.
+        // Bucket counts that add up to more than the count (a caller's
+        // inconsistent figures): no bucket is shown above it.
         e.histogram(
             "h",
             &[],
@@ -266,5 +273,7 @@ mod tests {
         assert_eq!(format_value(f64::NAN), "NaN");
         assert_eq!(format_value(0.001), "0.001");
         assert_eq!(format_value(3600.0), "3600");
+        assert_eq!(format_value(1e-7), "0.0000001");
+        assert_eq!(format_value(1e-7).parse::<f64>(), Ok(1e-7));
     }
 }
