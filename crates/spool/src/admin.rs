@@ -17,13 +17,21 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use spool_server::limits::{DEFAULT_HTTP_LISTEN, HANDLER_TIMEOUT};
 
-/// Where `spool serve` listens for HTTP unless told otherwise.
-const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:11301";
+/// What the CLI allows beyond the server's own handler timeout: connecting,
+/// sending the request and reading the answer (tens of MiB at most) take
+/// well under this on any link an operator would use.
+const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 
-/// Bound on connecting plus one whole request and response: an admin
-/// answer takes milliseconds; a server that takes longer is stuck.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on connecting plus one whole request and response. Longer than the
+/// server's handler timeout, so that a slow server's 503 (which says why)
+/// arrives before the CLI gives up; a server silent past this is stuck.
+const REQUEST_TIMEOUT: Duration = HANDLER_TIMEOUT.saturating_add(REQUEST_TIMEOUT_MARGIN);
+
+// Checked at compile time: a margin of zero (or a saturated sum) would let
+// the CLI give up in the same instant the server answers 503.
+const _: () = assert!(REQUEST_TIMEOUT.as_millis() > HANDLER_TIMEOUT.as_millis());
 
 /// Largest answer read: `/admin/connections` of a server with a hundred
 /// thousand connections is tens of MiB.
@@ -38,7 +46,7 @@ const CLEAR_SCREEN: &str = "\x1b[2J\x1b[H";
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
     /// The server's HTTP listener, HOST:PORT.
-    #[arg(long = "http", env = "SPOOL_HTTP_LISTEN", default_value = DEFAULT_HTTP_ADDR)]
+    #[arg(long = "http", env = "SPOOL_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN)]
     http: String,
 
     /// Bearer token, when the server has SPOOL_AUTH_TOKEN set.
@@ -484,11 +492,16 @@ struct CounterRate {
 }
 
 impl CounterRate {
+    /// The rate of `queue`, or `-` when either poll lacks it: a queue new
+    /// since the last poll may be a freed tube come back, whose counters
+    /// the server retained, and counting them from zero would show a
+    /// spike that never happened.
     fn text(&self, queue: &str) -> String {
-        let delta = self.now.get(queue).copied().unwrap_or(0.0)
-            - self.then.get(queue).copied().unwrap_or(0.0);
+        let (Some(now), Some(then)) = (self.now.get(queue), self.then.get(queue)) else {
+            return "-".to_string();
+        };
         // A counter cannot fall; a restarted server can.
-        format!("{:.1}", delta.max(0.0) / self.seconds)
+        format!("{:.1}", (now - then).max(0.0) / self.seconds)
     }
 }
 
@@ -588,5 +601,25 @@ mod tests {
         assert!(first
             .lines()
             .any(|l| l.starts_with("q ") && l.contains(" - ")));
+    }
+
+    #[test]
+    fn top_shows_no_rate_for_a_queue_absent_from_the_previous_poll() {
+        let old = json!({"queues": [{"name": "q", "counters": {"put": 10, "reserved": 0, "deleted": 0}}]});
+        // "back" reappears with the counters the server retained for it.
+        let new = json!({"queues": [
+            {"name": "q", "counters": {"put": 12, "reserved": 0, "deleted": 0}},
+            {"name": "back", "ready": 1, "counters": {"put": 5000, "reserved": 4000, "deleted": 3000}},
+        ]});
+        let screen = render_top(&new, Some((1.0, &old)));
+        let cells = |queue: &str| -> Vec<String> {
+            let row = screen
+                .lines()
+                .find(|l| l.starts_with(&format!("{queue} ")))
+                .unwrap_or_else(|| panic!("a row for {queue} in {screen}"));
+            row.split_whitespace().map(str::to_string).collect()
+        };
+        assert_eq!(cells("back")[..5], ["back", "-", "-", "-", "1"]);
+        assert_eq!(cells("q")[1], "2.0");
     }
 }

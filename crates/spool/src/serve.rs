@@ -109,7 +109,7 @@ pub struct ServeArgs {
     #[arg(
         long = "http-listen",
         env = "SPOOL_HTTP_LISTEN",
-        default_value = "127.0.0.1:11301"
+        default_value = http::DEFAULT_HTTP_LISTEN
     )]
     http_listen: String,
 
