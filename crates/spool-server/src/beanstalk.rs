@@ -38,7 +38,7 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -309,6 +309,12 @@ struct Connection<S, Sess> {
     /// A request was decoded since `request_deadline` was set: what remains
     /// buffered, if anything, is a new request.
     request_completed: bool,
+    /// The waker registered for `close_all`: registering again only when
+    /// the task's waker changes keeps polls off the entry's lock.
+    close_waker: Option<Waker>,
+    /// The command last published to the registry: publishing takes a
+    /// global lock, so it is skipped while the command stays the same.
+    shown_command: Option<&'static str>,
     /// Last, so the record ends after the session and socket are gone.
     handle: ConnHandle,
 }
@@ -431,6 +437,8 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             request_deadline: None,
             request_part: RequestPart::None,
             request_completed: false,
+            close_waker: None,
+            shown_command: None,
             handle,
         }
     }
@@ -460,7 +468,11 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     /// Polls the mailbox and the socket directly instead of awaiting futures,
     /// so the task stores nothing but the `Connection` while it waits.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        if self.handle.poll_close_requested(cx).is_ready() {
+        if self
+            .handle
+            .poll_close_requested(cx, &mut self.close_waker)
+            .is_ready()
+        {
             return Poll::Ready(CloseReason::Shutdown);
         }
         for _ in 0..POLL_ROUNDS_MAX {
@@ -629,7 +641,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
     }
 
     /// Publishes what the connection waits on, and the command it runs.
-    fn show_state(&self) {
+    fn show_state(&mut self) {
         let state = if !self.output.is_empty() {
             ConnState::Writing
         } else if self.awaiting > 0 {
@@ -638,7 +650,14 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 Slot::Answered(_) => None,
             });
             if let Some(command) = running {
-                self.handle.set_command(command);
+                // Names are literals: the same command is the same pointer.
+                if !self
+                    .shown_command
+                    .is_some_and(|shown| std::ptr::eq(shown, command))
+                {
+                    self.handle.set_command(command);
+                    self.shown_command = Some(command);
+                }
             }
             match running {
                 Some(command) if blocks_for_a_job(command) => ConnState::Reserving,

@@ -864,6 +864,8 @@ impl ConnHandle {
     }
 
     /// The command being executed (e.g. `"reserve"`), shown until the next.
+    /// Takes a short global lock: callers that poll often skip it when the
+    /// command has not changed.
     pub fn set_command(&self, command: &'static str) {
         let index = self.inner.command_index(command);
         self.entry.command.store(index, Ordering::Relaxed);
@@ -886,18 +888,31 @@ impl ConnHandle {
     }
 
     /// `Ready` once [`Connections::close_all`] asked this connection to
-    /// close; otherwise registers the task to be woken when it does.
-    pub fn poll_close_requested(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// close; otherwise makes sure the task is woken when it does.
+    ///
+    /// `registered` is the caller's record of the waker it registered: the
+    /// entry is locked only when the task's waker is not the one registered
+    /// (the first poll, or a task whose waker changed), so a task polled
+    /// over and over costs an atomic load and a `will_wake` here.
+    pub fn poll_close_requested(
+        &self,
+        cx: &mut Context<'_>,
+        registered: &mut Option<Waker>,
+    ) -> Poll<()> {
         if self.is_close_requested() {
             return Poll::Ready(());
         }
+        if registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
         {
-            let mut details = lock(&self.entry.details);
-            match &details.waker {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => details.waker = Some(cx.waker().clone()),
-            }
+            // close_all takes the registered waker only after setting the
+            // flag, which the load above would have seen.
+            return Poll::Pending;
         }
+        let waker = cx.waker().clone();
+        lock(&self.entry.details).waker = Some(waker.clone());
+        *registered = Some(waker);
         // Checked again after registering: close_all sets the flag before
         // it takes the waker, so one of the two sees the other.
         if self.is_close_requested() {
@@ -909,7 +924,8 @@ impl ConnHandle {
     /// Completes once [`Connections::close_all`] asked this connection to
     /// close (for front doors that select over futures).
     pub async fn close_requested(&self) {
-        poll_fn(|cx| self.poll_close_requested(cx)).await
+        let mut registered = None;
+        poll_fn(|cx| self.poll_close_requested(cx, &mut registered)).await
     }
 }
 
@@ -1127,6 +1143,38 @@ mod tests {
         assert_eq!(cumulative.last().copied(), Some((86400.0, 2)));
         assert_eq!(histogram.count(), 3);
         assert_eq!(histogram.bucket_counts().last().copied(), Some(1));
+    }
+
+    /// A waker that counts its wakes.
+    struct CountingWaker(AtomicU64);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn close_all_wakes_the_latest_waker_a_task_polled_with() {
+        let registry = Connections::with_fd_limit(None, None);
+        let handle = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let first = Arc::new(CountingWaker(AtomicU64::new(0)));
+        let second = Arc::new(CountingWaker(AtomicU64::new(0)));
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let mut registered = None;
+        for waker in [&first_waker, &first_waker, &second_waker, &second_waker] {
+            let mut cx = Context::from_waker(waker);
+            assert!(handle
+                .poll_close_requested(&mut cx, &mut registered)
+                .is_pending());
+        }
+        registry.close_all();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        let mut cx = Context::from_waker(&second_waker);
+        assert!(handle
+            .poll_close_requested(&mut cx, &mut registered)
+            .is_ready());
     }
 
     #[test]
