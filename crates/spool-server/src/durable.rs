@@ -275,9 +275,9 @@ impl InlineLog {
         }
         let result = self.writer.handle(message).and_then(|round| {
             self.writer.write_batch()?;
+            let log_bytes = self.writer.publish();
             if let Some(round) = round {
                 self.writer.unsynced = true;
-                let log_bytes = self.writer.publish();
                 acks.push(CommitAck::Committed { round, log_bytes });
             }
             Ok(())
@@ -292,7 +292,9 @@ impl InlineLog {
         }
         if let FsyncPolicy::Interval(every) = self.writer.policy {
             if self.writer.unsynced && self.writer.last_sync.elapsed() >= every {
-                let result = self.writer.sync();
+                let result = self.writer.sync().map(|()| {
+                    self.writer.publish();
+                });
                 self.fail_on(result, acks);
             }
         }
@@ -327,8 +329,11 @@ impl Drop for InlineLog {
     /// What was written reaches the disk before the process goes.
     fn drop(&mut self) {
         if !self.failed && self.writer.unsynced {
-            if let Err(e) = self.writer.sync() {
-                tracing::error!(error = %e, "the last sync of the log failed");
+            match self.writer.sync() {
+                Ok(()) => {
+                    self.writer.publish();
+                }
+                Err(e) => tracing::error!(error = %e, "the last sync of the log failed"),
             }
         }
     }
@@ -344,10 +349,24 @@ struct LogWriter {
     /// The first segment of a compaction in progress.
     cut: Option<u64>,
     stats: SharedStorageStats,
+    /// What happened since the last [`LogWriter::publish`], so that the
+    /// shared stats are locked once per commit, not once per step.
+    pending: PendingStats,
     /// Records and bytes in the commit being assembled.
     batch_records: u64,
     batch_bytes: u64,
     reserve: SpaceReserve,
+}
+
+/// Figures not yet in the shared [`StorageStats`]. Each list holds what
+/// happened between two publishes: a commit and an fsync or two.
+#[derive(Debug, Default)]
+struct PendingStats {
+    /// Records of each commit written.
+    commit_records: Vec<u64>,
+    /// Duration of each fsync.
+    fsync_ns: Vec<u64>,
+    compactions: u64,
 }
 
 impl LogWriter {
@@ -360,7 +379,7 @@ impl LogWriter {
         stats: &SharedStorageStats,
     ) -> std::io::Result<LogWriter> {
         let headroom = compaction_min_log_bytes.min(RESERVE_HEADROOM_MAX_BYTES);
-        let writer = LogWriter {
+        let mut writer = LogWriter {
             wal,
             policy,
             epoch_ns,
@@ -369,6 +388,7 @@ impl LogWriter {
             last_sync: Instant::now(),
             cut: None,
             stats: stats.clone(),
+            pending: PendingStats::default(),
             batch_records: 0,
             batch_bytes: 0,
             reserve: SpaceReserve::open(dir, headroom)?,
@@ -417,14 +437,17 @@ impl LogWriter {
                     round = self.handle(message)?.or(round);
                 }
                 self.write_batch()?;
-                if let Some(round) = round {
+                if round.is_some() {
                     match self.policy {
                         FsyncPolicy::Always => self.sync()?,
                         FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
                     }
-                    // Published per commit: /metrics reads the log's size
-                    // and bytes written from the shared stats.
-                    let log_bytes = self.publish();
+                }
+                // Published per commit, before its acknowledgement: /metrics
+                // reads the log's size and bytes written from the shared
+                // stats.
+                let log_bytes = self.publish();
+                if let Some(round) = round {
                     if acks
                         .send(CommitAck::Committed { round, log_bytes })
                         .is_err()
@@ -436,6 +459,7 @@ impl LogWriter {
             if let FsyncPolicy::Interval(every) = self.policy {
                 if self.unsynced && self.last_sync.elapsed() >= every {
                     self.sync()?;
+                    self.publish();
                 }
             }
             if let Some(ack) = self.check_space() {
@@ -446,6 +470,7 @@ impl LogWriter {
         }
         if self.unsynced {
             self.sync()?;
+            self.publish();
         }
         Ok(())
     }
@@ -480,7 +505,7 @@ impl LogWriter {
                 self.wal.write()?;
                 self.sync()?;
                 let removed = self.wal.remove_segments_before(cut)?;
-                lock(&self.stats).compactions += 1;
+                self.pending.compactions += 1;
                 let log_bytes = self.publish();
                 tracing::info!(removed_segments = removed, log_bytes, "compacted the log");
                 Ok(None)
@@ -503,12 +528,7 @@ impl LogWriter {
         let took = self.wal.sync()?;
         self.unsynced = false;
         self.last_sync = Instant::now();
-        let ns = took.as_nanos() as u64;
-        let mut stats = lock(&self.stats);
-        stats.fsyncs += 1;
-        stats.fsync_ns_total += ns;
-        stats.fsync_ns_max = stats.fsync_ns_max.max(ns);
-        stats.fsync_seconds.observe_ns(ns);
+        self.pending.fsync_ns.push(took.as_nanos() as u64);
         Ok(())
     }
 
@@ -537,22 +557,34 @@ impl LogWriter {
         Some(CommitAck::DiskFull(self.reserve.full))
     }
 
-    /// Counts the commit just written.
+    /// Counts the commit just written (published with the next
+    /// [`LogWriter::publish`]).
     fn commit_done(&mut self) {
         self.batch_bytes = 0;
         let records = std::mem::take(&mut self.batch_records);
-        let mut stats = lock(&self.stats);
-        stats.commits += 1;
-        stats.records_written += records;
-        stats.largest_commit_records = stats.largest_commit_records.max(records);
-        stats.commit_batch_records.observe_records(records);
+        self.pending.commit_records.push(records);
     }
 
-    /// Publishes the log's shape; returns its size in bytes.
-    fn publish(&self) -> u64 {
+    /// Publishes what happened since the last call (commits, fsyncs,
+    /// compactions) and the log's shape, under one lock of the shared
+    /// stats; returns the log's size in bytes.
+    fn publish(&mut self) -> u64 {
         let segments = self.wal.segments();
         let log_bytes = segments.iter().map(|s| s.len).sum();
         let mut stats = lock(&self.stats);
+        for records in self.pending.commit_records.drain(..) {
+            stats.commits += 1;
+            stats.records_written += records;
+            stats.largest_commit_records = stats.largest_commit_records.max(records);
+            stats.commit_batch_records.observe_records(records);
+        }
+        for ns in self.pending.fsync_ns.drain(..) {
+            stats.fsyncs += 1;
+            stats.fsync_ns_total += ns;
+            stats.fsync_ns_max = stats.fsync_ns_max.max(ns);
+            stats.fsync_seconds.observe_ns(ns);
+        }
+        stats.compactions += std::mem::take(&mut self.pending.compactions);
         stats.segments = segments.len() as u64;
         stats.log_bytes = log_bytes;
         stats.oldest_segment = segments.first().map_or(0, |s| s.seq);

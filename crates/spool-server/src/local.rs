@@ -634,7 +634,7 @@ impl EngineTask {
                         "shutting down: refusing puts, ending reserves, closing idle sessions"
                     );
                 }
-                self.health.shutting_down.store(true, Ordering::Relaxed);
+                // The health flag was set by `begin_shutdown` itself.
                 self.engine.begin_shutdown();
             }
         }
@@ -1507,6 +1507,11 @@ mod tests {
         assert!(log.held.is_empty());
         assert!(log.uncommitted_jobs.is_empty());
         assert!(log.session_holds.is_empty(), "{:?}", log.session_holds);
+        // The commit is published with its acknowledgement.
+        let stats = log.sink.stats().lock().unwrap().clone();
+        assert_eq!((stats.commits, stats.records_written), (1, 1));
+        assert_eq!(stats.commit_batch_records.count(), 1);
+        assert_eq!(stats.log_bytes, log.log_bytes);
         drop(task);
         let _ = std::fs::remove_dir_all(&dir);
     }
