@@ -305,6 +305,26 @@ fn probes_answer_and_readiness_turns_true() {
 }
 
 #[test]
+fn sigusr1_drain_shows_in_readiness() {
+    let server = Server::start();
+    wait_ready(&server);
+    // Readiness reads the broker's health; SIGUSR1 drains the broker only.
+    server.signal("USR1");
+    wait_until("/readyz to say draining", || {
+        let reply = server.http("GET", "/readyz", "");
+        reply.status == 503 && reply.json()["reason"] == "draining"
+    });
+    let (_, parsed) = metrics(&server);
+    assert_eq!(parsed.value("spool_ready", &[]), Some(0.0));
+    let stats = server.http("GET", "/admin/stats", "").json();
+    assert_eq!(
+        (stats["ready"].clone(), stats["not_ready_reason"].clone()),
+        (false.into(), "draining".into())
+    );
+    assert_eq!(server.http("GET", "/livez", "").status, 200);
+}
+
+#[test]
 fn metrics_are_well_formed_and_count_job_traffic() {
     let server = Server::start();
     wait_ready(&server);
