@@ -3,9 +3,8 @@
 //! The engine observes how long jobs wait, run and are late; the log
 //! observes fsync latency and commit batch sizes. Each [`Histogram`] counts
 //! observations into a fixed set of buckets chosen for what it measures, so
-//! an observation costs a short scan and no allocation, two histograms of the
-//! same kind merge by adding counts, and the Prometheus adapter can print
-//! them as they are. Quantiles are approximate: they interpolate inside the
+//! an observation costs a short scan and no allocation, and the Prometheus
+//! adapter can print them as they are. Quantiles are approximate: they interpolate inside the
 //! bucket where the rank falls, as Prometheus' `histogram_quantile` does.
 
 const NS_PER_SEC: f64 = 1e9;
@@ -119,25 +118,6 @@ impl Histogram {
         self.sum_observed = self.sum_observed.saturating_add(observed);
     }
 
-    /// Adds `other`'s observations to this one's. Histograms of different
-    /// kinds have different buckets and cannot be added: then nothing
-    /// changes and the answer is false.
-    pub fn merge(&mut self, other: &Histogram) -> bool {
-        if self.buckets != other.buckets {
-            return false;
-        }
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
-        }
-        self.count += other.count;
-        self.sum_observed = self.sum_observed.saturating_add(other.sum_observed);
-        true
-    }
-
-    pub fn buckets(&self) -> Buckets {
-        self.buckets
-    }
-
     /// Upper bounds of the finite buckets, in the reported unit.
     pub fn bounds(&self) -> &'static [f64] {
         self.buckets.bounds()
@@ -171,11 +151,6 @@ impl Histogram {
     /// Sum of the observations in the observed unit: nanoseconds for the
     /// latencies, records for batch sizes.
     pub fn sum_observed(&self) -> u64 {
-        self.sum_observed
-    }
-
-    /// Sum of the observed durations, for the latency kinds.
-    pub fn sum_ns(&self) -> u64 {
         self.sum_observed
     }
 
@@ -247,7 +222,7 @@ mod tests {
         assert_eq!(counts[QUEUE_LATENCY_BUCKETS_SECONDS.len()], 1);
         assert_eq!(counts.iter().sum::<u64>(), 4);
         assert_eq!(h.count(), 4);
-        assert_eq!(h.sum_ns(), 2 * MS + 1 + 7_200 * 1_000 * MS);
+        assert_eq!(h.sum_observed(), 2 * MS + 1 + 7_200 * 1_000 * MS);
         assert!((h.sum() - (0.002_000_001 + 7_200.0)).abs() < 1e-6);
         let cumulative: Vec<(f64, u64)> = h.cumulative().collect();
         assert_eq!(cumulative.len(), QUEUE_LATENCY_BUCKETS_SECONDS.len());
@@ -291,24 +266,6 @@ mod tests {
         let mut h = Histogram::new(Buckets::CommitBatch);
         h.observe_records(1_000_000);
         assert_eq!(h.quantile(0.99), Some(16384.0));
-    }
-
-    #[test]
-    fn merge_adds_counts_of_the_same_kind_only() {
-        let mut a = Histogram::new(Buckets::IoLatency);
-        let mut b = Histogram::new(Buckets::IoLatency);
-        a.observe_ns(10_000); // 10 µs: first bucket
-        b.observe_ns(3 * MS); // (2.5 ms, 5 ms]
-        b.observe_ns(20_000 * MS); // +Inf
-        assert!(a.merge(&b));
-        assert_eq!(a.count(), 3);
-        assert_eq!(a.sum_ns(), 10_000 + 3 * MS + 20_000 * MS);
-        assert_eq!(a.bucket_counts()[0], 1);
-        assert_eq!(a.bucket_counts()[6], 1);
-        assert_eq!(a.bucket_counts()[IO_LATENCY_BUCKETS_SECONDS.len()], 1);
-        let before = a.clone();
-        assert!(!a.merge(&Histogram::queue_latency()));
-        assert_eq!(a, before);
     }
 
     #[test]

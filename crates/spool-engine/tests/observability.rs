@@ -234,9 +234,9 @@ fn histograms_measure_wait_run_and_skew() {
     let s = e.snapshot(t0 + 4 * SEC, SnapshotScope::Full);
     let q = queue(&s, "default");
     assert_eq!(q.wait.count(), 1);
-    assert_eq!(q.wait.sum_ns(), 3 * SEC);
+    assert_eq!(q.wait.sum_observed(), 3 * SEC);
     assert_eq!(q.run.count(), 1);
-    assert_eq!(q.run.sum_ns(), 40 * MS);
+    assert_eq!(q.run.sum_observed(), 40 * MS);
     assert_eq!(q.skew.count(), 0);
 
     // A delayed job due at t1 + 5 s, made ready by a tick 250 ms late.
@@ -245,14 +245,17 @@ fn histograms_measure_wait_run_and_skew() {
     e.tick(t1 + 5 * SEC + 250 * MS);
     let q = queue(&e.snapshot(t1 + 6 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.skew.count(), 1);
-    assert_eq!(q.skew.sum_ns(), 250 * MS);
+    assert_eq!(q.skew.sum_observed(), 250 * MS);
     let p99 = q.skew.quantile(0.99).unwrap();
     assert!((0.1..=0.25).contains(&p99), "{p99}");
     // Its wait starts when it became ready, not when it was put.
     assert_eq!(reserve_id(&mut e, 1, t1 + 7 * SEC), b);
     let q = queue(&e.snapshot(t1 + 7 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 2);
-    assert_eq!(q.wait.sum_ns(), 3 * SEC + (7 * SEC - 5 * SEC - 250 * MS));
+    assert_eq!(
+        q.wait.sum_observed(),
+        3 * SEC + (7 * SEC - 5 * SEC - 250 * MS)
+    );
 
     // A released job's wait restarts at the release; a job handed to an
     // already blocked reserver waited 0.
@@ -276,7 +279,7 @@ fn histograms_measure_wait_run_and_skew() {
     let c = put_id(&mut e, 1, put(0, 0, 600), t1 + 10 * SEC);
     let q = queue(&e.snapshot(t1 + 10 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 4);
-    assert_eq!(q.wait.sum_ns(), 3 * SEC + 1_750 * MS + SEC);
+    assert_eq!(q.wait.sum_observed(), 3 * SEC + 1_750 * MS + SEC);
     assert_eq!(
         e.job(c).map(|j| j.state),
         Some(spool_engine::JobState::Reserved)
@@ -294,7 +297,7 @@ fn histograms_measure_wait_run_and_skew() {
     assert_eq!(reserve_id(&mut e, 2, t1 + 21 * SEC), c);
     let q = queue(&e.snapshot(t1 + 21 * SEC, SnapshotScope::Full), "default").clone();
     assert_eq!(q.wait.count(), 5);
-    assert_eq!(q.wait.sum_ns(), 3 * SEC + 1_750 * MS + SEC + SEC);
+    assert_eq!(q.wait.sum_observed(), 3 * SEC + 1_750 * MS + SEC + SEC);
     e.check_invariants();
 }
 
