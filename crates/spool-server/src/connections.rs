@@ -16,7 +16,10 @@
 //! are not connections, plus the live connections) and recounts only when
 //! the estimate nears the ceiling, at most every [`FD_RECOUNT_INTERVAL`], or
 //! right after `accept` failed with `EMFILE`/`ENFILE`; a recount also
-//! re-reads the soft limit, so a limit raised after start takes effect.
+//! re-reads the soft limit, so a limit raised after start takes effect. The
+//! admission that recounts claims it under the lock, so others meanwhile
+//! go by the estimate rather than all reading `/proc` at once, and an
+//! admission that needs no recount takes the lock once.
 //!
 //! Each admitted connection gets a [`ConnHandle`]; dropping it ends the
 //! connection's record and counts it as closed with its reason. A
@@ -378,6 +381,9 @@ struct Inner {
     /// it later, or `prlimit` on the running process, takes effect), rather
     /// than one fixed at construction.
     fd_limit_is_the_process_limit: bool,
+    /// Open fds are counted from `/proc/self/fd`; false only in unit tests
+    /// that give the base, so other tests' sockets cannot disturb them.
+    counts_fds: bool,
     state: Mutex<State>,
     /// Woken whenever a connection ends, for `wait_until_none`.
     ended: tokio::sync::Notify,
@@ -503,30 +509,49 @@ impl Connections {
     /// and again whenever admission recounts the open fds).
     pub fn new(max_connections: Option<u32>) -> Connections {
         let fd_limit = process::fd_limit().ok();
-        Connections::build(max_connections, fd_limit, true)
+        let fds_base = process::open_fd_count().unwrap_or(0);
+        Connections::build(max_connections, fd_limit, true, Some(fds_base))
     }
 
     /// A registry that admits against `fd_limit` instead of the process's
     /// own (tests use it to exercise the fd check without lowering the
     /// limit of the whole test process). `None`: no fd check.
     pub fn with_fd_limit(max_connections: Option<u32>, fd_limit: Option<u64>) -> Connections {
-        Connections::build(max_connections, fd_limit, false)
+        let fds_base = process::open_fd_count().unwrap_or(0);
+        Connections::build(max_connections, fd_limit, false, Some(fds_base))
     }
 
+    /// A registry that takes `fds_base` fds to be open besides its
+    /// connections, and never counts them: unit tests get exact ceilings.
+    #[cfg(test)]
+    fn with_fd_base(fd_limit: u64, fds_base: u64) -> Connections {
+        Connections::build(None, Some(fd_limit), false, None).with_base(fds_base)
+    }
+
+    #[cfg(test)]
+    fn with_base(self, fds_base: u64) -> Connections {
+        lock(&self.inner.state).fds_base = fds_base;
+        self
+    }
+
+    /// `fds_base`: the open fds counted now; `None`: do not count them.
     fn build(
         max_connections: Option<u32>,
         fd_limit: Option<u64>,
         fd_limit_is_the_process_limit: bool,
+        fds_base: Option<u64>,
     ) -> Connections {
         let now = Instant::now();
         let fd_limit = fd_limit.filter(|&limit| limit != u64::MAX);
-        let fds_base = process::open_fd_count().unwrap_or(0);
+        let counts_fds = fds_base.is_some();
+        let fds_base = fds_base.unwrap_or(0);
         Connections {
             inner: Arc::new(Inner {
                 epoch: now,
                 command_names: Mutex::new(Vec::new()),
                 max_connections: max_connections.map(u64::from),
                 fd_limit_is_the_process_limit,
+                counts_fds,
                 state: Mutex::new(State {
                     slots: Vec::new(),
                     free_slots: Vec::new(),
@@ -550,18 +575,20 @@ impl Connections {
     /// counts the refusal); on refusal the caller closes the socket.
     pub fn try_admit(&self, protocol: Protocol) -> Result<ConnHandle, RejectReason> {
         let now = Instant::now();
-        let recount = {
-            let mut state = lock(&self.inner.state);
+        let mut state = lock(&self.inner.state);
+        if self.recount_wanted(&state, now) {
             if let Some(reason) = self.refusal(&state, protocol, false) {
                 state.rejected[reason.index()] += 1;
                 return Err(reason);
             }
-            self.recount_wanted(&state, now)
-        };
-        if recount {
-            self.recount(now);
+            // Claimed under the lock, so admissions meanwhile use the
+            // estimate instead of all counting at once.
+            state.fds_counted_at = now;
+            state.recount_due = false;
+            drop(state);
+            self.recount();
+            state = lock(&self.inner.state);
         }
-        let mut state = lock(&self.inner.state);
         if let Some(reason) = self.refusal(&state, protocol, true) {
             state.rejected[reason.index()] += 1;
             return Err(reason);
@@ -633,7 +660,9 @@ impl Connections {
     }
 
     fn recount_wanted(&self, state: &State, now: Instant) -> bool {
-        if state.fd_limit.is_none() && !self.inner.fd_limit_is_the_process_limit {
+        if !self.inner.counts_fds
+            || (state.fd_limit.is_none() && !self.inner.fd_limit_is_the_process_limit)
+        {
             return false;
         }
         if state.recount_due {
@@ -646,8 +675,10 @@ impl Connections {
     }
 
     /// Counts the open fds (outside the lock: it reads a directory) and
-    /// resets the estimate's base from it.
-    fn recount(&self, now: Instant) {
+    /// resets the estimate's base from it. The caller has claimed the
+    /// recount (`fds_counted_at`); on failure the old estimate stays until
+    /// the next interval.
+    fn recount(&self) {
         let counted = process::open_fd_count();
         let limit = if self.inner.fd_limit_is_the_process_limit {
             process::fd_limit().ok()
@@ -662,9 +693,6 @@ impl Connections {
             state.fd_limit = Some(limit).filter(|&limit| limit != u64::MAX);
             state.fd_ceiling = fd_ceiling(state.fd_limit);
         }
-        // On failure keep the old estimate; retry after the interval.
-        state.fds_counted_at = now;
-        state.recount_due = false;
     }
 
     /// Notes a failed `accept`. Running out of fds (`EMFILE`, `ENFILE`) is
@@ -1067,26 +1095,23 @@ mod tests {
 
     #[test]
     fn fd_ceiling_refuses_with_headroom_and_keeps_a_reserve_for_http() {
-        // A limit just above what is open now leaves room for 3 beanstalk
-        // connections, and then the HTTP reserve.
-        let open = process::open_fd_count().unwrap();
-        let limit = open + FD_HEADROOM + HTTP_FD_RESERVE + 3;
-        let registry = Connections::with_fd_limit(None, Some(limit));
+        // 10 fds open besides connections, and a limit that leaves room for
+        // exactly 3 beanstalk connections, and then the HTTP reserve.
+        let base = 10;
+        let limit = base + FD_HEADROOM + HTTP_FD_RESERVE + 3;
+        let registry = Connections::with_fd_base(limit, base);
         let (beanstalk, refused) = admit_until_refused(&registry, Protocol::Beanstalk);
         assert_eq!(refused, Some(RejectReason::FdLimit));
-        assert!(
-            !beanstalk.is_empty() && beanstalk.len() <= 3,
-            "{}",
-            beanstalk.len()
-        );
+        assert_eq!(beanstalk.len(), 3);
         let (http, refused) = admit_until_refused(&registry, Protocol::Http);
         assert_eq!(refused, Some(RejectReason::FdLimit));
-        assert!(
-            !http.is_empty() && http.len() as u64 <= HTTP_FD_RESERVE + 3,
-            "{}",
-            http.len()
-        );
+        assert_eq!(http.len() as u64, HTTP_FD_RESERVE);
         assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 2);
+        assert_eq!(registry.metrics().fds_estimate, limit - FD_HEADROOM);
+        // Closed connections make room again.
+        drop(http);
+        let _probe = registry.try_admit(Protocol::Http).unwrap();
+        drop(beanstalk);
     }
 
     #[test]
