@@ -399,8 +399,8 @@ struct State {
     free_slots: Vec<u32>,
     live: u64,
     next_id: u64,
-    protocols: [ProtocolTotals; 2],
-    rejected: [u64; 2],
+    protocols: [ProtocolTotals; Protocol::ALL.len()],
+    rejected: [u64; RejectReason::ALL.len()],
     /// Open fds that are not live connections, as of the last count.
     fds_base: u64,
     fds_counted_at: Instant,
@@ -440,6 +440,9 @@ const COMMAND_NAMES_MAX: usize = u8::MAX as usize;
 /// Bit of `Entry::flags` set by `close_all`; the bits below it hold the
 /// close reason's index.
 const CLOSE_REQUESTED: u8 = 0x80;
+
+// Every close reason's index fits below the close-requested bit.
+const _: () = assert!(CloseReason::ALL.len() <= CLOSE_REQUESTED as usize);
 
 #[derive(Debug)]
 struct Entry {
@@ -558,7 +561,7 @@ impl Connections {
                     live: 0,
                     next_id: 1,
                     protocols: Default::default(),
-                    rejected: [0; 2],
+                    rejected: [0; RejectReason::ALL.len()],
                     fds_base,
                     fds_counted_at: now,
                     recount_due: false,
@@ -748,7 +751,7 @@ impl Connections {
     /// Lifecycle figures per protocol and refusals.
     pub fn metrics(&self) -> ConnectionMetrics {
         let state = lock(&self.inner.state);
-        let mut live_bytes = [(0u64, 0u64); 2];
+        let mut live_bytes = [(0u64, 0u64); Protocol::ALL.len()];
         for entry in state.slots.iter().flatten() {
             let bytes = &mut live_bytes[entry.protocol.index()];
             bytes.0 += entry.bytes_in.load(Ordering::Relaxed);
@@ -988,6 +991,22 @@ impl Drop for ConnHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enum_indexes_are_positions_in_all() {
+        // The per-reason and per-protocol arrays are sized by `ALL` and
+        // indexed by `index()`: each must be its position.
+        for (i, p) in Protocol::ALL.iter().enumerate() {
+            assert_eq!(p.index(), i);
+        }
+        for (i, r) in RejectReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert_eq!(CloseReason::from_index(i as u8), *r);
+        }
+    }
 
     #[test]
     fn entry_stays_small() {
