@@ -51,20 +51,12 @@ use tokio::time::{Instant, Sleep};
 use crate::broker::{Broker, Peer, Session};
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
-    ACCEPT_ERROR_BACKOFF, REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT,
-    TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
+    ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES, REQUEST_BODY_MIN_BYTES_PER_SEC,
+    REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
 
-/// Size of the per-thread scratch buffer reads land in: enough for a burst
-/// of pipelined commands.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-
-/// Rounds of work one poll of a connection may do before yielding, so a
-/// client that never stops sending cannot starve the others.
-const POLL_ROUNDS_MAX: usize = 16;
-
-/// How many connections the kernel may queue before `accept`, as beanstalkd.
-pub const LISTEN_BACKLOG: u32 = 1024;
+/// Kept here too, where `spool serve` binds the listener.
+pub use crate::limits::LISTEN_BACKLOG;
 
 thread_local! {
     /// Where reads land before decoding. Shared by every connection on the

@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::limits::{
-    CONNECTION_DURATION_BUCKETS_SECONDS, FD_HEADROOM, FD_RECOUNT_FROM_PERCENT, FD_RECOUNT_INTERVAL,
-    HTTP_CONNECTIONS_MAX, HTTP_FD_RESERVE,
+    COMMAND_NAMES_MAX, CONNECTION_DURATION_BUCKETS_SECONDS, FD_HEADROOM, FD_RECOUNT_FROM_PERCENT,
+    FD_RECOUNT_INTERVAL, HTTP_CONNECTIONS_MAX, HTTP_FD_RESERVE,
 };
 use crate::process;
 
@@ -431,11 +431,6 @@ struct ProtocolTotals {
 
 /// `session_id` of an entry that has none.
 const NO_SESSION: u64 = u64::MAX;
-
-/// Most distinct command names the registry tells apart: the index is a
-/// byte, 0 meaning none. The front doors have a few dozen commands; a name
-/// past the limit shows as none.
-const COMMAND_NAMES_MAX: usize = u8::MAX as usize;
 
 /// Bit of `Entry::flags` set by `close_all`; the bits below it hold the
 /// close reason's index.

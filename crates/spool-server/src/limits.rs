@@ -1,7 +1,8 @@
 //! Limits of the server side that are not part of the wire protocol (those
 //! live in `spool_proto::limits`, shared with clients): connection
-//! admission, fd headroom, socket timeouts and keepalive, and the HTTP
-//! listener's timeouts and sizes. Each constant says why it has its value.
+//! admission, fd headroom, socket timeouts and keepalive, the beanstalkd
+//! connection task's buffers and fairness, and the HTTP listener's timeouts
+//! and sizes. Each constant says why it has its value.
 
 use std::time::Duration;
 
@@ -45,6 +46,31 @@ pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// cannot matter, and a recount with thousands of fds open costs
 /// milliseconds on the single runtime thread.
 pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
+
+/// Pending connections the beanstalkd listener queues before `accept`, as
+/// beanstalkd's own: a fleet of workers reconnecting at once after a
+/// restart should queue, not see refused connects, and the kernel caps it
+/// at `net.core.somaxconn` anyway.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Size of the per-thread scratch buffer beanstalkd reads land in (one per
+/// runtime thread, not per connection): a burst of a few hundred pipelined
+/// commands, or a default-sized (64 KiB) job body, in one read; larger
+/// bodies continue in the connection's own buffer.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Rounds of work (read, submit, write) one poll of a beanstalkd connection
+/// may do before yielding, so a client that never stops sending cannot
+/// starve the others on the single data-path thread; 16 rounds of up to
+/// [`READ_CHUNK_BYTES`] each is about 1 MiB per turn, enough to amortise
+/// the yield.
+pub const POLL_ROUNDS_MAX: usize = 16;
+
+/// Most distinct command names the connection registry tells apart: an
+/// entry stores its command as a byte, 0 meaning none, to stay within its
+/// memory budget. The front doors have a few dozen commands (beanstalkd's
+/// 25 and the HTTP routes); a name past the limit shows as none.
+pub const COMMAND_NAMES_MAX: usize = u8::MAX as usize;
 
 /// How long the accept loop pauses after `accept` fails (out of fds, or
 /// another resource error), so that a persistent error cannot make it spin.
@@ -118,7 +144,12 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// rather than a connection held open forever.
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a response may wait for a client that does not read it.
+/// How long a response may wait for a client that does not read it. HTTP
+/// responses are at most a scrape or a listing of connections, which the
+/// socket buffers mostly hold, so only a client that stopped reading
+/// stalls; 10 s, like the other HTTP timeouts, is far beyond what a probe
+/// or scraper waits (Prometheus' default scrape timeout is 10 s) and bounds
+/// how long one such client pins a connection.
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request body accepted. Admin bodies are a log filter directive;
@@ -135,9 +166,15 @@ pub const OVERSIZED_BODY_DRAIN_MAX_BYTES: usize = 256 << 10;
 /// needs at least 8 KiB. Beyond this the client gets 431.
 pub const REQUEST_HEAD_MAX_BYTES: usize = 16 << 10;
 
-/// How long a graceful stop waits for requests in flight before it drops
-/// the connections still open.
+/// How long a graceful stop waits for HTTP requests in flight before it
+/// drops the connections still open. Probes, scrapes and admin calls take
+/// milliseconds; 5 s lets a slow one finish while keeping the stop well
+/// inside the default shutdown grace (25 s) and Kubernetes' 30 s.
 pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often a connection checks whether its writes are stalled.
+/// How often an HTTP connection checks whether its writes are stalled: a
+/// stall is noticed at most this long after [`WRITE_STALL_TIMEOUT`] runs
+/// out (2.5 % late), and HTTP connections are few (at most
+/// [`HTTP_CONNECTIONS_MAX`]), so four timer wakes a second each cost
+/// nothing measurable.
 pub const HTTP_STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
