@@ -113,14 +113,16 @@ pub struct ServeArgs {
     )]
     http_listen: String,
 
-    /// Most client connections open at once, over both front doors
-    /// [default: as many as the fd limit allows, keeping headroom]
+    /// Most beanstalkd client connections open at once (HTTP has its own
+    /// small cap, so probes get through a full server) [default: as many as
+    /// the fd limit allows, keeping headroom]
     #[arg(long = "max-connections", env = "SPOOL_MAX_CONNECTIONS")]
     max_connections: Option<String>,
 
-    /// A connection that stops sending in the middle of a command line or
-    /// body for this long is closed (e.g. `30s`, `500ms`); idle connections
-    /// between commands are not.
+    /// A command line must arrive within this long of its first byte, and a
+    /// body within this long plus its size at 1 KiB/s, or the connection is
+    /// closed (e.g. `30s`, `500ms`); idle connections between commands are
+    /// not.
     #[arg(
         long = "request-timeout",
         env = "SPOOL_REQUEST_TIMEOUT",

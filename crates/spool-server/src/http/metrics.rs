@@ -371,7 +371,7 @@ fn write_connections(out: &mut Exposition, metrics: &ConnectionMetrics) {
         out.single(
             "spool_connections_max",
             MetricKind::Gauge,
-            "Most client connections admitted at once (--max-connections).",
+            "Most beanstalkd client connections admitted at once (--max-connections).",
             max as f64,
         );
     }
