@@ -9,6 +9,7 @@ pub mod durable;
 pub mod http;
 pub mod limits;
 mod local;
+pub mod net;
 pub mod process;
 
 pub use broker::{Broker, BrokerError, BrokerHealth, Peer, Session};

@@ -781,19 +781,8 @@ impl Signals {
 fn bind(listen: &ListenAddr) -> anyhow::Result<BeanstalkListener> {
     match listen {
         ListenAddr::Tcp(addr) => {
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            }?;
-            // A restarted server must not wait for old connections' TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            socket
-                .bind(*addr)
+            let listener = spool_server::net::bind_tcp(*addr, beanstalk::LISTEN_BACKLOG)
                 .with_context(|| format!("binding {addr}"))?;
-            let listener = socket
-                .listen(beanstalk::LISTEN_BACKLOG)
-                .with_context(|| format!("listening on {addr}"))?;
             Ok(BeanstalkListener::Tcp(listener))
         }
         ListenAddr::Unix(path) => {

@@ -190,8 +190,9 @@ fn seed() -> u64 {
 struct Spool {
     child: Child,
     port: u16,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
+    /// The server's stderr (stdout is not kept), drained by a thread.
+    output: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Spool {
@@ -228,27 +229,12 @@ impl Spool {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("spawning: {e}"))?;
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let reader = child.stderr.take().map(|mut pipe| {
-            let stderr = stderr.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut kept = stderr.lock().unwrap_or_else(|e| e.into_inner());
-                    kept.extend_from_slice(&chunk[..n]);
-                    let excess = kept.len().saturating_sub(64 * 1024);
-                    kept.drain(..excess);
-                }
-            })
-        });
+        let (output, readers) = support::drain_output(&mut child);
         Ok(Spool {
             child,
             port,
-            stderr,
-            reader,
+            output,
+            readers,
         })
     }
 
@@ -259,7 +245,7 @@ impl Spool {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = spool.child.try_wait() {
-                if let Some(reader) = spool.reader.take() {
+                for reader in spool.readers.drain(..) {
                     let _ = reader.join();
                 }
                 let text = spool.stderr_text();
@@ -289,7 +275,7 @@ impl Spool {
     }
 
     fn stderr_text(&self) -> String {
-        let kept = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = self.output.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&kept).into_owned()
     }
 }
@@ -297,7 +283,7 @@ impl Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         self.kill();
-        if let Some(reader) = self.reader.take() {
+        for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
     }

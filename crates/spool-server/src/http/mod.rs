@@ -407,14 +407,7 @@ fn command_name(method: &Method, path: &str) -> &'static str {
 /// Binds the HTTP listener (call inside the runtime). `SO_REUSEADDR` so a
 /// restarted server need not wait out the old connections' `TIME_WAIT`.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(HTTP_LISTEN_BACKLOG)
+    crate::net::bind_tcp(addr, HTTP_LISTEN_BACKLOG)
 }
 
 /// Runs the HTTP server on `listener` until `shutdown` completes, then
