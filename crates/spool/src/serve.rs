@@ -480,7 +480,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let http_workers = cpu.cpus.min(HTTP_WORKER_THREADS_MAX);
     tracing::info!(
         cpus = cpu.cpus,
-        quota_cpus = ?cpu.quota_cpus,
+        quota_cpus = cpu.quota_cpus,
         source = %cpu.source,
         data_path_threads = 1,
         http_threads = http_workers,
