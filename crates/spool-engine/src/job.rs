@@ -1,55 +1,31 @@
-//! The job model (DESIGN.md §3).
+//! The job model (DESIGN.md §3) as the engine stores it.
 //!
-//! A beanstalkd job is a small record; the fields only the HTTP API can set
-//! (headers, retry policy, idempotency key, result) live behind one optional
-//! box so a million beanstalkd jobs do not pay for them.
+//! A beanstalkd job is a small record; the fields only the job API sets
+//! (headers, retry policy, idempotency key, error, result) live behind one
+//! optional box, so a million beanstalkd jobs do not pay for them.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+pub use spool_broker::{Backoff, JobId, JobState};
 
 use crate::TubeId;
 
-/// Job ids are handed out from 1 upwards and never reused.
-pub type JobId = u64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobState {
-    Ready,
-    Reserved,
-    Delayed,
-    Buried,
-}
-
-impl JobState {
-    /// The name beanstalkd's `stats-job` uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Ready => "ready",
-            JobState::Reserved => "reserved",
-            JobState::Delayed => "delayed",
-            JobState::Buried => "buried",
-        }
-    }
-}
-
-/// How a failed attempt is delayed before the next one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub initial_ns: u64,
-    pub max_ns: u64,
-    /// Jitter as a fraction of the delay, in per-mille (0 = none).
-    pub jitter_permille: u16,
-}
-
-/// Fields that only the HTTP API can set.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Fields that only the job API sets; absent on a plain beanstalkd job.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobExtra {
     pub headers: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
+    /// Engine time the idempotency key stops matching.
+    pub idempotency_expires_at_ns: u64,
+    /// The job's own backoff; `None` takes the queue's, then the default.
     pub backoff: Option<Backoff>,
     pub last_error: Option<String>,
     pub result: Option<Bytes>,
+    pub cancel_requested: bool,
+    /// Engine time of the last change. Plain jobs derive it from their
+    /// state's timestamps instead (see `Engine::updated_at_ns`).
+    pub updated_at_ns: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -64,10 +40,11 @@ pub struct Job {
     pub created_at_ns: u64,
     /// When a delayed job becomes ready, or when a reservation expires. A
     /// ready job has no deadline: there it holds when the job became ready,
-    /// which the wait histogram needs (no extra field per job).
+    /// which the wait histogram needs (no extra field per job). A final job
+    /// holds when it finished.
     pub deadline_at_ns: u64,
     pub state: JobState,
-    /// Failed attempts so far (TTR expiries, later also worker `fail`s).
+    /// Failed attempts so far (lease expiries and worker fails).
     pub attempts: u32,
     /// 0 means no limit: beanstalkd's semantics.
     pub max_attempts: u32,
@@ -78,8 +55,15 @@ pub struct Job {
     pub releases: u32,
     pub buries: u32,
     pub kicks: u32,
-    /// Orders the buried list (FIFO) and a connection's reservations.
+    /// Orders the buried list (FIFO) and a connection's reservations; while
+    /// reserved it is the lease's token.
     pub(crate) seq: u64,
     pub(crate) reserver: Option<crate::ConnId>,
     pub extra: Option<Box<JobExtra>>,
+}
+
+impl Job {
+    pub(crate) fn extra_mut(&mut self) -> &mut JobExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
 }

@@ -8,18 +8,19 @@
 
 mod engine;
 mod job;
-pub mod metrics;
+pub mod limits;
 mod ms;
 mod record;
-mod snapshot;
 
 pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, RETIRED_QUEUES_MAX};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
-pub use metrics::{Buckets, Histogram};
 pub use record::{
-    job_record_log_bytes, JobRecord, LogRecord, RecordError, RestState, RECORD_FORMAT_VERSION,
+    job_record_log_bytes, job_snapshot_log_bytes, ChangeRecord, FullJobRecord, JobRecord,
+    LogRecord, QueueRecord, RecordError, RestState, DELETE_RECORD_LOG_BYTES, RECORD_FORMAT_VERSION,
 };
-pub use snapshot::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
-    SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
+// The broker-neutral types the engine fills, under their old paths too.
+pub use spool_broker::metrics;
+pub use spool_broker::{
+    Buckets, EngineSnapshot, Histogram, QueueCounters, QueueSnapshot, RetiredQueueSnapshot,
+    SessionSnapshot, SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
 };

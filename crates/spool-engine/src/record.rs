@@ -11,15 +11,35 @@
 //! `docs/wal-format.md`:
 //!
 //! ```text
-//! u8 payload version (= 1) | u8 kind | fields of the kind
+//! u8 payload version (1 or 2) | u8 kind | fields of the kind
 //! kind 1 Put:    u64 id | u32 pri | u64 ttr_ns | u64 delay_ns | u64 created_wall_ns
-//!                | u8 state | u64 due_wall_ns | u8 tube_len | tube | u32 body_len | body
-//! kind 2 Update: u64 id | u32 pri | u8 state | u64 due_wall_ns
+//!                | state | u8 tube_len | tube | u32 body_len | body
+//! kind 2 Update: u64 id | u32 pri | state                  (read only: version 1)
 //! kind 3 Delete: u64 id
-//! kind 4 Snapshot: as Put
+//! kind 4 Snapshot: as Put                                  (read only: version 1)
 //! kind 5 NextId: u64 id
-//! state: 0 ready, 1 delayed (until due_wall_ns), 2 buried
+//! kind 6 Job, 7 JobSnapshot (version 2): as Put, then u32 attempts
+//!                | u32 max_attempts | u64 version | extras
+//! kind 8 Change (version 2): u64 id | u64 version | u32 attempts | u32 pri
+//!                | u64 delay_ns | state | u8 flags (1 cancel requested)
+//!                | opt str32 last_error | opt bytes32 result | u64 updated_wall_ns
+//! kind 9 Batch (version 2): u32 count, then count × (u32 len | a payload)
+//! kind 10 Queue (version 2): u8 name_len | name | policy | opt (u64 start, u64 until)
+//! state: u8 code | u64 wall_ns: 0 ready, 1 delayed (until), 2 buried,
+//!        3 completed (at), 4 cancelled (at)
+//! extras: u8 present; if 1: u16 header count × (str16 name, str32 value)
+//!        | opt (str16 key, u64 expires_wall_ns) | opt backoff | opt str32 last_error
+//!        | opt bytes32 result | u8 flags (1 cancel requested) | u64 updated_wall_ns
+//! backoff: u64 initial_ms | u64 max_ms | f64 multiplier | f64 jitter
+//! policy: u8 presence bits (max_jobs, max_attempts, backoff, ttr_ms,
+//!        retention_ms, retention_max_jobs) then the present ones in that
+//!        order: u64 | u32 | backoff | u64 | u64 | u64
+//! opt X: u8 0, or u8 1 then X; strN/bytesN: uN length then the bytes
 //! ```
+//!
+//! A Batch is the records of one operation: replay applies all of them or
+//! (when the batch is torn off the log's end, which the log's per-record
+//! checksum catches) none.
 //!
 //! A Snapshot is a job's whole current state, written by compaction; it
 //! creates or replaces the job. Compaction writes snapshots of every live
@@ -33,25 +53,47 @@
 //! engine's monotonic nanoseconds in memory; `epoch_ns` (wall time at
 //! monotonic 0) converts between them.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
+use spool_broker::{Backoff, QueuePolicy};
 use spool_proto::TubeName;
 
-use crate::job::JobId;
+use crate::job::{JobExtra, JobId};
 
-/// Version of the payload layout above.
-pub const RECORD_FORMAT_VERSION: u8 = 1;
+/// Version of the payload layout written now; version 1 (kinds 1-5) is
+/// still read.
+pub const RECORD_FORMAT_VERSION: u8 = 2;
 
 const KIND_PUT: u8 = 1;
 const KIND_UPDATE: u8 = 2;
 const KIND_DELETE: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_NEXT_ID: u8 = 5;
+const KIND_JOB: u8 = 6;
+const KIND_JOB_SNAPSHOT: u8 = 7;
+const KIND_CHANGE: u8 = 8;
+const KIND_BATCH: u8 = 9;
+const KIND_QUEUE: u8 = 10;
 
-/// Bytes a job's Put or Snapshot record takes in the log, framing included
-/// (the write-ahead log adds 8 bytes of length and checksum per record).
+/// The write-ahead log's framing per record: length and checksum.
+const FRAME_BYTES: u64 = 8;
+
+/// Bytes a beanstalkd job's Put record takes in the log, framing included.
 pub fn job_record_log_bytes(tube_len: usize, body_len: usize) -> u64 {
-    (60 + tube_len + body_len) as u64
+    FRAME_BYTES + 52 + tube_len as u64 + body_len as u64
 }
+
+/// Bytes a job without extras takes in a compaction's JobSnapshot record,
+/// framing included: what a fully compacted log holds per live job.
+pub fn job_snapshot_log_bytes(tube_len: usize, body_len: usize) -> u64 {
+    job_record_log_bytes(tube_len, body_len) + 17
+}
+
+/// Bytes a Delete record takes in the log, framing included: the room the
+/// space reserve keeps per live job so that a full disk never refuses a
+/// delete. Checked against the encoder by a test.
+pub const DELETE_RECORD_LOG_BYTES: u64 = FRAME_BYTES + 10;
 
 /// Where a logged job rests. Reserved is not a resting state: it is logged
 /// as the state the job returns to.
@@ -63,9 +105,16 @@ pub enum RestState {
         due_ns: u64,
     },
     Buried,
+    /// Final, since this engine time.
+    Completed {
+        at_ns: u64,
+    },
+    Cancelled {
+        at_ns: u64,
+    },
 }
 
-/// A job's whole durable state.
+/// A job's durable state as a beanstalkd put has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
     pub id: JobId,
@@ -78,10 +127,46 @@ pub struct JobRecord {
     pub body: Bytes,
 }
 
+/// A job's whole durable state, job-API fields included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullJobRecord {
+    pub job: JobRecord,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub version: u64,
+    pub extra: Option<JobExtra>,
+}
+
+/// A job's durable fields after a change that keeps its body, headers and
+/// key: a release, bury, kick, fail, completion, cancellation or expiry.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub id: JobId,
+    pub version: u64,
+    pub attempts: u32,
+    pub pri: u32,
+    pub delay_ns: u64,
+    pub state: RestState,
+    pub cancel_requested: bool,
+    pub last_error: Option<String>,
+    pub result: Option<Bytes>,
+    pub updated_at_ns: u64,
+}
+
+/// A queue's settings as set through the job API: its policy and a pause.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueueRecord {
+    pub queue: Option<TubeName>,
+    pub policy: QueuePolicy,
+    /// (start, end) in engine time; `u64::MAX` ends never.
+    pub pause: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum LogRecord {
-    /// A new job.
+    /// A new job, put through beanstalkd.
     Put(JobRecord),
+    /// Written by version 1 only; replay still applies it.
     Update {
         id: JobId,
         pri: u32,
@@ -90,12 +175,21 @@ pub enum LogRecord {
     Delete {
         id: JobId,
     },
-    /// A job's current state, written by compaction: creates or replaces.
+    /// Written by version 1 only (compaction now writes JobSnapshot).
     Snapshot(JobRecord),
     /// Every id below this has been handed out.
     NextId {
         id: JobId,
     },
+    /// A new job, made through the job API.
+    Job(Box<FullJobRecord>),
+    /// A job's current state: creates or replaces (compaction, update).
+    JobSnapshot(Box<FullJobRecord>),
+    Change(Box<ChangeRecord>),
+    /// The records of one operation: all or none.
+    Batch(Vec<LogRecord>),
+    /// A queue's settings: replaces the previous ones.
+    Queue(Box<QueueRecord>),
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -107,6 +201,9 @@ pub enum RecordError {
     UnknownKind(u8),
     UnknownState(u8),
     BadTubeName,
+    BadText,
+    /// A batch inside a batch, which no release writes.
+    NestedBatch,
 }
 
 impl std::fmt::Display for RecordError {
@@ -117,6 +214,8 @@ impl std::fmt::Display for RecordError {
             RecordError::UnknownKind(k) => write!(f, "unknown record kind {k}"),
             RecordError::UnknownState(s) => write!(f, "unknown job state {s}"),
             RecordError::BadTubeName => f.write_str("record names an invalid tube"),
+            RecordError::BadText => f.write_str("record holds text that is not UTF-8"),
+            RecordError::NestedBatch => f.write_str("record nests a batch in a batch"),
         }
     }
 }
@@ -127,124 +226,353 @@ fn to_wall(ns: u64, epoch_ns: u64) -> u64 {
     epoch_ns.saturating_add(ns)
 }
 
-/// A wall time before this process started maps to engine time 0: due now.
+/// A wall time before engine time 0 maps to 0: due now.
 fn from_wall(wall_ns: u64, epoch_ns: u64) -> u64 {
     wall_ns.saturating_sub(epoch_ns)
 }
 
-fn put_state(out: &mut Vec<u8>, state: RestState, epoch_ns: u64) {
-    let (code, due) = match state {
-        RestState::Ready => (0u8, 0),
-        RestState::Delayed { due_ns } => (1, to_wall(due_ns, epoch_ns)),
-        RestState::Buried => (2, 0),
-    };
-    out.push(code);
-    out.extend_from_slice(&due.to_le_bytes());
+struct Writer<'a> {
+    out: &'a mut Vec<u8>,
+    epoch_ns: u64,
+}
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.out.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn time(&mut self, ns: u64) {
+        self.u64(to_wall(ns, self.epoch_ns));
+    }
+    fn bytes32(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.out.extend_from_slice(b);
+    }
+    /// Callers bound these strings well below 64 KiB (limits.rs).
+    fn str16(&mut self, s: &str) {
+        self.u16(s.len() as u16);
+        self.out.extend_from_slice(s.as_bytes());
+    }
+    fn opt_str32(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.u8(1);
+                self.bytes32(s.as_bytes());
+            }
+            None => self.u8(0),
+        }
+    }
+    fn opt_bytes32(&mut self, b: Option<&Bytes>) {
+        match b {
+            Some(b) => {
+                self.u8(1);
+                self.bytes32(b);
+            }
+            None => self.u8(0),
+        }
+    }
+    fn state(&mut self, state: RestState) {
+        let (code, at) = match state {
+            RestState::Ready => (0u8, None),
+            RestState::Delayed { due_ns } => (1, Some(due_ns)),
+            RestState::Buried => (2, None),
+            RestState::Completed { at_ns } => (3, Some(at_ns)),
+            RestState::Cancelled { at_ns } => (4, Some(at_ns)),
+        };
+        self.u8(code);
+        match at {
+            Some(ns) => self.time(ns),
+            None => self.u64(0),
+        }
+    }
+    fn backoff(&mut self, b: &Backoff) {
+        self.u64(b.initial_ms);
+        self.u64(b.max_ms);
+        self.u64(b.multiplier.to_bits());
+        self.u64(b.jitter.to_bits());
+    }
+    fn job(&mut self, job: &JobRecord) {
+        self.u64(job.id);
+        self.u32(job.pri);
+        self.u64(job.ttr_ns);
+        self.u64(job.delay_ns);
+        self.time(job.created_at_ns);
+        self.state(job.state);
+        // Tube names are at most 200 bytes.
+        self.u8(job.tube.as_str().len() as u8);
+        self.out.extend_from_slice(job.tube.as_str().as_bytes());
+        self.bytes32(&job.body);
+    }
+    fn full_job(&mut self, full: &FullJobRecord) {
+        self.job(&full.job);
+        self.u32(full.attempts);
+        self.u32(full.max_attempts);
+        self.u64(full.version);
+        let Some(extra) = &full.extra else {
+            self.u8(0);
+            return;
+        };
+        self.u8(1);
+        self.u16(extra.headers.len() as u16);
+        for (name, value) in &extra.headers {
+            self.str16(name);
+            self.bytes32(value.as_bytes());
+        }
+        match &extra.idempotency_key {
+            Some(key) => {
+                self.u8(1);
+                self.str16(key);
+                self.time(extra.idempotency_expires_at_ns);
+            }
+            None => self.u8(0),
+        }
+        match &extra.backoff {
+            Some(b) => {
+                self.u8(1);
+                self.backoff(b);
+            }
+            None => self.u8(0),
+        }
+        self.opt_str32(extra.last_error.as_deref());
+        self.opt_bytes32(extra.result.as_ref());
+        self.u8(u8::from(extra.cancel_requested));
+        self.time(extra.updated_at_ns);
+    }
+    fn policy(&mut self, p: &QueuePolicy) {
+        let bits = u8::from(p.max_jobs.is_some())
+            | u8::from(p.max_attempts.is_some()) << 1
+            | u8::from(p.backoff.is_some()) << 2
+            | u8::from(p.ttr_ms.is_some()) << 3
+            | u8::from(p.retention_ms.is_some()) << 4
+            | u8::from(p.retention_max_jobs.is_some()) << 5;
+        self.u8(bits);
+        if let Some(v) = p.max_jobs {
+            self.u64(v);
+        }
+        if let Some(v) = p.max_attempts {
+            self.u32(v);
+        }
+        if let Some(b) = &p.backoff {
+            self.backoff(b);
+        }
+        for v in [p.ttr_ms, p.retention_ms, p.retention_max_jobs]
+            .into_iter()
+            .flatten()
+        {
+            self.u64(v);
+        }
+    }
 }
 
 impl LogRecord {
     /// Appends the payload to `out`.
     pub fn encode(&self, epoch_ns: u64, out: &mut Vec<u8>) {
-        out.push(RECORD_FORMAT_VERSION);
+        let mut w = Writer { out, epoch_ns };
+        w.u8(RECORD_FORMAT_VERSION);
         match self {
             LogRecord::Put(job) => {
-                out.push(KIND_PUT);
-                encode_job(job, epoch_ns, out);
+                w.u8(KIND_PUT);
+                w.job(job);
             }
             LogRecord::Snapshot(job) => {
-                out.push(KIND_SNAPSHOT);
-                encode_job(job, epoch_ns, out);
+                w.u8(KIND_SNAPSHOT);
+                w.job(job);
             }
             LogRecord::NextId { id } => {
-                out.push(KIND_NEXT_ID);
-                out.extend_from_slice(&id.to_le_bytes());
+                w.u8(KIND_NEXT_ID);
+                w.u64(*id);
             }
             LogRecord::Update { id, pri, state } => {
-                out.push(KIND_UPDATE);
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&pri.to_le_bytes());
-                put_state(out, *state, epoch_ns);
+                w.u8(KIND_UPDATE);
+                w.u64(*id);
+                w.u32(*pri);
+                w.state(*state);
             }
             LogRecord::Delete { id } => {
-                out.push(KIND_DELETE);
-                out.extend_from_slice(&id.to_le_bytes());
+                w.u8(KIND_DELETE);
+                w.u64(*id);
+            }
+            LogRecord::Job(full) => {
+                w.u8(KIND_JOB);
+                w.full_job(full);
+            }
+            LogRecord::JobSnapshot(full) => {
+                w.u8(KIND_JOB_SNAPSHOT);
+                w.full_job(full);
+            }
+            LogRecord::Change(c) => {
+                w.u8(KIND_CHANGE);
+                w.u64(c.id);
+                w.u64(c.version);
+                w.u32(c.attempts);
+                w.u32(c.pri);
+                w.u64(c.delay_ns);
+                w.state(c.state);
+                w.u8(u8::from(c.cancel_requested));
+                w.opt_str32(c.last_error.as_deref());
+                w.opt_bytes32(c.result.as_ref());
+                w.time(c.updated_at_ns);
+            }
+            LogRecord::Batch(records) => {
+                w.u8(KIND_BATCH);
+                w.u32(records.len() as u32);
+                for record in records {
+                    let at = w.out.len();
+                    w.u32(0);
+                    record.encode(epoch_ns, w.out);
+                    let len = (w.out.len() - at - 4) as u32;
+                    w.out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+            }
+            LogRecord::Queue(q) => {
+                w.u8(KIND_QUEUE);
+                let name = q.queue.as_ref().map_or("", |n| n.as_str());
+                w.u8(name.len() as u8);
+                w.out.extend_from_slice(name.as_bytes());
+                w.policy(&q.policy);
+                match q.pause {
+                    Some((start, until)) => {
+                        w.u8(1);
+                        w.time(start);
+                        // "Never" stays never, whatever the epoch.
+                        w.u64(if until == u64::MAX {
+                            u64::MAX
+                        } else {
+                            to_wall(until, epoch_ns)
+                        });
+                    }
+                    None => w.u8(0),
+                }
             }
         }
     }
 
+    /// The payload's length, as [`LogRecord::encode`] would write it.
+    pub fn encoded_len(&self, epoch_ns: u64) -> usize {
+        let mut out = Vec::new();
+        self.encode(epoch_ns, &mut out);
+        out.len()
+    }
+
     pub fn decode(payload: &[u8], epoch_ns: u64) -> Result<LogRecord, RecordError> {
-        let mut r = Reader(payload);
+        Self::decode_in(payload, epoch_ns, false)
+    }
+
+    fn decode_in(payload: &[u8], epoch_ns: u64, in_batch: bool) -> Result<LogRecord, RecordError> {
+        let mut r = Reader {
+            buf: payload,
+            epoch_ns,
+        };
         let version = r.u8()?;
-        if version != RECORD_FORMAT_VERSION {
+        if version != 1 && version != RECORD_FORMAT_VERSION {
             return Err(RecordError::UnknownVersion(version));
         }
-        let record = match r.u8()? {
-            KIND_PUT => LogRecord::Put(decode_job(&mut r, epoch_ns)?),
-            KIND_SNAPSHOT => LogRecord::Snapshot(decode_job(&mut r, epoch_ns)?),
+        let kind = r.u8()?;
+        if version == 1 && kind > KIND_NEXT_ID {
+            return Err(RecordError::UnknownKind(kind));
+        }
+        let record = match kind {
+            KIND_PUT => LogRecord::Put(r.job()?),
+            KIND_SNAPSHOT => LogRecord::Snapshot(r.job()?),
             KIND_UPDATE => LogRecord::Update {
                 id: r.u64()?,
                 pri: r.u32()?,
-                state: r.state(epoch_ns)?,
+                state: r.state()?,
             },
             KIND_DELETE => LogRecord::Delete { id: r.u64()? },
             KIND_NEXT_ID => LogRecord::NextId { id: r.u64()? },
+            KIND_JOB => LogRecord::Job(Box::new(r.full_job()?)),
+            KIND_JOB_SNAPSHOT => LogRecord::JobSnapshot(Box::new(r.full_job()?)),
+            KIND_CHANGE => LogRecord::Change(Box::new(ChangeRecord {
+                id: r.u64()?,
+                version: r.u64()?,
+                attempts: r.u32()?,
+                pri: r.u32()?,
+                delay_ns: r.u64()?,
+                state: r.state()?,
+                cancel_requested: r.u8()? & 1 == 1,
+                last_error: r.opt_str32()?,
+                result: r.opt_bytes32()?,
+                updated_at_ns: r.time()?,
+            })),
+            KIND_BATCH => {
+                if in_batch {
+                    return Err(RecordError::NestedBatch);
+                }
+                let count = r.u32()?;
+                // Each record takes at least 6 bytes: no allocation from a
+                // count the payload cannot hold.
+                let mut records = Vec::with_capacity((count as usize).min(r.buf.len() / 6));
+                for _ in 0..count {
+                    let len = r.u32()? as usize;
+                    let inner = r.bytes(len)?;
+                    records.push(Self::decode_in(inner, epoch_ns, true)?);
+                }
+                LogRecord::Batch(records)
+            }
+            KIND_QUEUE => {
+                let len = r.u8()? as usize;
+                let name = r.bytes(len)?;
+                let queue = if name.is_empty() {
+                    None
+                } else {
+                    Some(TubeName::new(name).map_err(|_| RecordError::BadTubeName)?)
+                };
+                let policy = r.policy()?;
+                let pause = if r.u8()? == 1 {
+                    let start = r.time()?;
+                    let until = r.u64()?;
+                    let until = if until == u64::MAX {
+                        u64::MAX
+                    } else {
+                        from_wall(until, epoch_ns)
+                    };
+                    Some((start, until))
+                } else {
+                    None
+                };
+                LogRecord::Queue(Box::new(QueueRecord {
+                    queue,
+                    policy,
+                    pause,
+                }))
+            }
             kind => return Err(RecordError::UnknownKind(kind)),
         };
         Ok(record)
     }
 }
 
-fn encode_job(job: &JobRecord, epoch_ns: u64, out: &mut Vec<u8>) {
-    out.extend_from_slice(&job.id.to_le_bytes());
-    out.extend_from_slice(&job.pri.to_le_bytes());
-    out.extend_from_slice(&job.ttr_ns.to_le_bytes());
-    out.extend_from_slice(&job.delay_ns.to_le_bytes());
-    out.extend_from_slice(&to_wall(job.created_at_ns, epoch_ns).to_le_bytes());
-    put_state(out, job.state, epoch_ns);
-    // Tube names are at most 200 bytes.
-    out.push(job.tube.as_str().len() as u8);
-    out.extend_from_slice(job.tube.as_str().as_bytes());
-    out.extend_from_slice(&(job.body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&job.body);
+struct Reader<'a> {
+    buf: &'a [u8],
+    epoch_ns: u64,
 }
-
-fn decode_job(r: &mut Reader<'_>, epoch_ns: u64) -> Result<JobRecord, RecordError> {
-    let id = r.u64()?;
-    let pri = r.u32()?;
-    let ttr_ns = r.u64()?;
-    let delay_ns = r.u64()?;
-    let created_at_ns = from_wall(r.u64()?, epoch_ns);
-    let state = r.state(epoch_ns)?;
-    let tube_len = r.u8()? as usize;
-    let tube = TubeName::new(r.bytes(tube_len)?).map_err(|_| RecordError::BadTubeName)?;
-    let body_len = r.u32()? as usize;
-    let body = Bytes::copy_from_slice(r.bytes(body_len)?);
-    Ok(JobRecord {
-        id,
-        tube,
-        pri,
-        ttr_ns,
-        delay_ns,
-        created_at_ns,
-        state,
-        body,
-    })
-}
-
-struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        if self.0.len() < n {
+        if self.buf.len() < n {
             return Err(RecordError::Truncated);
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
         Ok(head)
     }
 
     fn u8(&mut self) -> Result<u8, RecordError> {
         Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
     fn u32(&mut self) -> Result<u32, RecordError> {
@@ -259,17 +587,156 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
 
-    fn state(&mut self, epoch_ns: u64) -> Result<RestState, RecordError> {
+    fn time(&mut self) -> Result<u64, RecordError> {
+        Ok(from_wall(self.u64()?, self.epoch_ns))
+    }
+
+    fn text(&mut self, len: usize) -> Result<String, RecordError> {
+        let bytes = self.bytes(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::BadText)
+    }
+
+    fn str16(&mut self) -> Result<String, RecordError> {
+        let len = self.u16()? as usize;
+        self.text(len)
+    }
+
+    fn str32(&mut self) -> Result<String, RecordError> {
+        let len = self.u32()? as usize;
+        self.text(len)
+    }
+
+    fn bytes32(&mut self) -> Result<Bytes, RecordError> {
+        let len = self.u32()? as usize;
+        Ok(Bytes::copy_from_slice(self.bytes(len)?))
+    }
+
+    fn present(&mut self) -> Result<bool, RecordError> {
+        Ok(self.u8()? == 1)
+    }
+
+    fn opt_str32(&mut self) -> Result<Option<String>, RecordError> {
+        if self.present()? {
+            Ok(Some(self.str32()?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn opt_bytes32(&mut self) -> Result<Option<Bytes>, RecordError> {
+        if self.present()? {
+            Ok(Some(self.bytes32()?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn state(&mut self) -> Result<RestState, RecordError> {
         let code = self.u8()?;
-        let due = self.u64()?;
+        let at = self.time()?;
         match code {
             0 => Ok(RestState::Ready),
-            1 => Ok(RestState::Delayed {
-                due_ns: from_wall(due, epoch_ns),
-            }),
+            1 => Ok(RestState::Delayed { due_ns: at }),
             2 => Ok(RestState::Buried),
+            3 => Ok(RestState::Completed { at_ns: at }),
+            4 => Ok(RestState::Cancelled { at_ns: at }),
             other => Err(RecordError::UnknownState(other)),
         }
+    }
+
+    fn backoff(&mut self) -> Result<Backoff, RecordError> {
+        Ok(Backoff {
+            initial_ms: self.u64()?,
+            max_ms: self.u64()?,
+            multiplier: f64::from_bits(self.u64()?),
+            jitter: f64::from_bits(self.u64()?),
+        })
+    }
+
+    fn job(&mut self) -> Result<JobRecord, RecordError> {
+        let id = self.u64()?;
+        let pri = self.u32()?;
+        let ttr_ns = self.u64()?;
+        let delay_ns = self.u64()?;
+        let created_at_ns = self.time()?;
+        let state = self.state()?;
+        let tube_len = self.u8()? as usize;
+        let tube = TubeName::new(self.bytes(tube_len)?).map_err(|_| RecordError::BadTubeName)?;
+        let body = self.bytes32()?;
+        Ok(JobRecord {
+            id,
+            tube,
+            pri,
+            ttr_ns,
+            delay_ns,
+            created_at_ns,
+            state,
+            body,
+        })
+    }
+
+    fn full_job(&mut self) -> Result<FullJobRecord, RecordError> {
+        let job = self.job()?;
+        let attempts = self.u32()?;
+        let max_attempts = self.u32()?;
+        let version = self.u64()?;
+        let extra = if self.present()? {
+            let count = self.u16()?;
+            let mut headers = BTreeMap::new();
+            for _ in 0..count {
+                let name = self.str16()?;
+                let value = self.str32()?;
+                headers.insert(name, value);
+            }
+            let (idempotency_key, idempotency_expires_at_ns) = if self.present()? {
+                (Some(self.str16()?), self.time()?)
+            } else {
+                (None, 0)
+            };
+            let backoff = if self.present()? {
+                Some(self.backoff()?)
+            } else {
+                None
+            };
+            Some(JobExtra {
+                headers,
+                idempotency_key,
+                idempotency_expires_at_ns,
+                backoff,
+                last_error: self.opt_str32()?,
+                result: self.opt_bytes32()?,
+                cancel_requested: self.u8()? & 1 == 1,
+                updated_at_ns: self.time()?,
+            })
+        } else {
+            None
+        };
+        Ok(FullJobRecord {
+            job,
+            attempts,
+            max_attempts,
+            version,
+            extra,
+        })
+    }
+
+    fn policy(&mut self) -> Result<QueuePolicy, RecordError> {
+        let bits = self.u8()?;
+        let has = |bit: u8| bits & (1 << bit) != 0;
+        let max_jobs = if has(0) { Some(self.u64()?) } else { None };
+        let max_attempts = if has(1) { Some(self.u32()?) } else { None };
+        let backoff = if has(2) { Some(self.backoff()?) } else { None };
+        let ttr_ms = if has(3) { Some(self.u64()?) } else { None };
+        let retention_ms = if has(4) { Some(self.u64()?) } else { None };
+        let retention_max_jobs = if has(5) { Some(self.u64()?) } else { None };
+        Ok(QueuePolicy {
+            max_jobs,
+            max_attempts,
+            backoff,
+            ttr_ms,
+            retention_ms,
+            retention_max_jobs,
+        })
     }
 }
 
@@ -326,6 +793,148 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn full_job(extra: bool) -> FullJobRecord {
+        let mut headers = BTreeMap::new();
+        headers.insert("trace".to_string(), "abc".to_string());
+        headers.insert("x".to_string(), String::new());
+        FullJobRecord {
+            job: JobRecord {
+                id: 9,
+                tube: TubeName::new(b"orders").unwrap(),
+                pri: 1024,
+                ttr_ns: 60_000_000_000,
+                delay_ns: 0,
+                created_at_ns: 1_000,
+                state: RestState::Completed { at_ns: 5_000 },
+                body: Bytes::from_static(b"{\"order\":42}"),
+            },
+            attempts: 2,
+            max_attempts: 25,
+            version: 7,
+            extra: extra.then(|| JobExtra {
+                headers,
+                idempotency_key: Some("order-42".into()),
+                idempotency_expires_at_ns: 86_400_000_000_000,
+                backoff: Some(Backoff::default()),
+                last_error: Some("boom".into()),
+                result: Some(Bytes::from_static(b"done")),
+                cancel_requested: true,
+                updated_at_ns: 5_000,
+            }),
+        }
+    }
+
+    #[test]
+    fn job_api_records_round_trip() {
+        let epoch = 1_577_836_800_000_000_000;
+        let change = ChangeRecord {
+            id: 9,
+            version: 8,
+            attempts: 3,
+            pri: 5,
+            delay_ns: 2_000_000,
+            state: RestState::Cancelled { at_ns: 77 },
+            cancel_requested: true,
+            last_error: Some("ü".into()),
+            result: None,
+            updated_at_ns: 77,
+        };
+        let queue = QueueRecord {
+            queue: Some(TubeName::new(b"orders").unwrap()),
+            policy: QueuePolicy {
+                max_jobs: Some(10),
+                max_attempts: None,
+                backoff: Some(Backoff::default()),
+                ttr_ms: Some(1),
+                retention_ms: None,
+                retention_max_jobs: Some(3),
+            },
+            pause: Some((10, u64::MAX)),
+        };
+        let records = [
+            LogRecord::Job(Box::new(full_job(true))),
+            LogRecord::JobSnapshot(Box::new(full_job(false))),
+            LogRecord::Change(Box::new(change.clone())),
+            LogRecord::Queue(Box::new(queue)),
+            LogRecord::Batch(vec![
+                LogRecord::Job(Box::new(full_job(true))),
+                LogRecord::Change(Box::new(change)),
+                LogRecord::Delete { id: 3 },
+            ]),
+        ];
+        for record in records {
+            let mut bytes = Vec::new();
+            record.encode(epoch, &mut bytes);
+            assert_eq!(bytes[0], RECORD_FORMAT_VERSION);
+            assert_eq!(record.encoded_len(epoch), bytes.len());
+            assert_eq!(LogRecord::decode(&bytes, epoch), Ok(record.clone()));
+            for cut in 0..bytes.len() {
+                assert!(
+                    LogRecord::decode(&bytes[..cut], epoch).is_err(),
+                    "cut at {cut} of {record:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn size_figures_come_from_the_encoder() {
+        let mut delete = Vec::new();
+        LogRecord::Delete { id: u64::MAX }.encode(0, &mut delete);
+        assert_eq!(delete.len() as u64 + FRAME_BYTES, DELETE_RECORD_LOG_BYTES);
+        let plain = full_job(false);
+        let mut snapshot = Vec::new();
+        LogRecord::JobSnapshot(Box::new(plain.clone())).encode(0, &mut snapshot);
+        assert_eq!(
+            snapshot.len() as u64 + FRAME_BYTES,
+            job_snapshot_log_bytes(plain.job.tube.as_str().len(), plain.job.body.len())
+        );
+    }
+
+    #[test]
+    fn version_1_payloads_are_read() {
+        // A Delete and a NextId as spool 0.1.0 wrote them.
+        let mut delete = vec![1, KIND_DELETE];
+        delete.extend_from_slice(&42u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&delete, 0),
+            Ok(LogRecord::Delete { id: 42 })
+        );
+        let mut update = vec![1, KIND_UPDATE];
+        update.extend_from_slice(&7u64.to_le_bytes());
+        update.extend_from_slice(&3u32.to_le_bytes());
+        update.push(2);
+        update.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&update, 0),
+            Ok(LogRecord::Update {
+                id: 7,
+                pri: 3,
+                state: RestState::Buried
+            })
+        );
+        // Version 1 had no job-API kinds; a later version byte is refused.
+        assert_eq!(
+            LogRecord::decode(&[1, KIND_JOB], 0),
+            Err(RecordError::UnknownKind(KIND_JOB))
+        );
+        assert_eq!(
+            LogRecord::decode(&[3, KIND_DELETE], 0),
+            Err(RecordError::UnknownVersion(3))
+        );
+    }
+
+    #[test]
+    fn a_batch_in_a_batch_is_refused() {
+        let mut bytes = Vec::new();
+        LogRecord::Batch(vec![LogRecord::Batch(Vec::new())]).encode(0, &mut bytes);
+        assert_eq!(LogRecord::decode(&bytes, 0), Err(RecordError::NestedBatch));
+        // A count the payload cannot hold allocates nothing and is refused.
+        let mut huge = vec![RECORD_FORMAT_VERSION, KIND_BATCH];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(LogRecord::decode(&huge, 0), Err(RecordError::Truncated));
     }
 
     #[test]

@@ -48,12 +48,12 @@ use spool_proto::{encode_response, ProtocolError, Request, RequestDecoder, Respo
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 
-use crate::broker::{Broker, Peer, Session};
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
     ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES, REQUEST_BODY_MIN_BYTES_PER_SEC,
     REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
+use spool_broker::{Broker, Peer, Session};
 
 /// Kept here too, where `spool serve` binds the listener.
 pub use crate::limits::LISTEN_BACKLOG;

@@ -34,9 +34,12 @@ use tokio::sync::mpsc;
 
 use crate::local::{Clock, CommitAck, LogLink, LogMsg};
 
-/// Room held for one job's delete record: 10 bytes of payload and 8 of
-/// framing.
-const DELETE_RESERVE_BYTES: u64 = 18;
+/// Room held for one job's delete record, as the engine encodes it.
+const DELETE_RESERVE_BYTES: u64 = spool_engine::DELETE_RECORD_LOG_BYTES;
+
+// The engine refuses operations whose records the log could not take.
+const _: () =
+    assert!(spool_engine::limits::RECORD_PAYLOAD_MAX_BYTES == spool_wal::RECORD_MAX_BYTES);
 
 /// Free space below which a write first takes its room from the reserve.
 const LOW_SPACE_MARGIN_BYTES: u64 = 256 << 10;
@@ -174,6 +177,7 @@ pub fn recover(
     clock: &Clock,
 ) -> Result<(Wal, RecoveryReport), RecoverError> {
     let mut recovery = Wal::open(dir, options)?;
+    engine.set_replay_now(clock.now_ns());
     let mut index = 0u64;
     while let Some(payload) = recovery.next_record()? {
         let record = LogRecord::decode(payload, clock.epoch_ns())

@@ -3,7 +3,6 @@
 //! speak to clients.
 
 pub mod beanstalk;
-mod broker;
 pub mod connections;
 pub mod durable;
 pub mod http;
@@ -12,9 +11,11 @@ mod local;
 pub mod net;
 pub mod process;
 
-pub use broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
 pub use durable::{SharedStorageStats, StorageStats};
-pub use local::{Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink};
+pub use local::{
+    Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink, ENGINE_EPOCH_WALL_NS,
+};
+pub use spool_broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
 pub use spool_engine::metrics::{
     Buckets, Histogram, COMMIT_BATCH_BUCKETS_RECORDS, IO_LATENCY_BUCKETS_SECONDS,
     QUEUE_LATENCY_BUCKETS_SECONDS,

@@ -29,11 +29,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use spool_broker::{Broker, BrokerError, BrokerHealth, Leased, Op, Outcome, Peer, Session};
 use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord, SnapshotScope};
-use spool_proto::{Request, Response};
+use spool_proto::{Request, Response, TubeName};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
 use crate::durable::SharedStorageStats;
 use crate::process::ProcessInfo;
 
@@ -41,12 +41,21 @@ use crate::process::ProcessInfo;
 /// delivers replies; bounds the latency one busy wake-up can add.
 const MESSAGES_PER_ROUND_MAX: usize = 4096;
 
-/// The engine's clock: monotonic nanoseconds since the broker started, and
-/// the wall-clock time of that start, which log records are stored in.
-#[derive(Debug, Clone, Copy)]
+/// Engine time 0 on the wall clock: 2020-01-01T00:00:00Z, in nanoseconds
+/// since the Unix epoch. A fixed origin (not the process start) lets the
+/// instants of earlier runs (a job's creation, its finish) come back from
+/// the log exactly instead of being clamped to this run's start.
+pub const ENGINE_EPOCH_WALL_NS: u64 = 1_577_836_800_000_000_000;
+
+/// The engine's clock: nanoseconds since [`ENGINE_EPOCH_WALL_NS`], read
+/// from the wall clock once at start and advanced by a monotonic clock
+/// after that (so a wall-clock step never moves a timer); or, for tests, a
+/// manual clock that only [`Clock::advance`] moves.
+#[derive(Debug, Clone)]
 pub struct Clock {
     start: Instant,
-    epoch_ns: u64,
+    start_ns: u64,
+    manual: Option<Arc<AtomicU64>>,
 }
 
 impl Clock {
@@ -56,21 +65,49 @@ impl Clock {
             .unwrap_or_default();
         Clock {
             start: Instant::now(),
-            epoch_ns: wall.as_nanos() as u64,
+            start_ns: (wall.as_nanos() as u64).saturating_sub(ENGINE_EPOCH_WALL_NS),
+            manual: None,
+        }
+    }
+
+    /// A clock that stands still at `now_ns` until advanced: tests control
+    /// time with it (no sleeps for TTRs, backoffs or retention).
+    pub fn manual(now_ns: u64) -> Clock {
+        Clock {
+            start: Instant::now(),
+            start_ns: now_ns,
+            manual: Some(Arc::new(AtomicU64::new(now_ns))),
         }
     }
 
     pub fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        match &self.manual {
+            Some(now) => now.load(Ordering::Acquire),
+            None => self.start_ns + self.start.elapsed().as_nanos() as u64,
+        }
+    }
+
+    /// Moves a manual clock forward (no-op on a real one).
+    pub fn advance(&self, ns: u64) {
+        if let Some(now) = &self.manual {
+            now.fetch_add(ns, Ordering::AcqRel);
+        }
     }
 
     /// Wall-clock nanoseconds since the Unix epoch at engine time 0.
     pub fn epoch_ns(&self) -> u64 {
-        self.epoch_ns
+        ENGINE_EPOCH_WALL_NS
     }
 
-    fn instant_at(&self, ns: u64) -> Instant {
-        self.start + Duration::from_nanos(ns)
+    /// When engine time `ns` comes on the monotonic clock; `None` on a
+    /// manual clock (its timers run when it is advanced) or past any
+    /// representable instant.
+    fn instant_at(&self, ns: u64) -> Option<Instant> {
+        if self.manual.is_some() {
+            return None;
+        }
+        self.start
+            .checked_add(Duration::from_nanos(ns.saturating_sub(self.start_ns)))
     }
 }
 
@@ -164,13 +201,41 @@ pub struct LogLink {
 }
 
 enum Msg {
-    Open { id: ConnId, mailbox: Arc<Mailbox> },
-    Submit { id: ConnId, requests: Vec<Request> },
-    Hangup { id: ConnId },
-    Close { id: ConnId },
+    Open {
+        id: ConnId,
+        mailbox: Arc<Mailbox>,
+    },
+    Submit {
+        id: ConnId,
+        requests: Vec<Request>,
+    },
+    Hangup {
+        id: ConnId,
+    },
+    Close {
+        id: ConnId,
+    },
     SetDraining(bool),
     Snapshot(SnapshotScope, oneshot::Sender<EngineSnapshot>),
     BeginShutdown,
+    /// One job-API operation, where its answer goes, and the engine time it
+    /// was sent at (a reserve's timeout counts from then).
+    Op(Op, Answer, u64),
+    /// A manual clock moved: run timers.
+    Tick,
+}
+
+/// Where a job-API operation's answer goes.
+type Answer = oneshot::Sender<Result<Outcome, BrokerError>>;
+
+/// A job-API reserve waiting for jobs.
+#[derive(Debug)]
+struct ParkedReserve {
+    queues: Vec<TubeName>,
+    batch: u32,
+    /// Engine time it answers empty at.
+    until_ns: u64,
+    answer: Answer,
 }
 
 /// The health flags: written by the engine task (and by the broker handle
@@ -219,11 +284,14 @@ impl Mailbox {
     }
 }
 
-/// A reply or the end of a session, on its way to a mailbox.
+/// A reply or the end of a session, on its way to a mailbox; or a job-API
+/// answer on its way to its caller.
 #[derive(Debug)]
 enum Delivery {
     Reply(Arc<Mailbox>, Response),
     Close(Arc<Mailbox>),
+    /// Boxed: the beanstalkd path moves many deliveries, few answers.
+    Answer(Box<(Answer, Result<Outcome, BrokerError>)>),
 }
 
 /// What a delivery must wait for before the client may see it.
@@ -276,11 +344,23 @@ struct HeldRound {
 
 /// The job a log record changes; None for records that change no job's
 /// state (compaction snapshots rewrite what is already there).
-fn changed_job(record: &LogRecord) -> Option<u64> {
+fn changed_jobs(record: &LogRecord, out: &mut Vec<u64>) {
     match record {
-        LogRecord::Put(job) => Some(job.id),
-        LogRecord::Update { id, .. } | LogRecord::Delete { id } => Some(*id),
-        LogRecord::Snapshot(_) | LogRecord::NextId { .. } => None,
+        LogRecord::Put(job) => out.push(job.id),
+        LogRecord::Job(full) => out.push(full.job.id),
+        LogRecord::Change(change) => out.push(change.id),
+        LogRecord::Update { id, .. } | LogRecord::Delete { id } => out.push(*id),
+        LogRecord::Batch(records) => {
+            for record in records {
+                changed_jobs(record, out);
+            }
+        }
+        // An update through the job API is logged as a snapshot outside
+        // compaction too: its job counts as changed. A compaction's
+        // snapshots rewrite what is there; counting them only makes a
+        // reply wait for the round it was in anyway.
+        LogRecord::JobSnapshot(full) => out.push(full.job.id),
+        LogRecord::Snapshot(_) | LogRecord::NextId { .. } | LogRecord::Queue(_) => {}
     }
 }
 
@@ -291,13 +371,14 @@ pub struct LocalBroker {
     next_id: Arc<AtomicU64>,
     health: Arc<HealthFlags>,
     storage: Option<SharedStorageStats>,
+    clock: Clock,
 }
 
 impl LocalBroker {
     /// Starts the engine task on the current tokio runtime. With `log`, the
     /// engine must have logging enabled and replies wait for commits.
     pub fn start(
-        engine: Engine,
+        mut engine: Engine,
         clock: Clock,
         log: Option<LogSink>,
         process: ProcessInfo,
@@ -305,14 +386,23 @@ impl LocalBroker {
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(HealthFlags::default());
         let storage = log.as_ref().map(|sink| sink.stats().clone());
-        let task = EngineTask::new(engine, clock, log, process, health.clone());
+        engine.set_epoch_ns(clock.epoch_ns());
+        let task = EngineTask::new(engine, clock.clone(), log, process, health.clone());
         tokio::spawn(task.run(rx));
         LocalBroker {
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
             health,
             storage,
+            clock,
         }
+    }
+
+    /// Moves a manual clock (see [`Clock::manual`]) forward and runs the
+    /// timers that came due; operations sent after this see them done.
+    pub fn advance_clock(&self, ns: u64) {
+        self.clock.advance(ns);
+        let _ = self.tx.send(Msg::Tick);
     }
 
     /// The log's figures (commits, fsync latency, segments), or `None` when
@@ -374,6 +464,20 @@ impl Broker for LocalBroker {
     fn begin_shutdown(&self) {
         self.health.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.tx.send(Msg::BeginShutdown);
+    }
+
+    fn call(&self, op: Op) -> impl Future<Output = Result<Outcome, BrokerError>> + Send {
+        let (answer, answered) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Msg::Op(op, answer, self.clock.now_ns()))
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(BrokerError::Closed);
+            }
+            answered.await.map_err(|_| BrokerError::Closed)?
+        }
     }
 }
 
@@ -491,6 +595,12 @@ struct EngineTask {
     process: ProcessInfo,
     log: Option<LogState>,
     health: Arc<HealthFlags>,
+    /// Job-API operations received this round, in order.
+    ops: Vec<(Op, Answer, u64)>,
+    /// Job-API reserves waiting for a job or their timeout.
+    parked: Vec<ParkedReserve>,
+    /// The engine's `ready_events` when the parked reserves last tried.
+    parked_events: u64,
 }
 
 impl EngineTask {
@@ -511,6 +621,9 @@ impl EngineTask {
             round: Vec::new(),
             touched: Vec::new(),
             process,
+            ops: Vec::new(),
+            parked: Vec::new(),
+            parked_events: 0,
             log: log.map(|sink| LogState {
                 sink,
                 records: Vec::new(),
@@ -533,7 +646,7 @@ impl EngineTask {
                 _ => None,
             };
             let sleep_until = next_wake
-                .map(|at| self.clock.instant_at(at))
+                .and_then(|at| self.clock.instant_at(at))
                 .into_iter()
                 .chain(inline_due)
                 .min();
@@ -558,6 +671,7 @@ impl EngineTask {
             loop {
                 self.run_sessions(now);
                 self.engine.tick(now);
+                self.run_ops(now);
                 if !self.collect() {
                     break;
                 }
@@ -566,7 +680,12 @@ impl EngineTask {
                 self.close_idle_sessions();
             }
             self.finish_round();
-            next_wake = self.engine.next_wake();
+            next_wake = self
+                .engine
+                .next_wake()
+                .into_iter()
+                .chain(self.parked.iter().map(|p| p.until_ns))
+                .min();
             if self.log.as_ref().is_some_and(|l| l.compaction.is_some()) {
                 // More snapshot work: come back after others had a turn.
                 tokio::task::yield_now().await;
@@ -637,7 +756,77 @@ impl EngineTask {
                 // The health flag was set by `begin_shutdown` itself.
                 self.engine.begin_shutdown();
             }
+            Msg::Op(op, answer, sent_ns) => self.ops.push((op, answer, sent_ns)),
+            // The round that follows runs the timers.
+            Msg::Tick => {}
         }
+    }
+
+    /// Runs this round's job-API operations, then tries the parked
+    /// reserves again if jobs became ready since they last tried, and
+    /// answers those whose time is up (all of them once shutting down).
+    fn run_ops(&mut self, now: u64) {
+        for (op, answer, sent_ns) in std::mem::take(&mut self.ops) {
+            let outcome = match op {
+                Op::Reserve {
+                    queues,
+                    batch,
+                    timeout_ms,
+                } => match self.engine.try_reserve(&queues, batch, now) {
+                    Ok(jobs)
+                        if jobs.is_empty()
+                            && now
+                                < sent_ns.saturating_add(timeout_ms.saturating_mul(1_000_000))
+                            && !self.engine.is_shutting_down() =>
+                    {
+                        self.parked.push(ParkedReserve {
+                            queues,
+                            batch,
+                            until_ns: sent_ns.saturating_add(timeout_ms.saturating_mul(1_000_000)),
+                            answer,
+                        });
+                        continue;
+                    }
+                    reserved => reserved.map(Outcome::Leased),
+                },
+                op => self.engine.apply(op, now),
+            };
+            self.answer(answer, outcome);
+        }
+        let events = self.engine.ready_events();
+        let retry = std::mem::replace(&mut self.parked_events, events) != events;
+        if self.parked.is_empty() {
+            return;
+        }
+        let shutting_down = self.engine.is_shutting_down();
+        for parked in std::mem::take(&mut self.parked) {
+            // A caller that gave up gets no job: it would sit leased until
+            // its TTR.
+            if parked.answer.is_closed() {
+                continue;
+            }
+            let jobs: Vec<Leased> = if retry && !shutting_down {
+                self.engine
+                    .try_reserve(&parked.queues, parked.batch, now)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if !jobs.is_empty() || shutting_down || now >= parked.until_ns {
+                self.answer(parked.answer, Ok(Outcome::Leased(jobs)));
+            } else {
+                self.parked.push(parked);
+            }
+        }
+    }
+
+    /// Answers a job-API operation once what it did is durable.
+    fn answer(&mut self, answer: Answer, outcome: Result<Outcome, BrokerError>) {
+        self.round.push(Outgoing {
+            conn: 0,
+            need: Need::Commit,
+            delivery: Delivery::Answer(Box::new((answer, outcome))),
+        });
     }
 
     /// While shutting down: closes every session that holds no reserved
@@ -770,16 +959,19 @@ impl EngineTask {
             let round = log.last_round;
             let records = std::mem::take(&mut log.records);
             let mut jobs = Vec::new();
-            for id in records.iter().filter_map(changed_job) {
+            for record in &records {
+                changed_jobs(record, &mut jobs);
+            }
+            for &id in &jobs {
                 log.uncommitted_jobs.insert(id, round);
-                jobs.push(id);
             }
             log.held.push_back(HeldRound {
                 round,
                 deliveries: Vec::new(),
                 jobs,
             });
-            let live_jobs = self.engine.job_count() as u64;
+            // Final jobs can be deleted too: room for their deletes.
+            let live_jobs = self.engine.durable_job_count() as u64;
             sent = log.sink.send(
                 LogMsg::Batch {
                     round,
@@ -821,7 +1013,14 @@ impl EngineTask {
                 Need::Commit => log.last_round,
                 Need::Job(id) => log.uncommitted_jobs.get(&id).copied().unwrap_or(0),
             };
-            let behind = log.session_holds.get(&conn).copied().unwrap_or(0);
+            // Job-API answers belong to no session: they wait for their
+            // own needs only.
+            let answer = matches!(delivery, Delivery::Answer(..));
+            let behind = if answer {
+                0
+            } else {
+                log.session_holds.get(&conn).copied().unwrap_or(0)
+            };
             let wait_for = needed.max(behind);
             let closing = matches!(delivery, Delivery::Close(_));
             if wait_for <= log.committed_round {
@@ -834,7 +1033,7 @@ impl EngineTask {
                     Some(held) => {
                         debug_assert_eq!(held.round, wait_for);
                         held.deliveries.push(delivery);
-                        if wait_for > behind {
+                        if wait_for > behind && !answer {
                             log.session_holds.insert(conn, wait_for);
                         }
                     }
@@ -863,10 +1062,10 @@ impl EngineTask {
                 live_bytes = self.engine.live_log_bytes(),
                 "compacting the log"
             );
-            log.compaction = Some(self.engine.jobs().map(|j| j.id).collect());
+            log.compaction = Some(self.engine.compaction_ids());
             // First after the cut: ids in use stay taken when the records
-            // that used them are compacted away.
-            log.records.push(self.engine.next_id_record());
+            // that used them are compacted away, and queue settings.
+            log.records.extend(self.engine.compaction_start_records());
             // Until the next commit reports the new size.
             log.log_bytes = 0;
             sent &= log.sink.send(LogMsg::BeginCompaction, &mut acks);
@@ -953,7 +1152,13 @@ fn fail_unsaved_change(delivery: Delivery) -> Delivery {
             };
             Delivery::Reply(mailbox, response)
         }
-        close => close,
+        Delivery::Answer(answered) if answered.1.is_ok() => Delivery::Answer(Box::new((
+            answered.0,
+            Err(BrokerError::Storage(
+                "the change could not be logged; changes are refused until restart".into(),
+            )),
+        ))),
+        other => other,
     }
 }
 
@@ -969,6 +1174,12 @@ fn deliver(deliveries: Vec<Delivery>) {
             Delivery::Close(mailbox) => {
                 mailbox.lock().closed = true;
                 mailbox
+            }
+            Delivery::Answer(answered) => {
+                let (answer, outcome) = *answered;
+                // The caller may have given up; that is its business.
+                let _ = answer.send(outcome);
+                continue;
             }
         };
         if !to_wake.last().is_some_and(|m| Arc::ptr_eq(m, &mailbox)) {

@@ -595,10 +595,12 @@ async fn serve(
                 options = options.zero_fill_ahead_bytes(0);
             }
             let recover_dir = dir.clone();
+            let replay_clock = clock.clone();
             tracing::info!(dir = %dir.display(), "replaying the log");
             // Replay runs off the runtime so that the runtime stays free.
             let replay = tokio::task::spawn_blocking(move || {
-                let (wal, report) = durable::recover(&recover_dir, options, &mut engine, &clock)?;
+                let (wal, report) =
+                    durable::recover(&recover_dir, options, &mut engine, &replay_clock)?;
                 Ok::<_, durable::RecoverError>((wal, report, engine))
             });
             // A signal during a long replay stops the process now: nothing

@@ -16,8 +16,8 @@ use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot, SnapshotScope
 
 use super::metrics::{ProcessFigures, RuntimeFigures};
 use super::{ApiError, HttpState};
-use crate::broker::Broker;
 use crate::durable::StorageStats;
+use spool_broker::Broker;
 
 /// Quantile shown as a queue's wait figure: the p99 an on-call engineer
 /// compares against the queue's latency objective.

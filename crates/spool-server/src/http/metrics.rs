@@ -19,9 +19,9 @@ use spool_engine::{EngineSnapshot, Histogram, QueueCounters, QueueSnapshot, Snap
 
 use super::exposition::{Exposition, HistogramSample, MetricKind, CONTENT_TYPE};
 use super::{text_response, HttpState};
-use crate::broker::Broker;
 use crate::connections::{ConnectionMetrics, ProtocolMetrics};
 use crate::durable::StorageStats;
+use spool_broker::Broker;
 
 /// Process facts read from `/proc` and libc.
 #[derive(Debug, Clone, Default)]

@@ -58,9 +58,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::broker::Broker;
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::durable::SharedStorageStats;
+use spool_broker::Broker;
 
 use crate::limits::{ACCEPT_ERROR_BACKOFF, HTTP_LISTEN_BACKLOG, HTTP_STALL_CHECK_INTERVAL};
 pub use crate::limits::{

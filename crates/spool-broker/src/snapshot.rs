@@ -1,6 +1,6 @@
 //! Plain-data pictures of the engine for metrics and introspection.
 //!
-//! [`Engine::snapshot`](crate::Engine::snapshot) fills an
+//! `spool_engine::Engine::snapshot` fills an
 //! [`EngineSnapshot`] at one `now`; adapters turn it into Prometheus text,
 //! `/admin/*` JSON or `spool top` rows without touching the engine again.
 //! Everything here is owned data, so a snapshot can cross threads and
@@ -81,7 +81,7 @@ pub struct QueueSnapshot {
 
 /// A freed tube's job counters, kept so that Prometheus counters do not
 /// restart at zero when a tube comes and goes. Its histograms are not kept
-/// (see [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX)); it holds no job
+/// (see `spool_engine::RETIRED_QUEUES_MAX`); it holds no job
 /// and no session refers to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetiredQueueSnapshot {
@@ -115,7 +115,7 @@ pub struct EngineSnapshot {
     pub queues: Vec<QueueSnapshot>,
     /// Queues that were freed (no job, no session refers to them) after
     /// counting at least one job event, with their counters; oldest freed
-    /// first, at most [`RETIRED_QUEUES_MAX`](crate::RETIRED_QUEUES_MAX).
+    /// first, at most `spool_engine::RETIRED_QUEUES_MAX`.
     pub retired_queues: Vec<RetiredQueueSnapshot>,
     /// Sessions by id; empty when taken with [`SnapshotScope::Queues`].
     pub sessions: Vec<SessionSnapshot>,

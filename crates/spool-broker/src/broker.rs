@@ -1,33 +1,26 @@
 //! The seam between front doors and storage.
 //!
-//! Adapters (the beanstalkd listener now, the HTTP API later) talk to a
-//! [`Broker`] and never to an engine or a database directly. The local
-//! broker runs the in-process engine; a PostgreSQL broker will implement the
-//! same two traits, so adapters need no change when it lands.
+//! Adapters (the beanstalkd listener, the HTTP API) talk to a [`Broker`] and
+//! never to an engine or a database directly. Two kinds of call cross it:
+//!
+//! - [`Broker::call`] runs one typed [`Op`] of the job model. Each op is one
+//!   unit of commit: the local broker runs it in one engine round and logs
+//!   its records as one atomic batch; a PostgreSQL broker runs it as one
+//!   transaction. Nothing is answered before its changes are durable.
+//! - A [`Session`] is a beanstalkd client's view (the tube it uses, the
+//!   tubes it watches, the leases it holds), fed with that protocol's
+//!   requests in pipelined batches, so the beanstalkd path keeps its one
+//!   message per batch. Its leases are the same leases typed ops use; when
+//!   the session ends they are handed back.
 
-use std::fmt;
 use std::future::Future;
 use std::task::{Context, Poll};
 
-use spool_engine::{EngineSnapshot, SnapshotScope};
 use spool_proto::{Request, Response};
 
-/// Why a broker could not serve a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerError {
-    /// The broker has shut down.
-    Closed,
-}
-
-impl fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BrokerError::Closed => f.write_str("the broker has shut down"),
-        }
-    }
-}
-
-impl std::error::Error for BrokerError {}
+use crate::error::BrokerError;
+use crate::model::{JobId, JobView, Lease, Leased, NewJob, Op, Outcome, QueueName};
+use crate::snapshot::{EngineSnapshot, SnapshotScope};
 
 /// Who is on the other end of a session, for introspection.
 #[derive(Debug, Clone, Default)]
@@ -82,13 +75,69 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// closed once it holds none. Whoever enforces the grace period drops
     /// the sessions left, which releases their jobs.
     fn begin_shutdown(&self);
+
+    /// Runs one operation of the job model. Blocking ops (a reserve with a
+    /// timeout) end early, with what they have, when a shutdown begins.
+    fn call(&self, op: Op) -> impl Future<Output = Result<Outcome, BrokerError>> + Send;
+
+    /// [`Op::Enqueue`]: the job, and whether an idempotency key matched an
+    /// existing one (then nothing new was made).
+    fn enqueue(
+        &self,
+        queue: QueueName,
+        job: NewJob,
+    ) -> impl Future<Output = Result<(JobView, bool), BrokerError>> + Send {
+        let call = self.call(Op::Enqueue { queue, job });
+        async move {
+            match call.await? {
+                Outcome::Enqueued { job, duplicate } => Ok((job, duplicate)),
+                other => Err(BrokerError::unexpected(&other)),
+            }
+        }
+    }
+
+    /// [`Op::Get`].
+    fn get(&self, id: JobId) -> impl Future<Output = Result<JobView, BrokerError>> + Send {
+        let call = self.call(Op::Get { id });
+        async move { call.await?.into_job() }
+    }
+
+    /// [`Op::Reserve`].
+    fn reserve(
+        &self,
+        queues: Vec<QueueName>,
+        batch: u32,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send {
+        let call = self.call(Op::Reserve {
+            queues,
+            batch,
+            timeout_ms,
+        });
+        async move {
+            match call.await? {
+                Outcome::Leased(jobs) => Ok(jobs),
+                other => Err(BrokerError::unexpected(&other)),
+            }
+        }
+    }
+
+    /// [`Op::Complete`].
+    fn complete(
+        &self,
+        lease: Lease,
+        result: Option<bytes::Bytes>,
+    ) -> impl Future<Output = Result<JobView, BrokerError>> + Send {
+        let call = self.call(Op::Complete { lease, result });
+        async move { call.await?.into_job() }
+    }
 }
 
 /// One client's session. Dropping it closes the session: a blocked reserve
 /// is abandoned and reserved jobs go back to ready.
 pub trait Session: Send + 'static {
     /// The broker's number for this session, as snapshots show it
-    /// ([`spool_engine::SessionSnapshot::conn_id`]).
+    /// ([`crate::SessionSnapshot::conn_id`]).
     fn id(&self) -> u64;
 
     /// Queues requests for execution in order. Every request gets exactly

@@ -1,0 +1,1287 @@
+//! The conformance suite: the job model's semantics as tests generic over a
+//! [`Harness`], so every broker (in memory, the local log, PostgreSQL) is
+//! held to the same rules by the same code.
+//!
+//! A backend runs the suite by implementing [`Harness`] and invoking
+//! [`conformance_tests!`](crate::conformance_tests) in a test file with an
+//! expression that makes a fresh harness:
+//!
+//! ```ignore
+//! spool_broker::conformance_tests!(make_in_memory_harness());
+//! ```
+//!
+//! Time is the harness's: [`Harness::advance`] moves the broker's clock, so
+//! no case sleeps to wait for a delay, a lease or a retention.
+
+// Test code shipped as a library: a failed unwrap is a failed case.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::task::Poll;
+
+use bytes::Bytes;
+use spool_proto::{Put, PutBody, Request, Response};
+
+use crate::model::{
+    Backoff, JobChange, JobState, JobView, Lease, NewJob, Op, Outcome, QueueName, QueuePolicy,
+    RunAt,
+};
+use crate::{Broker, BrokerError, Conflict, Peer, Session};
+
+/// What the suite needs of a backend under test.
+pub trait Harness: Sized + Send {
+    type Broker: Broker;
+
+    fn broker(&self) -> &Self::Broker;
+
+    /// Moves the broker's clock `ms` forward; timers due by then have run
+    /// before any operation sent after this returns is answered.
+    fn advance(&self, ms: u64) -> impl Future<Output = ()> + Send;
+
+    /// Stops the broker and starts it again on the same storage; `None` for
+    /// a broker that keeps nothing (the durability cases then pass
+    /// vacuously, which is right for them).
+    fn restart(self) -> impl Future<Output = Option<Self>> + Send;
+}
+
+/// Expands to one `#[tokio::test]` per case, each with a harness made by
+/// `$make` (an expression evaluating to a future of the harness).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            enqueue_defaults_and_get,
+            delayed_job_becomes_ready,
+            reserve_batch_in_priority_order,
+            complete_keeps_result,
+            fail_retries_with_backoff_then_buries,
+            lease_expiry_is_a_failed_attempt,
+            heartbeat_extends_the_lease,
+            cancel_revokes_the_lease,
+            idempotency_key_dedupes_within_ttl,
+            update_checks_version,
+            delete_refuses_reserved_jobs,
+            batch_is_all_or_none,
+            release_is_not_an_attempt,
+            bury_and_kick,
+            list_pages_and_purge,
+            retention_by_count_and_age,
+            queue_policy_defaults_and_max_jobs,
+            pause_and_resume,
+            blocked_reserve_wakes_and_times_out,
+            beanstalkd_and_typed_ops_share_jobs,
+            beanstalkd_put_keeps_beanstalkd_semantics,
+            everything_survives_restart,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                $crate::conformance::$case($make.await).await;
+            }
+        )*
+    };
+}
+
+fn queue(name: &str) -> QueueName {
+    QueueName::new(name.as_bytes()).expect("valid queue name")
+}
+
+fn job(payload: &str) -> NewJob {
+    NewJob {
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..NewJob::default()
+    }
+}
+
+fn no_jitter(initial_ms: u64) -> Backoff {
+    Backoff {
+        initial_ms,
+        max_ms: initial_ms * 100,
+        multiplier: 2.0,
+        jitter: 0.0,
+    }
+}
+
+async fn enqueue<B: Broker>(broker: &B, q: &str, new: NewJob) -> JobView {
+    broker.enqueue(queue(q), new).await.expect("enqueue").0
+}
+
+async fn reserve_one<B: Broker>(broker: &B, q: &str) -> crate::Leased {
+    let mut jobs = broker.reserve(vec![queue(q)], 1, 0).await.expect("reserve");
+    assert_eq!(jobs.len(), 1, "one job is ready in {q}");
+    jobs.remove(0)
+}
+
+async fn call<B: Broker>(broker: &B, op: Op) -> Result<Outcome, BrokerError> {
+    broker.call(op).await
+}
+
+async fn job_of<B: Broker>(broker: &B, op: Op) -> JobView {
+    call(broker, op).await.expect("op").into_job().expect("job")
+}
+
+/// Polls both futures until both are done, `a` first each time: the suite
+/// needs no runtime of its own.
+async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let mut out_a = None;
+    let mut out_b = None;
+    poll_fn(|cx| {
+        if out_a.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                out_a = Some(v);
+            }
+        }
+        if out_b.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                out_b = Some(v);
+            }
+        }
+        if out_a.is_some() && out_b.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (out_a.expect("done"), out_b.expect("done"))
+}
+
+pub async fn enqueue_defaults_and_get<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "orders", job("{\"order\":42}")).await;
+    assert_eq!(made.queue, "orders");
+    assert_eq!(made.state, JobState::Ready);
+    assert_eq!(made.priority, 1024);
+    assert_eq!(made.ttr_ms, 60_000);
+    assert_eq!(made.max_attempts, 25);
+    assert_eq!(made.backoff, Backoff::default());
+    assert_eq!(made.attempts, 0);
+    assert!(made.version >= 1);
+    assert!(made.id >= 1);
+    let got = b.get(made.id).await.expect("get");
+    assert_eq!(got, made, "get shows the job as enqueue answered it");
+    assert_eq!(b.get(made.id + 1000).await, Err(BrokerError::NotFound));
+    let second = enqueue(b, "orders", job("x")).await;
+    assert!(second.id > made.id, "ids grow");
+}
+
+pub async fn delayed_job_becomes_ready<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(
+        b,
+        "later",
+        NewJob {
+            run_at: RunAt::DelayMs(5_000),
+            ..job("d")
+        },
+    )
+    .await;
+    assert_eq!(made.state, JobState::Delayed);
+    let due = made.run_at_ms.expect("a delayed job has a run_at");
+    assert!(due >= made.created_at_ms + 5_000);
+    assert!(b
+        .reserve(vec![queue("later")], 1, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    h.advance(4_999).await;
+    assert!(b
+        .reserve(vec![queue("later")], 1, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    h.advance(1).await;
+    let ready = b.get(made.id).await.unwrap();
+    assert_eq!(ready.state, JobState::Ready);
+    assert!(ready.version > made.version, "becoming ready is a change");
+    assert_eq!(reserve_one(b, "later").await.job.id, made.id);
+}
+
+pub async fn reserve_batch_in_priority_order<H: Harness>(h: H) {
+    let b = h.broker();
+    let low = enqueue(
+        b,
+        "a",
+        NewJob {
+            priority: Some(10),
+            ..job("low")
+        },
+    )
+    .await;
+    let high = enqueue(
+        b,
+        "b",
+        NewJob {
+            priority: Some(1),
+            ..job("high")
+        },
+    )
+    .await;
+    let _other = enqueue(
+        b,
+        "c",
+        NewJob {
+            priority: Some(0),
+            ..job("c")
+        },
+    )
+    .await;
+    let mid = enqueue(
+        b,
+        "a",
+        NewJob {
+            priority: Some(5),
+            ..job("mid")
+        },
+    )
+    .await;
+    let got = b
+        .reserve(vec![queue("a"), queue("b")], 10, 0)
+        .await
+        .unwrap();
+    let ids: Vec<u64> = got.iter().map(|l| l.job.id).collect();
+    assert_eq!(ids, vec![high.id, mid.id, low.id]);
+    for leased in &got {
+        assert_eq!(leased.job.state, JobState::Reserved);
+        assert_eq!(leased.lease.job, leased.job.id);
+        assert!(leased.job.deadline_at_ms.is_some());
+    }
+    let two = b.reserve(vec![queue("c")], 0, 0).await;
+    assert!(
+        matches!(two, Err(BrokerError::Invalid { field: "batch", .. })),
+        "{two:?}"
+    );
+}
+
+pub async fn complete_keeps_result<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "q", job("p")).await;
+    let leased = reserve_one(b, "q").await;
+    let done = b
+        .complete(leased.lease, Some(Bytes::from_static(b"{\"ok\":true}")))
+        .await
+        .unwrap();
+    assert_eq!(done.id, made.id);
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.result.as_deref(), Some(&b"{\"ok\":true}"[..]));
+    assert!(done.finished_at_ms.is_some());
+    assert_eq!(b.get(made.id).await.unwrap(), done);
+    let again = b.complete(leased.lease, None).await;
+    assert_eq!(again, Err(BrokerError::Conflict(Conflict::LeaseExpired)));
+    assert!(b.reserve(vec![queue("q")], 1, 0).await.unwrap().is_empty());
+}
+
+pub async fn fail_retries_with_backoff_then_buries<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(
+        b,
+        "retry",
+        NewJob {
+            max_attempts: Some(2),
+            backoff: Some(no_jitter(1_000)),
+            ..job("r")
+        },
+    )
+    .await;
+    let first = reserve_one(b, "retry").await;
+    let failed = job_of(
+        b,
+        Op::Fail {
+            lease: first.lease,
+            error: "boom".into(),
+            retry_in_ms: None,
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(failed.state, JobState::Delayed);
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(failed.last_error.as_deref(), Some("boom"));
+    let due = failed.run_at_ms.expect("retry has a run_at");
+    assert!(due >= failed.updated_at_ms + 1_000 && due <= failed.updated_at_ms + 1_001);
+    h.advance(999).await;
+    assert!(b
+        .reserve(vec![queue("retry")], 1, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    h.advance(1).await;
+    let second = reserve_one(b, "retry").await;
+    assert_ne!(second.lease, first.lease, "a new reservation, a new lease");
+    let dead = job_of(
+        b,
+        Op::Fail {
+            lease: second.lease,
+            error: "boom again".into(),
+            retry_in_ms: None,
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(dead.state, JobState::Buried, "attempts used up");
+    assert_eq!(dead.attempts, 2);
+    assert_eq!(dead.last_error.as_deref(), Some("boom again"));
+    let kicked = job_of(b, Op::Kick { id: made.id }).await;
+    assert_eq!(kicked.state, JobState::Ready);
+    // A permanent failure buries at once; retry_in_ms overrides the backoff.
+    let third = reserve_one(b, "retry").await;
+    let dead = job_of(
+        b,
+        Op::Fail {
+            lease: third.lease,
+            error: "bad input".into(),
+            retry_in_ms: None,
+            permanent: true,
+        },
+    )
+    .await;
+    assert_eq!(dead.state, JobState::Buried);
+    let other = enqueue(b, "retry", job("o")).await;
+    let leased = reserve_one(b, "retry").await;
+    assert_eq!(leased.job.id, other.id);
+    let later = job_of(
+        b,
+        Op::Fail {
+            lease: leased.lease,
+            error: "busy".into(),
+            retry_in_ms: Some(30_000),
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(later.run_at_ms, Some(later.updated_at_ms + 30_000));
+}
+
+pub async fn lease_expiry_is_a_failed_attempt<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(
+        b,
+        "ttr",
+        NewJob {
+            ttr_ms: Some(2_000),
+            max_attempts: Some(3),
+            backoff: Some(no_jitter(500)),
+            ..job("t")
+        },
+    )
+    .await;
+    let leased = reserve_one(b, "ttr").await;
+    h.advance(2_001).await;
+    let expired = b.get(made.id).await.unwrap();
+    assert_eq!(
+        expired.state,
+        JobState::Delayed,
+        "retried after its backoff"
+    );
+    assert_eq!(expired.attempts, 1);
+    assert!(expired.version > leased.job.version);
+    let late = call(
+        b,
+        Op::Heartbeat {
+            lease: leased.lease,
+        },
+    )
+    .await;
+    assert_eq!(late, Err(BrokerError::Conflict(Conflict::LeaseExpired)));
+    h.advance(500).await;
+    assert_eq!(reserve_one(b, "ttr").await.job.id, made.id);
+}
+
+pub async fn heartbeat_extends_the_lease<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(
+        b,
+        "hb",
+        NewJob {
+            ttr_ms: Some(1_000),
+            ..job("h")
+        },
+    )
+    .await;
+    let leased = reserve_one(b, "hb").await;
+    let first_deadline = leased.job.deadline_at_ms.unwrap();
+    h.advance(800).await;
+    let Outcome::Deadline(deadline) = call(
+        b,
+        Op::Heartbeat {
+            lease: leased.lease,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("heartbeat answers a deadline");
+    };
+    assert_eq!(deadline, first_deadline + 800);
+    h.advance(800).await;
+    assert_eq!(b.get(made.id).await.unwrap().state, JobState::Reserved);
+    let done = b.complete(leased.lease, None).await.unwrap();
+    assert_eq!(done.attempts, 0);
+}
+
+pub async fn cancel_revokes_the_lease<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "c", job("c")).await;
+    let leased = reserve_one(b, "c").await;
+    let cancelled = job_of(
+        b,
+        Op::Cancel {
+            id: made.id,
+            expected_version: None,
+        },
+    )
+    .await;
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.cancel_requested);
+    assert!(cancelled.finished_at_ms.is_some());
+    let cancelled_err = BrokerError::Conflict(Conflict::Cancelled);
+    assert_eq!(
+        call(
+            b,
+            Op::Heartbeat {
+                lease: leased.lease
+            }
+        )
+        .await,
+        Err(cancelled_err.clone())
+    );
+    assert_eq!(
+        b.complete(leased.lease, None).await,
+        Err(cancelled_err.clone())
+    );
+    let fail = call(
+        b,
+        Op::Fail {
+            lease: leased.lease,
+            error: "x".into(),
+            retry_in_ms: None,
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(fail, Err(cancelled_err));
+    assert_eq!(b.get(made.id).await.unwrap().state, JobState::Cancelled);
+    let twice = call(
+        b,
+        Op::Cancel {
+            id: made.id,
+            expected_version: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        twice,
+        Err(BrokerError::Conflict(Conflict::WrongState(
+            JobState::Cancelled
+        )))
+    );
+    // A delayed job cancelled never becomes ready.
+    let delayed = enqueue(
+        b,
+        "c",
+        NewJob {
+            run_at: RunAt::DelayMs(1_000),
+            ..job("d")
+        },
+    )
+    .await;
+    job_of(
+        b,
+        Op::Cancel {
+            id: delayed.id,
+            expected_version: Some(delayed.version),
+        },
+    )
+    .await;
+    h.advance(2_000).await;
+    assert!(b.reserve(vec![queue("c")], 1, 0).await.unwrap().is_empty());
+}
+
+pub async fn idempotency_key_dedupes_within_ttl<H: Harness>(h: H) {
+    let b = h.broker();
+    let keyed = |payload: &str| NewJob {
+        idempotency_key: Some("order-42-cancel".into()),
+        idempotency_ttl_ms: Some(10_000),
+        ..job(payload)
+    };
+    let (first, dup) = b.enqueue(queue("k"), keyed("one")).await.unwrap();
+    assert!(!dup);
+    assert_eq!(first.idempotency_key.as_deref(), Some("order-42-cancel"));
+    let (second, dup) = b.enqueue(queue("k"), keyed("two")).await.unwrap();
+    assert!(dup, "the key wins");
+    assert_eq!(second.id, first.id);
+    assert_eq!(&second.payload[..], b"one");
+    // The key also holds after the job is done, within its ttl.
+    let leased = reserve_one(b, "k").await;
+    b.complete(leased.lease, None).await.unwrap();
+    let (third, dup) = b.enqueue(queue("k"), keyed("three")).await.unwrap();
+    assert!(dup);
+    assert_eq!(third.id, first.id);
+    h.advance(10_000).await;
+    let (fresh, dup) = b.enqueue(queue("k"), keyed("four")).await.unwrap();
+    assert!(!dup, "the key expired");
+    assert_ne!(fresh.id, first.id);
+    // Keys are per queue.
+    let (elsewhere, dup) = b.enqueue(queue("k2"), keyed("five")).await.unwrap();
+    assert!(!dup);
+    assert_ne!(elsewhere.id, fresh.id);
+}
+
+pub async fn update_checks_version<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "u", job("u")).await;
+    let stale = call(
+        b,
+        Op::Update {
+            id: made.id,
+            expected_version: Some(made.version + 1),
+            change: JobChange {
+                priority: Some(7),
+                ..JobChange::default()
+            },
+        },
+    )
+    .await;
+    assert_eq!(
+        stale,
+        Err(BrokerError::VersionMismatch {
+            current: made.version
+        })
+    );
+    let mut headers = BTreeMap::new();
+    headers.insert("trace".to_string(), "abc".to_string());
+    let changed = job_of(
+        b,
+        Op::Update {
+            id: made.id,
+            expected_version: Some(made.version),
+            change: JobChange {
+                priority: Some(7),
+                payload: Some(Bytes::from_static(b"v2")),
+                headers: Some(headers.clone()),
+                run_at: Some(RunAt::DelayMs(1_000)),
+                max_attempts: Some(3),
+            },
+        },
+    )
+    .await;
+    assert_eq!(changed.priority, 7);
+    assert_eq!(&changed.payload[..], b"v2");
+    assert_eq!(changed.headers, headers);
+    assert_eq!(changed.state, JobState::Delayed);
+    assert_eq!(changed.max_attempts, 3);
+    assert!(changed.version > made.version);
+    h.advance(1_000).await;
+    let leased = reserve_one(b, "u").await;
+    let refused = call(
+        b,
+        Op::Update {
+            id: made.id,
+            expected_version: None,
+            change: JobChange::default(),
+        },
+    )
+    .await;
+    assert_eq!(
+        refused,
+        Err(BrokerError::Conflict(Conflict::WrongState(
+            JobState::Reserved
+        )))
+    );
+    b.complete(leased.lease, None).await.unwrap();
+}
+
+pub async fn delete_refuses_reserved_jobs<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "del", job("x")).await;
+    let leased = reserve_one(b, "del").await;
+    let refused = call(
+        b,
+        Op::Delete {
+            id: made.id,
+            expected_version: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        refused,
+        Err(BrokerError::Conflict(Conflict::WrongState(
+            JobState::Reserved
+        )))
+    );
+    let released = job_of(
+        b,
+        Op::Release {
+            lease: leased.lease,
+            delay_ms: 0,
+            priority: None,
+        },
+    )
+    .await;
+    let wrong = call(
+        b,
+        Op::Delete {
+            id: made.id,
+            expected_version: Some(released.version + 5),
+        },
+    )
+    .await;
+    assert!(matches!(wrong, Err(BrokerError::VersionMismatch { .. })));
+    assert_eq!(
+        call(
+            b,
+            Op::Delete {
+                id: made.id,
+                expected_version: Some(released.version),
+            },
+        )
+        .await,
+        Ok(Outcome::Done)
+    );
+    assert_eq!(b.get(made.id).await, Err(BrokerError::NotFound));
+}
+
+pub async fn batch_is_all_or_none<H: Harness>(h: H) {
+    let b = h.broker();
+    let bad = NewJob {
+        backoff: Some(Backoff {
+            multiplier: 0.5,
+            ..Backoff::default()
+        }),
+        ..job("bad")
+    };
+    let refused = call(
+        b,
+        Op::EnqueueBatch {
+            jobs: vec![(queue("batch"), job("one")), (queue("batch"), bad)],
+        },
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(BrokerError::Invalid { .. })),
+        "{refused:?}"
+    );
+    assert!(b
+        .reserve(vec![queue("batch")], 10, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    let Outcome::Batch(jobs) = call(
+        b,
+        Op::EnqueueBatch {
+            jobs: vec![(queue("batch"), job("one")), (queue("other"), job("two"))],
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a batch answers its jobs");
+    };
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[1].queue, "other");
+    // A queue that is full refuses the whole batch.
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("small"),
+            policy: QueuePolicy {
+                max_jobs: Some(1),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let full = call(
+        b,
+        Op::EnqueueBatch {
+            jobs: vec![(queue("small"), job("1")), (queue("small"), job("2"))],
+        },
+    )
+    .await;
+    assert_eq!(full, Err(BrokerError::QueueFull { max_jobs: 1 }));
+    assert!(b
+        .reserve(vec![queue("small")], 10, 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn release_is_not_an_attempt<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "rel", job("x")).await;
+    let leased = reserve_one(b, "rel").await;
+    let released = job_of(
+        b,
+        Op::Release {
+            lease: leased.lease,
+            delay_ms: 2_000,
+            priority: Some(3),
+        },
+    )
+    .await;
+    assert_eq!(released.state, JobState::Delayed);
+    assert_eq!(released.attempts, 0);
+    assert_eq!(released.priority, 3);
+    h.advance(2_000).await;
+    assert_eq!(reserve_one(b, "rel").await.job.id, made.id);
+}
+
+pub async fn bury_and_kick<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "bk", job("x")).await;
+    let buried = job_of(
+        b,
+        Op::Bury {
+            id: made.id,
+            lease: None,
+            reason: Some("looked wrong".into()),
+        },
+    )
+    .await;
+    assert_eq!(buried.state, JobState::Buried);
+    assert_eq!(buried.last_error.as_deref(), Some("looked wrong"));
+    assert!(b.reserve(vec![queue("bk")], 1, 0).await.unwrap().is_empty());
+    let kicked = job_of(b, Op::Kick { id: made.id }).await;
+    assert_eq!(kicked.state, JobState::Ready);
+    let leased = reserve_one(b, "bk").await;
+    let wrong_lease = Lease {
+        job: made.id,
+        token: leased.lease.token + 1,
+    };
+    let refused = call(
+        b,
+        Op::Bury {
+            id: made.id,
+            lease: Some(wrong_lease),
+            reason: None,
+        },
+    )
+    .await;
+    assert_eq!(refused, Err(BrokerError::Conflict(Conflict::LeaseExpired)));
+    let buried = job_of(
+        b,
+        Op::Bury {
+            id: made.id,
+            lease: Some(leased.lease),
+            reason: None,
+        },
+    )
+    .await;
+    assert_eq!(buried.state, JobState::Buried);
+    let again = call(b, Op::Kick { id: made.id }).await.unwrap();
+    assert_eq!(again.into_job().unwrap().state, JobState::Ready);
+    assert_eq!(
+        call(b, Op::Kick { id: made.id }).await,
+        Err(BrokerError::Conflict(Conflict::WrongState(JobState::Ready)))
+    );
+}
+
+pub async fn list_pages_and_purge<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(enqueue(b, "list", job(&format!("{i}"))).await.id);
+    }
+    enqueue(
+        b,
+        "list",
+        NewJob {
+            run_at: RunAt::DelayMs(9_000),
+            ..job("d")
+        },
+    )
+    .await;
+    let Outcome::Page(page) = call(
+        b,
+        Op::List {
+            queue: queue("list"),
+            state: JobState::Ready,
+            after: None,
+            limit: 3,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a page");
+    };
+    assert_eq!(page.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids[..3]);
+    assert_eq!(page.next, Some(ids[2]));
+    let Outcome::Page(rest) = call(
+        b,
+        Op::List {
+            queue: queue("list"),
+            state: JobState::Ready,
+            after: page.next,
+            limit: 3,
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a page");
+    };
+    assert_eq!(rest.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), ids[3..]);
+    assert_eq!(rest.next, None);
+    let purged = call(
+        b,
+        Op::Purge {
+            queue: queue("list"),
+            state: JobState::Ready,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged, Outcome::Purged(5));
+    let Outcome::Queue(info) = call(
+        b,
+        Op::GetQueue {
+            queue: queue("list"),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a queue");
+    };
+    assert_eq!((info.ready, info.delayed), (0, 1));
+    let Outcome::Queues(all) = call(b, Op::ListQueues).await.unwrap() else {
+        panic!("queues");
+    };
+    assert!(all.iter().any(|q| q.name == "list" && q.delayed == 1));
+}
+
+pub async fn retention_by_count_and_age<H: Harness>(h: H) {
+    let b = h.broker();
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("ret"),
+            policy: QueuePolicy {
+                retention_max_jobs: Some(2),
+                retention_ms: Some(60_000),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let mut done = Vec::new();
+    for i in 0..3 {
+        enqueue(b, "ret", job(&format!("{i}"))).await;
+        let leased = reserve_one(b, "ret").await;
+        done.push(b.complete(leased.lease, None).await.unwrap().id);
+        h.advance(1_000).await;
+    }
+    assert_eq!(
+        b.get(done[0]).await,
+        Err(BrokerError::NotFound),
+        "over count"
+    );
+    assert_eq!(b.get(done[1]).await.unwrap().state, JobState::Completed);
+    h.advance(58_000).await;
+    assert_eq!(b.get(done[1]).await, Err(BrokerError::NotFound), "over age");
+    assert_eq!(b.get(done[2]).await.unwrap().state, JobState::Completed);
+    h.advance(1_000).await;
+    assert_eq!(b.get(done[2]).await, Err(BrokerError::NotFound));
+}
+
+pub async fn queue_policy_defaults_and_max_jobs<H: Harness>(h: H) {
+    let b = h.broker();
+    let policy = QueuePolicy {
+        max_jobs: Some(2),
+        max_attempts: Some(1),
+        backoff: Some(no_jitter(50)),
+        ttr_ms: Some(5_000),
+        ..QueuePolicy::default()
+    };
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("pol"),
+            policy: policy.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let made = enqueue(b, "pol", job("a")).await;
+    assert_eq!((made.max_attempts, made.ttr_ms), (1, 5_000));
+    assert_eq!(made.backoff, no_jitter(50));
+    let own = enqueue(
+        b,
+        "pol",
+        NewJob {
+            max_attempts: Some(9),
+            ..job("b")
+        },
+    )
+    .await;
+    assert_eq!(own.max_attempts, 9, "the job's own setting wins");
+    let full = b.enqueue(queue("pol"), job("c")).await;
+    assert_eq!(full, Err(BrokerError::QueueFull { max_jobs: 2 }));
+    let Outcome::Queue(info) = call(
+        b,
+        Op::GetQueue {
+            queue: queue("pol"),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a queue");
+    };
+    assert_eq!(info.policy, policy);
+    assert_eq!(info.ready, 2);
+    let leased = reserve_one(b, "pol").await;
+    let dead = job_of(
+        b,
+        Op::Fail {
+            lease: leased.lease,
+            error: "once is enough".into(),
+            retry_in_ms: None,
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(dead.state, JobState::Buried);
+    let bad = call(
+        b,
+        Op::SetPolicy {
+            queue: queue("pol"),
+            policy: QueuePolicy {
+                backoff: Some(Backoff {
+                    jitter: 2.0,
+                    ..Backoff::default()
+                }),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await;
+    assert!(matches!(
+        bad,
+        Err(BrokerError::Invalid {
+            field: "backoff.jitter",
+            ..
+        })
+    ));
+}
+
+pub async fn pause_and_resume<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "p", job("x")).await;
+    call(
+        b,
+        Op::Pause {
+            queue: queue("p"),
+            duration_ms: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(b.reserve(vec![queue("p")], 1, 0).await.unwrap().is_empty());
+    h.advance(3_600_000).await;
+    assert!(b.reserve(vec![queue("p")], 1, 0).await.unwrap().is_empty());
+    call(b, Op::Resume { queue: queue("p") }).await.unwrap();
+    assert_eq!(reserve_one(b, "p").await.job.id, made.id);
+    // A timed pause ends by itself.
+    enqueue(b, "p", job("y")).await;
+    call(
+        b,
+        Op::Pause {
+            queue: queue("p"),
+            duration_ms: Some(1_000),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(b.reserve(vec![queue("p")], 1, 0).await.unwrap().is_empty());
+    h.advance(1_000).await;
+    assert_eq!(
+        reserve_one(b, "p").await.job.payload,
+        Bytes::from_static(b"y")
+    );
+}
+
+pub async fn blocked_reserve_wakes_and_times_out<H: Harness>(h: H) {
+    let b = h.broker();
+    let (got, made) = both(
+        b.reserve(vec![queue("w")], 5, 60_000),
+        enqueue(b, "w", job("wake")),
+    )
+    .await;
+    let got = got.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.id, made.id);
+    let (empty, ()) = both(b.reserve(vec![queue("w")], 1, 1_000), h.advance(1_000)).await;
+    assert!(empty.unwrap().is_empty());
+}
+
+/// Runs beanstalkd requests on a session and collects one reply each.
+async fn beanstalkd<S: Session>(session: &mut S, requests: Vec<Request>) -> Vec<Response> {
+    let want = requests.len();
+    session.submit(requests).expect("submit");
+    let mut replies = Vec::new();
+    poll_fn(|cx| {
+        while replies.len() < want {
+            match session.poll_recv(cx, &mut replies) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => panic!("session closed"),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    })
+    .await;
+    replies
+}
+
+fn put(body: &'static [u8]) -> Request {
+    Request::Put(Put {
+        pri: 5,
+        delay_secs: 0,
+        ttr_secs: 30,
+        body: PutBody::Complete(Bytes::from_static(body)),
+    })
+}
+
+pub async fn beanstalkd_and_typed_ops_share_jobs<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut session = b.open_session(Peer::default()).expect("session");
+    let tube = queue("shared");
+    let replies = beanstalkd(&mut session, vec![Request::Use(tube.clone()), put(b"hi")]).await;
+    let Response::Inserted(id) = replies[1] else {
+        panic!("inserted: {replies:?}");
+    };
+    let seen = b.get(id).await.unwrap();
+    assert_eq!(
+        (seen.state, seen.priority, seen.ttr_ms),
+        (JobState::Ready, 5, 30_000)
+    );
+    assert_eq!(&seen.payload[..], b"hi");
+    assert_eq!(
+        seen.max_attempts, 0,
+        "beanstalkd puts have no attempt limit"
+    );
+    let typed = enqueue(b, "shared", job("typed")).await;
+    let replies = beanstalkd(
+        &mut session,
+        vec![
+            Request::Watch(tube),
+            Request::Ignore(queue("default")),
+            Request::Reserve,
+            Request::Reserve,
+        ],
+    )
+    .await;
+    assert!(
+        matches!(&replies[2], Response::Reserved { id: got, .. } if *got == id),
+        "{replies:?}"
+    );
+    assert!(
+        matches!(&replies[3], Response::Reserved { id: got, body } if *got == typed.id && &body[..] == b"typed"),
+        "{replies:?}"
+    );
+    assert_eq!(b.get(typed.id).await.unwrap().state, JobState::Reserved);
+    // Cancelling a job a beanstalkd worker holds: its next touch or delete
+    // finds nothing.
+    job_of(
+        b,
+        Op::Cancel {
+            id: typed.id,
+            expected_version: None,
+        },
+    )
+    .await;
+    let replies = beanstalkd(
+        &mut session,
+        vec![
+            Request::Touch(typed.id),
+            Request::Delete(typed.id),
+            Request::Delete(id),
+        ],
+    )
+    .await;
+    assert_eq!(
+        replies,
+        vec![Response::NotFound, Response::NotFound, Response::Deleted]
+    );
+    assert_eq!(
+        b.get(id).await,
+        Err(BrokerError::NotFound),
+        "deleted is gone"
+    );
+    assert_eq!(b.get(typed.id).await.unwrap().state, JobState::Cancelled);
+    // A disconnect hands the session's leases back.
+    let another = enqueue(b, "shared", job("held")).await;
+    let replies = beanstalkd(&mut session, vec![Request::Reserve]).await;
+    assert!(matches!(&replies[0], Response::Reserved { id, .. } if *id == another.id));
+    drop(session);
+    let back = b.reserve(vec![queue("shared")], 1, 1_000).await.unwrap();
+    assert_eq!(back[0].job.id, another.id);
+    assert_eq!(
+        back[0].job.attempts, 0,
+        "a disconnect is not a failed attempt"
+    );
+}
+
+pub async fn beanstalkd_put_keeps_beanstalkd_semantics<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut session = b.open_session(Peer::default()).expect("session");
+    let replies = beanstalkd(
+        &mut session,
+        vec![
+            Request::Put(Put {
+                pri: 1,
+                delay_secs: 0,
+                ttr_secs: 1,
+                body: PutBody::Complete(Bytes::from_static(b"x")),
+            }),
+            Request::Reserve,
+        ],
+    )
+    .await;
+    let Response::Inserted(id) = replies[0] else {
+        panic!("{replies:?}");
+    };
+    h.advance(1_001).await;
+    let job = b.get(id).await.unwrap();
+    assert_eq!(
+        job.state,
+        JobState::Ready,
+        "an expired reservation is ready at once"
+    );
+    let leased = reserve_one(b, "default").await;
+    assert_eq!(leased.job.id, id);
+    // Typed ops work on beanstalkd jobs, and fail has no attempt limit.
+    let failed = job_of(
+        b,
+        Op::Fail {
+            lease: leased.lease,
+            error: "e".into(),
+            retry_in_ms: Some(0),
+            permanent: false,
+        },
+    )
+    .await;
+    assert_eq!(failed.state, JobState::Ready);
+}
+
+pub async fn everything_survives_restart<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut headers = BTreeMap::new();
+    headers.insert("trace".to_string(), "t-1".to_string());
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("dur"),
+            policy: QueuePolicy {
+                retention_max_jobs: Some(100),
+                max_jobs: Some(1_000),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let rich = enqueue(
+        b,
+        "dur",
+        NewJob {
+            priority: Some(3),
+            ttr_ms: Some(9_000),
+            max_attempts: Some(4),
+            backoff: Some(no_jitter(100_000)),
+            headers: headers.clone(),
+            idempotency_key: Some("k-1".into()),
+            ..job("{\"n\":1}")
+        },
+    )
+    .await;
+    let leased = reserve_one(b, "dur").await;
+    let failed = job_of(
+        b,
+        Op::Fail {
+            lease: leased.lease,
+            error: "first try".into(),
+            retry_in_ms: None,
+            permanent: false,
+        },
+    )
+    .await;
+    let done = enqueue(
+        b,
+        "dur",
+        NewJob {
+            priority: Some(1),
+            ..job("done")
+        },
+    )
+    .await;
+    let leased = reserve_one(b, "dur").await;
+    assert_eq!(leased.job.id, done.id);
+    let done = b
+        .complete(leased.lease, Some(Bytes::from_static(b"42")))
+        .await
+        .unwrap();
+    let gone = enqueue(b, "dur", job("cancel me")).await;
+    let gone = job_of(
+        b,
+        Op::Cancel {
+            id: gone.id,
+            expected_version: None,
+        },
+    )
+    .await;
+    let held = enqueue(
+        b,
+        "dur",
+        NewJob {
+            priority: Some(0),
+            ..job("held")
+        },
+    )
+    .await;
+    let held_lease = reserve_one(b, "dur").await;
+    assert_eq!(held_lease.job.id, held.id);
+    let Some(h) = h.restart().await else {
+        return;
+    };
+    let b = h.broker();
+    assert_eq!(b.get(failed.id).await.unwrap(), failed);
+    assert_eq!(b.get(done.id).await.unwrap(), done);
+    assert_eq!(b.get(gone.id).await.unwrap(), gone);
+    let back = b.get(held.id).await.unwrap();
+    assert_eq!(back.state, JobState::Ready, "leases end with the process");
+    assert_eq!(
+        back.version, held_lease.job.version,
+        "a lease is not a change"
+    );
+    let (dup, duplicate) = b
+        .enqueue(
+            queue("dur"),
+            NewJob {
+                idempotency_key: Some("k-1".into()),
+                ..job("again")
+            },
+        )
+        .await
+        .unwrap();
+    assert!(duplicate, "the idempotency key survives");
+    assert_eq!(dup.id, rich.id);
+    let Outcome::Queue(info) = call(
+        b,
+        Op::GetQueue {
+            queue: queue("dur"),
+        },
+    )
+    .await
+    .unwrap() else {
+        panic!("a queue");
+    };
+    assert_eq!(info.policy.retention_max_jobs, Some(100));
+    assert_eq!(info.policy.max_jobs, Some(1_000));
+    let next = enqueue(b, "dur", job("after")).await;
+    assert!(next.id > held.id, "ids are never reused");
+}

@@ -1,0 +1,1148 @@
+//! The job API's operations ([`Op`]): enqueue with options, leases,
+//! heartbeats, completion with a result, failure with retries and backoff,
+//! cancellation, idempotency keys, versions, listings, queue policies and
+//! pauses. Each operation validates everything before it changes anything,
+//! and its log records become one atomic batch.
+
+use std::collections::BTreeMap;
+
+use spool_broker::{
+    BrokerError, Conflict, JobChange, JobPage, JobView, Lease, Leased, NewJob, Op, Outcome,
+    QueueInfo, QueuePolicy, RunAt,
+};
+
+use super::*;
+
+const NS_PER_MS: u64 = 1_000_000;
+
+/// A validated enqueue, ready to become a job.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    queue: TubeName,
+    pri: u32,
+    delay_ns: u64,
+    ttr_ns: u64,
+    max_attempts: u32,
+    body: Bytes,
+    extra: Option<JobExtra>,
+}
+
+/// SplitMix64: a well-mixed 64-bit value from a seed. The jitter of a
+/// backoff needs no more (and the engine reads no entropy source): the
+/// run-at it picks is logged, so replay never draws again.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> {
+    if headers.len() > limits::HEADERS_MAX {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("at most {} headers", limits::HEADERS_MAX),
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in headers {
+        if name.is_empty() || name.len() > limits::HEADER_NAME_MAX_BYTES {
+            return Err(BrokerError::invalid(
+                "headers",
+                format!(
+                    "header names are 1 to {} bytes",
+                    limits::HEADER_NAME_MAX_BYTES
+                ),
+            ));
+        }
+        total += name.len() + value.len();
+    }
+    if total > limits::HEADERS_MAX_BYTES {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("at most {} bytes of headers", limits::HEADERS_MAX_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+fn check_backoff(backoff: Option<&Backoff>) -> Result<(), BrokerError> {
+    match backoff.map(Backoff::validate) {
+        Some(Err((field, message))) => Err(BrokerError::invalid(field, message)),
+        _ => Ok(()),
+    }
+}
+
+fn wrong_state(state: JobState) -> BrokerError {
+    BrokerError::Conflict(Conflict::WrongState(state))
+}
+
+impl Engine {
+    /// Sets the wall-clock time of engine time 0 (nanoseconds since the
+    /// Unix epoch), which the job API's instants are computed from.
+    pub fn set_epoch_ns(&mut self, epoch_ns: u64) {
+        self.epoch_ns = epoch_ns;
+    }
+
+    pub(super) fn wall_ms(&self, ns: u64) -> u64 {
+        self.epoch_ns.saturating_add(ns) / NS_PER_MS
+    }
+
+    pub(super) fn engine_ns(&self, wall_ms: u64) -> u64 {
+        wall_ms
+            .saturating_mul(NS_PER_MS)
+            .saturating_sub(self.epoch_ns)
+    }
+
+    /// Grows with every job that becomes ready and every pause that ends:
+    /// a parked reserve is worth trying again only when it changed.
+    pub fn ready_events(&self) -> u64 {
+        self.ready_events
+    }
+
+    /// Runs one operation at `now`. Reserve never waits here: it answers
+    /// what is ready now and the broker parks it if that is nothing. The
+    /// records of the operation go to the log as one batch.
+    pub fn apply(&mut self, op: Op, now: u64) -> Result<Outcome, BrokerError> {
+        let mark = self.log.len();
+        let outcome = self.apply_unbatched(op, now);
+        debug_assert!(
+            outcome.is_ok() || self.log.len() == mark,
+            "a refused operation changed nothing"
+        );
+        if self.log.len() > mark + 1 {
+            let records = self.log.split_off(mark);
+            self.log.push(LogRecord::Batch(records));
+        }
+        outcome
+    }
+
+    pub(super) fn apply_unbatched(&mut self, op: Op, now: u64) -> Result<Outcome, BrokerError> {
+        match op {
+            Op::Enqueue { queue, job } => {
+                self.check_accepting()?;
+                let prepared = self.prepare(&queue, job, now)?;
+                self.check_room(std::slice::from_ref(&prepared), now)?;
+                let (job, duplicate) = self.create(prepared, now);
+                Ok(Outcome::Enqueued { job, duplicate })
+            }
+            Op::EnqueueBatch { jobs } => {
+                self.check_accepting()?;
+                if jobs.len() > limits::ENQUEUE_BATCH_JOBS_MAX {
+                    return Err(BrokerError::invalid(
+                        "jobs",
+                        format!("at most {} jobs a batch", limits::ENQUEUE_BATCH_JOBS_MAX),
+                    ));
+                }
+                let mut prepared = Vec::with_capacity(jobs.len());
+                for (queue, job) in jobs {
+                    prepared.push(self.prepare(&queue, job, now)?);
+                }
+                self.check_room(&prepared, now)?;
+                let views = prepared
+                    .into_iter()
+                    .map(|p| self.create(p, now).0)
+                    .collect();
+                Ok(Outcome::Batch(views))
+            }
+            Op::Reserve { queues, batch, .. } => {
+                Ok(Outcome::Leased(self.try_reserve(&queues, batch, now)?))
+            }
+            Op::Heartbeat { lease } => {
+                self.check_lease(lease)?;
+                let deadline = self.extend_lease(lease.job, now);
+                Ok(Outcome::Deadline(self.wall_ms(deadline)))
+            }
+            Op::Complete { lease, result } => self.complete(lease, result, now),
+            Op::Fail {
+                lease,
+                error,
+                retry_in_ms,
+                permanent,
+            } => self.fail(lease, error, retry_in_ms, permanent, now),
+            Op::Release {
+                lease,
+                delay_ms,
+                priority,
+            } => self.release(lease, delay_ms, priority, now),
+            Op::Bury { id, lease, reason } => self.bury_job(id, lease, reason, now),
+            Op::Kick { id } => {
+                self.check_writable(false)?;
+                match self.jobs.get(&id).map(|j| j.state) {
+                    Some(JobState::Buried | JobState::Delayed) => {
+                        self.kick(id, now);
+                        self.view_outcome(id)
+                    }
+                    Some(state) => Err(wrong_state(state)),
+                    None => Err(self.gone(id)),
+                }
+            }
+            Op::Cancel {
+                id,
+                expected_version,
+            } => self.cancel(id, expected_version, now),
+            Op::Get { id } => self.view_outcome(id),
+            Op::Update {
+                id,
+                expected_version,
+                change,
+            } => self.update(id, expected_version, change, now),
+            Op::Delete {
+                id,
+                expected_version,
+            } => self.delete_job(id, expected_version),
+            Op::List {
+                queue,
+                state,
+                after,
+                limit,
+            } => self.list(&queue, state, after, limit),
+            Op::Purge { queue, state } => self.purge(&queue, state),
+            Op::SetPolicy { queue, policy } => {
+                self.check_writable(true)?;
+                check_backoff(policy.backoff.as_ref())?;
+                if policy.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
+                    return Err(BrokerError::invalid("ttr_ms", "too large"));
+                }
+                let mut settings = self.settings.get(&queue).cloned().unwrap_or_default();
+                settings.policy = policy;
+                self.set_settings(queue.clone(), settings);
+                Ok(Outcome::Queue(self.queue_info(&queue, now)))
+            }
+            Op::GetQueue { queue } => Ok(Outcome::Queue(self.queue_info(&queue, now))),
+            Op::ListQueues => {
+                let mut names: Vec<TubeName> = self
+                    .tube_order
+                    .iter()
+                    .map(|t| self.tube(t).name.clone())
+                    .chain(self.settings.keys().cloned())
+                    .chain(self.retention.queues().cloned())
+                    .collect();
+                names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+                names.dedup();
+                let infos = names.iter().map(|n| self.queue_info(n, now)).collect();
+                Ok(Outcome::Queues(infos))
+            }
+            Op::Pause { queue, duration_ms } => {
+                self.check_writable(true)?;
+                let until = match duration_ms {
+                    Some(ms) => now.saturating_add(ms.min(limits::DELAY_MS_MAX) * NS_PER_MS),
+                    None => u64::MAX,
+                };
+                let mut settings = self.settings.get(&queue).cloned().unwrap_or_default();
+                settings.pause = Some((now, until));
+                self.set_settings(queue.clone(), settings);
+                Ok(Outcome::Queue(self.queue_info(&queue, now)))
+            }
+            Op::Resume { queue } => {
+                self.check_writable(true)?;
+                let mut settings = self.settings.get(&queue).cloned().unwrap_or_default();
+                settings.pause = None;
+                self.set_settings(queue.clone(), settings);
+                if let Some(&tube) = self.tube_ids.get(&queue) {
+                    if self.tube(tube).pause_ns > 0 {
+                        self.unpause(tube);
+                        self.process_queue(now);
+                    }
+                }
+                Ok(Outcome::Queue(self.queue_info(&queue, now)))
+            }
+        }
+    }
+
+    // ---- checks ---------------------------------------------------------
+
+    pub(super) fn check_accepting(&self) -> Result<(), BrokerError> {
+        if self.draining || self.shutting_down {
+            return Err(BrokerError::Draining);
+        }
+        self.check_writable(true)
+    }
+
+    /// `adds`: the change adds to the log rather than making room (a
+    /// delete); on a full disk only deletes go on.
+    pub(super) fn check_writable(&self, adds: bool) -> Result<(), BrokerError> {
+        if self.storage_failed {
+            return Err(BrokerError::Storage(
+                "the log failed; changes are refused until restart".into(),
+            ));
+        }
+        if adds && self.disk_full {
+            return Err(BrokerError::Storage(
+                "the disk is full; delete jobs to make room".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_version(
+        &self,
+        current: u64,
+        expected: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        match expected {
+            Some(expected) if expected != current => Err(BrokerError::VersionMismatch { current }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The error for an id that names no live job.
+    pub(super) fn gone(&self, id: JobId) -> BrokerError {
+        match self.retention.get(id) {
+            Some(finished) => wrong_state(finished.job.state),
+            None => BrokerError::NotFound,
+        }
+    }
+
+    /// The lease is the job's current reservation.
+    pub(super) fn check_lease(&self, lease: Lease) -> Result<(), BrokerError> {
+        if let Some(job) = self.jobs.get(&lease.job) {
+            if job.state == JobState::Reserved && job.seq == lease.token {
+                return Ok(());
+            }
+            return Err(BrokerError::Conflict(Conflict::LeaseExpired));
+        }
+        match self.retention.get(lease.job) {
+            Some(f) if f.job.state == JobState::Cancelled => {
+                Err(BrokerError::Conflict(Conflict::Cancelled))
+            }
+            Some(_) => Err(BrokerError::Conflict(Conflict::LeaseExpired)),
+            None => Err(BrokerError::NotFound),
+        }
+    }
+
+    /// The queue's policy, or the defaults.
+    pub(super) fn policy(&self, queue: &TubeName) -> Option<&QueuePolicy> {
+        self.settings.get(queue).map(|s| &s.policy)
+    }
+
+    /// Jobs of `queue` that count against `max_jobs`: every live one.
+    pub(super) fn queue_jobs(&self, queue: &TubeName) -> u64 {
+        self.tube_ids.get(queue).map_or(0, |&tube| {
+            let t = self.tube(tube);
+            (t.ready.len() + t.delayed.len() + t.buried.len()) as u64 + t.reserved
+        })
+    }
+
+    pub(super) fn check_room(&self, jobs: &[Prepared], now: u64) -> Result<(), BrokerError> {
+        let mut record_bytes = 0usize;
+        let mut added: HashMap<&TubeName, u64> = HashMap::new();
+        for job in jobs {
+            record_bytes = record_bytes
+                .saturating_add(job.body.len())
+                .saturating_add(limits::JOB_METADATA_MAX_BYTES);
+            let duplicate = job.extra.as_ref().and_then(|e| e.idempotency_key.as_ref());
+            let duplicate =
+                duplicate.is_some_and(|key| self.live_key(&job.queue, key, now).is_some());
+            if !duplicate {
+                *added.entry(&job.queue).or_default() += 1;
+            }
+        }
+        if record_bytes > limits::RECORD_PAYLOAD_MAX_BYTES {
+            return Err(BrokerError::TooLarge {
+                max_bytes: limits::RECORD_PAYLOAD_MAX_BYTES as u64,
+            });
+        }
+        for (queue, count) in added {
+            if let Some(max_jobs) = self.policy(queue).and_then(|p| p.max_jobs) {
+                if self.queue_jobs(queue) + count > max_jobs {
+                    return Err(BrokerError::QueueFull { max_jobs });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The delay until `run_at`, checked.
+    pub(super) fn delay_of(&self, run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
+        match run_at {
+            RunAt::Now => Ok(0),
+            RunAt::DelayMs(ms) if ms > limits::DELAY_MS_MAX => Err(BrokerError::invalid(
+                "delay_ms",
+                format!("at most {} ms", limits::DELAY_MS_MAX),
+            )),
+            RunAt::DelayMs(ms) => Ok(ms * NS_PER_MS),
+            RunAt::AtMs(at) => {
+                let delay = self.engine_ns(at).saturating_sub(now);
+                if delay > limits::DELAY_MS_MAX * NS_PER_MS {
+                    return Err(BrokerError::invalid("run_at", "too far in the future"));
+                }
+                Ok(delay)
+            }
+        }
+    }
+
+    pub(super) fn prepare(
+        &self,
+        queue: &TubeName,
+        new: NewJob,
+        now: u64,
+    ) -> Result<Prepared, BrokerError> {
+        if new.payload.len() > self.config.max_job_size as usize {
+            return Err(BrokerError::TooLarge {
+                max_bytes: u64::from(self.config.max_job_size),
+            });
+        }
+        check_headers(&new.headers)?;
+        check_backoff(new.backoff.as_ref())?;
+        if let Some(key) = &new.idempotency_key {
+            if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_MAX_BYTES {
+                return Err(BrokerError::invalid(
+                    "idempotency_key",
+                    format!("1 to {} bytes", limits::IDEMPOTENCY_KEY_MAX_BYTES),
+                ));
+            }
+        }
+        let policy = self.policy(queue);
+        let ttr_ms = new
+            .ttr_ms
+            .or(policy.and_then(|p| p.ttr_ms))
+            .unwrap_or(limits::TTR_MS_DEFAULT);
+        if ttr_ms > limits::TTR_MS_MAX {
+            return Err(BrokerError::invalid(
+                "ttr_ms",
+                format!("at most {} ms", limits::TTR_MS_MAX),
+            ));
+        }
+        let max_attempts = new
+            .max_attempts
+            .or(policy.and_then(|p| p.max_attempts))
+            .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+        let delay_ns = self.delay_of(new.run_at, now)?;
+        let ttl_ms = new
+            .idempotency_ttl_ms
+            .unwrap_or(limits::IDEMPOTENCY_TTL_MS_DEFAULT);
+        let extra = JobExtra {
+            headers: new.headers,
+            idempotency_expires_at_ns: now.saturating_add(ttl_ms.saturating_mul(NS_PER_MS)),
+            idempotency_key: new.idempotency_key,
+            backoff: new.backoff,
+            updated_at_ns: now,
+            ..JobExtra::default()
+        };
+        Ok(Prepared {
+            queue: queue.clone(),
+            pri: new.priority.unwrap_or(limits::PRIORITY_DEFAULT),
+            delay_ns,
+            ttr_ns: ttr_ms * NS_PER_MS,
+            max_attempts,
+            body: new.payload,
+            extra: Some(extra),
+        })
+    }
+
+    // ---- idempotency ----------------------------------------------------
+
+    /// The job a key names, while the key holds.
+    pub(super) fn live_key(&self, queue: &TubeName, key: &str, now: u64) -> Option<JobId> {
+        let &id = self.keys.get(&(queue.clone(), key.to_string()))?;
+        let job = self
+            .jobs
+            .get(&id)
+            .or_else(|| self.retention.get(id).map(|f| &f.job))?;
+        let expires = job.extra.as_ref()?.idempotency_expires_at_ns;
+        (expires > now).then_some(id)
+    }
+
+    /// Registers a job's key, replacing an expired holder.
+    pub(super) fn remember_key(&mut self, queue: &TubeName, job: &Job) {
+        if let Some(key) = job.extra.as_ref().and_then(|e| e.idempotency_key.clone()) {
+            self.keys.insert((queue.clone(), key), job.id);
+        }
+    }
+
+    /// A job leaves memory: its key stops matching.
+    pub(super) fn forget_key(&mut self, job: &Job, queue: &TubeName) {
+        if let Some(key) = job.extra.as_ref().and_then(|e| e.idempotency_key.as_ref()) {
+            let entry = (queue.clone(), key.clone());
+            if self.keys.get(&entry) == Some(&job.id) {
+                self.keys.remove(&entry);
+            }
+        }
+    }
+
+    // ---- creating -------------------------------------------------------
+
+    pub(super) fn create(&mut self, p: Prepared, now: u64) -> (JobView, bool) {
+        if let Some(key) = p.extra.as_ref().and_then(|e| e.idempotency_key.as_ref()) {
+            if let Some(id) = self.live_key(&p.queue, key, now) {
+                return (self.view(id).expect("a keyed job exists"), true);
+            }
+        }
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        let tube = self.find_or_make_tube(&p.queue);
+        self.insert_job(id, tube, p.pri, p.delay_ns, p.ttr_ns, p.body, now);
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.max_attempts = p.max_attempts;
+        job.extra = p.extra.map(Box::new);
+        self.counters.total_jobs += 1;
+        let t = self.tube_mut(tube);
+        t.total_jobs += 1;
+        t.metrics.counters.put += 1;
+        let job = self.jobs[&id].clone();
+        self.remember_key(&p.queue, &job);
+        self.enqueue(id, p.delay_ns, now);
+        if self.logging {
+            let record = self.full_record(id).expect("job exists");
+            self.log.push(LogRecord::Job(Box::new(record)));
+        }
+        (self.view(id).expect("job exists"), false)
+    }
+
+    // ---- leases ---------------------------------------------------------
+
+    /// Leases up to `batch` ready jobs from `queues` (unpaused ones), best
+    /// priority first, then oldest.
+    pub fn try_reserve(
+        &mut self,
+        queues: &[TubeName],
+        batch: u32,
+        now: u64,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        if batch == 0 || batch > limits::RESERVE_BATCH_MAX {
+            return Err(BrokerError::invalid(
+                "batch",
+                format!("1 to {}", limits::RESERVE_BATCH_MAX),
+            ));
+        }
+        if queues.is_empty() {
+            return Err(BrokerError::invalid("queues", "name at least one queue"));
+        }
+        let mut tubes: Vec<TubeId> = queues
+            .iter()
+            .filter_map(|q| self.tube_ids.get(q).copied())
+            .collect();
+        tubes.sort_unstable();
+        tubes.dedup();
+        let mut leased = Vec::new();
+        if self.shutting_down {
+            return Ok(leased);
+        }
+        while leased.len() < batch as usize {
+            let mut best: Option<(u32, JobId, TubeId)> = None;
+            for &tube in &tubes {
+                let t = self.tube(tube);
+                if t.pause_ns > 0 && t.unpause_at_ns > now {
+                    continue;
+                }
+                if let Some(&(pri, id)) = t.ready.first() {
+                    if best.is_none_or(|(bp, bid, _)| (pri, id) < (bp, bid)) {
+                        best = Some((pri, id, tube));
+                    }
+                }
+            }
+            let Some((pri, id, tube)) = best else { break };
+            self.remove_ready(tube, pri, id);
+            let (token, _, _) = self.lease_job(id, None, now);
+            leased.push(Leased {
+                job: self.view(id).expect("job exists"),
+                lease: Lease { job: id, token },
+            });
+        }
+        Ok(leased)
+    }
+
+    /// Restarts a reserved job's TTR from `now`; returns the new deadline.
+    pub(super) fn extend_lease(&mut self, id: JobId, now: u64) -> u64 {
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        let (old, seq) = (job.deadline_at_ns, job.seq);
+        job.deadline_at_ns = now + job.ttr_ns;
+        let (new, holder) = (job.deadline_at_ns, job.reserver);
+        if let Some(conn) = holder.and_then(|c| self.conns.get_mut(&c)) {
+            conn.deadlines.remove(&(old, seq));
+            conn.deadlines.insert((new, seq));
+        }
+        self.reservations.remove(&(old, seq, id));
+        self.reservations.insert((new, seq, id));
+        new
+    }
+
+    /// Observes a reservation's run time as it ends.
+    pub(super) fn observe_run(&mut self, id: JobId, now: u64) {
+        let job = &self.jobs[&id];
+        let reserved_at = job.deadline_at_ns.saturating_sub(job.ttr_ns);
+        let tube = job.tube;
+        let run_ns = now.saturating_sub(reserved_at);
+        self.tube_mut(tube).metrics.run.observe_ns(run_ns);
+    }
+
+    pub(super) fn complete(
+        &mut self,
+        lease: Lease,
+        result: Option<Bytes>,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        self.check_lease(lease)?;
+        let id = lease.job;
+        if let Some(result) = &result {
+            let body_len = self.jobs[&id].body.len();
+            if result.len() > self.config.max_job_size as usize
+                || body_len + result.len() + limits::JOB_METADATA_MAX_BYTES
+                    > limits::RECORD_PAYLOAD_MAX_BYTES
+            {
+                return Err(BrokerError::TooLarge {
+                    max_bytes: u64::from(self.config.max_job_size),
+                });
+            }
+        }
+        self.observe_run(id, now);
+        self.release_reservation_of(id);
+        self.jobs
+            .get_mut(&id)
+            .expect("job exists")
+            .extra_mut()
+            .result = result;
+        let tube = self.jobs[&id].tube;
+        self.tube_mut(tube).metrics.counters.deleted += 1;
+        self.finish(id, JobState::Completed, now);
+        self.view_outcome(id)
+    }
+
+    pub(super) fn fail(
+        &mut self,
+        lease: Lease,
+        error: String,
+        retry_in_ms: Option<u64>,
+        permanent: bool,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        self.check_lease(lease)?;
+        if retry_in_ms.is_some_and(|ms| ms > limits::DELAY_MS_MAX) {
+            return Err(BrokerError::invalid(
+                "retry_in_ms",
+                format!("at most {} ms", limits::DELAY_MS_MAX),
+            ));
+        }
+        let id = lease.job;
+        self.observe_run(id, now);
+        self.release_reservation_of(id);
+        let error = truncated(error, limits::ERROR_MAX_BYTES);
+        self.retry_or_bury(id, error, retry_in_ms, permanent, now);
+        self.view_outcome(id)
+    }
+
+    /// A failed attempt of a job that is in no queue: counted, and the job
+    /// is delayed by its backoff (or `retry_in_ms`) while attempts remain,
+    /// else buried. Logged.
+    pub(super) fn retry_or_bury(
+        &mut self,
+        id: JobId,
+        error: String,
+        retry_in_ms: Option<u64>,
+        permanent: bool,
+        now: u64,
+    ) {
+        let backoff = self.backoff_of(id);
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        job.attempts = job.attempts.saturating_add(1);
+        job.extra_mut().last_error = Some(error);
+        let (attempts, max_attempts, tube) = (job.attempts, job.max_attempts, job.tube);
+        if permanent || (max_attempts > 0 && attempts >= max_attempts) {
+            self.tube_mut(tube).metrics.counters.buried += 1;
+            self.bury(id, now);
+        } else {
+            let delay_ms = retry_in_ms.unwrap_or_else(|| {
+                let unit = (mix(now ^ id.rotate_left(32)) >> 11) as f64 / (1u64 << 53) as f64;
+                backoff.delay_ms(attempts, unit)
+            });
+            let delay_ns = delay_ms.saturating_mul(NS_PER_MS);
+            self.jobs.get_mut(&id).expect("job exists").delay_ns = delay_ns;
+            self.enqueue(id, delay_ns, now);
+        }
+        self.record_change(id);
+    }
+
+    /// The backoff a job's failures get: its own, its queue's, the default.
+    pub(super) fn backoff_of(&self, id: JobId) -> Backoff {
+        let job = &self.jobs[&id];
+        job.extra
+            .as_ref()
+            .and_then(|e| e.backoff)
+            .or_else(|| self.policy(&self.tube(job.tube).name)?.backoff)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn release(
+        &mut self,
+        lease: Lease,
+        delay_ms: u64,
+        priority: Option<u32>,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        self.check_lease(lease)?;
+        let delay_ns = self.delay_of(RunAt::DelayMs(delay_ms), now)?;
+        let id = lease.job;
+        self.release_reservation_of(id);
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        if let Some(pri) = priority {
+            job.pri = pri;
+        }
+        job.delay_ns = delay_ns;
+        job.releases += 1;
+        let tube = job.tube;
+        self.tube_mut(tube).metrics.counters.released += 1;
+        self.enqueue(id, delay_ns, now);
+        self.record_change(id);
+        self.view_outcome(id)
+    }
+
+    pub(super) fn bury_job(
+        &mut self,
+        id: JobId,
+        lease: Option<Lease>,
+        reason: Option<String>,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        match lease {
+            Some(lease) if lease.job != id => {
+                return Err(BrokerError::Conflict(Conflict::LeaseExpired))
+            }
+            Some(lease) => {
+                self.check_lease(lease)?;
+                self.release_reservation_of(id);
+            }
+            None => {
+                let state = self.jobs.get(&id).map(|j| j.state).ok_or(self.gone(id))?;
+                match state {
+                    JobState::Ready | JobState::Delayed => self.unqueue(id),
+                    other => return Err(wrong_state(other)),
+                }
+            }
+        }
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        if let Some(reason) = reason {
+            job.extra_mut().last_error = Some(truncated(reason, limits::ERROR_MAX_BYTES));
+        }
+        let tube = job.tube;
+        self.tube_mut(tube).metrics.counters.buried += 1;
+        self.bury(id, now);
+        self.record_change(id);
+        self.view_outcome(id)
+    }
+
+    pub(super) fn cancel(
+        &mut self,
+        id: JobId,
+        expected_version: Option<u64>,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        let Some(job) = self.jobs.get(&id) else {
+            return Err(self.gone(id));
+        };
+        self.check_version(job.version, expected_version)?;
+        if job.state == JobState::Reserved {
+            // The lease is revoked now; its holder learns it at its next
+            // heartbeat, completion or failure (or beanstalkd touch/delete).
+            self.release_reservation_of(id);
+        } else {
+            self.unqueue(id);
+        }
+        self.jobs
+            .get_mut(&id)
+            .expect("job exists")
+            .extra_mut()
+            .cancel_requested = true;
+        self.finish(id, JobState::Cancelled, now);
+        self.view_outcome(id)
+    }
+
+    /// Takes a ready, delayed or buried job out of its queue.
+    pub(super) fn unqueue(&mut self, id: JobId) {
+        let job = &self.jobs[&id];
+        let (state, tube, pri, seq, deadline) =
+            (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
+        match state {
+            JobState::Ready => self.remove_ready(tube, pri, id),
+            JobState::Buried => self.remove_buried(tube, seq, id),
+            JobState::Delayed => self.remove_delayed(tube, deadline, id),
+            JobState::Reserved | JobState::Completed | JobState::Cancelled => {
+                unreachable!("job {id} is in no queue")
+            }
+        }
+    }
+
+    pub(super) fn update(
+        &mut self,
+        id: JobId,
+        expected_version: Option<u64>,
+        change: JobChange,
+        now: u64,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(true)?;
+        let Some(job) = self.jobs.get(&id) else {
+            return Err(self.gone(id));
+        };
+        if job.state == JobState::Reserved {
+            return Err(wrong_state(JobState::Reserved));
+        }
+        self.check_version(job.version, expected_version)?;
+        if let Some(payload) = &change.payload {
+            if payload.len() > self.config.max_job_size as usize {
+                return Err(BrokerError::TooLarge {
+                    max_bytes: u64::from(self.config.max_job_size),
+                });
+            }
+        }
+        if let Some(headers) = &change.headers {
+            check_headers(headers)?;
+        }
+        let delay_ns = change
+            .run_at
+            .map(|run_at| self.delay_of(run_at, now))
+            .transpose()?;
+        let (state, due) = (job.state, job.deadline_at_ns);
+        self.unqueue(id);
+        let job = self.jobs.get_mut(&id).expect("job exists");
+        if let Some(pri) = change.priority {
+            job.pri = pri;
+        }
+        if let Some(max_attempts) = change.max_attempts {
+            job.max_attempts = max_attempts;
+        }
+        if let Some(headers) = change.headers {
+            job.extra_mut().headers = headers;
+        }
+        let old_len = job.body.len();
+        if let Some(payload) = change.payload {
+            job.body = payload;
+        }
+        let new_len = job.body.len();
+        let tube = job.tube;
+        let tube_len = self.tube(tube).name.as_str().len();
+        self.live_log_bytes = self.live_log_bytes - job_snapshot_log_bytes(tube_len, old_len)
+            + job_snapshot_log_bytes(tube_len, new_len);
+        match (delay_ns, state) {
+            (Some(delay_ns), _) => {
+                self.jobs.get_mut(&id).expect("job exists").delay_ns = delay_ns;
+                self.enqueue(id, delay_ns, now);
+            }
+            (None, JobState::Delayed) => self.enqueue(id, due.saturating_sub(now).max(1), now),
+            (None, JobState::Buried) => self.bury(id, now),
+            (None, _) => self.enqueue(id, 0, now),
+        }
+        if self.logging {
+            let record = self.full_record(id).expect("job exists");
+            self.log.push(LogRecord::JobSnapshot(Box::new(record)));
+        }
+        self.view_outcome(id)
+    }
+
+    pub(super) fn delete_job(
+        &mut self,
+        id: JobId,
+        expected_version: Option<u64>,
+    ) -> Result<Outcome, BrokerError> {
+        self.check_writable(false)?;
+        if let Some(job) = self.jobs.get(&id) {
+            if job.state == JobState::Reserved {
+                return Err(wrong_state(JobState::Reserved));
+            }
+            self.check_version(job.version, expected_version)?;
+            self.unqueue(id);
+            let tube = self.jobs[&id].tube;
+            let t = self.tube_mut(tube);
+            t.cmd_delete += 1;
+            t.metrics.counters.deleted += 1;
+            self.drop_job(id);
+        } else {
+            let finished = self.retention.get(id).ok_or(BrokerError::NotFound)?;
+            self.check_version(finished.job.version, expected_version)?;
+            let gone = self.retention.remove(id).expect("final job exists");
+            self.forget_finished(gone);
+        }
+        self.record(|| LogRecord::Delete { id });
+        Ok(Outcome::Done)
+    }
+
+    // ---- listings -------------------------------------------------------
+
+    /// Ids of `queue`'s jobs in `state`, ascending.
+    pub(super) fn ids_in(&self, queue: &TubeName, state: JobState) -> Vec<JobId> {
+        let mut ids: Vec<JobId> = match state {
+            JobState::Completed | JobState::Cancelled => self
+                .retention
+                .of_queue(queue)
+                .filter(|f| f.job.state == state)
+                .map(|f| f.job.id)
+                .collect(),
+            _ => match self.tube_ids.get(queue) {
+                None => Vec::new(),
+                Some(&tube) => {
+                    let t = self.tube(tube);
+                    match state {
+                        JobState::Ready => t.ready.iter().map(|&(_, id)| id).collect(),
+                        JobState::Delayed => t.delayed.iter().map(|&(_, id)| id).collect(),
+                        JobState::Buried => t.buried.iter().map(|&(_, id)| id).collect(),
+                        _ => self
+                            .reservations
+                            .iter()
+                            .map(|&(_, _, id)| id)
+                            .filter(|id| self.jobs[id].tube == tube)
+                            .collect(),
+                    }
+                }
+            },
+        };
+        ids.sort_unstable();
+        ids
+    }
+
+    pub(super) fn list(
+        &self,
+        queue: &TubeName,
+        state: JobState,
+        after: Option<JobId>,
+        limit: u32,
+    ) -> Result<Outcome, BrokerError> {
+        if limit == 0 || limit > limits::LIST_LIMIT_MAX {
+            return Err(BrokerError::invalid(
+                "limit",
+                format!("1 to {}", limits::LIST_LIMIT_MAX),
+            ));
+        }
+        let after = after.unwrap_or(0);
+        let ids = self.ids_in(queue, state);
+        let start = ids.partition_point(|&id| id <= after);
+        let page: Vec<JobId> = ids[start..].iter().take(limit as usize).copied().collect();
+        let more = ids.len() > start + page.len();
+        let next = more.then(|| page.last().copied()).flatten();
+        let jobs = page.iter().filter_map(|&id| self.view(id)).collect();
+        Ok(Outcome::Page(JobPage { jobs, next }))
+    }
+
+    pub(super) fn purge(
+        &mut self,
+        queue: &TubeName,
+        state: JobState,
+    ) -> Result<Outcome, BrokerError> {
+        if state == JobState::Reserved {
+            return Err(BrokerError::invalid(
+                "state",
+                "reserved jobs are not purged: cancel them",
+            ));
+        }
+        self.check_writable(false)?;
+        let ids = self.ids_in(queue, state);
+        let mut purged = 0;
+        for id in ids.into_iter().take(limits::PURGE_JOBS_MAX) {
+            self.delete_job(id, None)?;
+            purged += 1;
+        }
+        Ok(Outcome::Purged(purged))
+    }
+
+    // ---- queues ---------------------------------------------------------
+
+    pub(super) fn set_settings(&mut self, queue: TubeName, settings: QueueSettings) {
+        if let Some(&tube) = self.tube_ids.get(&queue) {
+            self.apply_settings(tube, &settings);
+        }
+        self.record(|| {
+            LogRecord::Queue(Box::new(QueueRecord {
+                queue: Some(queue.clone()),
+                policy: settings.policy.clone(),
+                pause: settings.pause,
+            }))
+        });
+        if settings == QueueSettings::default() {
+            self.settings.remove(&queue);
+        } else {
+            self.settings.insert(queue, settings);
+        }
+    }
+
+    /// Gives a live tube its settings: the policy's attempt limit for
+    /// beanstalkd puts, and the pause.
+    pub(super) fn apply_settings(&mut self, tube: TubeId, settings: &QueueSettings) {
+        let t = self.tube_mut(tube);
+        t.max_attempts = settings.policy.max_attempts.unwrap_or(0);
+        if let Some((start, until)) = settings.pause {
+            let old = (t.pause_ns > 0).then_some(t.unpause_at_ns);
+            t.pause_ns = until.saturating_sub(start).max(1);
+            t.unpause_at_ns = until;
+            if let Some(old) = old {
+                self.paused.remove(&(old, tube));
+            }
+            self.paused.insert((until, tube));
+        }
+    }
+
+    pub(super) fn queue_info(&self, queue: &TubeName, now: u64) -> QueueInfo {
+        let mut info = QueueInfo {
+            name: queue.to_string(),
+            completed: self.retention.count_in(queue, JobState::Completed),
+            cancelled: self.retention.count_in(queue, JobState::Cancelled),
+            ..QueueInfo::default()
+        };
+        if let Some(&tube) = self.tube_ids.get(queue) {
+            let t = self.tube(tube);
+            info.ready = t.ready.len() as u64;
+            info.reserved = t.reserved;
+            info.delayed = t.delayed.len() as u64;
+            info.buried = t.buried.len() as u64;
+            if t.pause_ns > 0 && t.unpause_at_ns > now {
+                info.paused_until_ms = Some(if t.unpause_at_ns == u64::MAX {
+                    u64::MAX
+                } else {
+                    self.wall_ms(t.unpause_at_ns)
+                });
+            }
+        }
+        if let Some(settings) = self.settings.get(queue) {
+            info.policy = settings.policy.clone();
+            if let Some((_, until)) = settings.pause.filter(|&(_, until)| until > now) {
+                info.paused_until_ms = Some(if until == u64::MAX {
+                    u64::MAX
+                } else {
+                    self.wall_ms(until)
+                });
+            }
+        }
+        info
+    }
+
+    // ---- views and records ----------------------------------------------
+
+    pub(super) fn view_outcome(&self, id: JobId) -> Result<Outcome, BrokerError> {
+        self.view(id).map(Outcome::Job).ok_or(BrokerError::NotFound)
+    }
+
+    /// A live or final job as the APIs show it.
+    pub fn view(&self, id: JobId) -> Option<JobView> {
+        if let Some(job) = self.jobs.get(&id) {
+            return Some(self.view_of(job, &self.tube(job.tube).name));
+        }
+        let finished = self.retention.get(id)?;
+        Some(self.view_of(&finished.job, &finished.queue))
+    }
+
+    pub(super) fn view_of(&self, job: &Job, queue: &TubeName) -> JobView {
+        let extra = job.extra.as_deref();
+        let at = |ns: u64| self.wall_ms(ns);
+        let updated_at_ns = match extra {
+            Some(extra) => extra.updated_at_ns,
+            // A plain job's last change is the start of its state: when it
+            // became ready, was delayed or reserved; a buried one shows its
+            // creation (beanstalkd jobs keep no burial time).
+            None => match job.state {
+                JobState::Ready => job.deadline_at_ns,
+                JobState::Delayed => job.deadline_at_ns.saturating_sub(job.delay_ns),
+                JobState::Reserved => job.deadline_at_ns.saturating_sub(job.ttr_ns),
+                _ => job.created_at_ns,
+            },
+        };
+        let backoff = extra
+            .and_then(|e| e.backoff)
+            .or_else(|| self.policy(queue).and_then(|p| p.backoff))
+            .unwrap_or_default();
+        JobView {
+            id: job.id,
+            queue: queue.to_string(),
+            state: job.state,
+            priority: job.pri,
+            payload: job.body.clone(),
+            headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            backoff,
+            ttr_ms: job.ttr_ns / NS_PER_MS,
+            run_at_ms: (job.state == JobState::Delayed).then(|| at(job.deadline_at_ns)),
+            deadline_at_ms: (job.state == JobState::Reserved).then(|| at(job.deadline_at_ns)),
+            created_at_ms: at(job.created_at_ns),
+            updated_at_ms: at(updated_at_ns),
+            finished_at_ms: job.state.is_final().then(|| at(job.deadline_at_ns)),
+            last_error: extra.and_then(|e| e.last_error.clone()),
+            result: extra.and_then(|e| e.result.clone()),
+            idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
+            cancel_requested: extra.is_some_and(|e| e.cancel_requested),
+            version: job.version,
+        }
+    }
+
+    /// Where a job rests, as the log says it.
+    pub(super) fn rest_state_of(job: &Job) -> RestState {
+        match job.state {
+            JobState::Ready | JobState::Reserved => RestState::Ready,
+            JobState::Delayed => RestState::Delayed {
+                due_ns: job.deadline_at_ns,
+            },
+            JobState::Buried => RestState::Buried,
+            JobState::Completed => RestState::Completed {
+                at_ns: job.deadline_at_ns,
+            },
+            JobState::Cancelled => RestState::Cancelled {
+                at_ns: job.deadline_at_ns,
+            },
+        }
+    }
+
+    /// A live or final job's whole durable state.
+    pub(super) fn full_record(&self, id: JobId) -> Option<FullJobRecord> {
+        let (job, queue) = match self.jobs.get(&id) {
+            Some(job) => (job, &self.tube(job.tube).name),
+            None => {
+                let finished = self.retention.get(id)?;
+                (&finished.job, &finished.queue)
+            }
+        };
+        Some(FullJobRecord {
+            job: JobRecord {
+                id,
+                tube: queue.clone(),
+                pri: job.pri,
+                ttr_ns: job.ttr_ns,
+                delay_ns: job.delay_ns,
+                created_at_ns: job.created_at_ns,
+                state: Self::rest_state_of(job),
+                body: job.body.clone(),
+            },
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            version: job.version,
+            extra: job.extra.as_deref().cloned(),
+        })
+    }
+
+    /// Logs a job's durable fields after a change (live or final job).
+    pub(super) fn record_change(&mut self, id: JobId) {
+        if !self.logging {
+            return;
+        }
+        let job = match self.jobs.get(&id) {
+            Some(job) => job,
+            None => &self.retention.get(id).expect("job exists").job,
+        };
+        let extra = job.extra.as_deref();
+        let record = ChangeRecord {
+            id,
+            version: job.version,
+            attempts: job.attempts,
+            pri: job.pri,
+            delay_ns: job.delay_ns,
+            state: Self::rest_state_of(job),
+            cancel_requested: extra.is_some_and(|e| e.cancel_requested),
+            last_error: extra.and_then(|e| e.last_error.clone()),
+            result: extra.and_then(|e| e.result.clone()),
+            updated_at_ns: extra.map_or(0, |e| e.updated_at_ns),
+        };
+        self.log.push(LogRecord::Change(Box::new(record)));
+    }
+}

@@ -1,0 +1,105 @@
+//! Timers: one `tick` moves due delayed jobs, ends pauses and blocked
+//! reserves, expires leases and forgets final jobs past their retention.
+
+use super::*;
+
+impl Engine {
+    /// Runs timers due at `now`: delayed jobs become ready, pauses end,
+    /// blocked reserves time out, reservations expire. Returns when it next
+    /// has work, if ever.
+    pub fn tick(&mut self, now: u64) -> Option<u64> {
+        // One timer at a time, earliest first, whatever its kind: a caller
+        // that runs late (a busy server) must see the same outcome as one
+        // that woke on time. Ties go to the kinds in the order listed.
+        loop {
+            let due = [
+                self.delayed.first().map(|&(at, _)| (at, Timer::Delay)),
+                self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
+                self.wait_timers.first().map(|&(at, _)| (at, Timer::Wait)),
+                // A reservation expires once its deadline has passed
+                // (beanstalkd keeps it while `deadline >= now`).
+                self.reservations
+                    .first()
+                    .map(|&(at, _, _)| (at + 1, Timer::Ttr)),
+                self.retention
+                    .next_expiry()
+                    .map(|at| (at, Timer::Retention)),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|&(at, _)| at <= now)
+            .min();
+            let Some((_, timer)) = due else {
+                break;
+            };
+            match timer {
+                Timer::Delay => {
+                    let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
+                    let tube = self.jobs[&id].tube;
+                    let t = self.tube_mut(tube);
+                    t.delayed.remove(&(due, id));
+                    t.metrics.skew.observe_ns(now - due);
+                    self.enqueue(id, 0, now);
+                }
+                Timer::Pause => {
+                    let &(_, tube) = self.paused.first().expect("a pause is due");
+                    self.unpause(tube);
+                    self.process_queue(now);
+                }
+                Timer::Wait => {
+                    let &(_, conn_id) = self.wait_timers.first().expect("a wait is due");
+                    let soon = self.deadline_soon(conn_id, now);
+                    self.remove_waiting_conn(conn_id);
+                    let reply = if soon {
+                        Response::DeadlineSoon
+                    } else {
+                        Response::TimedOut
+                    };
+                    self.outbox.push((conn_id, reply));
+                }
+                Timer::Ttr => {
+                    let &(_, seq, id) = self.reservations.first().expect("a reservation is due");
+                    let job = self.jobs.get_mut(&id).expect("reserved job exists");
+                    debug_assert_eq!(job.seq, seq);
+                    job.timeouts += 1;
+                    let (tube, max_attempts) = (job.tube, job.max_attempts);
+                    self.counters.job_timeouts += 1;
+                    self.tube_mut(tube).metrics.counters.timed_out += 1;
+                    self.release_reservation_of(id);
+                    if max_attempts > 0 {
+                        // A job with an attempt limit: the expiry is a failed
+                        // attempt, retried after its backoff or buried.
+                        let error = "lease expired: no heartbeat or completion within the TTR";
+                        self.retry_or_bury(id, error.to_string(), None, false, now);
+                    } else {
+                        // beanstalkd's semantics: ready again at once.
+                        let job = self.jobs.get_mut(&id).expect("job exists");
+                        job.attempts = job.attempts.saturating_add(1);
+                        self.enqueue(id, 0, now);
+                        // Logged so that attempts and versions survive a
+                        // restart.
+                        self.record_change(id);
+                    }
+                }
+                Timer::Retention => self.expire_finished(now),
+            }
+        }
+        self.next_wake()
+    }
+
+    /// The earliest time at which [`Engine::tick`] has work.
+    pub fn next_wake(&self) -> Option<u64> {
+        [
+            self.delayed.first().map(|&(at, _)| at),
+            self.paused.first().map(|&(at, _)| at),
+            self.wait_timers.first().map(|&(at, _)| at),
+            self.reservations.first().map(|&(at, _, _)| at + 1),
+            self.retention.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        // A pause with no end is no timer.
+        .filter(|&at| at != u64::MAX)
+        .min()
+    }
+}
