@@ -30,8 +30,17 @@ pub enum WalError {
         reason: String,
     },
     /// A segment's header is damaged, from another format version, or names
-    /// another segment.
+    /// another segment; or the `MANIFEST` is of a newer format.
     BadHeader { path: PathBuf, reason: String },
+    /// Part of the log that must exist is gone: a segment file the manifest
+    /// names (the oldest, the newest, or all of them), records the manifest
+    /// recorded at the end of the newest segment, or the manifest itself
+    /// where the segments say there is one. `path` names what is missing
+    /// (the first missing file of a run); `detail` says what was expected.
+    /// [`WalOptions::accept_data_loss`](crate::WalOptions::accept_data_loss)
+    /// opens the log anyway, with what is left, and reports the loss in
+    /// [`RecoveryReport::lost`](crate::RecoveryReport::lost).
+    Missing { path: PathBuf, detail: String },
     /// An earlier write, fsync or file operation failed, so what is on disk is
     /// unknown; every call fails until the log is reopened (recovery then
     /// decides what survived). A failed fsync is never retried: the kernel may
@@ -90,7 +99,10 @@ impl fmt::Display for WalError {
                 path.display()
             ),
             WalError::BadHeader { path, reason } => {
-                write!(f, "WAL segment {} has a bad header: {reason}", path.display())
+                write!(f, "WAL file {} has a bad header: {reason}", path.display())
+            }
+            WalError::Missing { path, detail } => {
+                write!(f, "WAL data is missing: {}: {detail}", path.display())
             }
             WalError::Poisoned { cause } => write!(
                 f,

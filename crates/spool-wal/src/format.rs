@@ -6,9 +6,18 @@
 /// First 8 bytes of every segment file.
 pub const MAGIC: [u8; 8] = *b"SPOOLWAL";
 
-/// Format version written in every segment header. Readers refuse any other
-/// version rather than guess (see the version history in docs/wal-format.md).
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written in every new segment header. Version 2 has the
+/// same bytes as version 1; it says that the data directory keeps a
+/// `MANIFEST`, so a reader that finds no valid one knows something is gone.
+/// It also makes a release that predates the manifest refuse the log, since
+/// that release would rotate and compact without updating the manifest.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Oldest segment format version this build reads: logs written by every
+/// earlier release open in place. Readers refuse any version outside
+/// `FORMAT_VERSION_OLDEST..=FORMAT_VERSION` rather than guess (see the
+/// version history in docs/wal-format.md).
+pub const FORMAT_VERSION_OLDEST: u32 = 1;
 
 /// Bytes of the segment header: magic (8), version (4), sequence (8),
 /// length of the previous segment (8), CRC-32 of the first 28 bytes (4).
@@ -37,6 +46,34 @@ pub const SEGMENT_EXTENSION: &str = "wal";
 /// Name of the lock file in the data directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
 
+/// Name of the manifest: which segments must exist, and how long the newest
+/// was when last recorded. See [`ManifestSlot`].
+pub const MANIFEST_FILE_NAME: &str = "MANIFEST";
+
+/// First 8 bytes of each manifest slot.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"SPOOLMAN";
+
+/// Manifest format version; readers refuse any other.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Bytes of one manifest slot: magic (8), version (4), flags (4),
+/// generation (8), first segment (8), last segment (8), last segment's
+/// length (8), CRC-32 of the first 48 bytes (4).
+pub const MANIFEST_SLOT_LEN: usize = 52;
+
+/// Offset of slot 1 (slot 0 is at 0), and half the manifest file's length.
+/// A slot is overwritten in place, so a crash can tear it; a page (and the
+/// physical sector of current disks) apart, a torn write of one slot cannot
+/// reach the other, which keeps the previous, valid generation.
+pub const MANIFEST_SLOT_STRIDE: u64 = 4096;
+
+/// Length of the manifest file: two slots, each padded with zeros.
+pub const MANIFEST_FILE_LEN: u64 = 2 * MANIFEST_SLOT_STRIDE;
+
+/// Manifest flag: written when the log was closed with everything synced,
+/// so `last_segment_len` is the exact final length, not a lower bound.
+pub const MANIFEST_FLAG_CLEAN: u32 = 1;
+
 const _: () = {
     // A record length must fit the u32 length field.
     assert!(RECORD_MAX_BYTES <= u32::MAX as usize);
@@ -45,6 +82,9 @@ const _: () = {
     assert!(SEGMENT_MAX_BYTES_DEFAULT > SEGMENT_HEADER_LEN + RECORD_HEADER_LEN);
     // magic, version, sequence, previous segment's length, crc
     assert!(MAGIC.len() + 4 + 8 + 8 + 4 == SEGMENT_HEADER_LEN as usize);
+    // magic, version, flags, generation, first, last, last's length, crc
+    assert!(MANIFEST_MAGIC.len() + 4 + 4 + 8 + 8 + 8 + 8 + 4 == MANIFEST_SLOT_LEN);
+    assert!(MANIFEST_SLOT_LEN as u64 <= MANIFEST_SLOT_STRIDE);
 };
 
 /// File name of segment `seq`: 16 lowercase hex digits and `.wal`, so that
@@ -79,14 +119,26 @@ pub(crate) fn classify_file_name(name: &str) -> FileKind {
     }
 }
 
-/// The 32-byte header that opens segment `seq`. `prev_segment_len` is the
+/// The 32-byte header (of version [`FORMAT_VERSION`]) that opens segment
+/// `seq`. `prev_segment_len` is the
 /// final length of segment `seq - 1` (0 if there is none): segments before
 /// the last are never written again, so recovery can tell that one lost
 /// whole records from its end, which its own bytes cannot show.
 pub fn encode_segment_header(seq: u64, prev_segment_len: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    encode_segment_header_with_version(FORMAT_VERSION, seq, prev_segment_len)
+}
+
+/// [`encode_segment_header`] of any format version, for tests and tools
+/// that build logs as earlier releases wrote them (the writer only ever
+/// writes [`FORMAT_VERSION`]).
+pub fn encode_segment_header_with_version(
+    version: u32,
+    seq: u64,
+    prev_segment_len: u64,
+) -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..20].copy_from_slice(&seq.to_le_bytes());
     h[20..28].copy_from_slice(&prev_segment_len.to_le_bytes());
     let crc = crc32fast::hash(&h[0..28]);
@@ -114,7 +166,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::BadMagic => write!(f, "magic is not \"SPOOLWAL\""),
             HeaderError::BadChecksum => write!(f, "header checksum mismatch"),
             HeaderError::UnsupportedVersion(v) => {
-                write!(f, "format version {v} is not supported (this build reads version {FORMAT_VERSION})")
+                write!(f, "format version {v} is not supported (this build reads versions {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION})")
             }
             HeaderError::WrongSequence { found } => {
                 write!(
@@ -129,6 +181,8 @@ impl std::fmt::Display for HeaderError {
 /// What a valid segment header says besides its sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
+    /// [`FORMAT_VERSION_OLDEST`] to [`FORMAT_VERSION`].
+    pub(crate) version: u32,
     pub(crate) prev_segment_len: u64,
 }
 
@@ -150,7 +204,7 @@ pub(crate) fn decode_segment_header(
         return Err(HeaderError::BadChecksum);
     }
     let version = le_u32(&h[8..12]);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderError::UnsupportedVersion(version));
     }
     let seq = le_u64(&h[12..20]);
@@ -158,8 +212,128 @@ pub(crate) fn decode_segment_header(
         return Err(HeaderError::WrongSequence { found: seq });
     }
     Ok(SegmentHeader {
+        version,
         prev_segment_len: le_u64(&h[20..28]),
     })
+}
+
+/// What one manifest slot says. The manifest is the log's record of which
+/// segments must exist: compaction deletes segments from the front, and new
+/// ones are added at the back, so without it a missing oldest or newest file
+/// would look like a shorter log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestSlot {
+    /// Incremented on every write; the valid slot with the higher one wins.
+    pub generation: u64,
+    /// Oldest segment that must exist (segments before it were compacted
+    /// away; leftovers of a compaction interrupted by a crash are deleted).
+    pub first_segment: u64,
+    /// Newest segment that must exist. The writer creates a segment before
+    /// it records it here, so `last_segment + 1` may exist too (header only).
+    pub last_segment: u64,
+    /// `last_segment` held at least this many bytes (header and records),
+    /// all durable, when the slot was written.
+    pub last_segment_len: u64,
+    /// Written at a clean close: `last_segment_len` is its exact length.
+    pub clean: bool,
+}
+
+/// Encodes one manifest slot (without its zero padding).
+pub fn encode_manifest_slot(slot: &ManifestSlot) -> [u8; MANIFEST_SLOT_LEN] {
+    let mut b = [0u8; MANIFEST_SLOT_LEN];
+    b[0..8].copy_from_slice(&MANIFEST_MAGIC);
+    b[8..12].copy_from_slice(&MANIFEST_VERSION.to_le_bytes());
+    let flags = if slot.clean { MANIFEST_FLAG_CLEAN } else { 0 };
+    b[12..16].copy_from_slice(&flags.to_le_bytes());
+    b[16..24].copy_from_slice(&slot.generation.to_le_bytes());
+    b[24..32].copy_from_slice(&slot.first_segment.to_le_bytes());
+    b[32..40].copy_from_slice(&slot.last_segment.to_le_bytes());
+    b[40..48].copy_from_slice(&slot.last_segment_len.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..48]);
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Why a manifest slot was not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotError {
+    /// Torn, damaged, or never written: the other slot may still be good.
+    Invalid(&'static str),
+    /// Well-formed (checksum valid) but from a format this build does not
+    /// know: refused, never guessed at or overwritten.
+    Unsupported { version: u32, flags: u32 },
+}
+
+/// Checks one manifest slot (`bytes` may be short or longer than a slot).
+pub(crate) fn decode_manifest_slot(bytes: &[u8]) -> Result<ManifestSlot, SlotError> {
+    let b = bytes
+        .get(..MANIFEST_SLOT_LEN)
+        .ok_or(SlotError::Invalid("shorter than a slot"))?;
+    if b[0..8] != MANIFEST_MAGIC {
+        return Err(SlotError::Invalid("magic is not \"SPOOLMAN\""));
+    }
+    if crc32fast::hash(&b[0..48]) != le_u32(&b[48..52]) {
+        return Err(SlotError::Invalid("checksum mismatch"));
+    }
+    let (version, flags) = (le_u32(&b[8..12]), le_u32(&b[12..16]));
+    if version != MANIFEST_VERSION || flags & !MANIFEST_FLAG_CLEAN != 0 {
+        return Err(SlotError::Unsupported { version, flags });
+    }
+    let slot = ManifestSlot {
+        generation: le_u64(&b[16..24]),
+        first_segment: le_u64(&b[24..32]),
+        last_segment: le_u64(&b[32..40]),
+        last_segment_len: le_u64(&b[40..48]),
+        clean: flags & MANIFEST_FLAG_CLEAN != 0,
+    };
+    // The writer never records these; a checksum that matches them anyway
+    // is damage (or a bug), not a log to check against.
+    if slot.first_segment == 0
+        || slot.first_segment > slot.last_segment
+        || slot.last_segment_len < SEGMENT_HEADER_LEN
+    {
+        return Err(SlotError::Invalid("inconsistent fields"));
+    }
+    Ok(slot)
+}
+
+/// What a manifest file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ManifestFile {
+    /// The newest valid slot, and its index (0 or 1).
+    Valid(ManifestSlot, usize),
+    /// Neither slot is valid; why, per slot.
+    NoValidSlot(String),
+    /// A slot from a newer manifest format: what it says.
+    Unsupported(String),
+}
+
+/// Reads both slots of a manifest file's bytes and picks the newest valid.
+pub(crate) fn decode_manifest(bytes: &[u8]) -> ManifestFile {
+    let mut best: Option<(ManifestSlot, usize)> = None;
+    let mut why = Vec::new();
+    for index in 0..2 {
+        #[allow(clippy::cast_possible_truncation)] // 0 or 4096
+        let at = index * MANIFEST_SLOT_STRIDE as usize;
+        match decode_manifest_slot(bytes.get(at..).unwrap_or(&[])) {
+            Ok(slot) => {
+                if best.is_none_or(|(b, _)| slot.generation > b.generation) {
+                    best = Some((slot, index));
+                }
+            }
+            Err(SlotError::Invalid(reason)) => why.push(format!("slot {index}: {reason}")),
+            Err(SlotError::Unsupported { version, flags }) => {
+                return ManifestFile::Unsupported(format!(
+                    "slot {index} is of manifest format version {version} with flags {flags:#x}; \
+                     this build reads version {MANIFEST_VERSION} with flags up to {MANIFEST_FLAG_CLEAN:#x}"
+                ))
+            }
+        }
+    }
+    match best {
+        Some((slot, index)) => ManifestFile::Valid(slot, index),
+        None => ManifestFile::NoValidSlot(why.join("; ")),
+    }
 }
 
 /// Appends one framed record (length, CRC-32 of length bytes and payload,
@@ -227,6 +401,7 @@ mod tests {
         assert_eq!(
             decode_segment_header(&h, 0x1234_5678_9abc),
             Ok(SegmentHeader {
+                version: 2,
                 prev_segment_len: 4242
             })
         );
@@ -251,22 +426,92 @@ mod tests {
     fn header_layout_is_the_documented_one() {
         let h = encode_segment_header(2, 0x0102);
         assert_eq!(&h[0..8], b"SPOOLWAL");
-        assert_eq!(h[8..12], [1, 0, 0, 0]);
+        assert_eq!(h[8..12], [2, 0, 0, 0]);
         assert_eq!(h[12..20], [2, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(h[20..28], [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(le_u32(&h[28..32]), crc32fast::hash(&h[..28]));
     }
 
+    fn with_version(version: u32) -> [u8; 32] {
+        let h = encode_segment_header_with_version(version, 1, 0);
+        assert_eq!(h[8..12], version.to_le_bytes());
+        assert_eq!(le_u32(&h[28..32]), crc32fast::hash(&h[..28]));
+        h
+    }
+
     #[test]
-    fn newer_version_is_reported_as_such() {
-        let mut h = encode_segment_header(1, 0);
-        h[8] = 2;
-        let crc = crc32fast::hash(&h[0..28]);
-        h[28..32].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(
-            decode_segment_header(&h, 1),
-            Err(HeaderError::UnsupportedVersion(2))
-        );
+    fn versions_1_and_2_are_read_and_newer_ones_reported_as_such() {
+        for v in [1, 2] {
+            assert_eq!(
+                decode_segment_header(&with_version(v), 1).map(|h| h.version),
+                Ok(v)
+            );
+        }
+        for v in [0, 3] {
+            assert_eq!(
+                decode_segment_header(&with_version(v), 1),
+                Err(HeaderError::UnsupportedVersion(v))
+            );
+        }
+    }
+
+    const SLOT: ManifestSlot = ManifestSlot {
+        generation: 7,
+        first_segment: 3,
+        last_segment: 5,
+        last_segment_len: 0x1234,
+        clean: true,
+    };
+
+    #[test]
+    fn manifest_slot_layout_is_the_documented_one() {
+        let b = encode_manifest_slot(&SLOT);
+        assert_eq!(&b[0..8], b"SPOOLMAN");
+        assert_eq!(b[8..12], [1, 0, 0, 0]);
+        assert_eq!(b[12..16], [1, 0, 0, 0]);
+        assert_eq!(b[16..24], [7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[24..32], [3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[32..40], [5, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[40..48], [0x34, 0x12, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(le_u32(&b[48..52]), crc32fast::hash(&b[..48]));
+        assert_eq!(decode_manifest_slot(&b), Ok(SLOT));
+        for i in 0..b.len() {
+            let mut bad = b;
+            bad[i] ^= 0x10;
+            assert!(decode_manifest_slot(&bad).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn manifest_takes_the_newest_valid_slot() {
+        let mut file = vec![0u8; MANIFEST_FILE_LEN as usize];
+        let older = ManifestSlot {
+            generation: 6,
+            ..SLOT
+        };
+        file[..MANIFEST_SLOT_LEN].copy_from_slice(&encode_manifest_slot(&older));
+        file[4096..4096 + MANIFEST_SLOT_LEN].copy_from_slice(&encode_manifest_slot(&SLOT));
+        assert_eq!(decode_manifest(&file), ManifestFile::Valid(SLOT, 1));
+        // A torn newer slot leaves the older one.
+        file[4096 + 20] ^= 1;
+        assert_eq!(decode_manifest(&file), ManifestFile::Valid(older, 0));
+        file[3] ^= 1;
+        assert!(matches!(
+            decode_manifest(&file),
+            ManifestFile::NoValidSlot(_)
+        ));
+        assert!(matches!(decode_manifest(&[]), ManifestFile::NoValidSlot(_)));
+        // A newer format is refused, even next to a valid slot.
+        let mut newer = encode_manifest_slot(&SLOT);
+        newer[8] = 2;
+        let crc = crc32fast::hash(&newer[..48]);
+        newer[48..52].copy_from_slice(&crc.to_le_bytes());
+        file[4096..4096 + MANIFEST_SLOT_LEN].copy_from_slice(&newer);
+        file[3] ^= 1;
+        assert!(matches!(
+            decode_manifest(&file),
+            ManifestFile::Unsupported(_)
+        ));
     }
 
     #[test]

@@ -23,8 +23,12 @@
 //! ```
 //!
 //! Modules:
-//! - [`format`](mod@format): segment names, header and record layout, limits.
-//! - `recovery`: replaying segments, telling torn tails from corruption.
+//! - [`format`](mod@format): segment names, header, record and manifest
+//!   layout, limits.
+//! - `manifest`: reading and updating the manifest (which segments must
+//!   exist), so that a missing segment file is detected, not silently absent.
+//! - `recovery`: replaying segments, telling torn tails from corruption,
+//!   checking the segments against the manifest.
 //! - `wal`: the writer (append, write, sync, rotate, remove, poisoning, and
 //!   the zero-filled region kept ahead of the last record).
 //! - [`storage`]: the I/O seam, with the real file system behind it.
@@ -33,6 +37,7 @@
 
 mod error;
 pub mod format;
+mod manifest;
 mod recovery;
 pub mod sim;
 pub mod storage;
@@ -40,6 +45,6 @@ mod wal;
 
 pub use error::WalError;
 pub use format::{RECORD_MAX_BYTES, SEGMENT_MAX_BYTES_DEFAULT};
-pub use recovery::{Recovery, RecoveryReport, TornTail, TAIL_SEARCH_BUDGET};
+pub use recovery::{LostData, Recovery, RecoveryReport, TornTail, TAIL_SEARCH_BUDGET};
 pub use storage::{FsStorage, Storage};
 pub use wal::{Commit, SegmentInfo, Wal, WalOptions, WalStats, ZERO_FILL_AHEAD_BYTES};

@@ -5,6 +5,12 @@
 //! the last segment are the writer's zero-filled region, the normal end of
 //! that segment: they are neither reported nor cut.
 //!
+//! The segments found are checked against the `MANIFEST` (which segments
+//! must exist, and how long the newest was when last recorded): a missing
+//! oldest or newest segment file, or records gone from the end of the newest,
+//! is [`WalError::Missing`] unless [`WalOptions::accept_data_loss`] is set,
+//! in which case the loss is reported in [`RecoveryReport::lost`].
+//!
 //! Records are streamed to the caller from one reusable buffer, so replaying
 //! millions of small records costs no allocation per record.
 
@@ -16,9 +22,10 @@ use std::sync::Arc;
 use crate::error::WalError;
 use crate::format::{
     self, classify_file_name, decode_segment_header, encode_segment_header, le_u32, record_crc,
-    segment_file_name, valid_record_at, FileKind, HeaderError, RECORD_HEADER_LEN, RECORD_MAX_BYTES,
-    SEGMENT_HEADER_LEN,
+    segment_file_name, valid_record_at, FileKind, HeaderError, ManifestSlot, FORMAT_VERSION,
+    FORMAT_VERSION_OLDEST, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN,
 };
+use crate::manifest::{manifest_path, read_manifest, ManifestState, ManifestWriter};
 use crate::storage::{parent_dir, LockGuard, Storage, WriteFile};
 use crate::wal::{SegmentInfo, Wal, WalOptions};
 
@@ -59,6 +66,46 @@ pub struct RecoveryReport {
     pub torn_tail: Option<TornTail>,
     /// True when there was no log and a new one was created.
     pub created: bool,
+    /// What was missing and opened without, because
+    /// [`WalOptions::accept_data_loss`] was set (without it, recovery fails
+    /// with [`WalError::Missing`] instead). For the caller to log loudly.
+    pub lost: Vec<LostData>,
+    /// How the log was last closed, per the manifest: `Some(true)` cleanly
+    /// (everything synced, the newest segment's exact length recorded), so a
+    /// cut anywhere would have been detected; `Some(false)` not (a crash, a
+    /// kill, an I/O error), so records written after the manifest's last
+    /// write (at start-up or at the newest segment's creation) are not
+    /// covered; `None` when there was no manifest.
+    pub previous_close_clean: Option<bool>,
+    /// The log had segments of format version 1 only and no manifest (it was
+    /// written by a release before the manifest existed): a manifest was
+    /// created and new records go to a segment of the current version (a new
+    /// one, or the newest, when its torn header was rewritten).
+    /// Files missing before this open could not be detected; from now on
+    /// they are.
+    pub upgraded: bool,
+    /// Segments before the manifest's first one, left by a compaction that a
+    /// crash interrupted after it recorded its cut: not replayed (the
+    /// snapshot after the cut replaces them) and deleted.
+    pub compaction_leftovers_removed: usize,
+}
+
+/// Part of the log found missing and accepted
+/// ([`WalOptions::accept_data_loss`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LostData {
+    /// The missing file (the first of a run), or the file records are
+    /// missing from.
+    pub path: PathBuf,
+    /// What was expected there.
+    pub detail: String,
+}
+
+impl fmt::Display for LostData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.detail)
+    }
 }
 
 /// The damaged end of the last segment that recovery cut off.
@@ -80,13 +127,18 @@ pub struct TornTail {
 }
 
 impl fmt::Display for TornTail {
+    /// States only what recovery knows: it cannot tell a crash from other
+    /// damage, nor which fsync policy wrote the records.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "torn tail in {}: {} at byte offset {}; cut {} bytes (no acknowledged write can be among them when fsync=always)",
+            "damaged end of {} at byte offset {}: {}; cut the {} bytes from there. \
+             A crash during a write leaves this, and then the records cut were never fsynced: \
+             under fsync=always none of them was acknowledged, but under fsync=interval or never \
+             acknowledged writes may be among them",
             self.path.display(),
-            self.reason,
             self.offset,
+            self.reason,
             self.discarded_bytes
         )?;
         if !self.search_complete {
@@ -154,6 +206,17 @@ pub struct Recovery {
     last_file_len: u64,
     report: RecoveryReport,
     failed: Option<String>,
+    manifest: ManifestState,
+    /// Segments before the manifest's first one: skipped, deleted in
+    /// `finish`.
+    leftovers: Vec<u64>,
+    /// Segments read whose header is of version 2 or later (they say the
+    /// directory has a manifest).
+    manifest_era_segments: Vec<u64>,
+    /// Header version of the last segment (None: its header was torn).
+    last_version: Option<u32>,
+    /// The checks that need every segment read have run.
+    checked: bool,
 }
 
 impl fmt::Debug for Recovery {
@@ -222,6 +285,22 @@ impl Recovery {
                 ));
             }
         }
+        let manifest = read_manifest(&*storage, dir)?;
+        let mut report = RecoveryReport::default();
+        let mut leftovers = Vec::new();
+        if let ManifestState::Valid(m, _) = &manifest {
+            report.previous_close_clean = Some(m.clean);
+            // Segments before the manifest's first were superseded by a
+            // compaction whose snapshot was synced before it recorded the
+            // cut; a crash kept them. Only while the first segment exists
+            // (otherwise the snapshot is gone, and they are all that is left).
+            if seqs.contains(&m.first_segment) {
+                let keep = seqs.partition_point(|&s| s < m.first_segment);
+                leftovers = seqs.drain(..keep).collect();
+            }
+            let missing = missing_segments(dir, &seqs, m);
+            accept_or_fail(options.accept_data_loss, &mut report.lost, missing)?;
+        }
         Ok(Recovery {
             storage,
             dir: dir.to_path_buf(),
@@ -234,8 +313,13 @@ impl Recovery {
             done: Vec::new(),
             repair: Repair::None,
             last_file_len: 0,
-            report: RecoveryReport::default(),
+            report,
             failed: None,
+            manifest,
+            leftovers,
+            manifest_era_segments: Vec::new(),
+            last_version: None,
+            checked: false,
         })
     }
 
@@ -270,11 +354,14 @@ impl Recovery {
 
     /// Reads any records not yet read (discarding them), repairs the end of
     /// the last segment (cutting off a torn tail, or creating the first
-    /// segment of a new log) and returns the writer.
+    /// segment of a new log), records the log in the manifest, deletes the
+    /// leftovers of an interrupted compaction, and returns the writer. A log
+    /// whose newest segment is of format version 1 gets a new segment first,
+    /// so its newest segment says it has a manifest.
     pub fn finish(mut self) -> Result<(Wal, RecoveryReport), WalError> {
         while self.next_record()?.is_some() {}
         let storage = Arc::clone(&self.storage);
-        let (file, file_len, segments) = match self.done.last().cloned() {
+        let (mut file, file_len, segments) = match self.done.last().cloned() {
             None => {
                 let seq = 1;
                 let path = self.dir.join(segment_file_name(seq));
@@ -300,6 +387,11 @@ impl Recovery {
                 let mut file = storage
                     .open_append(&last.path)
                     .map_err(|e| WalError::io("open for writing", &last.path, e))?;
+                // What was read may still be only in the page cache (the
+                // previous process was killed, the machine was not): make it
+                // durable before the manifest says it is there.
+                file.sync_data()
+                    .map_err(|e| WalError::io("fsync", &last.path, e))?;
                 // The writer goes on after the last record, into the zeros
                 // (if any) that follow it.
                 let file_len = match self.repair {
@@ -307,31 +399,66 @@ impl Recovery {
                     Repair::TruncateTo(len) => len,
                     Repair::RewriteHeader => SEGMENT_HEADER_LEN,
                 };
-                match self.repair {
-                    Repair::None => {}
-                    Repair::TruncateTo(len) => {
-                        file.truncate(len)
-                            .map_err(|e| WalError::io("truncate torn tail", &last.path, e))?;
-                        file.sync_all()
-                            .map_err(|e| WalError::io("fsync", &last.path, e))?;
-                    }
-                    Repair::RewriteHeader => {
-                        let prev_len = match self.done.len() {
-                            n if n >= 2 => self.done[n - 2].len,
-                            _ => 0,
-                        };
-                        file.truncate(0)
-                            .map_err(|e| WalError::io("truncate torn header", &last.path, e))?;
-                        file.write_all(&encode_segment_header(last.seq, prev_len))
-                            .map_err(|e| WalError::io("write header", &last.path, e))?;
-                        file.sync_all()
-                            .map_err(|e| WalError::io("fsync", &last.path, e))?;
-                    }
-                }
                 (file, file_len, std::mem::take(&mut self.done))
             }
         };
-        let wal = Wal::from_recovery(
+        let (first, last) = match (segments.first(), segments.last()) {
+            (Some(first), Some(last)) => (first.seq, last.clone()),
+            _ => unreachable!("recovery hands over at least one segment"),
+        };
+        // Before the repairs below: a crash between the two leaves a log the
+        // manifest describes (the repairs only cut what it does not claim),
+        // and a header rewritten in the current version (which says there
+        // is a manifest) only ever follows one.
+        let manifest = ManifestWriter::open(
+            &*storage,
+            &self.dir,
+            &self.manifest,
+            ManifestSlot {
+                generation: 0,
+                first_segment: first,
+                last_segment: last.seq,
+                last_segment_len: last.len,
+                clean: false,
+            },
+        )?;
+        match self.repair {
+            Repair::None => {}
+            Repair::TruncateTo(len) => {
+                file.truncate(len)
+                    .map_err(|e| WalError::io("truncate torn tail", &last.path, e))?;
+                file.sync_all()
+                    .map_err(|e| WalError::io("fsync", &last.path, e))?;
+            }
+            Repair::RewriteHeader => {
+                let prev_len = match segments.len() {
+                    n if n >= 2 => segments[n - 2].len,
+                    _ => 0,
+                };
+                file.truncate(0)
+                    .map_err(|e| WalError::io("truncate torn header", &last.path, e))?;
+                file.write_all(&encode_segment_header(last.seq, prev_len))
+                    .map_err(|e| WalError::io("write header", &last.path, e))?;
+                file.sync_all()
+                    .map_err(|e| WalError::io("fsync", &last.path, e))?;
+                self.last_version = Some(FORMAT_VERSION);
+            }
+        }
+        // Oldest first, each removal synced, as compaction does: a crash
+        // part-way leaves a consecutive run before the first segment.
+        for &seq in &self.leftovers {
+            let path = self.dir.join(segment_file_name(seq));
+            match storage.remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io("remove compacted segment", path, e)),
+            }
+            storage
+                .sync_dir(&self.dir)
+                .map_err(|e| WalError::io("fsync directory", &self.dir, e))?;
+        }
+        self.report.compaction_leftovers_removed = self.leftovers.len();
+        let mut wal = Wal::from_recovery(
             storage,
             self.dir,
             self.options,
@@ -339,7 +466,14 @@ impl Recovery {
             file,
             file_len,
             segments,
+            manifest,
         );
+        if self.last_version == Some(FORMAT_VERSION_OLDEST) {
+            // Upgrade in place: the records stay where they are, new ones go
+            // to a segment of the current version, whose header says the
+            // manifest must exist.
+            self.report.last_segment = Some(wal.rotate()?);
+        }
         Ok((wal, self.report))
     }
 
@@ -357,6 +491,10 @@ impl Recovery {
     fn step(&mut self) -> Result<Step, WalError> {
         let Some(r) = self.reader.as_mut() else {
             if self.next_index == self.seqs.len() {
+                if !self.checked {
+                    self.checked = true;
+                    self.check_end()?;
+                }
                 return Ok(Step::Finished);
             }
             self.open_segment()?;
@@ -451,6 +589,12 @@ impl Recovery {
         };
         match checked {
             Ok(header) => {
+                if header.version > FORMAT_VERSION_OLDEST {
+                    self.manifest_era_segments.push(seq);
+                }
+                if is_last {
+                    self.last_version = Some(header.version);
+                }
                 if let Some(prev) = self.done.last() {
                     // 0: not recorded (no predecessor when it was written).
                     if header.prev_segment_len != 0 && prev.len != header.prev_segment_len {
@@ -512,6 +656,71 @@ impl Recovery {
         }
     }
 
+    /// The checks that need every segment read: records cut from the end of
+    /// the segment the manifest last recorded, and a manifest that is gone
+    /// although the segments say there is one.
+    fn check_end(&mut self) -> Result<(), WalError> {
+        let mut missing = Vec::new();
+        match &self.manifest {
+            ManifestState::Valid(m, _) => {
+                // After a torn tail, `len` is where the cut will be.
+                if let Some(s) = self.done.iter().find(|s| s.seq == m.last_segment) {
+                    if s.len < m.last_segment_len {
+                        let when = if m.clean {
+                            "when the log was last closed (cleanly)"
+                        } else {
+                            "when the manifest was last written (at the last start or rotation)"
+                        };
+                        missing.push(LostData {
+                            path: s.path.clone(),
+                            detail: format!(
+                                "the segment's records end at byte {}, but it held at least {} bytes of durable \
+                                 records {when}: the records after byte {} were cut off or damaged",
+                                s.len, m.last_segment_len, s.len
+                            ),
+                        });
+                    }
+                }
+            }
+            ManifestState::Absent | ManifestState::Damaged(_) => {
+                // A new log creates its first segment before the manifest,
+                // and an old one gets its manifest before any segment of the
+                // current version: so a crash can leave no (valid) manifest
+                // only next to format-1 segments or an empty segment 1.
+                let first_has_records = self
+                    .done
+                    .first()
+                    .is_some_and(|s| s.len > SEGMENT_HEADER_LEN);
+                let needed = self
+                    .manifest_era_segments
+                    .iter()
+                    .any(|&s| s != 1 || first_has_records)
+                    || (self.seqs.is_empty() && self.manifest != ManifestState::Absent);
+                if needed {
+                    let state = match &self.manifest {
+                        ManifestState::Damaged(why) => format!("has no valid slot ({why})"),
+                        _ => "is missing".to_string(),
+                    };
+                    missing.push(LostData {
+                        path: manifest_path(&self.dir),
+                        detail: format!(
+                            "the manifest {state}, but the segment headers (format version {FORMAT_VERSION}) say \
+                             this log keeps one: which segment files must exist is unknown, so a missing oldest \
+                             or newest segment could not be detected"
+                        ),
+                    });
+                } else if !self.seqs.is_empty() {
+                    self.report.upgraded = self.manifest_era_segments.is_empty();
+                }
+            }
+        }
+        accept_or_fail(
+            self.options.accept_data_loss,
+            &mut self.report.lost,
+            missing,
+        )
+    }
+
     fn end_segment(&mut self, len: u64) {
         if let Some(r) = self.reader.take() {
             self.report.file_bytes += len;
@@ -571,6 +780,108 @@ impl Recovery {
             }
         }
     }
+}
+
+/// Returns the first loss as [`WalError::Missing`] (naming all of them), or
+/// with `accept` set, adds them to `lost`.
+fn accept_or_fail(
+    accept: bool,
+    lost: &mut Vec<LostData>,
+    missing: Vec<LostData>,
+) -> Result<(), WalError> {
+    let Some(first) = missing.first() else {
+        return Ok(());
+    };
+    if accept {
+        lost.extend(missing);
+        return Ok(());
+    }
+    let mut detail = first.detail.clone();
+    for more in &missing[1..] {
+        detail.push_str(&format!("; also {more}"));
+    }
+    Err(WalError::Missing {
+        path: first.path.clone(),
+        detail,
+    })
+}
+
+/// What to add to "missing" when segments `from` to `to` are: nothing for
+/// one file (the error names it), else where the run ends.
+fn and_the_rest(from: u64, to: u64) -> String {
+    if from == to {
+        String::new()
+    } else {
+        format!(
+            ", and so is every segment up to {} ({} files)",
+            segment_file_name(to),
+            to - from + 1
+        )
+    }
+}
+
+/// The segments the manifest `m` says must exist that are not among
+/// `seqs` (consecutive, sorted, without compaction leftovers), and a
+/// manifest older than the segments.
+fn missing_segments(dir: &Path, seqs: &[u64], m: &ManifestSlot) -> Vec<LostData> {
+    let (first, last) = (m.first_segment, m.last_segment);
+    let mut missing = Vec::new();
+    let mut lose = |seq: u64, detail: String| {
+        missing.push(LostData {
+            path: dir.join(segment_file_name(seq)),
+            detail,
+        });
+    };
+    match (seqs.first().copied(), seqs.last().copied()) {
+        (Some(a), Some(b)) if a <= last && b >= first => {
+            if a > first {
+                lose(
+                    first,
+                    format!(
+                        "missing{}: the manifest says the log starts at {} (compaction records a new start \
+                         before it deletes segments), so the oldest records are lost",
+                        and_the_rest(first, a - 1),
+                        segment_file_name(first)
+                    ),
+                );
+            }
+            if b < last {
+                lose(
+                    b + 1,
+                    format!(
+                        "missing{}: the manifest says the log runs to {}, so the newest records are lost",
+                        and_the_rest(b + 1, last),
+                        segment_file_name(last)
+                    ),
+                );
+            }
+        }
+        _ => lose(
+            first,
+            format!(
+                "missing{}: the manifest says the log is segments {} to {}, and none of them is here, \
+                 so every record is lost",
+                and_the_rest(first, last),
+                segment_file_name(first),
+                segment_file_name(last)
+            ),
+        ),
+    }
+    // The writer records a segment right after creating it, so one more may
+    // exist; more than that means the manifest is older than the segments.
+    if let Some(b) = seqs.last().copied().filter(|&b| b > last + 1) {
+        missing.push(LostData {
+            path: manifest_path(dir),
+            detail: format!(
+                "the manifest says {} is the newest segment, but segments up to {} exist: it is older than \
+                 the segment files (restored from another copy?), so whether files are missing cannot be \
+                 checked",
+                segment_file_name(last),
+                segment_file_name(b)
+            ),
+        });
+    }
+    missing
 }
 
 /// Makes `buf[r.start..r.end]` hold at least `n` bytes, reading more of the

@@ -10,9 +10,10 @@
 //! but the data did not), and either state of each unsynced directory entry.
 //!
 //! Unsynced changes include overwrites of synced bytes (records written into
-//! the zeroed region the log keeps ahead of its end) as well as growth (that
-//! region itself, which until synced may come back short, garbled at its end,
-//! or not at all); bytes after the kept prefix are the synced ones.
+//! the zeroed region the log keeps ahead of its end, a manifest slot) as
+//! well as growth (that region itself, which until synced may come back
+//! short, garbled at its end, or not at all); bytes after the kept prefix
+//! are the synced ones.
 //!
 //! It does not model a crash that persists later unsynced pages of a file but
 //! not earlier ones; see "Limits of torn-tail detection" in
@@ -309,13 +310,18 @@ fn crash_contents(file: &SimFile, rng: &mut Rng) -> Vec<u8> {
     }
     // Unsynced changes start at the first byte that differs from the synced
     // contents: an overwrite inside them, or else growth past their end.
-    let first_change = file
-        .data
-        .iter()
-        .zip(&file.durable)
-        .position(|(a, b)| a != b)
-        .unwrap_or(durable_len);
-    let unsynced = file.data.len() - first_change;
+    // They end at the end of the file if it grew, else at the last byte that
+    // differs: bytes no write touched (the manifest's other slot) are never
+    // damaged by a crash.
+    let common = file.data.len().min(durable_len);
+    let (data, durable) = (&file.data[..common], &file.durable[..common]);
+    let first_change = first_difference(data, durable).unwrap_or(durable_len);
+    let change_end = if file.data.len() > durable_len {
+        file.data.len()
+    } else {
+        last_difference(data, durable).map_or(first_change, |last| last + 1)
+    };
+    let unsynced = change_end - first_change;
     let kept = rng.upto(unsynced);
     let kept_end = first_change + kept;
     let mut out = file.data[..kept_end].to_vec();
@@ -339,6 +345,33 @@ fn crash_contents(file: &SimFile, rng: &mut Rng) -> Vec<u8> {
         out.extend_from_slice(&file.durable[kept_end..]);
     }
     out
+}
+
+/// Block size for comparing file images: slice equality is a `memcmp`,
+/// fast even in debug builds, where a byte-wise iterator is not (crash
+/// tests compare multi-MiB zero-filled segments thousands of times).
+const COMPARE_BLOCK_BYTES: usize = 4096;
+
+/// Index of the first byte where equally long `a` and `b` differ.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    let block = a
+        .chunks(COMPARE_BLOCK_BYTES)
+        .zip(b.chunks(COMPARE_BLOCK_BYTES))
+        .position(|(x, y)| x != y)?;
+    let at = block * COMPARE_BLOCK_BYTES;
+    (at..a.len()).find(|&i| a[i] != b[i])
+}
+
+/// Index of the last byte where equally long `a` and `b` differ.
+fn last_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    let block = a
+        .chunks(COMPARE_BLOCK_BYTES)
+        .zip(b.chunks(COMPARE_BLOCK_BYTES))
+        .rposition(|(x, y)| x != y)?;
+    let at = block * COMPARE_BLOCK_BYTES;
+    (at..a.len().min(at + COMPARE_BLOCK_BYTES))
+        .rev()
+        .find(|&i| a[i] != b[i])
 }
 
 struct SimLock {

@@ -26,6 +26,7 @@ use crate::format::{
     encode_record, RECORD_HEADER_LEN, RECORD_MAX_BYTES, SEGMENT_HEADER_LEN,
     SEGMENT_MAX_BYTES_DEFAULT,
 };
+use crate::manifest::ManifestWriter;
 use crate::recovery::{create_segment, Recovery};
 use crate::storage::{FsStorage, LockGuard, Storage, WriteFile};
 
@@ -53,6 +54,13 @@ pub struct WalOptions {
     /// with written zeros (never past `segment_max_bytes`); 0 turns zero-fill
     /// ahead off, so each write appends. Default [`ZERO_FILL_AHEAD_BYTES`].
     pub zero_fill_ahead_bytes: u64,
+    /// Open a log that is missing data ([`WalError::Missing`]: segment files
+    /// the manifest names, records at the end of the newest segment, or the
+    /// manifest itself) with what is left, reporting the loss in
+    /// [`RecoveryReport::lost`](crate::RecoveryReport::lost), instead of
+    /// failing. The manifest is then rewritten to match, so the next open
+    /// checks against what is there now. Default false: an operator decides.
+    pub accept_data_loss: bool,
 }
 
 impl Default for WalOptions {
@@ -60,6 +68,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_max_bytes: SEGMENT_MAX_BYTES_DEFAULT,
             zero_fill_ahead_bytes: ZERO_FILL_AHEAD_BYTES,
+            accept_data_loss: false,
         }
     }
 }
@@ -74,6 +83,12 @@ impl WalOptions {
     /// Sets [`zero_fill_ahead_bytes`](WalOptions::zero_fill_ahead_bytes).
     pub fn zero_fill_ahead_bytes(mut self, bytes: u64) -> Self {
         self.zero_fill_ahead_bytes = bytes;
+        self
+    }
+
+    /// Sets [`accept_data_loss`](WalOptions::accept_data_loss).
+    pub fn accept_data_loss(mut self, accept: bool) -> Self {
+        self.accept_data_loss = accept;
         self
     }
 
@@ -116,7 +131,8 @@ pub struct WalStats {
     pub zero_fills: u64,
     /// Zero bytes written by those extensions.
     pub zero_filled_bytes: u64,
-    /// `fdatasync` calls on segment files (commits, rotations, repairs).
+    /// `fdatasync` calls on segment files (commits, rotations, repairs) and
+    /// on the manifest (rotations, removals).
     pub fsyncs: u64,
     /// fsyncs of the data directory (segment creation and removal).
     pub dir_fsyncs: u64,
@@ -152,7 +168,9 @@ pub struct Commit {
 ///
 /// Obtained from [`Wal::open`] through [`Recovery::finish`]. Records that were
 /// appended but not written when the `Wal` is dropped are lost, like any
-/// unacknowledged write; call [`Wal::close`] (or `commit`) first.
+/// unacknowledged write; call [`Wal::close`] (or `commit`) first. Dropping a
+/// log whose records are all synced (and that is not poisoned) closes it
+/// cleanly, as `close` does.
 pub struct Wal {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
@@ -178,6 +196,9 @@ pub struct Wal {
     unsynced: bool,
     poisoned: Option<String>,
     stats: WalStats,
+    manifest: ManifestWriter,
+    /// The clean close was recorded (nothing may be written after it).
+    closed: bool,
 }
 
 impl fmt::Debug for Wal {
@@ -209,6 +230,7 @@ impl Wal {
         Recovery::start(storage, dir.as_ref(), options)
     }
 
+    #[allow(clippy::too_many_arguments)] // one call site, in recovery
     pub(crate) fn from_recovery(
         storage: Arc<dyn Storage>,
         dir: PathBuf,
@@ -217,6 +239,7 @@ impl Wal {
         file: Box<dyn WriteFile>,
         file_len: u64,
         segments: Vec<SegmentInfo>,
+        manifest: ManifestWriter,
     ) -> Wal {
         let current = segments.last().map_or(SEGMENT_HEADER_LEN, |s| s.len);
         Wal {
@@ -236,6 +259,8 @@ impl Wal {
             unsynced: false,
             poisoned: None,
             stats: WalStats::default(),
+            manifest,
+            closed: false,
         }
     }
 
@@ -475,6 +500,14 @@ impl Wal {
             path: self.dir.join(crate::format::segment_file_name(seq)),
             len: SEGMENT_HEADER_LEN,
         });
+        // Before any record goes to the new segment: from here on, losing
+        // its file is detected. A crash before this leaves it unrecorded,
+        // which recovery allows (it can hold no record yet).
+        let first = self.segments[0].seq;
+        if let Err(e) = self.manifest.write(first, seq, SEGMENT_HEADER_LEN, false) {
+            return Err(self.poison(e));
+        }
+        self.stats.fsyncs += 1;
         Ok(seq)
     }
 
@@ -511,6 +544,17 @@ impl Wal {
         // the old segments go.
         self.commit()?;
         let cut = seq.min(self.current().seq);
+        if self.segments.first().is_some_and(|s| s.seq < cut) {
+            // The new start is recorded (and synced) before any file goes,
+            // so a deleted segment is never mistaken for a lost one; a crash
+            // part-way leaves segments before the start, which recovery
+            // deletes.
+            let (last, len) = (self.current().seq, self.current().len);
+            if let Err(e) = self.manifest.write(cut, last, len, false) {
+                return Err(self.poison(e));
+            }
+            self.stats.fsyncs += 1;
+        }
         let mut removed = 0;
         while self.segments.first().is_some_and(|s| s.seq < cut) {
             let path = self.segments[0].path.clone();
@@ -528,9 +572,23 @@ impl Wal {
         Ok(removed)
     }
 
-    /// Commits and closes the log, releasing the directory lock.
+    /// Commits and closes the log, releasing the directory lock. Records the
+    /// clean close in the manifest: the newest segment's exact length, so
+    /// that the next open detects records cut from its end.
     pub fn close(mut self) -> Result<(), WalError> {
-        self.commit().map(drop)
+        self.commit()?;
+        self.mark_closed()
+    }
+
+    /// Records a clean close, if everything appended is synced.
+    fn mark_closed(&mut self) -> Result<(), WalError> {
+        self.check()?;
+        if self.closed || !self.pending.is_empty() || self.unsynced {
+            return Ok(());
+        }
+        self.closed = true;
+        let (first, last, len) = (self.segments[0].seq, self.current().seq, self.current().len);
+        self.manifest.write(first, last, len, true)
     }
 
     /// The segment files, oldest first; the last is being written.
@@ -596,6 +654,15 @@ impl Wal {
             Some(s) => s,
             None => unreachable!("a Wal always has a current segment"),
         }
+    }
+}
+
+impl Drop for Wal {
+    /// A log dropped with everything synced is closed cleanly: the server
+    /// drops its log after the last sync rather than closing it. Best
+    /// effort: without the mark, the next open only checks less.
+    fn drop(&mut self) {
+        let _ = self.mark_closed();
     }
 }
 

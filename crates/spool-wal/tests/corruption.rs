@@ -18,6 +18,9 @@ struct Log {
     files: Vec<(PathBuf, Vec<u8>)>,
     /// Records per segment.
     records: Vec<Vec<Vec<u8>>>,
+    /// The manifest as the writer left it (segments 1 and 2 exist, the
+    /// second at least a header long), copied with every variant.
+    manifest: Vec<u8>,
 }
 
 /// The log, written without zero-fill ahead so that its files hold exactly
@@ -48,7 +51,16 @@ fn build() -> Log {
         .iter()
         .map(|s| (s.path.clone(), sim.read_file(&s.path).unwrap()))
         .collect();
-    Log { files, records }
+    let manifest = sim.read_file(&manifest_path()).unwrap();
+    Log {
+        files,
+        records,
+        manifest,
+    }
+}
+
+fn manifest_path() -> PathBuf {
+    sim_dir().join(spool_wal::format::MANIFEST_FILE_NAME)
 }
 
 fn with_file_replaced(log: &Log, which: usize, bytes: &[u8]) -> SimStorage {
@@ -56,6 +68,7 @@ fn with_file_replaced(log: &Log, which: usize, bytes: &[u8]) -> SimStorage {
     for (i, (path, contents)) in log.files.iter().enumerate() {
         sim.put_file(path, if i == which { bytes } else { contents });
     }
+    sim.put_file(&manifest_path(), &log.manifest);
     sim
 }
 

@@ -5,7 +5,8 @@
 //! either state of each unsynced directory entry). Reopening must recover a
 //! contiguous run of the appended records, in order, ending at or after the
 //! last committed one, and starting no later than the first record that
-//! segment removal was asked to keep.
+//! segment removal was asked to keep. Every image must open without a
+//! missing-data error: the manifest never claims what a crash can lose.
 //!
 //! Zero-fill ahead is on in most cases (small regions, so that segments fill
 //! and rotate, or the default), so the images include records written over
@@ -127,9 +128,10 @@ fn run(
                     written = appended.len();
                     durable = written;
                 });
-                // Once an unlink was issued, a crash may have removed any
-                // prefix of the segments before `current`.
-                if older(&sim) < before {
+                // Once the removal was asked for, the manifest may record the
+                // new start (recovery then skips and deletes the segments
+                // before it), and a crash may have removed any prefix of them.
+                if before > 0 {
                     keep_from = first_record_from(&sim, current, appended.len() as u64);
                 }
                 r

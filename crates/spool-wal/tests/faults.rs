@@ -178,7 +178,9 @@ fn failed_directory_fsync_while_removing_poisons() {
     let seq = wal.rotate().unwrap();
     wal.append(b"new").unwrap();
     wal.commit().unwrap();
-    sim.inject(Fault::Sync { nth: 0 });
+    // Sync 0 is the manifest's (the new start, recorded first); 1 is the
+    // directory's after the unlink.
+    sim.inject(Fault::Sync { nth: 1 });
     let err = wal.remove_segments_before(seq).unwrap_err();
     assert!(
         matches!(

@@ -135,5 +135,166 @@ fn damage_that_cannot_be_a_torn_write_is_an_error() {
     expect_corrupt("truncated_non_last_segment", 1, AFTER_ALPHA);
     expect_corrupt("missing_segment", 3, 0);
     expect_bad_header("bad_magic_first_segment", 1, "magic");
-    expect_bad_header("future_version", 1, "version 2");
+    expect_bad_header("future_version_3", 1, "version 3");
+}
+
+/// Opening fails with `Missing` naming `file` (a segment number, or the
+/// manifest), and the detail says `says`; with `accept_data_loss` the log
+/// opens with `records`, reports the loss, and the next open is clean.
+fn expect_missing(name: &str, file: Option<u64>, says: &str, records: &[&[u8]]) {
+    let (tmp, result) = open_copy(name);
+    let expected_path = match file {
+        Some(n) => tmp.path().join(seg(n)),
+        None => tmp.path().join("MANIFEST"),
+    };
+    match result {
+        Err(WalError::Missing { path, detail }) => {
+            assert_eq!(path, expected_path, "{name}: {detail}");
+            assert!(detail.contains(says), "{name}: {detail}");
+        }
+        Err(other) => panic!("{name}: expected Missing, got {other}"),
+        Ok(_) => panic!("{name}: expected Missing, opened"),
+    }
+    let accept = WalOptions::default().accept_data_loss(true);
+    let (_wal, got, report) = Wal::open(tmp.path(), accept)
+        .unwrap()
+        .collect_records()
+        .unwrap_or_else(|e| panic!("{name}, accepting the loss: {e}"));
+    assert_eq!(got, records, "{name}");
+    assert_eq!(report.lost.len(), 1, "{name}: {:?}", report.lost);
+    assert_eq!(report.lost[0].path, expected_path, "{name}");
+    drop(_wal);
+    let (_wal, again, report) = Wal::open(tmp.path(), WalOptions::default())
+        .unwrap()
+        .collect_records()
+        .unwrap_or_else(|e| panic!("{name}, after accepting the loss: {e}"));
+    assert_eq!(again, records, "{name}");
+    assert!(report.lost.is_empty(), "{name}");
+}
+
+#[test]
+fn missing_data_is_named_and_can_be_accepted() {
+    expect_missing(
+        "manifest_missing_newest",
+        Some(3),
+        "missing: the manifest says the log runs to 0000000000000003.wal",
+        &[ALPHA, BETA, GAMMA, DELTA],
+    );
+    expect_missing(
+        "manifest_missing_oldest",
+        Some(1),
+        "missing: the manifest says the log starts at 0000000000000001.wal",
+        &[GAMMA, DELTA],
+    );
+    expect_missing(
+        "manifest_missing_all",
+        Some(1),
+        "missing, and so is every segment up to 0000000000000002.wal (2 files)",
+        &[],
+    );
+    expect_missing(
+        "manifest_cut_at_record_boundary",
+        Some(1),
+        "records end at byte 45, but it held at least 57 bytes",
+        &[ALPHA],
+    );
+    expect_missing(
+        "manifest_file_missing",
+        None,
+        "the manifest is missing",
+        &[ALPHA, BETA, GAMMA, DELTA],
+    );
+    // The segment of format version 2 holds a record, so its MANIFEST
+    // cannot be one a crash kept from being written.
+    expect_missing("future_version", None, "the manifest is missing", &[ALPHA]);
+}
+
+#[test]
+fn manifest_fixtures_that_open() {
+    let (_tmp, result) = open_copy("manifest_valid");
+    let (got, report) = result.unwrap();
+    assert_eq!(got, [ALPHA, BETA, GAMMA, DELTA]);
+    assert_eq!(report.previous_close_clean, Some(true));
+    assert!(!report.upgraded);
+
+    // The newer slot is torn: the older one is used, and still true.
+    let (_tmp, result) = open_copy("manifest_torn_slot");
+    let (got, report) = result.unwrap();
+    assert_eq!(got, [ALPHA, BETA, GAMMA, DELTA]);
+    assert_eq!(report.previous_close_clean, Some(false));
+
+    // Compaction recorded segment 2 as the start, then a crash kept
+    // segment 1: it is not replayed, and it is deleted.
+    let (tmp, result) = open_copy("manifest_compaction_leftover");
+    let (got, report) = result.unwrap();
+    assert_eq!(got, [GAMMA, DELTA]);
+    assert_eq!(report.compaction_leftovers_removed, 1);
+    assert!(!tmp.path().join(seg(1)).exists());
+}
+
+#[test]
+fn manifest_of_a_newer_format_is_refused() {
+    expect_bad_header_of(
+        "manifest_future_version",
+        "MANIFEST",
+        "manifest format version 2",
+    );
+}
+
+fn expect_bad_header_of(name: &str, file: &str, reason: &str) {
+    let (tmp, result) = open_copy(name);
+    match result {
+        Err(WalError::BadHeader { path, reason: why }) => {
+            assert_eq!(path, tmp.path().join(file), "{name}");
+            assert!(why.contains(reason), "{name}: {why}");
+        }
+        Err(other) => panic!("{name}: expected BadHeader, got {other}"),
+        Ok(_) => panic!("{name}: expected BadHeader, opened"),
+    }
+}
+
+/// A data directory of today's format (version 1, no manifest: spool
+/// 0.1.0) opens in place with every record, and from then on is checked.
+#[test]
+fn format_1_log_is_upgraded_in_place() {
+    let (tmp, result) = open_copy("valid_two_segments");
+    let (got, report) = result.unwrap();
+    assert_eq!(got, [ALPHA, BETA, GAMMA, DELTA]);
+    assert!(report.upgraded);
+    assert_eq!(report.previous_close_clean, None);
+    // New records go to a new segment of the current version.
+    assert_eq!(report.last_segment, Some(3));
+    let header = std::fs::read(tmp.path().join(seg(3))).unwrap();
+    assert_eq!(
+        header[8..12],
+        spool_wal::format::FORMAT_VERSION.to_le_bytes()
+    );
+    // The old segments are untouched (segment 2 lost its zero tail, if any).
+    assert_eq!(
+        std::fs::read(tmp.path().join(seg(1))).unwrap(),
+        std::fs::read(fixture_dir("valid_two_segments").join(seg(1))).unwrap()
+    );
+    let (mut wal, _, report) = Wal::open(tmp.path(), WalOptions::default())
+        .unwrap()
+        .collect_records()
+        .unwrap();
+    assert!(!report.upgraded);
+    wal.append(b"epsilon").unwrap();
+    wal.close().unwrap();
+    let (_wal, got, report) = Wal::open(tmp.path(), WalOptions::default())
+        .unwrap()
+        .collect_records()
+        .unwrap();
+    assert_eq!(got, [ALPHA, BETA, GAMMA, DELTA, b"epsilon"]);
+    assert_eq!(report.previous_close_clean, Some(true));
+    drop(_wal);
+    // Segments of format 1 are covered by the manifest too.
+    std::fs::remove_file(tmp.path().join(seg(1))).unwrap();
+    let err = Wal::open(tmp.path(), WalOptions::default())
+        .and_then(spool_wal::Recovery::collect_records)
+        .unwrap_err();
+    assert!(
+        matches!(&err, WalError::Missing { path, .. } if *path == tmp.path().join(seg(1))),
+        "{err}"
+    );
 }

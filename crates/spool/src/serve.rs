@@ -23,7 +23,7 @@ use spool_server::durable::{self, FsyncPolicy, InlineLog};
 use spool_server::http::{self, HttpLimits, HttpSettings, HttpState};
 use spool_server::process::ProcessInfo;
 use spool_server::{process, Broker, Clock, LocalBroker, LogSink};
-use spool_wal::{WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
+use spool_wal::{WalError, WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
 /// What `stats` reports as `version`: the beanstalkd version spool speaks,
 /// then spool's own.
@@ -85,6 +85,18 @@ pub struct ServeArgs {
         default_value_t = DEFAULT_MAX_JOB_SIZE_BYTES
     )]
     max_job_size: u32,
+
+    /// Start even though part of the log is missing (a segment file the
+    /// log's MANIFEST names, records cut from the end of the newest segment,
+    /// or the MANIFEST itself), with what is left; what was lost is logged.
+    /// Without it such a log stops the start. For one start after a loss was
+    /// investigated: remove it afterwards.
+    #[arg(
+        long = "accept-data-loss",
+        env = "SPOOL_ACCEPT_DATA_LOSS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    accept_data_loss: bool,
 
     /// Size at which the log starts a new segment file (beanstalkd's -s).
     #[arg(
@@ -187,6 +199,8 @@ pub enum StorageConfig {
         dir: PathBuf,
         fsync: FsyncPolicy,
         segment_max_bytes: u64,
+        /// Start with what is left of a log missing data.
+        accept_data_loss: bool,
     },
 }
 
@@ -274,17 +288,17 @@ const ENV_CHECKS: &[EnvCheck] = &[
         |v| v.parse::<u32>().is_ok(),
         "a number of bytes, 1 to 1073741824",
     ),
-    (
-        "SPOOL_IN_MEMORY",
-        |v| {
-            matches!(
-                v.to_ascii_lowercase().as_str(),
-                "1" | "0" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "t" | "f"
-            )
-        },
-        "true or false",
-    ),
+    ("SPOOL_IN_MEMORY", is_boolish, "true or false"),
+    ("SPOOL_ACCEPT_DATA_LOSS", is_boolish, "true or false"),
 ];
+
+/// What clap's `BoolishValueParser` accepts.
+fn is_boolish(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "1" | "0" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "t" | "f"
+    )
+}
 
 /// The first `SPOOL_*` variable with a value that cannot be parsed.
 pub fn env_error() -> Option<ConfigError> {
@@ -400,6 +414,13 @@ impl ServeArgs {
                     dir.display()
                 )));
             }
+            if self.accept_data_loss {
+                return Err(ConfigError(
+                    "--accept-data-loss/SPOOL_ACCEPT_DATA_LOSS and --in-memory/SPOOL_IN_MEMORY conflict: \
+                     there is no log to accept a loss of"
+                        .to_string(),
+                ));
+            }
             return Ok(StorageConfig::InMemory);
         }
         let fsync = match (&self.fsync, self.fsync_interval_ms, self.fsync_never) {
@@ -430,6 +451,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             fsync,
             segment_max_bytes,
+            accept_data_loss: self.accept_data_loss,
         })
     }
 }
@@ -586,9 +608,12 @@ async fn serve(
             dir,
             fsync,
             segment_max_bytes,
+            accept_data_loss,
         } => {
             let started = std::time::Instant::now();
-            let mut options = WalOptions::default().segment_max_bytes(*segment_max_bytes);
+            let mut options = WalOptions::default()
+                .segment_max_bytes(*segment_max_bytes)
+                .accept_data_loss(*accept_data_loss);
             if *fsync != FsyncPolicy::Always {
                 // Zero-filling ahead only pays when every commit fsyncs;
                 // otherwise it just doubles the bytes written.
@@ -615,16 +640,43 @@ async fn serve(
             };
             let (wal, report, recovered) = replayed
                 .context("recovery panicked")?
+                .map_err(|e| match e {
+                    durable::RecoverError::Wal(WalError::Missing { .. }) => anyhow::anyhow!(
+                        "{e}. Nothing was changed; to start with what is left, accepting the loss, \
+                         pass --accept-data-loss (or SPOOL_ACCEPT_DATA_LOSS=true) once"
+                    ),
+                    e => anyhow::Error::new(e),
+                })
                 .with_context(|| format!("recovering the log in {}", dir.display()))?;
             engine = recovered;
-            if let Some(tail) = &report.torn_tail {
-                tracing::warn!(%tail, "the end of the log was torn (a crash mid-write); cut it off");
+            for lost in &report.lost {
+                tracing::error!(
+                    %lost,
+                    "DATA LOSS accepted (--accept-data-loss): started without this part of the log; \
+                     the jobs and changes it held are gone"
+                );
             }
+            if let Some(tail) = &report.torn_tail {
+                tracing::warn!(%tail, "the end of the newest log segment was damaged; cut it off");
+            }
+            if report.upgraded {
+                tracing::info!(
+                    "the log predates its MANIFEST (segment format 1): created it; from now on a \
+                     missing segment file is detected (one missing before this start could not be)"
+                );
+            }
+            let previous_close = match report.previous_close_clean {
+                Some(true) => "clean",
+                Some(false) => "unclean (crash, kill or I/O error)",
+                None => "unknown (no MANIFEST)",
+            };
             tracing::info!(
                 dir = %dir.display(),
                 records = report.records,
                 segments = report.segments,
                 jobs = engine.job_count(),
+                previous_close,
+                compaction_leftovers_removed = report.compaction_leftovers_removed,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "recovered the log"
             );

@@ -88,6 +88,19 @@ fn bad_env_values_name_the_variable() {
     assert_exit(&out, 2, &["SPOOL_MAX_JOB_SIZE", "abc"]);
     let out = run_spool(&["serve"], &[("SPOOL_IN_MEMORY", "maybe")]);
     assert_exit(&out, 2, &["SPOOL_IN_MEMORY", "maybe"]);
+    let out = run_spool(&["serve"], &[("SPOOL_ACCEPT_DATA_LOSS", "maybe")]);
+    assert_exit(
+        &out,
+        2,
+        &["SPOOL_ACCEPT_DATA_LOSS", "maybe", "true or false"],
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn accept_data_loss_and_in_memory_conflict() {
+    let out = run_spool(&["serve", "--in-memory", "--accept-data-loss"], &[]);
+    assert_exit(&out, 2, &["--accept-data-loss", "--in-memory"]);
 }
 
 #[test]

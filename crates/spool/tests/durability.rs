@@ -24,6 +24,16 @@ impl Durable {
 
     /// Starts `spool serve ARGS EXTRA`, optionally in working directory `cwd`.
     fn start_in(cwd: Option<&Path>, args: &[&str], extra: &[&str]) -> Durable {
+        Self::start_env(cwd, args, extra, &[])
+    }
+
+    /// [`Durable::start_in`] with extra environment variables.
+    fn start_env(
+        cwd: Option<&Path>,
+        args: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Durable {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("picking a port")
@@ -36,6 +46,7 @@ impl Durable {
             .args(["--http-listen", "127.0.0.1:0"])
             .args(extra)
             .env("SPOOL_LOG_LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -430,4 +441,145 @@ fn a_full_disk_refuses_puts_keeps_deletes_working_and_recovers() {
     );
     drop(c);
     drop(server);
+}
+
+/// `spool serve -b DIR` run to its exit (it must not start): its exit code
+/// and stderr.
+fn serve_must_fail(dir: &Path) -> (Option<i32>, String) {
+    let mut cmd = Command::new(spool_bin());
+    clear_spool_env(&mut cmd);
+    cmd.args(["serve", "-b", dir.to_str().expect("utf-8"), "-p", "0"])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn segment_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("reading the data dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.ends_with(".wal"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_missing_segment_file_stops_the_start_until_the_loss_is_accepted() {
+    let dir = TempDir::new("missing");
+    // 1 MiB segments and 60 kB bodies: the jobs span two segments.
+    let args = ["-s", "1048576", "-z", "65535"];
+    let server = Durable::start(dir.path(), &args);
+    let mut c = server.client();
+    let body = vec![b'j'; 60_000];
+    let ids = put_many(&mut c, 20, &body);
+    server.kill();
+    let segments = segment_files(dir.path());
+    assert!(segments.len() >= 2, "{segments:?}");
+    let newest = segments.last().expect("a segment").clone();
+    std::fs::remove_file(dir.path().join(&newest)).expect("removing the newest segment");
+
+    // Refused, naming the file, and saying how to go on.
+    let (code, stderr) = serve_must_fail(dir.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&newest),
+        "the error names {newest}: {stderr}"
+    );
+    assert!(stderr.contains("--accept-data-loss"), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line on stderr: {stderr}"
+    );
+    // Refusing changed nothing.
+    let (code, _) = serve_must_fail(dir.path());
+    assert_eq!(code, Some(1));
+
+    // Accepted (the env twin): the jobs of the segments left are served.
+    let server = Durable::start_env(
+        None,
+        &["-b", dir.path().to_str().expect("utf-8")],
+        &args,
+        &[("SPOOL_ACCEPT_DATA_LOSS", "true")],
+    );
+    let mut c = server.client();
+    let ready: usize = c.stats_map("stats\r\n")["current-jobs-ready"]
+        .parse()
+        .expect("a number");
+    assert!(
+        ready > 0 && ready < ids.len(),
+        "{ready} of {} jobs",
+        ids.len()
+    );
+    c.expect(
+        format!("peek {}\r\n", ids[0]),
+        &format!("FOUND {} 60000\r\n{}\r\n", ids[0], "j".repeat(60_000)),
+    );
+    server.kill();
+    // The loss was recorded: the next start needs no flag.
+    let server = Durable::start(dir.path(), &args);
+    let ready_again: usize = server.client().stats_map("stats\r\n")["current-jobs-ready"]
+        .parse()
+        .expect("a number");
+    assert_eq!(ready_again, ready);
+}
+
+#[test]
+fn a_data_directory_of_the_previous_format_starts_with_every_job() {
+    // Written by spool 0.1.0 (segment format 1, no MANIFEST): jobs 1 ready,
+    // 2 delayed for decades, 3 buried, 4 in tube "other", 5 deleted, 6
+    // released at priority 3, 7 with a binary body; closed with SIGTERM.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1_data_dir");
+    let dir = TempDir::new("v1");
+    for entry in std::fs::read_dir(&fixture).expect("the fixture") {
+        let entry = entry.expect("dir entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copying");
+    }
+    for round in 0..2 {
+        let server = Durable::start(dir.path(), &[]);
+        let mut c = server.client();
+        c.expect("peek 1\r\n", "FOUND 1 9\r\nready job\r\n");
+        assert_eq!(stat(&mut c, 1, "pri"), "5");
+        assert_eq!(stat(&mut c, 2, "state"), "delayed");
+        c.expect("peek 2\r\n", "FOUND 2 11\r\ndelayed job\r\n");
+        assert_eq!(stat(&mut c, 3, "state"), "buried");
+        assert_eq!(stat(&mut c, 3, "pri"), "9");
+        assert_eq!(stat(&mut c, 4, "tube"), "other");
+        c.expect("peek 5\r\n", "NOT_FOUND\r\n");
+        assert_eq!(stat(&mut c, 6, "state"), "ready");
+        assert_eq!(stat(&mut c, 6, "pri"), "3");
+        assert_eq!(stat(&mut c, 7, "pri"), "4294967295");
+        c.send("peek 7\r\n");
+        assert_eq!(c.reply_bytes(), b"FOUND 7 5\r\n\x00\x01\r\n\xff\r\n");
+        if round == 0 {
+            // Ids go on after the old ones.
+            assert_eq!(c.put(0, 0, 60, b"new"), 8);
+        } else {
+            c.expect("peek 8\r\n", "FOUND 8 3\r\nnew\r\n");
+        }
+        server.kill();
+    }
+    // Upgraded in place: the old segment is kept as it was, new records
+    // went to a new segment, and the MANIFEST now guards them all.
+    assert_eq!(
+        std::fs::read(dir.path().join("0000000000000001.wal")).expect("segment 1"),
+        std::fs::read(fixture.join("0000000000000001.wal")).expect("fixture")
+    );
+    assert!(dir.path().join("MANIFEST").exists());
+    std::fs::remove_file(dir.path().join("0000000000000001.wal")).expect("removing");
+    let (code, stderr) = serve_must_fail(dir.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("0000000000000001.wal"), "{stderr}");
 }

@@ -8,7 +8,11 @@
 //! - bit 1: first put a valid, complete segment 1 holding three records, so
 //!   the bytes become segment 2, the last one;
 //! - bit 2: open with 64-byte segments, so that appending after recovery
-//!   rotates.
+//!   rotates;
+//! - bit 3: write segment headers of format version 1 and no manifest, as
+//!   releases before the manifest did (recovery upgrades the log in place);
+//!   else the current version, with a manifest that records the segments
+//!   (and no more than a header of the last).
 //!
 //! Checks: opening returns `Ok` or a `WalError`, never panics; when it
 //! recovers, the complete segment's records come first, the last segment is
@@ -21,7 +25,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use spool_wal::format::{encode_record, encode_segment_header, segment_file_name};
+use spool_wal::format::{
+    encode_manifest_slot, encode_record, encode_segment_header_with_version, segment_file_name,
+    ManifestSlot, FORMAT_VERSION, MANIFEST_FILE_NAME,
+};
 use spool_wal::sim::SimStorage;
 use spool_wal::{Wal, WalOptions};
 
@@ -33,6 +40,9 @@ pub fn check_recovery(data: &[u8]) {
     };
     let dir = Path::new("/fuzz/data");
     let sim = SimStorage::new();
+    let version = if mode & 8 != 0 { 1 } else { FORMAT_VERSION };
+    let encode_segment_header =
+        |seq: u64, prev_len: u64| encode_segment_header_with_version(version, seq, prev_len);
 
     let mut prefix: Vec<Vec<u8>> = Vec::new();
     let mut prev_len = 0;
@@ -55,6 +65,16 @@ pub fn check_recovery(data: &[u8]) {
     }
     file.extend_from_slice(bytes);
     sim.put_file(&path, &file);
+    if version != 1 {
+        let slot = ManifestSlot {
+            generation: 1,
+            first_segment: 1,
+            last_segment: seq,
+            last_segment_len: 32,
+            clean: false,
+        };
+        sim.put_file(&dir.join(MANIFEST_FILE_NAME), &encode_manifest_slot(&slot));
+    }
 
     let options = if mode & 4 != 0 {
         WalOptions::default().segment_max_bytes(64)
@@ -83,8 +103,9 @@ pub fn check_recovery(data: &[u8]) {
     assert!(repaired.len() >= 32);
     let header = &repaired[..32];
     assert!(
-        header == &file[..32.min(file.len())] || header == encode_segment_header(seq, prev_len),
-        "header neither kept nor rewritten"
+        header == &file[..32.min(file.len())]
+            || header == encode_segment_header_with_version(FORMAT_VERSION, seq, prev_len),
+        "header neither kept nor rewritten (in the current version)"
     );
     let mut expected = Vec::new();
     for r in &records[prefix.len()..] {
@@ -100,7 +121,16 @@ pub fn check_recovery(data: &[u8]) {
         rest.is_empty() || (report.torn_tail.is_none() && rest.iter().all(|&b| b == 0)),
         "last segment holds more than its records and a clean zero tail"
     );
-    assert_eq!(wal.segments().last().map(|s| s.len), Some(end as u64));
+    // A log of format 1 was upgraded: new records go to a new segment.
+    let segment = wal.segments().iter().find(|s| s.seq == seq);
+    assert_eq!(segment.map(|s| s.len), Some(end as u64));
+    // (Or its torn header was rewritten in the current version.)
+    if report.upgraded {
+        assert_eq!(version, 1);
+        let newest = wal.segments().last().expect("a segment");
+        let header = sim.read_file(&newest.path).expect("newest segment");
+        assert_eq!(header[8..12], FORMAT_VERSION.to_le_bytes());
+    }
 
     // The repaired log takes new records and reopens cleanly.
     wal.append(b"after recovery").expect("append");
