@@ -1,7 +1,8 @@
 //! The log is enough: replaying the records an engine logged (through their
 //! byte form) rebuilds every job where a restarted server should find it —
 //! same id, tube, priority and body; reserved jobs ready again; delayed jobs
-//! due at the same time; buried jobs buried — and nothing else.
+//! due at the same time; buried jobs buried; attempts and versions as they
+//! were — and nothing else.
 //!
 //! Also after a compaction: at a random cut, snapshots of the jobs live then
 //! are written a few at a time while changes go on; the log from the cut on
@@ -85,6 +86,9 @@ struct Expected {
     state: JobState,
     due_ns: Option<u64>,
     body: Bytes,
+    /// Failed attempts and the version survive a restart exactly.
+    attempts: u32,
+    version: u64,
 }
 
 fn resting(engine: &Engine) -> BTreeMap<u64, Expected> {
@@ -102,6 +106,8 @@ fn resting(engine: &Engine) -> BTreeMap<u64, Expected> {
                 state,
                 due_ns: (state == JobState::Delayed).then_some(j.deadline_at_ns),
                 body: j.body.clone(),
+                attempts: j.attempts,
+                version: j.version,
             };
             (j.id, expected)
         })

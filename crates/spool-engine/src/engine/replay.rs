@@ -259,6 +259,8 @@ impl Engine {
                 let job = self.jobs.get_mut(&id).expect("job exists");
                 job.state = JobState::Delayed;
                 job.deadline_at_ns = due_ns;
+                // As `enqueue` counts it live.
+                job.version += 1;
                 let tube = job.tube;
                 self.delayed.insert((due_ns, id));
                 self.tube_mut(tube).delayed.insert((due_ns, id));

@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use spool_broker::JobView;
+
 use super::*;
 
 /// A final job and the queue it finished in.
@@ -22,8 +24,10 @@ pub(super) struct Finished {
 #[derive(Debug, Default)]
 pub(super) struct Retention {
     jobs: IdMap<Finished>,
-    /// Per queue, in finish order: the count bound drops the front.
-    by_queue: HashMap<TubeName, VecDeque<JobId>>,
+    /// Per queue, (finished at, job) in that order: the count bound drops
+    /// the front. Ordered by the finish, not by arrival, so that a replay
+    /// of snapshots in any order keeps the same jobs.
+    by_queue: HashMap<TubeName, VecDeque<(u64, JobId)>>,
     /// (expires at, job): the age bound's timer.
     expiries: BTreeSet<(u64, JobId)>,
 }
@@ -55,7 +59,7 @@ impl Retention {
             .get(queue)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|(_, id)| self.jobs.get(id))
     }
 
     pub(super) fn count_in(&self, queue: &TubeName, state: JobState) -> u64 {
@@ -78,28 +82,62 @@ impl Retention {
         max_jobs: u64,
     ) -> Vec<Finished> {
         let id = job.id;
-        let expires_at_ns = job.deadline_at_ns.saturating_add(retention_ns);
+        let finished_at = job.deadline_at_ns;
+        let expires_at_ns = finished_at.saturating_add(retention_ns);
         self.expiries.insert((expires_at_ns, id));
         let order = self.by_queue.entry(queue.clone()).or_default();
-        order.push_back(id);
-        let mut over = Vec::new();
-        while order.len() as u64 > max_jobs {
-            let Some(oldest) = order.pop_front() else {
-                break;
-            };
-            over.push(oldest);
-        }
+        // Nearly always the back: jobs finish in time order.
+        let at = order.partition_point(|&other| other <= (finished_at, id));
+        order.insert(at, (finished_at, id));
         self.jobs.insert(
             id,
             Finished {
                 job,
-                queue,
+                queue: queue.clone(),
                 expires_at_ns,
             },
         );
+        self.trim(&queue, max_jobs)
+    }
+
+    /// Drops the oldest final jobs of `queue` past `max_jobs`.
+    fn trim(&mut self, queue: &TubeName, max_jobs: u64) -> Vec<Finished> {
+        let mut over = Vec::new();
+        if let Some(order) = self.by_queue.get_mut(queue) {
+            while order.len() as u64 > max_jobs {
+                let Some((_, oldest)) = order.pop_front() else {
+                    break;
+                };
+                over.push(oldest);
+            }
+        }
         over.into_iter()
             .filter_map(|id| self.take(id, false))
             .collect()
+    }
+
+    /// A queue's retention changed: its jobs expire by the new age from
+    /// their finish, and the count bound applies now (so that a replay,
+    /// which meets the policy before or after the jobs, keeps the same).
+    pub(super) fn rebound(
+        &mut self,
+        queue: &TubeName,
+        retention_ns: u64,
+        max_jobs: u64,
+    ) -> Vec<Finished> {
+        let ids: Vec<(u64, JobId)> = self
+            .by_queue
+            .get(queue)
+            .map(|order| order.iter().copied().collect())
+            .unwrap_or_default();
+        for (finished_at, id) in ids {
+            if let Some(f) = self.jobs.get_mut(&id) {
+                self.expiries.remove(&(f.expires_at_ns, id));
+                f.expires_at_ns = finished_at.saturating_add(retention_ns);
+                self.expiries.insert((f.expires_at_ns, id));
+            }
+        }
+        self.trim(queue, max_jobs)
     }
 
     /// Forgets a job; `unlink` when it may still be in its queue's order.
@@ -110,10 +148,10 @@ impl Retention {
             if let Some(order) = self.by_queue.get_mut(&finished.queue) {
                 // Usually the front: jobs expire in about the order they
                 // finished.
-                if order.front() == Some(&id) {
+                if order.front().is_some_and(|&(_, front)| front == id) {
                     order.pop_front();
                 } else {
-                    order.retain(|&other| other != id);
+                    order.retain(|&(_, other)| other != id);
                 }
             }
         }
@@ -165,7 +203,9 @@ impl Engine {
 
     /// Moves a live job that is in no queue to its final `state` at `now`:
     /// it leaves its tube, is logged, and is kept for the retention.
-    pub(super) fn finish(&mut self, id: JobId, state: JobState, now: u64) {
+    /// Returns the job as it finished: with a retention of few jobs, a job
+    /// finishing in the same instant as others may be forgotten at once.
+    pub(super) fn finish(&mut self, id: JobId, state: JobState, now: u64) -> JobView {
         debug_assert!(state.is_final());
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.state = state;
@@ -174,24 +214,39 @@ impl Engine {
         job.version += 1;
         job.extra_mut().updated_at_ns = now;
         self.record_change(id);
+        let view = self.view(id).expect("job exists");
         let job = self.jobs.remove(&id).expect("job exists");
         let queue = self.tube(job.tube).name.clone();
         self.decref(job.tube);
         self.keep_finished(job, queue);
+        view
     }
 
-    /// Hands a final job to the retention under its queue's bounds.
-    pub(super) fn keep_finished(&mut self, job: Job, queue: TubeName) {
-        let policy = self.settings.get(&queue).map(|s| &s.policy);
+    /// A queue's retention: (age in ns, count).
+    fn retention_of(&self, queue: &TubeName) -> (u64, u64) {
+        let policy = self.settings.get(queue).map(|s| &s.policy);
         let retention_ms = policy
             .and_then(|p| p.retention_ms)
             .unwrap_or(limits::RETENTION_MS_DEFAULT);
         let max_jobs = policy
             .and_then(|p| p.retention_max_jobs)
             .unwrap_or(limits::RETENTION_MAX_JOBS_DEFAULT);
-        let over =
-            self.retention
-                .insert(job, queue, retention_ms.saturating_mul(1_000_000), max_jobs);
+        (retention_ms.saturating_mul(1_000_000), max_jobs)
+    }
+
+    /// Hands a final job to the retention under its queue's bounds.
+    pub(super) fn keep_finished(&mut self, job: Job, queue: TubeName) {
+        let (age_ns, max_jobs) = self.retention_of(&queue);
+        let over = self.retention.insert(job, queue, age_ns, max_jobs);
+        for gone in over {
+            self.forget_finished(gone);
+        }
+    }
+
+    /// Applies a queue's (new) retention to the final jobs it keeps.
+    pub(super) fn rebound_retention(&mut self, queue: &TubeName) {
+        let (age_ns, max_jobs) = self.retention_of(queue);
+        let over = self.retention.rebound(queue, age_ns, max_jobs);
         for gone in over {
             self.forget_finished(gone);
         }

@@ -117,10 +117,11 @@ impl Engine {
     /// records of the operation go to the log as one batch.
     pub fn apply(&mut self, op: Op, now: u64) -> Result<Outcome, BrokerError> {
         let mark = self.log.len();
+        let described = format!("{op:?}");
         let outcome = self.apply_unbatched(op, now);
         debug_assert!(
             outcome.is_ok() || self.log.len() == mark,
-            "a refused operation changed nothing"
+            "a refused operation changed nothing: {described} {outcome:?}"
         );
         if self.log.len() > mark + 1 {
             let records = self.log.split_off(mark);
@@ -608,8 +609,7 @@ impl Engine {
             .result = result;
         let tube = self.jobs[&id].tube;
         self.tube_mut(tube).metrics.counters.deleted += 1;
-        self.finish(id, JobState::Completed, now);
-        self.view_outcome(id)
+        Ok(Outcome::Job(self.finish(id, JobState::Completed, now)))
     }
 
     pub(super) fn fail(
@@ -760,8 +760,7 @@ impl Engine {
             .expect("job exists")
             .extra_mut()
             .cancel_requested = true;
-        self.finish(id, JobState::Cancelled, now);
-        self.view_outcome(id)
+        Ok(Outcome::Job(self.finish(id, JobState::Cancelled, now)))
     }
 
     /// Takes a ready, delayed or buried job out of its queue.
@@ -965,8 +964,9 @@ impl Engine {
         if settings == QueueSettings::default() {
             self.settings.remove(&queue);
         } else {
-            self.settings.insert(queue, settings);
+            self.settings.insert(queue.clone(), settings);
         }
+        self.rebound_retention(&queue);
     }
 
     /// Gives a live tube its settings: the policy's attempt limit for

@@ -40,6 +40,12 @@ impl Engine {
                     t.delayed.remove(&(due, id));
                     t.metrics.skew.observe_ns(now - due);
                     self.enqueue(id, 0, now);
+                    // The change happened at the due time, whenever the
+                    // tick ran: replay must find the same instant.
+                    if let Some(extra) = self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
+                    {
+                        extra.updated_at_ns = due;
+                    }
                 }
                 Timer::Pause => {
                     let &(_, tube) = self.paused.first().expect("a pause is due");
