@@ -178,3 +178,32 @@ pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`HTTP_CONNECTIONS_MAX`]), so four timer wakes a second each cost
 /// nothing measurable.
 pub const HTTP_STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+// --- write-ahead log: full disk --------------------------------------------
+
+/// Wait before the first retry of a compaction abandoned for want of disk
+/// space; each further abandonment doubles it, up to
+/// [`COMPACTION_RETRY_MAX`]. Every attempt copies each live job into a
+/// snapshot, so retrying at once on a disk that stays full would spend the
+/// engine task on nothing; a second is short next to how long a disk stays
+/// full.
+pub const COMPACTION_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// Longest wait between two compaction attempts after abandoned ones:
+/// space that comes back (an operator freed some, or jobs were deleted) is
+/// put to use within this, and attempts on a disk that stays full cost at
+/// most one snapshot pass per 30 s.
+pub const COMPACTION_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A compaction starts only when the disk has room for the live jobs'
+/// records plus this fraction (1/16) of them, and the snapshot is abandoned
+/// rather than written past the room held for deletes. The slack covers
+/// what is rounded up on disk (the partly used last block of each segment,
+/// the headers) and the puts that arrive while the snapshot is written;
+/// 6 % is a few blocks per segment even for the smallest segments.
+pub const COMPACTION_ROOM_SLACK_DIVISOR: u64 = 16;
+
+/// Room kept for a new segment before a compaction rotates into one: its
+/// 32-byte header takes a whole file system block (4 KiB on most, up to
+/// 64 KiB on some), and the snapshot's first record follows it.
+pub const SEGMENT_CREATE_ROOM_BYTES: u64 = 64 << 10;

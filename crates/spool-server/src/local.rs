@@ -1054,15 +1054,23 @@ impl EngineTask {
             log.compaction = None;
             sent &= log.sink.send(LogMsg::EndCompaction, &mut acks);
         } else if log.compaction.is_none()
-            && log.log_bytes > log.sink.compaction_min_log_bytes()
-            && log.log_bytes > 2 * self.engine.live_log_bytes()
+            && crate::durable::compaction_due(
+                log.sink.stats(),
+                log.log_bytes,
+                self.engine.live_log_bytes(),
+                log.sink.compaction_min_log_bytes(),
+            )
         {
             tracing::info!(
                 log_bytes = log.log_bytes,
                 live_bytes = self.engine.live_log_bytes(),
                 "compacting the log"
             );
-            log.compaction = Some(self.engine.compaction_ids());
+            let mut ids = self.engine.compaction_ids();
+            // Oldest first (taken from the end): the log thread deletes each
+            // old segment as soon as its jobs are in the snapshot.
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            log.compaction = Some(ids);
             // First after the cut: ids in use stay taken when the records
             // that used them are compacted away, and queue settings.
             log.records.extend(self.engine.compaction_start_records());

@@ -27,7 +27,7 @@ use crate::format::{
 };
 use crate::manifest::{manifest_path, read_manifest, ManifestState, ManifestWriter};
 use crate::storage::{parent_dir, LockGuard, Storage, WriteFile};
-use crate::wal::{SegmentInfo, Wal, WalOptions};
+use crate::wal::{is_no_space, SegmentInfo, Wal, WalOptions};
 
 /// Read buffer size: big enough that reads are few and large (one system
 /// call per MiB), small enough not to matter next to the engine's state.
@@ -152,7 +152,7 @@ impl fmt::Display for TornTail {
 }
 
 /// How the last segment must be repaired before new records go after it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repair {
     None,
     TruncateTo(u64),
@@ -394,11 +394,40 @@ impl Recovery {
                     .map_err(|e| WalError::io("fsync", &last.path, e))?;
                 // The writer goes on after the last record, into the zeros
                 // (if any) that follow it.
-                let file_len = match self.repair {
+                let mut file_len = match self.repair {
                     Repair::None => self.last_file_len,
                     Repair::TruncateTo(len) => len,
                     Repair::RewriteHeader => SEGMENT_HEADER_LEN,
                 };
+                // A torn header of a log that has a manifest is rewritten
+                // now, before the manifest below claims the segment: on a
+                // full disk there may be no room even for a header, and then
+                // the segment (created with no record in it) is removed and
+                // the one before it is the last again. (A version-1 log's
+                // torn header is rewritten after the manifest exists; see
+                // below.)
+                if self.repair == Repair::RewriteHeader
+                    && matches!(self.manifest, ManifestState::Valid(..))
+                {
+                    let prev_len = match self.done.len() {
+                        n if n >= 2 => self.done[n - 2].len,
+                        _ => 0,
+                    };
+                    file.truncate(0)
+                        .map_err(|e| WalError::io("truncate torn header", &last.path, e))?;
+                    match file.write_all(&encode_segment_header(last.seq, prev_len)) {
+                        Ok(()) => file
+                            .sync_all()
+                            .map_err(|e| WalError::io("fsync", &last.path, e))?,
+                        Err(e) if is_no_space(&e) && self.done.len() >= 2 => {
+                            drop(file);
+                            (file, file_len) = self.drop_torn_last_segment(e)?;
+                        }
+                        Err(e) => return Err(WalError::io("write header", &last.path, e)),
+                    }
+                    self.last_version = Some(FORMAT_VERSION);
+                    self.repair = Repair::None;
+                }
                 (file, file_len, std::mem::take(&mut self.done))
             }
         };
@@ -475,6 +504,40 @@ impl Recovery {
             self.report.last_segment = Some(wal.rotate()?);
         }
         Ok((wal, self.report))
+    }
+
+    /// Removes the last segment, torn while it was created (so it holds no
+    /// record), instead of rewriting its header: the segment before it,
+    /// complete as rotation left it, becomes the last again. Returns that
+    /// segment opened for writing, and its length. Without a segment before
+    /// it, fails with `header_error`.
+    fn drop_torn_last_segment(
+        &mut self,
+        header_error: io::Error,
+    ) -> Result<(Box<dyn WriteFile>, u64), WalError> {
+        let prev = self.done.len().checked_sub(2).map(|i| self.done[i].clone());
+        let (Some(prev), Some(torn)) = (prev, self.done.last().cloned()) else {
+            return Err(WalError::io("write header", &self.dir, header_error));
+        };
+        self.done.pop();
+        self.storage
+            .remove_file(&torn.path)
+            .map_err(|e| WalError::io("remove torn segment", &torn.path, e))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(|e| WalError::io("fsync directory", &self.dir, e))?;
+        let file = self
+            .storage
+            .open_append(&prev.path)
+            .map_err(|e| WalError::io("open for writing", &prev.path, e))?;
+        self.report.segments -= 1;
+        self.report.last_segment = Some(prev.seq);
+        self.report.file_bytes -= torn.len;
+        if let Some(tail) = &mut self.report.torn_tail {
+            tail.reason
+                .push_str("; no room on the disk to rewrite its header, so it was removed");
+        }
+        Ok((file, prev.len))
     }
 
     /// Reads every record into memory and finishes. Convenient for tests and

@@ -323,13 +323,28 @@ impl Wal {
 
     fn write_chunks(&mut self, pending: &[u8], breaks: &[usize]) -> Result<(), WalError> {
         let mut start = 0;
+        // Until a chunk is written none of the batch can be durable (a
+        // rotation fsyncs only what came before it): a full disk until then
+        // drops the batch and leaves the log usable.
+        let mut wrote_any = false;
         for (i, &end) in breaks
             .iter()
             .chain(std::iter::once(&pending.len()))
             .enumerate()
         {
             if i > 0 {
-                self.rotate_now()?;
+                match self.rotate_now() {
+                    Ok(_) => {}
+                    Err(e @ WalError::OutOfSpace { .. }) if !wrote_any => {
+                        self.stats.batches_rejected += 1;
+                        return Err(e);
+                    }
+                    // Part of the batch is durable: it cannot be dropped.
+                    Err(WalError::OutOfSpace { path, source }) => {
+                        return Err(self.poison(WalError::io("create segment", path, source)))
+                    }
+                    Err(e) => return Err(self.poison(e)),
+                }
             }
             let chunk = &pending[start..end];
             start = end;
@@ -339,11 +354,10 @@ impl Wal {
             let n = chunk.len() as u64;
             let at = self.current().len;
             self.zero_fill_ahead(at + n)?;
-            // Only before the first rotation of this call is none of the
-            // batch durable yet (a rotation fsyncs what came before it).
             if let Err(e) = self.file.write_all_at(chunk, at) {
-                return Err(self.write_failed(e, i == 0));
+                return Err(self.write_failed(e, !wrote_any));
             }
+            wrote_any = true;
             self.file_len = self.file_len.max(at + n);
             self.segments_last_mut().len += n;
             self.stats.bytes_written += n;
@@ -461,6 +475,10 @@ impl Wal {
     /// one's header and directory entry are fsynced before it is used, so a
     /// segment that is not the last is always complete on disk.
     ///
+    /// On a full disk the new segment is removed again and
+    /// [`WalError::OutOfSpace`] returned: the log goes on in the old
+    /// segment, usable, and the rotation can be tried again later.
+    ///
     /// For compaction: rotate, append a snapshot of the live state, commit,
     /// then [`remove_segments_before`](Wal::remove_segments_before) the
     /// returned sequence number. Until the removal, a crash replays the old
@@ -489,6 +507,14 @@ impl Wal {
         }
         let file = match create_segment(&*self.storage, &self.dir, seq, prev_len) {
             Ok(f) => f,
+            // Not after a failed fsync, which is never retried or undone.
+            Err(WalError::Io {
+                op: "create segment" | "write header",
+                source,
+                path,
+            }) if is_no_space(&source) => {
+                return Err(self.undo_segment_creation(path, source));
+            }
             Err(e) => return Err(self.poison(e)),
         };
         self.stats.fsyncs += 1;
@@ -509,6 +535,25 @@ impl Wal {
         }
         self.stats.fsyncs += 1;
         Ok(seq)
+    }
+
+    /// A full disk stopped the creation of segment `path`: removes what was
+    /// created of it (a file with no header, or part of one), so that the
+    /// current segment stays the last and nothing looks torn to recovery.
+    /// Returns [`WalError::OutOfSpace`], or the error that poisoned the log
+    /// if the file could not be removed.
+    fn undo_segment_creation(&mut self, path: PathBuf, source: io::Error) -> WalError {
+        match self.storage.remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return self.poison(WalError::io("remove unfinished segment", path, e)),
+        }
+        if let Err(e) = self.storage.sync_dir(&self.dir) {
+            let dir = self.dir.clone();
+            return self.poison(WalError::io("fsync directory", dir, e));
+        }
+        self.stats.dir_fsyncs += 1;
+        WalError::OutOfSpace { path, source }
     }
 
     fn sync_file(&mut self) -> Result<Duration, WalError> {
@@ -591,6 +636,13 @@ impl Wal {
         self.manifest.write(first, last, len, true)
     }
 
+    /// Sequence number of the segment the record appended last goes to
+    /// when written (a later one than the current segment's if the
+    /// appended records fill it). For callers that track where records are.
+    pub fn pending_segment(&self) -> u64 {
+        self.current().seq + self.breaks.len() as u64
+    }
+
     /// The segment files, oldest first; the last is being written.
     pub fn segments(&self) -> &[SegmentInfo] {
         &self.segments
@@ -668,7 +720,7 @@ impl Drop for Wal {
 
 /// A full disk or quota: the errors after which a write may be undone and
 /// retried later rather than poisoning the log.
-fn is_no_space(e: &io::Error) -> bool {
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded

@@ -332,3 +332,140 @@ fn rotation_cuts_the_zero_filled_region_durably() {
         assert_eq!(report.torn_tail, None);
     }
 }
+
+#[test]
+fn disk_full_while_rotating_keeps_the_log_usable() {
+    // The new segment's header does not fit, whole or in part: the new file
+    // goes again and the log goes on in the old segment.
+    for written in [0, 10] {
+        let sim = SimStorage::new();
+        let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+        wal.append(b"one").unwrap();
+        wal.commit().unwrap();
+        // The rotation's first write is the new segment's header.
+        sim.inject(Fault::Write {
+            nth: 0,
+            kind: ErrorKind::StorageFull,
+            written,
+        });
+        let err = wal.rotate().unwrap_err();
+        assert!(matches!(err, WalError::OutOfSpace { .. }), "{err}");
+        assert!(!wal.is_poisoned());
+        assert_eq!(wal.segments().len(), 1);
+        assert_eq!(
+            sim.file_names(&sim_dir()),
+            vec!["0000000000000001.wal"],
+            "the unfinished segment was removed"
+        );
+        wal.append(b"two").unwrap();
+        wal.commit().unwrap();
+        // Space is back: the rotation works and reuses the number.
+        assert_eq!(wal.rotate().unwrap(), 2);
+        wal.append(b"three").unwrap();
+        wal.commit().unwrap();
+        drop(wal);
+        for image in [
+            sim.clone(),
+            sim.crash_image(u64::try_from(written).unwrap()),
+        ] {
+            let (_wal, records, report) = open_sim(&image, WalOptions::default()).unwrap();
+            assert_eq!(
+                records,
+                vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+            );
+            assert_eq!(report.torn_tail, None);
+        }
+    }
+}
+
+#[test]
+fn disk_full_in_the_segment_a_batch_starts_drops_the_batch() {
+    // The batch starts a new segment (the current one is full): none of it
+    // can be durable when the disk fills, whether at the new segment's
+    // header (write 0) or at the records after it (write 1).
+    for nth in [0, 1] {
+        let sim = SimStorage::new();
+        let options = WalOptions::default().segment_max_bytes(100);
+        let (mut wal, _, _) = open_sim(&sim, options.clone()).unwrap();
+        wal.append(&[1; 40]).unwrap(); // 32 + 48 = 80 bytes
+        wal.commit().unwrap();
+        wal.append(&[2; 40]).unwrap(); // would make 128: next segment
+        sim.inject(Fault::Write {
+            nth,
+            kind: ErrorKind::StorageFull,
+            written: 0,
+        });
+        let err = wal.commit().unwrap_err();
+        assert!(matches!(err, WalError::OutOfSpace { .. }), "{err}");
+        assert!(!wal.is_poisoned(), "write {nth}");
+        assert_eq!(wal.stats().batches_rejected, 1);
+        // Space is back.
+        wal.append(&[3; 40]).unwrap();
+        wal.commit().unwrap();
+        drop(wal);
+        let (_wal, records, report) = open_sim(&sim, options.clone()).unwrap();
+        assert_eq!(records, vec![vec![1; 40], vec![3; 40]], "write {nth}");
+        assert_eq!(report.torn_tail, None);
+    }
+}
+
+#[test]
+fn a_segment_torn_while_created_is_removed_when_the_disk_has_no_room_for_its_header() {
+    let sim = SimStorage::new();
+    let (mut wal, _, _) = open_sim(&sim, WalOptions::default()).unwrap();
+    wal.append(b"one").unwrap();
+    wal.rotate().unwrap();
+    drop(wal);
+    // What a crash right after creating segment 2 leaves: no header.
+    let torn = sim_dir().join("0000000000000002.wal");
+    sim.put_file(&torn, b"");
+    // Recovery's first write is the rewritten header.
+    sim.inject(Fault::Write {
+        nth: 0,
+        kind: ErrorKind::StorageFull,
+        written: 0,
+    });
+    let (mut wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
+    assert_eq!(records, vec![b"one".to_vec()]);
+    let tail = report.torn_tail.expect("reported as torn");
+    assert_eq!(tail.segment, 2);
+    assert!(tail.reason.contains("removed"), "{}", tail.reason);
+    assert_eq!(report.segments, 1);
+    assert_eq!(report.last_segment, Some(1));
+    assert_eq!(sim.read_file(&torn), None, "the torn segment is gone");
+    assert_eq!(wal.segments().len(), 1);
+    // The log goes on in segment 1, and rotates again once space is back.
+    wal.append(b"two").unwrap();
+    wal.commit().unwrap();
+    assert_eq!(wal.rotate().unwrap(), 2);
+    wal.append(b"three").unwrap();
+    wal.commit().unwrap();
+    drop(wal);
+    let (_wal, records, report) = open_sim(&sim, WalOptions::default()).unwrap();
+    assert_eq!(
+        records,
+        vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+    );
+    assert_eq!(report.torn_tail, None);
+
+    // With no segment before it, there is nothing to go on in: the error
+    // names the problem.
+    let sim = SimStorage::new();
+    sim.put_file(&sim_dir().join("0000000000000001.wal"), b"");
+    sim.inject(Fault::Write {
+        nth: 0,
+        kind: ErrorKind::StorageFull,
+        written: 0,
+    });
+    let err = open_sim(&sim, WalOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WalError::Io {
+                op: "write header",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -583,3 +583,288 @@ fn a_data_directory_of_the_previous_format_starts_with_every_job() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("0000000000000001.wal"), "{stderr}");
 }
+
+/// Size of the disk the full-disk scenario fills: the user's report.
+const FULL_DISK_SIZE: &str = "64m";
+/// Job body size in the full-disk scenario (the user's 5,000 bytes).
+const FULL_DISK_BODY_BYTES: usize = 5000;
+/// More puts than a 64 MiB disk can hold at 5,000 bytes each (about
+/// 13,000), so the fill loop ends by the disk, not the bound.
+const FULL_DISK_PUTS_MAX: usize = 20_000;
+/// Puts pipelined per write while filling: fast, and few enough that the
+/// replies after the first refusal are few.
+const FULL_DISK_PUT_CHUNK: usize = 50;
+/// Generous bound for each phase of the scenario on a loaded machine; the
+/// test polls and never asserts on timing.
+const FULL_DISK_PHASE_LIMIT: Duration = Duration::from_secs(240);
+/// `/readyz` is checked once per this many deletes.
+const FULL_DISK_READY_EVERY: usize = 500;
+
+/// Puts `body` until the server refuses with `OUT_OF_MEMORY`; returns the
+/// ids acknowledged. Bounded in count and time.
+fn fill_disk(c: &mut Client, body: &[u8]) -> Vec<u64> {
+    let deadline = Instant::now() + FULL_DISK_PHASE_LIMIT;
+    let mut ids = Vec::new();
+    let mut wire = Vec::new();
+    for _ in 0..FULL_DISK_PUT_CHUNK {
+        wire.extend_from_slice(format!("put 0 0 60 {}\r\n", body.len()).as_bytes());
+        wire.extend_from_slice(body);
+        wire.extend_from_slice(b"\r\n");
+    }
+    while ids.len() < FULL_DISK_PUTS_MAX {
+        assert!(
+            Instant::now() < deadline,
+            "the disk did not fill within {FULL_DISK_PHASE_LIMIT:?}"
+        );
+        c.send(&wire);
+        let mut refused = false;
+        for _ in 0..FULL_DISK_PUT_CHUNK {
+            let reply = c.reply();
+            if reply == "OUT_OF_MEMORY\r\n" {
+                refused = true;
+                continue;
+            }
+            let id = reply
+                .trim_end()
+                .strip_prefix("INSERTED ")
+                .and_then(|id| id.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("put answered {reply:?}"));
+            ids.push(id);
+        }
+        if refused {
+            return ids;
+        }
+    }
+    panic!(
+        "{} puts were all accepted on a {FULL_DISK_SIZE} disk",
+        ids.len()
+    );
+}
+
+/// `/readyz` answers 200: at most degraded by a full disk, never failed.
+fn assert_ready(server: &Server, when: &str) {
+    let ready = server.http("GET", "/readyz", "");
+    assert_eq!(
+        ready.status,
+        200,
+        "/readyz {when}: {}; server output: {}",
+        ready.body,
+        server.output_text()
+    );
+}
+
+/// Deletes `ids` one request at a time, as the user did, asserting each
+/// answers `DELETED` and that the server stays ready.
+fn delete_one_by_one(server: &Server, c: &mut Client, ids: &[u64]) {
+    for (n, id) in ids.iter().enumerate() {
+        c.send(format!("delete {id}\r\n"));
+        let reply = c.reply();
+        assert_eq!(
+            reply,
+            "DELETED\r\n",
+            "delete {id} (the {n}th) on a full disk; server output: {}",
+            server.output_text()
+        );
+        if n % FULL_DISK_READY_EVERY == 0 {
+            assert_ready(server, &format!("after {n} deletes"));
+        }
+    }
+}
+
+/// Puts until one is accepted (the space the deletes freed comes back in
+/// the background), polling up to the phase limit; returns its id.
+fn put_when_room(server: &Server, data: &Path, c: &mut Client, body: &[u8]) -> u64 {
+    let deadline = Instant::now() + FULL_DISK_PHASE_LIMIT;
+    loop {
+        c.send(format!("put 0 0 60 {}\r\n", body.len()));
+        c.send(body);
+        c.send("\r\n");
+        let reply = c.reply();
+        if let Some(id) = reply.trim_end().strip_prefix("INSERTED ") {
+            return id.parse().expect("id");
+        }
+        assert_eq!(reply, "OUT_OF_MEMORY\r\n", "{}", server.output_text());
+        assert!(
+            Instant::now() < deadline,
+            "puts still refused {FULL_DISK_PHASE_LIMIT:?} after the deletes; \
+             {} bytes of segments; server output: {}",
+            log_bytes(data),
+            server.output_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Which jobs a scenario deletes first.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    /// Oldest first, as a queue's workers do: the oldest segments empty
+    /// first.
+    Oldest,
+    /// Newest first: every old segment keeps a live job until the end, so
+    /// only a compaction can give the space back.
+    Newest,
+}
+
+/// The user's report: fill a 64 MiB disk with 5,000-byte jobs, delete them
+/// all one by one, put again, fill again, delete some, and restart while
+/// the disk is full.
+fn full_disk_scenario(extra: &[&str], order: Order) {
+    let disk = Tmpfs::mount(FULL_DISK_SIZE);
+    let data = disk.path().join("data");
+    std::fs::create_dir(&data).expect("creating the data dir");
+    let server = Server::start_durable(&data, extra);
+    let mut c = server.client();
+    let body = vec![b'j'; FULL_DISK_BODY_BYTES];
+    let mut ids = fill_disk(&mut c, &body);
+    assert!(ids.len() > 1000, "only {} jobs fit", ids.len());
+    assert_ready(&server, "on the full disk");
+    if let Order::Newest = order {
+        ids.reverse();
+    }
+    delete_one_by_one(&server, &mut c, &ids);
+    assert_ready(&server, "after every job was deleted");
+    // The deletes gave the space back without a restart.
+    let first = put_when_room(&server, &data, &mut c, &body);
+    assert_ready(&server, "after puts resumed");
+
+    // Fill it again, delete the newest tenth (which frees no segment), and
+    // fill what room that left: the restart finds the disk full.
+    let mut jobs = vec![first];
+    jobs.extend(fill_disk(&mut c, &body));
+    assert!(jobs.len() > 1000, "only {} jobs fit again", jobs.len());
+    let gone = jobs.split_off(jobs.len() - jobs.len() / 10);
+    let newest_first: Vec<u64> = gone.iter().rev().copied().collect();
+    delete_one_by_one(&server, &mut c, &newest_first);
+    jobs.extend(fill_disk(&mut c, &body));
+    let kept = jobs;
+    drop(c);
+    drop(server);
+
+    let server = Server::start_durable(&data, extra);
+    assert_ready(&server, "after the restart on the full disk");
+    let mut c = server.client();
+    let stats = c.stats_map("stats\r\n");
+    assert_eq!(
+        stats.get("current-jobs-ready").map(String::as_str),
+        Some(kept.len().to_string().as_str()),
+        "every job not deleted came back, and no other"
+    );
+    for id in &kept {
+        c.send(format!("peek {id}\r\n"));
+        let reply = c.reply();
+        assert!(
+            reply.starts_with(&format!("FOUND {id} {FULL_DISK_BODY_BYTES}\r\n")),
+            "job {id} after the restart: {}",
+            reply.lines().next().unwrap_or_default()
+        );
+    }
+    for id in gone {
+        c.expect(format!("peek {id}\r\n"), "NOT_FOUND\r\n");
+    }
+    // Deletes still work on the full disk after the restart.
+    delete_one_by_one(&server, &mut c, &kept[..FULL_DISK_READY_EVERY]);
+    assert_ready(&server, "after deletes following the restart");
+}
+
+#[test]
+fn a_full_disk_with_small_segments_frees_space_as_jobs_are_deleted() {
+    full_disk_scenario(&["--segment-size", "1048576"], Order::Oldest);
+}
+
+#[test]
+fn a_full_disk_with_small_segments_frees_space_when_the_newest_jobs_go_first() {
+    full_disk_scenario(&["--segment-size", "1048576"], Order::Newest);
+}
+
+#[test]
+fn a_full_disk_with_default_segments_frees_space_as_jobs_are_deleted() {
+    full_disk_scenario(&[], Order::Oldest);
+}
+
+/// Where a segment's records end: after its header and whole records, at
+/// its zero-filled tail if it has one.
+fn segment_records_end(bytes: &[u8]) -> usize {
+    let mut at = 32;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if len == 0 && bytes[at + 4..at + 8] == [0; 4] {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
+}
+
+/// Most 64 KiB writes that fill what is left of the test's disk.
+const FILLER_WRITES_MAX: usize = 2048;
+
+#[test]
+fn a_restart_on_a_full_disk_survives_a_segment_torn_while_created() {
+    let disk = Tmpfs::mount(FULL_DISK_SIZE);
+    let data = disk.path().join("data");
+    std::fs::create_dir(&data).expect("creating the data dir");
+    let args = ["--segment-size", "1048576"];
+    let server = Server::start_durable(&data, &args);
+    let mut c = server.client();
+    let body = vec![b't'; FULL_DISK_BODY_BYTES];
+    let ids = fill_disk(&mut c, &body);
+    assert!(ids.len() > 1000, "only {} jobs fit", ids.len());
+    drop(c);
+    drop(server);
+    // What a process killed while creating the next segment leaves (an
+    // earlier release did this itself when the disk filled): the last
+    // segment cut to its records, and a next one with no header yet.
+    let last = std::fs::read_dir(&data)
+        .expect("reading the data dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".wal"))
+        .max()
+        .expect("a segment");
+    let path = data.join(&last);
+    let end = segment_records_end(&std::fs::read(&path).expect("reading the segment"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(end as u64))
+        .expect("cutting the zero-filled tail");
+    let seq = u64::from_str_radix(last.trim_end_matches(".wal"), 16).expect("segment number");
+    let torn = data.join(format!("{:016x}.wal", seq + 1));
+    std::fs::File::create(&torn).expect("creating the torn segment");
+    // Not a block left, not even for a segment header.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
+        let chunk = vec![0xf1u8; 64 << 10];
+        let full = (0..FILLER_WRITES_MAX).any(|_| filler.write_all(&chunk).is_err());
+        assert!(full, "the filler filled the disk");
+    }
+
+    let server = Server::start_durable(&data, &args);
+    assert_ready(&server, "after a restart on a full disk");
+    assert!(
+        !torn.exists(),
+        "the torn segment, which had no room for a header, was removed"
+    );
+    let mut c = server.client();
+    let stats = c.stats_map("stats\r\n");
+    assert_eq!(
+        stats.get("current-jobs-ready").map(String::as_str),
+        Some(ids.len().to_string().as_str()),
+        "every acknowledged job came back"
+    );
+    for id in &ids {
+        c.send(format!("peek {id}\r\n"));
+        assert!(
+            c.reply()
+                .starts_with(&format!("FOUND {id} {FULL_DISK_BODY_BYTES}\r\n")),
+            "job {id} survived"
+        );
+    }
+    delete_one_by_one(&server, &mut c, &ids[..FULL_DISK_READY_EVERY]);
+}

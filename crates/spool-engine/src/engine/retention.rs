@@ -239,7 +239,7 @@ impl Engine {
         let (age_ns, max_jobs) = self.retention_of(&queue);
         let over = self.retention.insert(job, queue, age_ns, max_jobs);
         for gone in over {
-            self.forget_finished(gone);
+            self.evict_finished(gone);
         }
     }
 
@@ -248,8 +248,17 @@ impl Engine {
         let (age_ns, max_jobs) = self.retention_of(queue);
         let over = self.retention.rebound(queue, age_ns, max_jobs);
         for gone in over {
-            self.forget_finished(gone);
+            self.evict_finished(gone);
         }
+    }
+
+    /// The retention lets a final job go: logged as a Delete, so that the
+    /// log's bookkeeping of which segments hold live jobs stays exact
+    /// (replay would forget it by the same rule anyway).
+    fn evict_finished(&mut self, gone: Finished) {
+        let id = gone.job.id;
+        self.forget_finished(gone);
+        self.record(|| LogRecord::Delete { id });
     }
 
     /// A final job leaves memory for good: its key and its log bytes go.
@@ -264,7 +273,7 @@ impl Engine {
     /// Forgets final jobs whose retention ended by `now`.
     pub(super) fn expire_finished(&mut self, now: u64) {
         while let Some(gone) = self.retention.pop_expired(now) {
-            self.forget_finished(gone);
+            self.evict_finished(gone);
         }
     }
 }

@@ -124,7 +124,14 @@ impl Engine {
             "a refused operation changed nothing: {described} {outcome:?}"
         );
         if self.log.len() > mark + 1 {
-            let records = self.log.split_off(mark);
+            // Flat: a batch never holds a batch.
+            let mut records = Vec::new();
+            for record in self.log.split_off(mark) {
+                match record {
+                    LogRecord::Batch(inner) => records.extend(inner),
+                    other => records.push(other),
+                }
+            }
             self.log.push(LogRecord::Batch(records));
         }
         outcome
@@ -838,8 +845,13 @@ impl Engine {
             (None, _) => self.enqueue(id, 0, now),
         }
         if self.logging {
+            // A batch of one: a snapshot outside a batch is a compaction's,
+            // which the log may drop when it abandons a compaction.
             let record = self.full_record(id).expect("job exists");
-            self.log.push(LogRecord::JobSnapshot(Box::new(record)));
+            self.log
+                .push(LogRecord::Batch(vec![LogRecord::JobSnapshot(Box::new(
+                    record,
+                ))]));
         }
         self.view_outcome(id)
     }

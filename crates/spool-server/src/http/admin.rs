@@ -84,6 +84,8 @@ fn storage_json(stats: &StorageStats) -> Value {
         "fsync_seconds_max": stats.fsync_ns_max as f64 / NS_PER_SECOND,
         "fsync_p99_seconds": stats.fsync_seconds.quantile(WAIT_QUANTILE),
         "compactions": stats.compactions,
+        "compactions_abandoned": stats.compactions_abandoned,
+        "segments_trimmed": stats.segments_trimmed,
         "failed": stats.failed,
     })
 }

@@ -419,7 +419,7 @@ fn write_storage(out: &mut Exposition, stats: &StorageStats) {
         "Segment files of the write-ahead log.",
         stats.segments as f64,
     );
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 7] = [
         (
             "spool_wal_commits_total",
             "Commits (one write, and one fsync under fsync always, each).",
@@ -440,6 +440,16 @@ fn write_storage(out: &mut Exposition, stats: &StorageStats) {
             "spool_wal_compactions_total",
             "Compactions finished.",
             stats.compactions,
+        ),
+        (
+            "spool_wal_compactions_abandoned_total",
+            "Compactions given up for want of disk space (the log stays healthy).",
+            stats.compactions_abandoned,
+        ),
+        (
+            "spool_wal_segments_trimmed_total",
+            "Segments deleted without a compaction because no live job needed them.",
+            stats.segments_trimmed,
         ),
     ];
     for (name, help, value) in counters {
