@@ -157,6 +157,7 @@ const SCENARIOS: &[Scenario] = scenarios![
     use_watch_ignore,
     list_tubes_order,
     pause_tube,
+    pause_zero_pipelined,
     peek_commands,
     reserve_job,
     stats_counters,
@@ -709,6 +710,26 @@ fn pause_tube() -> Vec<Step> {
         se("a", "reserve-with-timeout 0\r\n", 1),
         se("a", "stats-tube p\r\n", 1),
         se("a", "stats\r\n", 1),
+    ]
+}
+
+/// A pause of 0 is over by the next command, even one pipelined behind it
+/// in the same read (beanstalkd reads its clock per command), and it wakes
+/// a reserver blocked on the tube.
+fn pause_zero_pipelined() -> Vec<Step> {
+    script![
+        se("a", "use t\r\n", 1),
+        se("a", put(0, 0, 10, "x"), 1),
+        se("a", "watch t\r\nignore default\r\n", 2),
+        se("a", "pause-tube t 100\r\n", 1),
+        se("a", "pause-tube t 0\r\nreserve-with-timeout 0\r\n", 2),
+        se("a", "release 1 0 0\r\npause-tube t 100\r\n", 2),
+        se("b", "watch t\r\n", 1),
+        s("b", "reserve\r\n"),
+        quiet("b", 100),
+        se("a", "pause-tube t 0\r\n", 1),
+        e("b", 1),
+        se("a", "stats-tube t\r\n", 1),
     ]
 }
 
