@@ -1664,9 +1664,9 @@ impl IdMap {
 }
 
 /// Stats keys whose values differ between any two server processes.
+/// (`version` is not one: spool answers beanstalkd's, which clients parse.)
 const VOLATILE_KEYS: &[&str] = &[
     "pid",
-    "version",
     "rusage-utime",
     "rusage-stime",
     "uptime",
