@@ -1350,6 +1350,9 @@ impl Server {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// Connects once the server process itself listens on the port, read
+    /// from /proc: a connect that merely succeeds could reach another
+    /// process's server that took the port first (ours then fails to bind).
     fn wait_until_accepting(&mut self) -> Result<TcpStream, String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -1361,18 +1364,24 @@ impl Server {
                     self.log_tail()
                 ));
             }
-            match TcpStream::connect_timeout(&self.addr(), Duration::from_millis(500)) {
-                Ok(stream) => return Ok(stream),
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Err(err) => {
-                    return Err(format!(
-                        "{} did not accept connections on {} within {START_TIMEOUT:?}: {err}{}",
+            if listens_on(self.child.id(), self.port) {
+                return TcpStream::connect_timeout(&self.addr(), FRAME_TIMEOUT).map_err(|err| {
+                    format!(
+                        "cannot connect to {} at {}: {err}",
                         self.peer.name(),
-                        self.addr(),
-                        self.log_tail()
-                    ))
-                }
+                        self.addr()
+                    )
+                });
             }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not listen on {} within {START_TIMEOUT:?}{}",
+                    self.peer.name(),
+                    self.addr(),
+                    self.log_tail()
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -1396,24 +1405,85 @@ impl Server {
     }
 }
 
-/// A port that was free a moment ago. Ports are never handed out twice by
-/// this process, so parallel scenarios cannot pick the same one.
+/// A loopback port that was free a moment ago, below the kernel's
+/// ephemeral range. Ports in that range are what every socket on the
+/// machine gets when it binds port 0 or connects: another test process (a
+/// parallel run of this test, a server of another test, any client) can
+/// take one between our check and our server's bind, and a connect to a
+/// port in it can even connect to itself. Below the range only explicit
+/// binds compete, such as this function in another process; a server that
+/// loses that race exits and is started again on another port. Ports are
+/// never handed out twice by this process.
 fn free_port() -> Result<u16, String> {
     static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut taken = TAKEN.lock().map_err(|_| "port list poisoned".to_string())?;
-    for _ in 0..100 {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .map_err(|err| format!("cannot bind 127.0.0.1:0: {err}"))?;
-        let port = listener
-            .local_addr()
-            .map_err(|err| format!("cannot read the bound port: {err}"))?
-            .port();
-        if !taken.contains(&port) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .map_err(|err| format!("cannot read the ephemeral port range: {err}"))?;
+    let ephemeral_low = range
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse::<u32>().ok())
+        .ok_or_else(|| format!("unexpected ip_local_port_range {range:?}"))?;
+    let low = (ephemeral_low / 2).max(1024);
+    let span = ephemeral_low.saturating_sub(low);
+    if span < 1024 {
+        return Err(format!(
+            "no room below the ephemeral port range ({range:?}) for test servers"
+        ));
+    }
+    // Another process running this test starts elsewhere in the span.
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let start = std::process::id().wrapping_mul(7919) ^ clock;
+    for i in 0..span {
+        let port = (low + (start.wrapping_add(i.wrapping_mul(97))) % span) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             taken.push(port);
             return Ok(port);
         }
     }
-    Err("no free port found".to_string())
+    Err("no free port found below the ephemeral range".to_string())
+}
+
+/// Whether process `pid` holds a TCP socket listening on 127.0.0.1:`port`
+/// (Linux /proc: the listening sockets' inodes in `net/tcp`, matched
+/// against the process's open fds).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    // The kernel prints the address as the in-memory u32 in hex.
+    let local = format!("{:08X}:{port:04X}", u32::from_ne_bytes([127, 0, 0, 1]));
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local address, remote address, state (0A: listen), ..., inode.
+            let listening = fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A");
+            listening
+                .then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            inodes
+                .iter()
+                .any(|inode| target.as_os_str() == inode.as_str())
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------
