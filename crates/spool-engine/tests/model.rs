@@ -674,10 +674,11 @@ impl Model {
                     return Some(Response::NotFound);
                 }
                 // beanstalkd pauses for at least 1 ns so that the end of the
-                // pause is an event.
-                let length = (u64::from(*delay_secs) * NS).max(1);
+                // pause is an event; it reads its clock per command, so a
+                // pause of 0 is over by the next command: here, at `now`.
+                let length = u64::from(*delay_secs) * NS;
                 let t = self.tube_mut(tube.as_str());
-                t.pause = Some((length, now + length));
+                t.pause = Some((length.max(1), now + length));
                 t.cmd_pause_tube += 1;
                 Response::Paused
             }
@@ -1473,4 +1474,93 @@ fn late_tick_runs_timers_in_due_order() {
         )],
         "conn 3 was waiting when job 1's TTR ran out at 1 s"
     );
+}
+
+/// `pause-tube t 0` is over for the very next command, even one of the same
+/// round (same `now`, no tick in between): beanstalkd reads its clock per
+/// command, and its 1 ns pause has ended by then. A reserver blocked on the
+/// tube gets its job when the round's timers run.
+#[test]
+fn pause_of_zero_is_over_for_the_next_command() {
+    let mut engine = Engine::new(EngineConfig {
+        max_job_size: MAX_JOB_SIZE,
+    });
+    for conn in 1..=2 {
+        engine.connect(conn);
+    }
+    let t = tube_name("t");
+    let now = 5 * NS;
+    let job = Response::Reserved {
+        id: 1,
+        body: Bytes::from_static(b"j"),
+    };
+    engine.execute(1, Request::Use(t.clone()), now);
+    engine.execute(
+        1,
+        Request::Put(Put {
+            pri: 0,
+            delay_secs: 0,
+            ttr_secs: 10,
+            body: PutBody::Complete(Bytes::from_static(b"j")),
+        }),
+        now,
+    );
+    engine.execute(1, Request::Watch(t.clone()), now);
+    engine.execute(1, Request::Ignore(TubeName::default_tube()), now);
+    engine.execute(
+        1,
+        Request::PauseTube {
+            tube: t.clone(),
+            delay_secs: 0,
+        },
+        now,
+    );
+    engine.execute(
+        1,
+        Request::ReserveWithTimeout {
+            timeout_secs: Some(0),
+        },
+        now,
+    );
+    let replies = engine.take_replies();
+    assert_eq!(
+        replies.last(),
+        Some(&(1, job.clone())),
+        "reserve right after pause-tube t 0: {replies:?}"
+    );
+
+    // A reserver blocked on a paused tube is woken by a pause of 0.
+    engine.execute(
+        1,
+        Request::Release {
+            id: 1,
+            pri: 0,
+            delay_secs: 0,
+        },
+        now,
+    );
+    engine.execute(
+        1,
+        Request::PauseTube {
+            tube: t.clone(),
+            delay_secs: 100,
+        },
+        now,
+    );
+    engine.execute(2, Request::Watch(t.clone()), now);
+    engine.execute(2, Request::Reserve, now);
+    engine.tick(now);
+    assert!(engine.is_waiting(2));
+    let later = now + NS;
+    engine.execute(
+        1,
+        Request::PauseTube {
+            tube: t,
+            delay_secs: 0,
+        },
+        later,
+    );
+    engine.tick(later);
+    assert_eq!(engine.take_replies().last(), Some(&(2, job)));
+    engine.check_invariants();
 }

@@ -823,3 +823,6 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

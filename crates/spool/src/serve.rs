@@ -25,9 +25,14 @@ use spool_server::process::ProcessInfo;
 use spool_server::{process, Broker, Clock, LocalBroker, LogSink};
 use spool_wal::{WalError, WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
-/// What `stats` reports as `version`: the beanstalkd version spool speaks,
-/// then spool's own.
-const VERSION: &str = concat!("1.12 (spool ", env!("CARGO_PKG_VERSION"), ")");
+/// What the beanstalkd `stats` reports as `version`: exactly beanstalkd
+/// 1.12's, because clients parse it (fivebeans appends `.0` and reads a
+/// semantic version). spool's own version is in `/admin/stats`,
+/// `spool_build_info` and `spool stats`.
+const BEANSTALKD_VERSION: &str = "1.12";
+
+/// spool's own version, for the HTTP side.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, clap::Args)]
 #[command(disable_version_flag = true)]
@@ -708,7 +713,7 @@ async fn serve(
         }
     };
     let listener = bind(&config.listen)?;
-    let broker = LocalBroker::start(engine, clock, log, ProcessInfo::new(VERSION));
+    let broker = LocalBroker::start(engine, clock, log, ProcessInfo::new(BEANSTALKD_VERSION));
     if let Some(stats) = broker.storage_stats() {
         http_state.set_storage_stats(stats);
     }

@@ -426,7 +426,7 @@ fn admin_stats_and_connections_show_queues_and_sessions() {
     assert_eq!(reserved, id);
 
     let stats = server.http("GET", "/admin/stats", "").json();
-    assert!(stats["version"].as_str().unwrap().contains("spool"));
+    assert_eq!(stats["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(stats["pid"], server.pid());
     assert!(stats["process"]["open_fds"].as_u64().unwrap() > 0);
     assert!(stats["process"]["max_fds"].as_u64().unwrap() > 0);
@@ -627,6 +627,8 @@ fn cli_verbs_against_a_live_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
+    let header = format!("spool {}  pid", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&header), "{text}");
     let row = text
         .lines()
         .find(|l| l.starts_with("cli-q "))

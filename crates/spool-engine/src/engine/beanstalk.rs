@@ -467,12 +467,13 @@ impl Engine {
         let Some(&tube) = self.tube_ids.get(name) else {
             return Some(Response::NotFound);
         };
-        // Always pause for a positive time so the end of the pause is an
-        // event that wakes blocked reservers.
-        let delay_ns = delay_ns.max(1);
+        // A positive length keeps the end of the pause an event that wakes
+        // blocked reservers. A pause of 0 ends at `now`: beanstalkd pauses
+        // 1 ns and reads its clock per command, so the next command (in the
+        // same round here, which shares `now`) finds the tube unpaused.
         let t = self.tube_mut(tube);
         let old = (t.pause_ns > 0).then_some(t.unpause_at_ns);
-        t.pause_ns = delay_ns;
+        t.pause_ns = delay_ns.max(1);
         t.unpause_at_ns = now + delay_ns;
         t.cmd_pause_tube += 1;
         if let Some(old) = old {
