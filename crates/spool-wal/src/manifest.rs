@@ -112,7 +112,7 @@ impl ManifestWriter {
             for _ in 0..2 {
                 writer
                     .write_slot(&mut slot)
-                    .map_err(|e| WalError::io("write manifest", &writer.path, e))?;
+                    .map_err(|(op, e)| WalError::io(op, &writer.path, e))?;
             }
             return Ok(writer);
         }
@@ -168,17 +168,22 @@ impl ManifestWriter {
             clean,
         };
         self.write_slot(&mut slot)
-            .map_err(|e| WalError::io("write manifest", &self.path, e))
+            .map_err(|(op, e)| WalError::io(op, &self.path, e))
     }
 
-    fn write_slot(&mut self, slot: &mut ManifestSlot) -> io::Result<()> {
+    /// Fails with the operation that failed: a write refused for want of
+    /// space left the other slot as it was (callers may undo what the slot
+    /// would have claimed); a failed sync is never retried.
+    fn write_slot(&mut self, slot: &mut ManifestSlot) -> Result<(), (&'static str, io::Error)> {
         let next = 1 - self.current;
         slot.generation = self.generation + 1;
-        self.file.write_all_at(
-            &encode_manifest_slot(slot),
-            next as u64 * MANIFEST_SLOT_STRIDE,
-        )?;
-        self.file.sync_data()?;
+        self.file
+            .write_all_at(
+                &encode_manifest_slot(slot),
+                next as u64 * MANIFEST_SLOT_STRIDE,
+            )
+            .map_err(|e| ("write manifest", e))?;
+        self.file.sync_data().map_err(|e| ("fsync manifest", e))?;
         self.generation = slot.generation;
         self.current = next;
         Ok(())

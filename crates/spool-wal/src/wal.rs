@@ -519,20 +519,33 @@ impl Wal {
         };
         self.stats.fsyncs += 1;
         self.stats.dir_fsyncs += 1;
+        // Before any record goes to the new segment, and before the old
+        // file is let go: from here on, losing the new file is detected. A
+        // crash before this leaves it unrecorded, which recovery allows (it
+        // can hold no record yet); a full disk refusing the manifest's
+        // write leaves its other slot, which does not claim the new
+        // segment, so the new file goes again.
+        let first = self.segments[0].seq;
+        let path = self.dir.join(crate::format::segment_file_name(seq));
+        match self.manifest.write(first, seq, SEGMENT_HEADER_LEN, false) {
+            Ok(()) => {}
+            Err(WalError::Io {
+                op: "write manifest",
+                source,
+                ..
+            }) if is_no_space(&source) => {
+                drop(file);
+                return Err(self.undo_segment_creation(path, source));
+            }
+            Err(e) => return Err(self.poison(e)),
+        }
         self.file = file;
         self.file_len = SEGMENT_HEADER_LEN;
         self.segments.push(SegmentInfo {
             seq,
-            path: self.dir.join(crate::format::segment_file_name(seq)),
+            path,
             len: SEGMENT_HEADER_LEN,
         });
-        // Before any record goes to the new segment: from here on, losing
-        // its file is detected. A crash before this leaves it unrecorded,
-        // which recovery allows (it can hold no record yet).
-        let first = self.segments[0].seq;
-        if let Err(e) = self.manifest.write(first, seq, SEGMENT_HEADER_LEN, false) {
-            return Err(self.poison(e));
-        }
         self.stats.fsyncs += 1;
         Ok(seq)
     }

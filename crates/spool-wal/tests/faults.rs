@@ -354,7 +354,7 @@ fn disk_full_while_rotating_keeps_the_log_usable() {
         assert_eq!(wal.segments().len(), 1);
         assert_eq!(
             sim.file_names(&sim_dir()),
-            vec!["0000000000000001.wal"],
+            vec!["0000000000000001.wal", "MANIFEST"],
             "the unfinished segment was removed"
         );
         wal.append(b"two").unwrap();
@@ -382,8 +382,9 @@ fn disk_full_while_rotating_keeps_the_log_usable() {
 fn disk_full_in_the_segment_a_batch_starts_drops_the_batch() {
     // The batch starts a new segment (the current one is full): none of it
     // can be durable when the disk fills, whether at the new segment's
-    // header (write 0) or at the records after it (write 1).
-    for nth in [0, 1] {
+    // header (write 0), at the manifest's record of it (write 1) or at the
+    // records after it (write 2).
+    for nth in [0, 1, 2] {
         let sim = SimStorage::new();
         let options = WalOptions::default().segment_max_bytes(100);
         let (mut wal, _, _) = open_sim(&sim, options.clone()).unwrap();
@@ -457,12 +458,13 @@ fn a_segment_torn_while_created_is_removed_when_the_disk_has_no_room_for_its_hea
         kind: ErrorKind::StorageFull,
         written: 0,
     });
+    // (Without a manifest yet, creating one is the first write.)
     let err = open_sim(&sim, WalOptions::default()).unwrap_err();
     assert!(
         matches!(
             err,
             WalError::Io {
-                op: "write header",
+                op: "write header" | "write manifest",
                 ..
             }
         ),
