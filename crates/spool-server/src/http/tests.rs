@@ -53,6 +53,7 @@ impl TestServer {
             set_log_filter: setter,
             connections: connections.clone(),
             limits,
+            max_job_size: 1 << 16,
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
