@@ -139,9 +139,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// bodies are a few bytes; the job API's are at most a job.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a handler may take: a snapshot waits for one engine round,
-/// which under any sane load is milliseconds. Past this the answer is 503
-/// rather than a connection held open forever.
+/// How long a handler may take: a snapshot or a job-API operation waits
+/// for one engine round (and, for a change, its commit), which under any
+/// sane load is milliseconds. Past this the answer is 503 rather than a
+/// connection held open forever. A long-polling reserve gets
+/// [`RESERVE_WAIT_MAX`] on top.
 pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a response may wait for a client that does not read it. HTTP
@@ -207,3 +209,48 @@ pub const COMPACTION_ROOM_SLACK_DIVISOR: u64 = 16;
 /// 32-byte header takes a whole file system block (4 KiB on most, up to
 /// 64 KiB on some), and the snapshot's first record follows it.
 pub const SEGMENT_CREATE_ROOM_BYTES: u64 = 64 << 10;
+
+// --- HTTP job API (`/v1`) --------------------------------------------------
+
+/// JSON a `/v1` request body may carry besides one job's payload (or
+/// result): the other fields of an enqueue, which the engine bounds in
+/// bytes once decoded (headers 16 KiB, an idempotency key 256 B), can grow
+/// up to six times when JSON-escaped (`\u0001`); 128 KiB covers that, the
+/// numbers and key names, and a worker's error message of a few KiB. It only
+/// bounds what one request makes the server buffer; each field's own limit
+/// is checked after decoding.
+pub const JOB_JSON_ALLOWANCE_BYTES: usize = 128 << 10;
+
+/// Largest body of a `/v1` request that carries one job: the largest
+/// payload as base64 (4 characters per 3 bytes; a JSON payload is stored as
+/// the text sent, so it is never larger than that) plus
+/// [`JOB_JSON_ALLOWANCE_BYTES`], and never less than the admin bound.
+pub fn job_body_max_bytes(max_job_size: u32) -> usize {
+    let base64 = (max_job_size as usize).div_ceil(3).saturating_mul(4);
+    base64
+        .saturating_add(JOB_JSON_ALLOWANCE_BYTES)
+        .max(REQUEST_BODY_MAX_BYTES)
+}
+
+/// Largest body of a batch enqueue when one job's bound is smaller: a
+/// batch of up to [`V1_BATCH_JOBS_MAX`] small jobs (about 8 KiB of JSON
+/// each) fits, while a few concurrent batches cost tens of MiB at most.
+/// Batches are for many small jobs; large payloads go one per request.
+pub const BATCH_BODY_MAX_BYTES: usize = 8 << 20;
+
+/// Largest body of `POST /v1/queues/{queue}/jobs/batch`.
+pub fn batch_body_max_bytes(max_job_size: u32) -> usize {
+    job_body_max_bytes(max_job_size).max(BATCH_BODY_MAX_BYTES)
+}
+
+/// Jobs in one batch enqueue: the engine's bound (one batch is one log
+/// record and one engine round), checked before the jobs are decoded
+/// further.
+pub const V1_BATCH_JOBS_MAX: usize = spool_engine::limits::ENQUEUE_BATCH_JOBS_MAX;
+
+/// Longest `timeout_ms` of `POST /v1/reserve`. A long poll holds no thread
+/// (it is parked in the broker), only a connection, so it may outlast
+/// [`HANDLER_TIMEOUT`]: the reserve handler gets this on top of it. 30 s is
+/// below common proxy and load-balancer idle timeouts (60 s), and a worker
+/// simply polls again.
+pub const RESERVE_WAIT_MAX: Duration = Duration::from_secs(30);

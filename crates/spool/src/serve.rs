@@ -546,6 +546,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         set_log_filter: Arc::new(move |directive: &str| log_control.set(directive)),
         connections: connections.clone(),
         limits: HttpLimits::default(),
+        max_job_size: config.max_job_size,
     });
     http_state.set_data_runtime(runtime.handle().clone());
     let http_listener = http_runtime

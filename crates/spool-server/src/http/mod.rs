@@ -1,6 +1,7 @@
-//! The HTTP operating surface: probes (`/livez`, `/healthz`, `/readyz`),
-//! Prometheus metrics (`/metrics`) and the admin endpoints (`/admin/stats`,
-//! `/admin/connections`, `/admin/log-level`), on a listener of its own.
+//! The HTTP listener: probes (`/livez`, `/healthz`, `/readyz`),
+//! Prometheus metrics (`/metrics`), the admin endpoints (`/admin/stats`,
+//! `/admin/connections`, `/admin/log-level`) and the job API (`/v1/*`,
+//! API.md; see `jobs.rs`), on a listener of its own.
 //!
 //! The listener starts before the write-ahead log is recovered, which can
 //! take seconds: liveness answers at once, readiness says `recovering`, and
@@ -18,8 +19,12 @@
 //!   kept-alive scraper meets), one with some a stalled request
 //!   (`request_timeout`, a slowloris);
 //! - a request body must arrive within [`BODY_READ_TIMEOUT`] and fit in
-//!   [`REQUEST_BODY_MAX_BYTES`] (collected here, before routing);
-//! - a handler must answer within [`HANDLER_TIMEOUT`];
+//!   its bound (collected here, before routing): [`REQUEST_BODY_MAX_BYTES`]
+//!   for admin, one job's worth for `/v1` ([`job_body_max_bytes`], from the
+//!   max job size), more for a batch ([`batch_body_max_bytes`]);
+//! - a handler must answer within [`HANDLER_TIMEOUT`]; a long-polling
+//!   reserve within that plus [`RESERVE_WAIT_MAX`], the longest wait it
+//!   may ask for;
 //! - a response the client does not read is abandoned, and the connection
 //!   closed, after [`WRITE_STALL_TIMEOUT`] without progress.
 //!
@@ -29,7 +34,9 @@
 //! counted there.
 
 mod admin;
+mod encoding;
 pub mod exposition;
+mod jobs;
 mod metrics;
 
 use std::convert::Infallible;
@@ -42,7 +49,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -62,12 +69,12 @@ use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protoc
 use crate::durable::SharedStorageStats;
 use spool_broker::Broker;
 
-use crate::limits::{ACCEPT_ERROR_BACKOFF, HTTP_LISTEN_BACKLOG, HTTP_STALL_CHECK_INTERVAL};
 pub use crate::limits::{
-    BODY_READ_TIMEOUT, DEFAULT_HTTP_LISTEN, HANDLER_TIMEOUT, HEADER_READ_TIMEOUT,
-    OVERSIZED_BODY_DRAIN_MAX_BYTES, REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES,
-    SHUTDOWN_DRAIN_TIMEOUT, WRITE_STALL_TIMEOUT,
+    batch_body_max_bytes, job_body_max_bytes, BODY_READ_TIMEOUT, DEFAULT_HTTP_LISTEN,
+    HANDLER_TIMEOUT, HEADER_READ_TIMEOUT, OVERSIZED_BODY_DRAIN_MAX_BYTES, REQUEST_BODY_MAX_BYTES,
+    REQUEST_HEAD_MAX_BYTES, RESERVE_WAIT_MAX, SHUTDOWN_DRAIN_TIMEOUT, WRITE_STALL_TIMEOUT,
 };
+use crate::limits::{ACCEPT_ERROR_BACKOFF, HTTP_LISTEN_BACKLOG, HTTP_STALL_CHECK_INTERVAL};
 
 /// The timeouts and size limits of the HTTP server. [`Default`] gives the
 /// named constants; tests shorten them.
@@ -115,6 +122,9 @@ pub struct HttpSettings {
     pub set_log_filter: LogFilterSetter,
     pub connections: Connections,
     pub limits: HttpLimits,
+    /// The server's largest job body (`--max-job-size`): `/v1` request
+    /// bodies are bounded by it.
+    pub max_job_size: u32,
 }
 
 impl std::fmt::Debug for HttpSettings {
@@ -124,6 +134,7 @@ impl std::fmt::Debug for HttpSettings {
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
             .field("log_filter", &(self.log_filter)())
             .field("limits", &self.limits)
+            .field("max_job_size", &self.max_job_size)
             .finish_non_exhaustive()
     }
 }
@@ -144,6 +155,7 @@ pub struct HttpState<B: Broker> {
     set_log_filter: LogFilterSetter,
     connections: Connections,
     limits: HttpLimits,
+    bodies: BodyBounds,
     started: Instant,
     /// Wall-clock time of `started`, in seconds since the Unix epoch: the
     /// process start as far as this server can tell (it is created first
@@ -175,6 +187,11 @@ impl<B: Broker> HttpState<B> {
             log_filter: settings.log_filter,
             set_log_filter: settings.set_log_filter,
             connections: settings.connections,
+            bodies: BodyBounds {
+                admin: settings.limits.body_max_bytes,
+                job: job_body_max_bytes(settings.max_job_size),
+                batch: batch_body_max_bytes(settings.max_job_size),
+            },
             limits: settings.limits,
             started: Instant::now(),
             started_unix_seconds,
@@ -254,12 +271,39 @@ impl<B: Broker> HttpState<B> {
     }
 }
 
-/// An error answer: `{"error":{"code":...,"message":...}}` with its status.
+/// How large a request body may be, by where it goes.
+#[derive(Debug, Clone, Copy)]
+struct BodyBounds {
+    admin: usize,
+    /// `/v1`: one job (see [`job_body_max_bytes`]).
+    job: usize,
+    /// A batch enqueue.
+    batch: usize,
+}
+
+impl BodyBounds {
+    /// The bound of a request, and the error code of a body over it
+    /// (API.md's `too_large` for the job API; admin keeps the code it
+    /// has always answered).
+    fn of(&self, method: &Method, path: &str) -> (usize, &'static str) {
+        if jobs::is_batch(method.as_str(), path) {
+            (self.batch, "too_large")
+        } else if path.starts_with("/v1/") {
+            (self.job, "too_large")
+        } else {
+            (self.admin, "body_too_large")
+        }
+    }
+}
+
+/// An error answer: `{"error":{"code":...,"message":...,"field":...}}` with
+/// its status; `field` only when one input is to blame.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -268,14 +312,24 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
         }
+    }
+
+    /// Names the input at fault.
+    pub fn with_field(mut self, field: impl Into<String>) -> ApiError {
+        self.field = Some(field.into());
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            error["field"] = json!(field);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
 
@@ -292,12 +346,17 @@ pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
             "/admin/log-level",
             get(admin::get_log_level::<B>).put(admin::put_log_level::<B>),
         )
+        .merge(jobs::routes::<B>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token::<B>,
         ))
+        // Bodies are bounded (per route) while they are collected, before
+        // routing; axum's own 2 MB default would refuse large jobs in
+        // plain text.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -400,7 +459,7 @@ fn command_name(method: &Method, path: &str) -> &'static str {
         ("GET", "/admin/connections") => "GET /admin/connections",
         ("GET", "/admin/log-level") => "GET /admin/log-level",
         ("PUT", "/admin/log-level") => "PUT /admin/log-level",
-        _ => "other",
+        (method, path) => jobs::command_name(method, path).unwrap_or("other"),
     }
 }
 
@@ -420,6 +479,7 @@ pub async fn serve<B: Broker>(
 ) {
     let app = router(state.clone());
     let limits = state.limits.clone();
+    let bodies = state.bodies;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -445,6 +505,7 @@ pub async fn serve<B: Broker>(
                     Arc::new(handle),
                     app.clone(),
                     limits.clone(),
+                    bodies,
                     stop_rx.clone(),
                 ));
             }
@@ -628,6 +689,7 @@ async fn serve_connection(
     handle: Arc<ConnHandle>,
     app: Router,
     limits: HttpLimits,
+    bodies: BodyBounds,
     mut stop: watch::Receiver<bool>,
 ) {
     let stall = Arc::new(WriteStall::new());
@@ -647,7 +709,7 @@ async fn serve_connection(
         let limits = service_limits.clone();
         let activity = service_activity.clone();
         async move {
-            let response = answer(app, request, &limits, &handle).await;
+            let response = answer(app, request, &limits, bodies, &handle).await;
             activity.answered();
             Ok::<_, Infallible>(response)
         }
@@ -705,18 +767,28 @@ async fn answer(
     app: Router,
     request: hyper::Request<Incoming>,
     limits: &HttpLimits,
+    bodies: BodyBounds,
     handle: &ConnHandle,
 ) -> Response {
-    handle.set_command(command_name(request.method(), request.uri().path()));
+    let path = request.uri().path();
+    handle.set_command(command_name(request.method(), path));
+    let (body_max_bytes, too_large_code) = bodies.of(request.method(), path);
+    // A long poll may wait up to its own maximum before it has anything
+    // to do; the handler timeout is for the work after that.
+    let handler_timeout = if request.method() == Method::POST && path == "/v1/reserve" {
+        limits.handler_timeout + RESERVE_WAIT_MAX
+    } else {
+        limits.handler_timeout
+    };
     handle.set_state(ConnState::Reading);
-    let response = match collect_body(request, limits).await {
+    let response = match collect_body(request, limits, body_max_bytes, too_large_code).await {
         Ok(request) => {
             handle.set_state(ConnState::Executing);
             let call = hyper::service::Service::call(
                 &hyper_util::service::TowerToHyperService::new(app),
                 request,
             );
-            match tokio::time::timeout(limits.handler_timeout, call).await {
+            match tokio::time::timeout(handler_timeout, call).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
                 Err(_) => ApiError::new(
@@ -724,7 +796,7 @@ async fn answer(
                     "timeout",
                     format!(
                         "the server did not answer within {} s",
-                        limits.handler_timeout.as_secs()
+                        handler_timeout.as_secs()
                     ),
                 )
                 .into_response(),
@@ -738,8 +810,8 @@ async fn answer(
     response
 }
 
-/// Reads the whole body, refusing one over the size limit (413) or one that
-/// arrives too slowly (408).
+/// Reads the whole body, refusing one over `body_max_bytes` (413, with
+/// `too_large_code`) or one that arrives too slowly (408).
 ///
 /// The rest of a slightly oversized body is read and dropped before the
 /// 413 goes out: closing a socket with unread bytes makes the kernel send a
@@ -747,17 +819,17 @@ async fn answer(
 async fn collect_body(
     request: hyper::Request<Incoming>,
     limits: &HttpLimits,
+    body_max_bytes: usize,
+    too_large_code: &'static str,
 ) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body exceeds {} bytes", limits.body_max_bytes),
+            too_large_code,
+            format!("the request body exceeds {body_max_bytes} bytes"),
         )
     };
-    let drain_max_bytes = limits
-        .body_max_bytes
-        .saturating_add(OVERSIZED_BODY_DRAIN_MAX_BYTES) as u64;
+    let drain_max_bytes = body_max_bytes.saturating_add(OVERSIZED_BODY_DRAIN_MAX_BYTES) as u64;
     let announced = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -802,11 +874,11 @@ async fn collect_body(
         if received > drain_max_bytes {
             return Err(too_large());
         }
-        if received <= limits.body_max_bytes as u64 {
+        if received <= body_max_bytes as u64 {
             collected.extend_from_slice(&data);
         }
     }
-    if received > limits.body_max_bytes as u64 {
+    if received > body_max_bytes as u64 {
         return Err(too_large());
     }
     Ok(hyper::Request::from_parts(

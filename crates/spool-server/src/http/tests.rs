@@ -32,6 +32,10 @@ struct TestServer {
 
 impl TestServer {
     async fn start(token: Option<&str>, limits: HttpLimits) -> TestServer {
+        TestServer::start_with(token, limits, 1 << 16).await
+    }
+
+    async fn start_with(token: Option<&str>, limits: HttpLimits, max_job_size: u32) -> TestServer {
         let connections = Connections::with_fd_limit(None, None);
         // The filter a binary backs with tracing-subscriber: here a string
         // that the setter changes to anything but the word "bogus".
@@ -53,6 +57,7 @@ impl TestServer {
             set_log_filter: setter,
             connections: connections.clone(),
             limits,
+            max_job_size,
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -129,6 +134,14 @@ impl Reply {
             .as_str()
             .unwrap_or("")
             .to_string()
+    }
+
+    /// A header's value (names compared without case).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.split("\r\n").skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
     }
 }
 
@@ -749,3 +762,5 @@ async fn malformed_requests_get_4xx_from_hyper() {
     assert_eq!(server.get("/livez").await.status, 200);
     server.stop().await;
 }
+
+mod jobs;
