@@ -33,7 +33,6 @@
 use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
-use std::hash::BuildHasherDefault;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -41,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spool_engine::{
-    job_record_log_bytes, Buckets, Engine, Histogram, IdHasher, LogRecord, QueueRecord,
-    RecordError, ReplayError,
+    job_record_log_bytes, Buckets, Engine, Histogram, LogRecord, QueueRecord, RecordError,
+    ReplayError,
 };
 use spool_wal::format::RECORD_HEADER_LEN;
 use spool_wal::{FsStorage, RecoveryReport, Storage, Wal, WalError, WalOptions};
@@ -285,6 +284,16 @@ pub fn recover_with_storage(
         effects.clear();
         Effect::of(&record, &mut effects);
         for effect in effects.drain(..) {
+            // After a compaction, records may name jobs replay does not
+            // hold (their creation was compacted away): the engine knows.
+            let effect = match effect {
+                Effect::State { id, .. } => Effect::State {
+                    id,
+                    replaces: engine.holds(id),
+                },
+                Effect::Gone(id) if !engine.holds(id) => continue,
+                other => other,
+            };
             live.apply(effect, segment);
         }
         engine
@@ -918,6 +927,9 @@ impl LogWriter {
             self.sync()?;
         }
         let removed = self.wal.remove_segments_before(to)?;
+        if self.live.keep_from(current).is_some() {
+            self.live.segments_removed_before(to);
+        }
         // The space is back; look again rather than trust the last reading.
         self.reserve.forget_reading();
         Ok(removed)
@@ -1062,8 +1074,12 @@ fn record_log_bytes(record: &LogRecord) -> u64 {
 /// What a record changes in [`LiveJobs`].
 #[derive(Debug, Clone, PartialEq)]
 enum Effect {
-    /// The job's whole state (a Put, Job or snapshot).
-    State(u64),
+    /// The job's whole state (a Put, Job or snapshot); `replaces` when the
+    /// job was live before it.
+    State {
+        id: u64,
+        replaces: bool,
+    },
     Gone(u64),
     /// Every id below this is taken.
     NextId(u64),
@@ -1075,10 +1091,23 @@ impl Effect {
     /// The effects of a record, a batch's in order.
     fn of(record: &LogRecord, out: &mut Vec<Effect>) {
         match record {
-            LogRecord::Put(job) | LogRecord::Snapshot(job) => out.push(Effect::State(job.id)),
-            LogRecord::Job(full) | LogRecord::JobSnapshot(full) => {
-                out.push(Effect::State(full.job.id))
-            }
+            LogRecord::Put(job) => out.push(Effect::State {
+                id: job.id,
+                replaces: false,
+            }),
+            LogRecord::Job(full) => out.push(Effect::State {
+                id: full.job.id,
+                replaces: false,
+            }),
+            // A snapshot the engine writes is of a job it holds.
+            LogRecord::Snapshot(job) => out.push(Effect::State {
+                id: job.id,
+                replaces: true,
+            }),
+            LogRecord::JobSnapshot(full) => out.push(Effect::State {
+                id: full.job.id,
+                replaces: true,
+            }),
             LogRecord::Delete { id } => out.push(Effect::Gone(*id)),
             LogRecord::NextId { id } => out.push(Effect::NextId(*id)),
             // Changes ride on the state record before them.
@@ -1094,17 +1123,28 @@ impl Effect {
 }
 
 /// Which segments the live jobs need: each live job's state is its last
-/// Put or Snapshot record plus the Updates after it, so the segments
+/// Put, Job or snapshot record plus the changes after it, so the segments
 /// before the oldest one holding such a record can be deleted (replay
-/// skips Updates and Deletes of jobs it has not seen). A job put first in
+/// skips changes and Deletes of jobs it has not seen). A job put first in
 /// is deleted first in most queues, so the oldest segments empty first and
-/// go without a compaction. One map entry per live job.
+/// go without a compaction.
+///
+/// Kept as runs of ids, not an entry per job: ids are handed out in order
+/// and written in order, and a compaction snapshots them in order too, so
+/// the live jobs of one segment are a few ranges of ids. A run claims that
+/// every *live* id in its range has its state in the run's segment; ids
+/// that died inside a run stay in it (ids are never reused, and deletes
+/// are counted per segment). Only an update of one job (its snapshot in the
+/// current segment) splits a run. A few dozen bytes per run instead of
+/// about forty per live job.
 #[derive(Debug, Default)]
 struct LiveJobs {
-    /// The segment of each live job's state record.
-    segment: HashMap<u64, u64, BuildHasherDefault<IdHasher>>,
+    /// start id → run.
+    runs: BTreeMap<u64, Run>,
     /// Live jobs per segment, for those with any.
     per_segment: BTreeMap<u64, u64>,
+    /// Live jobs in all.
+    live: u64,
     /// Every id below this is taken, and the segment of the last record
     /// that says so (0 and 0 before any).
     next_id: u64,
@@ -1117,18 +1157,31 @@ struct LiveJobs {
     settings: HashMap<String, (u64, QueueRecord)>,
 }
 
+/// Ids `start..=end` (the key is `start`) whose live jobs have their state
+/// in `segment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    end: u64,
+    segment: u64,
+}
+
 impl LiveJobs {
     fn apply(&mut self, effect: Effect, segment: u64) {
         match effect {
-            Effect::State(id) => {
-                if let Some(old) = self.segment.insert(id, segment) {
-                    self.forget(old);
+            Effect::State { id, replaces } => {
+                if replaces {
+                    if let Some(old) = self.segment_of(id) {
+                        self.forget(old);
+                        self.carve(id);
+                    }
                 }
+                self.place(id, segment);
                 *self.per_segment.entry(segment).or_insert(0) += 1;
+                self.live += 1;
                 self.taken(id.saturating_add(1), segment);
             }
             Effect::Gone(id) => {
-                if let Some(old) = self.segment.remove(&id) {
+                if let Some(old) = self.segment_of(id) {
                     self.forget(old);
                 }
             }
@@ -1139,6 +1192,86 @@ impl LiveJobs {
                     .as_ref()
                     .map_or(String::new(), |q| q.to_string());
                 self.settings.insert(name, (segment, *record));
+            }
+        }
+    }
+
+    /// The segment a live id's state is in, by its run.
+    fn segment_of(&self, id: u64) -> Option<u64> {
+        let (_, run) = self.runs.range(..=id).next_back()?;
+        (id <= run.end).then_some(run.segment)
+    }
+
+    /// Takes `id` out of its run, splitting it.
+    fn carve(&mut self, id: u64) {
+        let Some((&start, &run)) = self.runs.range(..=id).next_back() else {
+            return;
+        };
+        if id > run.end {
+            return;
+        }
+        self.runs.remove(&start);
+        if start < id {
+            self.runs.insert(
+                start,
+                Run {
+                    end: id - 1,
+                    segment: run.segment,
+                },
+            );
+        }
+        if id < run.end {
+            self.runs.insert(id + 1, run);
+        }
+    }
+
+    /// Adds `id`, in no run, to `segment`, joining the runs next to it when
+    /// they are of the same segment (no live id lies between adjacent runs).
+    fn place(&mut self, id: u64, segment: u64) {
+        let right = self
+            .runs
+            .range(id.saturating_add(1)..)
+            .next()
+            .map(|(&s, &r)| (s, r));
+        if right.is_none() {
+            // The common case, a new id after every other: grow the last run.
+            if let Some((_, last)) = self.runs.range_mut(..id).next_back() {
+                if last.segment == segment {
+                    last.end = id;
+                    return;
+                }
+            }
+        }
+        let left = self.runs.range(..id).next_back().map(|(&s, &r)| (s, r));
+        let (mut start, mut end) = (id, id);
+        if let Some((left_start, left)) = left {
+            if left.segment == segment {
+                start = left_start;
+                self.runs.remove(&left_start);
+            }
+        }
+        if let Some((right_start, right)) = right {
+            if right.segment == segment {
+                end = right.end;
+                self.runs.remove(&right_start);
+            }
+        }
+        self.runs.insert(start, Run { end, segment });
+    }
+
+    /// Forgets the runs of segments before `seq`, which are gone: every id
+    /// in them died.
+    fn segments_removed_before(&mut self, seq: u64) {
+        // The dead runs between them gone, runs of one segment that are now
+        // adjacent join (a compaction leaves one run per stretch of ids
+        // between dead ranges).
+        let runs = std::mem::take(&mut self.runs);
+        for (start, run) in runs.into_iter().filter(|(_, run)| run.segment >= seq) {
+            match self.runs.last_entry() {
+                Some(mut last) if last.get().segment == run.segment => last.get_mut().end = run.end,
+                _ => {
+                    self.runs.insert(start, run);
+                }
             }
         }
     }
@@ -1160,6 +1293,7 @@ impl LiveJobs {
 
     fn forget(&mut self, segment: u64) {
         if let btree_map::Entry::Occupied(mut entry) = self.per_segment.entry(segment) {
+            self.live -= 1;
             *entry.get_mut() -= 1;
             if *entry.get() == 0 {
                 entry.remove();
@@ -1176,7 +1310,7 @@ impl LiveJobs {
     }
 
     fn len(&self) -> u64 {
-        self.segment.len() as u64
+        self.live
     }
 
     /// The oldest segment to keep, given the current one (always kept);
@@ -1390,6 +1524,79 @@ mod tests {
 
     /// Where the logs live inside the simulated storage.
     const SIM_DIR: &str = "/wal";
+
+    /// The runs of `LiveJobs` say what a map of every live job would: random
+    /// puts, compactions (snapshots of every live job, oldest id first, in
+    /// a new segment), updates (one job's snapshot), deletes and removals
+    /// of dead segments, checked against that map after every step.
+    #[test]
+    fn live_job_runs_match_a_map_of_every_job() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _round in 0..50 {
+            let mut live = LiveJobs::default();
+            let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+            let (mut next_id, mut segment) = (1u64, 1u64);
+            for _step in 0..400 {
+                match random(10) {
+                    0..=3 => {
+                        live.apply(
+                            Effect::State {
+                                id: next_id,
+                                replaces: false,
+                            },
+                            segment,
+                        );
+                        model.insert(next_id, segment);
+                        next_id += 1;
+                    }
+                    4..=5 if !model.is_empty() => {
+                        let ids: Vec<u64> = model.keys().copied().collect();
+                        let id = ids[random(ids.len() as u64) as usize];
+                        live.apply(Effect::Gone(id), segment);
+                        model.remove(&id);
+                    }
+                    6 if !model.is_empty() => {
+                        let ids: Vec<u64> = model.keys().copied().collect();
+                        let id = ids[random(ids.len() as u64) as usize];
+                        live.apply(Effect::State { id, replaces: true }, segment);
+                        model.insert(id, segment);
+                    }
+                    7 => segment += 1,
+                    8 => {
+                        segment += 1;
+                        let ids: Vec<u64> = model.keys().rev().copied().collect();
+                        for id in ids {
+                            live.apply(Effect::State { id, replaces: true }, segment);
+                            model.insert(id, segment);
+                        }
+                        // Every live job is in one segment now: one run,
+                        // once the older segments are gone.
+                        assert_eq!(live.keep_from(segment), Some(segment));
+                        live.segments_removed_before(segment);
+                        assert!(live.runs.len() <= 1, "{:?}", live.runs);
+                    }
+                    _ => {
+                        if let Some(keep) = live.keep_from(segment) {
+                            live.segments_removed_before(keep);
+                        }
+                    }
+                }
+                let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
+                for (&id, &seg) in &model {
+                    assert_eq!(live.segment_of(id), Some(seg), "job {id}");
+                    *counts.entry(seg).or_default() += 1;
+                }
+                assert_eq!(live.per_segment, counts);
+                assert_eq!(live.len(), model.len() as u64);
+            }
+        }
+    }
 
     /// Segments of 400 bytes hold two 167-byte jobs each.
     fn small_segments() -> WalOptions {

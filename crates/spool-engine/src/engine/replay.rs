@@ -75,6 +75,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether the engine holds job `id`, live or final.
+    pub fn holds(&self, id: JobId) -> bool {
+        self.exists(id)
+    }
+
     pub(super) fn exists(&self, id: JobId) -> bool {
         self.jobs.contains_key(&id) || self.retention.contains(id)
     }
