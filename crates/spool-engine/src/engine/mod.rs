@@ -31,6 +31,8 @@ use crate::record::{
 };
 
 mod beanstalk;
+mod jobview;
+mod queues;
 mod replay;
 mod retention;
 mod tasks;

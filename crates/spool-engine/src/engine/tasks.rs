@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 
 use spool_broker::{
-    BrokerError, Conflict, JobChange, JobPage, JobView, Lease, Leased, NewJob, Op, Outcome,
-    QueueInfo, QueuePolicy, RunAt,
+    BrokerError, Conflict, JobChange, JobView, Lease, Leased, NewJob, Op, Outcome, QueuePolicy,
+    RunAt,
 };
 
 use super::*;
 
-const NS_PER_MS: u64 = 1_000_000;
+pub(super) const NS_PER_MS: u64 = 1_000_000;
 
 /// A validated enqueue, ready to become a job.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ fn truncated(mut text: String, max: usize) -> String {
     text
 }
 
-fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> {
+pub(super) fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> {
     if headers.len() > limits::HEADERS_MAX {
         return Err(BrokerError::invalid(
             "headers",
@@ -78,14 +78,14 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> 
     Ok(())
 }
 
-fn check_backoff(backoff: Option<&Backoff>) -> Result<(), BrokerError> {
+pub(super) fn check_backoff(backoff: Option<&Backoff>) -> Result<(), BrokerError> {
     match backoff.map(Backoff::validate) {
         Some(Err((field, message))) => Err(BrokerError::invalid(field, message)),
         _ => Ok(()),
     }
 }
 
-fn wrong_state(state: JobState) -> BrokerError {
+pub(super) fn wrong_state(state: JobState) -> BrokerError {
     BrokerError::Conflict(Conflict::WrongState(state))
 }
 
@@ -883,280 +883,5 @@ impl Engine {
         }
         self.record(|| LogRecord::Delete { id });
         Ok(Outcome::Done)
-    }
-
-    // ---- listings -------------------------------------------------------
-
-    /// Ids of `queue`'s jobs in `state`, ascending.
-    pub(super) fn ids_in(&self, queue: &TubeName, state: JobState) -> Vec<JobId> {
-        let mut ids: Vec<JobId> = match state {
-            JobState::Completed | JobState::Cancelled => self
-                .retention
-                .of_queue(queue)
-                .filter(|f| f.job.state == state)
-                .map(|f| f.job.id)
-                .collect(),
-            _ => match self.tube_ids.get(queue) {
-                None => Vec::new(),
-                Some(&tube) => {
-                    let t = self.tube(tube);
-                    match state {
-                        JobState::Ready => t.ready.iter().map(|&(_, id)| id).collect(),
-                        JobState::Delayed => t.delayed.iter().map(|&(_, id)| id).collect(),
-                        JobState::Buried => t.buried.iter().map(|&(_, id)| id).collect(),
-                        _ => self
-                            .reservations
-                            .iter()
-                            .map(|&(_, _, id)| id)
-                            .filter(|id| self.jobs[id].tube == tube)
-                            .collect(),
-                    }
-                }
-            },
-        };
-        ids.sort_unstable();
-        ids
-    }
-
-    pub(super) fn list(
-        &self,
-        queue: &TubeName,
-        state: JobState,
-        after: Option<JobId>,
-        limit: u32,
-    ) -> Result<Outcome, BrokerError> {
-        if limit == 0 || limit > limits::LIST_LIMIT_MAX {
-            return Err(BrokerError::invalid(
-                "limit",
-                format!("1 to {}", limits::LIST_LIMIT_MAX),
-            ));
-        }
-        let after = after.unwrap_or(0);
-        let ids = self.ids_in(queue, state);
-        let start = ids.partition_point(|&id| id <= after);
-        let page: Vec<JobId> = ids[start..].iter().take(limit as usize).copied().collect();
-        let more = ids.len() > start + page.len();
-        let next = more.then(|| page.last().copied()).flatten();
-        let jobs = page.iter().filter_map(|&id| self.view(id)).collect();
-        Ok(Outcome::Page(JobPage { jobs, next }))
-    }
-
-    pub(super) fn purge(
-        &mut self,
-        queue: &TubeName,
-        state: JobState,
-    ) -> Result<Outcome, BrokerError> {
-        if state == JobState::Reserved {
-            return Err(BrokerError::invalid(
-                "state",
-                "reserved jobs are not purged: cancel them",
-            ));
-        }
-        self.check_writable(false)?;
-        let ids = self.ids_in(queue, state);
-        let mut purged = 0;
-        for id in ids.into_iter().take(limits::PURGE_JOBS_MAX) {
-            self.delete_job(id, None)?;
-            purged += 1;
-        }
-        Ok(Outcome::Purged(purged))
-    }
-
-    // ---- queues ---------------------------------------------------------
-
-    pub(super) fn set_settings(&mut self, queue: TubeName, settings: QueueSettings) {
-        if let Some(&tube) = self.tube_ids.get(&queue) {
-            self.apply_settings(tube, &settings);
-        }
-        self.record(|| {
-            LogRecord::Queue(Box::new(QueueRecord {
-                queue: Some(queue.clone()),
-                policy: settings.policy.clone(),
-                pause: settings.pause,
-            }))
-        });
-        if settings == QueueSettings::default() {
-            self.settings.remove(&queue);
-        } else {
-            self.settings.insert(queue.clone(), settings);
-        }
-        self.rebound_retention(&queue);
-    }
-
-    /// Gives a live tube its settings: the policy's attempt limit for
-    /// beanstalkd puts, and the pause.
-    pub(super) fn apply_settings(&mut self, tube: TubeId, settings: &QueueSettings) {
-        let t = self.tube_mut(tube);
-        t.max_attempts = settings.policy.max_attempts.unwrap_or(0);
-        if let Some((start, until)) = settings.pause {
-            let old = (t.pause_ns > 0).then_some(t.unpause_at_ns);
-            t.pause_ns = until.saturating_sub(start).max(1);
-            t.unpause_at_ns = until;
-            if let Some(old) = old {
-                self.paused.remove(&(old, tube));
-            }
-            self.paused.insert((until, tube));
-        }
-    }
-
-    pub(super) fn queue_info(&self, queue: &TubeName, now: u64) -> QueueInfo {
-        let mut info = QueueInfo {
-            name: queue.to_string(),
-            completed: self.retention.count_in(queue, JobState::Completed),
-            cancelled: self.retention.count_in(queue, JobState::Cancelled),
-            ..QueueInfo::default()
-        };
-        if let Some(&tube) = self.tube_ids.get(queue) {
-            let t = self.tube(tube);
-            info.ready = t.ready.len() as u64;
-            info.reserved = t.reserved;
-            info.delayed = t.delayed.len() as u64;
-            info.buried = t.buried.len() as u64;
-            if t.pause_ns > 0 && t.unpause_at_ns > now {
-                info.paused_until_ms = Some(if t.unpause_at_ns == u64::MAX {
-                    u64::MAX
-                } else {
-                    self.wall_ms(t.unpause_at_ns)
-                });
-            }
-        }
-        if let Some(settings) = self.settings.get(queue) {
-            info.policy = settings.policy.clone();
-            if let Some((_, until)) = settings.pause.filter(|&(_, until)| until > now) {
-                info.paused_until_ms = Some(if until == u64::MAX {
-                    u64::MAX
-                } else {
-                    self.wall_ms(until)
-                });
-            }
-        }
-        info
-    }
-
-    // ---- views and records ----------------------------------------------
-
-    pub(super) fn view_outcome(&self, id: JobId) -> Result<Outcome, BrokerError> {
-        self.view(id).map(Outcome::Job).ok_or(BrokerError::NotFound)
-    }
-
-    /// A live or final job as the APIs show it.
-    pub fn view(&self, id: JobId) -> Option<JobView> {
-        if let Some(job) = self.jobs.get(&id) {
-            return Some(self.view_of(job, &self.tube(job.tube).name));
-        }
-        let finished = self.retention.get(id)?;
-        Some(self.view_of(&finished.job, &finished.queue))
-    }
-
-    pub(super) fn view_of(&self, job: &Job, queue: &TubeName) -> JobView {
-        let extra = job.extra.as_deref();
-        let at = |ns: u64| self.wall_ms(ns);
-        let updated_at_ns = match extra {
-            Some(extra) => extra.updated_at_ns,
-            // A plain job's last change is the start of its state: when it
-            // became ready, was delayed or reserved; a buried one shows its
-            // creation (beanstalkd jobs keep no burial time).
-            None => match job.state {
-                JobState::Ready => job.deadline_at_ns,
-                JobState::Delayed => job.deadline_at_ns.saturating_sub(job.delay_ns),
-                JobState::Reserved => job.deadline_at_ns.saturating_sub(job.ttr_ns),
-                _ => job.created_at_ns,
-            },
-        };
-        let backoff = extra
-            .and_then(|e| e.backoff)
-            .or_else(|| self.policy(queue).and_then(|p| p.backoff))
-            .unwrap_or_default();
-        JobView {
-            id: job.id,
-            queue: queue.to_string(),
-            state: job.state,
-            priority: job.pri,
-            payload: job.body.clone(),
-            headers: extra.map(|e| e.headers.clone()).unwrap_or_default(),
-            attempts: job.attempts,
-            max_attempts: job.max_attempts,
-            backoff,
-            ttr_ms: job.ttr_ns / NS_PER_MS,
-            run_at_ms: (job.state == JobState::Delayed).then(|| at(job.deadline_at_ns)),
-            deadline_at_ms: (job.state == JobState::Reserved).then(|| at(job.deadline_at_ns)),
-            created_at_ms: at(job.created_at_ns),
-            updated_at_ms: at(updated_at_ns),
-            finished_at_ms: job.state.is_final().then(|| at(job.deadline_at_ns)),
-            last_error: extra.and_then(|e| e.last_error.clone()),
-            result: extra.and_then(|e| e.result.clone()),
-            idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
-            cancel_requested: extra.is_some_and(|e| e.cancel_requested),
-            version: job.version,
-        }
-    }
-
-    /// Where a job rests, as the log says it.
-    pub(super) fn rest_state_of(job: &Job) -> RestState {
-        match job.state {
-            JobState::Ready | JobState::Reserved => RestState::Ready,
-            JobState::Delayed => RestState::Delayed {
-                due_ns: job.deadline_at_ns,
-            },
-            JobState::Buried => RestState::Buried,
-            JobState::Completed => RestState::Completed {
-                at_ns: job.deadline_at_ns,
-            },
-            JobState::Cancelled => RestState::Cancelled {
-                at_ns: job.deadline_at_ns,
-            },
-        }
-    }
-
-    /// A live or final job's whole durable state.
-    pub(super) fn full_record(&self, id: JobId) -> Option<FullJobRecord> {
-        let (job, queue) = match self.jobs.get(&id) {
-            Some(job) => (job, &self.tube(job.tube).name),
-            None => {
-                let finished = self.retention.get(id)?;
-                (&finished.job, &finished.queue)
-            }
-        };
-        Some(FullJobRecord {
-            job: JobRecord {
-                id,
-                tube: queue.clone(),
-                pri: job.pri,
-                ttr_ns: job.ttr_ns,
-                delay_ns: job.delay_ns,
-                created_at_ns: job.created_at_ns,
-                state: Self::rest_state_of(job),
-                body: job.body.clone(),
-            },
-            attempts: job.attempts,
-            max_attempts: job.max_attempts,
-            version: job.version,
-            extra: job.extra.as_deref().cloned(),
-        })
-    }
-
-    /// Logs a job's durable fields after a change (live or final job).
-    pub(super) fn record_change(&mut self, id: JobId) {
-        if !self.logging {
-            return;
-        }
-        let job = match self.jobs.get(&id) {
-            Some(job) => job,
-            None => &self.retention.get(id).expect("job exists").job,
-        };
-        let extra = job.extra.as_deref();
-        let record = ChangeRecord {
-            id,
-            version: job.version,
-            attempts: job.attempts,
-            pri: job.pri,
-            delay_ns: job.delay_ns,
-            state: Self::rest_state_of(job),
-            cancel_requested: extra.is_some_and(|e| e.cancel_requested),
-            last_error: extra.and_then(|e| e.last_error.clone()),
-            result: extra.and_then(|e| e.result.clone()),
-            updated_at_ns: extra.map_or(0, |e| e.updated_at_ns),
-        };
-        self.log.push(LogRecord::Change(Box::new(record)));
     }
 }
