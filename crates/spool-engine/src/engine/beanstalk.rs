@@ -313,18 +313,9 @@ impl Engine {
         id: JobId,
         now: u64,
     ) -> Option<Response> {
-        let Some(job) = self.jobs.get(&id) else {
-            return Some(Response::NotFound);
-        };
-        let (state, tube, key_pri, key_deadline, seq) =
-            (job.state, job.tube, job.pri, job.deadline_at_ns, job.seq);
-        match state {
-            JobState::Ready => self.remove_ready(tube, key_pri, id),
-            JobState::Buried => self.remove_buried(tube, seq, id),
-            JobState::Delayed => self.remove_delayed(tube, key_deadline, id),
-            JobState::Reserved | JobState::Completed | JobState::Cancelled => {
-                return Some(Response::NotFound)
-            }
+        match self.jobs.get(&id).map(|j| j.state) {
+            Some(JobState::Ready | JobState::Buried | JobState::Delayed) => self.unqueue(id),
+            _ => return Some(Response::NotFound),
         }
         self.set_worker(conn_id);
         self.reserve_job(conn_id, id, now);

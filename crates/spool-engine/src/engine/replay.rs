@@ -45,7 +45,7 @@ impl Engine {
                 if !self.jobs.contains_key(&id) {
                     return Ok(());
                 }
-                self.unqueue_replayed(id);
+                self.unqueue(id);
                 self.jobs.get_mut(&id).expect("job exists").pri = pri;
                 self.place(id, state);
             }
@@ -84,8 +84,17 @@ impl Engine {
         self.jobs.contains_key(&id) || self.retention.contains(id)
     }
 
-    /// `new`: the job is not already counted in `total-jobs`.
+    /// A job as a beanstalkd put or a version-1 snapshot logged it; `new`
+    /// as for `insert_replayed`.
     pub(super) fn replay_job(&mut self, job: JobRecord, new: bool) {
+        let (id, state) = (job.id, job.state);
+        self.insert_replayed(job, new);
+        self.place(id, state);
+    }
+
+    /// Makes a replayed job, in no queue yet; `new`: it is not already
+    /// counted in `total-jobs`.
+    fn insert_replayed(&mut self, job: JobRecord, new: bool) -> TubeId {
         let tube = self.find_or_make_tube(&job.tube);
         self.insert_job(
             job.id,
@@ -101,7 +110,7 @@ impl Engine {
             self.tube_mut(tube).total_jobs += 1;
         }
         self.next_job_id = self.next_job_id.max(job.id + 1);
-        self.place(job.id, job.state);
+        tube
     }
 
     pub(super) fn replay_full(&mut self, full: FullJobRecord, new: bool) {
@@ -113,21 +122,7 @@ impl Engine {
             extra,
         } = full;
         let (id, state) = (job.id, job.state);
-        let tube = self.find_or_make_tube(&job.tube);
-        self.insert_job(
-            id,
-            tube,
-            job.pri,
-            job.delay_ns,
-            job.ttr_ns,
-            job.body,
-            job.created_at_ns,
-        );
-        if new {
-            self.counters.total_jobs += 1;
-            self.tube_mut(tube).total_jobs += 1;
-        }
-        self.next_job_id = self.next_job_id.max(id + 1);
+        let tube = self.insert_replayed(job, new);
         let updated_at = extra.as_ref().map(|e| e.updated_at_ns);
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.attempts = attempts;
@@ -167,7 +162,7 @@ impl Engine {
         if !self.jobs.contains_key(&id) {
             return;
         }
-        self.unqueue_replayed(id);
+        self.unqueue(id);
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.pri = change.pri;
         job.attempts = change.attempts;
@@ -190,29 +185,13 @@ impl Engine {
         );
     }
 
-    /// Takes a replayed job out of its queue (nothing is reserved while
-    /// replaying).
-    pub(super) fn unqueue_replayed(&mut self, id: JobId) {
-        let job = &self.jobs[&id];
-        let (state, tube, pri, seq, deadline) =
-            (job.state, job.tube, job.pri, job.seq, job.deadline_at_ns);
-        match state {
-            JobState::Ready => self.remove_ready(tube, pri, id),
-            JobState::Buried => self.remove_buried(tube, seq, id),
-            JobState::Delayed => self.remove_delayed(tube, deadline, id),
-            JobState::Reserved | JobState::Completed | JobState::Cancelled => {
-                unreachable!("replayed live jobs rest in a queue")
-            }
-        }
-    }
-
     /// Forgets a replayed job, live or final.
     pub(super) fn remove_replayed(&mut self, id: JobId) {
         if let Some(gone) = self.retention.remove(id) {
             self.forget_finished(gone);
             return;
         }
-        self.unqueue_replayed(id);
+        self.unqueue(id);
         self.drop_job(id);
     }
 
