@@ -374,14 +374,7 @@ impl Engine {
         if let Err(refusal) = self.take_back(conn_id, id) {
             return Some(refusal);
         }
-        let job = self.jobs.get_mut(&id).expect("job exists");
-        job.pri = pri;
-        job.delay_ns = delay_ns;
-        job.releases += 1;
-        let tube = job.tube;
-        self.tube_mut(tube).metrics.counters.released += 1;
-        self.enqueue(id, delay_ns, now);
-        self.record_change(id);
+        self.requeue_released(id, Some(pri), delay_ns, now);
         Some(Response::Released)
     }
 

@@ -698,6 +698,19 @@ impl Engine {
         let delay_ns = self.delay_of(RunAt::DelayMs(delay_ms), now)?;
         let id = lease.job;
         self.release_reservation_of(id);
+        self.requeue_released(id, priority, delay_ns, now);
+        self.view_outcome(id)
+    }
+
+    /// A released job (its reservation already ended) back to ready or
+    /// delayed, not counted as an attempt; logged.
+    pub(super) fn requeue_released(
+        &mut self,
+        id: JobId,
+        priority: Option<u32>,
+        delay_ns: u64,
+        now: u64,
+    ) {
         let job = self.jobs.get_mut(&id).expect("job exists");
         if let Some(pri) = priority {
             job.pri = pri;
@@ -708,7 +721,6 @@ impl Engine {
         self.tube_mut(tube).metrics.counters.released += 1;
         self.enqueue(id, delay_ns, now);
         self.record_change(id);
-        self.view_outcome(id)
     }
 
     pub(super) fn bury_job(
