@@ -200,6 +200,7 @@ pub struct LogLink {
     pub stats: crate::durable::SharedStorageStats,
 }
 
+/// Sent for every batch of requests: kept small (checked in a test).
 enum Msg {
     Open {
         id: ConnId,
@@ -219,8 +220,10 @@ enum Msg {
     Snapshot(SnapshotScope, oneshot::Sender<EngineSnapshot>),
     BeginShutdown,
     /// One job-API operation, where its answer goes, and the engine time it
-    /// was sent at (a reserve's timeout counts from then).
-    Op(Op, Answer, u64),
+    /// was sent at (a reserve's timeout counts from then). Boxed: every
+    /// message is as large as the largest, and the beanstalkd path sends
+    /// many small ones.
+    Op(Box<(Op, Answer, u64)>),
     /// A manual clock moved: run timers.
     Tick,
 }
@@ -470,7 +473,7 @@ impl Broker for LocalBroker {
         let (answer, answered) = oneshot::channel();
         let sent = self
             .tx
-            .send(Msg::Op(op, answer, self.clock.now_ns()))
+            .send(Msg::Op(Box::new((op, answer, self.clock.now_ns()))))
             .is_ok();
         async move {
             if !sent {
@@ -756,7 +759,7 @@ impl EngineTask {
                 // The health flag was set by `begin_shutdown` itself.
                 self.engine.begin_shutdown();
             }
-            Msg::Op(op, answer, sent_ns) => self.ops.push((op, answer, sent_ns)),
+            Msg::Op(op) => self.ops.push(*op),
             // The round that follows runs the timers.
             Msg::Tick => {}
         }
@@ -1230,6 +1233,23 @@ mod tests {
     const REPLY_DEADLINE: Duration = Duration::from_secs(10);
     /// Snapshots taken while waiting for the engine to reach a state.
     const SNAPSHOT_POLLS_MAX: usize = 1000;
+
+    /// The channel's slots and the round's deliveries are as large as
+    /// their largest variant: the job API's must not make the beanstalkd
+    /// path copy more per message.
+    #[test]
+    fn messages_and_deliveries_stay_small() {
+        assert!(
+            std::mem::size_of::<Msg>() <= 48,
+            "{}",
+            std::mem::size_of::<Msg>()
+        );
+        assert!(
+            std::mem::size_of::<Delivery>() <= 64,
+            "{}",
+            std::mem::size_of::<Delivery>()
+        );
+    }
 
     fn broker() -> LocalBroker {
         let engine = Engine::new(EngineConfig {
