@@ -390,6 +390,8 @@ impl LocalBroker {
         let health = Arc::new(HealthFlags::default());
         let storage = log.as_ref().map(|sink| sink.stats().clone());
         engine.set_epoch_ns(clock.epoch_ns());
+        // Leases of this life above every lease of the previous one.
+        engine.set_seq_floor(clock.now_ns());
         let task = EngineTask::new(engine, clock.clone(), log, process, health.clone());
         tokio::spawn(task.run(rx));
         LocalBroker {

@@ -686,6 +686,16 @@ impl Engine {
         self.paused.remove(&(at, tube));
     }
 
+    /// Makes the sequence numbers (lease tokens among them) go on from at
+    /// least `floor`. Tokens are not logged, so each start of the server
+    /// passes its clock's `now`: a token handed out before a restart then
+    /// never names a reservation made after it (which counting from 1 in
+    /// each life did), as long as fewer tokens were drawn than nanoseconds
+    /// passed and the clock did not step back across the restart.
+    pub fn set_seq_floor(&mut self, floor: u64) {
+        self.next_seq = self.next_seq.max(floor);
+    }
+
     fn next_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
