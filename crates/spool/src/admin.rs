@@ -1,58 +1,23 @@
 //! `spool stats`, `spool conns` and `spool top`: clients of the server's
 //! HTTP admin endpoints, the way gops is for Go processes.
 //!
-//! Each verb fetches `/admin/stats` or `/admin/connections` with hyper's
-//! HTTP/1 client on a current-thread runtime (one request at a time needs
-//! nothing more) and prints aligned tables, or the server's JSON as is with
-//! `--json` for scripts. Every request is bounded in time, so a hung server
-//! cannot hang the CLI.
+//! Each verb fetches `/admin/stats` or `/admin/connections` (see
+//! `client.rs`) and prints aligned tables, or the server's JSON as is with
+//! `--json` for scripts. The tables here serve the job verbs too.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::header;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use spool_server::limits::{DEFAULT_HTTP_LISTEN, HANDLER_TIMEOUT};
 
-/// What the CLI allows beyond the server's own handler timeout: connecting,
-/// sending the request and reading the answer (tens of MiB at most) take
-/// well under this on any link an operator would use.
-const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
-
-/// Bound on connecting plus one whole request and response. Longer than the
-/// server's handler timeout, so that a slow server's 503 (which says why)
-/// arrives before the CLI gives up; a server silent past this is stuck.
-const REQUEST_TIMEOUT: Duration = HANDLER_TIMEOUT.saturating_add(REQUEST_TIMEOUT_MARGIN);
-
-// Checked at compile time: a margin of zero (or a saturated sum) would let
-// the CLI give up in the same instant the server answers 503.
-const _: () = assert!(REQUEST_TIMEOUT.as_millis() > HANDLER_TIMEOUT.as_millis());
-
-/// Largest answer read: `/admin/connections` of a server with a hundred
-/// thousand connections is tens of MiB.
-const RESPONSE_MAX_BYTES: usize = 256 << 20;
+use crate::client::{Client, ServerArgs};
 
 /// How often `spool top` refreshes.
 const TOP_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Clears a terminal and moves the cursor home (ANSI).
 const CLEAR_SCREEN: &str = "\x1b[2J\x1b[H";
-
-#[derive(Debug, clap::Args)]
-pub struct ServerArgs {
-    /// The server's HTTP listener, HOST:PORT.
-    #[arg(long = "http", env = "SPOOL_HTTP_LISTEN", default_value = DEFAULT_HTTP_LISTEN)]
-    http: String,
-
-    /// Bearer token, when the server has SPOOL_AUTH_TOKEN set.
-    #[arg(long = "token", env = "SPOOL_AUTH_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-}
 
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
@@ -76,7 +41,7 @@ pub struct TopArgs {
 
 /// `spool stats`.
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let stats = runtime()?.block_on(fetch(&args.server, "/admin/stats"))?;
+    let stats = Client::new(&args.server)?.get("/admin/stats")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
     } else {
@@ -87,7 +52,7 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
 
 /// `spool conns`.
 pub fn conns(args: StatsArgs) -> anyhow::Result<()> {
-    let conns = runtime()?.block_on(fetch(&args.server, "/admin/connections"))?;
+    let conns = Client::new(&args.server)?.get("/admin/connections")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&conns)?);
     } else {
@@ -98,7 +63,7 @@ pub fn conns(args: StatsArgs) -> anyhow::Result<()> {
 
 /// `spool top`.
 pub fn top(args: TopArgs) -> anyhow::Result<()> {
-    let runtime = runtime()?;
+    let client = Client::new(&args.server)?;
     let clear = std::io::stdout().is_terminal();
     let mut previous: Option<(Instant, Value)> = None;
     let mut done = 0u64;
@@ -106,7 +71,7 @@ pub fn top(args: TopArgs) -> anyhow::Result<()> {
         if done > 0 {
             std::thread::sleep(TOP_REFRESH_INTERVAL);
         }
-        let stats = runtime.block_on(fetch(&args.server, "/admin/stats"))?;
+        let stats = client.get("/admin/stats")?;
         let now = Instant::now();
         let rates = previous
             .as_ref()
@@ -124,88 +89,15 @@ pub fn top(args: TopArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-/// GETs `path` and parses the JSON answer; every failure is one clear line.
-async fn fetch(server: &ServerArgs, path: &str) -> anyhow::Result<Value> {
-    let addr = server.http.as_str();
-    let (status, body) =
-        tokio::time::timeout(REQUEST_TIMEOUT, get(addr, server.token.as_deref(), path))
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "the server at {addr} did not answer {path} within {} s",
-                    REQUEST_TIMEOUT.as_secs()
-                )
-            })??;
-    if status == hyper::StatusCode::UNAUTHORIZED {
-        bail!("the server needs a token: set SPOOL_AUTH_TOKEN or --token");
-    }
-    let value: Value = serde_json::from_slice(&body).with_context(|| {
-        format!("the server at {addr} answered {path} with {status} and a body that is not JSON")
-    })?;
-    if !status.is_success() {
-        let message = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .unwrap_or("no reason given");
-        bail!("the server at {addr} answered {path} with {status}: {message}");
-    }
-    Ok(value)
-}
-
-async fn get(
-    addr: &str,
-    token: Option<&str>,
-    path: &str,
-) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        anyhow!(
-            "cannot reach the spool HTTP listener at {addr}: {e} (is `spool serve` running? \
-             set --http or SPOOL_HTTP_LISTEN)"
-        )
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .with_context(|| format!("HTTP handshake with {addr}"))?;
-    // The connection future drives the socket; it ends with the request.
-    tokio::spawn(connection);
-    let mut request = hyper::Request::get(path)
-        .header(header::HOST, addr)
-        .header(header::ACCEPT, "application/json");
-    if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .context("building the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("GET {path} from {addr}"))?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), RESPONSE_MAX_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow!("reading the answer to GET {path} from {addr}: {e}"))?
-        .to_bytes();
-    Ok((status, body))
-}
-
 /// How a column lines up: text to the left, numbers to the right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
 
 /// Aligned columns two spaces apart, under a header row.
-fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+pub(crate) fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -238,7 +130,7 @@ fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn num(value: &Value, pointer: &str) -> String {
+pub(crate) fn num(value: &Value, pointer: &str) -> String {
     match value.pointer(pointer) {
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::Bool(b)) => b.to_string(),

@@ -4,7 +4,9 @@
 
 mod admin;
 mod bench;
+mod client;
 mod cpu;
+mod jobs;
 mod logging;
 mod serve;
 
@@ -38,6 +40,26 @@ enum Command {
     /// A live view of a running server: per-queue rates and counts,
     /// refreshed every second.
     Top(admin::TopArgs),
+    /// Enqueue a job (payload from the argument or stdin).
+    Put(jobs::PutArgs),
+    /// Show a job's payload (or the whole job with --json).
+    Get(jobs::GetArgs),
+    /// Cancel a job: it never runs (again).
+    Cancel(jobs::IdArgs),
+    /// Move a buried or delayed job to ready.
+    Kick(jobs::IdArgs),
+    /// List a queue's jobs in one state.
+    Jobs(jobs::JobsArgs),
+    /// List the queues with their counts by state.
+    Queues(jobs::QueuesArgs),
+    /// Delete a queue's jobs in one state.
+    Purge(jobs::PurgeArgs),
+    /// Show a queue's policy, or change keys of it with --set.
+    Policy(jobs::PolicyArgs),
+    /// Stop handing out a queue's jobs, for a while or until resumed.
+    Pause(jobs::PauseArgs),
+    /// Hand out a paused queue's jobs again.
+    Resume(jobs::QueueArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +88,16 @@ fn main() -> ExitCode {
         Command::Stats(args) => admin::stats(args),
         Command::Conns(args) => admin::conns(args),
         Command::Top(args) => admin::top(args),
+        Command::Put(args) => jobs::put(args),
+        Command::Get(args) => jobs::get(args),
+        Command::Cancel(args) => jobs::cancel(args),
+        Command::Kick(args) => jobs::kick(args),
+        Command::Jobs(args) => jobs::jobs(args),
+        Command::Queues(args) => jobs::queues(args),
+        Command::Purge(args) => jobs::purge(args),
+        Command::Policy(args) => jobs::policy(args),
+        Command::Pause(args) => jobs::pause(args),
+        Command::Resume(args) => jobs::resume(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

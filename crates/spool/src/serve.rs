@@ -231,6 +231,12 @@ const DURATION_SETTING_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// Parses `30s`, `500ms`, `2m`, `1h` or a bare number of seconds.
 fn parse_duration(value: &str) -> Option<Duration> {
+    parse_span(value).filter(|d| *d <= DURATION_SETTING_MAX)
+}
+
+/// [`parse_duration`] without its bound: a job's delay or a queue's pause
+/// may well last longer than a day.
+pub(crate) fn parse_span(value: &str) -> Option<Duration> {
     let value = value.trim();
     let (digits, unit_ms) = if let Some(v) = value.strip_suffix("ms") {
         (v, 1)
@@ -244,8 +250,7 @@ fn parse_duration(value: &str) -> Option<Duration> {
         (value, 1000)
     };
     let count: u64 = digits.trim().parse().ok()?;
-    let duration = Duration::from_millis(count.checked_mul(unit_ms)?);
-    (duration <= DURATION_SETTING_MAX).then_some(duration)
+    Some(Duration::from_millis(count.checked_mul(unit_ms)?))
 }
 
 /// Validates a duration setting named by its flag and variable.

@@ -1,11 +1,14 @@
 //! The HTTP operating surface of a real `spool serve` over loopback TCP:
 //! probes, the Prometheus text of `/metrics` parsed line by line, the admin
 //! endpoints, bearer auth, JSON errors for bad requests, and the `spool
-//! stats` / `spool conns` / `spool top` verbs against a live server.
+//! stats` / `spool conns` / `spool top` verbs and the job verbs (`spool
+//! put`, `get`, ...) against a live server.
 
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{http_request, run_spool, HttpReply, Server};
@@ -690,7 +693,7 @@ fn cli_verbs_against_a_live_server() {
 fn cli_says_so_when_the_server_is_unreachable() {
     let port = support::free_port();
     let http = format!("127.0.0.1:{port}");
-    for verb in ["stats", "conns", "top"] {
+    for verb in ["stats", "conns", "top", "queues"] {
         let out = run_spool(&[verb, "--http", &http], &[]);
         assert_eq!(out.status.code(), Some(1), "{verb}");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -752,5 +755,384 @@ fn wal_figures_are_published_with_durable_storage() {
         text.lines()
             .any(|l| l.starts_with("wal ") && l.contains("commits")),
         "{text}"
+    );
+}
+
+// ---- the job verbs: spool put/get/cancel/kick/jobs/queues/purge/policy/pause/resume
+
+/// Runs `spool ARGS --http ADDR` against `server`, with `input` on stdin.
+fn spool_job_verb(server: &Server, args: &[&str], input: Option<&[u8]>) -> Output {
+    let http = server.http_addr().to_string();
+    let mut cmd = Command::new(support::spool_bin());
+    support::clear_spool_env(&mut cmd);
+    cmd.args(args)
+        .args(["--http", &http])
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning spool");
+    if let Some(input) = input {
+        // Dropping stdin closes it: the verb reads to its end.
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("writing stdin");
+    }
+    support::wait_output(child, Duration::from_secs(10))
+}
+
+/// Runs a verb that must succeed; returns its stdout.
+fn verb_ok(server: &Server, args: &[&str]) -> String {
+    let out = spool_job_verb(server, args, None);
+    assert!(
+        out.status.success(),
+        "spool {args:?}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a verb with `--json` that must succeed; returns its JSON.
+fn verb_json(server: &Server, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let text = verb_ok(server, &args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("spool {args:?}: not JSON ({e}): {text}"))
+}
+
+/// Runs a verb that must fail with `code`; returns its stderr.
+fn verb_fails(server: &Server, args: &[&str], code: i32) -> String {
+    let out = spool_job_verb(server, args, None);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "spool {args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "spool {args:?} printed to stdout");
+    stderr
+}
+
+fn job_id(job: &serde_json::Value) -> String {
+    job["id"].as_u64().expect("a job id").to_string()
+}
+
+#[test]
+fn put_and_get_json_and_bytes() {
+    let server = Server::start();
+    wait_ready(&server);
+
+    // JSON goes as JSON, its text kept as given.
+    let job = verb_json(
+        &server,
+        &[
+            "put",
+            r#"{"b": 1, "a": [1, 2]}"#,
+            "--queue",
+            "orders",
+            "--priority",
+            "7",
+            "--ttr",
+            "30s",
+            "--max-attempts",
+            "3",
+            "--key",
+            "order-1",
+            "--header",
+            "trace=abc",
+            "--header",
+            "tenant=t=1",
+        ],
+    );
+    assert_eq!(job["queue"], "orders");
+    assert_eq!(job["state"], "ready");
+    assert_eq!(job["priority"], 7);
+    assert_eq!(job["ttr_ms"], 30_000);
+    assert_eq!(job["max_attempts"], 3);
+    assert_eq!(job["idempotency_key"], "order-1");
+    assert_eq!(
+        job["headers"],
+        serde_json::json!({"trace": "abc", "tenant": "t=1"})
+    );
+    assert_eq!(job["payload"], serde_json::json!({"b": 1, "a": [1, 2]}));
+    let id = job_id(&job);
+    assert_eq!(
+        verb_ok(&server, &["get", &id]),
+        "{\"b\": 1, \"a\": [1, 2]}\n"
+    );
+    let got = verb_json(&server, &["get", &id]);
+    assert_eq!(got["id"], job["id"]);
+    assert_eq!(got["state"], "ready");
+
+    // The same key again: no new job.
+    let line = verb_ok(&server, &["put", "{}", "-q", "orders", "--key", "order-1"]);
+    assert!(
+        line.starts_with(&format!("job {id} ready in orders")),
+        "{line}"
+    );
+    assert!(line.contains("duplicate"), "{line}");
+
+    // Anything not JSON goes as bytes, from stdin, and comes back the same.
+    let bytes = b"not json \x00\xff\n".as_slice();
+    let out = spool_job_verb(
+        &server,
+        &["put", "-q", "orders", "--delay", "1h"],
+        Some(bytes),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.contains("delayed in orders"), "{line}");
+    let id = line
+        .split_whitespace()
+        .nth(1)
+        .expect("job <id> ...")
+        .to_string();
+    let out = spool_job_verb(&server, &["get", &id], None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, bytes);
+    let got = verb_json(&server, &["get", &id]);
+    assert_eq!(got["state"], "delayed");
+    assert!(got["payload_base64"].is_string(), "{got}");
+    // JSON on stdin is JSON.
+    let out = spool_job_verb(&server, &["put", "--json"], Some(b"[1, 2]\n"));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("put --json");
+    assert_eq!(job["payload"], serde_json::json!([1, 2]));
+    assert_eq!(job["queue"], "default");
+}
+
+#[test]
+fn get_wait_returns_a_settled_job_and_gives_up_on_a_running_one() {
+    let server = Server::start();
+    wait_ready(&server);
+    let id = job_id(&verb_json(&server, &["put", "1", "-q", "w"]));
+    // Still ready: --wait gives up at its timeout, exit 1 naming the state.
+    let stderr = verb_fails(&server, &["get", &id, "--wait", "--timeout", "300ms"], 1);
+    assert!(stderr.contains("still ready"), "{stderr}");
+
+    let reserved = server
+        .http("POST", "/v1/reserve", r#"{"queues":["w"],"timeout_ms":0}"#)
+        .json();
+    let lease = reserved["jobs"][0]["lease"].as_str().expect("a lease");
+    let done = server.http(
+        "POST",
+        &format!("/v1/jobs/{id}/complete"),
+        &format!(r#"{{"lease":"{lease}","result":{{"ok":true}}}}"#),
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    let job = verb_json(&server, &["get", &id, "--wait", "--timeout", "10s"]);
+    assert_eq!(job["state"], "completed");
+    assert_eq!(verb_ok(&server, &["get", &id, "--wait"]), "1\n");
+}
+
+#[test]
+fn jobs_queues_cancel_kick_purge() {
+    let server = Server::start();
+    wait_ready(&server);
+    let a = job_id(&verb_json(&server, &["put", r#"{"n":1}"#, "-q", "list"]));
+    let b = job_id(&verb_json(&server, &["put", r#"{"n":2}"#, "-q", "list"]));
+    let c = job_id(&verb_json(
+        &server,
+        &["put", "3", "-q", "list", "--delay", "1h"],
+    ));
+
+    let page = verb_json(&server, &["jobs", "list", "--state", "ready"]);
+    let ids: Vec<String> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(job_id)
+        .collect();
+    assert_eq!(ids, [a.clone(), b.clone()]);
+    let page = verb_json(&server, &["jobs", "list", "--limit", "1"]);
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        page["next"].as_u64().map(|n| n.to_string()),
+        Some(a.clone())
+    );
+    let table = verb_ok(&server, &["jobs", "list"]);
+    assert!(table.starts_with("ID "), "{table}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].trim_start().starts_with(&format!("{a} ")),
+        "{table}"
+    );
+    assert!(rows[0].contains(r#"{"n":1}"#), "{table}");
+    let table = verb_ok(&server, &["jobs", "list", "--state", "delayed"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{c} "))),
+        "{table}"
+    );
+
+    // Cancel; a second cancel is refused with the server's code and message.
+    let line = verb_ok(&server, &["cancel", &a]);
+    assert_eq!(line, format!("job {a} cancelled: cancelled\n"));
+    let stderr = verb_fails(&server, &["cancel", &a], 1);
+    assert!(stderr.contains("wrong_state"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let refused = server
+        .http("POST", &format!("/v1/jobs/{a}/cancel"), "")
+        .json();
+    let message = refused["error"]["message"].as_str().expect("a message");
+    assert!(stderr.contains(message), "{stderr} lacks {message:?}");
+
+    // Kick a job buried through beanstalkd.
+    let mut worker = server.client();
+    worker.expect("watch list\r\n", "WATCHING 2\r\n");
+    worker.expect("ignore default\r\n", "WATCHING 1\r\n");
+    let (reserved, _) = worker.reserve_now();
+    assert_eq!(reserved.to_string(), b);
+    worker.expect(format!("bury {b} 0\r\n"), "BURIED\r\n");
+    let page = verb_json(&server, &["jobs", "list", "--state", "buried"]);
+    assert_eq!(
+        page["jobs"][0]["id"].as_u64().map(|n| n.to_string()),
+        Some(b.clone())
+    );
+    let job = verb_json(&server, &["kick", &b]);
+    assert_eq!(job["state"], "ready");
+
+    // Queues: counts by state.
+    let queues = verb_json(&server, &["queues"]);
+    let list = queues["queues"].as_array().unwrap();
+    let q = list
+        .iter()
+        .find(|q| q["name"] == "list")
+        .expect("queue list");
+    assert_eq!(q["counts"]["ready"], 1);
+    assert_eq!(q["counts"]["delayed"], 1);
+    assert_eq!(q["counts"]["cancelled"], 1);
+    let table = verb_ok(&server, &["queues"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("list "))
+        .unwrap_or_else(|| panic!("no row for list:\n{table}"));
+    // QUEUE READY RESERVED DELAYED BURIED COMPLETED CANCELLED PAUSED
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["list", "1", "0", "1", "0", "0", "1", "no"],
+        "{table}"
+    );
+
+    // Purge the delayed one.
+    let line = verb_ok(&server, &["purge", "list", "--state", "delayed"]);
+    assert_eq!(line, "deleted 1 delayed jobs from list\n");
+    let purged = verb_json(&server, &["purge", "list", "--state", "delayed"]);
+    assert_eq!(purged["deleted"], 0);
+    let stderr = verb_fails(&server, &["get", &c], 1);
+    assert!(stderr.contains("not_found"), "{stderr}");
+}
+
+#[test]
+fn policy_and_pause() {
+    let server = Server::start();
+    wait_ready(&server);
+    verb_json(&server, &["put", "1", "-q", "pq"]);
+    let table = verb_ok(&server, &["policy", "pq"]);
+    assert!(table.starts_with("KEY "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().eq(["max_attempts", "default"])),
+        "{table}"
+    );
+
+    let queue = verb_json(&server, &["policy", "pq", "--set", "max_attempts=3"]);
+    assert_eq!(queue["policy"]["max_attempts"], 3);
+    // A second --set keeps what the first set.
+    verb_ok(
+        &server,
+        &[
+            "policy",
+            "pq",
+            "--set",
+            "ttr_ms=5000",
+            "--set",
+            "max_jobs=10",
+        ],
+    );
+    let queue = verb_json(&server, &["policy", "pq"]);
+    assert_eq!(queue["policy"]["max_attempts"], 3);
+    assert_eq!(queue["policy"]["ttr_ms"], 5000);
+    assert_eq!(queue["policy"]["max_jobs"], 10);
+    let table = verb_ok(&server, &["policy", "pq"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().eq(["ttr_ms", "5000"])),
+        "{table}"
+    );
+    // null returns a key to its default.
+    let queue = verb_json(&server, &["policy", "pq", "--set", "max_jobs=null"]);
+    assert!(queue["policy"]["max_jobs"].is_null(), "{queue}");
+    assert_eq!(queue["policy"]["max_attempts"], 3);
+    // A key the server does not know: its refusal, exit 1.
+    let stderr = verb_fails(&server, &["policy", "pq", "--set", "bogus=1"], 1);
+    assert!(
+        stderr.contains("invalid") && stderr.contains("bogus"),
+        "{stderr}"
+    );
+
+    let queue = verb_json(&server, &["pause", "pq", "--duration", "1h"]);
+    assert_eq!(queue["paused"], true);
+    assert!(queue["paused_until"].is_string(), "{queue}");
+    let line = verb_ok(&server, &["pause", "pq"]);
+    assert_eq!(line, "queue pq paused: yes\n");
+    let reserved = server
+        .http("POST", "/v1/reserve", r#"{"queues":["pq"],"timeout_ms":0}"#)
+        .json();
+    assert_eq!(
+        reserved["jobs"].as_array().map(Vec::len),
+        Some(0),
+        "{reserved}"
+    );
+    let row = verb_ok(&server, &["queues"]);
+    assert!(
+        row.lines()
+            .any(|l| l.starts_with("pq ") && l.ends_with(" yes")),
+        "{row}"
+    );
+    let line = verb_ok(&server, &["resume", "pq"]);
+    assert_eq!(line, "queue pq paused: no\n");
+    let queue = verb_json(&server, &["resume", "pq"]);
+    assert_eq!(queue["paused"], false);
+}
+
+#[test]
+fn job_verbs_bad_usage_exits_2_and_unknown_ids_exit_1() {
+    let server = Server::start();
+    wait_ready(&server);
+    for args in [
+        &["get", "abc"][..],
+        &["get"],
+        &["put", "1", "--priority", "high"],
+        &["put", "1", "--delay", "soon"],
+        &["put", "1", "--header", "novalue"],
+        &["purge", "q"],
+        &["get", "1", "--timeout", "1s"],
+        &["policy", "q", "--set", "=1"],
+        &["pause", "q", "--duration", "x"],
+    ] {
+        let stderr = verb_fails(&server, args, 2);
+        assert!(!stderr.is_empty(), "{args:?}");
+    }
+    for verb in ["get", "cancel", "kick"] {
+        let stderr = verb_fails(&server, &[verb, "999"], 1);
+        assert!(
+            stderr.contains("job 999") && stderr.contains("not_found"),
+            "{verb}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{verb}: {stderr}");
+    }
+    // The server's refusal of a bad state, by its code.
+    let stderr = verb_fails(&server, &["jobs", "q", "--state", "sleeping"], 1);
+    assert!(
+        stderr.contains("invalid") && stderr.contains("sleeping"),
+        "{stderr}"
     );
 }

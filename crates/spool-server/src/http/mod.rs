@@ -34,7 +34,8 @@
 //! counted there.
 
 mod admin;
-mod encoding;
+/// Public for the CLI, which sends and shows job payloads the same way.
+pub mod encoding;
 pub mod exposition;
 mod jobs;
 mod metrics;
