@@ -749,7 +749,9 @@ impl EngineTask {
             Msg::SetDraining(draining) => self.engine.set_draining(draining),
             Msg::Snapshot(scope, reply) => {
                 // The asker may have given up; that is its business.
-                let _ = reply.send(self.engine.snapshot(self.clock.now_ns(), scope));
+                let mut snapshot = self.engine.snapshot(self.clock.now_ns(), scope);
+                snapshot.waits.reserve = self.parked.len() as u64;
+                let _ = reply.send(snapshot);
             }
             Msg::BeginShutdown => {
                 if !self.engine.is_shutting_down() {

@@ -46,15 +46,15 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// Freed tubes whose job counters are kept, by name, for when the tube comes
 /// back: beanstalkd frees a tube as soon as nothing refers to it, and a
 /// counter that vanished and restarted at zero with every idle moment would
-/// make `rate()` useless. Only the 7 `spool_jobs_*_total` counters are kept
+/// make `rate()` useless. Only the 13 `spool_jobs_*_total` counters are kept
 /// (their histograms are dropped and restart empty if the tube returns), so
-/// a retired tube costs 7 series in every `/metrics` scrape (a live one
+/// a retired tube costs 13 series in every `/metrics` scrape (a live one
 /// costs about 80: counters, gauges and three 20-bucket histograms) and a
-/// few hundred bytes of memory (its name and 56 bytes of counters).
+/// few hundred bytes of memory (its name and 104 bytes of counters).
 ///
 /// Bounded because clients may cycle through any number of tube names; past
 /// it the longest-retired name is forgotten. 256 keeps the worst case at
-/// 256 × 7 = 1,792 series (about 100 KiB of exposition text), what some 22
+/// 256 × 13 = 3,328 series (about 190 KiB of exposition text), what some 40
 /// live tubes cost, while it still covers the tubes an ordinary deployment
 /// lets go idle between two jobs.
 pub const RETIRED_QUEUES_MAX: usize = 256;
