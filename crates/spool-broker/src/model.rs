@@ -300,6 +300,14 @@ pub enum Op {
     Get {
         id: JobId,
     },
+    /// The job once it has settled (completed, cancelled or buried), or as
+    /// it is after `wait_ms`. A broker that can hold the wait does so
+    /// without a thread; one that cannot may answer at once with the job
+    /// as it is. Shutting down ends the wait with the job as it is.
+    Wait {
+        id: JobId,
+        wait_ms: u64,
+    },
     Update {
         id: JobId,
         expected_version: Option<u64>,

@@ -254,6 +254,9 @@ pub struct Engine {
     outbox: Vec<(ConnId, Response)>,
     /// Whether durable changes are recorded in `log` (off in memory).
     logging: bool,
+    /// Jobs that became completed, cancelled or buried since the broker
+    /// last drained them; `None` while no job wait needs them.
+    settled: Option<Vec<JobId>>,
     log: Vec<LogRecord>,
     /// The log could not be written: durable changes are refused.
     storage_failed: bool,
@@ -330,6 +333,7 @@ impl Engine {
             draining: false,
             outbox: Vec::new(),
             logging: false,
+            settled: None,
             log: Vec::new(),
             storage_failed: false,
             live_log_bytes: 0,
@@ -548,6 +552,33 @@ impl Engine {
         let tube = job.tube;
         self.tube_mut(tube).buried.insert((seq, id));
         self.counters.buried += 1;
+        self.settled(id);
+    }
+
+    /// Notes a job that reached a state a job wait ends at (final or
+    /// buried), only while the broker asked for it: otherwise no cost.
+    fn settled(&mut self, id: JobId) {
+        if let Some(settled) = &mut self.settled {
+            settled.push(id);
+        }
+    }
+
+    /// Starts (or stops) noting the jobs that become completed, cancelled
+    /// or buried, for a broker that holds job waits (`Op::Wait`); stopping
+    /// forgets what was noted.
+    pub fn track_settled(&mut self, on: bool) {
+        match (on, self.settled.is_some()) {
+            (true, false) => self.settled = Some(Vec::new()),
+            (false, true) => self.settled = None,
+            _ => {}
+        }
+    }
+
+    /// The jobs that settled since the last call, while tracking.
+    pub fn drain_settled_into(&mut self, out: &mut Vec<JobId>) {
+        if let Some(settled) = &mut self.settled {
+            out.append(settled);
+        }
     }
 
     fn kick(&mut self, id: JobId, now: u64) {

@@ -203,7 +203,9 @@ impl Engine {
                 id,
                 expected_version,
             } => self.cancel(id, expected_version, now),
-            Op::Get { id } => self.view_outcome(id),
+            // The engine holds no waits: the broker parks them (see
+            // `Engine::track_settled`); here the job is as it is.
+            Op::Get { id } | Op::Wait { id, .. } => self.view_outcome(id),
             Op::Update {
                 id,
                 expected_version,
