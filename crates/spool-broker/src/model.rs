@@ -301,9 +301,10 @@ pub enum Op {
         id: JobId,
     },
     /// The job once it has settled (completed, cancelled or buried), or as
-    /// it is after `wait_ms`. A broker that can hold the wait does so
-    /// without a thread; one that cannot may answer at once with the job
-    /// as it is. Shutting down ends the wait with the job as it is.
+    /// it is after `wait_ms` (counted from when it was sent). A broker holds
+    /// the wait without a thread and may refuse it past its bound of waits
+    /// ([`BrokerError::TooManyWaits`](crate::BrokerError)); shutting down
+    /// ends the wait with the job as it is.
     Wait {
         id: JobId,
         wait_ms: u64,
