@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             queue_policy_defaults_and_max_jobs,
             pause_and_resume,
             blocked_reserve_wakes_and_times_out,
+            job_wait_ends_when_the_job_settles_or_its_time_is_up,
             beanstalkd_and_typed_ops_share_jobs,
             beanstalkd_put_keeps_beanstalkd_semantics,
             everything_survives_restart,
@@ -1016,6 +1017,70 @@ pub async fn blocked_reserve_wakes_and_times_out<H: Harness>(h: H) {
     assert_eq!(got[0].job.id, made.id);
     let (empty, ()) = both(b.reserve(vec![queue("w")], 1, 1_000), h.advance(1_000)).await;
     assert!(empty.unwrap().is_empty());
+}
+
+pub async fn job_wait_ends_when_the_job_settles_or_its_time_is_up<H: Harness>(h: H) {
+    let b = h.broker();
+    let made = enqueue(b, "jw", job("wait")).await;
+    let id = made.id;
+    // Sent first, so it is held when the worker completes the job.
+    let (waited, ()) = both(
+        job_of(
+            b,
+            Op::Wait {
+                id,
+                wait_ms: 60_000,
+            },
+        ),
+        async {
+            let leased = reserve_one(b, "jw").await;
+            let result = Some(Bytes::from_static(b"\"done\""));
+            let lease = leased.lease;
+            job_of(b, Op::Complete { lease, result }).await;
+        },
+    )
+    .await;
+    assert_eq!(waited.state, JobState::Completed);
+    assert_eq!(waited.result.as_deref(), Some(&b"\"done\""[..]));
+    // A settled job answers at once.
+    let again = job_of(
+        b,
+        Op::Wait {
+            id,
+            wait_ms: 60_000,
+        },
+    )
+    .await;
+    assert_eq!(again.state, JobState::Completed);
+    // Nothing happens: the job as it is once the time is up.
+    let other = enqueue(b, "jw", job("idle")).await;
+    let wait = Op::Wait {
+        id: other.id,
+        wait_ms: 1_000,
+    };
+    let (waited, ()) = both(job_of(b, wait), h.advance(1_000)).await;
+    assert_eq!(waited.state, JobState::Ready);
+    assert_eq!(waited.version, other.version);
+    // A buried job ends a wait too: it runs again only if kicked.
+    let wait = Op::Wait {
+        id: other.id,
+        wait_ms: 60_000,
+    };
+    let bury = Op::Bury {
+        id: other.id,
+        lease: None,
+        reason: None,
+    };
+    let (waited, ()) = both(job_of(b, wait), async {
+        job_of(b, bury).await;
+    })
+    .await;
+    assert_eq!(waited.state, JobState::Buried);
+    let missing = Op::Wait {
+        id: 1 << 40,
+        wait_ms: 1_000,
+    };
+    assert_eq!(call(b, missing).await, Err(BrokerError::NotFound));
 }
 
 /// Runs beanstalkd requests on a session and collects one reply each.

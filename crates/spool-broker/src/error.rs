@@ -60,6 +60,12 @@ pub enum BrokerError {
     Storage(String),
     /// A broker answered an operation with the wrong kind of outcome: a bug.
     Internal(String),
+    /// The broker holds its maximum of `max` job waits ([`Op::Wait`]).
+    ///
+    /// [`Op::Wait`]: crate::Op::Wait
+    TooManyWaits {
+        max: usize,
+    },
 }
 
 impl BrokerError {
@@ -85,6 +91,7 @@ impl BrokerError {
             BrokerError::TooLarge { .. } => "too_large",
             BrokerError::QueueFull { .. } => "queue_full",
             BrokerError::Storage(_) | BrokerError::Internal(_) => "storage",
+            BrokerError::TooManyWaits { .. } => "too_many_waits",
         }
     }
 }
@@ -112,6 +119,10 @@ impl fmt::Display for BrokerError {
             BrokerError::Draining => f.write_str("the server is draining: no new jobs"),
             BrokerError::Storage(error) => write!(f, "storage: {error}"),
             BrokerError::Internal(error) => write!(f, "internal: {error}"),
+            BrokerError::TooManyWaits { max } => write!(
+                f,
+                "the server holds its maximum of {max} job waits: ask again without wait_ms"
+            ),
         }
     }
 }

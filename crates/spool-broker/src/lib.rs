@@ -22,5 +22,5 @@ pub use model::{
 };
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
-    SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
+    SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,
 };

@@ -300,6 +300,15 @@ pub enum Op {
     Get {
         id: JobId,
     },
+    /// The job once it has settled (completed, cancelled or buried), or as
+    /// it is after `wait_ms` (counted from when it was sent). A broker holds
+    /// the wait without a thread and may refuse it past its bound of waits
+    /// ([`BrokerError::TooManyWaits`](crate::BrokerError)); shutting down
+    /// ends the wait with the job as it is.
+    Wait {
+        id: JobId,
+        wait_ms: u64,
+    },
     Update {
         id: JobId,
         expected_version: Option<u64>,

@@ -48,6 +48,22 @@ pub struct QueueCounters {
     pub kicked: u64,
     /// Reservations that expired (TTR).
     pub timed_out: u64,
+    /// Failed attempts: a worker's `fail`, and a lease expiry of a job with
+    /// an attempt limit (the job API's retry policy).
+    pub failed: u64,
+    /// Failures that buried the job (attempts used up, or a permanent
+    /// failure): dead letters. Buries by hand are not counted here.
+    pub dead_lettered: u64,
+    /// Jobs cancelled through the job API.
+    pub cancelled: u64,
+    /// Jobs completed through the job API.
+    pub completed: u64,
+    /// Enqueues answered with an existing job (idempotency key within its
+    /// ttl): no new job.
+    pub duplicates: u64,
+    /// Enqueues refused because the queue held `max_jobs` jobs (a batch
+    /// counts once).
+    pub refused_full: u64,
 }
 
 /// One queue at the snapshot's `now`.
@@ -131,4 +147,16 @@ pub struct EngineSnapshot {
     pub next_job_id: u64,
     /// beanstalkd's `stats` counters (process fields left empty).
     pub server: ServerStats,
+    /// Job-API waits held now, filled by the broker (the engine holds
+    /// none; its own blocked beanstalkd reserves are in `server`).
+    pub waits: WaitCounts,
+}
+
+/// Job-API requests a broker holds open now, for `spool_waits{kind}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaitCounts {
+    /// `POST /v1/reserve` calls parked until a job is ready or their timeout.
+    pub reserve: u64,
+    /// `?wait_ms` enqueues and gets waiting for their job to settle.
+    pub job: u64,
 }

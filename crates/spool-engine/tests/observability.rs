@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 use spool_engine::{
-    ConnId, Engine, EngineConfig, EngineSnapshot, QueueCounters, QueueSnapshot, SnapshotScope,
-    SNAPSHOT_RESERVED_IDS_MAX,
+    ConnId, Engine, EngineConfig, EngineSnapshot, JobState, QueueCounters, QueueSnapshot,
+    SnapshotScope, SNAPSHOT_RESERVED_IDS_MAX,
 };
 use spool_proto::{Put, PutBody, Request, Response, TubeName};
 
@@ -563,4 +563,103 @@ fn shutdown_refuses_puts_and_never_blocks_a_reserve() {
         vec![Response::Deleted]
     );
     e.check_invariants();
+}
+
+/// The job API's counters: failed attempts (a worker's fail and a lease
+/// expiry of a job with an attempt limit), dead letters (not a bury by
+/// hand), cancels and completions; kept when the queue's tube is freed.
+#[test]
+fn job_model_counters_count_their_events_and_outlive_the_tube() {
+    use spool_broker::{Lease, NewJob, Op, Outcome};
+    let mut e = engine();
+    let q = tube("jobs");
+    let mut now = SEC;
+    let enqueue = |e: &mut Engine, max_attempts: u32, now: u64| {
+        let job = NewJob {
+            payload: Bytes::from_static(b"1"),
+            ttr_ms: Some(1_000),
+            max_attempts: Some(max_attempts),
+            ..NewJob::default()
+        };
+        let op = Op::Enqueue {
+            queue: q.clone(),
+            job,
+        };
+        e.apply(op, now).unwrap().into_job().unwrap().id
+    };
+    let reserve = |e: &mut Engine, now: u64| -> Lease {
+        let op = Op::Reserve {
+            queues: vec![q.clone()],
+            batch: 1,
+            timeout_ms: 0,
+        };
+        match e.apply(op, now).unwrap() {
+            Outcome::Leased(mut leased) => leased.pop().unwrap().lease,
+            other => panic!("reserve answered {other:?}"),
+        }
+    };
+    let a = enqueue(&mut e, 2, now);
+    reserve(&mut e, now);
+    // The lease expires: a failed attempt, retried after its backoff.
+    now += 2 * SEC;
+    e.tick(now);
+    let mut expected = QueueCounters {
+        put: 1,
+        reserved: 1,
+        timed_out: 1,
+        failed: 1,
+        ..QueueCounters::default()
+    };
+    assert_eq!(counters(&e, "jobs", now), expected);
+    e.apply(Op::Kick { id: a }, now).unwrap();
+    let lease = reserve(&mut e, now);
+    let fail = Op::Fail {
+        lease,
+        error: "no".into(),
+        retry_in_ms: None,
+        permanent: false,
+    };
+    assert_eq!(
+        e.apply(fail, now).unwrap().into_job().unwrap().state,
+        JobState::Buried
+    );
+    expected.kicked = 1;
+    expected.reserved = 2;
+    expected.failed = 2;
+    expected.buried = 1;
+    expected.dead_lettered = 1;
+    assert_eq!(counters(&e, "jobs", now), expected);
+    // Buried by hand: no dead letter.
+    let b = enqueue(&mut e, 5, now);
+    let bury = Op::Bury {
+        id: b,
+        lease: None,
+        reason: None,
+    };
+    e.apply(bury, now).unwrap();
+    expected.put = 2;
+    expected.buried = 2;
+    assert_eq!(counters(&e, "jobs", now), expected);
+    let cancel = |id| Op::Cancel {
+        id,
+        expected_version: None,
+    };
+    e.apply(cancel(a), now).unwrap();
+    e.apply(Op::Kick { id: b }, now).unwrap();
+    let lease = reserve(&mut e, now);
+    let complete = Op::Complete {
+        lease,
+        result: None,
+    };
+    e.apply(complete, now).unwrap();
+    expected.cancelled = 1;
+    expected.kicked = 2;
+    expected.reserved = 3;
+    expected.completed = 1;
+    expected.deleted = 1;
+    // Every job is final: the tube is freed, its counters kept.
+    let snapshot = e.snapshot(now, SnapshotScope::Queues);
+    assert!(snapshot.queues.iter().all(|q| q.name != "jobs"));
+    let retired = snapshot.retired_queues.iter().find(|r| r.name == "jobs");
+    assert_eq!(retired.unwrap().counters, expected);
 }

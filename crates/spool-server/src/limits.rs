@@ -254,3 +254,17 @@ pub const V1_BATCH_JOBS_MAX: usize = spool_engine::limits::ENQUEUE_BATCH_JOBS_MA
 /// below common proxy and load-balancer idle timeouts (60 s), and a worker
 /// simply polls again.
 pub const RESERVE_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Longest `?wait_ms` of an enqueue or a job read: the same bound as a
+/// reserve's long poll ([`RESERVE_WAIT_MAX`]) for the same reasons (proxy
+/// idle timeouts; a client simply asks again). The handler gets it on top
+/// of [`HANDLER_TIMEOUT`].
+pub const JOB_WAIT_MAX: Duration = RESERVE_WAIT_MAX;
+
+/// Most `?wait_ms` waits held at once; past it a wait is refused with 503
+/// `too_many_waits` (the client may read the job without waiting, or try
+/// again). A wait costs little in the broker, but each holds an HTTP
+/// connection: half of [`HTTP_CONNECTIONS_MAX`] keeps waiters from taking
+/// the connections the workers that would settle their jobs, and the
+/// probes, need.
+pub const JOB_WAITS_MAX: usize = (HTTP_CONNECTIONS_MAX / 2) as usize;

@@ -35,6 +35,7 @@ use spool_proto::{Request, Response, TubeName};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::durable::SharedStorageStats;
+use crate::limits::JOB_WAITS_MAX;
 use crate::process::ProcessInfo;
 
 /// Messages the engine task handles in one wake-up before it runs timers and
@@ -237,6 +238,22 @@ struct ParkedReserve {
     queues: Vec<TubeName>,
     batch: u32,
     /// Engine time it answers empty at.
+    until_ns: u64,
+    answer: Answer,
+}
+
+/// Whether a job wait ends at this state: final, or buried (dead until
+/// someone kicks it).
+fn settled(state: spool_broker::JobState) -> bool {
+    state.is_final() || state == spool_broker::JobState::Buried
+}
+
+/// A job wait (`Op::Wait`) held until its job settles (completed,
+/// cancelled or buried) or its time is up.
+#[derive(Debug)]
+struct JobWait {
+    id: u64,
+    /// Engine time it answers with the job as it is.
     until_ns: u64,
     answer: Answer,
 }
@@ -606,6 +623,11 @@ struct EngineTask {
     parked: Vec<ParkedReserve>,
     /// The engine's `ready_events` when the parked reserves last tried.
     parked_events: u64,
+    /// Job waits, at most [`JOB_WAITS_MAX`]; while there are any, the
+    /// engine notes the jobs that settle.
+    job_waits: Vec<JobWait>,
+    /// The settled jobs drained from the engine, reused every round.
+    settled: Vec<u64>,
 }
 
 impl EngineTask {
@@ -629,6 +651,8 @@ impl EngineTask {
             ops: Vec::new(),
             parked: Vec::new(),
             parked_events: 0,
+            job_waits: Vec::new(),
+            settled: Vec::new(),
             log: log.map(|sink| LogState {
                 sink,
                 records: Vec::new(),
@@ -690,6 +714,7 @@ impl EngineTask {
                 .next_wake()
                 .into_iter()
                 .chain(self.parked.iter().map(|p| p.until_ns))
+                .chain(self.job_waits.iter().map(|w| w.until_ns))
                 .min();
             if self.log.as_ref().is_some_and(|l| l.compaction.is_some()) {
                 // More snapshot work: come back after others had a turn.
@@ -749,7 +774,10 @@ impl EngineTask {
             Msg::SetDraining(draining) => self.engine.set_draining(draining),
             Msg::Snapshot(scope, reply) => {
                 // The asker may have given up; that is its business.
-                let _ = reply.send(self.engine.snapshot(self.clock.now_ns(), scope));
+                let mut snapshot = self.engine.snapshot(self.clock.now_ns(), scope);
+                snapshot.waits.reserve = self.parked.len() as u64;
+                snapshot.waits.job = self.job_waits.len() as u64;
+                let _ = reply.send(snapshot);
             }
             Msg::BeginShutdown => {
                 if !self.engine.is_shutting_down() {
@@ -794,10 +822,34 @@ impl EngineTask {
                     }
                     reserved => reserved.map(Outcome::Leased),
                 },
+                Op::Wait { id, wait_ms } => {
+                    let until_ns = sent_ns.saturating_add(wait_ms.saturating_mul(1_000_000));
+                    match self.engine.apply(Op::Get { id }, now) {
+                        Ok(Outcome::Job(job))
+                            if !settled(job.state)
+                                && now < until_ns
+                                && !self.engine.is_shutting_down() =>
+                        {
+                            if self.job_waits.len() >= JOB_WAITS_MAX {
+                                Err(BrokerError::TooManyWaits { max: JOB_WAITS_MAX })
+                            } else {
+                                self.engine.track_settled(true);
+                                self.job_waits.push(JobWait {
+                                    id,
+                                    until_ns,
+                                    answer,
+                                });
+                                continue;
+                            }
+                        }
+                        read => read,
+                    }
+                }
                 op => self.engine.apply(op, now),
             };
             self.answer(answer, outcome);
         }
+        self.run_job_waits(now);
         let events = self.engine.ready_events();
         let retry = std::mem::replace(&mut self.parked_events, events) != events;
         if self.parked.is_empty() {
@@ -822,6 +874,34 @@ impl EngineTask {
             } else {
                 self.parked.push(parked);
             }
+        }
+    }
+
+    /// Answers the job waits whose job settled, whose time is up, or all of
+    /// them once shutting down, each with the job as it is now.
+    fn run_job_waits(&mut self, now: u64) {
+        if self.job_waits.is_empty() {
+            return;
+        }
+        self.settled.clear();
+        self.engine.drain_settled_into(&mut self.settled);
+        let shutting_down = self.engine.is_shutting_down();
+        // Waits are few (JOB_WAITS_MAX) and settled jobs per round few: a
+        // scan costs less than keeping an index by job id.
+        for wait in std::mem::take(&mut self.job_waits) {
+            let done = shutting_down
+                || now >= wait.until_ns
+                || wait.answer.is_closed()
+                || self.settled.contains(&wait.id);
+            if done {
+                let job = self.engine.apply(Op::Get { id: wait.id }, now);
+                self.answer(wait.answer, job);
+            } else {
+                self.job_waits.push(wait);
+            }
+        }
+        if self.job_waits.is_empty() {
+            self.engine.track_settled(false);
         }
     }
 

@@ -349,6 +349,13 @@ fn metrics_are_well_formed_and_count_job_traffic() {
         "spool_jobs_buried_total",
         "spool_jobs_kicked_total",
         "spool_jobs_timed_out_total",
+        "spool_jobs_failed_total",
+        "spool_jobs_dead_lettered_total",
+        "spool_jobs_cancelled_total",
+        "spool_jobs_completed_total",
+        "spool_jobs_duplicates_total",
+        "spool_jobs_refused_total",
+        "spool_waits",
         "spool_queue_jobs",
         "spool_job_wait_seconds",
         "spool_job_run_seconds",
@@ -414,6 +421,87 @@ fn metrics_are_well_formed_and_count_job_traffic() {
                 .value("spool_connections_opened_total", &[("protocol", "http")])
                 .unwrap()
     );
+}
+
+#[test]
+fn metrics_count_the_job_model() {
+    let server = Server::start();
+    wait_ready(&server);
+    let ok = |method: &str, path: &str, body: &str, status: u16| {
+        let reply = server.http(method, path, body);
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.body);
+        reply.json()
+    };
+    ok("PUT", "/v1/queues/jm/policy", r#"{"max_jobs": 3}"#, 200);
+    let keyed = r#"{"payload": 1, "idempotency_key": "k"}"#;
+    ok("POST", "/v1/queues/jm/jobs", keyed, 201);
+    assert_eq!(
+        ok("POST", "/v1/queues/jm/jobs", keyed, 200)["duplicate"],
+        true
+    );
+    let doomed = ok(
+        "POST",
+        "/v1/queues/jm/jobs",
+        r#"{"payload": 2, "max_attempts": 1}"#,
+        201,
+    );
+    let leased = ok(
+        "POST",
+        "/v1/reserve",
+        r#"{"queues": ["jm"], "timeout_ms": 0, "batch": 2}"#,
+        200,
+    );
+    for job in leased["jobs"].as_array().unwrap() {
+        let (id, lease) = (&job["id"], &job["lease"]);
+        if *id == doomed["id"] {
+            // One attempt allowed: this failure dead-letters the job.
+            let body = format!(r#"{{"lease": {lease}, "error": "no"}}"#);
+            let failed = ok("POST", &format!("/v1/jobs/{id}/fail"), &body, 200);
+            assert_eq!(failed["state"], "buried");
+        } else {
+            let body = format!(r#"{{"lease": {lease}, "result": "done"}}"#);
+            ok("POST", &format!("/v1/jobs/{id}/complete"), &body, 200);
+        }
+    }
+    let cancelled = ok("POST", "/v1/queues/jm/jobs", r#"{"payload": 3}"#, 201);
+    ok(
+        "POST",
+        &format!("/v1/jobs/{}/cancel", cancelled["id"]),
+        "",
+        200,
+    );
+    // The buried job and two more fill the queue; the next is refused.
+    ok("POST", "/v1/queues/jm/jobs", r#"{"payload": 4}"#, 201);
+    ok("POST", "/v1/queues/jm/jobs", r#"{"payload": 5}"#, 201);
+    ok("POST", "/v1/queues/jm/jobs", r#"{"payload": 6}"#, 429);
+
+    let (_, parsed) = metrics(&server);
+    let q = [("queue", "jm")];
+    assert_eq!(parsed.value("spool_jobs_duplicates_total", &q), Some(1.0));
+    assert_eq!(parsed.value("spool_jobs_completed_total", &q), Some(1.0));
+    assert_eq!(parsed.value("spool_jobs_failed_total", &q), Some(1.0));
+    assert_eq!(
+        parsed.value("spool_jobs_dead_lettered_total", &q),
+        Some(1.0)
+    );
+    assert_eq!(parsed.value("spool_jobs_cancelled_total", &q), Some(1.0));
+    assert_eq!(parsed.value("spool_jobs_buried_total", &q), Some(1.0));
+    assert_eq!(
+        parsed.value(
+            "spool_jobs_refused_total",
+            &[("queue", "jm"), ("reason", "queue_full")]
+        ),
+        Some(1.0)
+    );
+    // Completions and failures through the job API end a run too.
+    assert_eq!(parsed.value("spool_job_run_seconds_count", &q), Some(2.0));
+    assert_eq!(
+        parsed.value("spool_waits", &[("kind", "reserve")]),
+        Some(0.0)
+    );
+    assert_eq!(parsed.value("spool_waits", &[("kind", "job")]), Some(0.0));
+    assert_eq!(parsed.types["spool_waits"], "gauge");
+    assert_eq!(parsed.types["spool_jobs_refused_total"], "counter");
 }
 
 #[test]

@@ -46,15 +46,15 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// Freed tubes whose job counters are kept, by name, for when the tube comes
 /// back: beanstalkd frees a tube as soon as nothing refers to it, and a
 /// counter that vanished and restarted at zero with every idle moment would
-/// make `rate()` useless. Only the 7 `spool_jobs_*_total` counters are kept
+/// make `rate()` useless. Only the 13 `spool_jobs_*_total` counters are kept
 /// (their histograms are dropped and restart empty if the tube returns), so
-/// a retired tube costs 7 series in every `/metrics` scrape (a live one
+/// a retired tube costs 13 series in every `/metrics` scrape (a live one
 /// costs about 80: counters, gauges and three 20-bucket histograms) and a
-/// few hundred bytes of memory (its name and 56 bytes of counters).
+/// few hundred bytes of memory (its name and 104 bytes of counters).
 ///
 /// Bounded because clients may cycle through any number of tube names; past
 /// it the longest-retired name is forgotten. 256 keeps the worst case at
-/// 256 × 7 = 1,792 series (about 100 KiB of exposition text), what some 22
+/// 256 × 13 = 3,328 series (about 190 KiB of exposition text), what some 40
 /// live tubes cost, while it still covers the tubes an ordinary deployment
 /// lets go idle between two jobs.
 pub const RETIRED_QUEUES_MAX: usize = 256;
@@ -254,6 +254,9 @@ pub struct Engine {
     outbox: Vec<(ConnId, Response)>,
     /// Whether durable changes are recorded in `log` (off in memory).
     logging: bool,
+    /// Jobs that became completed, cancelled or buried since the broker
+    /// last drained them; `None` while no job wait needs them.
+    settled: Option<Vec<JobId>>,
     log: Vec<LogRecord>,
     /// The log could not be written: durable changes are refused.
     storage_failed: bool,
@@ -330,6 +333,7 @@ impl Engine {
             draining: false,
             outbox: Vec::new(),
             logging: false,
+            settled: None,
             log: Vec::new(),
             storage_failed: false,
             live_log_bytes: 0,
@@ -548,6 +552,33 @@ impl Engine {
         let tube = job.tube;
         self.tube_mut(tube).buried.insert((seq, id));
         self.counters.buried += 1;
+        self.settled(id);
+    }
+
+    /// Notes a job that reached a state a job wait ends at (final or
+    /// buried), only while the broker asked for it: otherwise no cost.
+    fn settled(&mut self, id: JobId) {
+        if let Some(settled) = &mut self.settled {
+            settled.push(id);
+        }
+    }
+
+    /// Starts (or stops) noting the jobs that become completed, cancelled
+    /// or buried, for a broker that holds job waits (`Op::Wait`); stopping
+    /// forgets what was noted.
+    pub fn track_settled(&mut self, on: bool) {
+        match (on, self.settled.is_some()) {
+            (true, false) => self.settled = Some(Vec::new()),
+            (false, true) => self.settled = None,
+            _ => {}
+        }
+    }
+
+    /// The jobs that settled since the last call, while tracking.
+    pub fn drain_settled_into(&mut self, out: &mut Vec<JobId>) {
+        if let Some(settled) = &mut self.settled {
+            out.append(settled);
+        }
     }
 
     fn kick(&mut self, id: JobId, now: u64) {

@@ -214,6 +214,7 @@ impl Engine {
         job.version += 1;
         job.extra_mut().updated_at_ns = now;
         self.record_change(id);
+        self.settled(id);
         let view = self.view(id).expect("job exists");
         let job = self.jobs.remove(&id).expect("job exists");
         let queue = self.tube(job.tube).name.clone();

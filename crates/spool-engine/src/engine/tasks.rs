@@ -203,7 +203,9 @@ impl Engine {
                 id,
                 expected_version,
             } => self.cancel(id, expected_version, now),
-            Op::Get { id } => self.view_outcome(id),
+            // The engine holds no waits: the broker parks them (see
+            // `Engine::track_settled`); here the job is as it is.
+            Op::Get { id } | Op::Wait { id, .. } => self.view_outcome(id),
             Op::Update {
                 id,
                 expected_version,
@@ -346,7 +348,9 @@ impl Engine {
         })
     }
 
-    pub(super) fn check_room(&self, jobs: &[Prepared], now: u64) -> Result<(), BrokerError> {
+    /// Refuses jobs that do not fit; a refusal for `max_jobs` is counted on
+    /// the full queue (it has a tube: it holds jobs, or `max_jobs` is 0).
+    pub(super) fn check_room(&mut self, jobs: &[Prepared], now: u64) -> Result<(), BrokerError> {
         let mut record_bytes = 0usize;
         let mut added: HashMap<&TubeName, u64> = HashMap::new();
         for job in jobs {
@@ -368,6 +372,9 @@ impl Engine {
         for (queue, count) in added {
             if let Some(max_jobs) = self.policy(queue).and_then(|p| p.max_jobs) {
                 if self.queue_jobs(queue) + count > max_jobs {
+                    if let Some(&tube) = self.tube_ids.get(queue) {
+                        self.tube_mut(tube).metrics.counters.refused_full += 1;
+                    }
                     return Err(BrokerError::QueueFull { max_jobs });
                 }
             }
@@ -488,6 +495,11 @@ impl Engine {
     pub(super) fn create(&mut self, p: Prepared, now: u64) -> (JobView, bool) {
         if let Some(key) = p.extra.as_ref().and_then(|e| e.idempotency_key.as_ref()) {
             if let Some(id) = self.live_key(&p.queue, key, now) {
+                // The keyed job's tube may have been freed (a final job
+                // kept by retention): then there is nothing to count on.
+                if let Some(&tube) = self.tube_ids.get(&p.queue) {
+                    self.tube_mut(tube).metrics.counters.duplicates += 1;
+                }
                 return (self.view(id).expect("a keyed job exists"), true);
             }
         }
@@ -617,7 +629,9 @@ impl Engine {
             .extra_mut()
             .result = result;
         let tube = self.jobs[&id].tube;
-        self.tube_mut(tube).metrics.counters.deleted += 1;
+        let counters = &mut self.tube_mut(tube).metrics.counters;
+        counters.deleted += 1;
+        counters.completed += 1;
         Ok(Outcome::Job(self.finish(id, JobState::Completed, now)))
     }
 
@@ -661,8 +675,11 @@ impl Engine {
         job.attempts = job.attempts.saturating_add(1);
         job.extra_mut().last_error = Some(error);
         let (attempts, max_attempts, tube) = (job.attempts, job.max_attempts, job.tube);
+        self.tube_mut(tube).metrics.counters.failed += 1;
         if permanent || (max_attempts > 0 && attempts >= max_attempts) {
-            self.tube_mut(tube).metrics.counters.buried += 1;
+            let counters = &mut self.tube_mut(tube).metrics.counters;
+            counters.buried += 1;
+            counters.dead_lettered += 1;
             self.bury(id, now);
         } else {
             let delay_ms = retry_in_ms.unwrap_or_else(|| {
@@ -781,6 +798,8 @@ impl Engine {
             .expect("job exists")
             .extra_mut()
             .cancel_requested = true;
+        let tube = self.jobs[&id].tube;
+        self.tube_mut(tube).metrics.counters.cancelled += 1;
         Ok(Outcome::Job(self.finish(id, JobState::Cancelled, now)))
     }
 

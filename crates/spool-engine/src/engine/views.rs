@@ -85,6 +85,7 @@ impl Engine {
             disk_full: self.disk_full,
             next_job_id: self.next_job_id,
             server: self.stats(),
+            waits: Default::default(),
         }
     }
 

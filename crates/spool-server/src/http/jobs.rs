@@ -13,7 +13,14 @@
 //!   operation takes one (update, delete, cancel); on the other job
 //!   actions it is checked against a read just before (not atomically, as
 //!   those ops have no expected version yet);
-//! - `?wait_ms` is refused with 400 (not supported yet).
+//! - `?wait_ms=N` (at most [`JOB_WAIT_MAX`]) on an enqueue or a job read
+//!   waits in the broker, holding no thread, until the job is completed,
+//!   cancelled or buried, or N ms passed, or the server shuts down; then
+//!   it answers with the job as it is. An enqueue answers 201 (200 for a
+//!   duplicate) when the job settled, else 202; a read answers 200 either
+//!   way (the job's `state` says which). Past [`crate::limits::JOB_WAITS_MAX`] waits at
+//!   once a read is refused with 503 `too_many_waits`; an enqueue, whose
+//!   job exists by then, answers 202 with the job as enqueued.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,7 +43,7 @@ use spool_broker::{
 
 use super::encoding::{base64_decode, base64_encode, format_rfc3339, parse_rfc3339};
 use super::{ApiError, HttpState};
-use crate::limits::{RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
+use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
 
 /// Jobs a listing page holds when `limit` is not given.
 const LIST_LIMIT_DEFAULT: u32 = 100;
@@ -91,6 +98,7 @@ pub(super) fn broker_error(error: BrokerError) -> ApiError {
         BrokerError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
         BrokerError::Closed
         | BrokerError::Draining
+        | BrokerError::TooManyWaits { .. }
         | BrokerError::Storage(_)
         | BrokerError::Internal(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
@@ -194,9 +202,6 @@ fn query(pairs: QueryPairs, known: &[&str]) -> Result<BTreeMap<String, String>, 
     })?;
     let mut params = BTreeMap::new();
     for (name, value) in pairs {
-        if name == "wait_ms" {
-            return Err(invalid("wait_ms", "wait_ms is not supported yet"));
-        }
         if !known.contains(&name.as_str()) {
             return Err(invalid(
                 name.as_str(),
@@ -222,6 +227,25 @@ fn number_param<T: std::str::FromStr>(
                 .map_err(|_| invalid(name, format!("{v:?} is not a valid number")))
         })
         .transpose()
+}
+
+/// `?wait_ms`, bounded by [`JOB_WAIT_MAX`].
+fn wait_param(params: &BTreeMap<String, String>) -> Result<Option<u64>, ApiError> {
+    let wait_ms = number_param::<u64>(params, "wait_ms")?;
+    let max_ms = JOB_WAIT_MAX.as_millis() as u64;
+    match wait_ms {
+        Some(ms) if ms > max_ms => Err(invalid(
+            "wait_ms",
+            format!("at most {max_ms} ms: ask again for longer waits"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Whether a job wait ends at this state: final, or buried (dead until
+/// someone kicks it).
+fn settled(state: JobState) -> bool {
+    state.is_final() || state == JobState::Buried
 }
 
 fn state_param(params: &BTreeMap<String, String>) -> Result<Option<JobState>, ApiError> {
@@ -701,15 +725,24 @@ async fn enqueue<B: Broker>(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let queue = queue_name(queue)?;
-    query(params, &[])?;
+    let wait_ms = wait_param(&query(params, &["wait_ms"])?)?;
     let job = parse::<EnqueueBody>(&body)?.into_new_job("")?;
     match call(&state, Op::Enqueue { queue, job }).await? {
-        Outcome::Enqueued { job, duplicate } => {
+        Outcome::Enqueued { mut job, duplicate } => {
+            if let Some(wait_ms) = wait_ms.filter(|_| !settled(job.state)) {
+                // The job exists now whatever the wait gives: a refused
+                // or broken wait answers with the job as enqueued (202).
+                let id = job.id;
+                if let Ok(Outcome::Job(now)) = broker(&state)?.call(Op::Wait { id, wait_ms }).await
+                {
+                    job = now;
+                }
+            }
             // A duplicate made nothing: 200 with the job the key names.
-            let status = if duplicate {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
+            let status = match (wait_ms.is_some() && !settled(job.state), duplicate) {
+                (true, _) => StatusCode::ACCEPTED,
+                (false, true) => StatusCode::OK,
+                (false, false) => StatusCode::CREATED,
             };
             let mut response = job_response(
                 status,
@@ -766,8 +799,10 @@ async fn get_job<B: Broker>(
     params: QueryPairs,
 ) -> Result<Response, ApiError> {
     let id = job_id(id)?;
-    query(params, &[])?;
-    call_job(&state, Op::Get { id }).await
+    match wait_param(&query(params, &["wait_ms"])?)? {
+        Some(wait_ms) => call_job(&state, Op::Wait { id, wait_ms }).await,
+        None => call_job(&state, Op::Get { id }).await,
+    }
 }
 
 async fn update_job<B: Broker>(

@@ -151,7 +151,7 @@ fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {
 /// (metric name, help, the counter's value in a queue's counters)
 type CounterColumn = (&'static str, &'static str, fn(&QueueCounters) -> u64);
 
-const JOB_COUNTERS: [CounterColumn; 7] = [
+const JOB_COUNTERS: [CounterColumn; 12] = [
     ("spool_jobs_put_total", "Jobs put.", |c| c.put),
     (
         "spool_jobs_reserved_total",
@@ -174,6 +174,31 @@ const JOB_COUNTERS: [CounterColumn; 7] = [
         "spool_jobs_timed_out_total",
         "Reservations that ran past their TTR.",
         |c| c.timed_out,
+    ),
+    (
+        "spool_jobs_failed_total",
+        "Failed attempts: a worker's fail, or a lease expiry of a job with an attempt limit.",
+        |c| c.failed,
+    ),
+    (
+        "spool_jobs_dead_lettered_total",
+        "Jobs buried by a failure (attempts used up or permanent), not by hand.",
+        |c| c.dead_lettered,
+    ),
+    (
+        "spool_jobs_cancelled_total",
+        "Jobs cancelled through the job API.",
+        |c| c.cancelled,
+    ),
+    (
+        "spool_jobs_completed_total",
+        "Jobs completed through the job API.",
+        |c| c.completed,
+    ),
+    (
+        "spool_jobs_duplicates_total",
+        "Enqueues answered with the existing job of their idempotency key.",
+        |c| c.duplicates,
     ),
 ];
 
@@ -198,7 +223,7 @@ const QUEUE_HISTOGRAMS: [HistogramColumn; 3] = [
     ),
     (
         "spool_job_run_seconds",
-        "Time from reservation to delete.",
+        "Time from reservation to delete, complete or fail.",
         |q| &q.run,
     ),
     (
@@ -224,6 +249,31 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
         for (queue, counters) in all_counters() {
             out.sample_u64(name, &[("queue", queue)], value(counters));
         }
+    }
+    // One reason for now; the label leaves room for others (rate limits)
+    // without a new family.
+    out.family(
+        "spool_waits",
+        MetricKind::Gauge,
+        "Job-API requests held open now: parked reserves, ?wait_ms job waits.",
+    );
+    out.sample_u64(
+        "spool_waits",
+        &[("kind", "reserve")],
+        snapshot.waits.reserve,
+    );
+    out.sample_u64("spool_waits", &[("kind", "job")], snapshot.waits.job);
+    out.family(
+        "spool_jobs_refused_total",
+        MetricKind::Counter,
+        "Enqueues refused, by reason (queue_full: the queue held max_jobs jobs).",
+    );
+    for (queue, counters) in all_counters() {
+        out.sample_u64(
+            "spool_jobs_refused_total",
+            &[("queue", queue), ("reason", "queue_full")],
+            counters.refused_full,
+        );
     }
     out.family(
         "spool_queue_jobs",

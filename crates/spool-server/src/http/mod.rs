@@ -72,8 +72,9 @@ use spool_broker::Broker;
 
 pub use crate::limits::{
     batch_body_max_bytes, job_body_max_bytes, BODY_READ_TIMEOUT, DEFAULT_HTTP_LISTEN,
-    HANDLER_TIMEOUT, HEADER_READ_TIMEOUT, OVERSIZED_BODY_DRAIN_MAX_BYTES, REQUEST_BODY_MAX_BYTES,
-    REQUEST_HEAD_MAX_BYTES, RESERVE_WAIT_MAX, SHUTDOWN_DRAIN_TIMEOUT, WRITE_STALL_TIMEOUT,
+    HANDLER_TIMEOUT, HEADER_READ_TIMEOUT, JOB_WAIT_MAX, OVERSIZED_BODY_DRAIN_MAX_BYTES,
+    REQUEST_BODY_MAX_BYTES, REQUEST_HEAD_MAX_BYTES, RESERVE_WAIT_MAX, SHUTDOWN_DRAIN_TIMEOUT,
+    WRITE_STALL_TIMEOUT,
 };
 use crate::limits::{ACCEPT_ERROR_BACKOFF, HTTP_LISTEN_BACKLOG, HTTP_STALL_CHECK_INTERVAL};
 
@@ -778,6 +779,14 @@ async fn answer(
     // to do; the handler timeout is for the work after that.
     let handler_timeout = if request.method() == Method::POST && path == "/v1/reserve" {
         limits.handler_timeout + RESERVE_WAIT_MAX
+    } else if request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("wait_ms=")))
+    {
+        // `?wait_ms` (an enqueue or a job read; elsewhere it is refused
+        // at once as unknown).
+        limits.handler_timeout + JOB_WAIT_MAX
     } else {
         limits.handler_timeout
     };

@@ -6,6 +6,8 @@
 use serde_json::{json, Value};
 
 use super::*;
+use crate::limits::JOB_WAITS_MAX;
+use spool_engine::SnapshotScope;
 
 /// Engine time the tests start at: 2026-12-04T00:00:00Z.
 const START_NS: u64 = 218_505_600_000_000_000;
@@ -350,7 +352,7 @@ async fn bad_input_gets_400_naming_the_field() {
         ),
         (
             "POST",
-            "/v1/queues/q/jobs?wait_ms=100".into(),
+            "/v1/queues/q/jobs?wait_ms=30001".into(),
             r#"{"payload":1}"#.into(),
             "wait_ms",
         ),
@@ -394,7 +396,7 @@ async fn bad_input_gets_400_naming_the_field() {
         ("GET", "/v1/jobs/-1".into(), "".into(), "id"),
         (
             "GET",
-            format!("/v1/jobs/{id}?wait_ms=100"),
+            format!("/v1/jobs/{id}?wait_ms=x"),
             "".into(),
             "wait_ms",
         ),
@@ -1001,6 +1003,241 @@ async fn a_parked_reserve_answers_empty_when_shutdown_begins() {
         .post("/v1/queues/drain/jobs", json!({"payload": 1}))
         .await;
     assert_error(&reply, 503, "draining", None);
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+/// Waits (bounded) until the broker holds `count` job waits.
+async fn job_waits(broker: &LocalBroker, count: u64) {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        loop {
+            let snapshot = broker.snapshot(SnapshotScope::Queues).await.unwrap();
+            if snapshot.waits.job == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{count} job waits held"));
+}
+
+/// Sends a request in the background: it may wait in the broker.
+fn spawn_request(
+    server: &Arc<TestServer>,
+    method: &'static str,
+    path: String,
+    body: Value,
+) -> tokio::task::JoinHandle<Reply> {
+    let server = server.clone();
+    tokio::spawn(async move { server.send(method, &path, &body).await })
+}
+
+#[tokio::test]
+async fn enqueue_with_wait_answers_when_a_worker_completes_the_job() {
+    // A handler timeout far below the wait: the wait must not be cut.
+    let limits = HttpLimits {
+        handler_timeout: Duration::from_millis(100),
+        ..HttpLimits::default()
+    };
+    let (server, broker) = started(1 << 16, limits).await;
+    let server = Arc::new(server);
+    let waiting = spawn_request(
+        &server,
+        "POST",
+        "/v1/queues/w/jobs?wait_ms=30000".into(),
+        json!({"payload": "in", "idempotency_key": "once"}),
+    );
+    job_waits(&broker, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (job, lease) = server.reserve_one("w").await;
+    let id = &job["id"];
+    let reply = server
+        .post(
+            &format!("/v1/jobs/{id}/complete"),
+            json!({"lease": lease, "result": {"ok": true}}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["state"], "completed");
+    assert_eq!(body["result"], json!({"ok": true}));
+    assert_eq!(body["duplicate"], false);
+    // The same key again: the settled job at once, 200 as a duplicate.
+    let reply = server
+        .post(
+            "/v1/queues/w/jobs?wait_ms=30000",
+            json!({"payload": "in", "idempotency_key": "once"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["duplicate"], true);
+    job_waits(&broker, 0).await;
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_with_wait_answers_202_with_the_job_as_it_is_at_its_time() {
+    let (server, broker) = server().await;
+    let server = Arc::new(server);
+    let waiting = spawn_request(
+        &server,
+        "POST",
+        "/v1/queues/w/jobs?wait_ms=1000".into(),
+        json!({"payload": 1}),
+    );
+    job_waits(&broker, 1).await;
+    broker.advance_clock(1000 * NS_PER_MS);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "ready");
+    assert!(reply.header("location").is_some());
+    job_waits(&broker, 0).await;
+    // A failure that uses up the attempts buries the job: that ends a wait.
+    let made = server
+        .enqueue("w2", json!({"payload": 2, "max_attempts": 1}))
+        .await;
+    let id = &made["id"];
+    let waiting = spawn_request(
+        &server,
+        "GET",
+        format!("/v1/jobs/{id}?wait_ms=5000"),
+        json!(null),
+    );
+    job_waits(&broker, 1).await;
+    let (_, lease) = server.reserve_one("w2").await;
+    let reply = server
+        .post(
+            &format!("/v1/jobs/{id}/fail"),
+            json!({"lease": lease, "error": "no"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "buried");
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn get_with_wait_answers_when_the_job_is_cancelled_or_the_time_is_up() {
+    let (server, broker) = server().await;
+    let server = Arc::new(server);
+    let made = server.enqueue("g", json!({"payload": 1})).await;
+    let id = made["id"].clone();
+    let waiting = spawn_request(
+        &server,
+        "GET",
+        format!("/v1/jobs/{id}?wait_ms=30000"),
+        json!(null),
+    );
+    job_waits(&broker, 1).await;
+    let reply = server
+        .post(&format!("/v1/jobs/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "cancelled");
+    // A settled job answers at once.
+    let reply = server
+        .send("GET", &format!("/v1/jobs/{id}?wait_ms=30000"), &json!(null))
+        .await;
+    assert_eq!(reply.json()["state"], "cancelled");
+    // The time is up: 200 with the job as it is.
+    let other = server.enqueue("g", json!({"payload": 2})).await;
+    let other = &other["id"];
+    let waiting = spawn_request(
+        &server,
+        "GET",
+        format!("/v1/jobs/{other}?wait_ms=10"),
+        json!(null),
+    );
+    job_waits(&broker, 1).await;
+    broker.advance_clock(10 * NS_PER_MS);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "ready");
+    // A job that does not exist: 404 at once.
+    let reply = server
+        .send("GET", "/v1/jobs/999?wait_ms=100", &json!(null))
+        .await;
+    assert_error(&reply, 404, "not_found", None);
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_job_waits_with_the_job_as_it_is() {
+    let (server, broker) = server().await;
+    let server = Arc::new(server);
+    let made = server.enqueue("s", json!({"payload": 1})).await;
+    let id = &made["id"];
+    let read = spawn_request(
+        &server,
+        "GET",
+        format!("/v1/jobs/{id}?wait_ms=30000"),
+        json!(null),
+    );
+    let enqueue = spawn_request(
+        &server,
+        "POST",
+        "/v1/queues/s/jobs?wait_ms=30000".into(),
+        json!({"payload": 2}),
+    );
+    job_waits(&broker, 2).await;
+    let metrics = server.send("GET", "/metrics", &json!(null)).await.body;
+    assert!(
+        metrics.lines().any(|l| l == "spool_waits{kind=\"job\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics
+        .lines()
+        .any(|l| l == "spool_waits{kind=\"reserve\"} 0"));
+    broker.begin_shutdown();
+    let reply = read.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "ready");
+    let reply = enqueue.await.unwrap();
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "ready");
+    job_waits(&broker, 0).await;
+    Arc::into_inner(server).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn job_waits_past_their_maximum_are_refused() {
+    let (server, broker) = server().await;
+    let server = Arc::new(server);
+    let made = server.enqueue("m", json!({"payload": 1})).await;
+    let id = &made["id"];
+    let waits: Vec<_> = (0..JOB_WAITS_MAX)
+        .map(|_| {
+            spawn_request(
+                &server,
+                "GET",
+                format!("/v1/jobs/{id}?wait_ms=30000"),
+                json!(null),
+            )
+        })
+        .collect();
+    job_waits(&broker, JOB_WAITS_MAX as u64).await;
+    let reply = server
+        .send("GET", &format!("/v1/jobs/{id}?wait_ms=30000"), &json!(null))
+        .await;
+    assert_error(&reply, 503, "too_many_waits", None);
+    // An enqueue still makes its job; its refused wait answers 202.
+    let reply = server
+        .post("/v1/queues/m/jobs?wait_ms=30000", json!({"payload": 2}))
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "ready");
+    server
+        .post(&format!("/v1/jobs/{id}/cancel"), json!({}))
+        .await;
+    for wait in waits {
+        assert_eq!(wait.await.unwrap().json()["state"], "cancelled");
+    }
     Arc::into_inner(server).unwrap().stop().await;
 }
 
