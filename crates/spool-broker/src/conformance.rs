@@ -75,6 +75,8 @@ macro_rules! conformance_tests {
             beanstalkd_and_typed_ops_share_jobs,
             beanstalkd_put_keeps_beanstalkd_semantics,
             everything_survives_restart,
+            concurrency_caps_reservations_over_both_front_doors,
+            rate_limits_dispatch_and_wakes_waiters,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1349,4 +1351,190 @@ pub async fn everything_survives_restart<H: Harness>(h: H) {
     assert_eq!(info.policy.max_jobs, Some(1_000));
     let next = enqueue(b, "dur", job("after")).await;
     assert!(next.id > held.id, "ids are never reused");
+}
+
+async fn set_policy<B: Broker>(broker: &B, q: &str, policy: QueuePolicy) {
+    call(
+        broker,
+        Op::SetPolicy {
+            queue: queue(q),
+            policy,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn reserved_in<B: Broker>(broker: &B, q: &str) -> u64 {
+    match call(broker, Op::GetQueue { queue: queue(q) })
+        .await
+        .unwrap()
+    {
+        Outcome::Queue(info) => info.reserved,
+        other => panic!("a queue: {other:?}"),
+    }
+}
+
+/// Moves the clock once what was sent before has been handled (a broker
+/// answers in order), so that a reserve sent first is surely waiting and
+/// the time passing is what serves it.
+async fn advance_after_queued<H: Harness>(h: &H, ms: u64) {
+    call(h.broker(), Op::ListQueues).await.unwrap();
+    h.advance(ms).await;
+}
+
+/// A session watching `q` alone.
+async fn worker_on<B: Broker>(broker: &B, q: &str) -> B::Session {
+    let mut session = broker.open_session(Peer::default()).expect("session");
+    let replies = beanstalkd(
+        &mut session,
+        vec![Request::Watch(queue(q)), Request::Ignore(queue("default"))],
+    )
+    .await;
+    assert_eq!(replies, vec![Response::Watching(2), Response::Watching(1)]);
+    session
+}
+
+pub async fn concurrency_caps_reservations_over_both_front_doors<H: Harness>(h: H) {
+    let b = h.broker();
+    let policy = QueuePolicy {
+        concurrency: Some(2),
+        ..QueuePolicy::default()
+    };
+    set_policy(b, "c", policy.clone()).await;
+    for n in 0..5 {
+        enqueue(b, "c", job(&format!("{n}"))).await;
+    }
+    let mut session = worker_on(b, "c").await;
+    let mut leases = b.reserve(vec![queue("c")], 5, 0).await.unwrap();
+    assert_eq!(leases.len(), 2, "a batch stops at the concurrency");
+    // Full: beanstalkd gets nothing either, and another reserve neither.
+    let replies = beanstalkd(
+        &mut session,
+        vec![Request::ReserveWithTimeout {
+            timeout_secs: Some(0),
+        }],
+    )
+    .await;
+    assert_eq!(replies, vec![Response::TimedOut]);
+    assert!(b.reserve(vec![queue("c")], 5, 0).await.unwrap().is_empty());
+    assert_eq!(reserved_in(b, "c").await, 2);
+    // A completion frees a slot for the next reserve, one only.
+    let done = leases.remove(0);
+    b.complete(done.lease, None).await.unwrap();
+    let next = b.reserve(vec![queue("c")], 5, 0).await.unwrap();
+    assert_eq!(next.len(), 1);
+    leases.extend(next);
+    assert_eq!(reserved_in(b, "c").await, 2);
+    // A blocked beanstalkd reserve is served when a slot frees.
+    let done = leases.remove(0);
+    // (The clock then passes its timeout: a failure answers, not hangs.)
+    let (replies, ()) = both(
+        beanstalkd(
+            &mut session,
+            vec![Request::ReserveWithTimeout {
+                timeout_secs: Some(1),
+            }],
+        ),
+        async {
+            b.complete(done.lease, None).await.unwrap();
+            advance_after_queued(&h, 1_000).await;
+        },
+    )
+    .await;
+    let Response::Reserved { id: held, .. } = replies[0] else {
+        panic!("reserved: {replies:?}");
+    };
+    assert_eq!(reserved_in(b, "c").await, 2);
+    // A parked job-API reserve wakes when the beanstalkd worker's job goes.
+    let (woke, replies) = both(b.reserve(vec![queue("c")], 5, 1_000), async {
+        let replies = beanstalkd(&mut session, vec![Request::Delete(held)]).await;
+        advance_after_queued(&h, 1_000).await;
+        replies
+    })
+    .await;
+    assert_eq!(replies, vec![Response::Deleted]);
+    assert_eq!(woke.unwrap().len(), 1, "the last ready job");
+    assert_eq!(reserved_in(b, "c").await, 2);
+    drop(session);
+    // The policy is durable.
+    let Some(h) = h.restart().await else { return };
+    match call(h.broker(), Op::GetQueue { queue: queue("c") })
+        .await
+        .unwrap()
+    {
+        Outcome::Queue(info) => assert_eq!(info.policy, policy),
+        other => panic!("a queue: {other:?}"),
+    }
+}
+
+pub async fn rate_limits_dispatch_and_wakes_waiters<H: Harness>(h: H) {
+    let b = h.broker();
+    // Two a second: a bucket of two tokens, one more every 500 ms.
+    set_policy(
+        b,
+        "r",
+        QueuePolicy {
+            rate_per_s: Some(2.0),
+            ..QueuePolicy::default()
+        },
+    )
+    .await;
+    for n in 0..40 {
+        enqueue(b, "r", job(&format!("{n}"))).await;
+    }
+    let first = b.reserve(vec![queue("r")], 10, 0).await.unwrap();
+    assert_eq!(first.len(), 2, "a full bucket");
+    let mut handed_out = first.len() as u64;
+    // Over t ms at most 2 per second beyond the bucket, and the tokens do
+    // come: 2 + 2t/1000 exactly when reserving every 100 ms.
+    for step in 1..=30u64 {
+        h.advance(100).await;
+        handed_out += b.reserve(vec![queue("r")], 10, 0).await.unwrap().len() as u64;
+        assert!(handed_out <= 2 + 2 * step * 100 / 1_000, "step {step}");
+    }
+    assert_eq!(handed_out, 2 + 6);
+    // Out of tokens: a parked reserve gets its job when the next arrives
+    // (at 3.5 s), before its own timeout (at 4 s) ends it empty.
+    assert!(b.reserve(vec![queue("r")], 1, 0).await.unwrap().is_empty());
+    let (woke, ()) = both(b.reserve(vec![queue("r")], 1, 1_000), async {
+        advance_after_queued(&h, 500).await;
+        advance_after_queued(&h, 500).await;
+    })
+    .await;
+    assert_eq!(woke.unwrap().len(), 1, "served when the token came");
+    // The token of 4 s, then none until 4.5 s; a blocked beanstalkd
+    // reserve (timing out at 5 s) is served when it comes.
+    let got = b.reserve(vec![queue("r")], 10, 0).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let mut session = worker_on(b, "r").await;
+    let (replies, ()) = both(
+        beanstalkd(
+            &mut session,
+            vec![Request::ReserveWithTimeout {
+                timeout_secs: Some(1),
+            }],
+        ),
+        async {
+            advance_after_queued(&h, 500).await;
+            advance_after_queued(&h, 500).await;
+        },
+    )
+    .await;
+    assert!(
+        matches!(replies[0], Response::Reserved { .. }),
+        "{replies:?}"
+    );
+    // At 5 s one token, then nothing for either front door.
+    let got = b.reserve(vec![queue("r")], 10, 0).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(b.reserve(vec![queue("r")], 1, 0).await.unwrap().is_empty());
+    let replies = beanstalkd(
+        &mut session,
+        vec![Request::ReserveWithTimeout {
+            timeout_secs: Some(0),
+        }],
+    )
+    .await;
+    assert_eq!(replies, vec![Response::TimedOut]);
 }

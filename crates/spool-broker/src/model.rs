@@ -222,6 +222,11 @@ pub struct QueuePolicy {
     pub retention_ms: Option<u64>,
     /// How many completed and cancelled jobs stay readable.
     pub retention_max_jobs: Option<u64>,
+    /// The most jobs of the queue reserved at once, over both front doors.
+    pub concurrency: Option<u32>,
+    /// Jobs handed out per second: a token bucket holding
+    /// `max(1, rate_per_s)` tokens, one per job handed out.
+    pub rate_per_s: Option<f64>,
 }
 
 /// A queue's jobs by state, its pause and its policy.

@@ -64,6 +64,13 @@ pub const RETENTION_MAX_JOBS_DEFAULT: u64 = 10_000;
 /// front doors agree and no instant overflows.
 pub const DELAY_MS_MAX: u64 = u32::MAX as u64 * 1_000;
 
+/// The highest `rate_per_s` of a queue policy. The bucket hands out one
+/// token every `1e9 / rate` ns, rounded up so the rate is never exceeded;
+/// at a million a second that interval is at least 1,000 ns and the
+/// rounding costs under 0.1 % of the rate. Faster than that is no limit a
+/// single-threaded engine could reach anyway.
+pub const RATE_PER_S_MAX: f64 = 1_000_000.0;
+
 /// The longest TTR, for the same reason.
 pub const TTR_MS_MAX: u64 = u32::MAX as u64 * 1_000;
 

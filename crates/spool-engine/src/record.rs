@@ -32,8 +32,10 @@
 //!        | opt bytes32 result | u8 flags (1 cancel requested) | u64 updated_wall_ns
 //! backoff: u64 initial_ms | u64 max_ms | f64 multiplier | f64 jitter
 //! policy: u8 presence bits (max_jobs, max_attempts, backoff, ttr_ms,
-//!        retention_ms, retention_max_jobs) then the present ones in that
-//!        order: u64 | u32 | backoff | u64 | u64 | u64
+//!        retention_ms, retention_max_jobs, concurrency, rate_per_s) then
+//!        the present ones in that order: u64 | u32 | backoff | u64 | u64 |
+//!        u64 | u32 | f64 bits as u64 (bits 6 and 7 came later; older
+//!        records have them clear)
 //! opt X: u8 0, or u8 1 then X; strN/bytesN: uN length then the bytes
 //! ```
 //!
@@ -352,7 +354,9 @@ impl Writer<'_> {
             | u8::from(p.backoff.is_some()) << 2
             | u8::from(p.ttr_ms.is_some()) << 3
             | u8::from(p.retention_ms.is_some()) << 4
-            | u8::from(p.retention_max_jobs.is_some()) << 5;
+            | u8::from(p.retention_max_jobs.is_some()) << 5
+            | u8::from(p.concurrency.is_some()) << 6
+            | u8::from(p.rate_per_s.is_some()) << 7;
         self.u8(bits);
         if let Some(v) = p.max_jobs {
             self.u64(v);
@@ -368,6 +372,12 @@ impl Writer<'_> {
             .flatten()
         {
             self.u64(v);
+        }
+        if let Some(v) = p.concurrency {
+            self.u32(v);
+        }
+        if let Some(v) = p.rate_per_s {
+            self.u64(v.to_bits());
         }
     }
 }
@@ -729,6 +739,13 @@ impl<'a> Reader<'a> {
         let ttr_ms = if has(3) { Some(self.u64()?) } else { None };
         let retention_ms = if has(4) { Some(self.u64()?) } else { None };
         let retention_max_jobs = if has(5) { Some(self.u64()?) } else { None };
+        // Bits 6 and 7 came later: an older record has them clear.
+        let concurrency = if has(6) { Some(self.u32()?) } else { None };
+        let rate_per_s = if has(7) {
+            Some(f64::from_bits(self.u64()?))
+        } else {
+            None
+        };
         Ok(QueuePolicy {
             max_jobs,
             max_attempts,
@@ -736,6 +753,8 @@ impl<'a> Reader<'a> {
             ttr_ms,
             retention_ms,
             retention_max_jobs,
+            concurrency,
+            rate_per_s,
         })
     }
 }
@@ -850,6 +869,8 @@ mod tests {
                 ttr_ms: Some(1),
                 retention_ms: None,
                 retention_max_jobs: Some(3),
+                concurrency: Some(4),
+                rate_per_s: Some(2.5),
             },
             pause: Some((10, u64::MAX)),
         };

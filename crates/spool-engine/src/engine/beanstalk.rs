@@ -82,6 +82,7 @@ impl Engine {
         }
         self.tube_mut(conn.use_tube).using -= 1;
         self.decref(conn.use_tube);
+        self.serve_freed_slots(now);
     }
 
     /// Ends a blocked reserve with `TIMED_OUT`, as beanstalkd does when the
@@ -186,6 +187,7 @@ impl Engine {
         if let Some(reply) = reply {
             self.outbox.push((conn, reply));
         }
+        self.serve_freed_slots(now);
     }
 
     // ---- commands -------------------------------------------------------

@@ -31,6 +31,7 @@ use crate::record::{
 };
 
 mod beanstalk;
+mod dispatch;
 mod jobview;
 mod queues;
 mod replay;
@@ -39,6 +40,7 @@ mod tasks;
 mod timers;
 mod views;
 
+use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -119,6 +121,9 @@ struct Tube {
     unpause_at_ns: u64,
     /// The queue policy's `max_attempts` (0: none), given to beanstalkd puts.
     max_attempts: u32,
+    /// The policy's `concurrency` and `rate_per_s`, if it sets either: a
+    /// tube without them costs one check where jobs are handed out.
+    limits: Option<Box<DispatchLimits>>,
     metrics: QueueMetrics,
 }
 
@@ -155,6 +160,9 @@ impl Default for QueueMetrics {
 enum Timer {
     Delay,
     Pause,
+    /// A rate-limited queue's next token: before a blocked reserve's
+    /// timeout at the same instant, as a pause's end is.
+    Rate,
     /// A blocked reserve's timeout or DEADLINE_SOON: before an expiry at the
     /// same instant, so the waiter hears of it before the job is taken.
     Wait,
@@ -249,6 +257,15 @@ pub struct Engine {
     paused: BTreeSet<(u64, TubeId)>,
     /// Tubes with at least one blocked reserver.
     waited_tubes: BTreeSet<TubeId>,
+    /// Rate-limited tubes with a ready job and an empty bucket, by when
+    /// their next token arrives.
+    rate_timers: BTreeSet<(u64, TubeId)>,
+    /// Token buckets of freed tubes (see `DispatchLimits::tat_ns`): a queue
+    /// that empties and comes back must not start with a full bucket.
+    rate_tats: HashMap<TubeName, u64>,
+    /// A reservation of a queue at its concurrency ended: blocked
+    /// reservers are served once the current call is done.
+    slot_freed: bool,
     counters: Counters,
     draining: bool,
     outbox: Vec<(ConnId, Response)>,
@@ -329,6 +346,9 @@ impl Engine {
             wait_timers: BTreeSet::new(),
             paused: BTreeSet::new(),
             waited_tubes: BTreeSet::new(),
+            rate_timers: BTreeSet::new(),
+            rate_tats: HashMap::new(),
+            slot_freed: false,
             counters: Counters::default(),
             draining: false,
             outbox: Vec::new(),
@@ -630,7 +650,16 @@ impl Engine {
             conn.reserved.remove(&seq);
             conn.deadlines.remove(&(deadline, seq));
         }
-        self.tube_mut(tube).reserved -= 1;
+        let t = self.tube_mut(tube);
+        t.reserved -= 1;
+        if let Some(limits) = t.limits.as_deref() {
+            if t.reserved + 1 == u64::from(limits.concurrency) {
+                // The queue opens again: parked job-API reserves retry now,
+                // blocked reservers when the current call is done.
+                self.ready_events += 1;
+                self.slot_freed = true;
+            }
+        }
         self.counters.reserved -= 1;
     }
 
@@ -666,6 +695,9 @@ impl Engine {
         let t = self.tube_mut(tube);
         t.reserved += 1;
         t.metrics.counters.reserved += 1;
+        if let Some(limits) = t.limits.as_deref_mut() {
+            limits.take_token(now);
+        }
         if let Some(waited_ns) = waited_ns {
             t.metrics.wait.observe_ns(waited_ns);
         }
@@ -680,6 +712,7 @@ impl Engine {
         loop {
             let mut best: Option<(u32, JobId, TubeId)> = None;
             let mut unpaused = Vec::new();
+            let mut throttled = Vec::new();
             for &tube in &self.waited_tubes {
                 let t = self.tubes[tube.0 as usize].as_ref().expect("live tube");
                 if t.pause_ns > 0 {
@@ -687,6 +720,18 @@ impl Engine {
                         continue;
                     }
                     unpaused.push(tube);
+                }
+                if let Some(limits) = t.limits.as_deref() {
+                    match limits.check(t.reserved, now) {
+                        Ok(()) => {}
+                        Err(Closed::Full) => continue,
+                        Err(Closed::Until(at)) => {
+                            if !t.ready.is_empty() {
+                                throttled.push((tube, at));
+                            }
+                            continue;
+                        }
+                    }
                 }
                 if let Some(&(pri, id)) = t.ready.first() {
                     if best.is_none_or(|(bp, bid, _)| (pri, id) < (bp, bid)) {
@@ -696,6 +741,9 @@ impl Engine {
             }
             for tube in unpaused {
                 self.unpause(tube);
+            }
+            for (tube, at) in throttled {
+                self.arm_rate_timer(tube, at);
             }
             let Some((pri, id, tube)) = best else { return };
             self.remove_ready(tube, pri, id);
@@ -787,11 +835,17 @@ impl Engine {
             pause_ns: 0,
             unpause_at_ns: 0,
             max_attempts: 0,
+            limits: None,
             metrics,
         });
         self.tube_order.push(TubeId(slot));
         if let Some(settings) = self.settings.get(name).cloned() {
             self.apply_settings(TubeId(slot), &settings);
+        }
+        if let Some(tat) = self.rate_tats.remove(name) {
+            if let Some(limits) = self.tube_mut(TubeId(slot)).limits.as_deref_mut() {
+                limits.tat_ns = tat;
+            }
         }
         TubeId(slot)
     }
@@ -809,6 +863,14 @@ impl Engine {
         let t = self.tubes[tube.0 as usize].take().expect("live tube");
         if t.pause_ns > 0 {
             self.paused.remove(&(t.unpause_at_ns, tube));
+        }
+        if let Some(limits) = t.limits.as_deref() {
+            if limits.timer_ns != 0 {
+                self.rate_timers.remove(&(limits.timer_ns, tube));
+            }
+            if limits.interval_ns > 0 {
+                self.rate_tats.insert(t.name.clone(), limits.tat_ns);
+            }
         }
         self.tube_ids.remove(&t.name);
         self.tube_order.remove(tube);
@@ -890,14 +952,23 @@ impl Engine {
             }
         }
         self.retention.check_invariants(&self.jobs);
-        // No blocked reserver may be left next to a job it could take.
+        // No blocked reserver may be left next to a job it could take,
+        // unless the queue's limits hold it back: at its concurrency, or
+        // out of tokens with the next one's timer armed.
         for &tube in &self.waited_tubes {
             let t = self.tube(tube);
+            let held = t.limits.as_deref().is_some_and(|l| {
+                (l.concurrency > 0 && t.reserved >= u64::from(l.concurrency)) || l.timer_ns != 0
+            });
             assert!(
-                t.ready.is_empty() || t.pause_ns > 0,
+                t.ready.is_empty() || t.pause_ns > 0 || held,
                 "tube {} has waiters and ready jobs",
                 t.name
             );
+        }
+        for &(at, tube) in &self.rate_timers {
+            let limits = self.tube(tube).limits.as_deref();
+            assert_eq!(limits.map(|l| l.timer_ns), Some(at), "armed timer");
         }
     }
 }

@@ -93,6 +93,9 @@ impl Engine {
                 pause: settings.pause,
             }))
         });
+        if settings.policy.rate_per_s.is_none() {
+            self.rate_tats.remove(&queue);
+        }
         if settings == QueueSettings::default() {
             self.settings.remove(&queue);
         } else {
@@ -102,8 +105,9 @@ impl Engine {
     }
 
     /// Gives a live tube its settings: the policy's attempt limit for
-    /// beanstalkd puts, and the pause.
+    /// beanstalkd puts, its dispatch limits, and the pause.
     pub(super) fn apply_settings(&mut self, tube: TubeId, settings: &QueueSettings) {
+        self.apply_limits(tube, &settings.policy);
         let t = self.tube_mut(tube);
         t.max_attempts = settings.policy.max_attempts.unwrap_or(0);
         if let Some((start, until)) = settings.pause {

@@ -120,6 +120,7 @@ impl Engine {
         #[cfg(debug_assertions)]
         let described = format!("{op:?}");
         let outcome = self.apply_unbatched(op, now);
+        self.serve_freed_slots(now);
         #[cfg(debug_assertions)]
         assert!(
             outcome.is_ok() || self.log.len() == mark,
@@ -225,12 +226,16 @@ impl Engine {
             Op::SetPolicy { queue, policy } => {
                 self.check_writable(true)?;
                 check_backoff(policy.backoff.as_ref())?;
+                dispatch::check_policy(&policy)?;
                 if policy.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
                     return Err(BrokerError::invalid("ttr_ms", "too large"));
                 }
                 let mut settings = self.settings.get(&queue).cloned().unwrap_or_default();
                 settings.policy = policy;
                 self.set_settings(queue.clone(), settings);
+                // Lifted or loosened limits may open the queue.
+                self.ready_events += 1;
+                self.process_queue(now);
                 Ok(Outcome::Queue(self.queue_info(&queue, now)))
             }
             Op::GetQueue { queue } => Ok(Outcome::Queue(self.queue_info(&queue, now))),
@@ -560,6 +565,10 @@ impl Engine {
                 if t.pause_ns > 0 && t.unpause_at_ns > now {
                     continue;
                 }
+                if t.limits.is_some() && !self.may_dispatch(tube, now) {
+                    continue;
+                }
+                let t = self.tube(tube);
                 if let Some(&(pri, id)) = t.ready.first() {
                     if best.is_none_or(|(bp, bid, _)| (pri, id) < (bp, bid)) {
                         best = Some((pri, id, tube));

@@ -15,6 +15,7 @@ impl Engine {
             let due = [
                 self.delayed.first().map(|&(at, _)| (at, Timer::Delay)),
                 self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
+                self.rate_timers.first().map(|&(at, _)| (at, Timer::Rate)),
                 self.wait_timers.first().map(|&(at, _)| (at, Timer::Wait)),
                 // A reservation expires once its deadline has passed
                 // (beanstalkd keeps it while `deadline >= now`).
@@ -87,8 +88,10 @@ impl Engine {
                         self.record_change(id);
                     }
                 }
+                Timer::Rate => self.rate_timer_fired(now),
                 Timer::Retention => self.expire_finished(now),
             }
+            self.serve_freed_slots(now);
         }
         self.next_wake()
     }
@@ -98,6 +101,7 @@ impl Engine {
         [
             self.delayed.first().map(|&(at, _)| at),
             self.paused.first().map(|&(at, _)| at),
+            self.rate_timers.first().map(|&(at, _)| at),
             self.wait_timers.first().map(|&(at, _)| at),
             self.reservations.first().map(|&(at, _, _)| at + 1),
             self.retention.next_expiry(),

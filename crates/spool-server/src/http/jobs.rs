@@ -32,7 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use bytes::Bytes;
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::DeserializeOwned;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -172,11 +172,6 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// text `null` (plain `Option` would read it as absent).
 fn present_raw<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(de).map(Some)
-}
-
-/// True when the field is there at all, whatever its value.
-fn present<'de, D: Deserializer<'de>>(de: D) -> Result<bool, D::Error> {
-    IgnoredAny::deserialize(de).map(|_| true)
 }
 
 fn job_id(path: IdPath) -> Result<JobId, ApiError> {
@@ -512,8 +507,7 @@ struct PauseBody {
 }
 
 /// A queue's policy as `PUT` replaces it: fields left out go back to the
-/// defaults. `concurrency` and `rate_per_s` are in API.md but not in the
-/// broker yet: refused by name rather than accepted and ignored.
+/// defaults.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyBody {
@@ -523,10 +517,8 @@ struct PolicyBody {
     ttr_ms: Option<u64>,
     retention_ms: Option<u64>,
     retention_max_jobs: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
-    concurrency: bool,
-    #[serde(default, deserialize_with = "present")]
-    rate_per_s: bool,
+    concurrency: Option<u32>,
+    rate_per_s: Option<f64>,
 }
 
 // ---- output ---------------------------------------------------------------
@@ -640,6 +632,8 @@ impl Serialize for QueueOut<'_> {
             "ttr_ms": p.ttr_ms,
             "retention_ms": p.retention_ms,
             "retention_max_jobs": p.retention_max_jobs,
+            "concurrency": p.concurrency,
+            "rate_per_s": p.rate_per_s,
         });
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("name", &q.name)?;
@@ -1121,14 +1115,6 @@ async fn set_policy<B: Broker>(
 ) -> Result<Response, ApiError> {
     let queue = queue_name(queue)?;
     let body = parse::<PolicyBody>(&body)?;
-    for (given, field) in [
-        (body.concurrency, "concurrency"),
-        (body.rate_per_s, "rate_per_s"),
-    ] {
-        if given {
-            return Err(invalid(field, format!("{field} is not supported yet")));
-        }
-    }
     let policy = QueuePolicy {
         max_jobs: body.max_jobs,
         max_attempts: body.max_attempts,
@@ -1136,6 +1122,8 @@ async fn set_policy<B: Broker>(
         ttr_ms: body.ttr_ms,
         retention_ms: body.retention_ms,
         retention_max_jobs: body.retention_max_jobs,
+        concurrency: body.concurrency,
+        rate_per_s: body.rate_per_s,
     };
     call_queue(&state, Op::SetPolicy { queue, policy }).await
 }

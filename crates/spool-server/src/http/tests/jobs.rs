@@ -520,14 +520,26 @@ async fn bad_input_gets_400_naming_the_field() {
         (
             "PUT",
             "/v1/queues/q/policy".into(),
-            r#"{"concurrency":2}"#.into(),
+            r#"{"concurrency":0}"#.into(),
             "concurrency",
         ),
         (
             "PUT",
             "/v1/queues/q/policy".into(),
-            r#"{"rate_per_s":null}"#.into(),
+            r#"{"rate_per_s":0}"#.into(),
             "rate_per_s",
+        ),
+        (
+            "PUT",
+            "/v1/queues/q/policy".into(),
+            r#"{"rate_per_s":1e9}"#.into(),
+            "rate_per_s",
+        ),
+        (
+            "PUT",
+            "/v1/queues/q/policy".into(),
+            r#"{"concurrency":-1}"#.into(),
+            "concurrency",
         ),
         (
             "PUT",
@@ -563,13 +575,26 @@ async fn bad_input_gets_400_naming_the_field() {
         .request("POST", "/v1/queues/q/policy", &[], r#"{"concurrency":2}"#)
         .await;
     assert_eq!(reply.status, 405, "{}", reply.body);
+    // The dispatch limits are taken and shown.
     let reply = server
-        .send("PUT", "/v1/queues/q/policy", &json!({"rate_per_s": 5}))
+        .send(
+            "PUT",
+            "/v1/queues/q/policy",
+            &json!({"rate_per_s": 2.5, "concurrency": 3}),
+        )
         .await;
-    assert!(reply.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("not supported yet"));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = server.request("GET", "/v1/queues/q", &[], "").await;
+    let policy = &reply.json()["policy"];
+    assert_eq!(
+        (
+            policy["concurrency"].as_u64(),
+            policy["rate_per_s"].as_f64()
+        ),
+        (Some(3), Some(2.5)),
+        "{}",
+        reply.body
+    );
     // Not JSON at all: 400, no field to name.
     for body in ["[1]", "nope", r#"{"payload":1} trailing"#] {
         let reply = server.request("POST", "/v1/queues/q/jobs", &[], body).await;
@@ -1557,14 +1582,14 @@ async fn queues_list_page_purge_policy_pause_and_resume() {
             "/v1/queues/jobs-q/policy",
             &json!({"max_attempts": 4, "ttr_ms": 1000, "retention_ms": 5000,
                     "retention_max_jobs": 10, "max_jobs": 100,
-                    "backoff": {"initial_ms": 5}}),
+                    "backoff": {"initial_ms": 5}, "concurrency": 3, "rate_per_s": 2.5}),
         )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(
         reply.json()["policy"],
         json!({"max_jobs": 100, "max_attempts": 4, "ttr_ms": 1000, "retention_ms": 5000,
-               "retention_max_jobs": 10,
+               "retention_max_jobs": 10, "concurrency": 3, "rate_per_s": 2.5,
                "backoff": {"initial_ms": 5, "max_ms": 3600000, "multiplier": 2.0, "jitter": 0.2}})
     );
     let job = server.enqueue("jobs-q", json!({"payload": 5})).await;
