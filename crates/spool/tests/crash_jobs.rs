@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use support::{Server, TempDir};
+use support::{Rng, Server, TempDir};
 
 /// Kill/restart rounds on one data directory (the last kill is followed by
 /// one more restart and check).
@@ -94,41 +94,6 @@ const MAX_PADDING: u64 = 1_500;
 const STALE_LEASES_MAX: usize = 200;
 /// Listing page size (the server's most).
 const LIST_LIMIT: u32 = 1_000;
-
-/// xorshift64*: small, std-only, and reproducible from a printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 spreads nearby seeds apart and never yields the
-        // all-zero state xorshift cannot leave.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            items.get(self.below(items.len() as u64) as usize)
-        }
-    }
-}
 
 fn seed() -> u64 {
     match std::env::var("SPOOL_CRASH_SEED") {
