@@ -18,9 +18,10 @@ use spool_server::http::encoding::{base64_decode, base64_encode};
 use crate::admin::{num, render_table, Align};
 use crate::client::{escape, Client, ServerArgs};
 
-/// How often `spool get --wait` asks again: the server has no `?wait_ms`
-/// yet, and a few requests a second cost it nothing.
-const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// The longest wait `spool get --wait` asks the server for in one request
+/// (`?wait_ms`): below the client's request timeout (the server's handler
+/// timeout plus a margin), so a long `--timeout` is a few long-polls.
+const WAIT_SLICE: Duration = Duration::from_secs(10);
 
 /// How long `spool get --wait` waits by default: long enough for a short
 /// job, short enough that a forgotten one does not hang a script.
@@ -284,9 +285,16 @@ pub fn put(args: PutArgs) -> anyhow::Result<()> {
 /// with `--json`.
 pub fn get(args: GetArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.common.server)?;
-    let path = format!("/v1/jobs/{}", args.id);
     let deadline = Instant::now() + args.timeout;
     let (job, raw) = loop {
+        // The server answers a long-poll when the job settles or the wait
+        // ends, holding nothing while it waits.
+        let path = if args.wait {
+            let slice = WAIT_SLICE.min(deadline.saturating_duration_since(Instant::now()));
+            format!("/v1/jobs/{}?wait_ms={}", args.id, slice.as_millis())
+        } else {
+            format!("/v1/jobs/{}", args.id)
+        };
         let raw = client
             .send_raw(Method::GET, &path, None)
             .with_context(|| format!("job {}", args.id))?;
@@ -302,9 +310,6 @@ pub fn get(args: GetArgs) -> anyhow::Result<()> {
                 args.timeout
             );
         }
-        std::thread::sleep(
-            WAIT_POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())),
-        );
     };
     if args.common.json {
         return print_json(&job);
