@@ -632,19 +632,29 @@ async fn serve(
             }
             let recover_dir = dir.clone();
             let replay_clock = clock.clone();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let replay_stop = stop.clone();
             tracing::info!(dir = %dir.display(), "replaying the log");
             // Replay runs off the runtime so that the runtime stays free.
-            let replay = tokio::task::spawn_blocking(move || {
-                let (wal, report) =
-                    durable::recover(&recover_dir, options, &mut engine, &replay_clock)?;
+            let mut replay = tokio::task::spawn_blocking(move || {
+                let (wal, report) = durable::recover_unless_stopped(
+                    &recover_dir,
+                    options,
+                    &mut engine,
+                    &replay_clock,
+                    &replay_stop,
+                )?;
                 Ok::<_, durable::RecoverError>((wal, report, engine))
             });
-            // A signal during a long replay stops the process now: nothing
-            // was acknowledged yet, and exiting mid-replay is no worse than
-            // a crash at that instant, which the log is built to survive.
+            // A signal during a long replay stops it and the process: nothing
+            // was acknowledged yet, and the replay changes nothing before it
+            // ends. It is waited for (it stops within a few thousand
+            // records), so the process never exits around a replaying thread.
             let replayed = tokio::select! {
-                replayed = replay => replayed,
+                replayed = &mut replay => replayed,
                 _ = &mut terminated => {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = replay.await;
                     tracing::info!("stopped during log replay");
                     return Ok(Served::StoppedDuringRecovery);
                 }
@@ -805,8 +815,8 @@ enum Served {
     /// Served until a signal; the log thread (if any) syncs and ends once
     /// the runtime is dropped.
     Finished(Option<std::thread::JoinHandle<()>>),
-    /// A signal arrived while the log was replayed; the replay still runs
-    /// on a blocking thread and must not be waited for.
+    /// A signal arrived while the log was replayed; the replay was stopped
+    /// (and has ended) with nothing changed.
     StoppedDuringRecovery,
 }
 
