@@ -37,9 +37,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use support::{clear_spool_env, show, yaml_map, Rng, TempDir};
+use support::{clear_spool_env, crash_seed, show, yaml_map, Rng, TempDir};
 
 /// Kill/restart rounds on one data directory; the check after the last
 /// kill is followed by a full drain.
@@ -140,19 +140,6 @@ fn base_pri(body: &str) -> u32 {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     h % 1000
-}
-
-fn seed() -> u64 {
-    match std::env::var("SPOOL_CRASH_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("SPOOL_CRASH_SEED={s:?}: expected an unsigned integer")),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1457,7 +1444,7 @@ fn drain_all(model: &mut Model, ctx: &Ctx, checker: &mut Checker) -> usize {
 
 #[test]
 fn acknowledged_writes_survive_kill_9_under_load() {
-    let seed = seed();
+    let seed = crash_seed();
     println!("crash test seed {seed} (rerun with SPOOL_CRASH_SEED={seed})");
     let started = Instant::now();
     let mut rng = Rng::new(seed);

@@ -48,10 +48,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{Rng, Server, TempDir};
+use support::{crash_seed, Rng, Server, TempDir};
 
 /// Kill/restart rounds on one data directory (the last kill is followed by
 /// one more restart and check).
@@ -94,19 +94,6 @@ const MAX_PADDING: u64 = 1_500;
 const STALE_LEASES_MAX: usize = 200;
 /// Listing page size (the server's most).
 const LIST_LIMIT: u32 = 1_000;
-
-fn seed() -> u64 {
-    match std::env::var("SPOOL_CRASH_SEED") {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("SPOOL_CRASH_SEED={s:?}: expected an unsigned integer")),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
 
 // ---------------------------------------------------------------------------
 // A keep-alive HTTP/1.1 client whose failures are values: for the load, a
@@ -1691,7 +1678,7 @@ fn start(dir: &Path, round: usize) -> (Server, Http) {
 
 #[test]
 fn kill_9_under_job_api_load_keeps_what_was_acknowledged() {
-    let seed = seed();
+    let seed = crash_seed();
     eprintln!("crash_jobs: SPOOL_CRASH_SEED={seed}");
     let mut rng = Rng::new(seed);
     let dir = TempDir::new("crash-jobs");

@@ -14,26 +14,26 @@ impl Engine {
     pub fn replay(&mut self, record: LogRecord) -> Result<(), ReplayError> {
         match record {
             LogRecord::Put(job) => {
-                if self.exists(job.id) {
+                if self.holds(job.id) {
                     return Err(ReplayError::DuplicateJob(job.id));
                 }
                 self.replay_job(job, true);
             }
             LogRecord::Snapshot(job) => {
-                let replaces = self.exists(job.id);
+                let replaces = self.holds(job.id);
                 if replaces {
                     self.remove_replayed(job.id);
                 }
                 self.replay_job(job, !replaces);
             }
             LogRecord::Job(full) => {
-                if self.exists(full.job.id) {
+                if self.holds(full.job.id) {
                     return Err(ReplayError::DuplicateJob(full.job.id));
                 }
                 self.replay_full(*full, true);
             }
             LogRecord::JobSnapshot(full) => {
-                let replaces = self.exists(full.job.id);
+                let replaces = self.holds(full.job.id);
                 if replaces {
                     self.remove_replayed(full.job.id);
                 }
@@ -51,7 +51,7 @@ impl Engine {
             }
             LogRecord::Change(change) => self.replay_change(*change),
             LogRecord::Delete { id } => {
-                if self.exists(id) {
+                if self.holds(id) {
                     self.remove_replayed(id);
                 }
             }
@@ -77,10 +77,6 @@ impl Engine {
 
     /// Whether the engine holds job `id`, live or final.
     pub fn holds(&self, id: JobId) -> bool {
-        self.exists(id)
-    }
-
-    pub(super) fn exists(&self, id: JobId) -> bool {
         self.jobs.contains_key(&id) || self.retention.contains(id)
     }
 

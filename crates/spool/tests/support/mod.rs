@@ -982,3 +982,18 @@ impl Rng {
         }
     }
 }
+
+/// The crash tests' seed: `SPOOL_CRASH_SEED` when set (to replay a run),
+/// else the time.
+pub fn crash_seed() -> u64 {
+    match std::env::var("SPOOL_CRASH_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("SPOOL_CRASH_SEED={s:?}: expected an unsigned integer")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
+}
