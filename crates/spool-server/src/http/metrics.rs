@@ -301,6 +301,20 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
             queue.waiting_reservers,
         );
     }
+    // Alerts on ready jobs that nobody takes (deploy/prometheus/alerts.yml)
+    // leave paused queues out with this.
+    out.family(
+        "spool_queue_paused",
+        MetricKind::Gauge,
+        "1 while the queue is paused (pause-tube or the job API): its ready jobs are not handed out.",
+    );
+    for queue in &snapshot.queues {
+        out.sample_u64(
+            "spool_queue_paused",
+            &[("queue", &queue.name)],
+            u64::from(queue.paused),
+        );
+    }
     // Live queues only: a retired queue keeps no histograms (they would be
     // dozens of series per freed tube, for a queue that observes nothing
     // more).

