@@ -32,4 +32,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 stage "cargo test --workspace $*"
 cargo test --workspace "$@"
 
+# The static build, Dockerfile, Kubernetes manifests, systemd unit, alert
+# rules and dashboard (installs promtool and a venv in target/ if missing).
+stage "deployment files (scripts/check-deploy.sh)"
+bash scripts/check-deploy.sh
+
 stage "all checks passed"
