@@ -106,6 +106,21 @@ if "$VENV/bin/kubernetes-validate" --strict --kubernetes-version "$KUBERNETES_VE
     fail "kubernetes-validate has no schema for a kind in: ${schema_checked[*]}"
 fi
 "$VENV/bin/python" scripts/check_kubernetes.py deploy/kubernetes/*/
+# The cross-check must refuse what it is there for: a copy whose kubelet
+# would SIGKILL a draining server and whose ServiceMonitor scrapes nothing.
+broken=$(mktemp -d)
+cp deploy/kubernetes/embedded/*.yaml "$broken/"
+sed -i 's/terminationGracePeriodSeconds: 40/terminationGracePeriodSeconds: 25/' "$broken/statefulset.yaml"
+sed -i 's/- port: http/- port: metrics/' "$broken/servicemonitor.yaml"
+if refusal=$("$VENV/bin/python" scripts/check_kubernetes.py "$broken" 2>&1); then
+    rm -rf "$broken"
+    fail "check_kubernetes.py accepted broken manifests"
+fi
+rm -rf "$broken"
+for expected in terminationGracePeriodSeconds "port 'metrics'"; do
+    grep -q "$expected" <<<"$refusal" ||
+        fail "check_kubernetes.py did not name $expected in: $refusal"
+done
 
 # --- 4. systemd ---------------------------------------------------------------
 step "deploy/systemd/spool.service: systemd-analyze verify"
