@@ -62,7 +62,9 @@ case "${1:-}" in
         ;;
 esac
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+# Read whole: under pipefail `rustup ... | grep -q` fails when grep stops early.
+installed_targets=$(rustup target list --installed 2>/dev/null || true)
+if ! grep -qx "$TARGET" <<<"$installed_targets"; then
     printf 'build-static: adding the Rust target %s\n' "$TARGET" >&2
     rustup target add "$TARGET" >&2 ||
         fail "cannot add the Rust target $TARGET (rustup target add failed: is static.rust-lang.org reachable?)"
