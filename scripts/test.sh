@@ -32,4 +32,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 stage "cargo test --workspace $*"
 cargo test --workspace "$@"
 
+stage "schemathesis against /openapi.json (scripts/schemathesis.sh)"
+bash scripts/schemathesis.sh
+
 stage "all checks passed"

@@ -470,18 +470,24 @@ pub(super) struct ReserveBody {
     queues: Vec<String>,
     #[serde(default)]
     timeout_ms: u64,
+    /// Jobs to lease at most (default 1; at most
+    /// `spool_engine::limits::RESERVE_BATCH_MAX`).
+    #[schema(minimum = 1, maximum = 1000)]
     batch: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LeaseBody {
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CompleteBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
     /// Any JSON value, stored as its text (or give `result_base64`).
     #[serde(default, deserialize_with = "present_raw")]
@@ -493,6 +499,8 @@ pub(super) struct CompleteBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FailBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
     error: String,
     retry_in_ms: Option<u64>,
@@ -503,6 +511,8 @@ pub(super) struct FailBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReleaseBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
     #[serde(default)]
     delay_ms: u64,
@@ -512,6 +522,8 @@ pub(super) struct ReleaseBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BuryBody {
+    /// The lease, when the job is reserved.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: Option<String>,
     reason: Option<String>,
 }

@@ -43,6 +43,11 @@ async fn the_document_lists_every_v1_operation_the_router_serves() {
         })
         .collect();
 
+    // Bounds written into the document as numbers follow the limits.
+    assert_eq!(
+        doc["components"]["schemas"]["ReserveBody"]["properties"]["batch"]["maximum"],
+        serde_json::json!(spool_engine::limits::RESERVE_BATCH_MAX)
+    );
     server.stop().await;
 
     // Which methods the router serves on each /v1 path: anything but

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Property-based tests of the HTTP API against its own /openapi.json:
+# schemathesis (pinned, in a virtual environment of its own under target/)
+# drives a live `spool serve --in-memory` on free loopback ports and fails
+# on any 5xx and any answer the document does not allow (schema, status
+# code, content type). Run by scripts/test.sh; on its own:
+#   bash scripts/schemathesis.sh
+# Environment: SPOOL_SCHEMATHESIS_SEED (default fixed, so runs repeat),
+# SPOOL_SCHEMATHESIS_EXAMPLES (cases per operation and phase, default 60).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Pinned: checks and options are named as in this version.
+SCHEMATHESIS_VERSION=4.32.5
+VENV=target/venv-schemathesis
+SEED=${SPOOL_SCHEMATHESIS_SEED:-20261204}
+EXAMPLES=${SPOOL_SCHEMATHESIS_EXAMPLES:-60}
+# Hard bound on the whole run, whatever schemathesis does.
+RUN_TIMEOUT_S=300
+# Bound on the server becoming ready.
+READY_TIMEOUT_S=30
+
+log() { printf 'schemathesis.sh: %s\n' "$*" >&2; }
+
+if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+cargo build -p spool --bin spool
+SPOOL=target/debug/spool
+
+# Two free loopback ports, chosen by the kernel.
+read -r BEANSTALK_PORT HTTP_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+')
+
+SERVER_LOG=$(mktemp)
+"$SPOOL" serve --in-memory --listen "127.0.0.1:$BEANSTALK_PORT" \
+    --http-listen "127.0.0.1:$HTTP_PORT" --log-level warn >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+stop_server() {
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID"
+        wait "$SERVER_PID" || true
+    fi
+    rm -f "$SERVER_LOG"
+}
+trap stop_server EXIT
+
+BASE="http://127.0.0.1:$HTTP_PORT"
+deadline=$((SECONDS + READY_TIMEOUT_S))
+until curl -sf "$BASE/readyz" >/dev/null 2>&1; do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null || ((SECONDS > deadline)); then
+        log "the server did not become ready; its log:"
+        cat "$SERVER_LOG" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+log "running against $BASE (seed $SEED, $EXAMPLES examples an operation)"
+status=0
+SCHEMATHESIS_HOOKS=scripts/schemathesis_hooks.py timeout "$RUN_TIMEOUT_S" \
+    "$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+    --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
+    --max-examples "$EXAMPLES" \
+    --seed "$SEED" \
+    --workers 1 \
+    --request-timeout 10 \
+    --no-color || status=$?
+
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    log "the server died during the run; its log:"
+    cat "$SERVER_LOG" >&2
+    exit 1
+fi
+if ((status != 0)); then
+    if ((status == 124)); then
+        log "the run took longer than $RUN_TIMEOUT_S s"
+    fi
+    log "failed (exit $status); the server's log:"
+    cat "$SERVER_LOG" >&2
+    exit "$status"
+fi
+log "passed"
