@@ -763,6 +763,21 @@ pub(super) struct PolicyOut {
     ttr_ms: Option<u64>,
 }
 
+impl PolicyOut {
+    pub(super) fn new(p: &QueuePolicy) -> PolicyOut {
+        PolicyOut {
+            backoff: p.backoff.as_ref().map(BackoffOut::from),
+            concurrency: p.concurrency,
+            max_attempts: p.max_attempts,
+            max_jobs: p.max_jobs,
+            rate_per_s: p.rate_per_s,
+            retention_max_jobs: p.retention_max_jobs,
+            retention_ms: p.retention_ms,
+            ttr_ms: p.ttr_ms,
+        }
+    }
+}
+
 /// A queue: its jobs by state, its pause and its policy.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Queue)]
@@ -796,16 +811,7 @@ impl<'a> QueueOut<'a> {
                 .paused_until_ms
                 .filter(|&ms| ms != u64::MAX)
                 .map(format_rfc3339),
-            policy: PolicyOut {
-                backoff: p.backoff.as_ref().map(BackoffOut::from),
-                concurrency: p.concurrency,
-                max_attempts: p.max_attempts,
-                max_jobs: p.max_jobs,
-                rate_per_s: p.rate_per_s,
-                retention_max_jobs: p.retention_max_jobs,
-                retention_ms: p.retention_ms,
-                ttr_ms: p.ttr_ms,
-            },
+            policy: PolicyOut::new(p),
         }
     }
 }
