@@ -159,10 +159,12 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
 
 // ---- input ----------------------------------------------------------------
 
-/// Parses a JSON body; an empty one counts as `{}` (for actions whose
-/// fields are all optional: kick, cancel, pause, ...).
+/// Parses a JSON body; an empty one, or `null`, counts as `{}` (for
+/// actions whose fields are all optional: kick, cancel, pause, ...; the
+/// OpenAPI document says such a body may be absent or null).
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body: &[u8] = if body.trim_ascii().is_empty() {
+    let trimmed = body.trim_ascii();
+    let body: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
         b"{}"
     } else {
         body
@@ -896,7 +898,23 @@ async fn call_queue<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Response,
     ),
     request_body = EnqueueBody,
     responses(
-        (status = 201, description = "Enqueued (with `?wait_ms`: and settled within the wait)", body = JobOut, headers(("ETag" = String, description = "The job's version"), ("Location" = String, description = "The job's URL"))),
+        (
+            status = 201,
+            description = "Enqueued (with `?wait_ms`: and settled within the wait)",
+            body = JobOut,
+            headers(
+                ("ETag" = String, description = "The job's version"),
+                ("Location" = String, description = "The job's URL"),
+            ),
+            links(
+            ("get" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+            ("update" = (operation_id = "update_job", parameters(("id" = "$response.body#/id")))),
+            ("delete" = (operation_id = "delete_job", parameters(("id" = "$response.body#/id")))),
+            ("cancel" = (operation_id = "cancel", parameters(("id" = "$response.body#/id")))),
+            ("kick" = (operation_id = "kick", parameters(("id" = "$response.body#/id")))),
+            ("bury" = (operation_id = "bury", parameters(("id" = "$response.body#/id")))),
+            ),
+        ),
         (status = 200, description = "The idempotency key names an existing job: that job, `duplicate` true", body = JobOut),
         (status = 202, description = "With `?wait_ms`: enqueued, not settled within the wait", body = JobOut),
         (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
@@ -1169,7 +1187,38 @@ async fn cancel<B: Broker>(
     summary = "Lease jobs from queues, waiting up to `timeout_ms`",
     request_body = ReserveBody,
     responses(
-        (status = 200, description = "The jobs leased, each with its `lease`; none when the wait ended empty", body = JobsOut),
+        (
+            status = 200,
+            description = "The jobs leased, each with its `lease`; none when the wait ended empty",
+            body = JobsOut,
+            links(
+            ("heartbeat" = (
+                operation_id = "heartbeat",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ("complete" = (
+                operation_id = "complete",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease", "result": {"ok": true}}),
+            )),
+            ("fail" = (
+                operation_id = "fail",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease", "error": "failed"}),
+            )),
+            ("release" = (
+                operation_id = "release",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ("bury" = (
+                operation_id = "bury",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ),
+        ),
         (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
         (status = 413, description = "The request body is too large", body = ErrorBody),
