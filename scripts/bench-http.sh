@@ -20,6 +20,8 @@
 #   THREADS [2]             client threads
 #   SPOOL_PORT [11631], HTTP_PORT [11632]
 #   OUT [target/bench-http] raw JSON results of every run
+#   SPOOL_BIN               a spool binary to use instead of building
+#                           target/release/spool (for a machine without cargo)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,7 +38,7 @@ THREADS=${THREADS:-2}
 SPOOL_PORT=${SPOOL_PORT:-11631}
 HTTP_PORT=${HTTP_PORT:-11632}
 OUT=${OUT:-target/bench-http}
-BIN=target/release/spool
+BIN=${SPOOL_BIN:-target/release/spool}
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -95,8 +97,10 @@ bench() {
     fi
 }
 
-log "building spool (release)"
-cargo build --release -p spool >&2
+if [[ -z ${SPOOL_BIN:-} ]]; then
+    log "building spool (release)"
+    cargo build --release -p spool >&2
+fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.err
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -25,7 +25,19 @@ log() { printf 'schemathesis.sh: %s\n' "$*" >&2; }
 
 if ! "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
     log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
-    python3 -m venv "$VENV"
+    rm -rf "$VENV"
+    if ! python3 -m venv "$VENV"; then
+        # Debian and Ubuntu ship venv's pip bootstrap separately.
+        log "python3 -m venv failed; installing python3-venv"
+        sudo=""
+        if [ "$(id -u)" -ne 0 ]; then
+            sudo="sudo"
+        fi
+        $sudo apt-get update
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
+        rm -rf "$VENV"
+        python3 -m venv "$VENV"
+    fi
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
@@ -56,7 +68,11 @@ trap stop_server EXIT
 
 BASE="http://127.0.0.1:$HTTP_PORT"
 deadline=$((SECONDS + READY_TIMEOUT_S))
-until curl -sf "$BASE/readyz" >/dev/null 2>&1; do
+ready() {
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+        "$BASE/readyz" >/dev/null 2>&1
+}
+until ready; do
     if ! kill -0 "$SERVER_PID" 2>/dev/null || ((SECONDS > deadline)); then
         log "the server did not become ready; its log:"
         cat "$SERVER_LOG" >&2

@@ -402,6 +402,9 @@ async fn drive(args: &BenchArgs, run: &Arc<Run>) -> Result<HttpReport> {
     // Jobs left by an earlier run would be worked (or waited behind).
     purge(&mut control, run).await?;
     let result = load(args, run, &mut control).await;
+    // The server closes a connection idle past its keep-alive timeout,
+    // which a long load may outlast: a fresh one for the clean-up.
+    let mut control = run.connect().await?;
     if policy.is_some() {
         control
             .expect(
