@@ -82,15 +82,20 @@ until ready; do
 done
 
 log "running against $BASE (seed $SEED, $EXAMPLES examples an operation)"
+# Run from a directory under target/: schemathesis keeps a cache in
+# `.schemathesis/` of its working directory.
+WORK_DIR=target/schemathesis-work
+mkdir -p "$WORK_DIR"
+ROOT=$PWD
 status=0
-SCHEMATHESIS_HOOKS=scripts/schemathesis_hooks.py timeout "$RUN_TIMEOUT_S" \
-    "$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+(cd "$WORK_DIR" && SCHEMATHESIS_HOOKS="$ROOT/scripts/schemathesis_hooks.py" timeout "$RUN_TIMEOUT_S" \
+    "$ROOT/$VENV/bin/schemathesis" run "$BASE/openapi.json" \
     --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
     --max-examples "$EXAMPLES" \
     --seed "$SEED" \
     --workers 1 \
     --request-timeout 10 \
-    --no-color || status=$?
+    --no-color) || status=$?
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     log "the server died during the run; its log:"
