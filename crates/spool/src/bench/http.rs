@@ -9,8 +9,9 @@
 //!   complete each job with its own request; jobs/s completed.
 //! - `http-wait`: enqueue-and-wait (`?wait_ms`) at a fixed `--rate`
 //!   requests/s for `--duration-secs`, the jobs worked by `--consumers`
-//!   HTTP workers; latency counted from each request's scheduled time, so
-//!   a stall is not hidden by sending later (no coordinated omission).
+//!   HTTP workers; a request sent late (its connection still busy) counts
+//!   its latency from when it was due, so a stall is not hidden by
+//!   sending later (no coordinated omission).
 //! - `http-concurrency`: the queue's policy gets `concurrency:
 //!   --concurrency`; `--consumers` workers compete for its jobs and count
 //!   the leases they hold. A lease counts from its reserve's answer until
@@ -666,8 +667,8 @@ async fn producer(
 
 /// Enqueue-and-wait at a fixed rate: producer `index` of `producers`
 /// sends requests `index`, `index + producers`, ... each at its scheduled
-/// time `start + i / rate` (at once when late), and records the latency
-/// from that time.
+/// time `start + i / rate` (at once when late, and then the latency counts
+/// from that time).
 #[allow(clippy::too_many_arguments)]
 async fn waiter(
     mut conn: HttpConn,
@@ -688,7 +689,13 @@ async fn waiter(
             return Ok(());
         }
         let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+        // Late (the previous answer came after this request was due): the
+        // wait for it counts. On time: the latency counts from the send,
+        // not from the timer's wake-up, which tokio rounds up to the next
+        // millisecond.
+        let late = Instant::now() >= scheduled;
         tokio::time::sleep_until(scheduled.into()).await;
+        let counted_from = if late { scheduled } else { Instant::now() };
         let (status, answer) = conn.call(Method::POST, &path, body.clone()).await?;
         // 201: the job completed within the wait; 202 would mean it did not.
         if status != StatusCode::CREATED {
@@ -700,7 +707,7 @@ async fn waiter(
         let received = Instant::now();
         timings
             .request
-            .saturating_record(nanos(received.saturating_duration_since(scheduled)));
+            .saturating_record(nanos(received.saturating_duration_since(counted_from)));
         run.requests.fetch_add(1, Relaxed);
         run.done.fetch_add(1, Relaxed);
         run.progressed(received);
