@@ -44,18 +44,11 @@ fi
 cargo build -p spool --bin spool
 SPOOL=target/debug/spool
 
-# Two free loopback ports, chosen by the kernel.
-read -r BEANSTALK_PORT HTTP_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-')
-
+# Ports chosen by the kernel when the server binds (no race with other
+# processes); the HTTP one is read back from the server's log.
 SERVER_LOG=$(mktemp)
-"$SPOOL" serve --in-memory --listen "127.0.0.1:$BEANSTALK_PORT" \
-    --http-listen "127.0.0.1:$HTTP_PORT" --log-level warn >"$SERVER_LOG" 2>&1 &
+"$SPOOL" serve --in-memory --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+    --log-format text --log-level info >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 stop_server() {
     if kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -66,18 +59,28 @@ stop_server() {
 }
 trap stop_server EXIT
 
-BASE="http://127.0.0.1:$HTTP_PORT"
+server_failed() {
+    log "$1; its log:"
+    cat "$SERVER_LOG" >&2
+    exit 1
+}
+
 deadline=$((SECONDS + READY_TIMEOUT_S))
+HTTP_ADDR=""
+until [[ -n $HTTP_ADDR ]]; do
+    kill -0 "$SERVER_PID" 2>/dev/null || server_failed "the server exited at startup"
+    ((SECONDS <= deadline)) || server_failed "the server did not say its HTTP address"
+    HTTP_ADDR=$(grep -o 'over HTTP http=127\.0\.0\.1:[0-9]*' "$SERVER_LOG" | head -n1 | cut -d= -f2 || true)
+    [[ -n $HTTP_ADDR ]] || sleep 0.1
+done
+BASE="http://$HTTP_ADDR"
 ready() {
     python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
         "$BASE/readyz" >/dev/null 2>&1
 }
 until ready; do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null || ((SECONDS > deadline)); then
-        log "the server did not become ready; its log:"
-        cat "$SERVER_LOG" >&2
-        exit 1
-    fi
+    kill -0 "$SERVER_PID" 2>/dev/null || server_failed "the server exited at startup"
+    ((SECONDS <= deadline)) || server_failed "the server did not become ready"
     sleep 0.1
 done
 

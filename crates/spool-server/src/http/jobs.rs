@@ -400,6 +400,7 @@ impl BackoffBody {
 /// An enqueue body (also each job of a batch).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"payload": {"order": 42}, "priority": 10, "max_attempts": 5, "headers": {"trace": "abc"}, "idempotency_key": "order-42"}))]
 pub(super) struct EnqueueBody {
     /// Any JSON value, stored as its text (or give `payload_base64`).
     #[serde(default, deserialize_with = "present_raw")]
@@ -445,12 +446,14 @@ impl EnqueueBody {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"jobs": [{"payload": {"order": 42}}, {"payload_base64": "aGVsbG8=", "delay_ms": 1000}]}))]
 pub(super) struct BatchBody {
     jobs: Vec<EnqueueBody>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"priority": 5, "delay_ms": 0}))]
 pub(super) struct PatchBody {
     priority: Option<u32>,
     delay_ms: Option<u64>,
@@ -468,6 +471,7 @@ pub(super) struct PatchBody {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"queues": ["orders"], "timeout_ms": 100, "batch": 10}))]
 pub(super) struct ReserveBody {
     queues: Vec<String>,
     #[serde(default)]
@@ -537,6 +541,7 @@ pub(super) struct EmptyBody {}
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"duration_ms": 1000}))]
 pub(super) struct PauseBody {
     duration_ms: Option<u64>,
 }
@@ -545,6 +550,7 @@ pub(super) struct PauseBody {
 /// defaults.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"max_jobs": 10000, "concurrency": 4, "rate_per_s": 50.0, "max_attempts": 3, "ttr_ms": 30000}))]
 pub(super) struct PolicyBody {
     max_jobs: Option<u64>,
     max_attempts: Option<u32>,
