@@ -37,4 +37,7 @@ cargo test --workspace "$@"
 stage "deployment files (scripts/check-deploy.sh)"
 bash scripts/check-deploy.sh
 
+stage "schemathesis against /openapi.json (scripts/schemathesis.sh)"
+bash scripts/schemathesis.sh
+
 stage "all checks passed"

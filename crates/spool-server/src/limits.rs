@@ -19,12 +19,14 @@ pub const FD_HEADROOM: u64 = 32;
 /// which bounds beanstalkd clients only: so that workers filling their cap
 /// never shut out `/livez`, `/readyz` and `/metrics` (Kubernetes would
 /// restart a server that is merely full). HTTP clients are probes,
-/// scrapers, the admin CLI and job-API callers, each holding a connection or
-/// a few, and a kept-alive connection is closed after a short idle time;
-/// 256 leaves room for all of them at once while bounding what a client
-/// opening HTTP connections in a loop can take (the fd ceiling, with
-/// [`HTTP_FD_RESERVE`], bounds them too).
-pub const HTTP_CONNECTIONS_MAX: u64 = 256;
+/// scrapers, the admin CLI and, since the job API, producers and workers
+/// of any language, each holding a kept-alive connection or a few (closed
+/// after a short idle time). 16,384 lets a fleet of job-API clients in
+/// while bounding what a client opening connections in a loop can take:
+/// an idle one costs the server a few KiB (`spool bench --mode
+/// http-idle`), so tens of MiB at the cap; the fd ceiling, with
+/// [`HTTP_FD_RESERVE`], bounds them too.
+pub const HTTP_CONNECTIONS_MAX: u64 = 16_384;
 
 /// Of the fds client connections may use, the last few only HTTP
 /// connections may take: when beanstalkd clients have used up their share,
@@ -176,9 +178,11 @@ pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often an HTTP connection checks whether its writes are stalled: a
 /// stall is noticed at most this long after [`WRITE_STALL_TIMEOUT`] runs
-/// out (2.5 % late), and HTTP connections are few (at most
-/// [`HTTP_CONNECTIONS_MAX`]), so four timer wakes a second each cost
-/// nothing measurable.
+/// out (2.5 % late). Four timer wakes a second per connection are cheap
+/// for the usual few hundred; at thousands of idle job-API connections
+/// they add up (tens of thousands of wakes a second at
+/// [`HTTP_CONNECTIONS_MAX`]), a cost to revisit if fleets that large
+/// appear.
 pub const HTTP_STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 // --- write-ahead log: full disk --------------------------------------------
@@ -264,7 +268,8 @@ pub const JOB_WAIT_MAX: Duration = RESERVE_WAIT_MAX;
 /// Most `?wait_ms` waits held at once; past it a wait is refused with 503
 /// `too_many_waits` (the client may read the job without waiting, or try
 /// again). A wait costs little in the broker, but each holds an HTTP
-/// connection: half of [`HTTP_CONNECTIONS_MAX`] keeps waiters from taking
-/// the connections the workers that would settle their jobs, and the
-/// probes, need.
-pub const JOB_WAITS_MAX: usize = (HTTP_CONNECTIONS_MAX / 2) as usize;
+/// connection: 128 (well under [`HTTP_CONNECTIONS_MAX`]) keeps waiters
+/// from taking the connections the workers that would settle their jobs,
+/// and the probes, need. Enqueue-and-wait at 1,000 requests/s with
+/// millisecond answers holds a handful at once.
+pub const JOB_WAITS_MAX: usize = 128;

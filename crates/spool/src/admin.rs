@@ -267,9 +267,16 @@ fn render_stats(stats: &Value) -> String {
                 num(q, "/counters/deleted"),
                 num(q, "/counters/timed_out"),
                 duration_text(as_f64(q, "/wait_p99_seconds")),
+                num(q, "/policy/max_jobs"),
+                num(q, "/policy/concurrency"),
+                num(q, "/policy/rate_per_s"),
+                num(q, "/policy/max_attempts"),
+                duration_text(as_f64(q, "/policy/ttr_ms").map(|ms| ms / 1000.0)),
+                retention_text(q),
             ]
         })
         .collect();
+    // Policy columns show "-" where the queue keeps the default.
     out.push_str(&render_table(
         &[
             ("QUEUE", Align::Left),
@@ -283,10 +290,27 @@ fn render_stats(stats: &Value) -> String {
             ("DELETES", Align::Right),
             ("TIMEOUTS", Align::Right),
             ("WAIT P99", Align::Right),
+            ("MAX JOBS", Align::Right),
+            ("CONCURRENCY", Align::Right),
+            ("RATE/S", Align::Right),
+            ("ATTEMPTS", Align::Right),
+            ("TTR", Align::Right),
+            ("RETENTION", Align::Right),
         ],
         &rows,
     ));
     out
+}
+
+/// A queue's retention as "age/count" ("1h00m/500"), "-" for a default.
+fn retention_text(queue: &Value) -> String {
+    let age = duration_text(as_f64(queue, "/policy/retention_ms").map(|ms| ms / 1000.0));
+    let count = num(queue, "/policy/retention_max_jobs");
+    if age == "-" && count == "-" {
+        "-".to_string()
+    } else {
+        format!("{age}/{count}")
+    }
 }
 
 fn render_connections(conns: &Value) -> String {
@@ -476,6 +500,47 @@ mod tests {
         assert_eq!(duration_text(None), "-");
         assert_eq!(bytes_text(Some(512.0)), "512 B");
         assert_eq!(bytes_text(Some(1536.0)), "1.5 KiB");
+    }
+
+    #[test]
+    fn stats_show_each_queues_policy() {
+        let stats = json!({"queues": [
+            {"name": "limited", "ready": 2, "policy": {
+                "max_jobs": 100, "concurrency": 4, "rate_per_s": 2.5, "max_attempts": 3,
+                "ttr_ms": 30000, "retention_ms": 3600000, "retention_max_jobs": 500,
+                "backoff": null}},
+            {"name": "plain", "ready": 0, "policy": {
+                "max_jobs": null, "concurrency": null, "rate_per_s": null,
+                "max_attempts": null, "ttr_ms": null, "retention_ms": null,
+                "retention_max_jobs": null, "backoff": null}},
+        ]});
+        let screen = render_stats(&stats);
+        let header = screen
+            .lines()
+            .find(|l| l.starts_with("QUEUE"))
+            .expect("a header");
+        for column in [
+            "MAX JOBS",
+            "CONCURRENCY",
+            "RATE/S",
+            "ATTEMPTS",
+            "TTR",
+            "RETENTION",
+        ] {
+            assert!(header.contains(column), "{header}");
+        }
+        let cells = |queue: &str| -> Vec<String> {
+            let row = screen
+                .lines()
+                .find(|l| l.starts_with(&format!("{queue} ")))
+                .unwrap_or_else(|| panic!("a row for {queue} in {screen}"));
+            row.split_whitespace().map(str::to_string).collect()
+        };
+        assert_eq!(
+            cells("limited")[11..],
+            ["100", "4", "2.5", "3", "30.0s", "1h00m/500"]
+        );
+        assert_eq!(cells("plain")[11..], ["-", "-", "-", "-", "-", "-"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! the idle-connection memory probe in [`idle`].
 
 mod conn;
+mod http;
 mod idle;
 mod load;
 mod report;
@@ -38,6 +39,25 @@ pub enum Mode {
     /// Hold idle connections and report the server's memory per connection.
     #[value(hide = true)]
     Idle,
+    /// HTTP job API: enqueue one job a request (`--producers` connections).
+    HttpEnqueue,
+    /// HTTP job API: enqueue `--enqueue-batch` jobs a request.
+    HttpBatch,
+    /// HTTP job API: workers reserve `--reserve-batch` and complete each,
+    /// against producers enqueueing batches.
+    HttpWork,
+    /// HTTP job API: enqueue-and-wait at `--rate` requests/s, worked by
+    /// `--consumers` HTTP workers.
+    HttpWait,
+    /// HTTP job API: `--consumers` workers on a queue with `concurrency:
+    /// --concurrency`; fails if more leases are ever held at once.
+    HttpConcurrency,
+    /// HTTP job API: workers on a queue with `rate_per_s: --rate`; the rate
+    /// measured over `--duration-secs`.
+    HttpRate,
+    /// HTTP: hold `--connections` idle kept-alive connections; the server's
+    /// memory per connection (needs `--server-pid`).
+    HttpIdle,
 }
 
 impl Mode {
@@ -47,7 +67,27 @@ impl Mode {
             Mode::Put => "put",
             Mode::Drain => "drain",
             Mode::Idle => "idle",
+            Mode::HttpEnqueue => "http-enqueue",
+            Mode::HttpBatch => "http-batch",
+            Mode::HttpWork => "http-work",
+            Mode::HttpWait => "http-wait",
+            Mode::HttpConcurrency => "http-concurrency",
+            Mode::HttpRate => "http-rate",
+            Mode::HttpIdle => "http-idle",
         }
+    }
+
+    fn is_http(self) -> bool {
+        matches!(
+            self,
+            Mode::HttpEnqueue
+                | Mode::HttpBatch
+                | Mode::HttpWork
+                | Mode::HttpWait
+                | Mode::HttpConcurrency
+                | Mode::HttpRate
+                | Mode::HttpIdle
+        )
     }
 }
 
@@ -96,6 +136,29 @@ pub struct BenchArgs {
     /// Client OS threads, each running its own event loop.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
+    /// HTTP modes: the server's HTTP listener, host:port.
+    #[arg(long, default_value = spool_server::limits::DEFAULT_HTTP_LISTEN)]
+    http: String,
+    /// HTTP modes: bearer token, when the server has SPOOL_AUTH_TOKEN set.
+    #[arg(long, env = "SPOOL_AUTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// http-batch, http-work: jobs a batch enqueue carries.
+    #[arg(long, default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=spool_engine::limits::ENQUEUE_BATCH_JOBS_MAX as i64))]
+    enqueue_batch: u32,
+    /// HTTP worker modes: jobs a reserve asks for.
+    #[arg(long, default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(spool_engine::limits::RESERVE_BATCH_MAX)))]
+    reserve_batch: u32,
+    /// http-wait: requests per second; http-rate: the queue's rate_per_s.
+    #[arg(long, default_value_t = 1_000.0, value_parser = parse_rate)]
+    rate: f64,
+    /// http-concurrency: the queue's concurrency.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    concurrency: u32,
+    /// http-wait, http-rate: how long the measured part runs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    duration_secs: u64,
     /// Idle mode: connections to open and hold.
     #[arg(long, default_value_t = 10_000, hide = true)]
     connections: usize,
@@ -108,20 +171,33 @@ pub struct BenchArgs {
     server_pid: Option<u32>,
 }
 
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate <= spool_engine::limits::RATE_PER_S_MAX => Ok(rate),
+        _ => Err(format!(
+            "expected a rate above 0, at most {}",
+            spool_engine::limits::RATE_PER_S_MAX
+        )),
+    }
+}
+
 fn parse_tube(s: &str) -> Result<TubeName, String> {
     TubeName::new(s.as_bytes()).map_err(|e| e.to_string())
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let addr = resolve(&args.addr)?;
     let deadline = Instant::now() + Duration::from_secs(args.time_limit_secs);
+    if args.mode.is_http() {
+        return http::run(&args, deadline);
+    }
+    let addr = resolve(&args.addr)?;
     if args.mode == Mode::Idle {
         return idle::run(&args, addr, deadline);
     }
     let (producers, consumers) = match args.mode {
         Mode::Mixed => (args.producers, args.consumers),
         Mode::Put => (args.producers, 0),
-        Mode::Drain | Mode::Idle => (0, args.consumers),
+        _ => (0, args.consumers),
     };
     if (args.mode != Mode::Drain && producers == 0) || (args.mode != Mode::Put && consumers == 0) {
         return Err(crate::serve::ConfigError(format!(
@@ -324,7 +400,7 @@ fn build_report(
                 .count() as u64,
         ),
         Mode::Drain => Some(count(&shared.seen, false)),
-        Mode::Put | Mode::Idle => None,
+        _ => None,
     };
     // Cut short by the time limit or an error, unreserved jobs may just be
     // queued.

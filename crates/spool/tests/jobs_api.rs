@@ -242,3 +242,88 @@ fn http_jobs_keep_attempts_version_and_result_across_a_restart() {
         (json!(id), json!(true))
     );
 }
+
+/// A queue's `concurrency` bounds the leases held at once, whoever competes
+/// for them: 64 workers, each counting a lease from its reserve's answer
+/// until just before its complete is sent, so the count the test sees is
+/// never above what the server handed out at that moment. Counted, not
+/// timed: any interleaving that breaks the bound fails.
+#[test]
+fn concurrency_is_never_exceeded_by_64_competing_workers() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    const CONCURRENCY: u64 = 3;
+    const WORKERS: usize = 64;
+    const JOBS: u64 = 400;
+    // A hang guard only: the test fails if the jobs are not all done by
+    // then, it asserts nothing about speed.
+    const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+    let server = Server::start();
+    wait_ready(&server);
+    ok(
+        server.http(
+            "PUT",
+            "/v1/queues/limited/policy",
+            &json!({"concurrency": CONCURRENCY}).to_string(),
+        ),
+        200,
+    );
+    let jobs: Vec<Value> = (0..JOBS).map(|i| json!({"payload": i})).collect();
+    ok(
+        post(
+            &server,
+            "/v1/queues/limited/jobs/batch",
+            json!({"jobs": jobs}),
+        ),
+        201,
+    );
+
+    let held = AtomicU64::new(0);
+    let max_held = AtomicU64::new(0);
+    let completed = AtomicU64::new(0);
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| {
+                while completed.load(SeqCst) < JOBS {
+                    assert!(Instant::now() < deadline, "the jobs were not all done");
+                    let reply = post(
+                        &server,
+                        "/v1/reserve",
+                        json!({"queues": ["limited"], "timeout_ms": 200, "batch": 2}),
+                    );
+                    let leased = ok(reply, 200)["jobs"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let n = leased.len() as u64;
+                    let now = held.fetch_add(n, SeqCst) + n;
+                    max_held.fetch_max(now, SeqCst);
+                    for job in leased {
+                        std::thread::yield_now();
+                        held.fetch_sub(1, SeqCst);
+                        let id = &job["id"];
+                        ok(
+                            post(
+                                &server,
+                                &format!("/v1/jobs/{id}/complete"),
+                                json!({"lease": job["lease"]}),
+                            ),
+                            200,
+                        );
+                        completed.fetch_add(1, SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(completed.load(SeqCst), JOBS);
+    let max = max_held.load(SeqCst);
+    assert!(
+        (1..=CONCURRENCY).contains(&max),
+        "{max} leases held at once under concurrency {CONCURRENCY}"
+    );
+    let queue = ok(server.http("GET", "/v1/queues/limited", ""), 200);
+    assert_eq!(queue["counts"]["completed"], json!(JOBS), "{queue}");
+}

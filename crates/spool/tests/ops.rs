@@ -696,6 +696,26 @@ fn cli_verbs_against_a_live_server() {
     worker.put(0, 0, 60, b"job2");
     worker.reserve_now();
     let http = server.http_addr().to_string();
+    let out = run_spool(
+        &[
+            "policy",
+            "cli-q",
+            "--set",
+            "concurrency=4",
+            "--set",
+            "rate_per_s=50",
+            "--set",
+            "max_jobs=1000",
+            "--http",
+            &http,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = run_spool(&["stats", "--json", "--http", &http], &[]);
     assert!(
@@ -710,6 +730,27 @@ fn cli_verbs_against_a_live_server() {
         .unwrap()
         .iter()
         .any(|q| q["name"] == "cli-q" && q["reserved"] == 1));
+    let policy = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "cli-q")
+        .map(|q| q["policy"].clone());
+    assert_eq!(
+        policy.as_ref().map(|p| (
+            p["concurrency"].clone(),
+            p["rate_per_s"].clone(),
+            p["max_jobs"].clone(),
+            p["ttr_ms"].clone()
+        )),
+        Some((
+            serde_json::json!(4),
+            serde_json::json!(50.0),
+            serde_json::json!(1000),
+            serde_json::Value::Null
+        )),
+        "{stats}"
+    );
 
     let out = run_spool(&["stats", "--http", &http], &[]);
     assert!(
@@ -731,6 +772,8 @@ fn cli_verbs_against_a_live_server() {
         ["cli-q", "1", "1", "0", "0", "0", "2"],
         "{row}"
     );
+    // ... WAIT P99, then the policy: MAX JOBS CONCURRENCY RATE/S ATTEMPTS TTR RETENTION.
+    assert_eq!(&cells[11..], ["1000", "4", "50.0", "-", "-", "-"], "{row}");
     assert!(
         text.contains("QUEUE") && text.contains("connections"),
         "{text}"

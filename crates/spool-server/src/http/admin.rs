@@ -14,10 +14,11 @@ use axum::Json;
 use serde_json::{json, Value};
 use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot, SnapshotScope};
 
+use super::jobs::PolicyOut;
 use super::metrics::{ProcessFigures, RuntimeFigures};
 use super::{ApiError, HttpState};
 use crate::durable::StorageStats;
-use spool_broker::Broker;
+use spool_broker::{Broker, Op, Outcome};
 
 /// Quantile shown as a queue's wait figure: the p99 an on-call engineer
 /// compares against the queue's latency objective.
@@ -48,9 +49,29 @@ async fn snapshot<B: Broker>(
     })
 }
 
-fn queue_json(queue: &QueueSnapshot) -> Value {
+/// Each queue's policy (as `GET /v1/queues` shows it), by queue name.
+/// A second call to the broker, so it may see a queue the snapshot did
+/// not (or miss one); such a queue shows `"policy": null`.
+async fn policies<B: Broker>(state: &HttpState<B>) -> HashMap<String, Value> {
+    let Some(broker) = state.broker() else {
+        return HashMap::new();
+    };
+    match broker.call(Op::ListQueues).await {
+        Ok(Outcome::Queues(queues)) => queues
+            .iter()
+            .map(|q| {
+                let policy = serde_json::to_value(PolicyOut::new(&q.policy)).unwrap_or(Value::Null);
+                (q.name.clone(), policy)
+            })
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+fn queue_json(queue: &QueueSnapshot, policies: &HashMap<String, Value>) -> Value {
     let c = &queue.counters;
     json!({
+        "policy": policies.get(&queue.name).cloned().unwrap_or(Value::Null),
         "name": queue.name,
         "ready": queue.ready,
         "reserved": queue.reserved,
@@ -103,6 +124,7 @@ pub(super) async fn stats<B: Broker>(
     // session's strings and reserved ids would cost the data path for
     // nothing.
     let snapshot = snapshot(&state, SnapshotScope::Queues).await?;
+    let policies = policies(&state).await;
     let process = ProcessFigures::read();
     let runtimes: serde_json::Map<String, Value> = RuntimeFigures::read(&state)
         .into_iter()
@@ -135,7 +157,11 @@ pub(super) async fn stats<B: Broker>(
         "connections": super::metrics::connections_json(&connection_metrics),
         "jobs": snapshot.jobs_total,
         "draining": snapshot.draining,
-        "queues": snapshot.queues.iter().map(queue_json).collect::<Vec<_>>(),
+        "queues": snapshot
+            .queues
+            .iter()
+            .map(|q| queue_json(q, &policies))
+            .collect::<Vec<_>>(),
         "wal": wal,
     })))
 }

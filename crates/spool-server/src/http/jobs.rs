@@ -29,20 +29,20 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::ser::SerializeMap;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use spool_broker::{
     Backoff, Broker, BrokerError, JobChange, JobId, JobState, JobView, Lease, NewJob, Op, Outcome,
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
+use utoipa::ToSchema;
 
 use super::encoding::{base64_decode, base64_encode, format_rfc3339, parse_rfc3339};
-use super::{ApiError, HttpState};
+use super::{ApiError, ErrorBody, HttpState};
 use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
 
 /// Jobs a listing page holds when `limit` is not given.
@@ -54,31 +54,42 @@ type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// The `/v1` routes (state still to be given).
 pub(super) fn routes<B: Broker>() -> Router<Arc<HttpState<B>>> {
-    Router::new()
-        .route("/v1/queues", get(list_queues::<B>))
-        .route("/v1/queues/{queue}", get(get_queue::<B>))
-        .route(
+    route_table::<B>()
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, methods)
+        })
+}
+
+/// Every `/v1` path with its handlers: one table, so the OpenAPI test can
+/// ask the router about each path the router serves.
+pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<HttpState<B>>>)> {
+    vec![
+        ("/v1/queues", get(list_queues::<B>)),
+        ("/v1/queues/{queue}", get(get_queue::<B>)),
+        (
             "/v1/queues/{queue}/jobs",
             post(enqueue::<B>).get(list_jobs::<B>).delete(purge::<B>),
-        )
-        .route("/v1/queues/{queue}/jobs/batch", post(enqueue_batch::<B>))
-        .route("/v1/queues/{queue}/policy", put(set_policy::<B>))
-        .route("/v1/queues/{queue}/pause", post(pause::<B>))
-        .route("/v1/queues/{queue}/resume", post(resume::<B>))
-        .route("/v1/reserve", post(reserve::<B>))
-        .route(
+        ),
+        ("/v1/queues/{queue}/jobs/batch", post(enqueue_batch::<B>)),
+        ("/v1/queues/{queue}/policy", put(set_policy::<B>)),
+        ("/v1/queues/{queue}/pause", post(pause::<B>)),
+        ("/v1/queues/{queue}/resume", post(resume::<B>)),
+        ("/v1/reserve", post(reserve::<B>)),
+        (
             "/v1/jobs/{id}",
             get(get_job::<B>)
                 .patch(update_job::<B>)
                 .delete(delete_job::<B>),
-        )
-        .route("/v1/jobs/{id}/cancel", post(cancel::<B>))
-        .route("/v1/jobs/{id}/heartbeat", post(heartbeat::<B>))
-        .route("/v1/jobs/{id}/complete", post(complete::<B>))
-        .route("/v1/jobs/{id}/fail", post(fail::<B>))
-        .route("/v1/jobs/{id}/release", post(release::<B>))
-        .route("/v1/jobs/{id}/bury", post(bury::<B>))
-        .route("/v1/jobs/{id}/kick", post(kick::<B>))
+        ),
+        ("/v1/jobs/{id}/cancel", post(cancel::<B>)),
+        ("/v1/jobs/{id}/heartbeat", post(heartbeat::<B>)),
+        ("/v1/jobs/{id}/complete", post(complete::<B>)),
+        ("/v1/jobs/{id}/fail", post(fail::<B>)),
+        ("/v1/jobs/{id}/release", post(release::<B>)),
+        ("/v1/jobs/{id}/bury", post(bury::<B>)),
+        ("/v1/jobs/{id}/kick", post(kick::<B>)),
+    ]
 }
 
 // ---- errors ---------------------------------------------------------------
@@ -148,10 +159,12 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
 
 // ---- input ----------------------------------------------------------------
 
-/// Parses a JSON body; an empty one counts as `{}` (for actions whose
-/// fields are all optional: kick, cancel, pause, ...).
+/// Parses a JSON body; an empty one, or `null`, counts as `{}` (for
+/// actions whose fields are all optional: kick, cancel, pause, ...; the
+/// OpenAPI document says such a body may be absent or null).
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body: &[u8] = if body.trim_ascii().is_empty() {
+    let trimmed = body.trim_ascii();
+    let body: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
         b"{}"
     } else {
         body
@@ -363,9 +376,9 @@ fn run_at_of(
 }
 
 /// A backoff; the fields not given take API.md's defaults.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BackoffBody {
+pub(super) struct BackoffBody {
     initial_ms: Option<u64>,
     max_ms: Option<u64>,
     multiplier: Option<f64>,
@@ -385,14 +398,19 @@ impl BackoffBody {
 }
 
 /// An enqueue body (also each job of a batch).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EnqueueBody {
+#[schema(example = json!({"payload": {"order": 42}, "priority": 10, "max_attempts": 5, "headers": {"trace": "abc"}, "idempotency_key": "order-42"}))]
+pub(super) struct EnqueueBody {
+    /// Any JSON value, stored as its text (or give `payload_base64`).
     #[serde(default, deserialize_with = "present_raw")]
+    #[schema(value_type = Option<serde_json::Value>)]
     payload: Option<Box<RawValue>>,
     payload_base64: Option<String>,
     priority: Option<u32>,
     delay_ms: Option<u64>,
+    /// An RFC 3339 instant (or give `delay_ms`).
+    #[schema(format = DateTime)]
     run_at: Option<String>,
     ttr_ms: Option<u64>,
     max_attempts: Option<u32>,
@@ -426,52 +444,69 @@ impl EnqueueBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchBody {
+#[schema(example = json!({"jobs": [{"payload": {"order": 42}}, {"payload_base64": "aGVsbG8=", "delay_ms": 1000}]}))]
+pub(super) struct BatchBody {
     jobs: Vec<EnqueueBody>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+#[schema(example = json!({"priority": 5, "delay_ms": 0}))]
+pub(super) struct PatchBody {
     priority: Option<u32>,
     delay_ms: Option<u64>,
+    /// An RFC 3339 instant (or give `delay_ms`).
+    #[schema(format = DateTime)]
     run_at: Option<String>,
+    /// Any JSON value, stored as its text (or give `payload_base64`).
     #[serde(default, deserialize_with = "present_raw")]
+    #[schema(value_type = Option<serde_json::Value>)]
     payload: Option<Box<RawValue>>,
     payload_base64: Option<String>,
     headers: Option<BTreeMap<String, String>>,
     max_attempts: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReserveBody {
+#[schema(example = json!({"queues": ["orders"], "timeout_ms": 100, "batch": 10}))]
+pub(super) struct ReserveBody {
     queues: Vec<String>,
     #[serde(default)]
     timeout_ms: u64,
+    /// Jobs to lease at most (default 1; at most
+    /// `spool_engine::limits::RESERVE_BATCH_MAX`).
+    #[schema(minimum = 1, maximum = 1000)]
     batch: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LeaseBody {
+pub(super) struct LeaseBody {
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CompleteBody {
+pub(super) struct CompleteBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
+    /// Any JSON value, stored as its text (or give `result_base64`).
     #[serde(default, deserialize_with = "present_raw")]
+    #[schema(value_type = Option<serde_json::Value>)]
     result: Option<Box<RawValue>>,
     result_base64: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct FailBody {
+pub(super) struct FailBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
     error: String,
     retry_in_ms: Option<u64>,
@@ -479,38 +514,44 @@ struct FailBody {
     permanent: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReleaseBody {
+pub(super) struct ReleaseBody {
+    /// The lease the reserve handed out.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: String,
     #[serde(default)]
     delay_ms: u64,
     priority: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BuryBody {
+pub(super) struct BuryBody {
+    /// The lease, when the job is reserved.
+    #[schema(pattern = r"^[0-9]+-[0-9]+$")]
     lease: Option<String>,
     reason: Option<String>,
 }
 
 /// For actions that take no fields: `{}` or nothing.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EmptyBody {}
+pub(super) struct EmptyBody {}
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PauseBody {
+#[schema(example = json!({"duration_ms": 1000}))]
+pub(super) struct PauseBody {
     duration_ms: Option<u64>,
 }
 
 /// A queue's policy as `PUT` replaces it: fields left out go back to the
 /// defaults.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PolicyBody {
+#[schema(example = json!({"max_jobs": 10000, "concurrency": 4, "rate_per_s": 50.0, "max_attempts": 3, "ttr_ms": 30000}))]
+pub(super) struct PolicyBody {
     max_jobs: Option<u64>,
     max_attempts: Option<u32>,
     backoff: Option<BackoffBody>,
@@ -529,125 +570,265 @@ fn as_json(bytes: &[u8]) -> Option<&RawValue> {
     serde_json::from_str::<&RawValue>(text).ok()
 }
 
-struct BackoffOut<'a>(&'a Backoff);
+/// A backoff as responses show it (every field filled in).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = BackoffOut)]
+pub(super) struct BackoffOut {
+    initial_ms: u64,
+    max_ms: u64,
+    multiplier: f64,
+    jitter: f64,
+}
 
-impl Serialize for BackoffOut<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(4))?;
-        m.serialize_entry("initial_ms", &self.0.initial_ms)?;
-        m.serialize_entry("max_ms", &self.0.max_ms)?;
-        m.serialize_entry("multiplier", &self.0.multiplier)?;
-        m.serialize_entry("jitter", &self.0.jitter)?;
-        m.end()
+impl From<&Backoff> for BackoffOut {
+    fn from(b: &Backoff) -> BackoffOut {
+        BackoffOut {
+            initial_ms: b.initial_ms,
+            max_ms: b.max_ms,
+            multiplier: b.multiplier,
+            jitter: b.jitter,
+        }
+    }
+}
+
+/// A job's state as the API names it.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum StateOut {
+    Ready,
+    Reserved,
+    Delayed,
+    Buried,
+    Completed,
+    Cancelled,
+}
+
+impl From<JobState> for StateOut {
+    fn from(state: JobState) -> StateOut {
+        match state {
+            JobState::Ready => StateOut::Ready,
+            JobState::Reserved => StateOut::Reserved,
+            JobState::Delayed => StateOut::Delayed,
+            JobState::Buried => StateOut::Buried,
+            JobState::Completed => StateOut::Completed,
+            JobState::Cancelled => StateOut::Cancelled,
+        }
     }
 }
 
 /// A job as API.md shows it, plus its lease when handed out by a reserve
-/// and `duplicate` when answering an enqueue.
-struct JobOut<'a> {
-    job: &'a JobView,
-    lease: Option<Lease>,
+/// and `duplicate` when answering an enqueue. Borrowed from the
+/// [`JobView`], so answering copies no payload. The same type writes the
+/// JSON and the OpenAPI schema, so the two cannot drift.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Job)]
+pub(super) struct JobOut<'a> {
+    #[schema(value_type = u64, minimum = 1)]
+    id: JobId,
+    #[schema(value_type = String)]
+    queue: &'a str,
+    state: StateOut,
+    priority: u32,
+    /// The stored bytes when they are a JSON text (else `payload_base64`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+    #[schema(value_type = BTreeMap<String, String>)]
+    headers: &'a BTreeMap<String, String>,
+    attempts: u32,
+    /// 0: no limit.
+    max_attempts: u32,
+    backoff: BackoffOut,
+    ttr_ms: u64,
+    #[schema(format = DateTime)]
+    run_at: Option<String>,
+    #[schema(format = DateTime)]
+    deadline_at: Option<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    last_error: Option<&'a str>,
+    /// Absent when the result is not JSON text (then `result_base64`);
+    /// null before there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<serde_json::Value>)]
+    result: Option<Option<&'a RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_base64: Option<String>,
+    #[schema(value_type = Option<String>)]
+    idempotency_key: Option<&'a str>,
+    cancel_requested: bool,
+    version: u64,
+    /// The lease a reserve handed out, to name in heartbeat, complete,
+    /// fail, release and bury.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<String>,
+    /// On an enqueue: whether the idempotency key named an existing job.
+    #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
 }
 
 impl<'a> JobOut<'a> {
-    fn new(job: &'a JobView) -> JobOut<'a> {
+    fn new(j: &'a JobView) -> JobOut<'a> {
+        let at = |ms: Option<u64>| ms.map(format_rfc3339);
+        let (payload, payload_base64) = match as_json(&j.payload) {
+            Some(json) => (Some(json), None),
+            None => (None, Some(base64_encode(&j.payload))),
+        };
+        let (result, result_base64) = match j.result.as_deref() {
+            None => (Some(None), None),
+            Some(bytes) => match as_json(bytes) {
+                Some(json) => (Some(Some(json)), None),
+                None => (None, Some(base64_encode(bytes))),
+            },
+        };
         JobOut {
-            job,
+            id: j.id,
+            queue: &j.queue,
+            state: j.state.into(),
+            priority: j.priority,
+            payload,
+            payload_base64,
+            headers: &j.headers,
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            backoff: (&j.backoff).into(),
+            ttr_ms: j.ttr_ms,
+            run_at: at(j.run_at_ms),
+            deadline_at: at(j.deadline_at_ms),
+            created_at: format_rfc3339(j.created_at_ms),
+            updated_at: format_rfc3339(j.updated_at_ms),
+            finished_at: at(j.finished_at_ms),
+            last_error: j.last_error.as_deref(),
+            result,
+            result_base64,
+            idempotency_key: j.idempotency_key.as_deref(),
+            cancel_requested: j.cancel_requested,
+            version: j.version,
             lease: None,
             duplicate: None,
         }
     }
 }
 
-impl Serialize for JobOut<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let j = self.job;
-        let at = |ms: Option<u64>| ms.map(format_rfc3339);
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", &j.id)?;
-        m.serialize_entry("queue", &j.queue)?;
-        m.serialize_entry("state", j.state.as_str())?;
-        m.serialize_entry("priority", &j.priority)?;
-        match as_json(&j.payload) {
-            Some(json) => m.serialize_entry("payload", json)?,
-            None => m.serialize_entry("payload_base64", &base64_encode(&j.payload))?,
+/// `{"jobs": [...]}`: a batch enqueue's jobs, or a reserve's (each with
+/// its lease; none when the wait ended empty).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobList)]
+pub(super) struct JobsOut<'a> {
+    jobs: Vec<JobOut<'a>>,
+}
+
+/// A page of a queue's jobs; `next` is the `after` of the next page.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobPage)]
+pub(super) struct PageOut<'a> {
+    jobs: Vec<JobOut<'a>>,
+    #[schema(value_type = Option<u64>)]
+    next: Option<JobId>,
+}
+
+/// A heartbeat's answer: the lease's new deadline.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeadlineOut {
+    #[schema(format = DateTime)]
+    deadline_at: String,
+}
+
+/// A purge's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PurgedOut {
+    deleted: u64,
+}
+
+/// A queue's jobs by state (final ones: those still retained).
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct CountsOut {
+    buried: u64,
+    cancelled: u64,
+    completed: u64,
+    delayed: u64,
+    ready: u64,
+    reserved: u64,
+}
+
+/// A queue's policy as set; null fields take the defaults.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PolicyOut {
+    backoff: Option<BackoffOut>,
+    concurrency: Option<u32>,
+    max_attempts: Option<u32>,
+    max_jobs: Option<u64>,
+    rate_per_s: Option<f64>,
+    retention_max_jobs: Option<u64>,
+    retention_ms: Option<u64>,
+    ttr_ms: Option<u64>,
+}
+
+impl PolicyOut {
+    pub(super) fn new(p: &QueuePolicy) -> PolicyOut {
+        PolicyOut {
+            backoff: p.backoff.as_ref().map(BackoffOut::from),
+            concurrency: p.concurrency,
+            max_attempts: p.max_attempts,
+            max_jobs: p.max_jobs,
+            rate_per_s: p.rate_per_s,
+            retention_max_jobs: p.retention_max_jobs,
+            retention_ms: p.retention_ms,
+            ttr_ms: p.ttr_ms,
         }
-        m.serialize_entry("headers", &j.headers)?;
-        m.serialize_entry("attempts", &j.attempts)?;
-        m.serialize_entry("max_attempts", &j.max_attempts)?;
-        m.serialize_entry("backoff", &BackoffOut(&j.backoff))?;
-        m.serialize_entry("ttr_ms", &j.ttr_ms)?;
-        m.serialize_entry("run_at", &at(j.run_at_ms))?;
-        m.serialize_entry("deadline_at", &at(j.deadline_at_ms))?;
-        m.serialize_entry("created_at", &format_rfc3339(j.created_at_ms))?;
-        m.serialize_entry("updated_at", &format_rfc3339(j.updated_at_ms))?;
-        m.serialize_entry("finished_at", &at(j.finished_at_ms))?;
-        m.serialize_entry("last_error", &j.last_error)?;
-        match j.result.as_deref() {
-            None => m.serialize_entry("result", &None::<()>)?,
-            Some(result) => match as_json(result) {
-                Some(json) => m.serialize_entry("result", json)?,
-                None => m.serialize_entry("result_base64", &base64_encode(result))?,
-            },
-        }
-        m.serialize_entry("idempotency_key", &j.idempotency_key)?;
-        m.serialize_entry("cancel_requested", &j.cancel_requested)?;
-        m.serialize_entry("version", &j.version)?;
-        if let Some(lease) = self.lease {
-            m.serialize_entry("lease", &lease.encode())?;
-        }
-        if let Some(duplicate) = self.duplicate {
-            m.serialize_entry("duplicate", &duplicate)?;
-        }
-        m.end()
     }
 }
 
-struct QueueOut<'a>(&'a QueueInfo);
+/// A queue: its jobs by state, its pause and its policy.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Queue)]
+pub(super) struct QueueOut<'a> {
+    #[schema(value_type = String)]
+    name: &'a str,
+    counts: CountsOut,
+    paused: bool,
+    /// Null while paused with no end, or not paused.
+    #[schema(format = DateTime)]
+    paused_until: Option<String>,
+    policy: PolicyOut,
+}
 
-impl Serialize for QueueOut<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let q = self.0;
+impl<'a> QueueOut<'a> {
+    fn new(q: &'a QueueInfo) -> QueueOut<'a> {
         let p = &q.policy;
-        let counts: BTreeMap<&str, u64> = [
-            ("ready", q.ready),
-            ("reserved", q.reserved),
-            ("delayed", q.delayed),
-            ("buried", q.buried),
-            ("completed", q.completed),
-            ("cancelled", q.cancelled),
-        ]
-        .into_iter()
-        .collect();
-        let policy = serde_json::json!({
-            "max_jobs": p.max_jobs,
-            "max_attempts": p.max_attempts,
-            "backoff": p.backoff.as_ref().map(|b| serde_json::json!({
-                "initial_ms": b.initial_ms,
-                "max_ms": b.max_ms,
-                "multiplier": b.multiplier,
-                "jitter": b.jitter,
-            })),
-            "ttr_ms": p.ttr_ms,
-            "retention_ms": p.retention_ms,
-            "retention_max_jobs": p.retention_max_jobs,
-            "concurrency": p.concurrency,
-            "rate_per_s": p.rate_per_s,
-        });
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("name", &q.name)?;
-        m.serialize_entry("counts", &counts)?;
-        m.serialize_entry("paused", &q.paused_until_ms.is_some())?;
-        // Paused with no end: `paused` true, `paused_until` null.
-        let until = q
-            .paused_until_ms
-            .filter(|&ms| ms != u64::MAX)
-            .map(format_rfc3339);
-        m.serialize_entry("paused_until", &until)?;
-        m.serialize_entry("policy", &policy)?;
-        m.end()
+        QueueOut {
+            name: &q.name,
+            counts: CountsOut {
+                buried: q.buried,
+                cancelled: q.cancelled,
+                completed: q.completed,
+                delayed: q.delayed,
+                ready: q.ready,
+                reserved: q.reserved,
+            },
+            paused: q.paused_until_ms.is_some(),
+            // Paused with no end: `paused` true, `paused_until` null.
+            paused_until: q
+                .paused_until_ms
+                .filter(|&ms| ms != u64::MAX)
+                .map(format_rfc3339),
+            policy: PolicyOut::new(p),
+        }
     }
+}
+
+/// `{"queues": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = QueueList)]
+pub(super) struct QueuesOut<'a> {
+    queues: Vec<QueueOut<'a>>,
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
@@ -672,7 +853,7 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
 
 /// A job answer with its version as `ETag`.
 fn job_response(status: StatusCode, out: JobOut<'_>) -> Response {
-    let version = out.job.version;
+    let version = out.version;
     let mut response = json_response(status, &out);
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, etag);
@@ -705,13 +886,51 @@ async fn call_job<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Response, A
 
 async fn call_queue<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Response, ApiError> {
     match call(state, op).await? {
-        Outcome::Queue(info) => Ok(json_response(StatusCode::OK, &QueueOut(&info))),
+        Outcome::Queue(info) => Ok(json_response(StatusCode::OK, &QueueOut::new(&info))),
         _ => Err(unexpected()),
     }
 }
 
 // ---- handlers: jobs -------------------------------------------------------------
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/jobs",
+    tag = "jobs",
+    summary = "Enqueue a job",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+        ("wait_ms" = Option<u64>, Query, description = "Wait this long (at most 30,000 ms) for the job to be completed, cancelled or buried"),
+    ),
+    request_body = EnqueueBody,
+    responses(
+        (
+            status = 201,
+            description = "Enqueued (with `?wait_ms`: and settled within the wait)",
+            body = JobOut,
+            headers(
+                ("ETag" = String, description = "The job's version"),
+                ("Location" = String, description = "The job's URL"),
+            ),
+            links(
+            ("get" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+            ("update" = (operation_id = "update_job", parameters(("id" = "$response.body#/id")))),
+            ("delete" = (operation_id = "delete_job", parameters(("id" = "$response.body#/id")))),
+            ("cancel" = (operation_id = "cancel", parameters(("id" = "$response.body#/id")))),
+            ("kick" = (operation_id = "kick", parameters(("id" = "$response.body#/id")))),
+            ("bury" = (operation_id = "bury", parameters(("id" = "$response.body#/id")))),
+            ),
+        ),
+        (status = 200, description = "The idempotency key names an existing job: that job, `duplicate` true", body = JobOut),
+        (status = 202, description = "With `?wait_ms`: enqueued, not settled within the wait", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 429, description = "The queue holds `max_jobs` already", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn enqueue<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -754,6 +973,25 @@ async fn enqueue<B: Broker>(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/jobs/batch",
+    tag = "jobs",
+    summary = "Enqueue jobs, all or none",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+    ),
+    request_body = BatchBody,
+    responses(
+        (status = 201, description = "Enqueued, in order", body = JobsOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 429, description = "The queue holds `max_jobs` already", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn enqueue_batch<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -777,16 +1015,32 @@ async fn enqueue_batch<B: Broker>(
         .collect::<Result<Vec<_>, ApiError>>()?;
     match call(&state, Op::EnqueueBatch { jobs }).await? {
         Outcome::Batch(jobs) => {
-            let jobs: Vec<JobOut<'_>> = jobs.iter().map(JobOut::new).collect();
-            Ok(json_response(
-                StatusCode::CREATED,
-                &serde_json::json!({ "jobs": jobs }),
-            ))
+            let jobs = jobs.iter().map(JobOut::new).collect();
+            Ok(json_response(StatusCode::CREATED, &JobsOut { jobs }))
         }
         _ => Err(unexpected()),
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "A job",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("wait_ms" = Option<u64>, Query, description = "Wait this long (at most 30,000 ms) for the job to be completed, cancelled or buried"),
+    ),
+    responses(
+        (status = 200, description = "The job (after `?wait_ms`: as it is when it settled or the wait ended)", body = JobOut, headers(("ETag" = String, description = "The job's version"))),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_job<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -799,6 +1053,28 @@ async fn get_job<B: Broker>(
     }
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "Change a job that is not reserved or final",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "The job as changed", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn update_job<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -827,6 +1103,27 @@ async fn update_job<B: Broker>(
 }
 
 /// 204 without a body: the job is gone, there is nothing to show.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "Remove a job that is not reserved",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn delete_job<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -848,6 +1145,28 @@ async fn delete_job<B: Broker>(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    summary = "Cancel a job: final at once, a lease on it revoked",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = Option<EmptyBody>,
+    responses(
+        (status = 200, description = "The job, cancelled", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn cancel<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -867,6 +1186,52 @@ async fn cancel<B: Broker>(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reserve",
+    tag = "workers",
+    summary = "Lease jobs from queues, waiting up to `timeout_ms`",
+    request_body = ReserveBody,
+    responses(
+        (
+            status = 200,
+            description = "The jobs leased, each with its `lease`; none when the wait ended empty",
+            body = JobsOut,
+            links(
+            ("heartbeat" = (
+                operation_id = "heartbeat",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ("complete" = (
+                operation_id = "complete",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease", "result": {"ok": true}}),
+            )),
+            ("fail" = (
+                operation_id = "fail",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease", "error": "failed"}),
+            )),
+            ("release" = (
+                operation_id = "release",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ("bury" = (
+                operation_id = "bury",
+                parameters(("id" = "$response.body#/jobs/0/id")),
+                request_body = json!({"lease": "$response.body#/jobs/0/lease"}),
+            )),
+            ),
+        ),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn reserve<B: Broker>(State(state): Shared<B>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse::<ReserveBody>(&body)?;
     let queues = body
@@ -898,22 +1263,41 @@ async fn reserve<B: Broker>(State(state): Shared<B>, body: Bytes) -> Result<Resp
     };
     match outcome {
         Outcome::Leased(leased) => {
-            let jobs: Vec<JobOut<'_>> = leased
+            let jobs = leased
                 .iter()
                 .map(|l| JobOut {
-                    lease: Some(l.lease),
+                    lease: Some(l.lease.encode()),
                     ..JobOut::new(&l.job)
                 })
                 .collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({ "jobs": jobs }),
-            ))
+            Ok(json_response(StatusCode::OK, &JobsOut { jobs }))
         }
         _ => Err(unexpected()),
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/heartbeat",
+    tag = "workers",
+    summary = "Extend a lease by the job's TTR",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = LeaseBody,
+    responses(
+        (status = 200, description = "The lease's new deadline", body = DeadlineOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn heartbeat<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -926,12 +1310,36 @@ async fn heartbeat<B: Broker>(
     match call(&state, Op::Heartbeat { lease }).await? {
         Outcome::Deadline(ms) => Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({ "deadline_at": format_rfc3339(ms) }),
+            &DeadlineOut {
+                deadline_at: format_rfc3339(ms),
+            },
         )),
         _ => Err(unexpected()),
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/complete",
+    tag = "workers",
+    summary = "Complete a leased job with its result",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = CompleteBody,
+    responses(
+        (status = 200, description = "The job, completed", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn complete<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -946,6 +1354,28 @@ async fn complete<B: Broker>(
     call_job(&state, Op::Complete { lease, result }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/fail",
+    tag = "workers",
+    summary = "Fail an attempt: retried after the backoff while attempts remain, else buried",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = FailBody,
+    responses(
+        (status = 200, description = "The job, delayed or buried", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn fail<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -968,6 +1398,28 @@ async fn fail<B: Broker>(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/release",
+    tag = "workers",
+    summary = "Hand a leased job back, not counted as an attempt",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = ReleaseBody,
+    responses(
+        (status = 200, description = "The job, ready or delayed", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn release<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -989,6 +1441,28 @@ async fn release<B: Broker>(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/bury",
+    tag = "jobs",
+    summary = "Bury a job (leased: name the lease)",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = Option<BuryBody>,
+    responses(
+        (status = 200, description = "The job, buried", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn bury<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -1010,6 +1484,28 @@ async fn bury<B: Broker>(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/kick",
+    tag = "jobs",
+    summary = "Make a buried or delayed job ready",
+    params(
+        ("id" = u64, Path, description = "The job id", minimum = 1),
+        ("If-Match" = Option<String>, Header, description = "The job's version as its ETag gives it (quotes optional, `*` for any)"),
+    ),
+    request_body = Option<EmptyBody>,
+    responses(
+        (status = 200, description = "The job, ready", body = JobOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "Wrong state, lease not held or job cancelled: `code` is `wrong_state`, `lease_expired` or `cancelled`", body = ErrorBody),
+        (status = 412, description = "`If-Match` names another version", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn kick<B: Broker>(
     State(state): Shared<B>,
     id: IdPath,
@@ -1024,6 +1520,20 @@ async fn kick<B: Broker>(
 
 // ---- handlers: queues -----------------------------------------------------------
 
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    summary = "Every queue with its counts",
+    responses(
+        (status = 200, description = "The queues", body = QueuesOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_queues<B: Broker>(
     State(state): Shared<B>,
     params: QueryPairs,
@@ -1031,16 +1541,30 @@ async fn list_queues<B: Broker>(
     query(params, &[])?;
     match call(&state, Op::ListQueues).await? {
         Outcome::Queues(queues) => {
-            let queues: Vec<QueueOut<'_>> = queues.iter().map(QueueOut).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({ "queues": queues }),
-            ))
+            let queues = queues.iter().map(QueueOut::new).collect();
+            Ok(json_response(StatusCode::OK, &QueuesOut { queues }))
         }
         _ => Err(unexpected()),
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}",
+    tag = "queues",
+    summary = "A queue: counts, pause, policy",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+    ),
+    responses(
+        (status = 200, description = "The queue", body = QueueOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get_queue<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -1051,6 +1575,26 @@ async fn get_queue<B: Broker>(
     call_queue(&state, Op::GetQueue { queue }).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/jobs",
+    tag = "queues",
+    summary = "A page of a queue's jobs in one state",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+        ("state" = Option<StateOut>, Query, description = "The state listed (default ready)"),
+        ("limit" = Option<u32>, Query, description = "Jobs per page (default 100)"),
+        ("after" = Option<u64>, Query, description = "List jobs after this id (the previous page's `next`)"),
+    ),
+    responses(
+        (status = 200, description = "The page", body = PageOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list_jobs<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -1066,11 +1610,9 @@ async fn list_jobs<B: Broker>(
     };
     match call(&state, op).await? {
         Outcome::Page(page) => {
-            let jobs: Vec<JobOut<'_>> = page.jobs.iter().map(JobOut::new).collect();
-            Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({ "jobs": jobs, "next": page.next }),
-            ))
+            let jobs = page.jobs.iter().map(JobOut::new).collect();
+            let next = page.next;
+            Ok(json_response(StatusCode::OK, &PageOut { jobs, next }))
         }
         _ => Err(unexpected()),
     }
@@ -1078,6 +1620,24 @@ async fn list_jobs<B: Broker>(
 
 /// `state` is required: a purge of "whatever the default is" is too easy
 /// to send by mistake.
+#[utoipa::path(
+    delete,
+    path = "/v1/queues/{queue}/jobs",
+    tag = "queues",
+    summary = "Delete every job of a queue in one state",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+        ("state" = StateOut, Query, description = "The state purged: buried, ready or delayed"),
+    ),
+    responses(
+        (status = 200, description = "How many were deleted", body = PurgedOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn purge<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -1100,14 +1660,29 @@ async fn purge<B: Broker>(
     )
     .await?
     {
-        Outcome::Purged(deleted) => Ok(json_response(
-            StatusCode::OK,
-            &serde_json::json!({ "deleted": deleted }),
-        )),
+        Outcome::Purged(deleted) => Ok(json_response(StatusCode::OK, &PurgedOut { deleted })),
         _ => Err(unexpected()),
     }
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/queues/{queue}/policy",
+    tag = "queues",
+    summary = "Replace a queue's policy (fields left out: the defaults)",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+    ),
+    request_body = PolicyBody,
+    responses(
+        (status = 200, description = "The queue with its new policy", body = QueueOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn set_policy<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -1128,6 +1703,24 @@ async fn set_policy<B: Broker>(
     call_queue(&state, Op::SetPolicy { queue, policy }).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/pause",
+    tag = "queues",
+    summary = "Stop handing out the queue's jobs, for a while or until resumed",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+    ),
+    request_body = Option<PauseBody>,
+    responses(
+        (status = 200, description = "The queue, paused", body = QueueOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn pause<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,
@@ -1145,6 +1738,24 @@ async fn pause<B: Broker>(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/resume",
+    tag = "queues",
+    summary = "Resume a paused queue",
+    params(
+        ("queue" = String, Path, description = "The queue (a beanstalkd tube name: 1 to 200 bytes of A-Za-z0-9-+/;.$_(), not starting with -)", min_length = 1, max_length = 200, pattern = r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]*$"),
+    ),
+    request_body = Option<EmptyBody>,
+    responses(
+        (status = 200, description = "The queue", body = QueueOut),
+        (status = 400, description = "Invalid input; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering, draining, storage failing, or too many waits", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn resume<B: Broker>(
     State(state): Shared<B>,
     queue: IdPath,

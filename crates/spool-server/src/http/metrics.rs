@@ -91,6 +91,13 @@ impl RuntimeFigures {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics (text exposition format 0.0.4)",
+    responses((status = 200, description = "The metrics", body = String, content_type = "text/plain")),
+)]
 pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
     // A failed snapshot (the broker shut down) leaves the engine families
     // out; everything else is still worth scraping. No metric shows a

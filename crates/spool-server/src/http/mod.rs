@@ -39,6 +39,7 @@ pub mod encoding;
 pub mod exposition;
 mod jobs;
 mod metrics;
+mod openapi;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -60,11 +61,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::json;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use utoipa::ToSchema;
 
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::durable::SharedStorageStats;
@@ -325,19 +327,43 @@ impl ApiError {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// What went wrong, for programs: `invalid`, `not_found`, `conflict`,
+    /// `cancelled`, `lease_expired`, `wrong_state`, `version_mismatch`,
+    /// `too_large`, `queue_full`, `draining`, `storage`, ...
+    #[schema(value_type = String)]
+    code: &'static str,
+    /// What went wrong, for people.
+    message: String,
+    /// The input at fault, where one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some(field) = self.field {
-            error["field"] = json!(field);
-        }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                field: self.field,
+            },
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
 /// The routes, with the auth check in front of `/admin/*` and `/v1/*`.
 pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi::document))
         .route("/livez", get(livez))
         .route("/healthz", get(livez))
         .route("/readyz", get(readyz::<B>))
@@ -362,19 +388,68 @@ pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
         .with_state(state)
 }
 
-async fn livez() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// A probe's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ProbeBody {
+    /// `ok` (alive), `ready` or `unavailable`.
+    #[schema(value_type = String)]
+    status: &'static str,
+    /// Why not ready: `recovering`, `draining`, `shutting_down`,
+    /// `storage_failed: ...`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Ready, with these troubles (`disk_full`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<String>>)]
+    degraded: Option<Vec<&'static str>>,
 }
 
+impl ProbeBody {
+    fn status(status: &'static str) -> ProbeBody {
+        ProbeBody {
+            status,
+            reason: None,
+            degraded: None,
+        }
+    }
+}
+
+/// Liveness: answers while the process runs, during recovery too.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "operations",
+    summary = "Liveness (also at /healthz)",
+    responses((status = 200, description = "The process is alive", body = ProbeBody)),
+)]
+async fn livez() -> Json<ProbeBody> {
+    Json(ProbeBody::status("ok"))
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness: recovered, storage healthy, not draining",
+    responses(
+        (status = 200, description = "Ready", body = ProbeBody),
+        (status = 503, description = "Not ready, and why", body = ProbeBody),
+    ),
+)]
 async fn readyz<B: Broker>(State(state): State<Arc<HttpState<B>>>) -> Response {
     match state.unready_reason() {
-        None if state.disk_full() => {
-            Json(json!({"status": "ready", "degraded": ["disk_full"]})).into_response()
-        }
-        None => Json(json!({"status": "ready"})).into_response(),
+        None if state.disk_full() => Json(ProbeBody {
+            degraded: Some(vec!["disk_full"]),
+            ..ProbeBody::status("ready")
+        })
+        .into_response(),
+        None => Json(ProbeBody::status("ready")).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": reason})),
+            Json(ProbeBody {
+                reason: Some(reason),
+                ..ProbeBody::status("unavailable")
+            }),
         )
             .into_response(),
     }
@@ -453,6 +528,7 @@ async fn require_token<B: Broker>(
 /// `/admin/connections` (the registry keeps `&'static str`s).
 fn command_name(method: &Method, path: &str) -> &'static str {
     match (method.as_str(), path) {
+        ("GET", "/openapi.json") => "GET /openapi.json",
         ("GET", "/livez") => "GET /livez",
         ("GET", "/healthz") => "GET /healthz",
         ("GET", "/readyz") => "GET /readyz",

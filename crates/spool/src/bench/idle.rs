@@ -133,7 +133,7 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
 /// Connection `i`, from a further loopback source address every
 /// [`CONNECTIONS_PER_SOURCE_ADDR`] connections when the server is on IPv4
 /// loopback, so ephemeral ports do not run out.
-async fn open(addr: SocketAddr, i: usize) -> Result<TcpStream> {
+pub(super) async fn open(addr: SocketAddr, i: usize) -> Result<TcpStream> {
     let socket = match addr.ip() {
         IpAddr::V4(ip) => {
             let socket = TcpSocket::new_v4()?;
@@ -165,7 +165,7 @@ async fn current_connections(control: &mut Conn) -> Result<u64> {
 }
 
 /// Resident set size of a process, from `/proc/PID/status` (`VmRSS`, kB).
-fn rss_bytes(pid: u32) -> Result<u64> {
+pub(super) fn rss_bytes(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let kb: u64 = status
