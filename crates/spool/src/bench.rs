@@ -6,8 +6,10 @@
 //! tokio runtime, connections dealt round-robin), starts every load loop at
 //! once, merges what they measured and reports it. The loops live in
 //! [`load`], the socket handling in [`conn`], the output in [`report`] and
-//! the idle-connection memory probe in [`idle`].
+//! the idle-connection memory probe in [`idle`], the connection-burst
+//! probe in [`accept`].
 
+mod accept;
 mod conn;
 mod idle;
 mod load;
@@ -38,6 +40,9 @@ pub enum Mode {
     /// Hold idle connections and report the server's memory per connection.
     #[value(hide = true)]
     Idle,
+    /// Open a burst of connections at once and time until all are served.
+    #[value(hide = true)]
+    Accept,
 }
 
 impl Mode {
@@ -47,6 +52,7 @@ impl Mode {
             Mode::Put => "put",
             Mode::Drain => "drain",
             Mode::Idle => "idle",
+            Mode::Accept => "accept",
         }
     }
 }
@@ -96,9 +102,13 @@ pub struct BenchArgs {
     /// Client OS threads, each running its own event loop.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
-    /// Idle mode: connections to open and hold.
+    /// Idle and accept modes: connections to open and hold.
     #[arg(long, default_value_t = 10_000, hide = true)]
     connections: usize,
+    /// Accept mode: most `connect` calls in flight at once.
+    #[arg(long, default_value_t = 256, hide = true,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    connect_concurrency: u32,
     /// Idle mode: seconds to keep the connections open after measuring.
     #[arg(long, default_value_t = 0, hide = true)]
     hold_secs: u64,
@@ -118,10 +128,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.mode == Mode::Idle {
         return idle::run(&args, addr, deadline);
     }
+    if args.mode == Mode::Accept {
+        return accept::run(&args, addr, deadline);
+    }
     let (producers, consumers) = match args.mode {
         Mode::Mixed => (args.producers, args.consumers),
         Mode::Put => (args.producers, 0),
-        Mode::Drain | Mode::Idle => (0, args.consumers),
+        Mode::Drain | Mode::Idle | Mode::Accept => (0, args.consumers),
     };
     if (args.mode != Mode::Drain && producers == 0) || (args.mode != Mode::Put && consumers == 0) {
         return Err(crate::serve::ConfigError(format!(
@@ -324,7 +337,7 @@ fn build_report(
                 .count() as u64,
         ),
         Mode::Drain => Some(count(&shared.seen, false)),
-        Mode::Put | Mode::Idle => None,
+        Mode::Put | Mode::Idle | Mode::Accept => None,
     };
     // Cut short by the time limit or an error, unreserved jobs may just be
     // queued.
