@@ -338,7 +338,6 @@ struct Connection<S, Sess> {
     slots: VecDeque<Slot>,
     /// Slots that are `Waiting` (at most `PIPELINED_REQUESTS_MAX`).
     awaiting: u32,
-    responses: Vec<Response>,
     /// Set once the client sent `quit` or closed its side, or the broker
     /// closed the session: nothing more is read, and the connection closes
     /// for this reason once its replies are written.
@@ -368,6 +367,30 @@ struct Connection<S, Sess> {
     shown_command: Option<&'static str>,
     /// Last, so the record ends after the session and socket are gone.
     handle: ConnHandle,
+}
+
+/// The task of one connection (see [`Connection::run`]).
+struct ConnectionTask<S, Sess>(Connection<S, Sess>);
+
+// The connection is only ever used through `&mut` (nothing in it relies on
+// staying at one address), so the task may move whatever the socket and
+// session types are.
+impl<S, Sess> Unpin for ConnectionTask<S, Sess> {}
+
+impl<S: Socket, Sess: Session> Future for ConnectionTask<S, Sess> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let connection = &mut self.get_mut().0;
+        let reason = std::task::ready!(connection.poll_connection(cx));
+        tracing::debug!(
+            connection = connection.handle.id(),
+            reason = reason.as_str(),
+            "beanstalkd connection closed"
+        );
+        connection.handle.close_reason(reason);
+        Poll::Ready(())
+    }
 }
 
 /// A request's place in the reply order.
@@ -480,7 +503,6 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             output: Vec::new(),
             slots: VecDeque::new(),
             awaiting: 0,
-            responses: Vec::new(),
             ending: None,
             config,
             stall_timer: None,
@@ -494,14 +516,11 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
     }
 
-    async fn run(mut self) {
-        let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
-        tracing::debug!(
-            connection = self.handle.id(),
-            reason = reason.as_str(),
-            "beanstalkd connection closed"
-        );
-        self.handle.close_reason(reason);
+    /// The connection's task: a future that is the `Connection` itself
+    /// and nothing more (an `async fn` would store it twice, the argument
+    /// and the moved value, doubling the task's memory).
+    fn run(self) -> ConnectionTask<S, Sess> {
+        ConnectionTask(self)
     }
 
     fn done_reading(&self) -> bool {
@@ -518,7 +537,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
 
     /// Polls the mailbox and the socket directly instead of awaiting futures,
     /// so the task stores nothing but the `Connection` while it waits.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+    fn poll_connection(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         if self
             .handle
             .poll_close_requested(cx, &mut self.close_waker)
@@ -528,9 +547,11 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progressed = false;
-            if let Poll::Ready(open) = self.session.poll_recv(cx, &mut self.responses) {
+            // Takes the mailbox's buffer, freed once the replies are placed.
+            let mut responses = Vec::new();
+            if let Poll::Ready(open) = self.session.poll_recv(cx, &mut responses) {
                 progressed = true;
-                if let Step::Close(reason) = self.on_replies(open) {
+                if let Step::Close(reason) = self.on_replies(open, responses) {
                     return Poll::Ready(reason);
                 }
             }
@@ -722,8 +743,8 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         self.handle.set_state(state);
     }
 
-    fn on_replies(&mut self, open: bool) -> Step {
-        for response in self.responses.drain(..) {
+    fn on_replies(&mut self, open: bool, responses: Vec<Response>) -> Step {
+        for response in responses {
             match self
                 .slots
                 .iter_mut()
@@ -850,6 +871,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 self.input = BytesMut::new();
             }
             self.encode_ready();
+            if self.slots.is_empty() && self.slots.capacity() > 0 {
+                // Every request answered: give the memory back while idle.
+                self.slots = VecDeque::new();
+            }
             if self.output.is_empty() {
                 return Step::Continue;
             }

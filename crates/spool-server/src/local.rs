@@ -531,7 +531,13 @@ impl Session for LocalSession {
     fn poll_recv(&mut self, cx: &mut Context<'_>, out: &mut Vec<Response>) -> Poll<bool> {
         let mut inbox = self.mailbox.lock();
         if !inbox.replies.is_empty() {
-            out.append(&mut inbox.replies);
+            if out.is_empty() {
+                // Hand over the buffer rather than copy out of it: the
+                // mailbox keeps no capacity while the session is idle.
+                std::mem::swap(out, &mut inbox.replies);
+            } else {
+                out.append(&mut inbox.replies);
+            }
             return Poll::Ready(true);
         }
         if inbox.closed {
@@ -751,7 +757,12 @@ impl EngineTask {
                 let Some(session) = self.sessions.get_mut(&id) else {
                     return;
                 };
-                session.pending.extend(requests);
+                if session.pending.is_empty() {
+                    // Takes the batch's buffer as it is, without copying.
+                    session.pending = VecDeque::from(requests);
+                } else {
+                    session.pending.extend(requests);
+                }
                 if !session.queued && !self.engine.is_waiting(id) {
                     session.queued = true;
                     self.runnable.push_back(id);
@@ -968,8 +979,12 @@ impl EngineTask {
                     self.engine.time_out_wait(id);
                 }
             }
-            if session.hung_up && session.pending.is_empty() {
-                self.close(id);
+            if session.pending.is_empty() {
+                // An idle session keeps no buffer.
+                session.pending = VecDeque::new();
+                if session.hung_up {
+                    self.close(id);
+                }
             }
         }
     }
