@@ -560,9 +560,35 @@ impl Drop for LocalSession {
 #[derive(Debug)]
 struct SessionState {
     mailbox: Arc<Mailbox>,
-    pending: VecDeque<Request>,
+    /// Requests submitted and not yet executed; `None` when there are
+    /// none, so an idle session's entry in the map is 32 bytes, not 56.
+    pending: Option<Box<VecDeque<Request>>>,
     hung_up: bool,
     queued: bool,
+}
+
+impl SessionState {
+    fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    fn add_pending(&mut self, requests: Vec<Request>) {
+        match &mut self.pending {
+            Some(pending) => pending.extend(requests),
+            // Takes the batch's buffer as it is, without copying.
+            None => self.pending = Some(Box::new(VecDeque::from(requests))),
+        }
+    }
+
+    /// The next pending request; the buffer is freed with the last one.
+    fn next_pending(&mut self) -> Option<Request> {
+        let pending = self.pending.as_mut()?;
+        let next = pending.pop_front();
+        if pending.is_empty() {
+            self.pending = None;
+        }
+        next
+    }
 }
 
 type SessionMap =
@@ -747,7 +773,7 @@ impl EngineTask {
                     id,
                     SessionState {
                         mailbox,
-                        pending: VecDeque::new(),
+                        pending: None,
                         hung_up: false,
                         queued: false,
                     },
@@ -757,12 +783,10 @@ impl EngineTask {
                 let Some(session) = self.sessions.get_mut(&id) else {
                     return;
                 };
-                if session.pending.is_empty() {
-                    // Takes the batch's buffer as it is, without copying.
-                    session.pending = VecDeque::from(requests);
-                } else {
-                    session.pending.extend(requests);
+                if requests.is_empty() {
+                    return;
                 }
+                session.add_pending(requests);
                 if !session.queued && !self.engine.is_waiting(id) {
                     session.queued = true;
                     self.runnable.push_back(id);
@@ -933,7 +957,7 @@ impl EngineTask {
             .iter()
             .filter(|&(&id, session)| {
                 !session.queued
-                    && session.pending.is_empty()
+                    && !session.has_pending()
                     && !self.engine.is_waiting(id)
                     && self.engine.reserved_count(id) == 0
             })
@@ -969,7 +993,7 @@ impl EngineTask {
                 continue;
             };
             session.queued = false;
-            while let Some(request) = session.pending.pop_front() {
+            while let Some(request) = session.next_pending() {
                 self.engine.execute(id, request, now);
                 if self.engine.is_waiting(id) {
                     if !session.hung_up {
@@ -979,12 +1003,8 @@ impl EngineTask {
                     self.engine.time_out_wait(id);
                 }
             }
-            if session.pending.is_empty() {
-                // An idle session keeps no buffer.
-                session.pending = VecDeque::new();
-                if session.hung_up {
-                    self.close(id);
-                }
+            if session.hung_up && !session.has_pending() {
+                self.close(id);
             }
         }
     }
@@ -1023,7 +1043,7 @@ impl EngineTask {
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            if !session.queued && !session.pending.is_empty() && !self.engine.is_waiting(id) {
+            if !session.queued && session.has_pending() && !self.engine.is_waiting(id) {
                 session.queued = true;
                 self.runnable.push_back(id);
                 again = true;
