@@ -562,6 +562,7 @@ struct SessionState {
     mailbox: Arc<Mailbox>,
     /// Requests submitted and not yet executed; `None` when there are
     /// none, so an idle session's entry in the map is 32 bytes, not 56.
+    #[allow(clippy::box_collection)] // the box is the point: see above
     pending: Option<Box<VecDeque<Request>>>,
     hung_up: bool,
     queued: bool,
