@@ -831,10 +831,19 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 break;
             };
             self.request_completed = true;
+            if self.slots.is_empty() {
+                // Most clients send one request at a time: room for one
+                // (48 bytes, not the default four) keeps a burst of
+                // connections each with a request in flight small.
+                self.slots.reserve_exact(1);
+            }
             match decoded {
                 Ok(Request::Quit) => self.ending = Some(CloseReason::Quit),
                 Ok(request) => {
                     self.slots.push_back(Slot::Waiting(command_name(&request)));
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(1);
+                    }
                     batch.push(request);
                     self.awaiting += 1;
                 }

@@ -1297,7 +1297,14 @@ fn deliver(deliveries: Vec<Delivery>) {
     for delivery in deliveries {
         let mailbox = match delivery {
             Delivery::Reply(mailbox, response) => {
-                mailbox.lock().replies.push(response);
+                let mut inbox = mailbox.lock();
+                if inbox.replies.capacity() == 0 {
+                    // One reply is the common case (see `poll_recv`: the
+                    // buffer leaves with the replies).
+                    inbox.replies.reserve_exact(1);
+                }
+                inbox.replies.push(response);
+                drop(inbox);
                 mailbox
             }
             Delivery::Close(mailbox) => {
