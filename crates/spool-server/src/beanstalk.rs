@@ -369,8 +369,29 @@ struct Connection<S, Sess> {
     handle: ConnHandle,
 }
 
-/// The task of one connection (see [`Connection::run`]).
-struct ConnectionTask<S, Sess>(Connection<S, Sess>);
+/// The task of one connection (see [`Connection::run`]). Between requests
+/// it holds only what an idle connection needs ([`IdleConnection`], so the
+/// tokio task is 256 bytes); when woken it moves that into a boxed
+/// [`Connection`] with the buffers, decoder and timers a request needs, and
+/// back once the connection is idle again: one allocation per request, and
+/// an idle connection costs half the memory.
+enum ConnectionTask<S, Sess> {
+    Idle(IdleConnection<S, Sess>),
+    Busy(Box<Connection<S, Sess>>),
+    /// Closed (or between the two states, inside `poll`).
+    Done,
+}
+
+/// The parts of a [`Connection`] that outlive a request.
+struct IdleConnection<S, Sess> {
+    stream: S,
+    session: Sess,
+    config: Arc<BeanstalkConfig>,
+    close_waker: Option<Waker>,
+    shown_command: Option<&'static str>,
+    /// Last, so the record ends after the session and socket are gone.
+    handle: ConnHandle,
+}
 
 // The connection is only ever used through `&mut` (nothing in it relies on
 // staying at one address), so the task may move whatever the socket and
@@ -381,15 +402,31 @@ impl<S: Socket, Sess: Session> Future for ConnectionTask<S, Sess> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let connection = &mut self.get_mut().0;
-        let reason = std::task::ready!(connection.poll_connection(cx));
-        tracing::debug!(
-            connection = connection.handle.id(),
-            reason = reason.as_str(),
-            "beanstalkd connection closed"
-        );
-        connection.handle.close_reason(reason);
-        Poll::Ready(())
+        let task = self.get_mut();
+        let mut connection = match std::mem::replace(task, ConnectionTask::Done) {
+            ConnectionTask::Idle(idle) => Box::new(Connection::from_idle(idle)),
+            ConnectionTask::Busy(connection) => connection,
+            ConnectionTask::Done => return Poll::Ready(()),
+        };
+        match connection.poll_connection(cx) {
+            Poll::Pending => {
+                *task = if connection.is_idle() {
+                    ConnectionTask::Idle(connection.into_idle())
+                } else {
+                    ConnectionTask::Busy(connection)
+                };
+                Poll::Pending
+            }
+            Poll::Ready(reason) => {
+                tracing::debug!(
+                    connection = connection.handle.id(),
+                    reason = reason.as_str(),
+                    "beanstalkd connection closed"
+                );
+                connection.handle.close_reason(reason);
+                Poll::Ready(())
+            }
+        }
     }
 }
 
@@ -516,11 +553,53 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
     }
 
-    /// The connection's task: a future that is the `Connection` itself
-    /// and nothing more (an `async fn` would store it twice, the argument
-    /// and the moved value, doubling the task's memory).
+    /// The connection's task: a future that is the connection itself and
+    /// nothing more (an `async fn` would store it twice, the argument and
+    /// the moved value), idle until its first bytes.
     fn run(self) -> ConnectionTask<S, Sess> {
-        ConnectionTask(self)
+        ConnectionTask::Idle(self.into_idle())
+    }
+
+    fn from_idle(idle: IdleConnection<S, Sess>) -> Self {
+        let IdleConnection {
+            stream,
+            session,
+            config,
+            close_waker,
+            shown_command,
+            handle,
+        } = idle;
+        Connection {
+            close_waker,
+            shown_command,
+            ..Connection::new(stream, session, handle, config)
+        }
+    }
+
+    /// Nothing received, pending, buffered or timed: what is left is the
+    /// state [`Connection::new`] starts with, so the connection may shrink
+    /// to an [`IdleConnection`].
+    fn is_idle(&self) -> bool {
+        self.ending.is_none()
+            && self.input.is_empty()
+            && self.decoder.is_idle()
+            && self.output.is_empty()
+            && self.slots.is_empty()
+            && self.awaiting == 0
+            && self.stall_timer.is_none()
+            && self.request_deadline.is_none()
+            && self.request_part == RequestPart::None
+    }
+
+    fn into_idle(self) -> IdleConnection<S, Sess> {
+        IdleConnection {
+            stream: self.stream,
+            session: self.session,
+            config: self.config,
+            close_waker: self.close_waker,
+            shown_command: self.shown_command,
+            handle: self.handle,
+        }
     }
 
     fn done_reading(&self) -> bool {
