@@ -33,8 +33,9 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,8 +51,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
-    ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES, REQUEST_BODY_MIN_BYTES_PER_SEC,
-    REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
+    ACCEPTS_PER_TURN_MAX, ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES,
+    REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE,
+    TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
 use spool_broker::{Broker, Peer, Session};
 
@@ -118,6 +120,14 @@ impl BeanstalkListener {
 /// `connections`; then drops the listener and returns. Connection tasks keep
 /// running: the caller ends them through the broker (drain) and
 /// [`Connections::close_all`].
+///
+/// Each wake-up drains the listen queue: it accepts until the kernel has
+/// no more (or [`ACCEPTS_PER_TURN_MAX`], then yields to the established
+/// connections and comes back), so a burst of reconnecting clients is
+/// taken in a few turns instead of one connection per event-loop turn,
+/// and the queue does not overflow. The TCP options every connection gets
+/// are set once on the listener, which accepted sockets inherit on Linux,
+/// rather than with four `setsockopt` calls per connection.
 pub async fn serve<B: Broker>(
     listener: BeanstalkListener,
     broker: B,
@@ -126,75 +136,125 @@ pub async fn serve<B: Broker>(
     shutdown: impl Future<Output = ()>,
 ) {
     let config = Arc::new(config);
+    let options_per_connection = match &listener {
+        BeanstalkListener::Tcp(l) => !set_inherited_options(l),
+        BeanstalkListener::Unix(..) => false,
+    };
     tokio::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
+        let turn = poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            for _ in 0..ACCEPTS_PER_TURN_MAX {
+                let accepted = match listener.poll_accept(cx) {
+                    Poll::Ready(Ok(accepted)) => accepted,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
+                    // Drained (the listener's waker is registered), or out
+                    // of tokio's cooperative budget (the task is woken).
+                    Poll::Pending => return Poll::Pending,
+                };
+                admit(
+                    accepted,
+                    options_per_connection,
+                    &broker,
+                    &config,
+                    &connections,
+                );
+            }
+            // Let the connections run, then continue draining.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        let Some(e) = turn.await else { return };
+        // Counted when it is fd exhaustion; either way back off instead of
+        // spinning on an error that persists.
+        if connections.record_accept_error(&e) {
+            tracing::debug!(error = %e, "accept failed: out of file descriptors");
+        } else {
+            tracing::warn!(error = %e, "accept failed");
+        }
+        tokio::select! {
             _ = &mut shutdown => return,
-            accepted = accept(&listener) => accepted,
-        };
-        let accepted = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Counted when it is fd exhaustion; either way back off
-                // instead of spinning on an error that persists.
-                if connections.record_accept_error(&e) {
-                    tracing::debug!(error = %e, "accept failed: out of file descriptors");
-                } else {
-                    tracing::warn!(error = %e, "accept failed");
-                }
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                }
-            }
-        };
-        let handle = match connections.try_admit(Protocol::Beanstalk) {
-            Ok(handle) => handle,
-            Err(reason) => {
-                // Dropping the socket closes it; the refusal is counted.
-                tracing::debug!(%reason, "connection refused");
-                continue;
-            }
-        };
-        match accepted {
-            Accepted::Tcp(stream, peer) => {
-                // Replies are small and latency matters more than packet count.
+            _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+        }
+    }
+}
+
+/// Sets on the listener the options every client connection gets: no
+/// Nagle (replies are small and latency matters more than packet count)
+/// and TCP keepalive at [`TCP_KEEPALIVE_IDLE`]. Says whether accepted
+/// sockets inherit them, which Linux guarantees (an accepted socket is a
+/// clone of its listener); elsewhere, or if setting them failed, they are
+/// set on each connection.
+fn set_inherited_options(listener: &TcpListener) -> bool {
+    let socket = SockRef::from(listener);
+    let set =
+        socket.set_tcp_nodelay(true).is_ok() && socket.set_tcp_keepalive(&keepalive()).is_ok();
+    set && cfg!(target_os = "linux")
+}
+
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+}
+
+/// Admits one accepted connection and starts its task, or closes it.
+fn admit<B: Broker>(
+    accepted: Accepted,
+    options_per_connection: bool,
+    broker: &B,
+    config: &Arc<BeanstalkConfig>,
+    connections: &Connections,
+) {
+    let handle = match connections.try_admit(Protocol::Beanstalk) {
+        Ok(handle) => handle,
+        Err(reason) => {
+            // Dropping the socket closes it; the refusal is counted.
+            tracing::debug!(%reason, "connection refused");
+            return;
+        }
+    };
+    match accepted {
+        Accepted::Tcp(stream, addr) => {
+            if options_per_connection {
                 let _ = stream.set_nodelay(true);
-                let keepalive = TcpKeepalive::new()
-                    .with_time(TCP_KEEPALIVE_IDLE)
-                    .with_interval(TCP_KEEPALIVE_INTERVAL);
-                if let Err(e) = SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                if let Err(e) = SockRef::from(&stream).set_tcp_keepalive(&keepalive()) {
                     tracing::debug!(error = %e, "cannot enable TCP keepalive");
                 }
-                spawn_connection(stream, peer, handle, &broker, &config);
             }
-            Accepted::Unix(stream) => {
-                let peer = Peer {
-                    addr: "unix".to_string(),
-                };
-                spawn_connection(stream, peer, handle, &broker, &config);
-            }
+            handle.set_peer_addr(addr);
+            let peer = Peer {
+                addr: addr.to_string(),
+            };
+            spawn_connection(stream, peer, handle, broker, config);
+        }
+        Accepted::Unix(stream) => {
+            let peer = Peer {
+                addr: "unix".to_string(),
+            };
+            handle.set_peer(peer.addr.clone());
+            spawn_connection(stream, peer, handle, broker, config);
         }
     }
 }
 
 enum Accepted {
-    Tcp(TcpStream, Peer),
+    Tcp(TcpStream, SocketAddr),
     Unix(UnixStream),
 }
 
-async fn accept(listener: &BeanstalkListener) -> io::Result<Accepted> {
-    match listener {
-        BeanstalkListener::Tcp(l) => {
-            let (stream, addr) = l.accept().await?;
-            Ok(Accepted::Tcp(
-                stream,
-                Peer {
-                    addr: addr.to_string(),
-                },
-            ))
+impl BeanstalkListener {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Accepted>> {
+        match self {
+            BeanstalkListener::Tcp(l) => l
+                .poll_accept(cx)
+                .map_ok(|(stream, addr)| Accepted::Tcp(stream, addr)),
+            BeanstalkListener::Unix(l, _) => l
+                .poll_accept(cx)
+                .map_ok(|(stream, _)| Accepted::Unix(stream)),
         }
-        BeanstalkListener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
     }
 }
 
@@ -205,7 +265,6 @@ fn spawn_connection<S: Socket, B: Broker>(
     broker: &B,
     config: &Arc<BeanstalkConfig>,
 ) {
-    handle.set_peer(peer.addr.clone());
     match broker.open_session(peer) {
         Ok(session) => {
             handle.set_session_id(session.id());
@@ -279,7 +338,6 @@ struct Connection<S, Sess> {
     slots: VecDeque<Slot>,
     /// Slots that are `Waiting` (at most `PIPELINED_REQUESTS_MAX`).
     awaiting: u32,
-    responses: Vec<Response>,
     /// Set once the client sent `quit` or closed its side, or the broker
     /// closed the session: nothing more is read, and the connection closes
     /// for this reason once its replies are written.
@@ -309,6 +367,67 @@ struct Connection<S, Sess> {
     shown_command: Option<&'static str>,
     /// Last, so the record ends after the session and socket are gone.
     handle: ConnHandle,
+}
+
+/// The task of one connection (see [`Connection::run`]). Between requests
+/// it holds only what an idle connection needs ([`IdleConnection`], so the
+/// tokio task is 256 bytes); when woken it moves that into a boxed
+/// [`Connection`] with the buffers, decoder and timers a request needs, and
+/// back once the connection is idle again: one allocation per request, and
+/// an idle connection costs half the memory.
+enum ConnectionTask<S, Sess> {
+    Idle(IdleConnection<S, Sess>),
+    Busy(Box<Connection<S, Sess>>),
+    /// Closed (or between the two states, inside `poll`).
+    Done,
+}
+
+/// The parts of a [`Connection`] that outlive a request.
+struct IdleConnection<S, Sess> {
+    stream: S,
+    session: Sess,
+    config: Arc<BeanstalkConfig>,
+    close_waker: Option<Waker>,
+    shown_command: Option<&'static str>,
+    /// Last, so the record ends after the session and socket are gone.
+    handle: ConnHandle,
+}
+
+// The connection is only ever used through `&mut` (nothing in it relies on
+// staying at one address), so the task may move whatever the socket and
+// session types are.
+impl<S, Sess> Unpin for ConnectionTask<S, Sess> {}
+
+impl<S: Socket, Sess: Session> Future for ConnectionTask<S, Sess> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = self.get_mut();
+        let mut connection = match std::mem::replace(task, ConnectionTask::Done) {
+            ConnectionTask::Idle(idle) => Box::new(Connection::from_idle(idle)),
+            ConnectionTask::Busy(connection) => connection,
+            ConnectionTask::Done => return Poll::Ready(()),
+        };
+        match connection.poll_connection(cx) {
+            Poll::Pending => {
+                *task = if connection.is_idle() {
+                    ConnectionTask::Idle(connection.into_idle())
+                } else {
+                    ConnectionTask::Busy(connection)
+                };
+                Poll::Pending
+            }
+            Poll::Ready(reason) => {
+                tracing::debug!(
+                    connection = connection.handle.id(),
+                    reason = reason.as_str(),
+                    "beanstalkd connection closed"
+                );
+                connection.handle.close_reason(reason);
+                Poll::Ready(())
+            }
+        }
+    }
 }
 
 /// A request's place in the reply order.
@@ -421,7 +540,6 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
             output: Vec::new(),
             slots: VecDeque::new(),
             awaiting: 0,
-            responses: Vec::new(),
             ending: None,
             config,
             stall_timer: None,
@@ -435,14 +553,53 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
     }
 
-    async fn run(mut self) {
-        let reason = std::future::poll_fn(|cx| self.poll(cx)).await;
-        tracing::debug!(
-            connection = self.handle.id(),
-            reason = reason.as_str(),
-            "beanstalkd connection closed"
-        );
-        self.handle.close_reason(reason);
+    /// The connection's task: a future that is the connection itself and
+    /// nothing more (an `async fn` would store it twice, the argument and
+    /// the moved value), idle until its first bytes.
+    fn run(self) -> ConnectionTask<S, Sess> {
+        ConnectionTask::Idle(self.into_idle())
+    }
+
+    fn from_idle(idle: IdleConnection<S, Sess>) -> Self {
+        let IdleConnection {
+            stream,
+            session,
+            config,
+            close_waker,
+            shown_command,
+            handle,
+        } = idle;
+        Connection {
+            close_waker,
+            shown_command,
+            ..Connection::new(stream, session, handle, config)
+        }
+    }
+
+    /// Nothing received, pending, buffered or timed: what is left is the
+    /// state [`Connection::new`] starts with, so the connection may shrink
+    /// to an [`IdleConnection`].
+    fn is_idle(&self) -> bool {
+        self.ending.is_none()
+            && self.input.is_empty()
+            && self.decoder.is_idle()
+            && self.output.is_empty()
+            && self.slots.is_empty()
+            && self.awaiting == 0
+            && self.stall_timer.is_none()
+            && self.request_deadline.is_none()
+            && self.request_part == RequestPart::None
+    }
+
+    fn into_idle(self) -> IdleConnection<S, Sess> {
+        IdleConnection {
+            stream: self.stream,
+            session: self.session,
+            config: self.config,
+            close_waker: self.close_waker,
+            shown_command: self.shown_command,
+            handle: self.handle,
+        }
     }
 
     fn done_reading(&self) -> bool {
@@ -459,7 +616,7 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
 
     /// Polls the mailbox and the socket directly instead of awaiting futures,
     /// so the task stores nothing but the `Connection` while it waits.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+    fn poll_connection(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         if self
             .handle
             .poll_close_requested(cx, &mut self.close_waker)
@@ -469,9 +626,11 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progressed = false;
-            if let Poll::Ready(open) = self.session.poll_recv(cx, &mut self.responses) {
+            // Takes the mailbox's buffer, freed once the replies are placed.
+            let mut responses = Vec::new();
+            if let Poll::Ready(open) = self.session.poll_recv(cx, &mut responses) {
                 progressed = true;
-                if let Step::Close(reason) = self.on_replies(open) {
+                if let Step::Close(reason) = self.on_replies(open, responses) {
                     return Poll::Ready(reason);
                 }
             }
@@ -663,8 +822,8 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
         self.handle.set_state(state);
     }
 
-    fn on_replies(&mut self, open: bool) -> Step {
-        for response in self.responses.drain(..) {
+    fn on_replies(&mut self, open: bool, responses: Vec<Response>) -> Step {
+        for response in responses {
             match self
                 .slots
                 .iter_mut()
@@ -751,10 +910,19 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 break;
             };
             self.request_completed = true;
+            if self.slots.is_empty() {
+                // Most clients send one request at a time: room for one
+                // (48 bytes, not the default four) keeps a burst of
+                // connections each with a request in flight small.
+                self.slots.reserve_exact(1);
+            }
             match decoded {
                 Ok(Request::Quit) => self.ending = Some(CloseReason::Quit),
                 Ok(request) => {
                     self.slots.push_back(Slot::Waiting(command_name(&request)));
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(1);
+                    }
                     batch.push(request);
                     self.awaiting += 1;
                 }
@@ -791,6 +959,10 @@ impl<S: Socket, Sess: Session> Connection<S, Sess> {
                 self.input = BytesMut::new();
             }
             self.encode_ready();
+            if self.slots.is_empty() && self.slots.capacity() > 0 {
+                // Every request answered: give the memory back while idle.
+                self.slots = VecDeque::new();
+            }
             if self.output.is_empty() {
                 return Step::Continue;
             }

@@ -869,6 +869,12 @@ impl ConnHandle {
         lock(&self.entry.details).peer = PeerAddr::new(peer);
     }
 
+    /// [`ConnHandle::set_peer`] for a socket address: stored as it is,
+    /// without printing and parsing it.
+    pub fn set_peer_addr(&self, peer: SocketAddr) {
+        lock(&self.entry.details).peer = PeerAddr::Socket(peer);
+    }
+
     pub fn set_session_id(&self, session_id: u64) {
         self.entry.session_id.store(session_id, Ordering::Relaxed);
     }

@@ -49,11 +49,27 @@ pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// milliseconds on the single runtime thread.
 pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
 
-/// Pending connections the beanstalkd listener queues before `accept`, as
-/// beanstalkd's own: a fleet of workers reconnecting at once after a
-/// restart should queue, not see refused connects, and the kernel caps it
-/// at `net.core.somaxconn` anyway.
-pub const LISTEN_BACKLOG: u32 = 1024;
+/// Pending connections the beanstalkd listener asks the kernel to queue
+/// before `accept`. A fleet of workers reconnecting at once after a deploy
+/// or a network blip must queue, not be dropped: a dropped handshake costs
+/// its client a SYN retry, a second or more. Clients finish their
+/// handshakes faster than one event-loop thread accepts them, so the queue
+/// has to hold a large part of a burst; 4096 (four times beanstalkd's 1024)
+/// holds 8,000 connections opened 256 at a time with none dropped. An
+/// entry is a kernel request socket of a few hundred bytes, taken only
+/// while it waits. Linux caps it at `net.core.somaxconn` (4096 by default
+/// since 5.4, 128 before); `spool serve` logs the backlog it got, and a
+/// host that needs more raises that sysctl.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Most connections the beanstalkd listener accepts in one turn before it
+/// lets the established connections run: each wake-up drains the listen
+/// queue (a burst is taken in a few turns, not one connection per turn),
+/// and this bounds how long clients already connected wait meanwhile
+/// (an accept and a task spawn are a few microseconds, so under a
+/// millisecond). tokio's cooperative budget (128 operations per poll)
+/// ends a turn at the same point.
+pub const ACCEPTS_PER_TURN_MAX: usize = 128;
 
 /// Size of the per-thread scratch buffer beanstalkd reads land in (one per
 /// runtime thread, not per connection): a burst of a few hundred pipelined

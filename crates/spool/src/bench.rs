@@ -6,8 +6,10 @@
 //! tokio runtime, connections dealt round-robin), starts every load loop at
 //! once, merges what they measured and reports it. The loops live in
 //! [`load`], the socket handling in [`conn`], the output in [`report`] and
-//! the idle-connection memory probe in [`idle`].
+//! the idle-connection memory probe in [`idle`], the connection-burst
+//! probe in [`accept`].
 
+mod accept;
 mod conn;
 mod http;
 mod idle;
@@ -58,6 +60,9 @@ pub enum Mode {
     /// HTTP: hold `--connections` idle kept-alive connections; the server's
     /// memory per connection (needs `--server-pid`).
     HttpIdle,
+    /// Open a burst of connections at once and time until all are served.
+    #[value(hide = true)]
+    Accept,
 }
 
 impl Mode {
@@ -74,6 +79,7 @@ impl Mode {
             Mode::HttpConcurrency => "http-concurrency",
             Mode::HttpRate => "http-rate",
             Mode::HttpIdle => "http-idle",
+            Mode::Accept => "accept",
         }
     }
 
@@ -159,9 +165,13 @@ pub struct BenchArgs {
     /// http-wait, http-rate: how long the measured part runs.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     duration_secs: u64,
-    /// Idle mode: connections to open and hold.
+    /// Idle and accept modes: connections to open and hold.
     #[arg(long, default_value_t = 10_000, hide = true)]
     connections: usize,
+    /// Accept mode: most `connect` calls in flight at once.
+    #[arg(long, default_value_t = 256, hide = true,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    connect_concurrency: u32,
     /// Idle mode: seconds to keep the connections open after measuring.
     #[arg(long, default_value_t = 0, hide = true)]
     hold_secs: u64,
@@ -193,6 +203,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let addr = resolve(&args.addr)?;
     if args.mode == Mode::Idle {
         return idle::run(&args, addr, deadline);
+    }
+    if args.mode == Mode::Accept {
+        return accept::run(&args, addr, deadline);
     }
     let (producers, consumers) = match args.mode {
         Mode::Mixed => (args.producers, args.consumers),

@@ -856,8 +856,22 @@ impl Signals {
 fn bind(listen: &ListenAddr) -> anyhow::Result<BeanstalkListener> {
     match listen {
         ListenAddr::Tcp(addr) => {
-            let listener = spool_server::net::bind_tcp(*addr, beanstalk::LISTEN_BACKLOG)
+            // The kernel caps the backlog silently; say what it is, since
+            // a burst of reconnecting clients larger than it is dropped.
+            let (backlog, somaxconn) =
+                spool_server::net::effective_backlog(beanstalk::LISTEN_BACKLOG);
+            let listener = spool_server::net::bind_tcp(*addr, backlog)
                 .with_context(|| format!("binding {addr}"))?;
+            let somaxconn = somaxconn.map_or_else(|| "unknown".to_string(), |v| v.to_string());
+            if backlog < beanstalk::LISTEN_BACKLOG {
+                tracing::warn!(
+                    "listen backlog {backlog} (asked for {}, capped by net.core.somaxconn = {somaxconn}): \
+                     raise the sysctl so bursts of connections are not dropped",
+                    beanstalk::LISTEN_BACKLOG
+                );
+            } else {
+                tracing::info!("listen backlog {backlog} (net.core.somaxconn = {somaxconn})");
+            }
             Ok(BeanstalkListener::Tcp(listener))
         }
         ListenAddr::Unix(path) => {

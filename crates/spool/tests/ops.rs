@@ -365,6 +365,8 @@ fn metrics_are_well_formed_and_count_job_traffic() {
         "spool_connections_closed_total",
         "spool_connections_rejected_total",
         "spool_connection_duration_seconds",
+        "spool_listen_overflows_total",
+        "spool_listen_drops_total",
         "process_open_fds",
         "process_max_fds",
         "process_resident_memory_bytes",

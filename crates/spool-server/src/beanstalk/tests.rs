@@ -201,3 +201,35 @@ async fn stray_cr_waits_for_the_window_whatever_the_reads() {
         assert_eq!(String::from_utf8_lossy(&got), want, "split after {split}");
     }
 }
+
+#[test]
+fn an_idle_connection_task_fits_two_cache_line_pairs() {
+    // tokio lays a task out as its future plus about 104 bytes of header
+    // and trailer, padded to 128 bytes: a task future over 152 bytes costs
+    // every connection another 128. Measured by scripts/bench-connections.sh.
+    let size = std::mem::size_of::<ConnectionTask<TcpStream, crate::local::LocalSession>>();
+    assert!(size <= 152, "the connection task's future is {size} bytes");
+}
+
+#[tokio::test]
+async fn accepted_sockets_inherit_the_listener_s_tcp_options() {
+    // The listener sets no-delay and keepalive once (`set_inherited_options`)
+    // and skips them per connection where the kernel copies them to
+    // accepted sockets; check that this kernel does.
+    let listener = crate::net::bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+    let inherited = set_inherited_options(&listener);
+    assert_eq!(inherited, cfg!(target_os = "linux"));
+    let addr = listener.local_addr().unwrap();
+    let _client = TcpStream::connect(addr).await.unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    let socket = SockRef::from(&accepted);
+    if inherited {
+        assert!(accepted.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE_IDLE);
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            TCP_KEEPALIVE_INTERVAL
+        );
+    }
+}

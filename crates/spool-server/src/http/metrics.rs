@@ -21,6 +21,7 @@ use super::exposition::{Exposition, HistogramSample, MetricKind, CONTENT_TYPE};
 use super::{text_response, HttpState};
 use crate::connections::{ConnectionMetrics, ProtocolMetrics};
 use crate::durable::StorageStats;
+use crate::net::ListenQueueDrops;
 use spool_broker::Broker;
 
 /// Process facts read from `/proc` and libc.
@@ -112,6 +113,9 @@ pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -
         write_engine(&mut out, snapshot);
     }
     write_connections(&mut out, &state.connections.metrics());
+    if let Ok(drops) = crate::net::listen_queue_drops() {
+        write_listen_queue(&mut out, drops);
+    }
     if let Some(stats) = state.storage_stats() {
         write_storage(&mut out, &stats);
     }
@@ -475,6 +479,27 @@ pub(super) fn connections_json(metrics: &ConnectionMetrics) -> serde_json::Value
             .collect::<serde_json::Map<_, _>>(),
         "max_connections": metrics.max_connections,
     })
+}
+
+/// The kernel's counts of connections dropped before `accept`: a client
+/// whose handshake is dropped waits a second or more for its SYN retry,
+/// so a rising count means the listen backlog (see `LISTEN_BACKLOG`) or
+/// `net.core.somaxconn` is too small for the bursts this host sees.
+fn write_listen_queue(out: &mut Exposition, drops: ListenQueueDrops) {
+    out.single(
+        "spool_listen_overflows_total",
+        MetricKind::Counter,
+        "Connections dropped because a listen queue was full (kernel TcpExt ListenOverflows, \
+         whole network namespace).",
+        drops.overflows as f64,
+    );
+    out.single(
+        "spool_listen_drops_total",
+        MetricKind::Counter,
+        "Connection requests dropped by listeners for any reason, overflows included \
+         (kernel TcpExt ListenDrops, whole network namespace).",
+        drops.drops as f64,
+    );
 }
 
 fn write_storage(out: &mut Exposition, stats: &StorageStats) {

@@ -1,7 +1,10 @@
 //! `spool bench --mode idle` (hidden): opens many connections that send
 //! nothing, waits until the server counts them (`current-connections` in
 //! `stats`), and reports how much the server's resident memory grew per
-//! connection, read from `/proc/PID/status` when `--server-pid` is given.
+//! connection, read from `/proc/PID/status` when `--server-pid` is given;
+//! then sends one command on each (`use`, as a worker's first command
+//! would be), waits for every reply and reports the growth again, since a
+//! connection that has served a request may keep what it allocated for it.
 //! Used by `scripts/bench-vs-beanstalkd.sh` to compare memory per idle
 //! connection.
 
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use spool_proto::{Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::conn::Conn;
@@ -37,7 +41,14 @@ struct IdleReport {
     rss_before_bytes: Option<u64>,
     rss_after_bytes: Option<u64>,
     rss_per_connection_bytes: Option<f64>,
+    /// After one command on each connection, against the same baseline.
+    rss_after_command_bytes: Option<u64>,
+    rss_per_connection_after_command_bytes: Option<f64>,
 }
+
+/// The command each idle connection sends once, and its reply.
+const COMMAND: &[u8] = b"use bench-idle\r\n";
+const REPLY: &[u8] = b"USING bench-idle\r\n";
 
 pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -64,6 +75,14 @@ pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Resu
         ) {
             text.push_str(&format!(
                 "  server RSS {before} -> {after} bytes: {per:.0} bytes per connection\n"
+            ));
+        }
+        if let (Some(after), Some(per)) = (
+            report.rss_after_command_bytes,
+            report.rss_per_connection_after_command_bytes,
+        ) {
+            text.push_str(&format!(
+                "  after one command each: {after} bytes, {per:.0} bytes per connection\n"
             ));
         }
         text
@@ -109,10 +128,34 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
     };
     tokio::time::sleep(SETTLE).await;
     let rss_after = args.server_pid.map(rss_bytes).transpose()?;
-    let per = match (rss_before, rss_after) {
+    let per_connection = |after: Option<u64>| match (rss_before, after) {
         (Some(b), Some(a)) => Some(((a as f64 - b as f64) / n.max(1) as f64).round()),
         _ => None,
     };
+
+    for (i, stream) in held.iter_mut().enumerate() {
+        tokio::time::timeout_at(deadline.into(), stream.write_all(COMMAND))
+            .await
+            .context("time limit reached sending one command each")?
+            .with_context(|| format!("sending a command on connection {}", i + 1))?;
+    }
+    for (i, stream) in held.iter_mut().enumerate() {
+        let mut reply = [0u8; REPLY.len()];
+        tokio::time::timeout_at(deadline.into(), stream.read_exact(&mut reply))
+            .await
+            .context("time limit reached waiting for one reply each")?
+            .with_context(|| format!("reading the reply on connection {}", i + 1))?;
+        if reply != REPLY {
+            bail!(
+                "connection {} got {:?} to `use`",
+                i + 1,
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+    tokio::time::sleep(SETTLE).await;
+    let rss_after_command = args.server_pid.map(rss_bytes).transpose()?;
+
     let hold_until = Instant::now() + Duration::from_secs(args.hold_secs);
     tokio::time::sleep_until(hold_until.min(deadline).into()).await;
     drop(held);
@@ -126,7 +169,9 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
         connect_secs: (connect_secs * 1000.0).round() / 1000.0,
         rss_before_bytes: rss_before,
         rss_after_bytes: rss_after,
-        rss_per_connection_bytes: per,
+        rss_per_connection_bytes: per_connection(rss_after),
+        rss_after_command_bytes: rss_after_command,
+        rss_per_connection_after_command_bytes: per_connection(rss_after_command),
     })
 }
 
