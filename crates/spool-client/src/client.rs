@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, ErrorCode};
-use crate::types::{Body, Enqueue, Failure, Job, JobChange, JobPage, JobState, Policy, QueueInfo};
+use crate::types::{
+    Body, Enqueue, Failure, Job, JobChange, JobPage, JobState, JsonBody, Policy, QueueInfo,
+};
 
 /// Default bound on one request (besides a long poll's own wait): above the
 /// server's 10 s handler timeout, so a slow server's 503, which says why,
@@ -136,6 +138,11 @@ struct Jobs {
     jobs: Vec<Job>,
 }
 
+#[derive(serde::Serialize)]
+struct Batch {
+    jobs: Vec<JsonBody>,
+}
+
 #[derive(Deserialize)]
 struct Queues {
     queues: Vec<QueueInfo>,
@@ -169,8 +176,15 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn lease_body(lease: &str) -> Value {
-    serde_json::json!({ "lease": lease })
+/// A request body as JSON bytes.
+fn encode(body: &impl serde::Serialize) -> Result<Bytes, Error> {
+    serde_json::to_vec(body)
+        .map(Bytes::from)
+        .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))
+}
+
+fn lease_body(lease: &str) -> Result<Bytes, Error> {
+    encode(&serde_json::json!({ "lease": lease }))
 }
 
 impl Client {
@@ -278,7 +292,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
+        body: Option<Bytes>,
         extra_wait: Duration,
     ) -> Result<T, Error> {
         self.call_with(method, path, body, extra_wait, None).await
@@ -288,14 +302,10 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
+        body: Option<Bytes>,
         extra_wait: Duration,
         if_match: Option<u64>,
     ) -> Result<T, Error> {
-        let body = body
-            .map(|v| serde_json::to_vec(&v).map(Bytes::from))
-            .transpose()
-            .map_err(|e| Error::Usage(format!("cannot encode the request: {e}")))?;
         let answer = self.send(method, path, body, extra_wait, if_match).await?;
         let status = StatusCode::from_u16(answer.status)
             .map_err(|_| Error::Protocol(format!("status {}", answer.status)))?;
@@ -320,8 +330,13 @@ impl Client {
     /// (with `duplicate` set).
     pub async fn enqueue(&self, queue: &str, job: &Enqueue) -> Result<Job, Error> {
         let path = format!("/v1/queues/{}/jobs", escape(queue));
-        self.call(Method::POST, &path, Some(job.to_json()), Duration::ZERO)
-            .await
+        self.call(
+            Method::POST,
+            &path,
+            Some(encode(&job.to_json()?)?),
+            Duration::ZERO,
+        )
+        .await
     }
 
     /// Enqueues a job and waits up to `wait` (at most [`LONG_POLL_MAX`]) for
@@ -335,15 +350,18 @@ impl Client {
     ) -> Result<Job, Error> {
         let wait = wait.min(LONG_POLL_MAX);
         let path = format!("/v1/queues/{}/jobs?wait_ms={}", escape(queue), millis(wait));
-        self.call(Method::POST, &path, Some(job.to_json()), wait)
+        self.call(Method::POST, &path, Some(encode(&job.to_json()?)?), wait)
             .await
     }
 
     /// Enqueues every job or none.
     pub async fn enqueue_batch(&self, queue: &str, jobs: &[Enqueue]) -> Result<Vec<Job>, Error> {
         let path = format!("/v1/queues/{}/jobs/batch", escape(queue));
-        let body =
-            serde_json::json!({ "jobs": jobs.iter().map(Enqueue::to_json).collect::<Vec<_>>() });
+        let jobs = jobs
+            .iter()
+            .map(Enqueue::to_json)
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = encode(&Batch { jobs })?;
         let answer: Jobs = self
             .call(Method::POST, &path, Some(body), Duration::ZERO)
             .await?;
@@ -383,14 +401,19 @@ impl Client {
         let path = format!("/v1/jobs/{id}");
         match if_version {
             None => {
-                self.call(Method::PATCH, &path, Some(change.to_json()), Duration::ZERO)
-                    .await
+                self.call(
+                    Method::PATCH,
+                    &path,
+                    Some(encode(&change.to_json()?)?),
+                    Duration::ZERO,
+                )
+                .await
             }
             Some(version) => {
                 self.call_with(
                     Method::PATCH,
                     &path,
-                    Some(change.to_json()),
+                    Some(encode(&change.to_json()?)?),
                     Duration::ZERO,
                     Some(version),
                 )
@@ -452,7 +475,7 @@ impl Client {
         self.call(
             Method::POST,
             &format!("/v1/jobs/{id}/bury"),
-            Some(Value::Object(body)),
+            Some(encode(&body)?),
             Duration::ZERO,
         )
         .await
@@ -476,7 +499,7 @@ impl Client {
             "batch": batch,
         });
         let answer: Jobs = self
-            .call(Method::POST, "/v1/reserve", Some(body), timeout)
+            .call(Method::POST, "/v1/reserve", Some(encode(&body)?), timeout)
             .await?;
         Ok(answer.jobs)
     }
@@ -488,7 +511,7 @@ impl Client {
             .call(
                 Method::POST,
                 &format!("/v1/jobs/{id}/heartbeat"),
-                Some(lease_body(lease)),
+                Some(lease_body(lease)?),
                 Duration::ZERO,
             )
             .await?;
@@ -497,13 +520,13 @@ impl Client {
 
     /// Completes the job with a result ([`Body::None`] for none).
     pub async fn complete(&self, id: u64, lease: &str, result: &Body) -> Result<Job, Error> {
-        let mut body = serde_json::Map::new();
-        body.insert("lease".into(), lease.into());
-        result.write_into("result", &mut body);
+        let mut body = JsonBody::default();
+        body.put("lease", lease);
+        result.write_into("result", &mut body)?;
         self.call(
             Method::POST,
             &format!("/v1/jobs/{id}/complete"),
-            Some(Value::Object(body)),
+            Some(encode(&body)?),
             Duration::ZERO,
         )
         .await
@@ -515,7 +538,7 @@ impl Client {
         self.call(
             Method::POST,
             &format!("/v1/jobs/{id}/fail"),
-            Some(failure.to_json(lease)),
+            Some(encode(&failure.to_json(lease))?),
             Duration::ZERO,
         )
         .await
@@ -541,7 +564,7 @@ impl Client {
         self.call(
             Method::POST,
             &format!("/v1/jobs/{id}/release"),
-            Some(Value::Object(body)),
+            Some(encode(&body)?),
             Duration::ZERO,
         )
         .await
@@ -596,12 +619,10 @@ impl Client {
 
     /// Replaces the queue's policy.
     pub async fn set_policy(&self, queue: &str, policy: &Policy) -> Result<QueueInfo, Error> {
-        let body = serde_json::to_value(policy)
-            .map_err(|e| Error::Usage(format!("cannot encode the policy: {e}")))?;
         self.call(
             Method::PUT,
             &format!("/v1/queues/{}/policy", escape(queue)),
-            Some(body),
+            Some(encode(policy)?),
             Duration::ZERO,
         )
         .await
@@ -616,7 +637,7 @@ impl Client {
         self.call(
             Method::POST,
             &format!("/v1/queues/{}/pause", escape(queue)),
-            Some(body),
+            Some(encode(&body)?),
             Duration::ZERO,
         )
         .await

@@ -242,25 +242,51 @@ impl Body {
         }
     }
 
-    pub(crate) fn write_into(
-        &self,
-        name: &str,
-        out: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
+    /// Adds this body to `out` as `<name>` or `<name>_base64`.
+    pub(crate) fn write_into(&self, name: &str, out: &mut JsonBody) -> Result<(), Error> {
         match self {
             Body::None => {}
             Body::Json(text) => {
-                // Kept as the text given: the server stores it byte for byte.
-                if let Ok(raw) = RawValue::from_string(text.clone()) {
-                    if let Ok(value) = serde_json::to_value(raw) {
-                        out.insert(name.to_string(), value);
-                    }
-                }
+                // Kept as the text given (the server stores it byte for
+                // byte), only trimmed of surrounding whitespace.
+                let raw = RawValue::from_string(text.clone())
+                    .map_err(|e| Error::Usage(format!("{name} is not a JSON text: {e}")))?;
+                out.raw.push((name.to_string(), raw));
             }
             Body::Bytes(bytes) => {
-                out.insert(format!("{name}_base64"), base64::encode(bytes).into());
+                out.fields
+                    .insert(format!("{name}_base64"), base64::encode(bytes).into());
             }
         }
+        Ok(())
+    }
+}
+
+/// A request body: JSON fields plus JSON texts kept exactly as given (a
+/// `serde_json::Value` would re-encode them, sorting their keys).
+#[derive(Debug, Default)]
+pub(crate) struct JsonBody {
+    pub(crate) fields: serde_json::Map<String, serde_json::Value>,
+    pub(crate) raw: Vec<(String, Box<RawValue>)>,
+}
+
+impl JsonBody {
+    pub(crate) fn put(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.fields.insert(key.to_string(), value.into());
+    }
+}
+
+impl Serialize for JsonBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.fields.len() + self.raw.len()))?;
+        for (key, value) in &self.fields {
+            m.serialize_entry(key, value)?;
+        }
+        for (key, raw) in &self.raw {
+            m.serialize_entry(key, raw)?;
+        }
+        m.end()
     }
 }
 
@@ -402,38 +428,39 @@ impl Enqueue {
         self
     }
 
-    pub(crate) fn to_json(&self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        self.payload.write_into("payload", &mut m);
-        let mut put = |k: &str, v: Option<serde_json::Value>| {
-            if let Some(v) = v {
-                m.insert(k.to_string(), v);
+    pub(crate) fn to_json(&self) -> Result<JsonBody, Error> {
+        let mut body = JsonBody::default();
+        self.payload.write_into("payload", &mut body)?;
+        if let Some(v) = self.priority {
+            body.put("priority", v);
+        }
+        if let Some(v) = self.delay_ms {
+            body.put("delay_ms", v);
+        }
+        if let Some(v) = &self.run_at {
+            body.put("run_at", v.clone());
+        }
+        if let Some(v) = self.ttr_ms {
+            body.put("ttr_ms", v);
+        }
+        if let Some(v) = self.max_attempts {
+            body.put("max_attempts", v);
+        }
+        if let Some(v) = self.backoff.and_then(|b| serde_json::to_value(b).ok()) {
+            body.put("backoff", v);
+        }
+        if !self.headers.is_empty() {
+            if let Ok(v) = serde_json::to_value(&self.headers) {
+                body.put("headers", v);
             }
-        };
-        put("priority", self.priority.map(Into::into));
-        put("delay_ms", self.delay_ms.map(Into::into));
-        put("run_at", self.run_at.clone().map(Into::into));
-        put("ttr_ms", self.ttr_ms.map(Into::into));
-        put("max_attempts", self.max_attempts.map(Into::into));
-        put(
-            "backoff",
-            self.backoff.and_then(|b| serde_json::to_value(b).ok()),
-        );
-        put(
-            "headers",
-            (!self.headers.is_empty())
-                .then(|| serde_json::to_value(&self.headers).ok())
-                .flatten(),
-        );
-        put(
-            "idempotency_key",
-            self.idempotency_key.clone().map(Into::into),
-        );
-        put(
-            "idempotency_ttl_ms",
-            self.idempotency_ttl_ms.map(Into::into),
-        );
-        serde_json::Value::Object(m)
+        }
+        if let Some(v) = &self.idempotency_key {
+            body.put("idempotency_key", v.clone());
+        }
+        if let Some(v) = self.idempotency_ttl_ms {
+            body.put("idempotency_ttl_ms", v);
+        }
+        Ok(body)
     }
 }
 
@@ -449,11 +476,12 @@ pub struct JobChange {
 }
 
 impl JobChange {
-    pub(crate) fn to_json(&self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
+    pub(crate) fn to_json(&self) -> Result<JsonBody, Error> {
+        let mut body = JsonBody::default();
         if let Some(payload) = &self.payload {
-            payload.write_into("payload", &mut m);
+            payload.write_into("payload", &mut body)?;
         }
+        let m = &mut body.fields;
         if let Some(p) = self.priority {
             m.insert("priority".into(), p.into());
         }
@@ -471,7 +499,7 @@ impl JobChange {
         if let Some(a) = self.max_attempts {
             m.insert("max_attempts".into(), a.into());
         }
-        serde_json::Value::Object(m)
+        Ok(body)
     }
 }
 

@@ -86,6 +86,14 @@ async fn the_client_covers_the_job_api() {
     assert!(duplicate.duplicate);
     assert_eq!(duplicate.id, job.id);
 
+    // A JSON text is stored as given, key order and spelling kept.
+    let exact = c
+        .enqueue("mail", &Enqueue::new(Body::Json(r#"{"b":1,"a":2.50}"#.into())))
+        .await
+        .expect("enqueue a JSON text");
+    assert_eq!(&exact.payload[..], br#"{"b":1,"a":2.50}"#);
+    c.delete(exact.id).await.expect("delete");
+
     // Bytes that are not JSON travel as base64 and come back as bytes.
     let binary = c
         .enqueue("mail", &Enqueue::bytes(vec![0u8, 159, 255]))
