@@ -704,6 +704,8 @@ enum Settled {
     Done,
     Cancelled,
     LeaseLost,
+    /// Refused for another reason (a result too large, a bug).
+    Refused(Error),
 }
 
 impl Settle<'_> {
@@ -721,6 +723,14 @@ impl Settle<'_> {
                     sleep(jittered(backoff)).await;
                     backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 }
+                Err(e @ Error::Api { .. })
+                    if !e.is_lease_expired()
+                        && !e.is_transient()
+                        && e.code() != Some(&ErrorCode::NotFound)
+                        && e.code() != Some(&ErrorCode::WrongState) =>
+                {
+                    return Settled::Refused(e)
+                }
                 // lease_expired, not_found, or the lease is over by now.
                 Err(_) => return Settled::LeaseLost,
             }
@@ -732,7 +742,7 @@ impl Settle<'_> {
         WorkerCounters::bump(match settled {
             Settled::Done => done,
             Settled::Cancelled => &counters.cancelled,
-            Settled::LeaseLost => &counters.lease_lost,
+            Settled::LeaseLost | Settled::Refused(_) => &counters.lease_lost,
         });
     }
 
@@ -741,7 +751,16 @@ impl Settle<'_> {
         let settled = self
             .retry(|| client.complete(self.id, self.lease, result))
             .await;
-        self.count(settled, &self.shared.counters.processed);
+        match settled {
+            // The server refused the result itself (too large, not valid):
+            // the attempt fails with why, rather than running again at
+            // the TTR for the same refusal.
+            Settled::Refused(error) => {
+                let failure = Failure::new(format!("the result was refused: {error}"));
+                self.fail(&failure, &self.shared.counters.failed).await
+            }
+            other => self.count(other, &self.shared.counters.processed),
+        }
     }
 
     async fn fail(&self, failure: &Failure, counter: &AtomicU64) {

@@ -44,6 +44,18 @@ pub struct ServerArgs {
     token: Option<String>,
 }
 
+impl ServerArgs {
+    /// The server's HTTP listener, HOST:PORT.
+    pub fn http(&self) -> &str {
+        &self.http
+    }
+
+    /// The bearer token, if one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
 /// The server refused a request: its status and `{"error": {...}}`.
 #[derive(Debug)]
 pub struct ServerError {

@@ -88,7 +88,10 @@ async fn the_client_covers_the_job_api() {
 
     // A JSON text is stored as given, key order and spelling kept.
     let exact = c
-        .enqueue("mail", &Enqueue::new(Body::Json(r#"{"b":1,"a":2.50}"#.into())))
+        .enqueue(
+            "mail",
+            &Enqueue::new(Body::Json(r#"{"b":1,"a":2.50}"#.into())),
+        )
         .await
         .expect("enqueue a JSON text");
     assert_eq!(&exact.payload[..], br#"{"b":1,"a":2.50}"#);
