@@ -33,6 +33,16 @@ use crate::types::{Body, Failure, Job};
 /// over many jobs, few enough that one worker does not hoard a queue.
 pub const BATCH_MAX_DEFAULT: u32 = 32;
 
+/// How long the dispatcher waits for more free slots before reserving
+/// for fewer: a few requests' time, nothing next to a real handler.
+pub const BATCH_GATHER: Duration = Duration::from_millis(2);
+
+/// The dispatcher waits (up to [`BATCH_GATHER`]) until this fraction of
+/// the batch (or of the concurrency, if smaller) is free: a quarter keeps
+/// the pool at least three-quarters busy while cutting reserves per job
+/// by up to that factor.
+const GATHER_DIVISOR: usize = 4;
+
 /// How long a reserve waits for a job by default. Also how long a shutdown
 /// may wait for the reserve in flight (its jobs are then released, never
 /// left leased to nobody).
@@ -474,9 +484,22 @@ impl Worker {
                 },
                 _ = shared.draining.cancelled() => break,
             };
+            // With handlers in flight, wait a moment for a few more slots:
+            // slots free one at a time, and a reserve per freed slot would
+            // spend a request on each job.
+            let gather = (settings.batch_max as usize).min(settings.concurrency) / GATHER_DIVISOR;
+            if gather > 1 && slots.available_permits() + 1 < gather {
+                let wanted = (gather - 1) as u32;
+                if let Ok(Ok(extra)) =
+                    tokio::time::timeout(BATCH_GATHER, slots.clone().acquire_many_owned(wanted))
+                        .await
+                {
+                    permit.merge(extra);
+                }
+            }
             let more = slots
                 .available_permits()
-                .min(settings.batch_max as usize - 1);
+                .min(settings.batch_max as usize - permit.num_permits());
             if more > 0 {
                 if let Ok(extra) = slots.clone().try_acquire_many_owned(more as u32) {
                     permit.merge(extra);
