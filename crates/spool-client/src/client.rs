@@ -30,9 +30,9 @@ pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
 /// several requests.
 pub const LONG_POLL_MAX: Duration = Duration::from_secs(30);
 
-/// Largest answer read: a listing page or batch of large jobs is a few MiB;
-/// anything far past that is not the API talking.
-const RESPONSE_MAX_BYTES: usize = 64 << 20;
+/// Largest answer read by default: a listing page or batch of large jobs is
+/// a few MiB; anything far past that is not the API talking.
+pub const RESPONSE_MAX_BYTES_DEFAULT: usize = 64 << 20;
 
 /// How long an idle pooled connection is kept: below the server's idle
 /// close, so the client rarely picks a connection the server is closing.
@@ -62,6 +62,7 @@ struct Inner {
     authority: String,
     token: Option<String>,
     request_timeout: Duration,
+    response_max_bytes: usize,
 }
 
 impl std::fmt::Debug for Inner {
@@ -80,6 +81,7 @@ pub struct ClientBuilder {
     addr: String,
     token: Option<String>,
     request_timeout: Duration,
+    response_max_bytes: usize,
 }
 
 impl ClientBuilder {
@@ -93,6 +95,12 @@ impl ClientBuilder {
     /// on top).
     pub fn request_timeout(mut self, timeout: Duration) -> ClientBuilder {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Largest answer read; a longer one is an [`Error::Connect`].
+    pub fn response_max_bytes(mut self, bytes: usize) -> ClientBuilder {
+        self.response_max_bytes = bytes;
         self
     }
 
@@ -121,6 +129,7 @@ impl ClientBuilder {
                 authority,
                 token: self.token,
                 request_timeout: self.request_timeout,
+                response_max_bytes: self.response_max_bytes,
             }),
         })
     }
@@ -199,6 +208,7 @@ impl Client {
             addr: addr.into(),
             token: None,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            response_max_bytes: RESPONSE_MAX_BYTES_DEFAULT,
         }
     }
 
@@ -268,7 +278,7 @@ impl Client {
                 }
             })?;
             let status = response.status();
-            let body = Limited::new(response.into_body(), RESPONSE_MAX_BYTES)
+            let body = Limited::new(response.into_body(), inner.response_max_bytes)
                 .collect()
                 .await
                 .map_err(|e| Error::Connect {

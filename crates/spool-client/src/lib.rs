@@ -44,6 +44,7 @@ mod worker;
 pub use cancel::{CancelReason, CancelToken};
 pub use client::{
     escape, Client, ClientBuilder, RawResponse, LONG_POLL_MAX, REQUEST_TIMEOUT_DEFAULT,
+    RESPONSE_MAX_BYTES_DEFAULT,
 };
 pub use error::{Error, ErrorCode};
 pub use types::{
