@@ -575,3 +575,62 @@ async fn a_worker_carries_on_across_a_server_restart() {
     assert!(totals.processed >= 10, "{totals:?}");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_runs_out_while_the_server_is_away_fires_the_token() {
+    let server = Server::start();
+    let c = client(&server);
+    let (started_tx, mut started) = mpsc::unbounded_channel::<u64>();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<CancelReason>();
+    let worker =
+        Worker::builder(c.clone())
+            .queue("lease")
+            .build(move |job: Job, ctx: JobContext| {
+                let started = started_tx.clone();
+                let seen = seen_tx.clone();
+                async move {
+                    let _ = started.send(job.id);
+                    let _ = seen.send(ctx.cancelled().await);
+                    Err::<(), _>(HandlerError::new("gave up"))
+                }
+            });
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    c.enqueue(
+        "lease",
+        &Enqueue::json(&1).expect("json").ttr(Duration::from_secs(1)),
+    )
+    .await
+    .expect("enqueue");
+    tokio::time::timeout(SETTLE_TIMEOUT, started.recv())
+        .await
+        .expect("the handler starts");
+    // No heartbeat gets through now: the lease's deadline passes.
+    drop(server);
+    let reason = tokio::time::timeout(SETTLE_TIMEOUT, seen.recv())
+        .await
+        .expect("the handler sees its token");
+    assert_eq!(reason, Some(CancelReason::Deadline));
+    stop.shutdown();
+    let totals = run.await.expect("join").expect("run");
+    assert_eq!((totals.lease_lost, totals.failed), (1, 0), "{totals:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_reserve_is_refused_stops_with_the_servers_reason() {
+    let server = Server::start();
+    let worker = Worker::builder(client(&server))
+        .queue("not a queue name")
+        .build(|_job: Job, _ctx: JobContext| async { Ok::<(), HandlerError>(()) });
+    let error = tokio::time::timeout(SETTLE_TIMEOUT, worker.run())
+        .await
+        .expect("run ends")
+        .expect_err("the server refuses the queue name");
+    assert_eq!(error.code(), Some(&ErrorCode::Invalid), "{error}");
+    let no_queue = Worker::builder(client(&server))
+        .build(|_job: Job, _ctx: JobContext| async { Ok::<(), HandlerError>(()) });
+    assert!(matches!(
+        no_queue.run().await,
+        Err(spool_client::Error::Usage(_))
+    ));
+}
