@@ -586,3 +586,57 @@ pub struct JobPage {
     pub jobs: Vec<Job>,
     pub next: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(json: &str) -> Job {
+        serde_json::from_str(json).expect("a job")
+    }
+
+    #[test]
+    fn a_job_reads_payloads_and_results_either_way() {
+        let j = job(
+            r#"{"id":1,"state":"ready","payload":{"b":1,"a":[1,2]},"result":null,"future_field":7}"#,
+        );
+        assert_eq!(&j.payload[..], br#"{"b":1,"a":[1,2]}"#);
+        assert_eq!(j.result, None);
+        let j = job(r#"{"id":2,"state":"completed","payload":null,"result_base64":"AP8="}"#);
+        assert_eq!(&j.payload[..], b"null");
+        assert_eq!(j.result.as_deref(), Some(&[0u8, 255][..]));
+        let j = job(r#"{"id":3,"state":"zombie","payload_base64":"aGk="}"#);
+        assert_eq!((j.state, &j.payload[..]), (JobState::Unknown, &b"hi"[..]));
+        assert!(
+            serde_json::from_str::<Job>(r#"{"id":4,"state":"ready","payload_base64":"!"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn an_enqueue_body_sends_only_what_was_set_and_json_as_given() {
+        let body = Enqueue::new(Body::Json(" {\"z\":1, \"a\":2}\n".into()))
+            .priority(3)
+            .delay(Duration::from_millis(1500))
+            .run_at("2026-12-04T10:00:00Z")
+            .to_json()
+            .expect("a body");
+        let text = serde_json::to_string(&body).expect("json");
+        assert_eq!(
+            text,
+            r#"{"priority":3,"run_at":"2026-12-04T10:00:00Z","payload":{"z":1, "a":2}}"#
+        );
+        let bytes = serde_json::to_string(&Enqueue::bytes(vec![1u8, 2]).to_json().expect("a body"))
+            .expect("json");
+        assert_eq!(bytes, r#"{"payload_base64":"AQI="}"#);
+        assert!(Enqueue::new(Body::Json("{nope".into())).to_json().is_err());
+        assert_eq!(
+            Body::detect(&b"[1, 2]\n"[..]),
+            Body::Json("[1, 2]\n".into())
+        );
+        assert_eq!(
+            Body::detect(&b"plain"[..]),
+            Body::Bytes(Bytes::from_static(b"plain"))
+        );
+    }
+}

@@ -418,6 +418,25 @@ struct Shared {
     hard_stop: CancelToken,
 }
 
+impl Shared {
+    /// Releases a job that will not be run, as a task of `tasks`.
+    fn release_unrun(self: &Arc<Shared>, tasks: &mut JoinSet<()>, job: Job, sent_at: Instant) {
+        let shared = self.clone();
+        tasks.spawn(async move {
+            let Some(lease) = job.lease.as_deref() else {
+                return;
+            };
+            let settle = Settle {
+                shared: &shared,
+                id: job.id,
+                lease,
+                lease_deadline: sent_at + Duration::from_millis(job.ttr_ms),
+            };
+            settle.release().await;
+        });
+    }
+}
+
 impl Worker {
     /// A worker of `client`'s server; add queues, then [`WorkerBuilder::build`].
     pub fn builder(client: Client) -> WorkerBuilder {
@@ -517,9 +536,17 @@ impl Worker {
                 Ok(jobs) => {
                     backoff = RECONNECT_BACKOFF_MIN;
                     for job in jobs {
-                        let Some(slot) = permit.split(1) else { break };
                         WorkerCounters::bump(&shared.counters.reserved);
-                        tasks.spawn(supervise(shared.clone(), job, sent_at, slot));
+                        match permit.split(1) {
+                            Some(slot) => {
+                                tasks.spawn(supervise(shared.clone(), job, sent_at, slot));
+                            }
+                            // More jobs than asked for (a server bug): each
+                            // is handed back rather than run past the bound.
+                            None => {
+                                shared.release_unrun(&mut tasks, job, sent_at);
+                            }
+                        }
                     }
                 }
                 Err(e) if e.is_transient() => {
