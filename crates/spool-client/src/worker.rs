@@ -277,11 +277,19 @@ impl WorkerCounters {
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     draining: CancelToken,
+    hard_stop: CancelToken,
 }
 
 impl ShutdownHandle {
     pub fn shutdown(&self) {
         self.draining.cancel(CancelReason::Shutdown);
+    }
+
+    /// A drain without the grace: every handler's token fires now (then
+    /// `cancel_grace` as always), e.g. at an operator's second Ctrl-C.
+    pub fn shutdown_now(&self) {
+        self.draining.cancel(CancelReason::Shutdown);
+        self.hard_stop.cancel(CancelReason::Shutdown);
     }
 }
 
@@ -357,6 +365,7 @@ impl WorkerBuilder {
             handler: Arc::new(handler),
             counters: Arc::new(WorkerCounters::default()),
             draining: CancelToken::new(),
+            hard_stop: CancelToken::new(),
         }
     }
 }
@@ -396,6 +405,7 @@ pub struct Worker {
     handler: Arc<dyn Handler>,
     counters: Arc<WorkerCounters>,
     draining: CancelToken,
+    hard_stop: CancelToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -456,6 +466,7 @@ impl Worker {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             draining: self.draining.clone(),
+            hard_stop: self.hard_stop.clone(),
         }
     }
 
@@ -478,7 +489,7 @@ impl Worker {
             handler: self.handler.clone(),
             counters: self.counters.clone(),
             draining: self.draining.clone(),
-            hard_stop: CancelToken::new(),
+            hard_stop: self.hard_stop.clone(),
         });
         // The grace counts from the shutdown request, not from the end of
         // the reserve in flight then.

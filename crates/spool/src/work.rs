@@ -10,7 +10,8 @@
 //! job is cancelled, its lease ends, `--timeout` passes or the shutdown
 //! grace ends, the process's whole group gets SIGTERM, then SIGKILL after
 //! `--kill-grace`. SIGTERM or SIGINT to `spool work` drains: no new jobs,
-//! running ones get `--shutdown-grace`, the rest are released; exit 0.
+//! running ones get `--shutdown-grace`, the rest are released; exit 0. A
+//! second signal ends the grace at once.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -106,12 +107,23 @@ async fn serve(args: WorkArgs) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        // The first signal drains; a second one stops the commands now
+        // (their jobs are released all the same).
+        for second in [false, true] {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if second {
+                eprintln!("spool work: stopping the running commands now");
+                stop.shutdown_now();
+            } else {
+                eprintln!(
+                    "spool work: draining (a second SIGTERM or SIGINT stops the commands now)"
+                );
+                stop.shutdown();
+            }
         }
-        eprintln!("spool work: draining");
-        stop.shutdown();
     });
     eprintln!(
         "spool work: serving {} with up to {} processes",

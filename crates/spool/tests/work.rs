@@ -261,3 +261,51 @@ fn work_without_a_command_or_queue_is_a_usage_error() {
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn a_second_sigterm_ends_the_grace_at_once() {
+    use std::io::BufRead;
+
+    let server = Server::start();
+    let dir = TempDir::new("work-second-term");
+    let script = r#"echo $$ > "$DIR/started"
+sleep 600"#;
+    let mut work = start_work(
+        &server,
+        dir.path(),
+        &["-q", "s", "--shutdown-grace", "1h", "--kill-grace", "200ms"],
+        script,
+    );
+    let id = enqueue(&server, "s", json!({"payload": 1}));
+    let leader = wait_for_file(&dir.path().join("started"));
+    let stderr = work.stderr.take().expect("stderr");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    signal(&work, "TERM");
+    // The second signal only after the first was taken: two at once may
+    // arrive as one.
+    loop {
+        let line = lines
+            .recv_timeout(SETTLE_TIMEOUT)
+            .expect("spool work says it drains");
+        if line.contains("draining") {
+            break;
+        }
+    }
+    signal(&work, "TERM");
+    let out = wait_output(work, SETTLE_TIMEOUT);
+    assert!(out.status.success(), "{:?}", out.status);
+    let rest: Vec<String> = lines.iter().collect();
+    reader.join().expect("reader");
+    assert!(rest.iter().any(|l| l.contains("1 released")), "{rest:?}");
+    wait_gone(&leader);
+    let job = server.http("GET", &format!("/v1/jobs/{id}"), "").json();
+    assert_eq!(job["state"], "ready", "{job}");
+}
