@@ -226,7 +226,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
         println!(
-            "{} requests from {} callers in {:.2} s ({:.0}/s); deadline {} ms: {} answered in time, {} missed",
+            "{} requests from {} callers in {:.2} s ({:.0}/s); deadline {} ms: {} completed within it, {} not",
             s.requests,
             s.clients,
             elapsed.as_secs_f64(),
