@@ -634,3 +634,86 @@ async fn a_worker_whose_reserve_is_refused_stops_with_the_servers_reason() {
         Err(spool_client::Error::Usage(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_reserves_only_what_it_can_start() {
+    let server = Server::start();
+    let c = client(&server);
+    let jobs: Vec<Enqueue> = (0..10).map(|i| Enqueue::json(&i).expect("json")).collect();
+    c.enqueue_batch("bounded", &jobs).await.expect("batch");
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel::<u64>();
+    let worker = Worker::builder(c.clone())
+        .queue("bounded")
+        .concurrency(3)
+        .build({
+            let gate = gate.clone();
+            move |job: Job, _ctx: JobContext| {
+                let gate = gate.clone();
+                let started = started_tx.clone();
+                async move {
+                    let _ = started.send(job.id);
+                    let _permit = gate.acquire().await;
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        });
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    for _ in 0..3 {
+        tokio::time::timeout(SETTLE_TIMEOUT, started.recv())
+            .await
+            .expect("three handlers start");
+    }
+    // Every slot is taken: the dispatcher waits for one instead of
+    // reserving more.
+    let queue = c.queue("bounded").await.expect("queue");
+    assert_eq!(queue.count(JobState::Reserved), 3, "{queue:?}");
+    assert_eq!(queue.count(JobState::Ready), 7, "{queue:?}");
+    gate.add_permits(Semaphore::MAX_PERMITS);
+    wait_until("every job to complete", || {
+        let c = c.clone();
+        async move {
+            c.queue("bounded")
+                .await
+                .is_ok_and(|q| q.count(JobState::Completed) == 10)
+        }
+    })
+    .await;
+    stop.shutdown();
+    let totals = run.await.expect("join").expect("run");
+    assert_eq!((totals.reserved, totals.processed), (10, 10), "{totals:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_job_past_its_ttr() {
+    let server = Server::start();
+    let c = client(&server);
+    let worker =
+        Worker::builder(c.clone())
+            .queue("long")
+            .build(|_job: Job, _ctx: JobContext| async {
+                // Runs over two TTRs: only heartbeats keep the lease.
+                tokio::time::sleep(Duration::from_millis(2_500)).await;
+                Ok::<_, HandlerError>(json!("done"))
+            });
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    let job = c
+        .enqueue(
+            "long",
+            &Enqueue::json(&1).expect("json").ttr(Duration::from_secs(1)),
+        )
+        .await
+        .expect("enqueue");
+    let job = settled(&c, &[job.id]).await.remove(0);
+    stop.shutdown();
+    let totals = run.await.expect("join").expect("run");
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert_eq!(job.attempts, 0, "the lease never lapsed: {job:?}");
+    assert_eq!(
+        (totals.processed, totals.lease_lost, totals.reserved),
+        (1, 0, 1),
+        "{totals:?}"
+    );
+}
