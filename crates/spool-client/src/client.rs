@@ -34,9 +34,11 @@ pub const LONG_POLL_MAX: Duration = Duration::from_secs(30);
 /// a few MiB; anything far past that is not the API talking.
 pub const RESPONSE_MAX_BYTES_DEFAULT: usize = 64 << 20;
 
-/// How long an idle pooled connection is kept: below the server's idle
-/// close, so the client rarely picks a connection the server is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an idle pooled connection is kept: half the server's idle
+/// close (its 10 s header read timeout), so the client does not pick a
+/// connection in the instant the server closes it (a request lost that
+/// way may or may not have been applied).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client of one spool server's HTTP listener. Cheap to clone.
 ///
