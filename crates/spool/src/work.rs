@@ -13,6 +13,7 @@
 //! running ones get `--shutdown-grace`, the rest are released; exit 0. A
 //! second signal ends the grace at once.
 
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use spool_engine::limits::ERROR_MAX_BYTES;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::client::ServerArgs;
+use crate::serve::ConfigError;
 
 /// Most stdout kept as a job's result: far above what the server takes as a
 /// result, so a larger one fails with the server's reason, while a command
@@ -74,8 +76,33 @@ fn duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration: 500ms, 30s, 2m, 1h or seconds"))
 }
 
+/// Whether `program` names an executable file, as `execvp` would find it:
+/// a path as given, a bare name along `PATH`.
+fn executable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return runnable(Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| runnable(&dir.join(program))))
+}
+
 /// `spool work`.
 pub fn run(args: WorkArgs) -> anyhow::Result<()> {
+    // Checked once here: a command that cannot start would otherwise fail
+    // every job it is given, using up their attempts.
+    if let Some(program) = args.command.first() {
+        if !executable(program) {
+            return Err(ConfigError(format!(
+                "{program:?} is not an executable file (give a path, or a name on PATH)"
+            ))
+            .into());
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
