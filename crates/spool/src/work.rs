@@ -58,6 +58,10 @@ pub struct WorkArgs {
     #[arg(long, value_parser = duration)]
     timeout: Option<Duration>,
 
+    /// Heartbeat each running job this often; also how late a command learns its job was cancelled [default: a third of the job's TTR]
+    #[arg(long, value_parser = duration)]
+    heartbeat: Option<Duration>,
+
     /// How long a stopped command's process group has between SIGTERM and SIGKILL.
     #[arg(long, value_parser = duration, default_value = "5s")]
     kill_grace: Duration,
@@ -127,6 +131,9 @@ async fn serve(args: WorkArgs) -> anyhow::Result<()> {
     }
     if let Some(timeout) = args.timeout {
         worker = worker.handler_timeout(timeout);
+    }
+    if let Some(interval) = args.heartbeat {
+        worker = worker.heartbeat_interval(interval);
     }
     let worker = worker
         .build(move |job: Job, ctx: JobContext| run_job(command.clone(), kill_grace, job, ctx));

@@ -194,10 +194,14 @@ fn a_cancelled_jobs_command_gets_sigterm() {
     let script = r#"trap 'echo term > "$DIR/term"; exit 0' TERM
 echo $$ > "$DIR/started"
 while true; do sleep 0.05; done"#;
-    // A short TTR: heartbeats come every third of it, and the cancel is
-    // seen at the next one.
-    let work = start_work(&server, dir.path(), &["-q", "c"], script);
-    let id = enqueue(&server, "c", json!({"payload": 1, "ttr_ms": 1500}));
+    // The cancel is seen at the next heartbeat.
+    let work = start_work(
+        &server,
+        dir.path(),
+        &["-q", "c", "--heartbeat", "100ms"],
+        script,
+    );
+    let id = enqueue(&server, "c", json!({"payload": 1}));
     let leader = wait_for_file(&dir.path().join("started"));
     let reply = server.http("POST", &format!("/v1/jobs/{id}/cancel"), "");
     assert_eq!(reply.status, 200, "{}", reply.body);
