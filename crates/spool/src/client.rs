@@ -1,17 +1,16 @@
 //! The CLI's HTTP client: one request at a time to the server's HTTP
-//! listener, with hyper's HTTP/1 client on a current-thread runtime (one
-//! request at a time needs nothing more). Every request is bounded in time,
-//! so a hung server cannot hang the CLI, and every failure is one clear
-//! line; an error answer of the server keeps its code and message.
+//! listener, through `spool-client`'s transport (hyper's HTTP/1 client) on
+//! a current-thread runtime (one request at a time needs nothing more).
+//! Every request is bounded in time, so a hung server cannot hang the CLI,
+//! and every failure is one clear line; an error answer of the server keeps
+//! its code and message.
 
 use std::fmt;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{header, Method, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use serde_json::Value;
 use spool_server::limits::{DEFAULT_HTTP_LISTEN, HANDLER_TIMEOUT};
 
@@ -44,6 +43,18 @@ pub struct ServerArgs {
     token: Option<String>,
 }
 
+impl ServerArgs {
+    /// The server's HTTP listener, HOST:PORT.
+    pub fn http(&self) -> &str {
+        &self.http
+    }
+
+    /// The bearer token, if one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
 /// The server refused a request: its status and `{"error": {...}}`.
 #[derive(Debug)]
 pub struct ServerError {
@@ -64,10 +75,12 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
-/// A connection-less client of one server: each request opens its own.
+/// A blocking client of one server (`spool top`'s refreshes reuse its
+/// kept-alive connection).
 pub struct Client<'a> {
     runtime: tokio::runtime::Runtime,
     server: &'a ServerArgs,
+    http: spool_client::Client,
 }
 
 impl<'a> Client<'a> {
@@ -76,7 +89,18 @@ impl<'a> Client<'a> {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        Ok(Client { runtime, server })
+        let mut http = spool_client::Client::builder(server.http.as_str())
+            .request_timeout(REQUEST_TIMEOUT)
+            .response_max_bytes(RESPONSE_MAX_BYTES);
+        if let Some(token) = &server.token {
+            http = http.token(token.as_str());
+        }
+        let http = http.build()?;
+        Ok(Client {
+            runtime,
+            server,
+            http,
+        })
     }
 
     /// GETs `path` and parses the JSON answer.
@@ -110,19 +134,26 @@ impl<'a> Client<'a> {
     ) -> anyhow::Result<Bytes> {
         let addr = self.server.http.as_str();
         let what = format!("{method} {path}");
-        let (status, bytes) = self.runtime.block_on(async {
-            tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                request(addr, self.server.token.as_deref(), method, path, body),
+        let answer = self
+            .runtime
+            .block_on(
+                self.http
+                    .request(method, path, body.map(Bytes::from), Duration::ZERO),
             )
-            .await
-            .map_err(|_| {
-                anyhow!(
+            .map_err(|e| match e {
+                spool_client::Error::Connect { message, .. } => anyhow!(
+                    "cannot reach the spool HTTP listener at {addr} for {what}: {message} \
+                     (is `spool serve` running? set --http or SPOOL_HTTP_LISTEN)"
+                ),
+                spool_client::Error::Timeout { .. } => anyhow!(
                     "the server at {addr} did not answer {what} within {} s",
                     REQUEST_TIMEOUT.as_secs()
-                )
-            })?
-        })?;
+                ),
+                other => anyhow!("{what} to {addr}: {other}"),
+            })?;
+        let status = StatusCode::from_u16(answer.status)
+            .with_context(|| format!("{what} to {addr}: a status of {}", answer.status))?;
+        let bytes = answer.body;
         if status == StatusCode::UNAUTHORIZED {
             bail!("the server needs a token: set SPOOL_AUTH_TOKEN or --token");
         }
@@ -149,65 +180,7 @@ impl<'a> Client<'a> {
     }
 }
 
-async fn request(
-    addr: &str,
-    token: Option<&str>,
-    method: Method,
-    path: &str,
-    body: Option<Vec<u8>>,
-) -> anyhow::Result<(StatusCode, Bytes)> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        anyhow!(
-            "cannot reach the spool HTTP listener at {addr}: {e} (is `spool serve` running? \
-             set --http or SPOOL_HTTP_LISTEN)"
-        )
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .with_context(|| format!("HTTP handshake with {addr}"))?;
-    // The connection future drives the socket; it ends with the request.
-    tokio::spawn(connection);
-    let what = format!("{method} {path}");
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, addr)
-        .header(header::ACCEPT, "application/json");
-    if body.is_some() {
-        request = request.header(header::CONTENT_TYPE, "application/json");
-    }
-    if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .context("building the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("{what} to {addr}"))?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), RESPONSE_MAX_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow!("reading the answer to {what} from {addr}: {e}"))?
-        .to_bytes();
-    Ok((status, body))
-}
-
-/// `text` percent-encoded for one path segment or query value: a queue
-/// name may hold `/`, `+`, `;`, `$` and parentheses.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
+pub use spool_client::escape;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ mod cpu;
 mod jobs;
 mod logging;
 mod serve;
+mod work;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,9 @@ enum Command {
     Pause(jobs::PauseArgs),
     /// Hand out a paused queue's jobs again.
     Resume(jobs::QueueArgs),
+    /// Run a command for each job of some queues: payload on stdin, stdout
+    /// as the result, a non-zero exit as a failed attempt.
+    Work(work::WorkArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => jobs::policy(args),
         Command::Pause(args) => jobs::pause(args),
         Command::Resume(args) => jobs::resume(args),
+        Command::Work(args) => work::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
