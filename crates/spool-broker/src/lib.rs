@@ -11,9 +11,11 @@ pub mod conformance;
 mod error;
 pub mod metrics;
 pub mod model;
+mod op_session;
 mod snapshot;
 
 pub use broker::{Broker, BrokerHealth, Peer, Session};
+pub use op_session::OpSession;
 pub use error::{BrokerError, Conflict};
 pub use metrics::{Buckets, Histogram};
 pub use model::{
