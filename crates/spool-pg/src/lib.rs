@@ -298,7 +298,7 @@ impl PgBroker {
 
     async fn run_op(&self, op: Op, fx: &mut Effects) -> Result<Outcome, BrokerError> {
         match self.run_with(Task::Op(op), fx).await? {
-            Done::Outcome(outcome) => Ok(outcome),
+            Done::Outcome(outcome) => Ok(*outcome),
             other => Err(BrokerError::Internal(format!(
                 "an operation answered {other:?}"
             ))),
@@ -494,7 +494,7 @@ async fn run_timers_periodically(broker: Weak<Inner>) {
             return;
         };
         let broker = PgBroker { inner };
-        let task = if pass % RETENTION_EVERY_PASSES == 0 {
+        let task = if pass.is_multiple_of(RETENTION_EVERY_PASSES) {
             Task::Timers
         } else {
             Task::DueTimers

@@ -69,7 +69,7 @@ pub(crate) enum Task {
 
 #[derive(Debug)]
 pub(crate) enum Done {
-    Outcome(Outcome),
+    Outcome(Box<Outcome>),
     Counts(Vec<QueueCounts>),
     Nothing,
 }
@@ -466,7 +466,7 @@ async fn apply(
             Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
         }
     };
-    Ok(Done::Outcome(outcome))
+    Ok(Done::Outcome(Box::new(outcome)))
 }
 
 /// Wakes parked reserves and job waits on every node, at commit.
