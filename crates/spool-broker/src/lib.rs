@@ -15,13 +15,13 @@ mod op_session;
 mod snapshot;
 
 pub use broker::{Broker, BrokerHealth, Peer, Session};
-pub use op_session::OpSession;
 pub use error::{BrokerError, Conflict};
 pub use metrics::{Buckets, Histogram};
 pub use model::{
     Backoff, JobChange, JobId, JobPage, JobState, JobView, Lease, Leased, NewJob, Op, Outcome,
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
+pub use op_session::OpSession;
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
     SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,

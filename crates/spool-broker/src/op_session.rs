@@ -262,15 +262,16 @@ impl<B: Broker> Worker<B> {
                     Err(error) => self.lease_refused(id, error),
                 }
             }
-            Request::Peek(id) => match self.call(Op::Get { id }).await.and_then(Outcome::into_job)
-            {
-                Ok(job) if !job.state.is_final() => Response::Found {
-                    id: job.id,
-                    body: job.payload,
-                },
-                Ok(_) | Err(BrokerError::NotFound) => Response::NotFound,
-                Err(_) => Response::InternalError,
-            },
+            Request::Peek(id) => {
+                match self.call(Op::Get { id }).await.and_then(Outcome::into_job) {
+                    Ok(job) if !job.state.is_final() => Response::Found {
+                        id: job.id,
+                        body: job.payload,
+                    },
+                    Ok(_) | Err(BrokerError::NotFound) => Response::NotFound,
+                    Err(_) => Response::InternalError,
+                }
+            }
             Request::PeekReady => self.peek(JobState::Ready).await,
             Request::PeekDelayed => self.peek(JobState::Delayed).await,
             Request::PeekBuried => self.peek(JobState::Buried).await,
@@ -358,9 +359,7 @@ impl<B: Broker> Worker<B> {
     /// `timeout_secs`: `None` waits forever.
     async fn reserve(&mut self, timeout_secs: Option<u32>) -> Response {
         let timeout_ms = timeout_secs.map_or(u64::MAX, |secs| u64::from(secs) * MS_PER_SEC);
-        let reserve = self
-            .broker
-            .reserve(self.watching.clone(), 1, timeout_ms);
+        let reserve = self.broker.reserve(self.watching.clone(), 1, timeout_ms);
         let got = match self.hung_up.as_mut() {
             Some(hung_up) => tokio::select! {
                 got = reserve => got,
@@ -390,10 +389,22 @@ impl<B: Broker> Worker<B> {
         if let Some(&lease) = self.leases.get(&id) {
             // Completed (which ends the lease and can be refused), then
             // gone: a beanstalkd delete leaves nothing behind.
-            return match self.call(Op::Complete { lease, result: None }).await {
+            return match self
+                .call(Op::Complete {
+                    lease,
+                    result: None,
+                })
+                .await
+            {
                 Ok(_) => {
                     self.leases.remove(&id);
-                    match self.call(Op::Delete { id, expected_version: None }).await {
+                    match self
+                        .call(Op::Delete {
+                            id,
+                            expected_version: None,
+                        })
+                        .await
+                    {
                         Ok(_) | Err(BrokerError::NotFound) => Response::Deleted,
                         Err(_) => Response::InternalError,
                     }
@@ -465,7 +476,10 @@ impl<B: Broker> Worker<B> {
         };
         let mut kicked = 0u32;
         while kicked < bound {
-            let page = match self.first_in(state, (bound - kicked).min(KICK_PAGE_JOBS)).await {
+            let page = match self
+                .first_in(state, (bound - kicked).min(KICK_PAGE_JOBS))
+                .await
+            {
                 Ok(jobs) => jobs,
                 Err(reply) => return reply,
             };
@@ -519,7 +533,11 @@ impl<B: Broker> Worker<B> {
             Err(_) => return Response::InternalError,
         };
         let in_session = self.using == tube || self.watching.contains(&tube);
-        match snapshot.queues.into_iter().find(|q| q.name == tube.as_str()) {
+        match snapshot
+            .queues
+            .into_iter()
+            .find(|q| q.name == tube.as_str())
+        {
             Some(q) => Response::StatsTube(Box::new(TubeStats {
                 name: q.name,
                 current_jobs_urgent: q.urgent,

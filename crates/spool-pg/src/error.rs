@@ -11,9 +11,14 @@ pub(crate) enum DbError {
     /// No connection could be made.
     Unreachable(String),
     /// Every connection was busy for the whole acquire timeout.
-    PoolExhausted { max: usize, waited_ms: u64 },
+    PoolExhausted {
+        max: usize,
+        waited_ms: u64,
+    },
     /// The operation ran past its deadline.
-    TimedOut { after_ms: u64 },
+    TimedOut {
+        after_ms: u64,
+    },
     /// A serialization failure or deadlock, or a lost race on an
     /// idempotency key: the operation is run again.
     Retry,

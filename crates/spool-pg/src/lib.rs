@@ -364,7 +364,9 @@ impl PgBroker {
             };
             let got = match self.run_op(op, &mut fx).await {
                 Ok(Outcome::Leased(got)) => got,
-                Ok(other) => break Err(BrokerError::Internal(format!("reserve answered {other:?}"))),
+                Ok(other) => {
+                    break Err(BrokerError::Internal(format!("reserve answered {other:?}")))
+                }
                 Err(error) => break Err(error),
             };
             if !got.is_empty() || inner.clock.now_ns() >= deadline {
@@ -530,11 +532,7 @@ impl Broker for PgBroker {
         async move {
             let counts = match this.run(Task::Counts).await? {
                 Done::Counts(counts) => counts,
-                other => {
-                    return Err(BrokerError::Internal(format!(
-                        "counts answered {other:?}"
-                    )))
-                }
+                other => return Err(BrokerError::Internal(format!("counts answered {other:?}"))),
             };
             let inner = &this.inner;
             let draining = inner.draining.load(Ordering::Acquire)

@@ -494,10 +494,7 @@ async fn get(c: &mut Conn, id: u64) -> Result<JobView, OpError> {
 /// in `state`.
 async fn state_of_job(c: &mut Conn, id: u64) -> Result<Option<JobState>, OpError> {
     let row = c
-        .query_opt(
-            "SELECT state FROM spool_jobs WHERE id = $1",
-            &[&db_u64(id)],
-        )
+        .query_opt("SELECT state FROM spool_jobs WHERE id = $1", &[&db_u64(id)])
         .await?;
     row.map(|row| state_of(row.get(0))).transpose()
 }
@@ -1018,8 +1015,7 @@ fn after_failure(
     if permanent || (max_attempts > 0 && attempts >= max_attempts) {
         return ("buried", None);
     }
-    let delay_ms =
-        retry_in_ms.unwrap_or_else(|| backoff.delay_ms(attempts, jitter_unit(id, now)));
+    let delay_ms = retry_in_ms.unwrap_or_else(|| backoff.delay_ms(attempts, jitter_unit(id, now)));
     if delay_ms == 0 {
         ("ready", None)
     } else {

@@ -134,7 +134,15 @@ impl Pool {
 
     /// Opens a connection outside the pool's bound (the listener, the
     /// migrations).
-    pub async fn connect(&self) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), DbError> {
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        DbError,
+    > {
         match tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls)).await {
             Ok(Ok(pair)) => Ok(pair),
             Ok(Err(error)) => {

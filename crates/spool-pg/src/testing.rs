@@ -124,10 +124,14 @@ impl TestCluster {
         }
         let data = dir.join("data");
         let mut initdb = pg_command(&bin, "initdb", run_as);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "spool", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "spool",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
         run(initdb, "initdb");
         // The watchdog: starts the server, waits for its stdin to close,
         // then stops the server and removes the directory.
@@ -206,10 +210,13 @@ impl TestCluster {
     pub fn create_database(&self) -> String {
         let name = format!("t{}", self.next_db.fetch_add(1, Ordering::Relaxed));
         let mut createdb = pg_command(&self.bin, "createdb", self.run_as);
-        createdb
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args(["-p", &SOCKET_PORT.to_string(), "-U", "spool", &name]);
+        createdb.arg("-h").arg(self.socket_dir()).args([
+            "-p",
+            &SOCKET_PORT.to_string(),
+            "-U",
+            "spool",
+            &name,
+        ]);
         run(createdb, "createdb");
         self.url(&name)
     }
