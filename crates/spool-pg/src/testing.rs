@@ -206,6 +206,16 @@ impl TestCluster {
         )
     }
 
+    /// Runs `sql` in database `name` with `psql`, as the cluster's owner.
+    pub fn psql(&self, name: &str, sql: &str) {
+        let mut psql = pg_command(&self.bin, "psql", self.run_as);
+        psql.arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &SOCKET_PORT.to_string(), "-U", "spool", "-d", name])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql]);
+        run(psql, "psql");
+    }
+
     /// A fresh, empty database; returns its connection string.
     pub fn create_database(&self) -> String {
         let name = format!("t{}", self.next_db.fetch_add(1, Ordering::Relaxed));
