@@ -12,6 +12,9 @@
 //! reserve holds back the replies after it, as the trait requires.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,6 +28,15 @@ const MS_PER_SEC: u64 = 1_000;
 
 /// Jobs one `kick` looks at per listing page.
 const KICK_PAGE_JOBS: u32 = 1_000;
+
+/// Looks up a queue policy's attempt limit for a beanstalkd put, when the
+/// broker has something cheaper than `Op::GetQueue` (which also counts the
+/// queue's jobs).
+pub type AttemptLimits = Arc<
+    dyn Fn(QueueName) -> Pin<Box<dyn Future<Output = Result<Option<u32>, BrokerError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A beanstalkd session over typed operations.
 ///
@@ -40,10 +52,11 @@ const KICK_PAGE_JOBS: u32 = 1_000;
 ///   sessions;
 /// - a session's leases end with a release when it closes, which moves the
 ///   job's version (a native session's do not).
-#[derive(Debug)]
 pub struct OpSession<B: Broker> {
     id: u64,
     requests: Option<mpsc::UnboundedSender<Vec<Request>>>,
+    /// Where the task takes its attempt-limit lookup from, once.
+    limits: Option<oneshot::Sender<AttemptLimits>>,
     replies: mpsc::UnboundedReceiver<Response>,
     /// Dropped on hangup: a blocked reserve then ends `TIMED_OUT`.
     alive: Option<oneshot::Sender<()>>,
@@ -58,21 +71,45 @@ impl<B: Broker> OpSession<B> {
         let (requests, inbox) = mpsc::unbounded_channel();
         let (outbox, replies) = mpsc::unbounded_channel();
         let (alive, hung_up) = oneshot::channel();
+        let (limits, limits_given) = oneshot::channel();
         let worker = Worker {
             broker,
             using: default_tube(),
             watching: vec![default_tube()],
             leases: HashMap::new(),
             hung_up: Some(hung_up),
+            limits_given: Some(limits_given),
+            attempt_limits: None,
         };
         tokio::spawn(worker.run(inbox, outbox, shutdown));
         OpSession {
             id,
             requests: Some(requests),
+            limits: Some(limits),
             replies,
             alive: Some(alive),
             _broker: std::marker::PhantomData,
         }
+    }
+}
+
+impl<B: Broker> std::fmt::Debug for OpSession<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpSession")
+            .field("id", &self.id)
+            .field("open", &self.requests.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Broker> OpSession<B> {
+    /// Beanstalkd puts learn their queue's attempt limit from `limits`
+    /// instead of `Op::GetQueue`.
+    pub fn with_attempt_limits(mut self, limits: AttemptLimits) -> OpSession<B> {
+        if let Some(sender) = self.limits.take() {
+            let _ = sender.send(limits);
+        }
+        self
     }
 }
 
@@ -126,6 +163,10 @@ struct Worker<B: Broker> {
     watching: Vec<TubeName>,
     leases: HashMap<JobId, Lease>,
     hung_up: Option<oneshot::Receiver<()>>,
+    /// The lookup [`OpSession::with_attempt_limits`] gave, taken at the
+    /// first put (it is given before the session is handed out).
+    limits_given: Option<oneshot::Receiver<AttemptLimits>>,
+    attempt_limits: Option<AttemptLimits>,
 }
 
 impl<B: Broker> Worker<B> {
@@ -325,14 +366,24 @@ impl<B: Broker> Worker<B> {
         };
         // beanstalkd's semantics (no attempt limit, an expired lease back
         // to ready at once) unless the queue's policy sets a limit.
-        let policy_attempts = match self
-            .call(Op::GetQueue {
-                queue: self.using.clone(),
-            })
-            .await
-        {
-            Ok(Outcome::Queue(info)) => info.policy.max_attempts,
-            Ok(_) => None,
+        if let Some(mut given) = self.limits_given.take() {
+            self.attempt_limits = given.try_recv().ok();
+        }
+        let policy_attempts = match &self.attempt_limits {
+            Some(lookup) => lookup(self.using.clone()).await,
+            None => match self
+                .call(Op::GetQueue {
+                    queue: self.using.clone(),
+                })
+                .await
+            {
+                Ok(Outcome::Queue(info)) => Ok(info.policy.max_attempts),
+                Ok(_) => Ok(None),
+                Err(error) => Err(error),
+            },
+        };
+        let policy_attempts = match policy_attempts {
+            Ok(limit) => limit,
             Err(BrokerError::Draining | BrokerError::Closed) => return Response::Draining,
             Err(_) => return Response::InternalError,
         };

@@ -25,8 +25,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use spool_broker::{
-    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
-    Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SnapshotScope, WaitCounts,
+    AttemptLimits, Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased,
+    Op, OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SnapshotScope,
+    WaitCounts,
 };
 use spool_proto::ServerStats;
 use tokio::sync::watch;
@@ -232,6 +233,17 @@ impl PgBroker {
     /// One pass of every timer at the clock's `now`.
     pub async fn run_timers(&self) -> Result<(), BrokerError> {
         self.run(Task::Timers).await.map(|_| ())
+    }
+
+    /// The attempt limit of `queue`'s policy, if it sets one: what a
+    /// beanstalkd put gets (else 0, no limit). One read by primary key.
+    pub async fn attempt_limit(&self, queue: QueueName) -> Result<Option<u32>, BrokerError> {
+        match self.run(Task::AttemptLimit(queue)).await? {
+            Done::AttemptLimit(limit) => Ok(limit),
+            other => Err(BrokerError::Internal(format!(
+                "an attempt limit answered {other:?}"
+            ))),
+        }
     }
 
     fn wake_waiters(&self) {
@@ -513,11 +525,15 @@ impl Broker for PgBroker {
 
     fn open_session(&self, _peer: Peer) -> Result<Self::Session, BrokerError> {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        Ok(OpSession::new(
-            self.clone(),
-            id,
-            self.inner.shutdown.subscribe(),
-        ))
+        let broker = self.clone();
+        let limits: AttemptLimits = Arc::new(move |queue| {
+            let broker = broker.clone();
+            Box::pin(async move { broker.attempt_limit(queue).await })
+        });
+        Ok(
+            OpSession::new(self.clone(), id, self.inner.shutdown.subscribe())
+                .with_attempt_limits(limits),
+        )
     }
 
     fn set_draining(&self, draining: bool) {

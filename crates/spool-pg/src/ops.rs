@@ -65,12 +65,15 @@ pub(crate) enum Task {
     Counts,
     /// A node starting hands back the leases it held before.
     ReleaseOwnLeases,
+    /// A queue policy's attempt limit, for beanstalkd puts.
+    AttemptLimit(QueueName),
 }
 
 #[derive(Debug)]
 pub(crate) enum Done {
     Outcome(Box<Outcome>),
     Counts(Vec<QueueCounts>),
+    AttemptLimit(Option<u32>),
     Nothing,
 }
 
@@ -339,7 +342,8 @@ impl Rate {
 
 // ---- running -----------------------------------------------------------
 
-/// Runs `task` as one transaction at `now`.
+/// Runs `task` as one transaction at `now` (a single read as one
+/// statement, which is a transaction of its own).
 pub(crate) async fn run(
     c: &mut Conn,
     ctx: &Ctx,
@@ -347,6 +351,22 @@ pub(crate) async fn run(
     now: u64,
     fx: &mut Effects,
 ) -> Result<Done, OpError> {
+    match task {
+        Task::Op(Op::Get { id }) => {
+            return Ok(Done::Outcome(Box::new(Outcome::Job(get(c, id).await?))))
+        }
+        Task::AttemptLimit(queue) => {
+            let row = c
+                .query_opt(
+                    "SELECT max_attempts FROM spool_queues WHERE name = $1",
+                    &[&queue.as_str()],
+                )
+                .await?;
+            let limit = row.and_then(|row| row.get::<_, Option<i32>>(0));
+            return Ok(Done::AttemptLimit(limit.map(|n| n.max(0) as u32)));
+        }
+        _ => {}
+    }
     c.begin().await?;
     let result = apply(c, ctx, task, now, fx).await;
     match result {
@@ -383,6 +403,11 @@ async fn apply(
         Task::ReleaseOwnLeases => {
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
+        }
+        Task::AttemptLimit(_) => {
+            return refuse(BrokerError::Internal(
+                "an attempt limit is read outside a transaction".into(),
+            ))
         }
     };
     let outcome = match op {
