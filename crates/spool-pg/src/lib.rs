@@ -502,6 +502,9 @@ async fn listen(broker: Weak<Inner>) {
 /// Runs the timers every [`TIMER_INTERVAL`] (wall clock only).
 async fn run_timers_periodically(broker: Weak<Inner>) {
     let mut pass: u64 = 0;
+    // Logged when it starts failing and when it works again, not at every
+    // pass while the database is away.
+    let mut failing = false;
     loop {
         tokio::time::sleep(TIMER_INTERVAL).await;
         let Some(inner) = broker.upgrade() else {
@@ -513,8 +516,16 @@ async fn run_timers_periodically(broker: Weak<Inner>) {
         } else {
             Task::DueTimers
         };
-        if let Err(error) = broker.run(task).await {
-            tracing::warn!(%error, "the timer pass failed");
+        match broker.run(task).await {
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "the timers cannot run: the database is away or refusing");
+            }
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("the timers run again");
+            }
+            _ => {}
         }
         pass = pass.wrapping_add(1);
     }

@@ -872,14 +872,17 @@ async fn reserve(
             });
         }
     }
-    // Candidates: (priority, id, queue index in `limited` or none).
+    // Candidates: (priority, id, queue index in `limited` or none). One
+    // query per queue, so that each is an ordered scan of the queue's part
+    // of the ready index that stops at the limit (`queue = ANY(…)` would
+    // sort every ready job of the queues).
     let mut candidates: Vec<(i64, i64, Option<usize>)> = Vec::new();
-    if !open.is_empty() {
+    for queue in &open {
         for row in c
             .query(
-                "SELECT priority, id FROM spool_jobs WHERE queue = ANY($1) AND state = 'ready' \
+                "SELECT priority, id FROM spool_jobs WHERE queue = $1 AND state = 'ready' \
                  ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                &[&open, &i64::from(batch)],
+                &[queue, &i64::from(batch)],
             )
             .await?
         {
