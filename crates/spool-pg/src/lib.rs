@@ -126,6 +126,7 @@ struct Inner {
     /// Why the database is unusable, while it is.
     storage_error: Mutex<Option<String>>,
     storage_failed: AtomicBool,
+    query_errors: AtomicU64,
     next_session: AtomicU64,
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
@@ -191,6 +192,7 @@ impl PgBroker {
                 wake,
                 storage_error: Mutex::new(None),
                 storage_failed: AtomicBool::new(false),
+                query_errors: AtomicU64::new(0),
                 next_session: AtomicU64::new(1),
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
@@ -217,7 +219,10 @@ impl PgBroker {
     }
 
     pub fn pool_stats(&self) -> PoolStats {
-        self.inner.pool.stats()
+        PoolStats {
+            query_errors: self.inner.query_errors.load(Ordering::Relaxed),
+            ..self.inner.pool.stats()
+        }
     }
 
     /// Moves a manual clock forward and runs the timers due by then, so
@@ -251,6 +256,7 @@ impl PgBroker {
     }
 
     fn db_failed(&self, error: DbError) -> BrokerError {
+        self.inner.query_errors.fetch_add(1, Ordering::Relaxed);
         let message = error.to_string();
         if error.is_unavailable() {
             if let Ok(mut held) = self.inner.storage_error.lock() {
@@ -441,6 +447,9 @@ impl PgBroker {
 /// [`LISTEN_RETRY`] when it loses its connection, waking the waits so that
 /// nothing announced meanwhile is missed for longer than a poll.
 async fn listen(broker: Weak<Inner>) {
+    // Logged when the listener loses the database and when it is back, not
+    // at every retry.
+    let mut lost = false;
     loop {
         let Some(pool) = broker.upgrade().map(|inner| Arc::clone(&inner.pool)) else {
             return;
@@ -448,6 +457,10 @@ async fn listen(broker: Weak<Inner>) {
         match pool.connect().await {
             Ok((client, mut connection)) => {
                 drop(pool);
+                if lost {
+                    lost = false;
+                    tracing::info!("the notification listener is connected again");
+                }
                 let subscribe = client.batch_execute("LISTEN spool");
                 let mut subscribe = pin!(subscribe);
                 let mut subscribed = false;
@@ -483,12 +496,16 @@ async fn listen(broker: Weak<Inner>) {
                 })
                 .await;
                 if let Some(error) = ended {
+                    lost = true;
                     tracing::warn!(%error, "the notification listener lost its connection");
                 }
             }
             Err(error) => {
                 drop(pool);
-                tracing::warn!(%error, "the notification listener cannot connect");
+                if !lost {
+                    lost = true;
+                    tracing::warn!(%error, "the notification listener cannot connect");
+                }
             }
         }
         match broker.upgrade() {

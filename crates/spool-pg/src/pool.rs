@@ -30,6 +30,9 @@ pub struct PoolStats {
     pub acquire_timeouts: u64,
     /// Connection attempts that failed.
     pub connect_errors: u64,
+    /// Operations that failed in the database (not refusals of the job
+    /// model): lost connections, timeouts, errors.
+    pub query_errors: u64,
 }
 
 #[derive(Debug)]
@@ -221,6 +224,8 @@ impl Pool {
             waiting: self.waiting.load(Ordering::Relaxed),
             acquire_timeouts: self.acquire_timeouts.load(Ordering::Relaxed),
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            // Counted by the broker, which sees the operations.
+            query_errors: 0,
         }
     }
 }

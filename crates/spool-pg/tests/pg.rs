@@ -252,6 +252,7 @@ async fn lost_connections_are_replaced_and_a_vanished_database_is_a_storage_fail
         broker.health().storage_failed.is_some(),
         "readiness learns that the database is away"
     );
+    assert!(broker.pool_stats().query_errors >= 1);
 }
 
 #[tokio::test]

@@ -947,13 +947,17 @@ fn pool_metrics(stats: &PoolStats) -> String {
          spool_db_pool_acquire_timeouts_total {timeouts}\n\
          # HELP spool_db_connect_errors_total Database connection attempts that failed.\n\
          # TYPE spool_db_connect_errors_total counter\n\
-         spool_db_connect_errors_total {connect_errors}\n",
+         spool_db_connect_errors_total {connect_errors}\n\
+         # HELP spool_db_query_errors_total Operations that failed in the database.\n\
+         # TYPE spool_db_query_errors_total counter\n\
+         spool_db_query_errors_total {query_errors}\n",
         busy = stats.busy,
         idle = stats.idle,
         max = stats.max,
         waiting = stats.waiting,
         timeouts = stats.acquire_timeouts,
         connect_errors = stats.connect_errors,
+        query_errors = stats.query_errors,
     )
 }
 

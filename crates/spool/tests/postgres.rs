@@ -101,7 +101,8 @@ fn two_nodes_serve_both_front_doors_on_one_database() {
     let metrics = a.http("GET", "/metrics", "").body;
     assert!(
         metrics.contains("spool_db_pool_connections{state=\"busy\"}")
-            && metrics.contains("spool_db_pool_max_connections"),
+            && metrics.contains("spool_db_pool_max_connections")
+            && metrics.contains("spool_db_query_errors_total"),
         "{metrics}"
     );
 }
