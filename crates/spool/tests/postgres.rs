@@ -145,3 +145,65 @@ fn readiness_drops_when_the_database_goes_away() {
     });
     assert_eq!(server.http("GET", "/livez", "").status, 200);
 }
+
+/// The id of a `RESERVED <id> <bytes>` reply's first line.
+fn reserved_id(reply: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(reply).ok()?;
+    text.strip_prefix("RESERVED ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_killed_node_loses_nothing_and_its_jobs_come_back_after_their_leases() {
+    const JOBS: u64 = 20;
+    const HELD: u64 = 5;
+    let url = TestCluster::shared().create_database();
+    let mut a = Server::start_postgres(&url, &["--node-id", "a"]);
+    let b = Server::start_postgres(&url, &["--node-id", "b"]);
+    wait_ready(&a);
+    wait_ready(&b);
+    let mut on_a = a.client();
+    on_a.expect("use kill\r\n", "USING kill\r\n");
+    on_a.expect("watch kill\r\n", "WATCHING 2\r\n");
+    let mut put = Vec::new();
+    for n in 0..JOBS {
+        // A TTR of 1 s: the dead node's leases end a second after it dies.
+        on_a.send(format!("put 0 0 1 2\r\n{n:02}\r\n"));
+        let line = on_a.line();
+        let id: u64 = line
+            .strip_prefix("INSERTED ")
+            .and_then(|n| n.trim_end().parse().ok())
+            .unwrap_or_else(|| panic!("inserted: {line:?}"));
+        put.push(id);
+    }
+    for _ in 0..HELD {
+        on_a.send("reserve-with-timeout 0\r\n");
+        let reply = on_a.reply_bytes();
+        assert!(reserved_id(&reply).is_some(), "{}", support::show(&reply));
+    }
+    a.signal("KILL");
+    assert!(a.wait_exit(SETTLE_TIMEOUT).is_some(), "the node died");
+    // Every acknowledged job is worked on b, the held ones once their
+    // leases expired (b's timers end them).
+    let mut on_b = b.client();
+    on_b.expect("watch kill\r\n", "WATCHING 2\r\n");
+    let mut got = Vec::new();
+    for _ in 0..JOBS * 2 {
+        if got.len() as u64 == JOBS {
+            break;
+        }
+        // Below the test client's read timeout.
+        on_b.send("reserve-with-timeout 3\r\n");
+        let reply = on_b.reply_bytes();
+        let Some(id) = reserved_id(&reply) else {
+            panic!("reserve on b: {} after {got:?}", support::show(&reply));
+        };
+        on_b.expect(format!("delete {id}\r\n"), "DELETED\r\n");
+        got.push(id);
+    }
+    got.sort_unstable();
+    assert_eq!(got, put, "each job once, none lost");
+}
