@@ -21,7 +21,7 @@ pub use model::{
     Backoff, JobChange, JobId, JobPage, JobState, JobView, Lease, Leased, NewJob, Op, Outcome,
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
-pub use op_session::{AttemptLimits, OpSession};
+pub use op_session::{OpSession, SessionBroker};
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
     SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,

@@ -13,8 +13,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -29,14 +27,50 @@ const MS_PER_SEC: u64 = 1_000;
 /// Jobs one `kick` looks at per listing page.
 const KICK_PAGE_JOBS: u32 = 1_000;
 
-/// Looks up a queue policy's attempt limit for a beanstalkd put, when the
-/// broker has something cheaper than `Op::GetQueue` (which also counts the
-/// queue's jobs).
-pub type AttemptLimits = Arc<
-    dyn Fn(QueueName) -> Pin<Box<dyn Future<Output = Result<Option<u32>, BrokerError>> + Send>>
-        + Send
-        + Sync,
->;
+/// What an [`OpSession`] asks of its broker beyond [`Broker::call`]: two
+/// steps with a default made of typed operations, which a broker may do
+/// more cheaply.
+pub trait SessionBroker: Broker {
+    /// The attempt limit of `queue`'s policy, if it sets one: what a
+    /// beanstalkd put gets (else 0: no limit). By default `Op::GetQueue`,
+    /// which also counts the queue's jobs.
+    fn attempt_limit(
+        &self,
+        queue: QueueName,
+    ) -> impl Future<Output = Result<Option<u32>, BrokerError>> + Send {
+        let info = self.call(Op::GetQueue { queue });
+        async move {
+            match info.await? {
+                Outcome::Queue(info) => Ok(info.policy.max_attempts),
+                other => Err(BrokerError::Internal(format!(
+                    "a queue lookup answered {other:?}"
+                ))),
+            }
+        }
+    }
+
+    /// beanstalkd's `delete` of a job the session holds under `lease`: the
+    /// job is gone. By default `Op::Complete` (which ends the lease, or is
+    /// refused) then `Op::Delete`: two commits.
+    fn delete_leased(&self, lease: Lease) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let complete = self.call(Op::Complete {
+            lease,
+            result: None,
+        });
+        let this = self.clone();
+        async move {
+            complete.await?;
+            let delete = this.call(Op::Delete {
+                id: lease.job,
+                expected_version: None,
+            });
+            match delete.await {
+                Ok(_) | Err(BrokerError::NotFound) => Ok(()),
+                Err(error) => Err(error),
+            }
+        }
+    }
+}
 
 /// A beanstalkd session over typed operations.
 ///
@@ -52,18 +86,16 @@ pub type AttemptLimits = Arc<
 ///   sessions;
 /// - a session's leases end with a release when it closes, which moves the
 ///   job's version (a native session's do not).
-pub struct OpSession<B: Broker> {
+pub struct OpSession<B: SessionBroker> {
     id: u64,
     requests: Option<mpsc::UnboundedSender<Vec<Request>>>,
-    /// Where the task takes its attempt-limit lookup from, once.
-    limits: Option<oneshot::Sender<AttemptLimits>>,
     replies: mpsc::UnboundedReceiver<Response>,
     /// Dropped on hangup: a blocked reserve then ends `TIMED_OUT`.
     alive: Option<oneshot::Sender<()>>,
     _broker: std::marker::PhantomData<B>,
 }
 
-impl<B: Broker> OpSession<B> {
+impl<B: SessionBroker> OpSession<B> {
     /// Starts the session's task on the current tokio runtime. `shutdown`
     /// turns true when the broker begins shutting down: the session then
     /// closes as soon as it holds no reserved job and is idle.
@@ -71,21 +103,17 @@ impl<B: Broker> OpSession<B> {
         let (requests, inbox) = mpsc::unbounded_channel();
         let (outbox, replies) = mpsc::unbounded_channel();
         let (alive, hung_up) = oneshot::channel();
-        let (limits, limits_given) = oneshot::channel();
         let worker = Worker {
             broker,
             using: default_tube(),
             watching: vec![default_tube()],
             leases: HashMap::new(),
             hung_up: Some(hung_up),
-            limits_given: Some(limits_given),
-            attempt_limits: None,
         };
         tokio::spawn(worker.run(inbox, outbox, shutdown));
         OpSession {
             id,
             requests: Some(requests),
-            limits: Some(limits),
             replies,
             alive: Some(alive),
             _broker: std::marker::PhantomData,
@@ -93,7 +121,7 @@ impl<B: Broker> OpSession<B> {
     }
 }
 
-impl<B: Broker> std::fmt::Debug for OpSession<B> {
+impl<B: SessionBroker> std::fmt::Debug for OpSession<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpSession")
             .field("id", &self.id)
@@ -102,18 +130,7 @@ impl<B: Broker> std::fmt::Debug for OpSession<B> {
     }
 }
 
-impl<B: Broker> OpSession<B> {
-    /// Beanstalkd puts learn their queue's attempt limit from `limits`
-    /// instead of `Op::GetQueue`.
-    pub fn with_attempt_limits(mut self, limits: AttemptLimits) -> OpSession<B> {
-        if let Some(sender) = self.limits.take() {
-            let _ = sender.send(limits);
-        }
-        self
-    }
-}
-
-impl<B: Broker> Session for OpSession<B> {
+impl<B: SessionBroker> Session for OpSession<B> {
     fn id(&self) -> u64 {
         self.id
     }
@@ -157,19 +174,15 @@ fn now_ms() -> u64 {
 }
 
 /// The session's state, owned by its task.
-struct Worker<B: Broker> {
+struct Worker<B: SessionBroker> {
     broker: B,
     using: TubeName,
     watching: Vec<TubeName>,
     leases: HashMap<JobId, Lease>,
     hung_up: Option<oneshot::Receiver<()>>,
-    /// The lookup [`OpSession::with_attempt_limits`] gave, taken at the
-    /// first put (it is given before the session is handed out).
-    limits_given: Option<oneshot::Receiver<AttemptLimits>>,
-    attempt_limits: Option<AttemptLimits>,
 }
 
-impl<B: Broker> Worker<B> {
+impl<B: SessionBroker> Worker<B> {
     async fn run(
         mut self,
         mut inbox: mpsc::UnboundedReceiver<Vec<Request>>,
@@ -366,22 +379,7 @@ impl<B: Broker> Worker<B> {
         };
         // beanstalkd's semantics (no attempt limit, an expired lease back
         // to ready at once) unless the queue's policy sets a limit.
-        if let Some(mut given) = self.limits_given.take() {
-            self.attempt_limits = given.try_recv().ok();
-        }
-        let policy_attempts = match &self.attempt_limits {
-            Some(lookup) => lookup(self.using.clone()).await,
-            None => match self
-                .call(Op::GetQueue {
-                    queue: self.using.clone(),
-                })
-                .await
-            {
-                Ok(Outcome::Queue(info)) => Ok(info.policy.max_attempts),
-                Ok(_) => Ok(None),
-                Err(error) => Err(error),
-            },
-        };
+        let policy_attempts = self.broker.attempt_limit(self.using.clone()).await;
         let policy_attempts = match policy_attempts {
             Ok(limit) => limit,
             Err(BrokerError::Draining | BrokerError::Closed) => return Response::Draining,
@@ -438,27 +436,10 @@ impl<B: Broker> Worker<B> {
 
     async fn delete(&mut self, id: JobId) -> Response {
         if let Some(&lease) = self.leases.get(&id) {
-            // Completed (which ends the lease and can be refused), then
-            // gone: a beanstalkd delete leaves nothing behind.
-            return match self
-                .call(Op::Complete {
-                    lease,
-                    result: None,
-                })
-                .await
-            {
-                Ok(_) => {
+            return match self.broker.delete_leased(lease).await {
+                Ok(()) => {
                     self.leases.remove(&id);
-                    match self
-                        .call(Op::Delete {
-                            id,
-                            expected_version: None,
-                        })
-                        .await
-                    {
-                        Ok(_) | Err(BrokerError::NotFound) => Response::Deleted,
-                        Err(_) => Response::InternalError,
-                    }
+                    Response::Deleted
                 }
                 Err(error) => self.lease_refused(id, error),
             };

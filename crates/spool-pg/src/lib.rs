@@ -25,8 +25,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use spool_broker::{
-    AttemptLimits, Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased,
-    Op, OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SnapshotScope,
+    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
+    Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
     WaitCounts,
 };
 use spool_proto::ServerStats;
@@ -238,17 +238,6 @@ impl PgBroker {
     /// One pass of every timer at the clock's `now`.
     pub async fn run_timers(&self) -> Result<(), BrokerError> {
         self.run(Task::Timers).await.map(|_| ())
-    }
-
-    /// The attempt limit of `queue`'s policy, if it sets one: what a
-    /// beanstalkd put gets (else 0, no limit). One read by primary key.
-    pub async fn attempt_limit(&self, queue: QueueName) -> Result<Option<u32>, BrokerError> {
-        match self.run(Task::AttemptLimit(queue)).await? {
-            Done::AttemptLimit(limit) => Ok(limit),
-            other => Err(BrokerError::Internal(format!(
-                "an attempt limit answered {other:?}"
-            ))),
-        }
     }
 
     fn wake_waiters(&self) {
@@ -548,20 +537,44 @@ async fn run_timers_periodically(broker: Weak<Inner>) {
     }
 }
 
+/// beanstalkd sessions' two steps as one statement each: the attempt limit
+/// read by key (not `GetQueue`, which counts the queue), and a delete under
+/// a lease as one `DELETE` (not a completion and a delete: two commits).
+impl SessionBroker for PgBroker {
+    fn attempt_limit(
+        &self,
+        queue: QueueName,
+    ) -> impl Future<Output = Result<Option<u32>, BrokerError>> + Send {
+        let this = self.clone();
+        async move {
+            match this.run(Task::AttemptLimit(queue)).await? {
+                Done::AttemptLimit(limit) => Ok(limit),
+                other => Err(BrokerError::Internal(format!(
+                    "an attempt limit answered {other:?}"
+                ))),
+            }
+        }
+    }
+
+    fn delete_leased(
+        &self,
+        lease: spool_broker::Lease,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let this = self.clone();
+        async move { this.run(Task::DeleteLeased(lease)).await.map(|_| ()) }
+    }
+}
+
 impl Broker for PgBroker {
     type Session = OpSession<PgBroker>;
 
     fn open_session(&self, _peer: Peer) -> Result<Self::Session, BrokerError> {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        let broker = self.clone();
-        let limits: AttemptLimits = Arc::new(move |queue| {
-            let broker = broker.clone();
-            Box::pin(async move { broker.attempt_limit(queue).await })
-        });
-        Ok(
-            OpSession::new(self.clone(), id, self.inner.shutdown.subscribe())
-                .with_attempt_limits(limits),
-        )
+        Ok(OpSession::new(
+            self.clone(),
+            id,
+            self.inner.shutdown.subscribe(),
+        ))
     }
 
     fn set_draining(&self, draining: bool) {

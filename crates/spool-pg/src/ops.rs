@@ -67,6 +67,8 @@ pub(crate) enum Task {
     ReleaseOwnLeases,
     /// A queue policy's attempt limit, for beanstalkd puts.
     AttemptLimit(QueueName),
+    /// beanstalkd's delete of a job held under this lease.
+    DeleteLeased(Lease),
 }
 
 #[derive(Debug)]
@@ -365,6 +367,22 @@ pub(crate) async fn run(
             let limit = row.and_then(|row| row.get::<_, Option<i32>>(0));
             return Ok(Done::AttemptLimit(limit.map(|n| n.max(0) as u32)));
         }
+        Task::DeleteLeased(lease) => {
+            // One statement, so its own transaction: the row goes and the
+            // queue is announced (a freed concurrency slot) at its commit.
+            let gone = c
+                .query_opt(
+                    "WITH j AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+                     AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue) \
+                     SELECT pg_notify('spool', queue) FROM j",
+                    &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+                )
+                .await?;
+            return match gone {
+                Some(_) => Ok(Done::Nothing),
+                None => Err(lease_refusal(c, lease).await),
+            };
+        }
         _ => {}
     }
     c.begin().await?;
@@ -404,9 +422,9 @@ async fn apply(
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
         }
-        Task::AttemptLimit(_) => {
+        Task::AttemptLimit(_) | Task::DeleteLeased(_) => {
             return refuse(BrokerError::Internal(
-                "an attempt limit is read outside a transaction".into(),
+                "a single statement runs outside a transaction".into(),
             ))
         }
     };
