@@ -17,6 +17,7 @@ mod pool;
 mod schema;
 pub mod testing;
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +31,7 @@ use spool_broker::{
     WaitCounts,
 };
 use spool_proto::ServerStats;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 
@@ -120,9 +121,13 @@ struct Inner {
     draining: AtomicBool,
     shutting_down: AtomicBool,
     shutdown: watch::Sender<bool>,
-    /// Bumped by every notification, clock advance and shutdown: parked
-    /// waits look again.
+    /// Bumped by every clock advance, shutdown and listener reconnect:
+    /// every parked wait looks again.
     wake: watch::Sender<u64>,
+    /// Parked waits by the queue they wait on: a notification naming a
+    /// queue wakes only its waits.
+    queue_waits: Mutex<HashMap<String, Vec<WaitEntry>>>,
+    next_wait: AtomicU64,
     /// Why the database is unusable, while it is.
     storage_error: Mutex<Option<String>>,
     storage_failed: AtomicBool,
@@ -190,6 +195,8 @@ impl PgBroker {
                 shutting_down: AtomicBool::new(false),
                 shutdown,
                 wake,
+                queue_waits: Mutex::new(HashMap::new()),
+                next_wait: AtomicU64::new(0),
                 storage_error: Mutex::new(None),
                 storage_failed: AtomicBool::new(false),
                 query_errors: AtomicU64::new(0),
@@ -357,6 +364,10 @@ impl PgBroker {
         let inner = &self.inner;
         let deadline = sent_ns.saturating_add(timeout_ms.saturating_mul(1_000_000));
         let mut wake = inner.wake.subscribe();
+        // Registered before the first look, so no notification in between
+        // is missed.
+        let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+        let queue_wait = (timeout_ms > 0).then(|| QueueWait::new(inner, &names));
         let mut parked = false;
         let result = loop {
             if inner.shutting_down.load(Ordering::Acquire) {
@@ -384,7 +395,7 @@ impl PgBroker {
                 inner.reserve_waits.fetch_add(1, Ordering::Relaxed);
             }
             let sleep = self.park_for(deadline, fx.wake_at_ns);
-            let _ = tokio::time::timeout(sleep, wake.changed()).await;
+            park(&mut wake, queue_wait.as_ref(), sleep).await;
         };
         if parked {
             inner.reserve_waits.fetch_sub(1, Ordering::Relaxed);
@@ -397,6 +408,7 @@ impl PgBroker {
         let deadline = sent_ns.saturating_add(wait_ms.saturating_mul(1_000_000));
         let mut wake = inner.wake.subscribe();
         let mut parked = false;
+        let mut queue_wait: Option<QueueWait> = None;
         let result = loop {
             wake.borrow_and_update();
             let job = match self.run_op(Op::Get { id }, &mut Effects::default()).await {
@@ -421,14 +433,99 @@ impl PgBroker {
                 }
                 parked = true;
             }
+            if queue_wait.is_none() {
+                // Settling announces the job's queue. Registered after the
+                // first look: the next look, right away, sees a change made
+                // in between.
+                queue_wait = Some(QueueWait::new(inner, &[job.queue.as_str()]));
+                continue;
+            }
             let sleep = self.park_for(deadline, None);
-            let _ = tokio::time::timeout(sleep, wake.changed()).await;
+            park(&mut wake, queue_wait.as_ref(), sleep).await;
         };
         if parked {
             inner.job_waits.fetch_sub(1, Ordering::AcqRel);
         }
         result
     }
+}
+
+/// A parked wait's number and what wakes it.
+type WaitEntry = (u64, Arc<Notify>);
+
+/// A parked wait's interest in some queues, withdrawn when dropped.
+struct QueueWait {
+    inner: Arc<Inner>,
+    id: u64,
+    queues: Vec<String>,
+    notify: Arc<Notify>,
+}
+
+impl QueueWait {
+    fn new(inner: &Arc<Inner>, queues: &[&str]) -> QueueWait {
+        let id = inner.next_wait.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        let mut queues: Vec<String> = queues.iter().map(|q| q.to_string()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        if let Ok(mut waits) = inner.queue_waits.lock() {
+            for queue in &queues {
+                waits
+                    .entry(queue.clone())
+                    .or_default()
+                    .push((id, Arc::clone(&notify)));
+            }
+        }
+        QueueWait {
+            inner: Arc::clone(inner),
+            id,
+            queues,
+            notify,
+        }
+    }
+}
+
+impl Drop for QueueWait {
+    fn drop(&mut self) {
+        if let Ok(mut waits) = self.inner.queue_waits.lock() {
+            for queue in &self.queues {
+                if let Some(list) = waits.get_mut(queue) {
+                    list.retain(|(id, _)| *id != self.id);
+                    if list.is_empty() {
+                        waits.remove(queue);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Wakes the waits on `queue` (a permit is kept for one not waiting at
+/// this instant, so a wake between its query and its sleep is not lost).
+fn wake_queue(inner: &Inner, queue: &str) {
+    if let Ok(waits) = inner.queue_waits.lock() {
+        for (_, notify) in waits.get(queue).into_iter().flatten() {
+            notify.notify_one();
+        }
+    }
+}
+
+/// Sleeps until `changed` (a broadcast wake), the wait's queue is named by
+/// a notification, or `limit` passes.
+async fn park(wake: &mut watch::Receiver<u64>, queue_wait: Option<&QueueWait>, limit: Duration) {
+    let notified = async {
+        match queue_wait {
+            Some(w) => w.notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let _ = tokio::time::timeout(limit, async {
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = notified => {}
+        }
+    })
+    .await;
 }
 
 /// The listener: one connection that `LISTEN`s and turns every batch of
@@ -454,7 +551,10 @@ async fn listen(broker: Weak<Inner>) {
                 let mut subscribe = pin!(subscribe);
                 let mut subscribed = false;
                 let ended = poll_fn(|cx| {
+                    // Every wait looks again after (re)subscribing; after
+                    // that, only the waits of the queues named.
                     let mut woke = false;
+                    let mut named: Vec<String> = Vec::new();
                     if !subscribed {
                         match subscribe.as_mut().poll(cx) {
                             Poll::Ready(Ok(())) => {
@@ -468,17 +568,26 @@ async fn listen(broker: Weak<Inner>) {
                     }
                     let ended = loop {
                         match connection.poll_message(cx) {
-                            Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => woke = true,
+                            Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                                if !named.iter().any(|q| q == n.payload()) {
+                                    named.push(n.payload().to_string());
+                                }
+                            }
                             Poll::Ready(Some(Ok(_))) => {}
                             Poll::Ready(Some(Err(error))) => break Poll::Ready(Some(error)),
                             Poll::Ready(None) => break Poll::Ready(None),
                             Poll::Pending => break Poll::Pending,
                         }
                     };
-                    if woke {
-                        match broker.upgrade() {
-                            Some(inner) => inner.wake.send_modify(|g| *g += 1),
-                            None => return Poll::Ready(None),
+                    if woke || !named.is_empty() {
+                        let Some(inner) = broker.upgrade() else {
+                            return Poll::Ready(None);
+                        };
+                        if woke {
+                            inner.wake.send_modify(|g| *g += 1);
+                        }
+                        for queue in &named {
+                            wake_queue(&inner, queue);
                         }
                     }
                     ended
