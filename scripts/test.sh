@@ -23,6 +23,19 @@ if ! command -v beanstalkd >/dev/null 2>&1; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y beanstalkd
 fi
 
+# The PostgreSQL broker's tests start a private cluster from the server
+# binaries (initdb, postgres) of Debian's package; they never use a server
+# that is already running.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    stage "installing postgresql (the PostgreSQL broker's tests)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+fi
+
 stage "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -11,6 +11,7 @@ pub mod conformance;
 mod error;
 pub mod metrics;
 pub mod model;
+mod op_session;
 mod snapshot;
 
 pub use broker::{Broker, BrokerHealth, Peer, Session};
@@ -20,6 +21,7 @@ pub use model::{
     Backoff, JobChange, JobId, JobPage, JobState, JobView, Lease, Leased, NewJob, Op, Outcome,
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
+pub use op_session::{OpSession, SessionBroker};
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
     SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,

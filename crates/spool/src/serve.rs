@@ -16,6 +16,7 @@ use crate::logging::{self, LogFormat};
 
 use anyhow::Context;
 use spool_engine::{Engine, EngineConfig};
+use spool_pg::{PgBroker, PgConfig, PoolStats};
 use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
 use spool_server::connections::{Connections, Protocol};
@@ -63,6 +64,23 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     in_memory: bool,
+
+    /// Keep jobs in this PostgreSQL database, shared with the other spool
+    /// nodes that name it (a libpq URL or key=value string); the schema is
+    /// created or migrated at start.
+    #[arg(
+        long = "database-url",
+        env = "SPOOL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+
+    /// This node's name on the shared database: its leases carry it, and a
+    /// node restarting under the same name hands back the jobs its previous
+    /// life held at once (others wait for their leases to expire). Give
+    /// each node its own [default: the host name and --listen address]
+    #[arg(long = "node-id", env = "SPOOL_NODE_ID")]
+    node_id: Option<String>,
 
     /// Directory of the write-ahead log (beanstalkd's -b) [default: ./spool-data]
     #[arg(short = 'b', long = "data-dir", env = "SPOOL_DATA_DIR")]
@@ -207,6 +225,12 @@ pub enum StorageConfig {
         /// Start with what is left of a log missing data.
         accept_data_loss: bool,
     },
+    /// A PostgreSQL database several nodes share.
+    Postgres {
+        url: String,
+        /// None: derived from the host name and the listen address.
+        node_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +290,10 @@ fn duration_setting(names: &str, value: &str, min: Duration) -> Result<Duration,
 
 /// Where the log lives when no directory is given.
 const DEFAULT_DATA_DIR: &str = "./spool-data";
+
+/// The longest `--node-id`: it is stored with every lease, so it stays a
+/// name, not a document.
+const NODE_ID_MAX_BYTES: usize = 200;
 
 /// Smallest segment size: a segment must hold a maximum-size record plus
 /// framing without rotating on every write.
@@ -416,6 +444,55 @@ impl ServeArgs {
                 "--fsync/SPOOL_FSYNC, -f and -F all set the fsync policy: give one".to_string(),
             ));
         }
+        if let Some(url) = &self.database_url {
+            let local = [
+                (self.in_memory, "--in-memory/SPOOL_IN_MEMORY"),
+                (self.data_dir.is_some(), "--data-dir/-b/SPOOL_DATA_DIR"),
+                (
+                    fsync_flags.iter().any(|&given| given),
+                    "--fsync/SPOOL_FSYNC (or -f, -F)",
+                ),
+                (
+                    self.segment_size.is_some(),
+                    "--segment-size/-s/SPOOL_SEGMENT_SIZE",
+                ),
+                (
+                    self.accept_data_loss,
+                    "--accept-data-loss/SPOOL_ACCEPT_DATA_LOSS",
+                ),
+            ];
+            if let Some((_, flag)) = local.iter().find(|(given, _)| *given) {
+                // The URL may hold a password: never echo it.
+                return Err(ConfigError(format!(
+                    "--database-url/SPOOL_DATABASE_URL=<hidden> and {flag} conflict: \
+                     jobs live in the database or in this process, not both"
+                )));
+            }
+            if url.trim().is_empty() {
+                return Err(ConfigError(
+                    "--database-url/SPOOL_DATABASE_URL=: expected a PostgreSQL URL, \
+                     e.g. postgres://user@host/db"
+                        .to_string(),
+                ));
+            }
+            if let Some(node) = &self.node_id {
+                if node.is_empty() || node.len() > NODE_ID_MAX_BYTES {
+                    return Err(ConfigError(format!(
+                        "--node-id/SPOOL_NODE_ID={node}: expected 1 to {NODE_ID_MAX_BYTES} bytes"
+                    )));
+                }
+            }
+            return Ok(StorageConfig::Postgres {
+                url: url.clone(),
+                node_id: self.node_id.clone(),
+            });
+        }
+        if let Some(node) = &self.node_id {
+            return Err(ConfigError(format!(
+                "--node-id/SPOOL_NODE_ID={node} names a node on a shared database: \
+                 it needs --database-url/SPOOL_DATABASE_URL"
+            )));
+        }
         if self.in_memory {
             if let Some(dir) = &self.data_dir {
                 return Err(ConfigError(format!(
@@ -543,8 +620,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the HTTP runtime")?;
 
+    match config.storage {
+        StorageConfig::Postgres { .. } => run_with::<PgBroker, _, _>(
+            config,
+            runtime,
+            http_runtime,
+            log_control,
+            connections,
+            serve_postgres,
+        ),
+        _ => run_with::<LocalBroker, _, _>(
+            config,
+            runtime,
+            http_runtime,
+            log_control,
+            connections,
+            serve,
+        ),
+    }
+}
+
+/// The HTTP side and the data path on broker `B`: `serve` builds the
+/// broker, hands it to the HTTP state and serves until a signal.
+fn run_with<B, F, Fut>(
+    config: ServeConfig,
+    runtime: tokio::runtime::Runtime,
+    http_runtime: tokio::runtime::Runtime,
+    log_control: logging::LogControl,
+    connections: Connections,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    B: Broker,
+    F: FnOnce(ServeConfig, Arc<HttpState<B>>, Connections) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Served>>,
+{
     let log_reader = log_control.clone();
-    let http_state = HttpState::<LocalBroker>::new(HttpSettings {
+    let http_state = HttpState::<B>::new(HttpSettings {
         version: VERSION.to_string(),
         auth_token: config.auth_token.clone(),
         log_filter: Arc::new(move || log_reader.current()),
@@ -615,6 +727,9 @@ async fn serve(
     });
     let (log, log_thread, storage) = match &config.storage {
         StorageConfig::InMemory => (None, None, "in-memory".to_string()),
+        StorageConfig::Postgres { .. } => {
+            anyhow::bail!("the local broker was asked to serve a database")
+        }
         StorageConfig::Wal {
             dir,
             fsync,
@@ -742,7 +857,123 @@ async fn serve(
         max_connections = ?config.max_connections,
         "spool is serving the beanstalkd protocol"
     );
-    if let Some(mut usr1) = signals.usr1.take() {
+    serve_until_signal(
+        &config,
+        listener,
+        broker,
+        signals.usr1.take(),
+        connections,
+        terminated,
+    )
+    .await;
+    Ok(Served::Finished(log_thread))
+}
+
+/// `spool serve --database-url`: both front doors on a PostgreSQL broker
+/// this node shares with the others on the same database.
+async fn serve_postgres(
+    config: ServeConfig,
+    http_state: Arc<HttpState<PgBroker>>,
+    connections: Connections,
+) -> anyhow::Result<Served> {
+    let StorageConfig::Postgres { url, node_id } = &config.storage else {
+        anyhow::bail!("the PostgreSQL broker was asked to serve local storage");
+    };
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let terminated = std::pin::pin!(signals.terminated());
+    let node_id = node_id
+        .clone()
+        .unwrap_or_else(|| default_node_id(&config.listen));
+    let mut pg = PgConfig::new(url.clone(), node_id.clone());
+    pg.max_job_size = config.max_job_size;
+    tracing::info!(node_id = %node_id, "connecting to the database");
+    let broker = PgBroker::connect(pg, spool_pg::Clock::wall())
+        .await
+        .context("starting on the database (--database-url/SPOOL_DATABASE_URL)")?;
+    let listener = bind(&config.listen)?;
+    let pool = broker.clone();
+    http_state.set_extra_metrics(Arc::new(move || pool_metrics(&pool.pool_stats())));
+    http_state.set_broker(broker.clone());
+    tracing::info!(
+        listen = %listener.local_addr(),
+        storage = "postgres",
+        node_id = %node_id,
+        schema_version = spool_pg::SCHEMA_VERSION,
+        max_job_size = config.max_job_size,
+        max_connections = ?config.max_connections,
+        "spool is serving the beanstalkd protocol"
+    );
+    serve_until_signal(
+        &config,
+        listener,
+        broker,
+        signals.usr1.take(),
+        connections,
+        terminated,
+    )
+    .await;
+    Ok(Served::Finished(None))
+}
+
+/// A node's default name: the host and the beanstalkd address, so that
+/// nodes on one machine differ and a restarted one is itself again.
+fn default_node_id(listen: &ListenAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    match listen {
+        ListenAddr::Tcp(addr) => format!("{host}:{addr}"),
+        ListenAddr::Unix(path) => format!("{host}:{}", path.display()),
+    }
+}
+
+/// The database pool's figures in Prometheus text.
+fn pool_metrics(stats: &PoolStats) -> String {
+    format!(
+        "# HELP spool_db_pool_connections Database connections of this node's pool by state.\n\
+         # TYPE spool_db_pool_connections gauge\n\
+         spool_db_pool_connections{{state=\"busy\"}} {busy}\n\
+         spool_db_pool_connections{{state=\"idle\"}} {idle}\n\
+         # HELP spool_db_pool_max_connections Database connections the pool may open.\n\
+         # TYPE spool_db_pool_max_connections gauge\n\
+         spool_db_pool_max_connections {max}\n\
+         # HELP spool_db_pool_waiting Operations waiting for a database connection now.\n\
+         # TYPE spool_db_pool_waiting gauge\n\
+         spool_db_pool_waiting {waiting}\n\
+         # HELP spool_db_pool_acquire_timeouts_total Operations refused because no connection was free in time.\n\
+         # TYPE spool_db_pool_acquire_timeouts_total counter\n\
+         spool_db_pool_acquire_timeouts_total {timeouts}\n\
+         # HELP spool_db_connect_errors_total Database connection attempts that failed.\n\
+         # TYPE spool_db_connect_errors_total counter\n\
+         spool_db_connect_errors_total {connect_errors}\n\
+         # HELP spool_db_query_errors_total Operations that failed in the database.\n\
+         # TYPE spool_db_query_errors_total counter\n\
+         spool_db_query_errors_total {query_errors}\n",
+        busy = stats.busy,
+        idle = stats.idle,
+        max = stats.max,
+        waiting = stats.waiting,
+        timeouts = stats.acquire_timeouts,
+        connect_errors = stats.connect_errors,
+        query_errors = stats.query_errors,
+    )
+}
+
+/// Serves beanstalkd connections on `broker` until SIGTERM or SIGINT, then
+/// shuts down: readiness goes false, puts are refused, blocked reserves
+/// are answered, idle sessions close, and workers holding jobs get the
+/// grace period to finish them.
+async fn serve_until_signal<B: Broker>(
+    config: &ServeConfig,
+    listener: BeanstalkListener,
+    broker: B,
+    usr1: Option<tokio::signal::unix::Signal>,
+    connections: Connections,
+    terminated: impl std::future::Future<Output = ()>,
+) {
+    if let Some(mut usr1) = usr1 {
         // /readyz reads the drain from the broker's health.
         let broker = broker.clone();
         tokio::spawn(async move {
@@ -807,7 +1038,6 @@ async fn serve(
         .await;
     }
     tracing::info!("connections closed; syncing the log");
-    Ok(Served::Finished(log_thread))
 }
 
 /// How `serve` ended.

@@ -125,7 +125,11 @@ pub(super) async fn metrics<B: Broker>(State(state): State<Arc<HttpState<B>>>) -
         state.started_unix_seconds,
     );
     write_runtime(&mut out, &RuntimeFigures::read(&state));
-    text_response(CONTENT_TYPE, out.finish()).into_response()
+    let mut text = out.finish();
+    if let Some(write) = state.extra_metrics.get() {
+        text.push_str(&write());
+    }
+    text_response(CONTENT_TYPE, text).into_response()
 }
 
 fn write_server<B: Broker>(out: &mut Exposition, state: &HttpState<B>) {

@@ -115,6 +115,10 @@ pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<String, String> + Send + S
 /// cannot disagree with the filter in force after concurrent changes.
 pub type LogFilterGetter = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Writes metric families only the binary knows (a database pool's
+/// figures), as Prometheus text appended to `/metrics`.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the binary hands the HTTP server at start.
 pub struct HttpSettings {
     /// Shown in `/admin/stats` and `spool_build_info`.
@@ -152,6 +156,7 @@ impl std::fmt::Debug for HttpSettings {
 pub struct HttpState<B: Broker> {
     broker: OnceLock<B>,
     storage_stats: OnceLock<SharedStorageStats>,
+    extra_metrics: OnceLock<ExtraMetrics>,
     data_runtime: OnceLock<tokio::runtime::Handle>,
     version: String,
     auth_token: Option<String>,
@@ -185,6 +190,7 @@ impl<B: Broker> HttpState<B> {
         Arc::new(HttpState {
             broker: OnceLock::new(),
             storage_stats: OnceLock::new(),
+            extra_metrics: OnceLock::new(),
             data_runtime: OnceLock::new(),
             version: settings.version,
             auth_token: settings.auth_token.filter(|t| !t.is_empty()),
@@ -212,6 +218,11 @@ impl<B: Broker> HttpState<B> {
     /// The log's figures, for `/metrics` and `/admin/stats` (none in memory).
     pub fn set_storage_stats(&self, stats: SharedStorageStats) {
         let _ = self.storage_stats.set(stats);
+    }
+
+    /// Families to append to `/metrics`; a second call is ignored.
+    pub fn set_extra_metrics(&self, write: ExtraMetrics) {
+        let _ = self.extra_metrics.set(write);
     }
 
     /// The runtime of the data path (connections and the engine), when it

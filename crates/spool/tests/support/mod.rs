@@ -164,6 +164,12 @@ impl Server {
         Server::start_storage(&["-b", dir], extra)
     }
 
+    /// `spool serve --database-url URL EXTRA` on an ephemeral loopback
+    /// port.
+    pub fn start_postgres(url: &str, extra: &[&str]) -> Server {
+        Server::start_storage(&["--database-url", url], extra)
+    }
+
     fn start_storage(storage: &[&str], extra: &[&str]) -> Server {
         // Binding port 0 picks a free port; the server then binds it. If
         // another process takes it in between, the server exits and we try

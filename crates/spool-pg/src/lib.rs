@@ -1,0 +1,793 @@
+//! spool's PostgreSQL broker: the job model of `spool-broker` on a database
+//! that several spool nodes share.
+//!
+//! Every [`Op`] is one SQL transaction (see `ops.rs`), with the node's own
+//! clock passed as `now`; nothing is answered before its commit. Waiting
+//! (a reserve's timeout, a job wait) is a loop around the one-shot
+//! operation, woken by `LISTEN/NOTIFY` through one listener connection per
+//! broker, with a bounded fallback poll. Timers (due jobs, expired leases,
+//! retention) are `UPDATE`s and `DELETE`s any node runs: at the start of
+//! each reserve and from a periodic task. beanstalkd sessions are
+//! [`OpSession`]s: the protocol translated into the same operations.
+
+mod clock;
+mod error;
+mod ops;
+mod pool;
+mod schema;
+pub mod testing;
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use spool_broker::{
+    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
+    Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
+    WaitCounts,
+};
+use spool_proto::ServerStats;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_postgres::AsyncMessage;
+
+pub use clock::Clock;
+pub use error::ConnectError;
+pub use pool::PoolStats;
+pub use schema::SCHEMA_VERSION;
+
+use error::{DbError, OpError};
+use ops::{Ctx, Done, Effects, Task};
+use pool::Pool;
+
+/// Attempts of one operation that keeps meeting serialization failures,
+/// deadlocks or a lost idempotency race: each attempt is a new transaction
+/// that sees the winner's commit, so a second one almost always succeeds.
+const OP_ATTEMPTS_MAX: usize = 3;
+
+/// How often a parked reserve or job wait looks again although no
+/// notification came: covers a listener that is reconnecting and timers
+/// no node announces (a delayed job coming due on another node's clock).
+pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often each node runs the timers (due jobs, expired leases) on the
+/// wall clock; the retention's deletes every [`RETENTION_EVERY_PASSES`]th
+/// pass. A reserve runs the first two itself, so this bounds only how
+/// late a `get` sees a due job as ready.
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
+pub const RETENTION_EVERY_PASSES: u64 = 25;
+
+/// How long the listener waits before reconnecting after losing its
+/// connection.
+pub const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Job waits ([`Op::Wait`]) one broker holds at once; each holds no
+/// connection while parked, only a task.
+pub const JOB_WAITS_MAX: usize = 10_000;
+
+/// How a [`PgBroker`] connects and bounds its work.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// A libpq-style URL or key=value string (`host` may be a unix socket
+    /// directory).
+    pub url: String,
+    /// Connections in the pool (the listener's is extra).
+    pub pool_size: usize,
+    /// How long an operation waits for a free connection before it fails.
+    pub acquire_timeout: Duration,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// The server-side `statement_timeout` of every connection.
+    pub statement_timeout: Duration,
+    /// The deadline of a whole operation (its transaction), on our side.
+    pub op_timeout: Duration,
+    pub max_job_size: u32,
+    /// This node's name: the leases it holds carry it, and a node starting
+    /// under the same name hands back the leases its previous life held.
+    pub node_id: String,
+}
+
+impl PgConfig {
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            pool_size: 16,
+            acquire_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(10),
+            max_job_size: spool_proto::limits::DEFAULT_MAX_JOB_SIZE_BYTES,
+            node_id: node_id.into(),
+        }
+    }
+}
+
+/// The PostgreSQL broker; cheap to clone (one shared state).
+#[derive(Debug, Clone)]
+pub struct PgBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: Arc<Pool>,
+    clock: Clock,
+    ctx: Ctx,
+    op_timeout: Duration,
+    draining: AtomicBool,
+    shutting_down: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    /// Bumped by every clock advance, shutdown and listener reconnect:
+    /// every parked wait looks again.
+    wake: watch::Sender<u64>,
+    /// Parked waits by the queue they wait on: a notification naming a
+    /// queue wakes only its waits.
+    queue_waits: Mutex<HashMap<String, Vec<WaitEntry>>>,
+    next_wait: AtomicU64,
+    /// Why the database is unusable, while it is.
+    storage_error: Mutex<Option<String>>,
+    storage_failed: AtomicBool,
+    query_errors: AtomicU64,
+    next_session: AtomicU64,
+    job_waits: AtomicUsize,
+    reserve_waits: AtomicU64,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl PgBroker {
+    /// Connects, migrates the schema (under an advisory lock), hands back
+    /// the leases this node's previous life held, and starts the listener
+    /// and (on the wall clock) the timer task.
+    pub async fn connect(config: PgConfig, clock: Clock) -> Result<PgBroker, ConnectError> {
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ConnectError::BadUrl(e.to_string()))?;
+        pg.options(format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            config.statement_timeout.as_millis(),
+            config.op_timeout.as_millis()
+        ));
+        pg.application_name("spool");
+        let pool = Arc::new(Pool::new(
+            pg,
+            config.pool_size.max(1),
+            config.acquire_timeout,
+            config.connect_timeout,
+        ));
+        {
+            let (client, connection) = pool
+                .connect()
+                .await
+                .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+            let driver = tokio::spawn(connection);
+            let migrated = schema::migrate(&client).await;
+            drop(client);
+            let _ = driver.await;
+            migrated?;
+        }
+        let (shutdown, _) = watch::channel(false);
+        let (wake, _) = watch::channel(0);
+        let broker = PgBroker {
+            inner: Arc::new(Inner {
+                pool,
+                clock,
+                ctx: Ctx {
+                    max_job_size: config.max_job_size,
+                    node_id: config.node_id,
+                },
+                op_timeout: config.op_timeout,
+                draining: AtomicBool::new(false),
+                shutting_down: AtomicBool::new(false),
+                shutdown,
+                wake,
+                queue_waits: Mutex::new(HashMap::new()),
+                next_wait: AtomicU64::new(0),
+                storage_error: Mutex::new(None),
+                storage_failed: AtomicBool::new(false),
+                query_errors: AtomicU64::new(0),
+                next_session: AtomicU64::new(1),
+                job_waits: AtomicUsize::new(0),
+                reserve_waits: AtomicU64::new(0),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        broker
+            .run(Task::ReleaseOwnLeases)
+            .await
+            .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+        let weak = Arc::downgrade(&broker.inner);
+        let mut tasks = vec![tokio::spawn(listen(weak.clone()))];
+        if !broker.inner.clock.is_manual() {
+            tasks.push(tokio::spawn(run_timers_periodically(weak)));
+        }
+        if let Ok(mut held) = broker.inner.tasks.lock() {
+            held.extend(tasks);
+        }
+        Ok(broker)
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            query_errors: self.inner.query_errors.load(Ordering::Relaxed),
+            ..self.inner.pool.stats()
+        }
+    }
+
+    /// Moves a manual clock forward and runs the timers due by then, so
+    /// that an operation sent after this returns sees them; parked waits
+    /// look again.
+    pub async fn advance_clock(&self, ns: u64) -> Result<(), BrokerError> {
+        self.inner.clock.advance(ns);
+        let result = self.run_timers().await;
+        self.wake_waiters();
+        result
+    }
+
+    /// One pass of every timer at the clock's `now`.
+    pub async fn run_timers(&self) -> Result<(), BrokerError> {
+        self.run(Task::Timers).await.map(|_| ())
+    }
+
+    fn wake_waiters(&self) {
+        self.inner.wake.send_modify(|generation| *generation += 1);
+    }
+
+    fn db_failed(&self, error: DbError) -> BrokerError {
+        self.inner.query_errors.fetch_add(1, Ordering::Relaxed);
+        let message = error.to_string();
+        if error.is_unavailable() {
+            if let Ok(mut held) = self.inner.storage_error.lock() {
+                *held = Some(message.clone());
+            }
+            self.inner.storage_failed.store(true, Ordering::Release);
+        }
+        BrokerError::Storage(message)
+    }
+
+    fn db_ok(&self) {
+        if self.inner.storage_failed.swap(false, Ordering::AcqRel) {
+            if let Ok(mut held) = self.inner.storage_error.lock() {
+                *held = None;
+            }
+        }
+    }
+
+    /// Runs `task` in a transaction of its own, again after a retryable
+    /// conflict, within the operation's deadline.
+    async fn run_with(&self, task: Task, fx: &mut Effects) -> Result<Done, BrokerError> {
+        let inner = &self.inner;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut conn = inner.pool.get().await.map_err(|e| self.db_failed(e))?;
+            let now = inner.clock.now_ns();
+            let result = tokio::time::timeout(
+                inner.op_timeout,
+                ops::run(&mut conn, &inner.ctx, task.clone(), now, fx),
+            )
+            .await;
+            match result {
+                // The connection is mid-transaction: the pool closes it.
+                Err(_) => {
+                    return Err(self.db_failed(DbError::TimedOut {
+                        after_ms: inner.op_timeout.as_millis() as u64,
+                    }))
+                }
+                Ok(Ok(done)) => {
+                    self.db_ok();
+                    return Ok(done);
+                }
+                Ok(Err(OpError::Broker(error))) => {
+                    self.db_ok();
+                    return Err(error);
+                }
+                Ok(Err(OpError::Db(DbError::Retry))) if attempt < OP_ATTEMPTS_MAX => {}
+                Ok(Err(OpError::Db(error))) => return Err(self.db_failed(error)),
+            }
+        }
+    }
+
+    async fn run(&self, task: Task) -> Result<Done, BrokerError> {
+        self.run_with(task, &mut Effects::default()).await
+    }
+
+    async fn run_op(&self, op: Op, fx: &mut Effects) -> Result<Outcome, BrokerError> {
+        match self.run_with(Task::Op(op), fx).await? {
+            Done::Outcome(outcome) => Ok(*outcome),
+            other => Err(BrokerError::Internal(format!(
+                "an operation answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn execute(&self, op: Op, sent_ns: u64) -> Result<Outcome, BrokerError> {
+        let inner = &self.inner;
+        match op {
+            Op::Enqueue { .. } | Op::EnqueueBatch { .. }
+                if inner.draining.load(Ordering::Acquire)
+                    || inner.shutting_down.load(Ordering::Acquire) =>
+            {
+                Err(BrokerError::Draining)
+            }
+            Op::Reserve {
+                queues,
+                batch,
+                timeout_ms,
+            } => self
+                .reserve_waiting(queues, batch, timeout_ms, sent_ns)
+                .await
+                .map(Outcome::Leased),
+            Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            op => self.run_op(op, &mut Effects::default()).await,
+        }
+    }
+
+    /// How long a parked wait sleeps before looking again: until its
+    /// deadline or the next instant a timer said to look, at most the
+    /// fallback poll. On a manual clock only advances (which wake every
+    /// wait) move time, so just the fallback poll.
+    fn park_for(&self, deadline_ns: u64, wake_at_ns: Option<u64>) -> Duration {
+        if self.inner.clock.is_manual() {
+            return WAKE_POLL_INTERVAL;
+        }
+        let now = self.inner.clock.now_ns();
+        let until = wake_at_ns.map_or(deadline_ns, |at| at.min(deadline_ns));
+        Duration::from_nanos(until.saturating_sub(now)).min(WAKE_POLL_INTERVAL)
+    }
+
+    async fn reserve_waiting(
+        &self,
+        queues: Vec<QueueName>,
+        batch: u32,
+        timeout_ms: u64,
+        sent_ns: u64,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        let inner = &self.inner;
+        let deadline = sent_ns.saturating_add(timeout_ms.saturating_mul(1_000_000));
+        let mut wake = inner.wake.subscribe();
+        // Registered before the first look, so no notification in between
+        // is missed.
+        let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+        let queue_wait = (timeout_ms > 0).then(|| QueueWait::new(inner, &names));
+        let mut parked = false;
+        let result = loop {
+            if inner.shutting_down.load(Ordering::Acquire) {
+                break Ok(Vec::new());
+            }
+            wake.borrow_and_update();
+            let mut fx = Effects::default();
+            let op = Op::Reserve {
+                queues: queues.clone(),
+                batch,
+                timeout_ms: 0,
+            };
+            let got = match self.run_op(op, &mut fx).await {
+                Ok(Outcome::Leased(got)) => got,
+                Ok(other) => {
+                    break Err(BrokerError::Internal(format!("reserve answered {other:?}")))
+                }
+                Err(error) => break Err(error),
+            };
+            if !got.is_empty() || inner.clock.now_ns() >= deadline {
+                break Ok(got);
+            }
+            if !parked {
+                parked = true;
+                inner.reserve_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            let sleep = self.park_for(deadline, fx.wake_at_ns);
+            park(&mut wake, queue_wait.as_ref(), sleep).await;
+        };
+        if parked {
+            inner.reserve_waits.fetch_sub(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn wait_job(&self, id: u64, wait_ms: u64, sent_ns: u64) -> Result<JobView, BrokerError> {
+        let inner = &self.inner;
+        let deadline = sent_ns.saturating_add(wait_ms.saturating_mul(1_000_000));
+        let mut wake = inner.wake.subscribe();
+        let mut parked = false;
+        let mut queue_wait: Option<QueueWait> = None;
+        let result = loop {
+            wake.borrow_and_update();
+            let job = match self.run_op(Op::Get { id }, &mut Effects::default()).await {
+                Ok(outcome) => outcome.into_job(),
+                Err(error) => Err(error),
+            };
+            let job = match job {
+                Ok(job) => job,
+                Err(error) => break Err(error),
+            };
+            let settled = job.state.is_final() || job.state == spool_broker::JobState::Buried;
+            if settled
+                || inner.clock.now_ns() >= deadline
+                || inner.shutting_down.load(Ordering::Acquire)
+            {
+                break Ok(job);
+            }
+            if !parked {
+                if inner.job_waits.fetch_add(1, Ordering::AcqRel) >= JOB_WAITS_MAX {
+                    inner.job_waits.fetch_sub(1, Ordering::AcqRel);
+                    return Err(BrokerError::TooManyWaits { max: JOB_WAITS_MAX });
+                }
+                parked = true;
+            }
+            if queue_wait.is_none() {
+                // Settling announces the job's queue. Registered after the
+                // first look: the next look, right away, sees a change made
+                // in between.
+                queue_wait = Some(QueueWait::new(inner, &[job.queue.as_str()]));
+                continue;
+            }
+            let sleep = self.park_for(deadline, None);
+            park(&mut wake, queue_wait.as_ref(), sleep).await;
+        };
+        if parked {
+            inner.job_waits.fetch_sub(1, Ordering::AcqRel);
+        }
+        result
+    }
+}
+
+/// A parked wait's number and what wakes it.
+type WaitEntry = (u64, Arc<Notify>);
+
+/// A parked wait's interest in some queues, withdrawn when dropped.
+struct QueueWait {
+    inner: Arc<Inner>,
+    id: u64,
+    queues: Vec<String>,
+    notify: Arc<Notify>,
+}
+
+impl QueueWait {
+    fn new(inner: &Arc<Inner>, queues: &[&str]) -> QueueWait {
+        let id = inner.next_wait.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        let mut queues: Vec<String> = queues.iter().map(|q| q.to_string()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        if let Ok(mut waits) = inner.queue_waits.lock() {
+            for queue in &queues {
+                waits
+                    .entry(queue.clone())
+                    .or_default()
+                    .push((id, Arc::clone(&notify)));
+            }
+        }
+        QueueWait {
+            inner: Arc::clone(inner),
+            id,
+            queues,
+            notify,
+        }
+    }
+}
+
+impl Drop for QueueWait {
+    fn drop(&mut self) {
+        if let Ok(mut waits) = self.inner.queue_waits.lock() {
+            for queue in &self.queues {
+                if let Some(list) = waits.get_mut(queue) {
+                    list.retain(|(id, _)| *id != self.id);
+                    if list.is_empty() {
+                        waits.remove(queue);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Wakes the waits on `queue` (a permit is kept for one not waiting at
+/// this instant, so a wake between its query and its sleep is not lost).
+fn wake_queue(inner: &Inner, queue: &str) {
+    if let Ok(waits) = inner.queue_waits.lock() {
+        for (_, notify) in waits.get(queue).into_iter().flatten() {
+            notify.notify_one();
+        }
+    }
+}
+
+/// Sleeps until `changed` (a broadcast wake), the wait's queue is named by
+/// a notification, or `limit` passes.
+async fn park(wake: &mut watch::Receiver<u64>, queue_wait: Option<&QueueWait>, limit: Duration) {
+    let notified = async {
+        match queue_wait {
+            Some(w) => w.notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let _ = tokio::time::timeout(limit, async {
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = notified => {}
+        }
+    })
+    .await;
+}
+
+/// The listener: one connection that `LISTEN`s and turns every batch of
+/// notifications into one wake of the parked waits; reconnects after
+/// [`LISTEN_RETRY`] when it loses its connection, waking the waits so that
+/// nothing announced meanwhile is missed for longer than a poll.
+async fn listen(broker: Weak<Inner>) {
+    // Logged when the listener loses the database and when it is back, not
+    // at every retry.
+    let mut lost = false;
+    loop {
+        let Some(pool) = broker.upgrade().map(|inner| Arc::clone(&inner.pool)) else {
+            return;
+        };
+        match pool.connect().await {
+            Ok((client, mut connection)) => {
+                drop(pool);
+                if lost {
+                    lost = false;
+                    tracing::info!("the notification listener is connected again");
+                }
+                let subscribe = client.batch_execute("LISTEN spool");
+                let mut subscribe = pin!(subscribe);
+                let mut subscribed = false;
+                let ended = poll_fn(|cx| {
+                    // Every wait looks again after (re)subscribing; after
+                    // that, only the waits of the queues named.
+                    let mut woke = false;
+                    let mut named: Vec<String> = Vec::new();
+                    if !subscribed {
+                        match subscribe.as_mut().poll(cx) {
+                            Poll::Ready(Ok(())) => {
+                                subscribed = true;
+                                // Jobs may have come while nobody listened.
+                                woke = true;
+                            }
+                            Poll::Ready(Err(error)) => return Poll::Ready(Some(error)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    let ended = loop {
+                        match connection.poll_message(cx) {
+                            Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                                if !named.iter().any(|q| q == n.payload()) {
+                                    named.push(n.payload().to_string());
+                                }
+                            }
+                            Poll::Ready(Some(Ok(_))) => {}
+                            Poll::Ready(Some(Err(error))) => break Poll::Ready(Some(error)),
+                            Poll::Ready(None) => break Poll::Ready(None),
+                            Poll::Pending => break Poll::Pending,
+                        }
+                    };
+                    if woke || !named.is_empty() {
+                        let Some(inner) = broker.upgrade() else {
+                            return Poll::Ready(None);
+                        };
+                        if woke {
+                            inner.wake.send_modify(|g| *g += 1);
+                        }
+                        for queue in &named {
+                            wake_queue(&inner, queue);
+                        }
+                    }
+                    ended
+                })
+                .await;
+                if let Some(error) = ended {
+                    lost = true;
+                    tracing::warn!(%error, "the notification listener lost its connection");
+                }
+            }
+            Err(error) => {
+                drop(pool);
+                if !lost {
+                    lost = true;
+                    tracing::warn!(%error, "the notification listener cannot connect");
+                }
+            }
+        }
+        match broker.upgrade() {
+            Some(inner) => inner.wake.send_modify(|g| *g += 1),
+            None => return,
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+/// Runs the timers every [`TIMER_INTERVAL`] (wall clock only).
+async fn run_timers_periodically(broker: Weak<Inner>) {
+    let mut pass: u64 = 0;
+    // Logged when it starts failing and when it works again, not at every
+    // pass while the database is away.
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(TIMER_INTERVAL).await;
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        let broker = PgBroker { inner };
+        let task = if pass.is_multiple_of(RETENTION_EVERY_PASSES) {
+            Task::Timers
+        } else {
+            Task::DueTimers
+        };
+        match broker.run(task).await {
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "the timers cannot run: the database is away or refusing");
+            }
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("the timers run again");
+            }
+            _ => {}
+        }
+        pass = pass.wrapping_add(1);
+    }
+}
+
+/// beanstalkd sessions' two steps as one statement each: the attempt limit
+/// read by key (not `GetQueue`, which counts the queue), and a delete under
+/// a lease as one `DELETE` (not a completion and a delete: two commits).
+impl SessionBroker for PgBroker {
+    fn attempt_limit(
+        &self,
+        queue: QueueName,
+    ) -> impl Future<Output = Result<Option<u32>, BrokerError>> + Send {
+        let this = self.clone();
+        async move {
+            match this.run(Task::AttemptLimit(queue)).await? {
+                Done::AttemptLimit(limit) => Ok(limit),
+                other => Err(BrokerError::Internal(format!(
+                    "an attempt limit answered {other:?}"
+                ))),
+            }
+        }
+    }
+
+    fn delete_leased(
+        &self,
+        lease: spool_broker::Lease,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let this = self.clone();
+        async move { this.run(Task::DeleteLeased(lease)).await.map(|_| ()) }
+    }
+}
+
+impl Broker for PgBroker {
+    type Session = OpSession<PgBroker>;
+
+    fn open_session(&self, _peer: Peer) -> Result<Self::Session, BrokerError> {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        Ok(OpSession::new(
+            self.clone(),
+            id,
+            self.inner.shutdown.subscribe(),
+        ))
+    }
+
+    fn set_draining(&self, draining: bool) {
+        self.inner.draining.store(draining, Ordering::Release);
+    }
+
+    fn snapshot(
+        &self,
+        _scope: SnapshotScope,
+    ) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
+        let this = self.clone();
+        async move {
+            let counts = match this.run(Task::Counts).await? {
+                Done::Counts(counts) => counts,
+                other => return Err(BrokerError::Internal(format!("counts answered {other:?}"))),
+            };
+            let inner = &this.inner;
+            let draining = inner.draining.load(Ordering::Acquire)
+                || inner.shutting_down.load(Ordering::Acquire);
+            let mut server = ServerStats {
+                max_job_size: u64::from(inner.ctx.max_job_size),
+                current_tubes: counts.len() as u64,
+                draining,
+                ..ServerStats::default()
+            };
+            let mut jobs_total = 0;
+            let queues = counts
+                .into_iter()
+                .map(|q| {
+                    server.current_jobs_urgent += q.urgent;
+                    server.current_jobs_ready += q.ready;
+                    server.current_jobs_reserved += q.reserved;
+                    server.current_jobs_delayed += q.delayed;
+                    server.current_jobs_buried += q.buried;
+                    jobs_total += q.ready + q.reserved + q.delayed + q.buried;
+                    QueueSnapshot {
+                        name: q.name,
+                        ready: q.ready,
+                        urgent: q.urgent,
+                        reserved: q.reserved,
+                        delayed: q.delayed,
+                        buried: q.buried,
+                        waiting_reservers: 0,
+                        using: 0,
+                        watching: 0,
+                        paused: q.paused,
+                        total_jobs: 0,
+                        counters: QueueCounters::default(),
+                        wait: Histogram::queue_latency(),
+                        run: Histogram::queue_latency(),
+                        skew: Histogram::queue_latency(),
+                    }
+                })
+                .collect();
+            Ok(EngineSnapshot {
+                now_ns: inner.clock.now_ns(),
+                jobs_total,
+                queues,
+                retired_queues: Vec::new(),
+                sessions: Vec::new(),
+                draining,
+                shutting_down: inner.shutting_down.load(Ordering::Acquire),
+                storage_failed: inner.storage_failed.load(Ordering::Acquire),
+                disk_full: false,
+                next_job_id: 0,
+                server,
+                waits: WaitCounts {
+                    reserve: inner.reserve_waits.load(Ordering::Relaxed),
+                    job: inner.job_waits.load(Ordering::Relaxed) as u64,
+                },
+            })
+        }
+    }
+
+    fn health(&self) -> BrokerHealth {
+        let inner = &self.inner;
+        let storage_failed = if inner.storage_failed.load(Ordering::Acquire) {
+            inner
+                .storage_error
+                .lock()
+                .ok()
+                .and_then(|held| held.clone())
+        } else {
+            None
+        };
+        BrokerHealth {
+            storage_failed,
+            disk_full: false,
+            draining: inner.draining.load(Ordering::Acquire),
+            shutting_down: inner.shutting_down.load(Ordering::Acquire),
+        }
+    }
+
+    fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shutdown.send_replace(true);
+        self.wake_waiters();
+    }
+
+    fn call(&self, op: Op) -> impl Future<Output = Result<Outcome, BrokerError>> + Send {
+        // A wait's time counts from when it was sent, not from when its
+        // future is first polled.
+        let sent_ns = self.inner.clock.now_ns();
+        let this = self.clone();
+        async move { this.execute(op, sent_ns).await }
+    }
+}

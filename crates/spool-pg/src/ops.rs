@@ -1,0 +1,1824 @@
+//! Each broker operation as SQL: one transaction per [`Op`], `now` passed
+//! as a parameter, the job model's checks in Rust before (or, for the
+//! state a row is in, inside) the statements that change anything.
+//!
+//! Conflicts are found the way the ARCHITECTURE sketch says: an `UPDATE`
+//! guarded by the state and lease it needs, and only when it touched no
+//! row a second `SELECT` to name why (not found, cancelled, lease expired,
+//! wrong state).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
+use spool_broker::{
+    Backoff, BrokerError, Conflict, JobChange, JobPage, JobState, JobView, Lease, Leased, NewJob,
+    Op, Outcome, QueueInfo, QueueName, QueuePolicy, RunAt,
+};
+use spool_engine::limits;
+use tokio_postgres::Row;
+
+use crate::error::{DbError, OpError};
+use crate::pool::Conn;
+
+const NS_PER_MS: u64 = 1_000_000;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Rows one timer pass moves per kind (due jobs, expired leases, forgotten
+/// final jobs, expired keys): a pass stays a short transaction, and a
+/// backlog is worked off over passes instead of in one huge one.
+pub(crate) const TIMER_BATCH_ROWS: i64 = 1_000;
+
+/// The error of a lease that expired with no heartbeat: the engine's words.
+const LEASE_EXPIRED_ERROR: &str = "lease expired: no heartbeat or completion within the TTR";
+
+/// What the operations need of the broker.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub max_job_size: u32,
+    /// Whose leases these are: a node that restarts hands its own back.
+    pub node_id: String,
+}
+
+/// What a transaction leaves for the broker to do after it: when a parked
+/// reserve should look again although nobody notified it (a token of a
+/// rate limit, the end of a pause).
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    pub wake_at_ns: Option<u64>,
+}
+
+impl Effects {
+    fn wake_at(&mut self, at_ns: u64) {
+        self.wake_at_ns = Some(self.wake_at_ns.map_or(at_ns, |old| old.min(at_ns)));
+    }
+}
+
+/// A unit of work run as one transaction.
+#[derive(Debug, Clone)]
+pub(crate) enum Task {
+    Op(Op),
+    /// Due jobs, expired leases, retention and expired keys.
+    Timers,
+    /// Due jobs and expired leases only: the frequent pass.
+    DueTimers,
+    /// Counts per queue and state, for snapshots.
+    Counts,
+    /// A node starting hands back the leases it held before.
+    ReleaseOwnLeases,
+    /// A queue policy's attempt limit, for beanstalkd puts.
+    AttemptLimit(QueueName),
+    /// beanstalkd's delete of a job held under this lease.
+    DeleteLeased(Lease),
+}
+
+#[derive(Debug)]
+pub(crate) enum Done {
+    Outcome(Box<Outcome>),
+    Counts(Vec<QueueCounts>),
+    AttemptLimit(Option<u32>),
+    Nothing,
+}
+
+/// One queue's jobs by state, its pause, for snapshots.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct QueueCounts {
+    pub name: String,
+    pub ready: u64,
+    pub urgent: u64,
+    pub reserved: u64,
+    pub delayed: u64,
+    pub buried: u64,
+    pub paused: bool,
+}
+
+// ---- conversions -------------------------------------------------------
+
+fn db_u64(n: u64) -> i64 {
+    n.min(i64::MAX as u64) as i64
+}
+
+fn from_db(n: i64) -> u64 {
+    n.max(0) as u64
+}
+
+fn ms(ns: i64) -> u64 {
+    from_db(ns) / NS_PER_MS
+}
+
+fn state_of(text: &str) -> Result<JobState, OpError> {
+    JobState::parse(text).ok_or_else(|| {
+        OpError::Broker(BrokerError::Internal(format!(
+            "unknown job state {text:?} in the database"
+        )))
+    })
+}
+
+/// The columns a [`JobView`] is read from: the job `j` and its queue `q`
+/// (for the queue's backoff), in the order [`view`] reads them.
+macro_rules! view_cols {
+    () => {
+        "j.id, j.queue, j.state, j.priority, j.payload, j.header_names, j.header_values, \
+         j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
+         j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
+         q.backoff_multiplier, q.backoff_jitter, j.ttr_ms, j.run_at_ns, j.deadline_ns, \
+         j.created_ns, j.updated_ns, j.finished_ns, j.last_error, j.result, \
+         j.idempotency_key, j.cancel_requested, j.version, j.lease_token"
+    };
+}
+
+/// `SELECT` of the views of the rows a CTE named `j` returns.
+macro_rules! select_views {
+    () => {
+        concat!(
+            " SELECT ",
+            view_cols!(),
+            " FROM j LEFT JOIN spool_queues q ON q.name = j.queue"
+        )
+    };
+}
+
+fn backoff_at(row: &Row, first: usize) -> Option<Backoff> {
+    let initial_ms: Option<i64> = row.get(first);
+    Some(Backoff {
+        initial_ms: from_db(initial_ms?),
+        max_ms: from_db(row.get::<_, Option<i64>>(first + 1)?),
+        multiplier: row.get::<_, Option<f64>>(first + 2)?,
+        jitter: row.get::<_, Option<f64>>(first + 3)?,
+    })
+}
+
+fn view(row: &Row) -> Result<JobView, OpError> {
+    let state = state_of(row.get(2))?;
+    let names: Option<Vec<String>> = row.get(5);
+    let values: Option<Vec<String>> = row.get(6);
+    let headers: BTreeMap<String, String> = names
+        .unwrap_or_default()
+        .into_iter()
+        .zip(values.unwrap_or_default())
+        .collect();
+    let run_at_ns: Option<i64> = row.get(18);
+    let deadline_ns: Option<i64> = row.get(19);
+    let finished_ns: Option<i64> = row.get(22);
+    let result: Option<Vec<u8>> = row.get(24);
+    Ok(JobView {
+        id: from_db(row.get(0)),
+        queue: row.get(1),
+        state,
+        priority: from_db(row.get(3)) as u32,
+        payload: Bytes::from(row.get::<_, Vec<u8>>(4)),
+        headers,
+        attempts: row.get::<_, i32>(7).max(0) as u32,
+        max_attempts: row.get::<_, i32>(8).max(0) as u32,
+        backoff: backoff_at(row, 9)
+            .or_else(|| backoff_at(row, 13))
+            .unwrap_or_default(),
+        ttr_ms: from_db(row.get(17)),
+        run_at_ms: (state == JobState::Delayed).then(|| ms(run_at_ns.unwrap_or(0))),
+        deadline_at_ms: (state == JobState::Reserved).then(|| ms(deadline_ns.unwrap_or(0))),
+        created_at_ms: ms(row.get(20)),
+        updated_at_ms: ms(row.get(21)),
+        finished_at_ms: state.is_final().then(|| ms(finished_ns.unwrap_or(0))),
+        last_error: row.get(23),
+        result: result.map(Bytes::from),
+        idempotency_key: row.get(25),
+        cancel_requested: row.get(26),
+        version: from_db(row.get(27)),
+    })
+}
+
+fn leased(row: &Row) -> Result<Leased, OpError> {
+    let job = view(row)?;
+    let token: Option<i64> = row.get(28);
+    Ok(Leased {
+        lease: Lease {
+            job: job.id,
+            token: from_db(token.unwrap_or(0)),
+        },
+        job,
+    })
+}
+
+fn views(rows: &[Row]) -> Result<Vec<JobView>, OpError> {
+    rows.iter().map(view).collect()
+}
+
+fn one_view(rows: &[Row]) -> Result<Option<JobView>, OpError> {
+    rows.first().map(view).transpose()
+}
+
+// ---- the job model's checks (the engine's, for the same answers) -------
+
+/// SplitMix64, as the engine draws a backoff's jitter: from the job and
+/// the time, no entropy source; the run-at it gives is what is stored.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn jitter_unit(id: u64, now: u64) -> f64 {
+    (mix(now ^ id.rotate_left(32)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+fn wrong_state(state: JobState) -> OpError {
+    OpError::Broker(BrokerError::Conflict(Conflict::WrongState(state)))
+}
+
+fn refuse<T>(error: BrokerError) -> Result<T, OpError> {
+    Err(OpError::Broker(error))
+}
+
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> {
+    if headers.len() > limits::HEADERS_MAX {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("at most {} headers", limits::HEADERS_MAX),
+        ));
+    }
+    let mut total = 0;
+    for (name, value) in headers {
+        if name.is_empty() || name.len() > limits::HEADER_NAME_MAX_BYTES {
+            return Err(BrokerError::invalid(
+                "headers",
+                format!(
+                    "header names are 1 to {} bytes",
+                    limits::HEADER_NAME_MAX_BYTES
+                ),
+            ));
+        }
+        total += name.len() + value.len();
+    }
+    if total > limits::HEADERS_MAX_BYTES {
+        return Err(BrokerError::invalid(
+            "headers",
+            format!("at most {} bytes of headers", limits::HEADERS_MAX_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+fn check_backoff(backoff: Option<&Backoff>) -> Result<(), BrokerError> {
+    match backoff.map(Backoff::validate) {
+        Some(Err((field, message))) => Err(BrokerError::invalid(field, message)),
+        _ => Ok(()),
+    }
+}
+
+fn check_policy(policy: &QueuePolicy) -> Result<(), BrokerError> {
+    check_backoff(policy.backoff.as_ref())?;
+    if policy.concurrency == Some(0) {
+        return Err(BrokerError::invalid("concurrency", "at least 1"));
+    }
+    if let Some(rate) = policy.rate_per_s {
+        if !rate.is_finite() || rate <= 0.0 || rate > limits::RATE_PER_S_MAX {
+            return Err(BrokerError::invalid(
+                "rate_per_s",
+                format!("above 0, at most {}", limits::RATE_PER_S_MAX),
+            ));
+        }
+    }
+    if policy.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
+        return Err(BrokerError::invalid("ttr_ms", "too large"));
+    }
+    Ok(())
+}
+
+/// The delay until `run_at` in nanoseconds, checked.
+fn delay_of(run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
+    match run_at {
+        RunAt::Now => Ok(0),
+        RunAt::DelayMs(ms) if ms > limits::DELAY_MS_MAX => Err(BrokerError::invalid(
+            "delay_ms",
+            format!("at most {} ms", limits::DELAY_MS_MAX),
+        )),
+        RunAt::DelayMs(ms) => Ok(ms * NS_PER_MS),
+        RunAt::AtMs(at) => {
+            let delay = at.saturating_mul(NS_PER_MS).saturating_sub(now);
+            if delay > limits::DELAY_MS_MAX * NS_PER_MS {
+                return Err(BrokerError::invalid("run_at", "too far in the future"));
+            }
+            Ok(delay)
+        }
+    }
+}
+
+/// A rate limit as GCRA, as the engine keeps it: a token every
+/// `interval_ns`, `tau_ns` of credit beyond the one due now.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    interval_ns: u64,
+    tau_ns: u64,
+}
+
+impl Rate {
+    fn of(rate: f64) -> Rate {
+        let max = (limits::DELAY_MS_MAX * NS_PER_MS) as f64;
+        let interval = (NS_PER_SEC as f64 / rate).ceil();
+        let tau = (rate.max(1.0) - 1.0) * NS_PER_SEC as f64 / rate;
+        Rate {
+            interval_ns: interval.clamp(1.0, max) as u64,
+            tau_ns: tau.clamp(0.0, max) as u64,
+        }
+    }
+
+    fn may_take(&self, tat_ns: u64, now: u64) -> bool {
+        now.saturating_add(self.tau_ns) >= tat_ns
+    }
+
+    fn take(&self, tat_ns: u64, now: u64) -> u64 {
+        tat_ns.max(now).saturating_add(self.interval_ns)
+    }
+}
+
+// ---- running -----------------------------------------------------------
+
+/// Runs `task` as one transaction at `now` (a single read as one
+/// statement, which is a transaction of its own).
+pub(crate) async fn run(
+    c: &mut Conn,
+    ctx: &Ctx,
+    task: Task,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<Done, OpError> {
+    match task {
+        Task::Op(Op::Get { id }) => {
+            return Ok(Done::Outcome(Box::new(Outcome::Job(get(c, id).await?))))
+        }
+        Task::AttemptLimit(queue) => {
+            let row = c
+                .query_opt(
+                    "SELECT max_attempts FROM spool_queues WHERE name = $1",
+                    &[&queue.as_str()],
+                )
+                .await?;
+            let limit = row.and_then(|row| row.get::<_, Option<i32>>(0));
+            return Ok(Done::AttemptLimit(limit.map(|n| n.max(0) as u32)));
+        }
+        Task::DeleteLeased(lease) => {
+            // One statement, so its own transaction: the row goes and the
+            // queue is announced (a freed concurrency slot) at its commit.
+            let gone = c
+                .query_opt(
+                    "WITH j AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+                     AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue) \
+                     SELECT pg_notify('spool', queue) FROM j",
+                    &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+                )
+                .await?;
+            return match gone {
+                Some(_) => Ok(Done::Nothing),
+                None => Err(lease_refusal(c, lease).await),
+            };
+        }
+        _ => {}
+    }
+    c.begin().await?;
+    let result = apply(c, ctx, task, now, fx).await;
+    match result {
+        Ok(done) => {
+            c.commit().await?;
+            Ok(done)
+        }
+        Err(error) => {
+            c.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
+async fn apply(
+    c: &mut Conn,
+    ctx: &Ctx,
+    task: Task,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<Done, OpError> {
+    let op = match task {
+        Task::Op(op) => op,
+        Task::Timers => {
+            timers(c, now).await?;
+            return Ok(Done::Nothing);
+        }
+        Task::DueTimers => {
+            promote_due(c, now).await?;
+            expire_leases(c, now).await?;
+            return Ok(Done::Nothing);
+        }
+        Task::Counts => return Ok(Done::Counts(counts(c, now).await?)),
+        Task::ReleaseOwnLeases => {
+            release_own_leases(c, ctx).await?;
+            return Ok(Done::Nothing);
+        }
+        Task::AttemptLimit(_) | Task::DeleteLeased(_) => {
+            return refuse(BrokerError::Internal(
+                "a single statement runs outside a transaction".into(),
+            ))
+        }
+    };
+    let outcome = match op {
+        Op::Enqueue { queue, job } => {
+            let mut made = enqueue(c, ctx, vec![(queue, job)], now).await?;
+            let (job, duplicate) = made.remove(0);
+            Outcome::Enqueued { job, duplicate }
+        }
+        Op::EnqueueBatch { jobs } => {
+            if jobs.len() > limits::ENQUEUE_BATCH_JOBS_MAX {
+                return refuse(BrokerError::invalid(
+                    "jobs",
+                    format!("at most {} jobs a batch", limits::ENQUEUE_BATCH_JOBS_MAX),
+                ));
+            }
+            let made = enqueue(c, ctx, jobs, now).await?;
+            Outcome::Batch(made.into_iter().map(|(job, _)| job).collect())
+        }
+        Op::Reserve { queues, batch, .. } => {
+            Outcome::Leased(reserve(c, ctx, &queues, batch, now, fx).await?)
+        }
+        Op::Heartbeat { lease } => heartbeat(c, lease, now).await?,
+        Op::Complete { lease, result } => complete(c, ctx, lease, result, now).await?,
+        Op::Fail {
+            lease,
+            error,
+            retry_in_ms,
+            permanent,
+        } => fail(c, lease, error, retry_in_ms, permanent, now).await?,
+        Op::Release {
+            lease,
+            delay_ms,
+            priority,
+        } => release(c, lease, delay_ms, priority, now).await?,
+        Op::Bury { id, lease, reason } => bury(c, id, lease, reason, now).await?,
+        Op::Kick { id } => kick(c, id, now).await?,
+        Op::Cancel {
+            id,
+            expected_version,
+        } => cancel(c, id, expected_version, now).await?,
+        Op::Get { id } | Op::Wait { id, .. } => Outcome::Job(get(c, id).await?),
+        Op::Update {
+            id,
+            expected_version,
+            change,
+        } => update(c, ctx, id, expected_version, change, now).await?,
+        Op::Delete {
+            id,
+            expected_version,
+        } => delete(c, id, expected_version).await?,
+        Op::List {
+            queue,
+            state,
+            after,
+            limit,
+        } => list(c, &queue, state, after, limit).await?,
+        Op::Purge { queue, state } => purge(c, &queue, state).await?,
+        Op::SetPolicy { queue, policy } => set_policy(c, &queue, policy, now).await?,
+        Op::GetQueue { queue } => Outcome::Queue(queue_info(c, queue.as_str(), now).await?),
+        Op::ListQueues => Outcome::Queues(list_queues(c, now).await?),
+        Op::Pause { queue, duration_ms } => {
+            let until = match duration_ms {
+                Some(ms) => db_u64(now.saturating_add(ms.min(limits::DELAY_MS_MAX) * NS_PER_MS)),
+                None => i64::MAX,
+            };
+            c.execute(
+                "INSERT INTO spool_queues (name, paused_until_ns) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET paused_until_ns = EXCLUDED.paused_until_ns",
+                &[&queue.as_str(), &until],
+            )
+            .await?;
+            Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
+        }
+        Op::Resume { queue } => {
+            c.execute(
+                "UPDATE spool_queues SET paused_until_ns = NULL WHERE name = $1",
+                &[&queue.as_str()],
+            )
+            .await?;
+            notify(c, queue.as_str()).await?;
+            Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
+        }
+    };
+    Ok(Done::Outcome(Box::new(outcome)))
+}
+
+/// Wakes parked reserves and job waits on every node, at commit.
+async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
+    c.execute("SELECT pg_notify('spool', $1::text)", &[&queue])
+        .await?;
+    Ok(())
+}
+
+async fn get(c: &mut Conn, id: u64) -> Result<JobView, OpError> {
+    let rows = c
+        .query(
+            concat!(
+                "SELECT ",
+                view_cols!(),
+                " FROM spool_jobs j LEFT JOIN spool_queues q ON q.name = j.queue WHERE j.id = $1"
+            ),
+            &[&db_u64(id)],
+        )
+        .await?;
+    one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))
+}
+
+/// Why a guarded change of job `id` touched no row: the job is gone, or
+/// in `state`.
+async fn state_of_job(c: &mut Conn, id: u64) -> Result<Option<JobState>, OpError> {
+    let row = c
+        .query_opt("SELECT state FROM spool_jobs WHERE id = $1", &[&db_u64(id)])
+        .await?;
+    row.map(|row| state_of(row.get(0))).transpose()
+}
+
+/// The refusal of an operation under `lease` that found no such
+/// reservation.
+async fn lease_refusal(c: &mut Conn, lease: Lease) -> OpError {
+    match state_of_job(c, lease.job).await {
+        Ok(None) => OpError::Broker(BrokerError::NotFound),
+        Ok(Some(JobState::Cancelled)) => {
+            OpError::Broker(BrokerError::Conflict(Conflict::Cancelled))
+        }
+        Ok(Some(_)) => OpError::Broker(BrokerError::Conflict(Conflict::LeaseExpired)),
+        Err(error) => error,
+    }
+}
+
+// ---- enqueue -----------------------------------------------------------
+
+/// A checked enqueue, before the queue's defaults.
+struct Checked {
+    queue: QueueName,
+    job: NewJob,
+    delay_ns: u64,
+}
+
+struct QueueDefaults {
+    max_jobs: Option<u64>,
+    max_attempts: Option<u32>,
+    ttr_ms: Option<u64>,
+}
+
+async fn enqueue(
+    c: &mut Conn,
+    ctx: &Ctx,
+    jobs: Vec<(QueueName, NewJob)>,
+    now: u64,
+) -> Result<Vec<(JobView, bool)>, OpError> {
+    // Everything that needs no row first.
+    let mut checked = Vec::with_capacity(jobs.len());
+    for (queue, job) in jobs {
+        if job.payload.len() > ctx.max_job_size as usize {
+            return refuse(BrokerError::TooLarge {
+                max_bytes: u64::from(ctx.max_job_size),
+            });
+        }
+        check_headers(&job.headers)?;
+        check_backoff(job.backoff.as_ref())?;
+        if let Some(key) = &job.idempotency_key {
+            if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_MAX_BYTES {
+                return refuse(BrokerError::invalid(
+                    "idempotency_key",
+                    format!("1 to {} bytes", limits::IDEMPOTENCY_KEY_MAX_BYTES),
+                ));
+            }
+        }
+        if job.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
+            return refuse(BrokerError::invalid(
+                "ttr_ms",
+                format!("at most {} ms", limits::TTR_MS_MAX),
+            ));
+        }
+        let delay_ns = delay_of(job.run_at, now)?;
+        checked.push(Checked {
+            queue,
+            job,
+            delay_ns,
+        });
+    }
+    let names: Vec<&str> = {
+        let mut names: Vec<&str> = checked.iter().map(|c| c.queue.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    };
+    let mut defaults: HashMap<String, QueueDefaults> = HashMap::new();
+    for row in c
+        .query(
+            "SELECT name, max_jobs, max_attempts, ttr_ms FROM spool_queues WHERE name = ANY($1)",
+            &[&names],
+        )
+        .await?
+    {
+        defaults.insert(
+            row.get(0),
+            QueueDefaults {
+                max_jobs: row.get::<_, Option<i64>>(1).map(from_db),
+                max_attempts: row.get::<_, Option<i32>>(2).map(|n| n.max(0) as u32),
+                ttr_ms: row.get::<_, Option<i64>>(3).map(from_db),
+            },
+        );
+    }
+    // Queues with a bound: their rows are locked so that two nodes cannot
+    // both take the last place.
+    let mut bounded: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| defaults.get(*n).is_some_and(|d| d.max_jobs.is_some()))
+        .collect();
+    bounded.sort_unstable();
+    if !bounded.is_empty() {
+        c.query(
+            "SELECT 1 FROM spool_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+            &[&bounded],
+        )
+        .await?;
+    }
+    // Which enqueues a live key answers, by an existing job or by an
+    // earlier one of this batch.
+    enum Slot {
+        New,
+        Existing(i64),
+        SameAs(usize),
+    }
+    let mut slots = Vec::with_capacity(checked.len());
+    let mut batch_keys: HashMap<(&str, &str), usize> = HashMap::new();
+    for (index, job) in checked.iter().enumerate() {
+        let Some(key) = job.job.idempotency_key.as_deref() else {
+            slots.push(Slot::New);
+            continue;
+        };
+        if let Some(&first) = batch_keys.get(&(job.queue.as_str(), key)) {
+            slots.push(Slot::SameAs(first));
+            continue;
+        }
+        let holder = c
+            .query_opt(
+                "SELECT job_id FROM spool_idempotency \
+                 WHERE queue = $1 AND key = $2 AND expires_ns > $3",
+                &[&job.queue.as_str(), &key, &db_u64(now)],
+            )
+            .await?;
+        match holder {
+            Some(row) => slots.push(Slot::Existing(row.get(0))),
+            None => {
+                batch_keys.insert((job.queue.as_str(), key), index);
+                slots.push(Slot::New);
+            }
+        }
+    }
+    let mut added: HashMap<&str, u64> = HashMap::new();
+    for (job, slot) in checked.iter().zip(&slots) {
+        if matches!(slot, Slot::New) {
+            *added.entry(job.queue.as_str()).or_default() += 1;
+        }
+    }
+    for queue in &bounded {
+        let Some(max_jobs) = defaults.get(*queue).and_then(|d| d.max_jobs) else {
+            continue;
+        };
+        let live: i64 = c
+            .query_opt(
+                "SELECT count(*) FROM spool_jobs WHERE queue = $1 \
+                 AND state IN ('ready', 'reserved', 'delayed', 'buried')",
+                &[queue],
+            )
+            .await?
+            .map_or(0, |row| row.get(0));
+        if from_db(live) + added.get(queue).copied().unwrap_or(0) > max_jobs {
+            return refuse(BrokerError::QueueFull { max_jobs });
+        }
+    }
+    let mut made: Vec<(JobView, bool)> = Vec::with_capacity(checked.len());
+    let mut ready_queues: HashSet<&str> = HashSet::new();
+    for (index, (job, slot)) in checked.iter().zip(&slots).enumerate() {
+        let view = match *slot {
+            Slot::Existing(id) => (get(c, from_db(id)).await?, true),
+            Slot::SameAs(first) => (made[first].0.clone(), true),
+            Slot::New => {
+                let defaults = defaults.get(job.queue.as_str());
+                let new = &job.job;
+                let ttr_ms = new
+                    .ttr_ms
+                    .or(defaults.and_then(|d| d.ttr_ms))
+                    .unwrap_or(limits::TTR_MS_DEFAULT)
+                    // beanstalkd's least TTR, for jobs of both front doors.
+                    .max(spool_proto::limits::MIN_TTR_NS / NS_PER_MS);
+                let max_attempts = new
+                    .max_attempts
+                    .or(defaults.and_then(|d| d.max_attempts))
+                    .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+                let (state, run_at) = if job.delay_ns > 0 {
+                    ("delayed", Some(db_u64(now.saturating_add(job.delay_ns))))
+                } else {
+                    ready_queues.insert(job.queue.as_str());
+                    ("ready", None)
+                };
+                let (names, values): (Vec<&str>, Vec<&str>) = new
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .unzip();
+                let (names, values) = if names.is_empty() {
+                    (None, None)
+                } else {
+                    (Some(names), Some(values))
+                };
+                let backoff = new.backoff;
+                let rows = c
+                    .query(
+                        concat!(
+                            "WITH j AS (INSERT INTO spool_jobs (id, queue, state, priority, \
+                             payload, header_names, header_values, max_attempts, \
+                             backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                             backoff_jitter, ttr_ms, run_at_ns, created_ns, updated_ns, \
+                             idempotency_key, version) VALUES (nextval('spool_job_ids'), \
+                             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
+                             $15, 1) RETURNING *)",
+                            select_views!()
+                        ),
+                        &[
+                            &job.queue.as_str(),
+                            &state,
+                            &i64::from(new.priority.unwrap_or(limits::PRIORITY_DEFAULT)),
+                            &&new.payload[..],
+                            &names,
+                            &values,
+                            &(max_attempts.min(i32::MAX as u32) as i32),
+                            &backoff.map(|b| db_u64(b.initial_ms)),
+                            &backoff.map(|b| db_u64(b.max_ms)),
+                            &backoff.map(|b| b.multiplier),
+                            &backoff.map(|b| b.jitter),
+                            &db_u64(ttr_ms),
+                            &run_at,
+                            &db_u64(now),
+                            &new.idempotency_key.as_deref(),
+                        ],
+                    )
+                    .await?;
+                let view = one_view(&rows)?.ok_or_else(|| {
+                    OpError::Broker(BrokerError::Internal("an insert returned no row".into()))
+                })?;
+                if let Some(key) = new.idempotency_key.as_deref() {
+                    let ttl_ms = new
+                        .idempotency_ttl_ms
+                        .unwrap_or(limits::IDEMPOTENCY_TTL_MS_DEFAULT);
+                    let expires = db_u64(now.saturating_add(ttl_ms.saturating_mul(NS_PER_MS)));
+                    let claimed = c
+                        .execute(
+                            "INSERT INTO spool_idempotency (queue, key, job_id, expires_ns) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (queue, key) DO UPDATE \
+                             SET job_id = EXCLUDED.job_id, expires_ns = EXCLUDED.expires_ns \
+                             WHERE spool_idempotency.expires_ns <= $5",
+                            &[
+                                &job.queue.as_str(),
+                                &key,
+                                &db_u64(view.id),
+                                &expires,
+                                &db_u64(now),
+                            ],
+                        )
+                        .await?;
+                    if claimed == 0 {
+                        // Another node committed the key since we looked:
+                        // run again, and find its job.
+                        return Err(OpError::Db(DbError::Retry));
+                    }
+                }
+                debug_assert!(index == made.len());
+                (view, false)
+            }
+        };
+        made.push(view);
+    }
+    for queue in ready_queues {
+        notify(c, queue).await?;
+    }
+    Ok(made)
+}
+
+// ---- leases ------------------------------------------------------------
+
+/// A queue's dispatch state, read in the reserve.
+struct Dispatch {
+    name: String,
+    concurrency: Option<u32>,
+    rate: Option<Rate>,
+    tat_ns: u64,
+}
+
+async fn reserve(
+    c: &mut Conn,
+    ctx: &Ctx,
+    queues: &[QueueName],
+    batch: u32,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<Vec<Leased>, OpError> {
+    if batch == 0 || batch > limits::RESERVE_BATCH_MAX {
+        return refuse(BrokerError::invalid(
+            "batch",
+            format!("1 to {}", limits::RESERVE_BATCH_MAX),
+        ));
+    }
+    if queues.is_empty() {
+        return refuse(BrokerError::invalid("queues", "name at least one queue"));
+    }
+    // Timers first, so that due jobs and expired leases count now.
+    promote_due(c, now).await?;
+    expire_leases(c, now).await?;
+    let mut names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut open: Vec<&str> = names.clone();
+    let mut limited: Vec<Dispatch> = Vec::new();
+    let settings = c
+        .query(
+            "SELECT name, paused_until_ns, concurrency, rate_per_s FROM spool_queues \
+             WHERE name = ANY($1) \
+             AND (paused_until_ns IS NOT NULL OR concurrency IS NOT NULL OR rate_per_s IS NOT NULL)",
+            &[&names],
+        )
+        .await?;
+    let mut lock: Vec<String> = Vec::new();
+    for row in &settings {
+        let name: String = row.get(0);
+        let paused_until: Option<i64> = row.get(1);
+        if let Some(until) = paused_until.map(from_db) {
+            if until > now {
+                if until != i64::MAX as u64 {
+                    fx.wake_at(until);
+                }
+                open.retain(|n| *n != name);
+                continue;
+            }
+        }
+        let concurrency: Option<i32> = row.get(2);
+        let rate: Option<f64> = row.get(3);
+        if concurrency.is_some() || rate.is_some() {
+            open.retain(|n| *n != name);
+            lock.push(name);
+        }
+    }
+    if !lock.is_empty() {
+        // The limits are global: the queue's row is locked for the
+        // transaction, so nodes take slots and tokens one at a time.
+        for row in c
+            .query(
+                "SELECT name, concurrency, rate_per_s, rate_tat_ns FROM spool_queues \
+                 WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+                &[&lock],
+            )
+            .await?
+        {
+            limited.push(Dispatch {
+                name: row.get(0),
+                concurrency: row.get::<_, Option<i32>>(1).map(|n| n.max(0) as u32),
+                rate: row.get::<_, Option<f64>>(2).map(Rate::of),
+                tat_ns: from_db(row.get(3)),
+            });
+        }
+    }
+    // Candidates: (priority, id, queue index in `limited` or none). One
+    // query per queue, so that each is an ordered scan of the queue's part
+    // of the ready index that stops at the limit (`queue = ANY(…)` would
+    // sort every ready job of the queues).
+    let mut candidates: Vec<(i64, i64, Option<usize>)> = Vec::new();
+    for queue in &open {
+        for row in c
+            .query(
+                "SELECT priority, id FROM spool_jobs WHERE queue = $1 AND state = 'ready' \
+                 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[queue, &i64::from(batch)],
+            )
+            .await?
+        {
+            candidates.push((row.get(0), row.get(1), None));
+        }
+    }
+    for (index, queue) in limited.iter().enumerate() {
+        let mut allowed = u64::from(batch);
+        if let Some(concurrency) = queue.concurrency {
+            let reserved: i64 = c
+                .query_opt(
+                    "SELECT count(*) FROM spool_jobs WHERE queue = $1 AND state = 'reserved'",
+                    &[&queue.name],
+                )
+                .await?
+                .map_or(0, |row| row.get(0));
+            allowed = allowed.min(u64::from(concurrency).saturating_sub(from_db(reserved)));
+        }
+        if let Some(rate) = queue.rate {
+            let mut tat = queue.tat_ns;
+            let mut tokens = 0;
+            while tokens < allowed && rate.may_take(tat, now) {
+                tat = rate.take(tat, now);
+                tokens += 1;
+            }
+            allowed = tokens;
+        }
+        if allowed == 0 {
+            continue;
+        }
+        for row in c
+            .query(
+                "SELECT priority, id FROM spool_jobs WHERE queue = $1 AND state = 'ready' \
+                 ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&queue.name, &db_u64(allowed)],
+            )
+            .await?
+        {
+            candidates.push((row.get(0), row.get(1), Some(index)));
+        }
+    }
+    candidates.sort_unstable();
+    candidates.truncate(batch as usize);
+    let mut taken = vec![0u64; limited.len()];
+    for &(_, _, queue) in &candidates {
+        if let Some(index) = queue {
+            taken[index] += 1;
+        }
+    }
+    for (queue, taken) in limited.iter().zip(taken) {
+        let Some(rate) = queue.rate else { continue };
+        let mut tat = queue.tat_ns;
+        for _ in 0..taken {
+            tat = rate.take(tat, now);
+        }
+        if taken > 0 {
+            c.execute(
+                "UPDATE spool_queues SET rate_tat_ns = $2 WHERE name = $1",
+                &[&queue.name, &db_u64(tat)],
+            )
+            .await?;
+        }
+        if !rate.may_take(tat, now) {
+            fx.wake_at(tat - rate.tau_ns);
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = candidates.iter().map(|&(_, id, _)| id).collect();
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = 'reserved', \
+                 lease_token = nextval('spool_lease_tokens'), \
+                 deadline_ns = $2 + ttr_ms * 1000000, lease_owner = $3, \
+                 reserves = reserves + 1 WHERE id = ANY($1) RETURNING *)",
+                select_views!(),
+                " ORDER BY j.priority, j.id"
+            ),
+            &[&ids, &db_u64(now), &ctx.node_id],
+        )
+        .await?;
+    rows.iter().map(leased).collect()
+}
+
+async fn heartbeat(c: &mut Conn, lease: Lease, now: u64) -> Result<Outcome, OpError> {
+    let row = c
+        .query_opt(
+            "UPDATE spool_jobs SET deadline_ns = $3 + ttr_ms * 1000000 \
+             WHERE id = $1 AND lease_token = $2 AND state = 'reserved' AND deadline_ns >= $3 \
+             RETURNING deadline_ns",
+            &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(Outcome::Deadline(ms(row.get(0)))),
+        None => Err(lease_refusal(c, lease).await),
+    }
+}
+
+async fn complete(
+    c: &mut Conn,
+    ctx: &Ctx,
+    lease: Lease,
+    result: Option<Bytes>,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    if result
+        .as_ref()
+        .is_some_and(|r| r.len() > ctx.max_job_size as usize)
+    {
+        return refuse(BrokerError::TooLarge {
+            max_bytes: u64::from(ctx.max_job_size),
+        });
+    }
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = 'completed', result = $4, \
+                 finished_ns = $3, updated_ns = $3, version = version + 1, \
+                 purge_at_ns = $3 + coalesce((SELECT retention_ms FROM spool_queues \
+                 WHERE name = spool_jobs.queue), $5) * 1000000, \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 WHERE id = $1 AND lease_token = $2 AND state = 'reserved' AND deadline_ns >= $3 \
+                 RETURNING *)",
+                select_views!()
+            ),
+            &[
+                &db_u64(lease.job),
+                &db_u64(lease.token),
+                &db_u64(now),
+                &result.as_deref(),
+                &db_u64(limits::RETENTION_MS_DEFAULT),
+            ],
+        )
+        .await?;
+    match one_view(&rows)? {
+        Some(job) => {
+            notify(c, &job.queue).await?;
+            Ok(Outcome::Job(job))
+        }
+        None => Err(lease_refusal(c, lease).await),
+    }
+}
+
+/// Where a failed attempt leaves a job: delayed by its backoff (or
+/// `retry_in_ms`) while attempts remain, else buried.
+fn after_failure(
+    id: u64,
+    attempts: u32,
+    max_attempts: u32,
+    backoff: Backoff,
+    retry_in_ms: Option<u64>,
+    permanent: bool,
+    now: u64,
+) -> (&'static str, Option<i64>) {
+    if permanent || (max_attempts > 0 && attempts >= max_attempts) {
+        return ("buried", None);
+    }
+    let delay_ms = retry_in_ms.unwrap_or_else(|| backoff.delay_ms(attempts, jitter_unit(id, now)));
+    if delay_ms == 0 {
+        ("ready", None)
+    } else {
+        let at = now.saturating_add(delay_ms.saturating_mul(NS_PER_MS));
+        ("delayed", Some(db_u64(at)))
+    }
+}
+
+async fn fail(
+    c: &mut Conn,
+    lease: Lease,
+    error: String,
+    retry_in_ms: Option<u64>,
+    permanent: bool,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    let row = c
+        .query_opt(
+            "SELECT j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
+             j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
+             q.backoff_multiplier, q.backoff_jitter FROM spool_jobs j \
+             LEFT JOIN spool_queues q ON q.name = j.queue \
+             WHERE j.id = $1 AND j.lease_token = $2 AND j.state = 'reserved' \
+             AND j.deadline_ns >= $3 FOR UPDATE OF j",
+            &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(lease_refusal(c, lease).await);
+    };
+    if retry_in_ms.is_some_and(|ms| ms > limits::DELAY_MS_MAX) {
+        return refuse(BrokerError::invalid(
+            "retry_in_ms",
+            format!("at most {} ms", limits::DELAY_MS_MAX),
+        ));
+    }
+    let attempts = (row.get::<_, i32>(0).max(0) as u32).saturating_add(1);
+    let max_attempts = row.get::<_, i32>(1).max(0) as u32;
+    let backoff = backoff_at(&row, 2)
+        .or_else(|| backoff_at(&row, 6))
+        .unwrap_or_default();
+    let (state, run_at) = after_failure(
+        lease.job,
+        attempts,
+        max_attempts,
+        backoff,
+        retry_in_ms,
+        permanent,
+        now,
+    );
+    let error = truncated(error, limits::ERROR_MAX_BYTES);
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = $2, attempts = $3, last_error = $4, \
+                 run_at_ns = $5, updated_ns = $6, version = version + 1, \
+                 buries = buries + (CASE WHEN $2 = 'buried' THEN 1 ELSE 0 END), \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 WHERE id = $1 RETURNING *)",
+                select_views!()
+            ),
+            &[
+                &db_u64(lease.job),
+                &state,
+                &(attempts.min(i32::MAX as u32) as i32),
+                &error,
+                &run_at,
+                &db_u64(now),
+            ],
+        )
+        .await?;
+    let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
+    notify(c, &job.queue).await?;
+    Ok(Outcome::Job(job))
+}
+
+async fn release(
+    c: &mut Conn,
+    lease: Lease,
+    delay_ms: u64,
+    priority: Option<u32>,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    let delay_ns = delay_of(RunAt::DelayMs(delay_ms), now)?;
+    let (state, run_at) = if delay_ns > 0 {
+        ("delayed", Some(db_u64(now.saturating_add(delay_ns))))
+    } else {
+        ("ready", None)
+    };
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = $4, run_at_ns = $5, \
+                 priority = coalesce($6, priority), releases = releases + 1, \
+                 updated_ns = $3, version = version + 1, \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 WHERE id = $1 AND lease_token = $2 AND state = 'reserved' AND deadline_ns >= $3 \
+                 RETURNING *)",
+                select_views!()
+            ),
+            &[
+                &db_u64(lease.job),
+                &db_u64(lease.token),
+                &db_u64(now),
+                &state,
+                &run_at,
+                &priority.map(i64::from),
+            ],
+        )
+        .await?;
+    match one_view(&rows)? {
+        Some(job) => {
+            notify(c, &job.queue).await?;
+            Ok(Outcome::Job(job))
+        }
+        None => Err(lease_refusal(c, lease).await),
+    }
+}
+
+async fn bury(
+    c: &mut Conn,
+    id: u64,
+    lease: Option<Lease>,
+    reason: Option<String>,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    let reason = reason.map(|r| truncated(r, limits::ERROR_MAX_BYTES));
+    let rows = match lease {
+        Some(lease) if lease.job != id => {
+            return refuse(BrokerError::Conflict(Conflict::LeaseExpired))
+        }
+        Some(lease) => {
+            c.query(
+                concat!(
+                    "WITH j AS (UPDATE spool_jobs SET state = 'buried', \
+                     last_error = coalesce($4, last_error), buries = buries + 1, \
+                     updated_ns = $3, version = version + 1, run_at_ns = NULL, \
+                     lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                     WHERE id = $1 AND lease_token = $2 AND state = 'reserved' \
+                     AND deadline_ns >= $3 RETURNING *)",
+                    select_views!()
+                ),
+                &[
+                    &db_u64(id),
+                    &db_u64(lease.token),
+                    &db_u64(now),
+                    &reason.as_deref(),
+                ],
+            )
+            .await?
+        }
+        None => {
+            c.query(
+                concat!(
+                    "WITH j AS (UPDATE spool_jobs SET state = 'buried', \
+                     last_error = coalesce($3, last_error), buries = buries + 1, \
+                     updated_ns = $2, version = version + 1, run_at_ns = NULL \
+                     WHERE id = $1 AND state IN ('ready', 'delayed') RETURNING *)",
+                    select_views!()
+                ),
+                &[&db_u64(id), &db_u64(now), &reason.as_deref()],
+            )
+            .await?
+        }
+    };
+    match (one_view(&rows)?, lease) {
+        (Some(job), _) => {
+            notify(c, &job.queue).await?;
+            Ok(Outcome::Job(job))
+        }
+        (None, Some(lease)) => Err(lease_refusal(c, lease).await),
+        (None, None) => match state_of_job(c, id).await? {
+            None => refuse(BrokerError::NotFound),
+            Some(state) => Err(wrong_state(state)),
+        },
+    }
+}
+
+async fn kick(c: &mut Conn, id: u64, now: u64) -> Result<Outcome, OpError> {
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = 'ready', run_at_ns = NULL, \
+                 kicks = kicks + 1, updated_ns = $2, version = version + 1 \
+                 WHERE id = $1 AND state IN ('buried', 'delayed') RETURNING *)",
+                select_views!()
+            ),
+            &[&db_u64(id), &db_u64(now)],
+        )
+        .await?;
+    match one_view(&rows)? {
+        Some(job) => {
+            notify(c, &job.queue).await?;
+            Ok(Outcome::Job(job))
+        }
+        None => match state_of_job(c, id).await? {
+            None => refuse(BrokerError::NotFound),
+            Some(state) => Err(wrong_state(state)),
+        },
+    }
+}
+
+/// Locks job `id` and checks it is live and at `expected` (if given).
+async fn lock_live(
+    c: &mut Conn,
+    id: u64,
+    expected: Option<u64>,
+    refuse_reserved: bool,
+) -> Result<JobState, OpError> {
+    let row = c
+        .query_opt(
+            "SELECT state, version FROM spool_jobs WHERE id = $1 FOR UPDATE",
+            &[&db_u64(id)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return refuse(BrokerError::NotFound);
+    };
+    let state = state_of(row.get(0))?;
+    if state.is_final() || (refuse_reserved && state == JobState::Reserved) {
+        return Err(wrong_state(state));
+    }
+    let current = from_db(row.get(1));
+    match expected {
+        Some(expected) if expected != current => refuse(BrokerError::VersionMismatch { current }),
+        _ => Ok(state),
+    }
+}
+
+async fn cancel(
+    c: &mut Conn,
+    id: u64,
+    expected_version: Option<u64>,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    lock_live(c, id, expected_version, false).await?;
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = 'cancelled', cancel_requested = true, \
+                 finished_ns = $2, updated_ns = $2, version = version + 1, run_at_ns = NULL, \
+                 purge_at_ns = $2 + coalesce((SELECT retention_ms FROM spool_queues \
+                 WHERE name = spool_jobs.queue), $3) * 1000000, \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 WHERE id = $1 RETURNING *)",
+                select_views!()
+            ),
+            &[
+                &db_u64(id),
+                &db_u64(now),
+                &db_u64(limits::RETENTION_MS_DEFAULT),
+            ],
+        )
+        .await?;
+    let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
+    notify(c, &job.queue).await?;
+    Ok(Outcome::Job(job))
+}
+
+async fn update(
+    c: &mut Conn,
+    ctx: &Ctx,
+    id: u64,
+    expected_version: Option<u64>,
+    change: JobChange,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    let state = lock_live(c, id, expected_version, true).await?;
+    if change
+        .payload
+        .as_ref()
+        .is_some_and(|p| p.len() > ctx.max_job_size as usize)
+    {
+        return refuse(BrokerError::TooLarge {
+            max_bytes: u64::from(ctx.max_job_size),
+        });
+    }
+    if let Some(headers) = &change.headers {
+        check_headers(headers)?;
+    }
+    let delay_ns = change.run_at.map(|r| delay_of(r, now)).transpose()?;
+    // A new run-at moves the job to ready or delayed; else it stays where
+    // it is (a delayed one keeps its due time).
+    let (new_state, run_at) = match (delay_ns, state) {
+        (Some(0), _) => ("ready", None),
+        (Some(delay), _) => ("delayed", Some(db_u64(now.saturating_add(delay)))),
+        (None, JobState::Delayed) => ("delayed", None),
+        (None, JobState::Buried) => ("buried", None),
+        (None, _) => ("ready", None),
+    };
+    let (names, values): (Option<Vec<&str>>, Option<Vec<&str>>) = match &change.headers {
+        Some(headers) => {
+            let (n, v) = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .unzip();
+            (Some(n), Some(v))
+        }
+        None => (None, None),
+    };
+    let rows = c
+        .query(
+            concat!(
+                "WITH j AS (UPDATE spool_jobs SET state = $2, \
+                 run_at_ns = CASE WHEN $2 = 'delayed' THEN coalesce($3, run_at_ns) END, \
+                 priority = coalesce($4, priority), max_attempts = coalesce($5, max_attempts), \
+                 payload = coalesce($6, payload), \
+                 header_names = CASE WHEN $7 THEN $8 ELSE header_names END, \
+                 header_values = CASE WHEN $7 THEN $9 ELSE header_values END, \
+                 updated_ns = $10, version = version + 1 WHERE id = $1 RETURNING *)",
+                select_views!()
+            ),
+            &[
+                &db_u64(id),
+                &new_state,
+                &run_at,
+                &change.priority.map(i64::from),
+                &change.max_attempts.map(|n| n.min(i32::MAX as u32) as i32),
+                &change.payload.as_deref(),
+                &change.headers.is_some(),
+                &names,
+                &values,
+                &db_u64(now),
+            ],
+        )
+        .await?;
+    let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
+    if job.state == JobState::Ready {
+        notify(c, &job.queue).await?;
+    }
+    Ok(Outcome::Job(job))
+}
+
+async fn delete(c: &mut Conn, id: u64, expected_version: Option<u64>) -> Result<Outcome, OpError> {
+    let row = c
+        .query_opt(
+            "SELECT state, version FROM spool_jobs WHERE id = $1 FOR UPDATE",
+            &[&db_u64(id)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return refuse(BrokerError::NotFound);
+    };
+    let state = state_of(row.get(0))?;
+    if state == JobState::Reserved {
+        return Err(wrong_state(state));
+    }
+    let current = from_db(row.get(1));
+    if expected_version.is_some_and(|v| v != current) {
+        return refuse(BrokerError::VersionMismatch { current });
+    }
+    c.execute("DELETE FROM spool_jobs WHERE id = $1", &[&db_u64(id)])
+        .await?;
+    Ok(Outcome::Done)
+}
+
+// ---- queues ------------------------------------------------------------
+
+async fn list(
+    c: &mut Conn,
+    queue: &QueueName,
+    state: JobState,
+    after: Option<u64>,
+    limit: u32,
+) -> Result<Outcome, OpError> {
+    if limit == 0 || limit > limits::LIST_LIMIT_MAX {
+        return refuse(BrokerError::invalid(
+            "limit",
+            format!("1 to {}", limits::LIST_LIMIT_MAX),
+        ));
+    }
+    let rows = c
+        .query(
+            concat!(
+                "SELECT ",
+                view_cols!(),
+                " FROM spool_jobs j LEFT JOIN spool_queues q ON q.name = j.queue \
+                 WHERE j.queue = $1 AND j.state = $2 AND j.id > $3 ORDER BY j.id LIMIT $4"
+            ),
+            &[
+                &queue.as_str(),
+                &state.as_str(),
+                &db_u64(after.unwrap_or(0)),
+                &(i64::from(limit) + 1),
+            ],
+        )
+        .await?;
+    let mut jobs = views(&rows)?;
+    let more = jobs.len() > limit as usize;
+    jobs.truncate(limit as usize);
+    let next = more.then(|| jobs.last().map(|j| j.id)).flatten();
+    Ok(Outcome::Page(JobPage { jobs, next }))
+}
+
+async fn purge(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outcome, OpError> {
+    if state == JobState::Reserved {
+        return refuse(BrokerError::invalid(
+            "state",
+            "reserved jobs are not purged: cancel them",
+        ));
+    }
+    let row = c
+        .query_opt(
+            "WITH d AS (DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
+             WHERE queue = $1 AND state = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING 1) SELECT count(*) FROM d",
+            &[
+                &queue.as_str(),
+                &state.as_str(),
+                &(limits::PURGE_JOBS_MAX as i64),
+            ],
+        )
+        .await?;
+    Ok(Outcome::Purged(row.map_or(0, |r| from_db(r.get(0)))))
+}
+
+async fn set_policy(
+    c: &mut Conn,
+    queue: &QueueName,
+    policy: QueuePolicy,
+    now: u64,
+) -> Result<Outcome, OpError> {
+    check_policy(&policy)?;
+    let backoff = policy.backoff;
+    c.execute(
+        "INSERT INTO spool_queues (name, max_jobs, max_attempts, backoff_initial_ms, \
+         backoff_max_ms, backoff_multiplier, backoff_jitter, ttr_ms, retention_ms, \
+         retention_max_jobs, concurrency, rate_per_s) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (name) DO UPDATE SET max_jobs = EXCLUDED.max_jobs, \
+         max_attempts = EXCLUDED.max_attempts, backoff_initial_ms = EXCLUDED.backoff_initial_ms, \
+         backoff_max_ms = EXCLUDED.backoff_max_ms, \
+         backoff_multiplier = EXCLUDED.backoff_multiplier, \
+         backoff_jitter = EXCLUDED.backoff_jitter, ttr_ms = EXCLUDED.ttr_ms, \
+         retention_ms = EXCLUDED.retention_ms, retention_max_jobs = EXCLUDED.retention_max_jobs, \
+         concurrency = EXCLUDED.concurrency, rate_per_s = EXCLUDED.rate_per_s",
+        &[
+            &queue.as_str(),
+            &policy.max_jobs.map(db_u64),
+            &policy.max_attempts.map(|n| n.min(i32::MAX as u32) as i32),
+            &backoff.map(|b| db_u64(b.initial_ms)),
+            &backoff.map(|b| db_u64(b.max_ms)),
+            &backoff.map(|b| b.multiplier),
+            &backoff.map(|b| b.jitter),
+            &policy.ttr_ms.map(db_u64),
+            &policy.retention_ms.map(db_u64),
+            &policy.retention_max_jobs.map(db_u64),
+            &policy.concurrency.map(|n| n.min(i32::MAX as u32) as i32),
+            &policy.rate_per_s,
+        ],
+    )
+    .await?;
+    // The new retention applies to the final jobs kept now.
+    c.execute(
+        "UPDATE spool_jobs SET purge_at_ns = finished_ns + $2::bigint * 1000000 \
+         WHERE queue = $1 AND state IN ('completed', 'cancelled')",
+        &[
+            &queue.as_str(),
+            &db_u64(policy.retention_ms.unwrap_or(limits::RETENTION_MS_DEFAULT)),
+        ],
+    )
+    .await?;
+    // Lifted or loosened limits may open the queue.
+    notify(c, queue.as_str()).await?;
+    Ok(Outcome::Queue(queue_info(c, queue.as_str(), now).await?))
+}
+
+fn policy_of(row: &Row) -> (QueuePolicy, Option<u64>) {
+    let policy = QueuePolicy {
+        max_jobs: row.get::<_, Option<i64>>(1).map(from_db),
+        max_attempts: row.get::<_, Option<i32>>(2).map(|n| n.max(0) as u32),
+        backoff: backoff_at(row, 3),
+        ttr_ms: row.get::<_, Option<i64>>(7).map(from_db),
+        retention_ms: row.get::<_, Option<i64>>(8).map(from_db),
+        retention_max_jobs: row.get::<_, Option<i64>>(9).map(from_db),
+        concurrency: row.get::<_, Option<i32>>(10).map(|n| n.max(0) as u32),
+        rate_per_s: row.get(11),
+    };
+    (policy, row.get::<_, Option<i64>>(12).map(from_db))
+}
+
+fn count_into(info: &mut QueueInfo, state: &str, count: i64) {
+    let count = from_db(count);
+    match JobState::parse(state) {
+        Some(JobState::Ready) => info.ready = count,
+        Some(JobState::Reserved) => info.reserved = count,
+        Some(JobState::Delayed) => info.delayed = count,
+        Some(JobState::Buried) => info.buried = count,
+        Some(JobState::Completed) => info.completed = count,
+        Some(JobState::Cancelled) => info.cancelled = count,
+        None => {}
+    }
+}
+
+fn set_settings(info: &mut QueueInfo, row: &Row, now: u64) {
+    let (policy, paused_until) = policy_of(row);
+    info.policy = policy;
+    info.paused_until_ms = paused_until.filter(|&until| until > now).map(|until| {
+        if until == i64::MAX as u64 {
+            u64::MAX
+        } else {
+            until / NS_PER_MS
+        }
+    });
+}
+
+async fn queue_info(c: &mut Conn, queue: &str, now: u64) -> Result<QueueInfo, OpError> {
+    let mut info = QueueInfo {
+        name: queue.to_string(),
+        ..QueueInfo::default()
+    };
+    for row in c
+        .query(
+            "SELECT state, count(*) FROM spool_jobs WHERE queue = $1 GROUP BY state",
+            &[&queue],
+        )
+        .await?
+    {
+        count_into(&mut info, row.get(0), row.get(1));
+    }
+    if let Some(row) = c
+        .query_opt(
+            "SELECT name, max_jobs, max_attempts, backoff_initial_ms, backoff_max_ms, \
+             backoff_multiplier, backoff_jitter, ttr_ms, retention_ms, retention_max_jobs, \
+             concurrency, rate_per_s, paused_until_ns FROM spool_queues WHERE name = $1",
+            &[&queue],
+        )
+        .await?
+    {
+        set_settings(&mut info, &row, now);
+    }
+    Ok(info)
+}
+
+async fn list_queues(c: &mut Conn, now: u64) -> Result<Vec<QueueInfo>, OpError> {
+    let mut infos: BTreeMap<String, QueueInfo> = BTreeMap::new();
+    for row in c
+        .query(
+            "SELECT queue, state, count(*) FROM spool_jobs GROUP BY queue, state",
+            &[],
+        )
+        .await?
+    {
+        let name: String = row.get(0);
+        let info = infos.entry(name.clone()).or_insert_with(|| QueueInfo {
+            name,
+            ..QueueInfo::default()
+        });
+        count_into(info, row.get(1), row.get(2));
+    }
+    for row in c
+        .query(
+            "SELECT name, max_jobs, max_attempts, backoff_initial_ms, backoff_max_ms, \
+             backoff_multiplier, backoff_jitter, ttr_ms, retention_ms, retention_max_jobs, \
+             concurrency, rate_per_s, paused_until_ns FROM spool_queues",
+            &[],
+        )
+        .await?
+    {
+        let name: String = row.get(0);
+        let info = infos.entry(name.clone()).or_insert_with(|| QueueInfo {
+            name,
+            ..QueueInfo::default()
+        });
+        set_settings(info, &row, now);
+    }
+    Ok(infos.into_values().collect())
+}
+
+async fn counts(c: &mut Conn, now: u64) -> Result<Vec<QueueCounts>, OpError> {
+    let mut queues: BTreeMap<String, QueueCounts> = BTreeMap::new();
+    for row in c
+        .query(
+            "SELECT queue, state, count(*), count(*) FILTER (WHERE priority < $1) \
+             FROM spool_jobs WHERE state IN ('ready', 'reserved', 'delayed', 'buried') \
+             GROUP BY queue, state",
+            &[&i64::from(spool_proto::limits::URGENT_PRIORITY_THRESHOLD)],
+        )
+        .await?
+    {
+        let name: String = row.get(0);
+        let entry = queues.entry(name.clone()).or_insert_with(|| QueueCounts {
+            name,
+            ..QueueCounts::default()
+        });
+        let count = from_db(row.get(2));
+        match row.get::<_, &str>(1) {
+            "ready" => {
+                entry.ready = count;
+                entry.urgent = from_db(row.get(3));
+            }
+            "reserved" => entry.reserved = count,
+            "delayed" => entry.delayed = count,
+            _ => entry.buried = count,
+        }
+    }
+    for row in c
+        .query(
+            "SELECT name FROM spool_queues WHERE paused_until_ns > $1",
+            &[&db_u64(now)],
+        )
+        .await?
+    {
+        if let Some(entry) = queues.get_mut(row.get::<_, &str>(0)) {
+            entry.paused = true;
+        }
+    }
+    Ok(queues.into_values().collect())
+}
+
+// ---- timers ------------------------------------------------------------
+
+/// Delayed jobs whose time has come become ready: a change (the version
+/// moves), dated at the due time as the engine dates it.
+async fn promote_due(c: &mut Conn, now: u64) -> Result<(), OpError> {
+    let rows = c
+        .query(
+            "WITH j AS (UPDATE spool_jobs SET state = 'ready', version = version + 1, \
+             updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id FROM spool_jobs \
+             WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
+             FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j",
+            &[&db_u64(now), &TIMER_BATCH_ROWS],
+        )
+        .await?;
+    for row in rows {
+        notify(c, row.get(0)).await?;
+    }
+    Ok(())
+}
+
+/// Leases past their deadline end: a failed attempt for a job with an
+/// attempt limit (retried after its backoff, or buried), back to ready at
+/// once for one without (beanstalkd's semantics). Any node runs this.
+async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
+    let rows = c
+        .query(
+            "SELECT j.id, j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
+             j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
+             q.backoff_multiplier, q.backoff_jitter, j.queue FROM spool_jobs j \
+             LEFT JOIN spool_queues q ON q.name = j.queue \
+             WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
+             ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
+            &[&db_u64(now), &TIMER_BATCH_ROWS],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut states = Vec::with_capacity(rows.len());
+    let mut attempts_after = Vec::with_capacity(rows.len());
+    let mut run_ats: Vec<Option<i64>> = Vec::with_capacity(rows.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(rows.len());
+    let mut queues: HashSet<String> = HashSet::new();
+    for row in &rows {
+        let id = from_db(row.get(0));
+        let attempts = (row.get::<_, i32>(1).max(0) as u32).saturating_add(1);
+        let max_attempts = row.get::<_, i32>(2).max(0) as u32;
+        let (state, run_at, error) = if max_attempts > 0 {
+            let backoff = backoff_at(row, 3)
+                .or_else(|| backoff_at(row, 7))
+                .unwrap_or_default();
+            let (state, run_at) =
+                after_failure(id, attempts, max_attempts, backoff, None, false, now);
+            (state, run_at, Some(LEASE_EXPIRED_ERROR))
+        } else {
+            ("ready", None, None)
+        };
+        if state == "ready" {
+            queues.insert(row.get(11));
+        }
+        ids.push(db_u64(id));
+        states.push(state);
+        attempts_after.push(attempts.min(i32::MAX as u32) as i32);
+        run_ats.push(run_at);
+        errors.push(error);
+    }
+    c.execute(
+        "UPDATE spool_jobs j SET state = u.state, attempts = u.attempts, run_at_ns = u.run_at, \
+         last_error = coalesce(u.error, j.last_error), timeouts = j.timeouts + 1, \
+         buries = j.buries + (CASE WHEN u.state = 'buried' THEN 1 ELSE 0 END), \
+         version = j.version + 1, updated_ns = $6, \
+         lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+         FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::bigint[], $5::text[]) \
+         AS u(id, state, attempts, run_at, error) WHERE j.id = u.id",
+        &[
+            &ids,
+            &states,
+            &attempts_after,
+            &run_ats,
+            &errors,
+            &db_u64(now),
+        ],
+    )
+    .await?;
+    for queue in queues {
+        notify(c, &queue).await?;
+    }
+    Ok(())
+}
+
+/// Due jobs, expired leases, final jobs past their queue's retention (age
+/// and count), expired idempotency keys: each bounded per pass.
+async fn timers(c: &mut Conn, now: u64) -> Result<(), OpError> {
+    promote_due(c, now).await?;
+    expire_leases(c, now).await?;
+    c.execute(
+        "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
+         WHERE state IN ('completed', 'cancelled') AND purge_at_ns <= $1 \
+         LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        &[&db_u64(now), &TIMER_BATCH_ROWS],
+    )
+    .await?;
+    let over = c
+        .query(
+            "SELECT j.queue, count(*) - coalesce(max(q.retention_max_jobs), $1) \
+             FROM spool_jobs j LEFT JOIN spool_queues q ON q.name = j.queue \
+             WHERE j.state IN ('completed', 'cancelled') GROUP BY j.queue \
+             HAVING count(*) > coalesce(max(q.retention_max_jobs), $1)",
+            &[&db_u64(limits::RETENTION_MAX_JOBS_DEFAULT)],
+        )
+        .await?;
+    for row in over {
+        let queue: String = row.get(0);
+        let excess: i64 = row.get(1);
+        c.execute(
+            "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
+             WHERE queue = $1 AND state IN ('completed', 'cancelled') \
+             ORDER BY finished_ns, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&queue, &excess.min(TIMER_BATCH_ROWS)],
+        )
+        .await?;
+    }
+    c.execute(
+        "DELETE FROM spool_idempotency WHERE (queue, key) IN (SELECT queue, key \
+         FROM spool_idempotency WHERE expires_ns <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        &[&db_u64(now), &TIMER_BATCH_ROWS],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The leases this node held before it restarted end: not a change (the
+/// version stays), not an attempt, as leases end with a local broker's
+/// process.
+async fn release_own_leases(c: &mut Conn, ctx: &Ctx) -> Result<(), OpError> {
+    let rows = c
+        .query(
+            "WITH j AS (UPDATE spool_jobs SET state = 'ready', lease_token = NULL, \
+             deadline_ns = NULL, lease_owner = NULL \
+             WHERE state = 'reserved' AND lease_owner = $1 RETURNING queue) \
+             SELECT DISTINCT queue FROM j",
+            &[&ctx.node_id],
+        )
+        .await?;
+    for row in rows {
+        notify(c, row.get(0)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! A small bounded pool of tokio-postgres connections, each with a cache of
+//! prepared statements. Acquiring waits at most the configured time and
+//! then fails with a clear error instead of pinning the caller; a
+//! connection that broke, or was abandoned inside a transaction (its
+//! operation timed out or was dropped), is closed instead of reused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use crate::error::DbError;
+
+/// Pool figures for `spool_db_pool_connections{state}` and alerts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections the pool may hold.
+    pub max: u64,
+    /// Open and lent out now.
+    pub busy: u64,
+    /// Open and waiting in the pool.
+    pub idle: u64,
+    /// Callers waiting for a connection now.
+    pub waiting: u64,
+    /// Acquires that gave up after the acquire timeout.
+    pub acquire_timeouts: u64,
+    /// Connection attempts that failed.
+    pub connect_errors: u64,
+    /// Operations that failed in the database (not refusals of the job
+    /// model): lost connections, timeouts, errors.
+    pub query_errors: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+    max: usize,
+    acquire_timeout: Duration,
+    connect_timeout: Duration,
+    busy: AtomicU64,
+    waiting: AtomicU64,
+    acquire_timeouts: AtomicU64,
+    connect_errors: AtomicU64,
+}
+
+/// One open connection and its prepared statements.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+    /// A `BEGIN` was sent and no `COMMIT` or `ROLLBACK` finished.
+    in_transaction: bool,
+}
+
+impl Conn {
+    async fn statement(&mut self, sql: &'static str) -> Result<Statement, DbError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    pub async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query(&statement, params).await?)
+    }
+
+    pub async fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, DbError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query_opt(&statement, params).await?)
+    }
+
+    pub async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, DbError> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.execute(&statement, params).await?)
+    }
+
+    pub async fn begin(&mut self) -> Result<(), DbError> {
+        self.in_transaction = true;
+        self.client.batch_execute("BEGIN").await?;
+        Ok(())
+    }
+
+    pub async fn commit(&mut self) -> Result<(), DbError> {
+        self.client.batch_execute("COMMIT").await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+
+    pub async fn rollback(&mut self) -> Result<(), DbError> {
+        self.client.batch_execute("ROLLBACK").await?;
+        self.in_transaction = false;
+        Ok(())
+    }
+}
+
+impl Pool {
+    pub fn new(
+        config: tokio_postgres::Config,
+        max: usize,
+        acquire_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Pool {
+        Pool {
+            config,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            acquire_timeout,
+            connect_timeout,
+            busy: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            acquire_timeouts: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Opens a connection outside the pool's bound (the listener, the
+    /// migrations).
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        DbError,
+    > {
+        match tokio::time::timeout(self.connect_timeout, self.config.connect(NoTls)).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(error)) => {
+                self.connect_errors.fetch_add(1, Ordering::Relaxed);
+                Err(DbError::Unreachable(error.to_string()))
+            }
+            Err(_) => {
+                self.connect_errors.fetch_add(1, Ordering::Relaxed);
+                Err(DbError::Unreachable(format!(
+                    "no connection within {} ms",
+                    self.connect_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Conn, DbError> {
+        let (client, connection) = self.connect().await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "database connection ended");
+            }
+        });
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+            in_transaction: false,
+        })
+    }
+
+    /// A connection, within the acquire timeout.
+    pub async fn get(self: &Arc<Self>) -> Result<PooledConn, DbError> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(
+            self.acquire_timeout,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(DbError::Unreachable("the pool is closed".into())),
+            Err(_) => {
+                self.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(DbError::PoolExhausted {
+                    max: self.max,
+                    waited_ms: self.acquire_timeout.as_millis() as u64,
+                });
+            }
+        };
+        let reused = loop {
+            let next = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
+            match next {
+                Some(conn) if conn.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        let conn = match reused {
+            Some(conn) => conn,
+            None => self.open().await?,
+        };
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let idle = self.idle.lock().map(|idle| idle.len()).unwrap_or(0) as u64;
+        PoolStats {
+            max: self.max as u64,
+            busy: self.busy.load(Ordering::Relaxed),
+            idle,
+            waiting: self.waiting.load(Ordering::Relaxed),
+            acquire_timeouts: self.acquire_timeouts.load(Ordering::Relaxed),
+            connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            // Counted by the broker, which sees the operations.
+            query_errors: 0,
+        }
+    }
+}
+
+/// A lent connection; back to the pool when dropped, unless it broke or
+/// was left inside a transaction.
+#[derive(Debug)]
+pub(crate) struct PooledConn {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("a lent connection")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("a lent connection")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        self.pool.busy.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take() {
+            if !conn.in_transaction && !conn.client.is_closed() {
+                if let Ok(mut idle) = self.pool.idle.lock() {
+                    idle.push(conn);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! What the PostgreSQL broker adds to the conformance suite: schema
+//! versions, an unreachable or vanished database, a bounded pool, several
+//! nodes on one database, beanstalkd sessions' other commands, shutdown.
+//! Each test has a fresh database of the private test cluster and a manual
+//! clock (shared by the nodes of a test).
+
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use spool_broker::{
+    Broker, BrokerError, JobState, NewJob, Op, Outcome, Peer, QueueName, QueuePolicy, Session,
+};
+use spool_pg::testing::TestCluster;
+use spool_pg::{Clock, ConnectError, PgBroker, PgConfig, SCHEMA_VERSION};
+use spool_proto::{Put, PutBody, Request, Response};
+
+/// 2026-12-04T00:00:00Z in nanoseconds since the Unix epoch.
+const START_NS: u64 = 1_796_342_400_000_000_000;
+
+/// Turns a test lets another task take before it gives up on seeing
+/// what that task does.
+const YIELDS_MAX: usize = 1_000;
+
+fn config(url: &str, node: &str) -> PgConfig {
+    let mut config = PgConfig::new(url, node);
+    config.pool_size = 4;
+    config
+}
+
+async fn node(url: &str, name: &str, clock: &Clock) -> PgBroker {
+    PgBroker::connect(config(url, name), clock.clone())
+        .await
+        .unwrap_or_else(|e| panic!("connect {name}: {e}"))
+}
+
+fn queue(name: &str) -> QueueName {
+    QueueName::new(name.as_bytes()).expect("a queue name")
+}
+
+fn job(payload: &'static str) -> NewJob {
+    NewJob {
+        payload: Bytes::from_static(payload.as_bytes()),
+        ..NewJob::default()
+    }
+}
+
+/// A plain client of the test database, for what the broker must survive.
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as admin");
+    tokio::spawn(connection);
+    client
+}
+
+async fn beanstalkd<S: Session>(session: &mut S, requests: Vec<Request>) -> Vec<Response> {
+    let want = requests.len();
+    session.submit(requests).expect("submit");
+    let mut replies = Vec::new();
+    poll_fn(|cx| {
+        while replies.len() < want {
+            match session.poll_recv(cx, &mut replies) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => panic!("session closed with {replies:?}"),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    })
+    .await;
+    replies
+}
+
+fn put(body: &'static [u8], delay_secs: u32) -> Request {
+    Request::Put(Put {
+        pri: 10,
+        delay_secs,
+        ttr_secs: 30,
+        body: PutBody::Complete(Bytes::from_static(body)),
+    })
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_binary_is_refused() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    drop(node(&url, "a", &clock).await);
+    let newer = SCHEMA_VERSION + 1;
+    admin(&url)
+        .await
+        .execute("INSERT INTO spool_schema (version) VALUES ($1)", &[&newer])
+        .await
+        .expect("insert a newer version");
+    match PgBroker::connect(config(&url, "a"), clock).await {
+        Err(ConnectError::SchemaTooNew { found, known }) => {
+            assert_eq!((found, known), (newer, SCHEMA_VERSION));
+        }
+        other => panic!("a newer schema must be refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connecting_twice_migrates_once() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let (a, b) = tokio::join!(node(&url, "a", &clock), node(&url, "b", &clock));
+    let versions: i64 = admin(&url)
+        .await
+        .query_one("SELECT count(*) FROM spool_schema", &[])
+        .await
+        .expect("count versions")
+        .get(0);
+    assert_eq!(versions, i64::from(SCHEMA_VERSION));
+    let made = a.enqueue(queue("q"), job("x")).await.expect("enqueue").0;
+    assert_eq!(b.get(made.id).await.expect("get").id, made.id);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("spool-pg-nothing-{}", std::process::id()));
+    let url = format!("host={} port=5432 user=spool dbname=none", dir.display());
+    let mut config = PgConfig::new(url, "a");
+    config.connect_timeout = Duration::from_secs(2);
+    match PgBroker::connect(config, Clock::manual(START_NS)).await {
+        Err(error @ ConnectError::Unreachable(_)) => {
+            assert!(error.to_string().contains("cannot reach the database"));
+        }
+        other => panic!("an unreachable database must be refused: {other:?}"),
+    }
+    let bad = PgBroker::connect(PgConfig::new("host=", "a"), Clock::manual(START_NS)).await;
+    assert!(
+        matches!(
+            bad,
+            Err(ConnectError::BadUrl(_) | ConnectError::Unreachable(_))
+        ),
+        "{bad:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_fails_fast_and_recovers() {
+    let url = TestCluster::shared().create_database();
+    let mut config = config(&url, "a");
+    config.pool_size = 1;
+    config.acquire_timeout = Duration::from_millis(100);
+    let broker = PgBroker::connect(config, Clock::manual(START_NS))
+        .await
+        .expect("connect");
+    let made = broker
+        .enqueue(queue("q"), job("x"))
+        .await
+        .expect("enqueue")
+        .0;
+    // Another client holds the job's row: a cancel waits for it, holding
+    // the pool's only connection.
+    let locker = admin(&url).await;
+    locker.batch_execute("BEGIN").await.expect("begin");
+    locker
+        .execute(
+            "SELECT 1 FROM spool_jobs WHERE id = $1 FOR UPDATE",
+            &[&(made.id as i64)],
+        )
+        .await
+        .expect("lock the row");
+    let canceller = broker.clone();
+    let cancel = tokio::spawn(async move {
+        let op = Op::Cancel {
+            id: made.id,
+            expected_version: None,
+        };
+        canceller.call(op).await
+    });
+    // Until the cancel has the connection, a get may still get it; then
+    // every get is refused at once with the pool's error.
+    let mut refused = None;
+    for _ in 0..YIELDS_MAX {
+        match broker.get(made.id).await {
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+            Ok(_) => tokio::task::yield_now().await,
+        }
+    }
+    match refused {
+        Some(BrokerError::Storage(message)) => {
+            assert!(message.contains("connections stayed busy"), "{message}");
+        }
+        other => panic!("an exhausted pool answers a storage error: {other:?}"),
+    }
+    assert_eq!(
+        broker.health().storage_failed,
+        None,
+        "a busy pool is no storage failure"
+    );
+    locker.batch_execute("COMMIT").await.expect("commit");
+    let cancelled = cancel.await.expect("join").expect("cancel").into_job();
+    assert_eq!(cancelled.expect("a job").state, JobState::Cancelled);
+    assert_eq!(
+        broker.get(made.id).await.expect("get").state,
+        JobState::Cancelled
+    );
+}
+
+#[tokio::test]
+async fn lost_connections_are_replaced_and_a_vanished_database_is_a_storage_failure() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let made = broker
+        .enqueue(queue("q"), job("x"))
+        .await
+        .expect("enqueue")
+        .0;
+    let admin_client = admin(&TestCluster::shared().url("postgres")).await;
+    let database = url.rsplit('=').next().expect("a dbname").to_string();
+    admin_client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .expect("terminate the broker's connections");
+    // A connection the server closed may fail one operation; the pool
+    // replaces it.
+    let mut seen = None;
+    for _ in 0..5 {
+        if let Ok(job) = broker.get(made.id).await {
+            seen = Some(job);
+            break;
+        }
+    }
+    assert_eq!(seen.expect("the broker reconnects").id, made.id);
+    assert_eq!(broker.health().storage_failed, None);
+    admin_client
+        .execute(&format!("DROP DATABASE {database} WITH (FORCE)"), &[])
+        .await
+        .expect("drop the database");
+    let mut failed = false;
+    for _ in 0..3 {
+        if let Err(error) = broker.get(made.id).await {
+            assert!(matches!(error, BrokerError::Storage(_)), "{error:?}");
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "operations fail once the database is gone");
+    assert!(
+        broker.health().storage_failed.is_some(),
+        "readiness learns that the database is away"
+    );
+    assert!(broker.pool_stats().query_errors >= 1);
+}
+
+#[tokio::test]
+async fn nodes_share_jobs_waits_and_a_global_concurrency() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    a.call(Op::SetPolicy {
+        queue: queue("c"),
+        policy: QueuePolicy {
+            concurrency: Some(1),
+            ..QueuePolicy::default()
+        },
+    })
+    .await
+    .expect("policy");
+    for payload in ["1", "2"] {
+        a.enqueue(queue("c"), job(payload)).await.expect("enqueue");
+    }
+    let first = a.reserve(vec![queue("c")], 5, 0).await.expect("reserve");
+    assert_eq!(first.len(), 1);
+    assert!(
+        b.reserve(vec![queue("c")], 5, 0)
+            .await
+            .expect("reserve")
+            .is_empty(),
+        "the concurrency holds across nodes"
+    );
+    // A reserve parked on b wakes when a frees the slot (a notification
+    // from a's transaction to b's listener; the clock never moves).
+    let reserver = b.clone();
+    let parked = tokio::spawn(async move { reserver.reserve(vec![queue("c")], 5, 60_000).await });
+    a.complete(first[0].lease, None).await.expect("complete");
+    let woke = parked.await.expect("join").expect("reserve");
+    assert_eq!(woke.len(), 1);
+    // A beanstalkd worker on a sees a job enqueued on b.
+    let mut session = a.open_session(Peer::default()).expect("session");
+    let made = b
+        .enqueue(queue("default"), job("for a"))
+        .await
+        .expect("enqueue")
+        .0;
+    let replies = beanstalkd(&mut session, vec![Request::Reserve]).await;
+    assert!(
+        matches!(&replies[0], Response::Reserved { id, .. } if *id == made.id),
+        "{replies:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_restarting_node_hands_back_only_its_own_leases() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    let one = a.enqueue(queue("q"), job("1")).await.expect("enqueue").0;
+    let two = a.enqueue(queue("q"), job("2")).await.expect("enqueue").0;
+    assert_eq!(
+        a.reserve(vec![queue("q")], 1, 0).await.expect("r")[0]
+            .job
+            .id,
+        one.id
+    );
+    assert_eq!(
+        b.reserve(vec![queue("q")], 1, 0).await.expect("r")[0]
+            .job
+            .id,
+        two.id
+    );
+    drop(a);
+    let a = node(&url, "a", &clock).await;
+    let back = a.get(one.id).await.expect("get");
+    assert_eq!(back.state, JobState::Ready);
+    assert_eq!(back.version, one.version, "a lease ending is no change");
+    assert_eq!(a.get(two.id).await.expect("get").state, JobState::Reserved);
+    // b's lease ends at its deadline, on any node's timers.
+    a.advance_clock(60_001 * 1_000_000).await.expect("timers");
+    let expired = b.get(two.id).await.expect("get");
+    assert_eq!(
+        expired.state,
+        JobState::Delayed,
+        "retried after its backoff"
+    );
+    assert_eq!(expired.attempts, 1);
+}
+
+#[tokio::test]
+async fn beanstalkd_commands_over_typed_operations() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let mut s = broker.open_session(Peer::default()).expect("session");
+    let tube = queue("bt");
+    let replies = beanstalkd(
+        &mut s,
+        vec![
+            Request::Use(tube.clone()),
+            put(b"one", 0),
+            put(b"two", 0),
+            put(b"later", 60),
+            Request::PeekReady,
+            Request::PeekDelayed,
+            Request::PeekBuried,
+            Request::ListTubeUsed,
+            Request::Watch(tube.clone()),
+            Request::Ignore(queue("default")),
+            Request::Ignore(tube.clone()),
+            Request::ListTubesWatched,
+        ],
+    )
+    .await;
+    let ids: Vec<u64> = replies[1..4]
+        .iter()
+        .map(|r| match r {
+            Response::Inserted(id) => *id,
+            other => panic!("inserted: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        replies[4..],
+        [
+            Response::Found {
+                id: ids[0],
+                body: Bytes::from_static(b"one")
+            },
+            Response::Found {
+                id: ids[2],
+                body: Bytes::from_static(b"later")
+            },
+            Response::NotFound,
+            Response::Using(tube.clone()),
+            Response::Watching(2),
+            Response::Watching(1),
+            Response::NotIgnored,
+            Response::TubeList(vec![tube.clone()]),
+        ]
+    );
+    let replies = beanstalkd(
+        &mut s,
+        vec![
+            Request::ReserveWithTimeout {
+                timeout_secs: Some(0),
+            },
+            Request::Touch(ids[0]),
+            Request::Bury { id: ids[0], pri: 3 },
+            Request::Reserve,
+            Request::Release {
+                id: ids[1],
+                pri: 7,
+                delay_secs: 0,
+            },
+            Request::Touch(ids[1]),
+            Request::Kick { bound: 5 },
+            Request::Peek(ids[0]),
+            Request::KickJob(ids[0]),
+            Request::Delete(1 << 40),
+            Request::ReserveJob(ids[1]),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(&replies[0], Response::Reserved { id, .. } if *id == ids[0]),
+        "{replies:?}"
+    );
+    assert!(
+        matches!(&replies[3], Response::Reserved { id, .. } if *id == ids[1]),
+        "{replies:?}"
+    );
+    assert_eq!(
+        replies[1..],
+        [
+            Response::Touched,
+            Response::Buried,
+            replies[3].clone(),
+            Response::Released,
+            Response::NotFound,
+            Response::Kicked(1),
+            Response::Found {
+                id: ids[0],
+                body: Bytes::from_static(b"one")
+            },
+            Response::NotFound,
+            Response::NotFound,
+            Response::NotFound,
+        ]
+    );
+    let buried_then_kicked = broker.get(ids[0]).await.expect("get");
+    assert_eq!(
+        (buried_then_kicked.state, buried_then_kicked.priority),
+        (JobState::Ready, 3),
+        "bury took the new priority"
+    );
+    assert_eq!(broker.get(ids[1]).await.expect("get").priority, 7);
+    let replies = beanstalkd(
+        &mut s,
+        vec![
+            Request::StatsJob(ids[2]),
+            Request::StatsTube(tube.clone()),
+            Request::StatsTube(queue("nothing-here")),
+            Request::Stats,
+            Request::ListTubes,
+            Request::PauseTube {
+                tube: tube.clone(),
+                delay_secs: 10,
+            },
+            Request::ReserveWithTimeout {
+                timeout_secs: Some(0),
+            },
+        ],
+    )
+    .await;
+    match &replies[0] {
+        Response::StatsJob(stats) => {
+            assert_eq!(
+                (stats.state, stats.pri, stats.ttr_secs),
+                ("delayed", 10, 30)
+            );
+        }
+        other => panic!("stats-job: {other:?}"),
+    }
+    match &replies[1] {
+        Response::StatsTube(stats) => {
+            assert_eq!(
+                (stats.current_jobs_ready, stats.current_jobs_delayed),
+                (2, 1)
+            );
+        }
+        other => panic!("stats-tube: {other:?}"),
+    }
+    assert_eq!(replies[2], Response::NotFound);
+    match &replies[3] {
+        Response::Stats(stats) => assert_eq!(stats.current_jobs_ready, 2),
+        other => panic!("stats: {other:?}"),
+    }
+    assert_eq!(
+        replies[4],
+        Response::TubeList(vec![queue("default"), queue("bt")])
+    );
+    assert_eq!(replies[5..], [Response::Paused, Response::TimedOut]);
+    match broker
+        .call(Op::GetQueue { queue: tube })
+        .await
+        .expect("queue")
+    {
+        Outcome::Queue(info) => assert!(info.paused_until_ms.is_some()),
+        other => panic!("a queue: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_waits_and_closes_idle_sessions() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let reserver = broker.clone();
+    let parked =
+        tokio::spawn(async move { reserver.reserve(vec![queue("none")], 1, 3_600_000).await });
+    let mut idle = broker.open_session(Peer::default()).expect("session");
+    let mut busy = broker.open_session(Peer::default()).expect("session");
+    broker
+        .enqueue(queue("default"), job("held"))
+        .await
+        .expect("enqueue");
+    let replies = beanstalkd(&mut busy, vec![Request::Reserve]).await;
+    let Response::Reserved { id, .. } = replies[0] else {
+        panic!("reserved: {replies:?}");
+    };
+    // Parked first: make sure the reserve is waiting, then shut down.
+    let mut parked_seen = false;
+    for _ in 0..YIELDS_MAX {
+        let snapshot = broker
+            .snapshot(spool_broker::SnapshotScope::Queues)
+            .await
+            .expect("snapshot");
+        if snapshot.waits.reserve == 1 {
+            parked_seen = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(parked_seen, "the reserve parks");
+    broker.begin_shutdown();
+    assert!(parked.await.expect("join").expect("reserve").is_empty());
+    let mut out = Vec::new();
+    let closed = poll_fn(|cx| idle.poll_recv(cx, &mut out)).await;
+    assert!(!closed && out.is_empty(), "an idle session closes");
+    assert_eq!(
+        broker.enqueue(queue("default"), job("late")).await,
+        Err(BrokerError::Draining)
+    );
+    // The session holding a job stays until it gives it back.
+    let replies = beanstalkd(&mut busy, vec![Request::Delete(id), Request::Reserve]).await;
+    assert_eq!(replies, vec![Response::Deleted, Response::TimedOut]);
+    let mut out = Vec::new();
+    let closed = poll_fn(|cx| busy.poll_recv(cx, &mut out)).await;
+    assert!(!closed, "then it closes too");
+}
