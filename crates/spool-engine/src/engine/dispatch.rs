@@ -5,7 +5,7 @@
 //! job gets it, as it does from a paused tube, and it still takes a token.
 //! The bucket is not durable: after a restart it starts full.
 
-use spool_broker::{BrokerError, QueuePolicy};
+use spool_broker::QueuePolicy;
 
 use super::*;
 
@@ -80,22 +80,6 @@ impl DispatchLimits {
             self.tat_ns = self.tat_ns.max(now).saturating_add(self.interval_ns);
         }
     }
-}
-
-/// Checks a policy's dispatch limits.
-pub(super) fn check_policy(policy: &QueuePolicy) -> Result<(), BrokerError> {
-    if policy.concurrency == Some(0) {
-        return Err(BrokerError::invalid("concurrency", "at least 1"));
-    }
-    if let Some(rate) = policy.rate_per_s {
-        if !rate.is_finite() || rate <= 0.0 || rate > limits::RATE_PER_S_MAX {
-            return Err(BrokerError::invalid(
-                "rate_per_s",
-                format!("above 0, at most {}", limits::RATE_PER_S_MAX),
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl Engine {

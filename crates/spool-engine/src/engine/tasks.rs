@@ -4,14 +4,13 @@
 //! pauses. Each operation validates everything before it changes anything,
 //! and its log records become one atomic batch.
 
-use std::collections::BTreeMap;
-
 use spool_broker::{
     BrokerError, Conflict, JobChange, JobView, Lease, Leased, NewJob, Op, Outcome, QueuePolicy,
     RunAt,
 };
 
 use super::*;
+use crate::validate::{check_backoff, check_headers, check_policy};
 
 pub(super) const NS_PER_MS: u64 = 1_000_000;
 
@@ -47,42 +46,6 @@ fn truncated(mut text: String, max: usize) -> String {
         text.truncate(end);
     }
     text
-}
-
-pub(super) fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), BrokerError> {
-    if headers.len() > limits::HEADERS_MAX {
-        return Err(BrokerError::invalid(
-            "headers",
-            format!("at most {} headers", limits::HEADERS_MAX),
-        ));
-    }
-    let mut total = 0;
-    for (name, value) in headers {
-        if name.is_empty() || name.len() > limits::HEADER_NAME_MAX_BYTES {
-            return Err(BrokerError::invalid(
-                "headers",
-                format!(
-                    "header names are 1 to {} bytes",
-                    limits::HEADER_NAME_MAX_BYTES
-                ),
-            ));
-        }
-        total += name.len() + value.len();
-    }
-    if total > limits::HEADERS_MAX_BYTES {
-        return Err(BrokerError::invalid(
-            "headers",
-            format!("at most {} bytes of headers", limits::HEADERS_MAX_BYTES),
-        ));
-    }
-    Ok(())
-}
-
-pub(super) fn check_backoff(backoff: Option<&Backoff>) -> Result<(), BrokerError> {
-    match backoff.map(Backoff::validate) {
-        Some(Err((field, message))) => Err(BrokerError::invalid(field, message)),
-        _ => Ok(()),
-    }
 }
 
 pub(super) fn wrong_state(state: JobState) -> BrokerError {
@@ -225,11 +188,7 @@ impl Engine {
             Op::Purge { queue, state } => self.purge(&queue, state),
             Op::SetPolicy { queue, policy } => {
                 self.check_writable(true)?;
-                check_backoff(policy.backoff.as_ref())?;
-                dispatch::check_policy(&policy)?;
-                if policy.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
-                    return Err(BrokerError::invalid("ttr_ms", "too large"));
-                }
+                check_policy(&policy)?;
                 let mut settings = self.settings.get(&queue).cloned().unwrap_or_default();
                 settings.policy = policy;
                 self.set_settings(queue.clone(), settings);
