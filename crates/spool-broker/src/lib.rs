@@ -12,7 +12,9 @@ mod error;
 pub mod metrics;
 pub mod model;
 mod op_session;
+pub mod schedule;
 mod snapshot;
+pub mod workflow;
 
 pub use broker::{Broker, BrokerHealth, Peer, Session};
 pub use error::{BrokerError, Conflict};
@@ -22,7 +24,12 @@ pub use model::{
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
 pub use op_session::{OpSession, SessionBroker};
+pub use schedule::{Misfire, ScheduleName, ScheduleSpec, ScheduleView};
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
     SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,
+};
+pub use workflow::{
+    NewStep, NewWorkflow, StepState, StepView, WorkflowId, WorkflowPage, WorkflowState,
+    WorkflowView,
 };

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 pub use spool_proto::TubeName as QueueName;
 
+use crate::schedule::{ScheduleName, ScheduleSpec, ScheduleView};
+use crate::workflow::{NewWorkflow, WorkflowId, WorkflowPage, WorkflowState, WorkflowView};
+
 /// Job ids are handed out from 1 upwards and never reused.
 pub type JobId = u64;
 
@@ -134,6 +137,9 @@ pub struct NewJob {
     pub headers: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub idempotency_ttl_ms: Option<u64>,
+    /// A workflow step's (or compensation's) inputs: step name → that
+    /// step's result. Set by workflows, empty for every other job.
+    pub parents: BTreeMap<String, Option<Bytes>>,
 }
 
 /// A job as every front door shows it.
@@ -166,6 +172,8 @@ pub struct JobView {
     pub cancel_requested: bool,
     /// Bumped by every change, timed ones included.
     pub version: u64,
+    /// See [`NewJob::parents`].
+    pub parents: BTreeMap<String, Option<Bytes>>,
 }
 
 /// Proof of a reservation: the job and the reservation's token. A lease is
@@ -348,6 +356,48 @@ pub enum Op {
     Resume {
         queue: QueueName,
     },
+    /// Creates or replaces a schedule. A replaced schedule keeps its
+    /// `last_fire_at` and counters, so a replace while due neither fires an
+    /// instant twice nor loses it.
+    PutSchedule {
+        name: ScheduleName,
+        spec: ScheduleSpec,
+    },
+    GetSchedule {
+        name: ScheduleName,
+    },
+    ListSchedules,
+    DeleteSchedule {
+        name: ScheduleName,
+    },
+    PauseSchedule {
+        name: ScheduleName,
+    },
+    ResumeSchedule {
+        name: ScheduleName,
+    },
+    /// Fires the schedule now (due instant = now), outside its rule; does
+    /// not move `next_fire_at`.
+    TriggerSchedule {
+        name: ScheduleName,
+    },
+    /// Validates the DAG (400 naming the step), then enqueues the steps
+    /// that depend on nothing, all in one commit.
+    StartWorkflow {
+        workflow: NewWorkflow,
+    },
+    GetWorkflow {
+        id: WorkflowId,
+    },
+    ListWorkflows {
+        state: Option<WorkflowState>,
+        after: Option<WorkflowId>,
+        limit: u32,
+    },
+    /// Stops starting steps, cancels running ones, compensates.
+    CancelWorkflow {
+        id: WorkflowId,
+    },
 }
 
 /// What an [`Op`] answers.
@@ -368,4 +418,16 @@ pub enum Outcome {
     Queue(QueueInfo),
     Queues(Vec<QueueInfo>),
     Done,
+    /// `created`: no schedule of that name existed.
+    Schedule {
+        schedule: Box<ScheduleView>,
+        created: bool,
+    },
+    Schedules(Vec<ScheduleView>),
+    /// `duplicate`: an idempotency key matched an existing workflow.
+    Workflow {
+        workflow: Box<WorkflowView>,
+        duplicate: bool,
+    },
+    Workflows(WorkflowPage),
 }

@@ -101,6 +101,7 @@ fn new_job(i: usize, delay_ms: u64, max_attempts: u32, key: Option<u8>, headers:
         headers: h,
         idempotency_key: key.map(|k| format!("key-{k}")),
         idempotency_ttl_ms: Some(5_000),
+        parents: BTreeMap::new(),
     }
 }
 

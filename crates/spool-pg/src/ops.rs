@@ -184,6 +184,8 @@ fn view(row: &Row) -> Result<JobView, OpError> {
         idempotency_key: row.get(25),
         cancel_requested: row.get(26),
         version: from_db(row.get(27)),
+        // TODO(s18): workflow steps carry their parents' results.
+        parents: Default::default(),
     })
 }
 
@@ -454,6 +456,18 @@ async fn apply(
             notify(c, queue.as_str()).await?;
             Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
         }
+        // TODO(s18): schedules and workflows.
+        Op::PutSchedule { .. }
+        | Op::GetSchedule { .. }
+        | Op::ListSchedules
+        | Op::DeleteSchedule { .. }
+        | Op::PauseSchedule { .. }
+        | Op::ResumeSchedule { .. }
+        | Op::TriggerSchedule { .. }
+        | Op::StartWorkflow { .. }
+        | Op::GetWorkflow { .. }
+        | Op::ListWorkflows { .. }
+        | Op::CancelWorkflow { .. } => return refuse(BrokerError::Internal("TODO(s18)".into())),
     };
     Ok(Done::Outcome(Box::new(outcome)))
 }

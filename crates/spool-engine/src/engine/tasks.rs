@@ -235,6 +235,18 @@ impl Engine {
                 }
                 Ok(Outcome::Queue(self.queue_info(&queue, now)))
             }
+            // TODO(s18): schedules and workflows.
+            Op::PutSchedule { .. }
+            | Op::GetSchedule { .. }
+            | Op::ListSchedules
+            | Op::DeleteSchedule { .. }
+            | Op::PauseSchedule { .. }
+            | Op::ResumeSchedule { .. }
+            | Op::TriggerSchedule { .. }
+            | Op::StartWorkflow { .. }
+            | Op::GetWorkflow { .. }
+            | Op::ListWorkflows { .. }
+            | Op::CancelWorkflow { .. } => Err(BrokerError::Internal("TODO(s18)".into())),
         }
     }
 

@@ -440,6 +440,7 @@ impl EnqueueBody {
             headers: self.headers.unwrap_or_default(),
             idempotency_key: self.idempotency_key,
             idempotency_ttl_ms: self.idempotency_ttl_ms,
+            parents: Default::default(),
         })
     }
 }
