@@ -361,7 +361,7 @@ pub enum Op {
     /// instant twice nor loses it.
     PutSchedule {
         name: ScheduleName,
-        spec: ScheduleSpec,
+        spec: Box<ScheduleSpec>,
     },
     GetSchedule {
         name: ScheduleName,
