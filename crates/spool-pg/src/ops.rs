@@ -55,6 +55,9 @@ impl Effects {
 }
 
 /// A unit of work run as one transaction.
+// One lives per transaction, moved once: boxing the op would cost an
+// allocation per call for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum Task {
     Op(Op),
