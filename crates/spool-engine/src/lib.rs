@@ -12,6 +12,7 @@ pub mod limits;
 mod ms;
 mod record;
 pub mod validate;
+pub mod workflow;
 
 pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, RETIRED_QUEUES_MAX};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};

@@ -83,3 +83,29 @@ const _: () = {
     assert!(IDEMPOTENCY_KEY_MAX_BYTES <= u16::MAX as usize);
     assert!(HEADERS_MAX <= u16::MAX as usize);
 };
+
+/// Steps in one workflow. Starting a workflow is one log record holding
+/// every step's definition, and every transition scans the steps, so a
+/// workflow stays a bounded amount of work; sagas and DAGs people write
+/// have a handful to a few dozen steps.
+pub const WORKFLOW_STEPS_MAX: usize = 256;
+
+/// Dependencies of one step: a join of more than this many steps is better
+/// written as a step that waits for a few aggregating ones.
+pub const WORKFLOW_DEPENDS_ON_MAX: usize = 64;
+
+/// Bytes of a step's name: it travels in the `spool-step` header of every
+/// job of the step, so it stays well inside a header's size.
+pub const WORKFLOW_STEP_NAME_MAX_BYTES: usize = 128;
+
+/// Bytes of a workflow's (free-form, informational) name.
+pub const WORKFLOW_NAME_MAX_BYTES: usize = 256;
+
+/// How long a succeeded or compensated workflow stays readable, and how
+/// many such workflows are kept at most (the oldest-finished go first):
+/// as for jobs, final state is kept for inspection, not forever.
+pub const WORKFLOW_RETENTION_MS: u64 = 24 * 3_600_000;
+pub const WORKFLOW_RETENTION_MAX: usize = 10_000;
+
+/// Workflows one listing page may hold.
+pub const WORKFLOW_LIST_LIMIT_MAX: u32 = 1_000;

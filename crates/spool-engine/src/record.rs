@@ -233,37 +233,37 @@ fn from_wall(wall_ns: u64, epoch_ns: u64) -> u64 {
     wall_ns.saturating_sub(epoch_ns)
 }
 
-struct Writer<'a> {
-    out: &'a mut Vec<u8>,
-    epoch_ns: u64,
+pub(crate) struct Writer<'a> {
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) epoch_ns: u64,
 }
 
 impl Writer<'_> {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.out.push(v);
     }
-    fn u16(&mut self, v: u16) {
+    pub(crate) fn u16(&mut self, v: u16) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
-    fn time(&mut self, ns: u64) {
+    pub(crate) fn time(&mut self, ns: u64) {
         self.u64(to_wall(ns, self.epoch_ns));
     }
-    fn bytes32(&mut self, b: &[u8]) {
+    pub(crate) fn bytes32(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.out.extend_from_slice(b);
     }
     /// Callers bound these strings well below 64 KiB (limits.rs).
-    fn str16(&mut self, s: &str) {
+    pub(crate) fn str16(&mut self, s: &str) {
         self.u16(s.len() as u16);
         self.out.extend_from_slice(s.as_bytes());
     }
-    fn opt_str32(&mut self, s: Option<&str>) {
+    pub(crate) fn opt_str32(&mut self, s: Option<&str>) {
         match s {
             Some(s) => {
                 self.u8(1);
@@ -272,7 +272,7 @@ impl Writer<'_> {
             None => self.u8(0),
         }
     }
-    fn opt_bytes32(&mut self, b: Option<&Bytes>) {
+    pub(crate) fn opt_bytes32(&mut self, b: Option<&Bytes>) {
         match b {
             Some(b) => {
                 self.u8(1);
@@ -281,7 +281,7 @@ impl Writer<'_> {
             None => self.u8(0),
         }
     }
-    fn state(&mut self, state: RestState) {
+    pub(crate) fn state(&mut self, state: RestState) {
         let (code, at) = match state {
             RestState::Ready => (0u8, None),
             RestState::Delayed { due_ns } => (1, Some(due_ns)),
@@ -295,13 +295,13 @@ impl Writer<'_> {
             None => self.u64(0),
         }
     }
-    fn backoff(&mut self, b: &Backoff) {
+    pub(crate) fn backoff(&mut self, b: &Backoff) {
         self.u64(b.initial_ms);
         self.u64(b.max_ms);
         self.u64(b.multiplier.to_bits());
         self.u64(b.jitter.to_bits());
     }
-    fn job(&mut self, job: &JobRecord) {
+    pub(crate) fn job(&mut self, job: &JobRecord) {
         self.u64(job.id);
         self.u32(job.pri);
         self.u64(job.ttr_ns);
@@ -313,7 +313,7 @@ impl Writer<'_> {
         self.out.extend_from_slice(job.tube.as_str().as_bytes());
         self.bytes32(&job.body);
     }
-    fn full_job(&mut self, full: &FullJobRecord) {
+    pub(crate) fn full_job(&mut self, full: &FullJobRecord) {
         self.job(&full.job);
         self.u32(full.attempts);
         self.u32(full.max_attempts);
@@ -348,7 +348,7 @@ impl Writer<'_> {
         self.u8(u8::from(extra.cancel_requested));
         self.time(extra.updated_at_ns);
     }
-    fn policy(&mut self, p: &QueuePolicy) {
+    pub(crate) fn policy(&mut self, p: &QueuePolicy) {
         let bits = u8::from(p.max_jobs.is_some())
             | u8::from(p.max_attempts.is_some()) << 1
             | u8::from(p.backoff.is_some()) << 2
@@ -561,13 +561,13 @@ impl LogRecord {
     }
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    epoch_ns: u64,
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) epoch_ns: u64,
 }
 
 impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
         if self.buf.len() < n {
             return Err(RecordError::Truncated);
         }
@@ -576,56 +576,56 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn u8(&mut self) -> Result<u8, RecordError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, RecordError> {
         Ok(self.bytes(1)?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, RecordError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, RecordError> {
         let b = self.bytes(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
-    fn u32(&mut self) -> Result<u32, RecordError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, RecordError> {
         let b = self.bytes(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, RecordError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, RecordError> {
         let b = self.bytes(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
 
-    fn time(&mut self) -> Result<u64, RecordError> {
+    pub(crate) fn time(&mut self) -> Result<u64, RecordError> {
         Ok(from_wall(self.u64()?, self.epoch_ns))
     }
 
-    fn text(&mut self, len: usize) -> Result<String, RecordError> {
+    pub(crate) fn text(&mut self, len: usize) -> Result<String, RecordError> {
         let bytes = self.bytes(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::BadText)
     }
 
-    fn str16(&mut self) -> Result<String, RecordError> {
+    pub(crate) fn str16(&mut self) -> Result<String, RecordError> {
         let len = self.u16()? as usize;
         self.text(len)
     }
 
-    fn str32(&mut self) -> Result<String, RecordError> {
+    pub(crate) fn str32(&mut self) -> Result<String, RecordError> {
         let len = self.u32()? as usize;
         self.text(len)
     }
 
-    fn bytes32(&mut self) -> Result<Bytes, RecordError> {
+    pub(crate) fn bytes32(&mut self) -> Result<Bytes, RecordError> {
         let len = self.u32()? as usize;
         Ok(Bytes::copy_from_slice(self.bytes(len)?))
     }
 
-    fn present(&mut self) -> Result<bool, RecordError> {
+    pub(crate) fn present(&mut self) -> Result<bool, RecordError> {
         Ok(self.u8()? == 1)
     }
 
-    fn opt_str32(&mut self) -> Result<Option<String>, RecordError> {
+    pub(crate) fn opt_str32(&mut self) -> Result<Option<String>, RecordError> {
         if self.present()? {
             Ok(Some(self.str32()?))
         } else {
@@ -633,7 +633,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn opt_bytes32(&mut self) -> Result<Option<Bytes>, RecordError> {
+    pub(crate) fn opt_bytes32(&mut self) -> Result<Option<Bytes>, RecordError> {
         if self.present()? {
             Ok(Some(self.bytes32()?))
         } else {
@@ -641,7 +641,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn state(&mut self) -> Result<RestState, RecordError> {
+    pub(crate) fn state(&mut self) -> Result<RestState, RecordError> {
         let code = self.u8()?;
         let at = self.time()?;
         match code {
@@ -654,7 +654,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn backoff(&mut self) -> Result<Backoff, RecordError> {
+    pub(crate) fn backoff(&mut self) -> Result<Backoff, RecordError> {
         Ok(Backoff {
             initial_ms: self.u64()?,
             max_ms: self.u64()?,
@@ -663,7 +663,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn job(&mut self) -> Result<JobRecord, RecordError> {
+    pub(crate) fn job(&mut self) -> Result<JobRecord, RecordError> {
         let id = self.u64()?;
         let pri = self.u32()?;
         let ttr_ns = self.u64()?;
@@ -685,7 +685,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn full_job(&mut self) -> Result<FullJobRecord, RecordError> {
+    pub(crate) fn full_job(&mut self) -> Result<FullJobRecord, RecordError> {
         let job = self.job()?;
         let attempts = self.u32()?;
         let max_attempts = self.u32()?;
@@ -730,7 +730,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn policy(&mut self) -> Result<QueuePolicy, RecordError> {
+    pub(crate) fn policy(&mut self) -> Result<QueuePolicy, RecordError> {
         let bits = self.u8()?;
         let has = |bit: u8| bits & (1 << bit) != 0;
         let max_jobs = if has(0) { Some(self.u64()?) } else { None };
