@@ -25,6 +25,12 @@
 //!                | opt str32 last_error | opt bytes32 result | u64 updated_wall_ns
 //! kind 9 Batch (version 2): u32 count, then count × (u32 len | a payload)
 //! kind 10 Queue (version 2): u8 name_len | name | policy | opt (u64 start, u64 until)
+//! kind 20 Workflow (version 2): a workflow's whole state, the rest of the
+//!                payload as `spool_engine::workflow` encodes it (its own
+//!                version byte first; layout in `workflow.rs`)
+//! kind 21 WorkflowProgress (version 2): a transition, likewise encoded
+//! kind 22 WorkflowDelete (version 2): u64 workflow id
+//! kind 23 WorkflowNextId (version 2): u64 next workflow id
 //! state: u8 code | u64 wall_ns: 0 ready, 1 delayed (until), 2 buried,
 //!        3 completed (at), 4 cancelled (at)
 //! extras: u8 present; if 1: u16 header count × (str16 name, str32 value)
@@ -62,6 +68,7 @@ use spool_broker::{Backoff, QueuePolicy};
 use spool_proto::TubeName;
 
 use crate::job::{JobExtra, JobId};
+use crate::workflow::{Workflow, WorkflowId, WorkflowProgress};
 
 /// Version of the payload layout written now; version 1 (kinds 1-5) is
 /// still read.
@@ -77,6 +84,11 @@ const KIND_JOB_SNAPSHOT: u8 = 7;
 const KIND_CHANGE: u8 = 8;
 const KIND_BATCH: u8 = 9;
 const KIND_QUEUE: u8 = 10;
+// Workflows take kinds from 20 on, leaving room below for other features.
+const KIND_WORKFLOW: u8 = 20;
+const KIND_WORKFLOW_PROGRESS: u8 = 21;
+const KIND_WORKFLOW_DELETE: u8 = 22;
+const KIND_WORKFLOW_NEXT_ID: u8 = 23;
 
 /// The write-ahead log's framing per record: length and checksum.
 const FRAME_BYTES: u64 = 8;
@@ -192,6 +204,19 @@ pub enum LogRecord {
     Batch(Vec<LogRecord>),
     /// A queue's settings: replaces the previous ones.
     Queue(Box<QueueRecord>),
+    /// A workflow's whole state (its start, or a compaction's snapshot):
+    /// creates or replaces it.
+    Workflow(Box<Workflow>),
+    /// A workflow's transition: its status and the steps that changed.
+    WorkflowProgress(Box<WorkflowProgress>),
+    /// A finished workflow past its retention is forgotten.
+    WorkflowDelete {
+        id: WorkflowId,
+    },
+    /// Every workflow id below this has been handed out.
+    WorkflowNextId {
+        id: WorkflowId,
+    },
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -462,6 +487,22 @@ impl LogRecord {
                     None => w.u8(0),
                 }
             }
+            LogRecord::Workflow(workflow) => {
+                w.u8(KIND_WORKFLOW);
+                workflow.encode(w.out);
+            }
+            LogRecord::WorkflowProgress(progress) => {
+                w.u8(KIND_WORKFLOW_PROGRESS);
+                progress.encode(w.out);
+            }
+            LogRecord::WorkflowDelete { id } => {
+                w.u8(KIND_WORKFLOW_DELETE);
+                w.u64(*id);
+            }
+            LogRecord::WorkflowNextId { id } => {
+                w.u8(KIND_WORKFLOW_NEXT_ID);
+                w.u64(*id);
+            }
         }
     }
 
@@ -555,6 +596,12 @@ impl LogRecord {
                     pause,
                 }))
             }
+            KIND_WORKFLOW => LogRecord::Workflow(Box::new(Workflow::decode(r.buf)?)),
+            KIND_WORKFLOW_PROGRESS => {
+                LogRecord::WorkflowProgress(Box::new(WorkflowProgress::decode(r.buf)?))
+            }
+            KIND_WORKFLOW_DELETE => LogRecord::WorkflowDelete { id: r.u64()? },
+            KIND_WORKFLOW_NEXT_ID => LogRecord::WorkflowNextId { id: r.u64()? },
             kind => return Err(RecordError::UnknownKind(kind)),
         };
         Ok(record)
