@@ -995,6 +995,69 @@ mod tests {
     }
 
     #[test]
+    fn workflow_records_decode() {
+        // Fixed bytes: a WorkflowDelete and a WorkflowNextId.
+        let mut delete = vec![2, KIND_WORKFLOW_DELETE];
+        delete.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&delete, 0),
+            Ok(LogRecord::WorkflowDelete { id: 7 })
+        );
+        let mut next = vec![2, KIND_WORKFLOW_NEXT_ID];
+        next.extend_from_slice(&8u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&next, 0),
+            Ok(LogRecord::WorkflowNextId { id: 8 })
+        );
+        // A progress record by hand: workflow 3 succeeded at version 4,
+        // step 1 completed (the first to) with result "r".
+        let mut progress = vec![2, KIND_WORKFLOW_PROGRESS, 1];
+        progress.extend_from_slice(&3u64.to_le_bytes());
+        progress.extend_from_slice(&[1, 0, 0]); // succeeded, no error, no flags
+        progress.extend_from_slice(&5_000u64.to_le_bytes()); // updated at
+        progress.push(1);
+        progress.extend_from_slice(&5_000u64.to_le_bytes()); // finished at
+        progress.extend_from_slice(&4u64.to_le_bytes()); // version
+        progress.extend_from_slice(&1u32.to_le_bytes()); // one step
+        progress.extend_from_slice(&1u32.to_le_bytes()); // step 1
+        progress.push(2); // completed
+        progress.push(1);
+        progress.extend_from_slice(&42u64.to_le_bytes()); // job 42
+        progress.push(1);
+        progress.extend_from_slice(&1u32.to_le_bytes());
+        progress.push(b'r');
+        progress.push(0); // no error
+        progress.extend_from_slice(&1u32.to_le_bytes()); // completed first
+        progress.push(1);
+        progress.extend_from_slice(&4_999u64.to_le_bytes());
+        progress.push(0); // no compensation job
+        let decoded = LogRecord::decode(&progress, 0).expect("decodes");
+        let LogRecord::WorkflowProgress(p) = &decoded else {
+            panic!("a progress record, got {decoded:?}");
+        };
+        assert_eq!(p.id, 3);
+        assert_eq!(p.status.version, 4);
+        assert_eq!(p.status.finished_at_ms, Some(5_000));
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].0, 1);
+        assert_eq!(p.steps[0].1.job, Some(42));
+        assert_eq!(p.steps[0].1.result.as_deref(), Some(&b"r"[..]));
+        let mut again = Vec::new();
+        decoded.encode(0, &mut again);
+        assert_eq!(again, progress, "the encoder writes the documented bytes");
+        // Inside a batch, as an operation logs them.
+        let batch = LogRecord::Batch(vec![decoded, LogRecord::WorkflowDelete { id: 7 }]);
+        let mut bytes = Vec::new();
+        batch.encode(0, &mut bytes);
+        assert_eq!(LogRecord::decode(&bytes, 0), Ok(batch));
+        // Version 1 payloads know no workflows.
+        assert_eq!(
+            LogRecord::decode(&[1, KIND_WORKFLOW_DELETE], 0),
+            Err(RecordError::UnknownKind(KIND_WORKFLOW_DELETE))
+        );
+    }
+
+    #[test]
     fn a_batch_in_a_batch_is_refused() {
         let mut bytes = Vec::new();
         LogRecord::Batch(vec![LogRecord::Batch(Vec::new())]).encode(0, &mut bytes);
