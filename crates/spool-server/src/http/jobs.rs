@@ -50,7 +50,7 @@ const LIST_LIMIT_DEFAULT: u32 = 100;
 
 type Shared<B> = State<Arc<HttpState<B>>>;
 type IdPath = Result<Path<String>, PathRejection>;
-type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+pub(super) type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// The `/v1` routes (state still to be given).
 pub(super) fn routes<B: Broker>() -> Router<Arc<HttpState<B>>> {
@@ -90,11 +90,14 @@ pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<Ht
         ("/v1/jobs/{id}/bury", post(bury::<B>)),
         ("/v1/jobs/{id}/kick", post(kick::<B>)),
     ]
+    .into_iter()
+    .chain(super::workflows::route_table::<B>())
+    .collect()
 }
 
 // ---- errors ---------------------------------------------------------------
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", message).with_field(field)
 }
 
@@ -122,7 +125,7 @@ pub(super) fn broker_error(error: BrokerError) -> ApiError {
 
 /// A broker that answered an op with another op's outcome: a bug, but
 /// the client still gets JSON.
-fn unexpected() -> ApiError {
+pub(super) fn unexpected() -> ApiError {
     broker_error(BrokerError::Internal(
         "the broker answered with the wrong kind of outcome".into(),
     ))
@@ -162,7 +165,7 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
 /// Parses a JSON body; an empty one, or `null`, counts as `{}` (for
 /// actions whose fields are all optional: kick, cancel, pause, ...; the
 /// OpenAPI document says such a body may be absent or null).
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let trimmed = body.trim_ascii();
     let body: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
         b"{}"
@@ -183,7 +186,9 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// A field given as JSON `null` is still given: `payload: null` stores the
 /// text `null` (plain `Option` would read it as absent).
-fn present_raw<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Box<RawValue>>, D::Error> {
+pub(super) fn present_raw<'de, D: Deserializer<'de>>(
+    de: D,
+) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(de).map(Some)
 }
 
@@ -204,7 +209,10 @@ fn queue_name(path: IdPath) -> Result<QueueName, ApiError> {
 
 /// The query's parameters, each at most once and each one the endpoint
 /// knows: a misspelt option is an error, not a silent default.
-fn query(pairs: QueryPairs, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+pub(super) fn query(
+    pairs: QueryPairs,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, ApiError> {
     let Query(pairs) = pairs.map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()).with_field("query")
     })?;
@@ -405,24 +413,24 @@ pub(super) struct EnqueueBody {
     /// Any JSON value, stored as its text (or give `payload_base64`).
     #[serde(default, deserialize_with = "present_raw")]
     #[schema(value_type = Option<serde_json::Value>)]
-    payload: Option<Box<RawValue>>,
-    payload_base64: Option<String>,
-    priority: Option<u32>,
-    delay_ms: Option<u64>,
+    pub(super) payload: Option<Box<RawValue>>,
+    pub(super) payload_base64: Option<String>,
+    pub(super) priority: Option<u32>,
+    pub(super) delay_ms: Option<u64>,
     /// An RFC 3339 instant (or give `delay_ms`).
     #[schema(format = DateTime)]
-    run_at: Option<String>,
-    ttr_ms: Option<u64>,
-    max_attempts: Option<u32>,
-    backoff: Option<BackoffBody>,
-    headers: Option<BTreeMap<String, String>>,
-    idempotency_key: Option<String>,
-    idempotency_ttl_ms: Option<u64>,
+    pub(super) run_at: Option<String>,
+    pub(super) ttr_ms: Option<u64>,
+    pub(super) max_attempts: Option<u32>,
+    pub(super) backoff: Option<BackoffBody>,
+    pub(super) headers: Option<BTreeMap<String, String>>,
+    pub(super) idempotency_key: Option<String>,
+    pub(super) idempotency_ttl_ms: Option<u64>,
 }
 
 impl EnqueueBody {
     /// `prefix` names the job in a batch (`jobs[3].`) in errors.
-    fn into_new_job(self, prefix: &str) -> Result<NewJob, ApiError> {
+    pub(super) fn into_new_job(self, prefix: &str) -> Result<NewJob, ApiError> {
         let payload =
             bytes_of(self.payload, self.payload_base64, prefix, "payload")?.ok_or_else(|| {
                 invalid(
@@ -440,7 +448,7 @@ impl EnqueueBody {
             headers: self.headers.unwrap_or_default(),
             idempotency_key: self.idempotency_key,
             idempotency_ttl_ms: self.idempotency_ttl_ms,
-            parents: Default::default(),
+            parents: BTreeMap::new(),
         })
     }
 }
@@ -566,7 +574,7 @@ pub(super) struct PolicyBody {
 // ---- output ---------------------------------------------------------------
 
 /// The stored bytes as JSON, when they are a JSON text.
-fn as_json(bytes: &[u8]) -> Option<&RawValue> {
+pub(super) fn as_json(bytes: &[u8]) -> Option<&RawValue> {
     let text = std::str::from_utf8(bytes).ok()?;
     serde_json::from_str::<&RawValue>(text).ok()
 }
@@ -673,6 +681,16 @@ pub(super) struct JobOut<'a> {
     /// On an enqueue: whether the idempotency key named an existing job.
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
+    /// A workflow step's (or compensation's) inputs: step → its result,
+    /// as JSON when the result is JSON text (null when there was none).
+    /// Absent on other jobs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, serde_json::Value>)]
+    parents: BTreeMap<&'a str, Option<&'a RawValue>>,
+    /// Parents' results that are not JSON text, as base64.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    parents_base64: BTreeMap<&'a str, String>,
 }
 
 impl<'a> JobOut<'a> {
@@ -682,6 +700,7 @@ impl<'a> JobOut<'a> {
             Some(json) => (Some(json), None),
             None => (None, Some(base64_encode(&j.payload))),
         };
+        let (parents, parents_base64) = super::workflows::parents_out(&j.parents);
         let (result, result_base64) = match j.result.as_deref() {
             None => (Some(None), None),
             Some(bytes) => match as_json(bytes) {
@@ -714,6 +733,8 @@ impl<'a> JobOut<'a> {
             version: j.version,
             lease: None,
             duplicate: None,
+            parents,
+            parents_base64,
         }
     }
 }
@@ -832,7 +853,7 @@ pub(super) struct QueuesOut<'a> {
     queues: Vec<QueueOut<'a>>,
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (
             status,
@@ -874,7 +895,7 @@ fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
     })
 }
 
-async fn call<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Outcome, ApiError> {
+pub(super) async fn call<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Outcome, ApiError> {
     broker(state)?.call(op).await.map_err(broker_error)
 }
 
@@ -1793,11 +1814,12 @@ pub(super) fn command_name(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["jobs", _, "release"]) => "POST /v1/jobs/{id}/release",
         ("POST", ["jobs", _, "bury"]) => "POST /v1/jobs/{id}/bury",
         ("POST", ["jobs", _, "kick"]) => "POST /v1/jobs/{id}/kick",
-        _ => return None,
+        (method, segments) => return super::workflows::command_name(method, segments),
     })
 }
 
 /// Whether a request is a batch enqueue (its body has its own bound).
 pub(super) fn is_batch(method: &str, path: &str) -> bool {
-    method == "POST" && path.starts_with("/v1/queues/") && path.ends_with("/jobs/batch")
+    (method == "POST" && path.starts_with("/v1/queues/") && path.ends_with("/jobs/batch"))
+        || super::workflows::is_start(method, path)
 }

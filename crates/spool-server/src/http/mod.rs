@@ -40,6 +40,7 @@ pub mod exposition;
 mod jobs;
 mod metrics;
 mod openapi;
+mod workflows;
 
 use std::convert::Infallible;
 use std::future::Future;

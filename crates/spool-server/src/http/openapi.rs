@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{jobs, metrics};
+use super::{jobs, metrics, workflows};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,12 +44,17 @@ use super::{jobs, metrics};
         jobs::set_policy,
         jobs::pause,
         jobs::resume,
+        workflows::start_workflow,
+        workflows::get_workflow,
+        workflows::list_workflows,
+        workflows::cancel_workflow,
     ),
     modifiers(&BearerScheme),
     tags(
         (name = "jobs", description = "Enqueue, read, change and cancel jobs"),
         (name = "workers", description = "Lease jobs and settle them"),
         (name = "queues", description = "Queues: listings, purges, policies, pauses"),
+        (name = "workflows", description = "Sagas and DAGs of steps with compensation"),
         (name = "operations", description = "Probes and metrics"),
     ),
 )]
