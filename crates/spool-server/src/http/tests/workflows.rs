@@ -146,6 +146,30 @@ async fn a_saga_runs_and_compensates_over_http() {
         "wrong_state",
         None,
     );
+
+    let metrics = s.get("/metrics").await.body;
+    for line in [
+        "spool_workflows_started_total 1",
+        "spool_workflows_finished_total{state=\"compensated\"} 1",
+        "spool_workflows_finished_total{state=\"succeeded\"} 0",
+        "spool_workflow_steps_total{outcome=\"completed\"} 2",
+        "spool_workflow_steps_total{outcome=\"failed\"} 1",
+        "spool_workflow_steps_total{outcome=\"cancelled\"} 0",
+        "spool_workflow_steps_total{outcome=\"compensated\"} 2",
+        "spool_workflow_duration_seconds_count 1",
+        "spool_workflows{state=\"compensated\"} 1",
+        "spool_workflows{state=\"running\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} in:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("workflow"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     s.stop().await;
 }
 
