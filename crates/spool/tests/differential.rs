@@ -27,10 +27,10 @@
 //! * A loaded machine stalls a step for a second or more (seen at load 18
 //!   on 2 cores), and a stall only ever makes time pass, never less. So
 //!   wait for an event with an `Expect` (its deadline is generous) rather
-//!   than a sleep; leave at least 1.5 s between a `quiet` window's end and
+//!   than a sleep; leave at least 2.5 s between a `quiet` window's end and
 //!   the timer it says has not fired yet; and keep a lease that must still
-//!   be held when it is read at least 2 s long, or read it in the same
-//!   write that took it.
+//!   be held when it is read at least 3 s long, or read it in the same
+//!   write that took it (or queued behind the reserve that takes it).
 //! * Read time fields (`age`, `time-left`, `pause-time-left`) at once or
 //!   well away from a whole second. A scenario whose transcripts differ in
 //!   those fields only is played again (see [`CLOCK_ATTEMPTS`]).
@@ -414,15 +414,15 @@ fn delete_in_every_state() -> Vec<Step> {
 
 fn touch() -> Vec<Step> {
     script![
-        se("a", put(0, 0, 4, "t"), 1),
+        se("a", put(0, 0, 6, "t"), 1),
         se("a", "reserve\r\n", 1),
         se("b", "touch 1\r\n", 1),
         se("a", "touch 99\r\n", 1),
-        sleep(2000),
+        sleep(3000),
         se("a", "touch 1\r\n", 1),
         se("a", "stats-job 1\r\n", 1),
-        // Past the original deadline (4 s), well before the moved one (6 s).
-        sleep(2300),
+        // Past the original deadline (6 s), well before the moved one (9 s).
+        sleep(3300),
         se("a", "stats-job 1\r\n", 1),
         se("a", "delete 1\r\n", 1),
         se("a", put(0, 0, 10, "ready"), 1),
@@ -458,14 +458,14 @@ fn ttr_expiry() -> Vec<Step> {
 
 fn ttr_expiry_hands_job_to_waiter() -> Vec<Step> {
     script![
-        se("a", put(0, 0, 2, "x"), 1),
+        se("a", put(0, 0, 3, "x"), 1),
         se("a", "reserve\r\n", 1),
         s("b", "reserve\r\n"),
         quiet("b", 200),
         // Queued behind the blocked reserve, so it is answered the moment
         // b gets the job, however late the harness reads it.
         s("b", "stats-job 1\r\n"),
-        sleep(2050),
+        sleep(3050),
         poke("a"),
         e("b", 2),
         se("a", "delete 1\r\n", 1),
@@ -478,7 +478,7 @@ fn ttr_expiry_hands_job_to_waiter() -> Vec<Step> {
 /// is answered at once.
 fn deadline_soon() -> Vec<Step> {
     script![
-        se("a", put(0, 0, 3, "x"), 1),
+        se("a", put(0, 0, 4, "x"), 1),
         se("a", "reserve\r\n", 1),
         s("a", "reserve\r\n"),
         quiet("a", 200),
@@ -497,9 +497,9 @@ fn deadline_soon() -> Vec<Step> {
 
 fn deadline_soon_with_timeout() -> Vec<Step> {
     script![
-        se("a", put(0, 0, 4, "x"), 1),
+        se("a", put(0, 0, 5, "x"), 1),
         se("a", "reserve\r\n", 1),
-        // Waits into the safety margin, which starts after three seconds.
+        // Waits into the safety margin, which starts after four seconds.
         s("a", "reserve-with-timeout 10\r\n"),
         quiet("a", 1000),
         e("a", 1),
@@ -529,7 +529,7 @@ fn deadline_soon_prefers_ready_job() -> Vec<Step> {
 fn reserve_with_timeout() -> Vec<Step> {
     script![
         se("a", "reserve-with-timeout 0\r\n", 1),
-        s("a", "reserve-with-timeout 2\r\n"),
+        s("a", "reserve-with-timeout 3\r\n"),
         quiet("a", 200),
         e("a", 1),
         s("a", "reserve-with-timeout 10\r\n"),
@@ -562,7 +562,7 @@ fn release_wakes_waiter() -> Vec<Step> {
         e("b", 1),
         s("a", "reserve\r\n"),
         quiet("a", 200),
-        se("b", "release 1 0 2\r\n", 1),
+        se("b", "release 1 0 3\r\n", 1),
         quiet("a", 200),
         e("a", 1),
         se("a", "stats-job 1\r\n", 1),
@@ -1097,10 +1097,10 @@ fn lenient_integers() -> Vec<Step> {
         se("b", "reserve-with-timeout 0 \r\n", 1),
         se("b", "reserve-with-timeout 0x\r\n", 1),
         se("b", "reserve-with-timeout 4294967296\r\n", 1),
-        s("b", "reserve-with-timeout 2x\r\n"),
+        s("b", "reserve-with-timeout 3x\r\n"),
         quiet("b", 200),
         e("b", 1),
-        s("b", "reserve-with-timeout 4294967298\r\n"),
+        s("b", "reserve-with-timeout 4294967299\r\n"),
         quiet("b", 200),
         e("b", 1),
         // -1 wraps to 4294967295 seconds: a long wait, answered by a put.
