@@ -7,6 +7,7 @@
 //! beanstalkd session it carries as requests (see [`Session`]).
 
 mod broker;
+mod clock;
 pub mod conformance;
 mod error;
 pub mod metrics;
@@ -17,6 +18,7 @@ mod snapshot;
 pub mod workflow;
 
 pub use broker::{Broker, BrokerHealth, Peer, Session};
+pub use clock::Clock;
 pub use error::{BrokerError, Conflict};
 pub use metrics::{Buckets, Histogram};
 pub use model::{

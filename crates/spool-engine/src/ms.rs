@@ -36,8 +36,8 @@ impl<T: PartialEq + Copy> Ms<T> {
         self.items.is_empty()
     }
 
-    pub(crate) fn contains(&self, item: T) -> bool {
-        self.items.contains(&item)
+    pub(crate) fn as_slice(&self) -> &[T] {
+        &self.items
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = T> + '_ {

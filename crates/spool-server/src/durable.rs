@@ -39,6 +39,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use spool_broker::Clock;
 use spool_engine::{
     job_record_log_bytes, Buckets, Engine, Histogram, LogRecord, QueueRecord, RecordError,
     ReplayError,
@@ -51,7 +52,7 @@ use crate::limits::{
     COMPACTION_RETRY_MAX, COMPACTION_RETRY_MIN, COMPACTION_ROOM_SLACK_DIVISOR,
     SEGMENT_CREATE_ROOM_BYTES,
 };
-use crate::local::{Clock, CommitAck, LogLink, LogMsg};
+use crate::local::{CommitAck, LogLink, LogMsg};
 
 /// Room held for one job's delete record, as the engine encodes it.
 const DELETE_RESERVE_BYTES: u64 = spool_engine::DELETE_RECORD_LOG_BYTES;
@@ -1725,7 +1726,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "spool-durable-{name}-{}-{}",
             std::process::id(),
-            Clock::start().epoch_ns()
+            crate::local::engine_clock().epoch_ns()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -1791,7 +1792,11 @@ mod tests {
 
     #[test]
     fn segments_that_no_live_job_needs_go_and_ids_stay_taken() {
-        let (sim, clock, dir) = (SimStorage::new(), Clock::start(), reserve_dir("trim"));
+        let (sim, clock, dir) = (
+            SimStorage::new(),
+            crate::local::engine_clock(),
+            reserve_dir("trim"),
+        );
         let mut w = writer(&sim, small_segments(), &clock, &dir);
         // Segments 1, 2, 3 hold jobs 1-2, 3-4, 5-6.
         commit(&mut w, 1, puts(1..=6), 6);
@@ -1818,7 +1823,11 @@ mod tests {
 
     #[test]
     fn trimming_picks_up_where_recovery_left_off() {
-        let (sim, clock, dir) = (SimStorage::new(), Clock::start(), reserve_dir("retrim"));
+        let (sim, clock, dir) = (
+            SimStorage::new(),
+            crate::local::engine_clock(),
+            reserve_dir("retrim"),
+        );
         let mut w = writer(&sim, small_segments(), &clock, &dir);
         commit(&mut w, 1, puts(1..=6), 6);
         drop(w);
@@ -1835,7 +1844,11 @@ mod tests {
 
     #[test]
     fn a_compaction_that_cannot_get_space_is_abandoned_and_retried() {
-        let (sim, clock, dir) = (SimStorage::new(), Clock::start(), reserve_dir("abandon"));
+        let (sim, clock, dir) = (
+            SimStorage::new(),
+            crate::local::engine_clock(),
+            reserve_dir("abandon"),
+        );
         let options = WalOptions::default();
         let mut w = writer(&sim, options.clone(), &clock, &dir);
         commit(&mut w, 1, puts(1..=4), 4);
@@ -1901,7 +1914,11 @@ mod tests {
 
     #[test]
     fn no_room_for_the_cut_abandons_the_compaction_and_keeps_the_log() {
-        let (sim, clock, dir) = (SimStorage::new(), Clock::start(), reserve_dir("nocut"));
+        let (sim, clock, dir) = (
+            SimStorage::new(),
+            crate::local::engine_clock(),
+            reserve_dir("nocut"),
+        );
         let mut w = writer(&sim, WalOptions::default(), &clock, &dir);
         commit(&mut w, 1, puts(1..=2), 2);
         // The new segment's header does not fit.

@@ -13,9 +13,10 @@ pub mod process;
 
 pub use durable::{SharedStorageStats, StorageStats};
 pub use local::{
-    Clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg, LogSink, ENGINE_EPOCH_WALL_NS,
+    engine_clock, manual_engine_clock, CommitAck, LocalBroker, LocalSession, LogLink, LogMsg,
+    LogSink, ENGINE_EPOCH_WALL_NS,
 };
-pub use spool_broker::{Broker, BrokerError, BrokerHealth, Peer, Session};
+pub use spool_broker::{Broker, BrokerError, BrokerHealth, Clock, Peer, Session};
 pub use spool_engine::metrics::{
     Buckets, Histogram, COMMIT_BATCH_BUCKETS_RECORDS, IO_LATENCY_BUCKETS_SECONDS,
     QUEUE_LATENCY_BUCKETS_SECONDS,

@@ -27,9 +27,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use spool_broker::{Broker, BrokerError, BrokerHealth, Leased, Op, Outcome, Peer, Session};
+use spool_broker::{Broker, BrokerError, BrokerHealth, Clock, Leased, Op, Outcome, Peer, Session};
 use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord, SnapshotScope};
 use spool_proto::{Request, Response, TubeName};
 use tokio::sync::{mpsc, oneshot};
@@ -48,68 +48,18 @@ const MESSAGES_PER_ROUND_MAX: usize = 4096;
 /// the log exactly instead of being clamped to this run's start.
 pub const ENGINE_EPOCH_WALL_NS: u64 = 1_577_836_800_000_000_000;
 
-/// The engine's clock: nanoseconds since [`ENGINE_EPOCH_WALL_NS`], read
-/// from the wall clock once at start and advanced by a monotonic clock
-/// after that (so a wall-clock step never moves a timer); or, for tests, a
-/// manual clock that only [`Clock::advance`] moves.
-#[derive(Debug, Clone)]
-pub struct Clock {
-    start: Instant,
-    start_ns: u64,
-    manual: Option<Arc<AtomicU64>>,
+/// The engine's clock: nanoseconds since [`ENGINE_EPOCH_WALL_NS`] on the
+/// wall clock, read once at start and advanced by a monotonic clock after
+/// that (so a wall-clock step never moves a timer).
+pub fn engine_clock() -> Clock {
+    Clock::wall_since(ENGINE_EPOCH_WALL_NS)
 }
 
-impl Clock {
-    pub fn start() -> Clock {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Clock {
-            start: Instant::now(),
-            start_ns: (wall.as_nanos() as u64).saturating_sub(ENGINE_EPOCH_WALL_NS),
-            manual: None,
-        }
-    }
-
-    /// A clock that stands still at `now_ns` until advanced: tests control
-    /// time with it (no sleeps for TTRs, backoffs or retention).
-    pub fn manual(now_ns: u64) -> Clock {
-        Clock {
-            start: Instant::now(),
-            start_ns: now_ns,
-            manual: Some(Arc::new(AtomicU64::new(now_ns))),
-        }
-    }
-
-    pub fn now_ns(&self) -> u64 {
-        match &self.manual {
-            Some(now) => now.load(Ordering::Acquire),
-            None => self.start_ns + self.start.elapsed().as_nanos() as u64,
-        }
-    }
-
-    /// Moves a manual clock forward (no-op on a real one).
-    pub fn advance(&self, ns: u64) {
-        if let Some(now) = &self.manual {
-            now.fetch_add(ns, Ordering::AcqRel);
-        }
-    }
-
-    /// Wall-clock nanoseconds since the Unix epoch at engine time 0.
-    pub fn epoch_ns(&self) -> u64 {
-        ENGINE_EPOCH_WALL_NS
-    }
-
-    /// When engine time `ns` comes on the monotonic clock; `None` on a
-    /// manual clock (its timers run when it is advanced) or past any
-    /// representable instant.
-    fn instant_at(&self, ns: u64) -> Option<Instant> {
-        if self.manual.is_some() {
-            return None;
-        }
-        self.start
-            .checked_add(Duration::from_nanos(ns.saturating_sub(self.start_ns)))
-    }
+/// A manual engine clock standing at `now_ns` since
+/// [`ENGINE_EPOCH_WALL_NS`]: tests control time with it (no sleeps for
+/// TTRs, backoffs or retention) through [`LocalBroker::advance_clock`].
+pub fn manual_engine_clock(now_ns: u64) -> Clock {
+    Clock::manual_since(ENGINE_EPOCH_WALL_NS, now_ns)
 }
 
 /// Snapshot records the engine task adds to one round while compacting:
@@ -426,7 +376,7 @@ impl LocalBroker {
         }
     }
 
-    /// Moves a manual clock (see [`Clock::manual`]) forward and runs the
+    /// Moves a manual clock (see [`manual_engine_clock`]) forward and runs the
     /// timers that came due; operations sent after this see them done.
     pub fn advance_clock(&self, ns: u64) {
         self.clock.advance(ns);
@@ -1386,7 +1336,7 @@ mod tests {
         let engine = Engine::new(EngineConfig {
             max_job_size: 1 << 16,
         });
-        LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"))
+        LocalBroker::start(engine, engine_clock(), None, ProcessInfo::new("test"))
     }
 
     fn put(body: &'static [u8]) -> Request {
@@ -1564,10 +1514,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "spool-local-test-{}-{}",
             std::process::id(),
-            Clock::start().epoch_ns()
+            engine_clock().epoch_ns()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let clock = Clock::start();
+        let clock = engine_clock();
         let mut engine = Engine::new(EngineConfig {
             max_job_size: 1 << 16,
         });
@@ -1671,7 +1621,7 @@ mod tests {
         };
         let broker = LocalBroker::start(
             engine,
-            Clock::start(),
+            engine_clock(),
             Some(LogSink::Thread(link)),
             ProcessInfo::new("test"),
         );
@@ -1803,7 +1753,7 @@ mod tests {
         storage: &spool_wal::sim::SimStorage,
         dir: &std::path::Path,
     ) -> EngineTask {
-        let clock = Clock::start();
+        let clock = engine_clock();
         let mut engine = Engine::new(EngineConfig {
             max_job_size: 1 << 16,
         });
@@ -1838,7 +1788,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "spool-local-{name}-{}-{}",
             std::process::id(),
-            Clock::start().epoch_ns()
+            engine_clock().epoch_ns()
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir

@@ -18,7 +18,7 @@ use spool_engine::{Engine, EngineConfig};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener, LISTEN_BACKLOG};
 use spool_server::connections::{Connections, Protocol};
 use spool_server::process::{self, ProcessInfo};
-use spool_server::{Clock, LocalBroker};
+use spool_server::{engine_clock, LocalBroker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Connections opened at once: twice the backlog tokio's own listener
@@ -58,7 +58,7 @@ fn a_burst_of_connections_opened_at_once_is_accepted_and_served() {
             let engine = Engine::new(EngineConfig {
                 max_job_size: 65_535,
             });
-            let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
+            let broker = LocalBroker::start(engine, engine_clock(), None, ProcessInfo::new("test"));
             beanstalk::serve(
                 BeanstalkListener::Tcp(listener),
                 broker,

@@ -10,7 +10,7 @@ use spool_broker::conformance::Harness;
 use spool_engine::{Engine, EngineConfig};
 use spool_server::durable::{self, FsyncPolicy, InlineLog};
 use spool_server::process::ProcessInfo;
-use spool_server::{Clock, LocalBroker, LogSink};
+use spool_server::{manual_engine_clock, Clock, LocalBroker, LogSink};
 use spool_wal::WalOptions;
 
 /// Attempts to reopen a log whose previous broker is still stopping.
@@ -49,7 +49,7 @@ struct LocalHarness {
 
 impl LocalHarness {
     fn in_memory() -> LocalHarness {
-        let clock = Clock::manual(START_NS);
+        let clock = manual_engine_clock(START_NS);
         let broker = LocalBroker::start(engine(), clock.clone(), None, ProcessInfo::new("test"));
         LocalHarness {
             broker,
@@ -64,7 +64,7 @@ impl LocalHarness {
     }
 
     fn try_durable(dir: PathBuf, fsync: FsyncPolicy, now_ns: u64) -> Result<LocalHarness, String> {
-        let clock = Clock::manual(now_ns);
+        let clock = manual_engine_clock(now_ns);
         let (broker, log_thread) = open(&dir, fsync, &clock)?;
         Ok(LocalHarness {
             broker,

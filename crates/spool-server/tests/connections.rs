@@ -23,7 +23,7 @@ use spool_server::connections::{
 };
 use spool_server::limits::{FD_HEADROOM, HTTP_FD_RESERVE, REQUEST_BODY_MIN_BYTES_PER_SEC};
 use spool_server::process::{self, ProcessInfo};
-use spool_server::{Clock, LocalBroker};
+use spool_server::{engine_clock, LocalBroker};
 
 /// Longest any expected event (a reply, a close) may take.
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
@@ -54,7 +54,7 @@ impl TestServer {
                     max_job_size: config.max_job_size,
                 });
                 let broker =
-                    LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
+                    LocalBroker::start(engine, engine_clock(), None, ProcessInfo::new("test"));
                 beanstalk::serve(
                     BeanstalkListener::Tcp(listener),
                     broker,

@@ -23,7 +23,7 @@ use spool_server::connections::{Connections, Protocol};
 use spool_server::durable::{self, FsyncPolicy, InlineLog};
 use spool_server::http::{self, HttpLimits, HttpSettings, HttpState};
 use spool_server::process::ProcessInfo;
-use spool_server::{process, Broker, Clock, LocalBroker, LogSink};
+use spool_server::{engine_clock, process, Broker, LocalBroker, LogSink};
 use spool_wal::{WalError, WalOptions, SEGMENT_MAX_BYTES_DEFAULT};
 
 /// What the beanstalkd `stats` reports as `version`: exactly beanstalkd
@@ -721,7 +721,7 @@ async fn serve(
     // it instead of killing the process.
     let mut signals = Signals::install().context("installing signal handlers")?;
     let mut terminated = std::pin::pin!(signals.terminated());
-    let clock = Clock::start();
+    let clock = engine_clock();
     let mut engine = Engine::new(EngineConfig {
         max_job_size: config.max_job_size,
     });

@@ -694,7 +694,7 @@ async fn heartbeats_keep_a_job_past_its_ttr() {
             .queue("long")
             .build(|_job: Job, _ctx: JobContext| async {
                 // Runs over two TTRs: only heartbeats keep the lease.
-                tokio::time::sleep(Duration::from_millis(2_500)).await;
+                tokio::time::sleep(Duration::from_millis(4_500)).await;
                 Ok::<_, HandlerError>(json!("done"))
             });
     let stop = worker.shutdown_handle();
@@ -702,7 +702,9 @@ async fn heartbeats_keep_a_job_past_its_ttr() {
     let job = c
         .enqueue(
             "long",
-            &Enqueue::json(&1).expect("json").ttr(Duration::from_secs(1)),
+            // 2 s: a heartbeat every 667 ms, so a stall of a loaded machine
+            // (a second or more) does not lose the lease.
+            &Enqueue::json(&1).expect("json").ttr(Duration::from_secs(2)),
         )
         .await
         .expect("enqueue");

@@ -7,7 +7,7 @@ use super::*;
 impl Engine {
     /// How many jobs `conn` has reserved (0 for an unknown session).
     pub fn reserved_count(&self, conn: ConnId) -> usize {
-        self.conns.get(&conn).map_or(0, |c| c.reserved.len())
+        self.conns.get(&conn).map_or(0, |c| c.reserved_count())
     }
 
     /// Replies produced since the last call, in the order they were made.
@@ -23,7 +23,7 @@ impl Engine {
     /// True while `conn` is blocked in a `reserve`: its next request must
     /// wait until a reply for it appears in the outbox.
     pub fn is_waiting(&self, conn: ConnId) -> bool {
-        self.conns.get(&conn).is_some_and(|c| c.wait.is_some())
+        self.conns.get(&conn).is_some_and(|c| c.wait().is_some())
     }
 
     /// Opens a session using and watching the `default` tube. The caller
@@ -34,25 +34,12 @@ impl Engine {
             "connection {id} is already open"
         );
         let tube = self.default_tube;
-        let mut watch = Ms::default();
-        watch.push(tube);
         self.incref(tube);
         self.incref(tube);
         let t = self.tube_mut(tube);
         t.using += 1;
         t.watching += 1;
-        self.conns.insert(
-            id,
-            Conn {
-                use_tube: tube,
-                watch,
-                reserved: BTreeMap::new(),
-                deadlines: BTreeSet::new(),
-                wait: None,
-                producer: false,
-                worker: false,
-            },
-        );
+        self.conns.insert(id, Conn::new(tube));
         self.counters.current_connections += 1;
         self.counters.total_connections += 1;
     }
@@ -67,7 +54,7 @@ impl Engine {
         self.counters.current_connections -= 1;
         self.counters.producers -= u64::from(conn.producer);
         self.counters.workers -= u64::from(conn.worker);
-        for (_, id) in std::mem::take(&mut conn.reserved) {
+        for (_, id) in conn.take_reserved() {
             self.release_reservation_of(id);
             // The lease ends by itself: not a change (see `lease_job`).
             let version = self.jobs[&id].version;
@@ -76,7 +63,8 @@ impl Engine {
         }
         // Release watched tubes front first, as beanstalkd's `ms_clear` does:
         // the order decides where freed tubes leave holes in `list-tubes`.
-        while let Some(tube) = conn.watch.delete_at(0) {
+        let mut watch = conn.take_watched();
+        while let Some(tube) = watch.delete_at(0) {
             self.tube_mut(tube).watching -= 1;
             self.decref(tube);
         }
@@ -175,8 +163,8 @@ impl Engine {
             }
             Request::ListTubesWatched => {
                 self.counters.cmd_list_tubes_watched += 1;
-                let watch = self.conn(conn).watch.iter();
-                let names = watch.map(|t| self.tube(t).name.clone()).collect();
+                let watch = self.conn(conn).watched().iter();
+                let names = watch.map(|&t| self.tube(t).name.clone()).collect();
                 Some(Response::TubeList(names))
             }
             Request::PauseTube { tube, delay_secs } => {
@@ -262,12 +250,11 @@ impl Engine {
         self.counters.cmd_watch += 1;
         let tube = self.find_or_make_tube(name);
         let conn = self.conns.get_mut(&conn_id).expect("connected");
-        if !conn.watch.contains(tube) {
-            conn.watch.push(tube);
+        if conn.watch(tube) {
             self.incref(tube);
             self.tube_mut(tube).watching += 1;
         }
-        let count = self.conn(conn_id).watch.len();
+        let count = self.conn(conn_id).watched().len();
         Some(Response::Watching(count))
     }
 
@@ -275,19 +262,20 @@ impl Engine {
         self.counters.cmd_ignore += 1;
         let found = self
             .conn(conn_id)
-            .watch
+            .watched()
             .iter()
+            .copied()
             .find(|&t| self.tube(t).name == *name);
         if let Some(tube) = found {
             let conn = self.conns.get_mut(&conn_id).expect("connected");
-            if conn.watch.len() < 2 {
+            if conn.watched().len() < 2 {
                 return Some(Response::NotIgnored);
             }
-            conn.watch.remove(tube);
+            conn.unwatch(tube);
             self.tube_mut(tube).watching -= 1;
             self.decref(tube);
         }
-        Some(Response::Watching(self.conn(conn_id).watch.len()))
+        Some(Response::Watching(self.conn(conn_id).watched().len()))
     }
 
     /// `timeout`: `None` for plain `reserve`, `Some(None)` for a negative
@@ -506,19 +494,18 @@ impl Engine {
     pub(super) fn wait_for_job(&mut self, conn_id: ConnId, timeout_ns: Option<u64>, now: u64) {
         let conn = self.conns.get_mut(&conn_id).expect("connected");
         let soon_at = conn
-            .deadlines
-            .first()
-            .map(|&(d, _)| d.saturating_sub(DEADLINE_SAFETY_MARGIN_NS));
+            .first_deadline()
+            .map(|d| d.saturating_sub(DEADLINE_SAFETY_MARGIN_NS));
         let timeout_at = timeout_ns.map(|t| now.saturating_add(t));
         let timer_at_ns = match (soon_at, timeout_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        conn.wait = Some(Wait {
+        conn.set_wait(Wait {
             timer_at_ns,
             since_ns: now,
         });
-        let watch: Vec<TubeId> = conn.watch.iter().collect();
+        let watch: Vec<TubeId> = conn.watched().to_vec();
         if let Some(at) = timer_at_ns {
             self.wait_timers.insert((at, conn_id));
         }
@@ -533,14 +520,14 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(&conn_id) else {
             return;
         };
-        let Some(wait) = conn.wait.take() else {
+        let Some(wait) = conn.take_wait() else {
             return;
         };
         if let Some(at) = wait.timer_at_ns {
             self.wait_timers.remove(&(at, conn_id));
         }
         self.counters.waiting -= 1;
-        let watch: Vec<TubeId> = conn.watch.iter().collect();
+        let watch: Vec<TubeId> = conn.watched().to_vec();
         for tube in watch {
             let t = self.tube_mut(tube);
             t.waiting.remove(conn_id);
@@ -552,16 +539,15 @@ impl Engine {
 
     pub(super) fn deadline_soon(&self, conn_id: ConnId, now: u64) -> bool {
         self.conn(conn_id)
-            .deadlines
-            .first()
-            .is_some_and(|&(d, _)| now >= d.saturating_sub(DEADLINE_SAFETY_MARGIN_NS))
+            .first_deadline()
+            .is_some_and(|d| now >= d.saturating_sub(DEADLINE_SAFETY_MARGIN_NS))
     }
 
     pub(super) fn conn_ready(&self, conn_id: ConnId) -> bool {
         self.conn(conn_id)
-            .watch
+            .watched()
             .iter()
-            .any(|t| !self.tube(t).ready.is_empty())
+            .any(|&t| !self.tube(t).ready.is_empty())
     }
 
     pub(super) fn set_producer(&mut self, conn_id: ConnId) {

@@ -32,6 +32,7 @@ use crate::record::{
 use crate::workflow::{JobEvent, StepState};
 
 mod beanstalk;
+mod conn;
 mod dispatch;
 mod jobview;
 mod queues;
@@ -42,6 +43,7 @@ mod timers;
 mod views;
 mod workflows;
 
+use conn::Conn;
 use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
 pub use workflows::WorkflowMetrics;
@@ -182,19 +184,6 @@ struct Wait {
     timer_at_ns: Option<u64>,
     /// When the reserve began, for introspection.
     since_ns: u64,
-}
-
-#[derive(Debug)]
-struct Conn {
-    use_tube: TubeId,
-    watch: Ms<TubeId>,
-    /// Reserved jobs in reservation order.
-    reserved: BTreeMap<u64, JobId>,
-    /// (deadline, reservation seq): the first is the soonest to expire.
-    deadlines: BTreeSet<(u64, u64)>,
-    wait: Option<Wait>,
-    producer: bool,
-    worker: bool,
 }
 
 #[derive(Debug, Default)]
@@ -407,7 +396,7 @@ impl Engine {
         let mut blocked: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.wait.is_some())
+            .filter(|(_, c)| c.wait().is_some())
             .map(|(&id, _)| id)
             .collect();
         // In id order, so that the replies do not depend on hash order.
@@ -666,8 +655,7 @@ impl Engine {
         let reserver = job.reserver.take();
         self.reservations.remove(&(deadline, seq, id));
         if let Some(conn) = reserver.and_then(|c| self.conns.get_mut(&c)) {
-            conn.reserved.remove(&seq);
-            conn.deadlines.remove(&(deadline, seq));
+            conn.remove_lease(seq, deadline);
         }
         let t = self.tube_mut(tube);
         t.reserved -= 1;
@@ -687,8 +675,7 @@ impl Engine {
     fn reserve_job(&mut self, conn_id: ConnId, id: JobId, now: u64) {
         let (seq, deadline, body) = self.lease_job(id, Some(conn_id), now);
         let conn = self.conns.get_mut(&conn_id).expect("connected");
-        conn.reserved.insert(seq, id);
-        conn.deadlines.insert((deadline, seq));
+        conn.add_lease(seq, id, deadline);
         self.outbox.push((conn_id, Response::Reserved { id, body }));
     }
 
@@ -946,7 +933,7 @@ impl Engine {
                     // A lease held by no session (the job API's) is in the
                     // reservations alone.
                     if let Some(holder) = job.reserver {
-                        assert_eq!(self.conns[&holder].reserved.get(&job.seq), Some(&job.id));
+                        assert_eq!(self.conns[&holder].reserved_under(job.seq), Some(job.id));
                     }
                     assert!(self
                         .reservations
@@ -962,7 +949,7 @@ impl Engine {
         assert_eq!(self.delayed.len(), delayed);
         assert_eq!(self.counters.reserved, reserved);
         assert_eq!(self.reservations.len() as u64, reserved);
-        let waiting = self.conns.values().filter(|c| c.wait.is_some()).count() as u64;
+        let waiting = self.conns.values().filter(|c| c.wait().is_some()).count() as u64;
         assert_eq!(self.counters.waiting, waiting);
         for &tube in self.tube_order.iter().collect::<Vec<_>>().iter() {
             let t = self.tube(tube);

@@ -559,8 +559,7 @@ impl Engine {
         job.deadline_at_ns = now + job.ttr_ns;
         let (new, holder) = (job.deadline_at_ns, job.reserver);
         if let Some(conn) = holder.and_then(|c| self.conns.get_mut(&c)) {
-            conn.deadlines.remove(&(old, seq));
-            conn.deadlines.insert((new, seq));
+            conn.move_deadline(seq, old, new);
         }
         self.reservations.remove(&(old, seq, id));
         self.reservations.insert((new, seq, id));

@@ -99,18 +99,13 @@ impl Engine {
                 conn_id,
                 tube_used: self.tube(conn.use_tube).name.to_string(),
                 watched: conn
-                    .watch
+                    .watched()
                     .iter()
-                    .map(|t| self.tube(t).name.to_string())
+                    .map(|&t| self.tube(t).name.to_string())
                     .collect(),
-                reserved_job_ids: conn
-                    .reserved
-                    .values()
-                    .take(SNAPSHOT_RESERVED_IDS_MAX)
-                    .copied()
-                    .collect(),
-                reserved_count: conn.reserved.len() as u64,
-                blocked_in_reserve_ns: conn.wait.as_ref().map(|w| now.saturating_sub(w.since_ns)),
+                reserved_job_ids: conn.reserved().take(SNAPSHOT_RESERVED_IDS_MAX).collect(),
+                reserved_count: conn.reserved_count() as u64,
+                blocked_in_reserve_ns: conn.wait().map(|w| now.saturating_sub(w.since_ns)),
             })
             .collect();
         sessions.sort_unstable_by_key(|s| s.conn_id);

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use spool_engine::{Engine, EngineConfig};
 
 use super::*;
-use crate::local::{Clock, LocalBroker};
+use crate::local::{engine_clock, LocalBroker};
 use crate::process::ProcessInfo;
 
 /// What the scripted socket holds, shared with the test.
@@ -98,7 +98,7 @@ async fn replies_to(pieces: &[&[u8]]) -> Vec<u8> {
     let engine = Engine::new(EngineConfig {
         max_job_size: MAX_JOB_SIZE,
     });
-    let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
+    let broker = LocalBroker::start(engine, engine_clock(), None, ProcessInfo::new("test"));
     let connections = Connections::new(None);
     let handle = connections
         .try_admit(Protocol::Beanstalk)

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::connections::Connections;
 use crate::process::ProcessInfo;
-use crate::{Clock, LocalBroker, Session};
+use crate::{engine_clock, LocalBroker, Session};
 
 /// Bound on any one exchange with the test server.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,7 +79,7 @@ impl TestServer {
         let engine = Engine::new(EngineConfig {
             max_job_size: 1 << 16,
         });
-        let broker = LocalBroker::start(engine, Clock::start(), None, ProcessInfo::new("test"));
+        let broker = LocalBroker::start(engine, engine_clock(), None, ProcessInfo::new("test"));
         self.state.set_broker(broker.clone());
         broker
     }

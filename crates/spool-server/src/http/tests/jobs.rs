@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::limits::JOB_WAITS_MAX;
+use crate::manual_engine_clock;
 use spool_engine::SnapshotScope;
 
 /// Engine time the tests start at: 2026-12-04T00:00:00Z.
@@ -20,7 +21,7 @@ async fn started(max_job_size: u32, limits: HttpLimits) -> (TestServer, LocalBro
     let engine = Engine::new(EngineConfig { max_job_size });
     let broker = LocalBroker::start(
         engine,
-        Clock::manual(START_NS),
+        manual_engine_clock(START_NS),
         None,
         ProcessInfo::new("test"),
     );
