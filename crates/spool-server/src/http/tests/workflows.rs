@@ -16,7 +16,7 @@ async fn server() -> TestServer {
     });
     let broker = LocalBroker::start(
         engine,
-        Clock::manual(START_NS),
+        crate::local::manual_engine_clock(START_NS),
         None,
         ProcessInfo::new("test"),
     );
