@@ -15,6 +15,7 @@ mod error;
 mod ops;
 mod pool;
 mod schema;
+mod workflows;
 pub mod testing;
 
 use std::collections::HashMap;

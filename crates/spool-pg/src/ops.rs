@@ -16,12 +16,14 @@ use spool_broker::{
 };
 use spool_engine::limits;
 use spool_engine::validate::{check_backoff, check_headers, check_policy};
+use spool_engine::workflow::JobEvent;
 use tokio_postgres::Row;
 
 use crate::error::{DbError, OpError};
 use crate::pool::Conn;
+use crate::workflows;
 
-const NS_PER_MS: u64 = 1_000_000;
+pub(crate) const NS_PER_MS: u64 = 1_000_000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Rows one timer pass moves per kind (due jobs, expired leases, forgotten
@@ -97,11 +99,11 @@ pub(crate) struct QueueCounts {
 
 // ---- conversions -------------------------------------------------------
 
-fn db_u64(n: u64) -> i64 {
+pub(crate) fn db_u64(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }
 
-fn from_db(n: i64) -> u64 {
+pub(crate) fn from_db(n: i64) -> u64 {
     n.max(0) as u64
 }
 
@@ -126,7 +128,8 @@ macro_rules! view_cols {
          j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
          q.backoff_multiplier, q.backoff_jitter, j.ttr_ms, j.run_at_ns, j.deadline_ns, \
          j.created_ns, j.updated_ns, j.finished_ns, j.last_error, j.result, \
-         j.idempotency_key, j.cancel_requested, j.version, j.lease_token"
+         j.idempotency_key, j.cancel_requested, j.version, j.lease_token, j.workflow_id, \
+         j.parent_names, j.parent_results"
     };
 }
 
@@ -187,9 +190,27 @@ fn view(row: &Row) -> Result<JobView, OpError> {
         idempotency_key: row.get(25),
         cancel_requested: row.get(26),
         version: from_db(row.get(27)),
-        // TODO(s18): workflow steps carry their parents' results.
-        parents: Default::default(),
+        parents: parents_of(row),
     })
+}
+
+/// A workflow step's inputs, from the two arrays of the row (NULL for
+/// every other job).
+fn parents_of(row: &Row) -> BTreeMap<String, Option<Bytes>> {
+    let names: Option<Vec<String>> = row.get(30);
+    let Some(names) = names else {
+        return BTreeMap::new();
+    };
+    let results: Vec<Option<Vec<u8>>> = row.get::<_, Option<_>>(31).unwrap_or_default();
+    names
+        .into_iter()
+        .zip(results.into_iter().map(|r| r.map(Bytes::from)))
+        .collect()
+}
+
+/// The workflow a row of [`view_cols`] belongs to, if any.
+pub(crate) fn workflow_of(row: &Row) -> Option<i64> {
+    row.get(29)
 }
 
 fn leased(row: &Row) -> Result<Leased, OpError> {
@@ -321,18 +342,19 @@ pub(crate) async fn run(
         Task::DeleteLeased(lease) => {
             // One statement, so its own transaction: the row goes and the
             // queue is announced (a freed concurrency slot) at its commit.
+            // A workflow's job is left to the transaction below, which also
+            // moves its workflow.
             let gone = c
                 .query_opt(
                     "WITH j AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
-                     AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue) \
-                     SELECT pg_notify('spool', queue) FROM j",
+                     AND state = 'reserved' AND deadline_ns >= $3 AND workflow_id IS NULL \
+                     RETURNING queue) SELECT pg_notify('spool', queue) FROM j",
                     &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
                 )
                 .await?;
-            return match gone {
-                Some(_) => Ok(Done::Nothing),
-                None => Err(lease_refusal(c, lease).await),
-            };
+            if gone.is_some() {
+                return Ok(Done::Nothing);
+            }
         }
         _ => {}
     }
@@ -360,12 +382,12 @@ async fn apply(
     let op = match task {
         Task::Op(op) => op,
         Task::Timers => {
-            timers(c, now).await?;
+            timers(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
         Task::DueTimers => {
             promote_due(c, now).await?;
-            expire_leases(c, now).await?;
+            expire_leases(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
         Task::Counts => return Ok(Done::Counts(counts(c, now).await?)),
@@ -373,10 +395,14 @@ async fn apply(
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
         }
-        Task::AttemptLimit(_) | Task::DeleteLeased(_) => {
+        Task::AttemptLimit(_) => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))
+        }
+        Task::DeleteLeased(lease) => {
+            delete_leased_step(c, ctx, lease, now).await?;
+            return Ok(Done::Nothing);
         }
     };
     let outcome = match op {
@@ -405,18 +431,18 @@ async fn apply(
             error,
             retry_in_ms,
             permanent,
-        } => fail(c, lease, error, retry_in_ms, permanent, now).await?,
+        } => fail(c, ctx, lease, error, retry_in_ms, permanent, now).await?,
         Op::Release {
             lease,
             delay_ms,
             priority,
         } => release(c, lease, delay_ms, priority, now).await?,
-        Op::Bury { id, lease, reason } => bury(c, id, lease, reason, now).await?,
-        Op::Kick { id } => kick(c, id, now).await?,
+        Op::Bury { id, lease, reason } => bury(c, ctx, id, lease, reason, now).await?,
+        Op::Kick { id } => kick(c, ctx, id, now).await?,
         Op::Cancel {
             id,
             expected_version,
-        } => cancel(c, id, expected_version, now).await?,
+        } => cancel(c, ctx, id, expected_version, now).await?,
         Op::Get { id } | Op::Wait { id, .. } => Outcome::Job(get(c, id).await?),
         Op::Update {
             id,
@@ -426,14 +452,14 @@ async fn apply(
         Op::Delete {
             id,
             expected_version,
-        } => delete(c, id, expected_version).await?,
+        } => delete(c, ctx, id, expected_version, now).await?,
         Op::List {
             queue,
             state,
             after,
             limit,
         } => list(c, &queue, state, after, limit).await?,
-        Op::Purge { queue, state } => purge(c, &queue, state).await?,
+        Op::Purge { queue, state } => purge(c, ctx, &queue, state, now).await?,
         Op::SetPolicy { queue, policy } => set_policy(c, &queue, policy, now).await?,
         Op::GetQueue { queue } => Outcome::Queue(queue_info(c, queue.as_str(), now).await?),
         Op::ListQueues => Outcome::Queues(list_queues(c, now).await?),
@@ -459,24 +485,28 @@ async fn apply(
             notify(c, queue.as_str()).await?;
             Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
         }
-        // TODO(s18): schedules and workflows.
+        // TODO(s18): schedules.
         Op::PutSchedule { .. }
         | Op::GetSchedule { .. }
         | Op::ListSchedules
         | Op::DeleteSchedule { .. }
         | Op::PauseSchedule { .. }
         | Op::ResumeSchedule { .. }
-        | Op::TriggerSchedule { .. }
-        | Op::StartWorkflow { .. }
-        | Op::GetWorkflow { .. }
-        | Op::ListWorkflows { .. }
-        | Op::CancelWorkflow { .. } => return refuse(BrokerError::Internal("TODO(s18)".into())),
+        | Op::TriggerSchedule { .. } => return refuse(BrokerError::Internal("TODO(s18)".into())),
+        Op::StartWorkflow { workflow } => workflows::start(c, ctx, workflow, now).await?,
+        Op::GetWorkflow { id } => workflows::get(c, id).await?,
+        Op::ListWorkflows {
+            state,
+            after,
+            limit,
+        } => workflows::list(c, state, after, limit).await?,
+        Op::CancelWorkflow { id } => workflows::cancel(c, ctx, id, now).await?,
     };
     Ok(Done::Outcome(Box::new(outcome)))
 }
 
 /// Wakes parked reserves and job waits on every node, at commit.
-async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
+pub(crate) async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
     c.execute("SELECT pg_notify('spool', $1::text)", &[&queue])
         .await?;
     Ok(())
@@ -494,6 +524,33 @@ async fn get(c: &mut Conn, id: u64) -> Result<JobView, OpError> {
         )
         .await?;
     one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))
+}
+
+/// beanstalkd's delete of a reserved workflow job: its completion (with no
+/// result) to the workflow, in the transaction of the delete; or the
+/// refusal when no such reservation exists.
+async fn delete_leased_step(
+    c: &mut Conn,
+    ctx: &Ctx,
+    lease: Lease,
+    now: u64,
+) -> Result<(), OpError> {
+    let row = c
+        .query_opt(
+            "DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+             AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue, workflow_id",
+            &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(lease_refusal(c, lease).await);
+    };
+    notify(c, row.get(0)).await?;
+    if let Some(workflow) = row.get::<_, Option<i64>>(1) {
+        let event = JobEvent::Completed { result: None };
+        workflows::on_job_event(c, ctx, workflow, lease.job, event, now).await?;
+    }
+    Ok(())
 }
 
 /// Why a guarded change of job `id` touched no row: the job is gone, or
@@ -533,11 +590,30 @@ struct QueueDefaults {
     ttr_ms: Option<u64>,
 }
 
+/// Where jobs come from when not from a client: a workflow's step or
+/// compensation, a schedule's firing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Origin<'a> {
+    pub workflow: Option<u64>,
+    pub schedule: Option<&'a str>,
+}
+
 async fn enqueue(
     c: &mut Conn,
     ctx: &Ctx,
     jobs: Vec<(QueueName, NewJob)>,
     now: u64,
+) -> Result<Vec<(JobView, bool)>, OpError> {
+    enqueue_from(c, ctx, jobs, now, Origin::default()).await
+}
+
+/// Enqueues `jobs` (checked as a client's) made by `origin`.
+pub(crate) async fn enqueue_from(
+    c: &mut Conn,
+    ctx: &Ctx,
+    jobs: Vec<(QueueName, NewJob)>,
+    now: u64,
+    origin: Origin<'_>,
 ) -> Result<Vec<(JobView, bool)>, OpError> {
     // Everything that needs no row first.
     let mut checked = Vec::with_capacity(jobs.len());
@@ -699,6 +775,16 @@ async fn enqueue(
                     (Some(names), Some(values))
                 };
                 let backoff = new.backoff;
+                let (parent_names, parent_results): (Vec<&str>, Vec<Option<&[u8]>>) = new
+                    .parents
+                    .iter()
+                    .map(|(n, r)| (n.as_str(), r.as_deref()))
+                    .unzip();
+                let (parent_names, parent_results) = if parent_names.is_empty() {
+                    (None, None)
+                } else {
+                    (Some(parent_names), Some(parent_results))
+                };
                 let rows = c
                     .query(
                         concat!(
@@ -706,9 +792,10 @@ async fn enqueue(
                              payload, header_names, header_values, max_attempts, \
                              backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
                              backoff_jitter, ttr_ms, run_at_ns, created_ns, updated_ns, \
-                             idempotency_key, version) VALUES (nextval('spool_job_ids'), \
+                             idempotency_key, version, workflow_id, parent_names, \
+                             parent_results, schedule) VALUES (nextval('spool_job_ids'), \
                              $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
-                             $15, 1) RETURNING *)",
+                             $15, 1, $16, $17, $18, $19) RETURNING *)",
                             select_views!()
                         ),
                         &[
@@ -727,6 +814,10 @@ async fn enqueue(
                             &run_at,
                             &db_u64(now),
                             &new.idempotency_key.as_deref(),
+                            &origin.workflow.map(db_u64),
+                            &parent_names,
+                            &parent_results,
+                            &origin.schedule,
                         ],
                     )
                     .await?;
@@ -800,7 +891,7 @@ async fn reserve(
     }
     // Timers first, so that due jobs and expired leases count now.
     promote_due(c, now).await?;
-    expire_leases(c, now).await?;
+    expire_leases(c, ctx, now).await?;
     let mut names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -1004,6 +1095,12 @@ async fn complete(
     match one_view(&rows)? {
         Some(job) => {
             notify(c, &job.queue).await?;
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                let event = JobEvent::Completed {
+                    result: job.result.clone(),
+                };
+                workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         None => Err(lease_refusal(c, lease).await),
@@ -1035,6 +1132,7 @@ fn after_failure(
 
 async fn fail(
     c: &mut Conn,
+    ctx: &Ctx,
     lease: Lease,
     error: String,
     retry_in_ms: Option<u64>,
@@ -1098,6 +1196,14 @@ async fn fail(
         .await?;
     let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
     notify(c, &job.queue).await?;
+    if job.state == JobState::Buried {
+        if let Some(workflow) = rows.first().and_then(workflow_of) {
+            let event = JobEvent::Buried {
+                error: job.last_error.clone(),
+            };
+            workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+        }
+    }
     Ok(Outcome::Job(job))
 }
 
@@ -1146,6 +1252,7 @@ async fn release(
 
 async fn bury(
     c: &mut Conn,
+    ctx: &Ctx,
     id: u64,
     lease: Option<Lease>,
     reason: Option<String>,
@@ -1193,6 +1300,12 @@ async fn bury(
     match (one_view(&rows)?, lease) {
         (Some(job), _) => {
             notify(c, &job.queue).await?;
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                let event = JobEvent::Buried {
+                    error: job.last_error.clone(),
+                };
+                workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         (None, Some(lease)) => Err(lease_refusal(c, lease).await),
@@ -1203,7 +1316,7 @@ async fn bury(
     }
 }
 
-async fn kick(c: &mut Conn, id: u64, now: u64) -> Result<Outcome, OpError> {
+async fn kick(c: &mut Conn, ctx: &Ctx, id: u64, now: u64) -> Result<Outcome, OpError> {
     let rows = c
         .query(
             concat!(
@@ -1218,6 +1331,11 @@ async fn kick(c: &mut Conn, id: u64, now: u64) -> Result<Outcome, OpError> {
     match one_view(&rows)? {
         Some(job) => {
             notify(c, &job.queue).await?;
+            // Only a buried compensation job's kick means anything to its
+            // workflow (a delayed one's is ignored by the state machine).
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                workflows::on_job_event(c, ctx, workflow, job.id, JobEvent::Kicked, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         None => match state_of_job(c, id).await? {
@@ -1256,6 +1374,7 @@ async fn lock_live(
 
 async fn cancel(
     c: &mut Conn,
+    ctx: &Ctx,
     id: u64,
     expected_version: Option<u64>,
     now: u64,
@@ -1281,6 +1400,9 @@ async fn cancel(
         .await?;
     let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
     notify(c, &job.queue).await?;
+    if let Some(workflow) = rows.first().and_then(workflow_of) {
+        workflows::on_job_event(c, ctx, workflow, job.id, JobEvent::Cancelled, now).await?;
+    }
     Ok(Outcome::Job(job))
 }
 
@@ -1358,10 +1480,16 @@ async fn update(
     Ok(Outcome::Job(job))
 }
 
-async fn delete(c: &mut Conn, id: u64, expected_version: Option<u64>) -> Result<Outcome, OpError> {
+async fn delete(
+    c: &mut Conn,
+    ctx: &Ctx,
+    id: u64,
+    expected_version: Option<u64>,
+    now: u64,
+) -> Result<Outcome, OpError> {
     let row = c
         .query_opt(
-            "SELECT state, version FROM spool_jobs WHERE id = $1 FOR UPDATE",
+            "SELECT state, version, workflow_id FROM spool_jobs WHERE id = $1 FOR UPDATE",
             &[&db_u64(id)],
         )
         .await?;
@@ -1378,6 +1506,10 @@ async fn delete(c: &mut Conn, id: u64, expected_version: Option<u64>) -> Result<
     }
     c.execute("DELETE FROM spool_jobs WHERE id = $1", &[&db_u64(id)])
         .await?;
+    // A live step job deleted is one cancelled, for its workflow.
+    if let (Some(workflow), false) = (row.get::<_, Option<i64>>(2), state.is_final()) {
+        workflows::on_job_event(c, ctx, workflow, id, JobEvent::Cancelled, now).await?;
+    }
     Ok(Outcome::Done)
 }
 
@@ -1419,18 +1551,28 @@ async fn list(
     Ok(Outcome::Page(JobPage { jobs, next }))
 }
 
-async fn purge(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outcome, OpError> {
+async fn purge(
+    c: &mut Conn,
+    ctx: &Ctx,
+    queue: &QueueName,
+    state: JobState,
+    now: u64,
+) -> Result<Outcome, OpError> {
     if state == JobState::Reserved {
         return refuse(BrokerError::invalid(
             "state",
             "reserved jobs are not purged: cancel them",
         ));
     }
-    let row = c
-        .query_opt(
+    // The step jobs among the deleted rows, with their workflows: live ones
+    // are cancelled steps to their workflows.
+    let rows = c
+        .query(
             "WITH d AS (DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
              WHERE queue = $1 AND state = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING 1) SELECT count(*) FROM d",
+             RETURNING id, workflow_id) SELECT count(*), \
+             array_agg(id ORDER BY id) FILTER (WHERE workflow_id IS NOT NULL), \
+             array_agg(workflow_id ORDER BY id) FILTER (WHERE workflow_id IS NOT NULL) FROM d",
             &[
                 &queue.as_str(),
                 &state.as_str(),
@@ -1438,7 +1580,19 @@ async fn purge(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outco
             ],
         )
         .await?;
-    Ok(Outcome::Purged(row.map_or(0, |r| from_db(r.get(0)))))
+    let Some(row) = rows.first() else {
+        return Ok(Outcome::Purged(0));
+    };
+    let purged = from_db(row.get(0));
+    let jobs: Option<Vec<i64>> = row.get(1);
+    let owners: Option<Vec<i64>> = row.get(2);
+    if let (Some(jobs), Some(owners), false) = (jobs, owners, state.is_final()) {
+        for (job, workflow) in jobs.into_iter().zip(owners) {
+            workflows::on_job_event(c, ctx, workflow, from_db(job), JobEvent::Cancelled, now)
+                .await?;
+        }
+    }
+    Ok(Outcome::Purged(purged))
 }
 
 async fn set_policy(
@@ -1658,12 +1812,12 @@ async fn promote_due(c: &mut Conn, now: u64) -> Result<(), OpError> {
 /// Leases past their deadline end: a failed attempt for a job with an
 /// attempt limit (retried after its backoff, or buried), back to ready at
 /// once for one without (beanstalkd's semantics). Any node runs this.
-async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
+async fn expire_leases(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     let rows = c
         .query(
             "SELECT j.id, j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
              j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
-             q.backoff_multiplier, q.backoff_jitter, j.queue FROM spool_jobs j \
+             q.backoff_multiplier, q.backoff_jitter, j.queue, j.workflow_id FROM spool_jobs j \
              LEFT JOIN spool_queues q ON q.name = j.queue \
              WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
              ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
@@ -1679,6 +1833,8 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
     let mut run_ats: Vec<Option<i64>> = Vec::with_capacity(rows.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     let mut queues: HashSet<String> = HashSet::new();
+    // Step jobs buried by the expiry: their workflows move after the update.
+    let mut buried_steps: Vec<(i64, u64)> = Vec::new();
     for row in &rows {
         let id = from_db(row.get(0));
         let attempts = (row.get::<_, i32>(1).max(0) as u32).saturating_add(1);
@@ -1695,6 +1851,9 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
         };
         if state == "ready" {
             queues.insert(row.get(11));
+        }
+        if let (Some(workflow), "buried") = (row.get::<_, Option<i64>>(12), state) {
+            buried_steps.push((workflow, id));
         }
         ids.push(db_u64(id));
         states.push(state);
@@ -1723,14 +1882,20 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
     for queue in queues {
         notify(c, &queue).await?;
     }
+    for (workflow, job) in buried_steps {
+        let event = JobEvent::Buried {
+            error: Some(LEASE_EXPIRED_ERROR.to_owned()),
+        };
+        workflows::on_job_event(c, ctx, workflow, job, event, now).await?;
+    }
     Ok(())
 }
 
 /// Due jobs, expired leases, final jobs past their queue's retention (age
 /// and count), expired idempotency keys: each bounded per pass.
-async fn timers(c: &mut Conn, now: u64) -> Result<(), OpError> {
+async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     promote_due(c, now).await?;
-    expire_leases(c, now).await?;
+    expire_leases(c, ctx, now).await?;
     c.execute(
         "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
          WHERE state IN ('completed', 'cancelled') AND purge_at_ns <= $1 \
@@ -1764,6 +1929,7 @@ async fn timers(c: &mut Conn, now: u64) -> Result<(), OpError> {
         &[&db_u64(now), &TIMER_BATCH_ROWS],
     )
     .await?;
+    workflows::retention(c, now, TIMER_BATCH_ROWS).await?;
     Ok(())
 }
 
