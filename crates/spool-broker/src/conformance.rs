@@ -30,6 +30,9 @@ use crate::model::{
 };
 use crate::{Broker, BrokerError, Conflict, Peer, Session};
 
+mod workflows;
+pub use workflows::*;
+
 /// What the suite needs of a backend under test.
 pub trait Harness: Sized + Send {
     type Broker: Broker;
@@ -77,6 +80,18 @@ macro_rules! conformance_tests {
             everything_survives_restart,
             concurrency_caps_reservations_over_both_front_doors,
             rate_limits_dispatch_and_wakes_waiters,
+            // Workflows (conformance/workflows.rs).
+            workflow_saga_succeeds_passing_parents,
+            workflow_failure_compensates_in_reverse_order_once_each,
+            workflow_retries_a_step_before_failing_it,
+            workflow_dag_fans_out_and_joins,
+            workflow_validation_names_the_step,
+            workflow_idempotency_key_starts_once,
+            workflow_cancel_while_running_and_while_compensating,
+            workflow_compensation_failed_then_kick_resumes,
+            workflow_list_filters_by_state_and_pages,
+            workflow_steps_work_over_beanstalkd,
+            workflow_survives_restart_mid_flight,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

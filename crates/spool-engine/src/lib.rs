@@ -14,7 +14,10 @@ mod record;
 pub mod validate;
 pub mod workflow;
 
-pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, RETIRED_QUEUES_MAX};
+pub use engine::{
+    ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, WorkflowMetrics,
+    RETIRED_QUEUES_MAX,
+};
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
 pub use record::{
     job_record_log_bytes, job_snapshot_log_bytes, ChangeRecord, FullJobRecord, JobRecord,

@@ -25,6 +25,12 @@
 //!                | opt str32 last_error | opt bytes32 result | u64 updated_wall_ns
 //! kind 9 Batch (version 2): u32 count, then count × (u32 len | a payload)
 //! kind 10 Queue (version 2): u8 name_len | name | policy | opt (u64 start, u64 until)
+//! kind 20 Workflow (version 2): a workflow's whole state, the rest of the
+//!                payload as `spool_engine::workflow` encodes it (its own
+//!                version byte first; layout in `workflow.rs`)
+//! kind 21 WorkflowProgress (version 2): a transition, likewise encoded
+//! kind 22 WorkflowDelete (version 2): u64 workflow id
+//! kind 23 WorkflowNextId (version 2): u64 next workflow id
 //! state: u8 code | u64 wall_ns: 0 ready, 1 delayed (until), 2 buried,
 //!        3 completed (at), 4 cancelled (at)
 //! extras: u8 present; if 1: u16 header count × (str16 name, str32 value)
@@ -62,6 +68,7 @@ use spool_broker::{Backoff, QueuePolicy};
 use spool_proto::TubeName;
 
 use crate::job::{JobExtra, JobId};
+use crate::workflow::{Workflow, WorkflowId, WorkflowProgress};
 
 /// Version of the payload layout written now; version 1 (kinds 1-5) is
 /// still read.
@@ -77,6 +84,11 @@ const KIND_JOB_SNAPSHOT: u8 = 7;
 const KIND_CHANGE: u8 = 8;
 const KIND_BATCH: u8 = 9;
 const KIND_QUEUE: u8 = 10;
+// Workflows take kinds from 20 on, leaving room below for other features.
+const KIND_WORKFLOW: u8 = 20;
+const KIND_WORKFLOW_PROGRESS: u8 = 21;
+const KIND_WORKFLOW_DELETE: u8 = 22;
+const KIND_WORKFLOW_NEXT_ID: u8 = 23;
 
 /// The write-ahead log's framing per record: length and checksum.
 const FRAME_BYTES: u64 = 8;
@@ -192,6 +204,19 @@ pub enum LogRecord {
     Batch(Vec<LogRecord>),
     /// A queue's settings: replaces the previous ones.
     Queue(Box<QueueRecord>),
+    /// A workflow's whole state (its start, or a compaction's snapshot):
+    /// creates or replaces it.
+    Workflow(Box<Workflow>),
+    /// A workflow's transition: its status and the steps that changed.
+    WorkflowProgress(Box<WorkflowProgress>),
+    /// A finished workflow past its retention is forgotten.
+    WorkflowDelete {
+        id: WorkflowId,
+    },
+    /// Every workflow id below this has been handed out.
+    WorkflowNextId {
+        id: WorkflowId,
+    },
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -462,6 +487,22 @@ impl LogRecord {
                     None => w.u8(0),
                 }
             }
+            LogRecord::Workflow(workflow) => {
+                w.u8(KIND_WORKFLOW);
+                workflow.encode(w.out);
+            }
+            LogRecord::WorkflowProgress(progress) => {
+                w.u8(KIND_WORKFLOW_PROGRESS);
+                progress.encode(w.out);
+            }
+            LogRecord::WorkflowDelete { id } => {
+                w.u8(KIND_WORKFLOW_DELETE);
+                w.u64(*id);
+            }
+            LogRecord::WorkflowNextId { id } => {
+                w.u8(KIND_WORKFLOW_NEXT_ID);
+                w.u64(*id);
+            }
         }
     }
 
@@ -555,6 +596,12 @@ impl LogRecord {
                     pause,
                 }))
             }
+            KIND_WORKFLOW => LogRecord::Workflow(Box::new(Workflow::decode(r.buf)?)),
+            KIND_WORKFLOW_PROGRESS => {
+                LogRecord::WorkflowProgress(Box::new(WorkflowProgress::decode(r.buf)?))
+            }
+            KIND_WORKFLOW_DELETE => LogRecord::WorkflowDelete { id: r.u64()? },
+            KIND_WORKFLOW_NEXT_ID => LogRecord::WorkflowNextId { id: r.u64()? },
             kind => return Err(RecordError::UnknownKind(kind)),
         };
         Ok(record)
@@ -944,6 +991,69 @@ mod tests {
         assert_eq!(
             LogRecord::decode(&[3, KIND_DELETE], 0),
             Err(RecordError::UnknownVersion(3))
+        );
+    }
+
+    #[test]
+    fn workflow_records_decode() {
+        // Fixed bytes: a WorkflowDelete and a WorkflowNextId.
+        let mut delete = vec![2, KIND_WORKFLOW_DELETE];
+        delete.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&delete, 0),
+            Ok(LogRecord::WorkflowDelete { id: 7 })
+        );
+        let mut next = vec![2, KIND_WORKFLOW_NEXT_ID];
+        next.extend_from_slice(&8u64.to_le_bytes());
+        assert_eq!(
+            LogRecord::decode(&next, 0),
+            Ok(LogRecord::WorkflowNextId { id: 8 })
+        );
+        // A progress record by hand: workflow 3 succeeded at version 4,
+        // step 1 completed (the first to) with result "r".
+        let mut progress = vec![2, KIND_WORKFLOW_PROGRESS, 1];
+        progress.extend_from_slice(&3u64.to_le_bytes());
+        progress.extend_from_slice(&[1, 0, 0]); // succeeded, no error, no flags
+        progress.extend_from_slice(&5_000u64.to_le_bytes()); // updated at
+        progress.push(1);
+        progress.extend_from_slice(&5_000u64.to_le_bytes()); // finished at
+        progress.extend_from_slice(&4u64.to_le_bytes()); // version
+        progress.extend_from_slice(&1u32.to_le_bytes()); // one step
+        progress.extend_from_slice(&1u32.to_le_bytes()); // step 1
+        progress.push(2); // completed
+        progress.push(1);
+        progress.extend_from_slice(&42u64.to_le_bytes()); // job 42
+        progress.push(1);
+        progress.extend_from_slice(&1u32.to_le_bytes());
+        progress.push(b'r');
+        progress.push(0); // no error
+        progress.extend_from_slice(&1u32.to_le_bytes()); // completed first
+        progress.push(1);
+        progress.extend_from_slice(&4_999u64.to_le_bytes());
+        progress.push(0); // no compensation job
+        let decoded = LogRecord::decode(&progress, 0).expect("decodes");
+        let LogRecord::WorkflowProgress(p) = &decoded else {
+            panic!("a progress record, got {decoded:?}");
+        };
+        assert_eq!(p.id, 3);
+        assert_eq!(p.status.version, 4);
+        assert_eq!(p.status.finished_at_ms, Some(5_000));
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].0, 1);
+        assert_eq!(p.steps[0].1.job, Some(42));
+        assert_eq!(p.steps[0].1.result.as_deref(), Some(&b"r"[..]));
+        let mut again = Vec::new();
+        decoded.encode(0, &mut again);
+        assert_eq!(again, progress, "the encoder writes the documented bytes");
+        // Inside a batch, as an operation logs them.
+        let batch = LogRecord::Batch(vec![decoded, LogRecord::WorkflowDelete { id: 7 }]);
+        let mut bytes = Vec::new();
+        batch.encode(0, &mut bytes);
+        assert_eq!(LogRecord::decode(&bytes, 0), Ok(batch));
+        // Version 1 payloads know no workflows.
+        assert_eq!(
+            LogRecord::decode(&[1, KIND_WORKFLOW_DELETE], 0),
+            Err(RecordError::UnknownKind(KIND_WORKFLOW_DELETE))
         );
     }
 

@@ -938,6 +938,11 @@ impl LogWriter {
                 id: self.live.next_id,
             });
         }
+        if self.live.next_workflow_id != 0 && self.live.next_workflow_id_segment < to {
+            again.push(LogRecord::WorkflowNextId {
+                id: self.live.next_workflow_id,
+            });
+        }
         if again.is_empty() {
             self.trim_retry_at = None;
         } else {
@@ -952,6 +957,7 @@ impl LogWriter {
                 }
                 let pinned = [
                     (self.live.next_id != 0).then_some(self.live.next_id_segment),
+                    (self.live.next_workflow_id != 0).then_some(self.live.next_workflow_id_segment),
                     self.live.oldest_settings_segment(),
                 ];
                 to = pinned.into_iter().flatten().fold(to, u64::min);
@@ -1097,15 +1103,19 @@ fn record_log_bytes(record: &LogRecord) -> u64 {
         LogRecord::Put(job) | LogRecord::Snapshot(job) => {
             job_record_log_bytes(job.tube.as_str().len(), job.body.len())
         }
-        LogRecord::Update { .. } | LogRecord::Delete { .. } | LogRecord::NextId { .. } => {
-            SMALL_RECORD_LOG_BYTES
-        }
+        LogRecord::Update { .. }
+        | LogRecord::Delete { .. }
+        | LogRecord::NextId { .. }
+        | LogRecord::WorkflowDelete { .. }
+        | LogRecord::WorkflowNextId { .. } => SMALL_RECORD_LOG_BYTES,
         // Job-API records: rare next to puts; their encoder says exactly.
         LogRecord::Job(_)
         | LogRecord::JobSnapshot(_)
         | LogRecord::Change(_)
         | LogRecord::Batch(_)
-        | LogRecord::Queue(_) => record.encoded_len(0) as u64 + RECORD_HEADER_LEN,
+        | LogRecord::Queue(_)
+        | LogRecord::Workflow(_)
+        | LogRecord::WorkflowProgress(_) => record.encoded_len(0) as u64 + RECORD_HEADER_LEN,
     }
 }
 
@@ -1123,6 +1133,11 @@ enum Effect {
     NextId(u64),
     /// A queue's settings, kept to be said again when their segment goes.
     Settings(Box<QueueRecord>),
+    /// A workflow's whole state (its start or a compaction's snapshot).
+    WorkflowState(u64),
+    WorkflowGone(u64),
+    /// Every workflow id below this is taken.
+    WorkflowNextId(u64),
 }
 
 impl Effect {
@@ -1156,6 +1171,11 @@ impl Effect {
                 }
             }
             LogRecord::Queue(queue) => out.push(Effect::Settings(queue.clone())),
+            LogRecord::Workflow(workflow) => out.push(Effect::WorkflowState(workflow.id)),
+            // Transitions ride on the workflow's state record before them.
+            LogRecord::WorkflowProgress(_) => {}
+            LogRecord::WorkflowDelete { id } => out.push(Effect::WorkflowGone(*id)),
+            LogRecord::WorkflowNextId { id } => out.push(Effect::WorkflowNextId(*id)),
         }
     }
 }
@@ -1193,6 +1213,15 @@ struct LiveJobs {
     /// Each queue's last settings record and its segment: said again in
     /// the current segment before the segment holding it goes.
     settings: HashMap<String, (u64, QueueRecord)>,
+    /// Each held workflow's segment of its last whole-state record (its
+    /// transitions ride on it, like a job's changes), and how many such
+    /// records each segment holds. Workflows are few next to jobs: an
+    /// entry each.
+    workflows: HashMap<u64, u64>,
+    workflows_per_segment: BTreeMap<u64, u64>,
+    /// As `next_id`, for workflow ids.
+    next_workflow_id: u64,
+    next_workflow_id_segment: u64,
 }
 
 /// Ids `start..=end` (the key is `start`) whose live jobs have their state
@@ -1224,6 +1253,14 @@ impl LiveJobs {
                 }
             }
             Effect::NextId(id) => self.taken(id, segment),
+            Effect::WorkflowState(id) => {
+                self.workflow_gone(id);
+                self.workflows.insert(id, segment);
+                *self.workflows_per_segment.entry(segment).or_insert(0) += 1;
+                self.workflow_id_taken(id.saturating_add(1), segment);
+            }
+            Effect::WorkflowGone(id) => self.workflow_gone(id),
+            Effect::WorkflowNextId(id) => self.workflow_id_taken(id, segment),
             Effect::Settings(record) => {
                 let name = record
                     .queue
@@ -1339,6 +1376,25 @@ impl LiveJobs {
         }
     }
 
+    fn workflow_gone(&mut self, id: u64) {
+        let Some(segment) = self.workflows.remove(&id) else {
+            return;
+        };
+        if let btree_map::Entry::Occupied(mut entry) = self.workflows_per_segment.entry(segment) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+
+    fn workflow_id_taken(&mut self, next_id: u64, segment: u64) {
+        if next_id >= self.next_workflow_id {
+            self.next_workflow_id = next_id;
+            self.next_workflow_id_segment = segment;
+        }
+    }
+
     fn taken(&mut self, next_id: u64, segment: u64) {
         // A later record saying the same is kept for its segment.
         if next_id >= self.next_id {
@@ -1357,7 +1413,13 @@ impl LiveJobs {
         if self.untrusted {
             return None;
         }
-        let oldest_needed = self.per_segment.keys().next().copied();
+        let oldest_needed = [
+            self.per_segment.keys().next().copied(),
+            self.workflows_per_segment.keys().next().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         Some(oldest_needed.map_or(current, |seq| seq.min(current)))
     }
 

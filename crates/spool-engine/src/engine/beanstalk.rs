@@ -100,6 +100,7 @@ impl Engine {
         if !self.conns.contains_key(&conn) {
             return;
         }
+        let mark = self.log.len();
         let reply = match request {
             Request::Put(put) => self.cmd_put(conn, put, now),
             Request::Use(name) => self.cmd_use(conn, &name),
@@ -184,6 +185,7 @@ impl Engine {
             }
             Request::Quit => None,
         };
+        self.settle_workflows(mark, now);
         if let Some(reply) = reply {
             self.outbox.push((conn, reply));
         }
@@ -348,6 +350,9 @@ impl Engine {
                 let reserved_at = deadline.saturating_sub(ttr);
                 let run_ns = now.saturating_sub(reserved_at);
                 self.tube_mut(tube).metrics.run.observe_ns(run_ns);
+                // A beanstalkd worker finishes a job by deleting it: for a
+                // workflow step, that is completion without a result.
+                self.workflow_event(id, |_| JobEvent::Completed { result: None });
             }
             JobState::Reserved | JobState::Completed | JobState::Cancelled => {
                 return Some(Response::NotFound)

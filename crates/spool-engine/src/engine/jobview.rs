@@ -60,8 +60,7 @@ impl Engine {
             idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
             cancel_requested: extra.is_some_and(|e| e.cancel_requested),
             version: job.version,
-            // TODO(s18): workflow steps carry their parents' results.
-            parents: Default::default(),
+            parents: self.parents_of(job.id),
         }
     }
 

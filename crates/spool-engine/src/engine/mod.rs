@@ -29,6 +29,7 @@ use crate::record::{
     job_snapshot_log_bytes, ChangeRecord, FullJobRecord, JobRecord, LogRecord, QueueRecord,
     RestState,
 };
+use crate::workflow::{JobEvent, StepState};
 
 mod beanstalk;
 mod dispatch;
@@ -39,9 +40,12 @@ mod retention;
 mod tasks;
 mod timers;
 mod views;
+mod workflows;
 
 use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
+pub use workflows::WorkflowMetrics;
+use workflows::Workflows;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -168,6 +172,8 @@ enum Timer {
     Wait,
     Ttr,
     Retention,
+    /// A finished workflow's retention ends.
+    WorkflowRetention,
 }
 
 #[derive(Debug)]
@@ -302,6 +308,8 @@ pub struct Engine {
     ready_events: u64,
     /// See [`Engine::set_replay_now`].
     replay_now: u64,
+    /// Workflows and the index of their jobs (`workflows.rs`).
+    workflows: Workflows,
 }
 
 /// A queue's settings from the job API.
@@ -368,6 +376,7 @@ impl Engine {
             settings: HashMap::new(),
             ready_events: 0,
             replay_now: 0,
+            workflows: Workflows::default(),
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -514,6 +523,7 @@ impl Engine {
 
     /// Forgets a job that is in no queue.
     fn drop_job(&mut self, id: JobId) {
+        self.workflow_job_dropped(id);
         let job = self.jobs.remove(&id).expect("job exists");
         if job.extra.is_some() {
             let queue = self.tube(job.tube).name.clone();
@@ -573,6 +583,12 @@ impl Engine {
         self.tube_mut(tube).buried.insert((seq, id));
         self.counters.buried += 1;
         self.settled(id);
+        self.workflow_event(id, |engine| JobEvent::Buried {
+            error: engine.jobs[&id]
+                .extra
+                .as_ref()
+                .and_then(|e| e.last_error.clone()),
+        });
     }
 
     /// Notes a job that reached a state a job wait ends at (final or
@@ -614,6 +630,9 @@ impl Engine {
         self.tube_mut(tube).metrics.counters.kicked += 1;
         self.enqueue(id, 0, now);
         self.record_change(id);
+        if state == JobState::Buried {
+            self.workflow_event(id, |_| JobEvent::Kicked);
+        }
     }
 
     fn remove_ready(&mut self, tube: TubeId, pri: u32, id: JobId) {
@@ -901,6 +920,7 @@ impl Engine {
     /// Checks the cross-structure invariants; for tests.
     #[doc(hidden)]
     pub fn check_invariants(&self) {
+        self.check_workflow_invariants();
         let mut ready = 0;
         let mut buried = 0;
         let mut delayed = 0;

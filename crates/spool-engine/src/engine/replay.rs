@@ -12,6 +12,14 @@ impl Engine {
     /// Applies one logged change while recovering, before any session is
     /// open. Records must come in the order they were logged.
     pub fn replay(&mut self, record: LogRecord) -> Result<(), ReplayError> {
+        let replayed = self.replay_one(record);
+        // Jobs placed by replay note workflow events like live ones; the
+        // log already holds what those events did.
+        self.discard_workflow_events();
+        replayed
+    }
+
+    fn replay_one(&mut self, record: LogRecord) -> Result<(), ReplayError> {
         match record {
             LogRecord::Put(job) => {
                 if self.holds(job.id) {
@@ -58,9 +66,13 @@ impl Engine {
             LogRecord::NextId { id } => self.next_job_id = self.next_job_id.max(id),
             LogRecord::Batch(records) => {
                 for record in records {
-                    self.replay(record)?;
+                    self.replay_one(record)?;
                 }
             }
+            LogRecord::Workflow(workflow) => self.replay_workflow(*workflow),
+            LogRecord::WorkflowProgress(progress) => self.replay_workflow_progress(&progress),
+            LogRecord::WorkflowDelete { id } => self.replay_workflow_delete(id),
+            LogRecord::WorkflowNextId { id } => self.replay_workflow_next_id(id),
             LogRecord::Queue(queue) => {
                 let QueueRecord {
                     queue,
@@ -220,6 +232,7 @@ impl Engine {
                 pause: settings.pause,
             })));
         }
+        records.extend(self.workflow_compaction_records());
         records
     }
 

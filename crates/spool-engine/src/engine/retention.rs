@@ -215,6 +215,15 @@ impl Engine {
         job.extra_mut().updated_at_ns = now;
         self.record_change(id);
         self.settled(id);
+        self.workflow_event(id, |engine| match state {
+            JobState::Completed => JobEvent::Completed {
+                result: engine.jobs[&id]
+                    .extra
+                    .as_ref()
+                    .and_then(|e| e.result.clone()),
+            },
+            _ => JobEvent::Cancelled,
+        });
         let view = self.view(id).expect("job exists");
         let job = self.jobs.remove(&id).expect("job exists");
         let queue = self.tube(job.tube).name.clone();
@@ -264,6 +273,7 @@ impl Engine {
 
     /// A final job leaves memory for good: its key and its log bytes go.
     pub(super) fn forget_finished(&mut self, gone: Finished) {
+        self.workflow_job_forgotten(gone.job.id);
         self.forget_key(&gone.job, &gone.queue);
         self.live_log_bytes = self.live_log_bytes.saturating_sub(job_snapshot_log_bytes(
             gone.queue.as_str().len(),

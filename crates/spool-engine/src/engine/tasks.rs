@@ -83,23 +83,14 @@ impl Engine {
         #[cfg(debug_assertions)]
         let described = format!("{op:?}");
         let outcome = self.apply_unbatched(op, now);
+        self.run_workflow_events(now);
         self.serve_freed_slots(now);
         #[cfg(debug_assertions)]
         assert!(
             outcome.is_ok() || self.log.len() == mark,
             "a refused operation changed nothing: {described} {outcome:?}"
         );
-        if self.log.len() > mark + 1 {
-            // Flat: a batch never holds a batch.
-            let mut records = Vec::new();
-            for record in self.log.split_off(mark) {
-                match record {
-                    LogRecord::Batch(inner) => records.extend(inner),
-                    other => records.push(other),
-                }
-            }
-            self.log.push(LogRecord::Batch(records));
-        }
+        self.batch_since(mark);
         outcome
     }
 
@@ -235,18 +226,22 @@ impl Engine {
                 }
                 Ok(Outcome::Queue(self.queue_info(&queue, now)))
             }
-            // TODO(s18): schedules and workflows.
+            Op::StartWorkflow { workflow } => self.start_workflow(workflow, now),
+            Op::GetWorkflow { id } => self.get_workflow(id),
+            Op::ListWorkflows {
+                state,
+                after,
+                limit,
+            } => self.list_workflows(state, after, limit),
+            Op::CancelWorkflow { id } => self.cancel_workflow(id, now),
+            // TODO(s18): schedules.
             Op::PutSchedule { .. }
             | Op::GetSchedule { .. }
             | Op::ListSchedules
             | Op::DeleteSchedule { .. }
             | Op::PauseSchedule { .. }
             | Op::ResumeSchedule { .. }
-            | Op::TriggerSchedule { .. }
-            | Op::StartWorkflow { .. }
-            | Op::GetWorkflow { .. }
-            | Op::ListWorkflows { .. }
-            | Op::CancelWorkflow { .. } => Err(BrokerError::Internal("TODO(s18)".into())),
+            | Op::TriggerSchedule { .. } => Err(BrokerError::Internal("TODO(s18)".into())),
         }
     }
 

@@ -25,6 +25,8 @@ impl Engine {
                 self.retention
                     .next_expiry()
                     .map(|at| (at, Timer::Retention)),
+                self.next_workflow_expiry()
+                    .map(|at| (at, Timer::WorkflowRetention)),
             ]
             .into_iter()
             .flatten()
@@ -33,6 +35,7 @@ impl Engine {
             let Some((_, timer)) = due else {
                 break;
             };
+            let mark = self.log.len();
             match timer {
                 Timer::Delay => {
                     let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
@@ -90,7 +93,9 @@ impl Engine {
                 }
                 Timer::Rate => self.rate_timer_fired(now),
                 Timer::Retention => self.expire_finished(now),
+                Timer::WorkflowRetention => self.expire_workflows(now),
             }
+            self.settle_workflows(mark, now);
             self.serve_freed_slots(now);
         }
         self.next_wake()
