@@ -11,6 +11,7 @@ mod job;
 pub mod limits;
 mod ms;
 mod record;
+pub mod schedule;
 pub mod validate;
 
 pub use engine::{ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, RETIRED_QUEUES_MAX};
