@@ -55,8 +55,8 @@ CREATE TABLE spool_schedules (
     -- The template of every fired job.
     job_payload          bytea NOT NULL,
     job_priority         bigint,
+    -- A template runs at its due instant plus this delay, never at a fixed one.
     job_delay_ms         bigint,
-    job_run_at_ms        bigint,
     job_ttr_ms           bigint,
     job_max_attempts     integer,
     job_backoff_initial_ms  bigint,
@@ -65,6 +65,8 @@ CREATE TABLE spool_schedules (
     job_backoff_jitter      double precision,
     job_header_names     text[],
     job_header_values    text[],
+    -- The template's own key is replaced by the firing's; kept for the view.
+    job_idempotency_key  text,
     job_idempotency_ttl_ms  bigint,
     -- The next due instant (wall-clock ms); NULL while paused or when the
     -- rule has no future instant.
