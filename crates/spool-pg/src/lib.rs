@@ -14,6 +14,7 @@ mod clock;
 mod error;
 mod ops;
 mod pool;
+mod schedules;
 mod schema;
 mod workflows;
 pub mod testing;
@@ -137,6 +138,9 @@ struct Inner {
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// A schedule was created or resumed here: the timer task looks at
+    /// when it falls due (other nodes find it by their bounded poll).
+    schedules_changed: Arc<Notify>,
 }
 
 impl Drop for Inner {
@@ -205,6 +209,7 @@ impl PgBroker {
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
+                schedules_changed: Arc::new(Notify::new()),
             }),
         };
         broker
@@ -214,7 +219,11 @@ impl PgBroker {
         let weak = Arc::downgrade(&broker.inner);
         let mut tasks = vec![tokio::spawn(listen(weak.clone()))];
         if !broker.inner.clock.is_manual() {
-            tasks.push(tokio::spawn(run_timers_periodically(weak)));
+            let schedules_changed = broker.inner.schedules_changed.clone();
+            tasks.push(tokio::spawn(run_timers_periodically(
+                weak,
+                schedules_changed,
+            )));
         }
         if let Ok(mut held) = broker.inner.tasks.lock() {
             held.extend(tasks);
@@ -243,9 +252,11 @@ impl PgBroker {
         result
     }
 
-    /// One pass of every timer at the clock's `now`.
+    /// One pass of every timer at the clock's `now`, then the due
+    /// schedules fire.
     pub async fn run_timers(&self) -> Result<(), BrokerError> {
-        self.run(Task::Timers).await.map(|_| ())
+        self.run(Task::Timers).await?;
+        self.run(Task::FireSchedules).await.map(|_| ())
     }
 
     fn wake_waiters(&self) {
@@ -338,6 +349,11 @@ impl PgBroker {
                 .await
                 .map(Outcome::Leased),
             Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            op @ (Op::PutSchedule { .. } | Op::ResumeSchedule { .. }) => {
+                let outcome = self.run_op(op, &mut Effects::default()).await;
+                inner.schedules_changed.notify_one();
+                outcome
+            }
             op => self.run_op(op, &mut Effects::default()).await,
         }
     }
@@ -615,14 +631,29 @@ async fn listen(broker: Weak<Inner>) {
     }
 }
 
-/// Runs the timers every [`TIMER_INTERVAL`] (wall clock only).
-async fn run_timers_periodically(broker: Weak<Inner>) {
+/// Runs the timers every [`TIMER_INTERVAL`] (wall clock only), and fires
+/// schedules: each pass sleeps until the earliest schedule's due instant if
+/// that is sooner, or until a schedule changes on this node.
+async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Notify>) {
     let mut pass: u64 = 0;
     // Logged when it starts failing and when it works again, not at every
     // pass while the database is away.
     let mut failing = false;
+    let mut next_fire_ms: Option<u64> = None;
     loop {
-        tokio::time::sleep(TIMER_INTERVAL).await;
+        let mut sleep = TIMER_INTERVAL;
+        if let Some(at_ms) = next_fire_ms {
+            let now_ns = match broker.upgrade() {
+                Some(inner) => inner.clock.now_ns(),
+                None => return,
+            };
+            let until = Duration::from_nanos(at_ms.saturating_mul(1_000_000).saturating_sub(now_ns));
+            sleep = sleep.min(until);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = schedules_changed.notified() => {}
+        }
         let Some(inner) = broker.upgrade() else {
             return;
         };
@@ -632,7 +663,15 @@ async fn run_timers_periodically(broker: Weak<Inner>) {
         } else {
             Task::DueTimers
         };
-        match broker.run(task).await {
+        let result = match broker.run(task).await {
+            Ok(_) => broker.run(Task::FireSchedules).await,
+            Err(error) => Err(error),
+        };
+        next_fire_ms = match &result {
+            Ok(Done::NextFire(at_ms)) => *at_ms,
+            _ => None,
+        };
+        match result {
             Err(error) if !failing => {
                 failing = true;
                 tracing::warn!(%error, "the timers cannot run: the database is away or refusing");

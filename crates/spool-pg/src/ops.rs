@@ -21,7 +21,7 @@ use tokio_postgres::Row;
 
 use crate::error::{DbError, OpError};
 use crate::pool::Conn;
-use crate::workflows;
+use crate::{schedules, workflows};
 
 pub(crate) const NS_PER_MS: u64 = 1_000_000;
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -67,6 +67,9 @@ pub(crate) enum Task {
     Timers,
     /// Due jobs and expired leases only: the frequent pass.
     DueTimers,
+    /// Due schedules fire (their own transaction, so that a schedule's
+    /// trouble never holds back the job timers).
+    FireSchedules,
     /// Counts per queue and state, for snapshots.
     Counts,
     /// A node starting hands back the leases it held before.
@@ -82,6 +85,8 @@ pub(crate) enum Done {
     Outcome(Box<Outcome>),
     Counts(Vec<QueueCounts>),
     AttemptLimit(Option<u32>),
+    /// The earliest due instant of any schedule, wall-clock ms.
+    NextFire(Option<u64>),
     Nothing,
 }
 
@@ -391,6 +396,7 @@ async fn apply(
             return Ok(Done::Nothing);
         }
         Task::Counts => return Ok(Done::Counts(counts(c, now).await?)),
+        Task::FireSchedules => return Ok(Done::NextFire(schedules::fire_due(c, ctx, now).await?)),
         Task::ReleaseOwnLeases => {
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
@@ -485,14 +491,13 @@ async fn apply(
             notify(c, queue.as_str()).await?;
             Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
         }
-        // TODO(s18): schedules.
-        Op::PutSchedule { .. }
-        | Op::GetSchedule { .. }
-        | Op::ListSchedules
-        | Op::DeleteSchedule { .. }
-        | Op::PauseSchedule { .. }
-        | Op::ResumeSchedule { .. }
-        | Op::TriggerSchedule { .. } => return refuse(BrokerError::Internal("TODO(s18)".into())),
+        Op::PutSchedule { name, spec } => schedules::put(c, ctx, name.as_str(), *spec, now).await?,
+        Op::GetSchedule { name } => schedules::get(c, name.as_str()).await?,
+        Op::ListSchedules => schedules::list(c).await?,
+        Op::DeleteSchedule { name } => schedules::delete(c, name.as_str()).await?,
+        Op::PauseSchedule { name } => schedules::set_paused(c, name.as_str(), true, now).await?,
+        Op::ResumeSchedule { name } => schedules::set_paused(c, name.as_str(), false, now).await?,
+        Op::TriggerSchedule { name } => schedules::trigger(c, ctx, name.as_str(), now).await?,
         Op::StartWorkflow { workflow } => workflows::start(c, ctx, workflow, now).await?,
         Op::GetWorkflow { id } => workflows::get(c, id).await?,
         Op::ListWorkflows {
