@@ -16,8 +16,8 @@ mod ops;
 mod pool;
 mod schedules;
 mod schema;
-mod workflows;
 pub mod testing;
+mod workflows;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -647,7 +647,8 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
                 Some(inner) => inner.clock.now_ns(),
                 None => return,
             };
-            let until = Duration::from_nanos(at_ms.saturating_mul(1_000_000).saturating_sub(now_ns));
+            let until =
+                Duration::from_nanos(at_ms.saturating_mul(1_000_000).saturating_sub(now_ns));
             sleep = sleep.min(until);
         }
         tokio::select! {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use spool_broker::{
     Backoff, BrokerError, Misfire, NewJob, Outcome, QueueName, RunAt, ScheduleSpec, ScheduleView,
 };
-use spool_engine::schedule::{check_spec, first_due, firing_job, jitter_ms, plan, Rule};
+use spool_engine::schedule::{check_spec, firing_job, first_due, jitter_ms, plan, Rule};
 
 use crate::error::OpError;
 use crate::ops::{db_u64, enqueue_from, from_db, Ctx, Origin, NS_PER_MS};
@@ -51,8 +51,11 @@ fn opt_u64(row: &tokio_postgres::Row, index: usize) -> Option<u64> {
 
 fn view(row: &tokio_postgres::Row) -> Result<ScheduleView, OpError> {
     let misfire: &str = row.get(4);
-    let misfire = Misfire::parse(misfire)
-        .ok_or_else(|| internal(format!("unknown misfire policy {misfire:?} in the database")))?;
+    let misfire = Misfire::parse(misfire).ok_or_else(|| {
+        internal(format!(
+            "unknown misfire policy {misfire:?} in the database"
+        ))
+    })?;
     let names: Option<Vec<String>> = row.get(18);
     let values: Option<Vec<String>> = row.get(19);
     let headers: BTreeMap<String, String> = names
@@ -125,7 +128,11 @@ fn schedule(view: ScheduleView, created: bool) -> Outcome {
 async fn lock(c: &mut Conn, name: &str) -> Result<Option<ScheduleView>, OpError> {
     let rows = c
         .query(
-            concat!("SELECT ", cols!(), " FROM spool_schedules WHERE name = $1 FOR UPDATE"),
+            concat!(
+                "SELECT ",
+                cols!(),
+                " FROM spool_schedules WHERE name = $1 FOR UPDATE"
+            ),
             &[&name],
         )
         .await?;
@@ -171,7 +178,8 @@ pub(crate) async fn put(
     };
     let rows = c
         .query(
-            concat!("INSERT INTO spool_schedules (name, cron, timezone, queue, misfire, \
+            concat!(
+                "INSERT INTO spool_schedules (name, cron, timezone, queue, misfire, \
                  catch_up_max, jitter_ms, max_backlog, paused, job_payload, job_priority, \
                  job_delay_ms, job_ttr_ms, job_max_attempts, job_backoff_initial_ms, \
                  job_backoff_max_ms, job_backoff_multiplier, job_backoff_jitter, \
@@ -196,7 +204,10 @@ pub(crate) async fn put(
                  job_idempotency_ttl_ms = EXCLUDED.job_idempotency_ttl_ms, \
                  next_fire_ms = EXCLUDED.next_fire_ms, updated_ns = EXCLUDED.updated_ns, \
                  version = spool_schedules.version + 1 \
-                 RETURNING ", cols!(), ""),
+                 RETURNING ",
+                cols!(),
+                ""
+            ),
             &[
                 &name,
                 &spec.cron,
@@ -282,8 +293,12 @@ pub(crate) async fn set_paused(
     };
     let rows = c
         .query(
-            concat!("UPDATE spool_schedules SET paused = $2, next_fire_ms = $3, updated_ns = $4, \
-                 version = version + 1 WHERE name = $1 RETURNING ", cols!(), ""),
+            concat!(
+                "UPDATE spool_schedules SET paused = $2, next_fire_ms = $3, updated_ns = $4, \
+                 version = version + 1 WHERE name = $1 RETURNING ",
+                cols!(),
+                ""
+            ),
             &[&name, &paused, &next.map(db_u64), &db_u64(now)],
         )
         .await?;
@@ -373,27 +388,30 @@ async fn record(
     fired: &Fired,
     now: u64,
 ) -> Result<Vec<tokio_postgres::Row>, OpError> {
-    Ok(c
-        .query(
-            concat!("UPDATE spool_schedules SET next_fire_ms = $2, \
+    Ok(c.query(
+        concat!(
+            "UPDATE spool_schedules SET next_fire_ms = $2, \
                  last_fire_ms = coalesce($3, last_fire_ms), last_job = coalesce($4, last_job), \
                  fires = fires + $5, misfires_skipped = misfires_skipped + $6, \
                  backlog_skips = backlog_skips + $7, \
                  last_skew_ms = coalesce($8, last_skew_ms), updated_ns = $9, \
-                 version = version + 1 WHERE name = $1 RETURNING ", cols!(), ""),
-            &[
-                &name,
-                &next_fire_ms.map(db_u64),
-                &fired.last_fire_ms.map(db_u64),
-                &fired.last_job.map(db_u64),
-                &db_u64(fired.fires),
-                &db_u64(misfires_skipped),
-                &db_u64(fired.backlog_skips),
-                &fired.last_skew_ms.map(db_u64),
-                &db_u64(now),
-            ],
-        )
-        .await?)
+                 version = version + 1 WHERE name = $1 RETURNING ",
+            cols!(),
+            ""
+        ),
+        &[
+            &name,
+            &next_fire_ms.map(db_u64),
+            &fired.last_fire_ms.map(db_u64),
+            &fired.last_job.map(db_u64),
+            &db_u64(fired.fires),
+            &db_u64(misfires_skipped),
+            &db_u64(fired.backlog_skips),
+            &fired.last_skew_ms.map(db_u64),
+            &db_u64(now),
+        ],
+    )
+    .await?)
 }
 
 /// Fires the schedule now, outside its rule (due instant = now): the
@@ -420,8 +438,12 @@ pub(crate) async fn fire_due(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<Option
     let now_ms = now / NS_PER_MS;
     let rows = c
         .query(
-            concat!("SELECT ", cols!(), " FROM spool_schedules WHERE next_fire_ms <= $1 \
-                 ORDER BY next_fire_ms LIMIT $2 FOR UPDATE SKIP LOCKED"),
+            concat!(
+                "SELECT ",
+                cols!(),
+                " FROM spool_schedules WHERE next_fire_ms <= $1 \
+                 ORDER BY next_fire_ms LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ),
             &[&db_u64(now_ms), &FIRE_BATCH_SCHEDULES],
         )
         .await?;

@@ -220,11 +220,7 @@ pub(crate) async fn start(
     )
     .await?;
     if let Some(key) = &key {
-        let expires = db_u64(
-            workflow
-                .idempotency_expires_at_ms
-                .saturating_mul(NS_PER_MS),
-        );
+        let expires = db_u64(workflow.idempotency_expires_at_ms.saturating_mul(NS_PER_MS));
         let claimed = c
             .execute(
                 "INSERT INTO spool_workflow_keys (key, workflow_id, expires_ns) \
