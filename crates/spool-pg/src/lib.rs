@@ -334,7 +334,7 @@ impl PgBroker {
     async fn execute(&self, op: Op, sent_ns: u64) -> Result<Outcome, BrokerError> {
         let inner = &self.inner;
         match op {
-            Op::Enqueue { .. } | Op::EnqueueBatch { .. }
+            Op::Enqueue { .. } | Op::EnqueueBatch { .. } | Op::StartWorkflow { .. }
                 if inner.draining.load(Ordering::Acquire)
                     || inner.shutting_down.load(Ordering::Acquire) =>
             {

@@ -273,7 +273,7 @@ fn refuse<T>(error: BrokerError) -> Result<T, OpError> {
 }
 
 /// The delay until `run_at` in nanoseconds, checked.
-fn delay_of(run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
+pub(crate) fn delay_of(run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
     match run_at {
         RunAt::Now => Ok(0),
         RunAt::DelayMs(ms) if ms > limits::DELAY_MS_MAX => Err(BrokerError::invalid(
@@ -675,11 +675,14 @@ pub(crate) async fn enqueue_from(
         );
     }
     // Queues with a bound: their rows are locked so that two nodes cannot
-    // both take the last place.
+    // both take the last place. A workflow's jobs bypass `max_jobs`, as on
+    // the local broker: the workflow was admitted whole, and refusing its
+    // next step would fail it.
     let mut bounded: Vec<&str> = names
         .iter()
         .copied()
         .filter(|n| defaults.get(*n).is_some_and(|d| d.max_jobs.is_some()))
+        .filter(|_| origin.workflow.is_none())
         .collect();
     bounded.sort_unstable();
     if !bounded.is_empty() {

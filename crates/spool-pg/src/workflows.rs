@@ -17,7 +17,7 @@ use spool_engine::limits;
 use spool_engine::workflow::{self as pure, Effects, JobEvent, Workflow};
 
 use crate::error::{DbError, OpError};
-use crate::ops::{db_u64, enqueue_from, from_db, notify, Ctx, Origin, NS_PER_MS};
+use crate::ops::{db_u64, delay_of, enqueue_from, from_db, notify, Ctx, Origin, NS_PER_MS};
 use crate::pool::Conn;
 
 fn corrupt(id: i64, error: impl std::fmt::Display) -> OpError {
@@ -172,19 +172,8 @@ pub(crate) async fn start(
     definition: NewWorkflow,
     now: u64,
 ) -> Result<Outcome, OpError> {
-    // Every check that needs no row first, as enqueue does.
-    pure::validate(&definition)?;
-    for step in &definition.steps {
-        let sizes = std::iter::once(&step.job).chain(step.compensate.as_ref().map(|(_, j)| j));
-        if sizes
-            .into_iter()
-            .any(|job| job.payload.len() > ctx.max_job_size as usize)
-        {
-            return Err(OpError::Broker(BrokerError::TooLarge {
-                max_bytes: u64::from(ctx.max_job_size),
-            }));
-        }
-    }
+    // A live key answers its workflow whatever this body says, as the
+    // local broker does.
     let key = definition.idempotency_key.clone();
     if let Some(key) = &key {
         let holder = c
@@ -198,6 +187,19 @@ pub(crate) async fn start(
             if let Some(existing) = lock(c, id).await? {
                 return Ok(outcome(view(c, &existing).await?, true));
             }
+        }
+    }
+    pure::validate(&definition)?;
+    // What the pure rules cannot know: this broker's job size and clock.
+    for step in &definition.steps {
+        let jobs = std::iter::once(&step.job).chain(step.compensate.as_ref().map(|(_, j)| j));
+        for job in jobs {
+            if job.payload.len() > ctx.max_job_size as usize {
+                return Err(OpError::Broker(BrokerError::TooLarge {
+                    max_bytes: u64::from(ctx.max_job_size),
+                }));
+            }
+            delay_of(job.run_at, now)?;
         }
     }
     let id: i64 = c
