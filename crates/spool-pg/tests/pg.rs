@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spool_broker::{
-    Broker, BrokerError, JobState, Leased, Misfire, NewJob, NewStep, NewWorkflow, Op, Outcome,
-    Peer, QueueName, QueuePolicy, ScheduleSpec, Session, StepState, WorkflowState, WorkflowView,
+    Broker, BrokerError, JobState, JobView, Leased, Misfire, NewJob, NewStep, NewWorkflow, Op,
+    Outcome, Peer, QueueName, QueuePolicy, ScheduleSpec, ScheduleView, Session, StepState,
+    WorkflowState, WorkflowView,
 };
 use spool_pg::testing::TestCluster;
 use spool_pg::{Clock, ConnectError, PgBroker, PgConfig, SCHEMA_VERSION};
@@ -753,4 +754,128 @@ async fn workers_on_two_nodes_advance_one_workflow() {
             StepState::Failed
         ]
     );
+}
+
+async fn schedule_op(broker: &PgBroker, op: Op) -> ScheduleView {
+    match broker.call(op).await.expect("a schedule operation") {
+        Outcome::Schedule { schedule, .. } => *schedule,
+        other => panic!("a schedule, not {other:?}"),
+    }
+}
+
+async fn ready_in(broker: &PgBroker, q: &str) -> Vec<JobView> {
+    match broker
+        .call(Op::List {
+            queue: queue(q),
+            state: JobState::Ready,
+            after: None,
+            limit: 1_000,
+        })
+        .await
+        .expect("list")
+    {
+        Outcome::Page(page) => page.jobs,
+        other => panic!("a page, not {other:?}"),
+    }
+}
+
+/// The schedule operations on PostgreSQL: misfires after a gap, the
+/// backlog bound, pause and resume, trigger, replace, delete.
+#[tokio::test]
+async fn schedules_misfire_backlog_pause_trigger_and_delete() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let start_ms = START_NS / 1_000_000;
+    let name = queue("catch-up");
+    let mut spec = schedule_spec("@every 1s", "caught");
+    spec.misfire = Misfire::All;
+    spec.catch_up_max = 3;
+    let put = a
+        .call(Op::PutSchedule {
+            name: name.clone(),
+            spec: Box::new(spec.clone()),
+        })
+        .await
+        .expect("put");
+    assert!(matches!(put, Outcome::Schedule { created: true, .. }));
+    // Five instants missed at once: the latest three fire, two are counted.
+    a.advance_clock(5_000_000_000).await.expect("timers");
+    let keys: Vec<_> = ready_in(&a, "caught")
+        .await
+        .into_iter()
+        .map(|j| j.idempotency_key.expect("key"))
+        .collect();
+    let expected: Vec<_> = (3..=5)
+        .map(|i| format!("schedule:catch-up:{}", start_ms + i * 1_000))
+        .collect();
+    assert_eq!(keys, expected);
+    let seen = schedule_op(&a, Op::GetSchedule { name: name.clone() }).await;
+    assert_eq!((seen.fires, seen.misfires_skipped), (3, 2));
+    // A replace keeps the firing state.
+    spec.max_backlog = Some(3);
+    let replaced = a
+        .call(Op::PutSchedule {
+            name: name.clone(),
+            spec: Box::new(spec.clone()),
+        })
+        .await
+        .expect("replace");
+    let Outcome::Schedule { schedule, created } = replaced else {
+        panic!("a schedule");
+    };
+    assert!(!created);
+    assert_eq!(schedule.fires, 3);
+    assert_eq!(schedule.last_fire_at_ms, Some(start_ms + 5_000));
+    // Three of its jobs are ready: the next instant is a backlog skip.
+    a.advance_clock(1_000_000_000).await.expect("timers");
+    let seen = schedule_op(&a, Op::GetSchedule { name: name.clone() }).await;
+    assert_eq!((seen.fires, seen.backlog_skips), (3, 1));
+    assert_eq!(ready_in(&a, "caught").await.len(), 3);
+    // Paused: nothing due; resumed: the next instant after now, no misfires.
+    let paused = schedule_op(&a, Op::PauseSchedule { name: name.clone() }).await;
+    assert_eq!(paused.next_fire_at_ms, None);
+    a.advance_clock(10_000_000_000).await.expect("timers");
+    let resumed = schedule_op(&a, Op::ResumeSchedule { name: name.clone() }).await;
+    let now_ms = clock.now_ns() / 1_000_000;
+    assert_eq!(resumed.next_fire_at_ms, Some(now_ms + 1_000));
+    assert_eq!(resumed.misfires_skipped, 2);
+    // A trigger fires now (the backlog does not hold it back) and leaves
+    // the next instant where it was.
+    let triggered = schedule_op(&a, Op::TriggerSchedule { name: name.clone() }).await;
+    assert_eq!(triggered.fires, 4);
+    assert_eq!(triggered.last_fire_at_ms, Some(now_ms));
+    assert_eq!(triggered.next_fire_at_ms, Some(now_ms + 1_000));
+    let last = a
+        .get(triggered.last_job.expect("the trigger's job"))
+        .await
+        .expect("get");
+    assert_eq!(
+        last.idempotency_key,
+        Some(format!("schedule:catch-up:{now_ms}"))
+    );
+    assert_eq!(
+        last.headers.get("spool-scheduled-at").map(String::as_str),
+        Some("2026-12-04T00:00:16Z")
+    );
+    assert!(matches!(
+        a.call(Op::DeleteSchedule { name: name.clone() }).await,
+        Ok(Outcome::Done)
+    ));
+    assert!(matches!(
+        a.call(Op::GetSchedule { name }).await,
+        Err(BrokerError::NotFound)
+    ));
+    // A bad rule names its field.
+    let bad = schedule_spec("61 * * * *", "caught");
+    match a
+        .call(Op::PutSchedule {
+            name: queue("bad"),
+            spec: Box::new(bad),
+        })
+        .await
+    {
+        Err(BrokerError::Invalid { field, .. }) => assert_eq!(field, "cron"),
+        other => panic!("a bad cron is invalid, not {other:?}"),
+    }
 }
