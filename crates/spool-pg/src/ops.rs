@@ -511,9 +511,9 @@ async fn apply(
 }
 
 /// Wakes parked reserves and job waits on every node, at commit.
+/// (Sent with the transaction's `COMMIT`: no round trip of its own.)
 pub(crate) async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
-    c.execute("SELECT pg_notify('spool', $1::text)", &[&queue])
-        .await?;
+    c.notify_at_commit(queue);
     Ok(())
 }
 
@@ -897,22 +897,28 @@ async fn reserve(
     if queues.is_empty() {
         return refuse(BrokerError::invalid("queues", "name at least one queue"));
     }
-    // Timers first, so that due jobs and expired leases count now.
-    promote_due(c, now).await?;
-    expire_leases(c, ctx, now).await?;
     let mut names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     let mut open: Vec<&str> = names.clone();
     let mut limited: Vec<Dispatch> = Vec::new();
-    let settings = c
-        .query(
-            "SELECT name, paused_until_ns, concurrency, rate_per_s FROM spool_queues \
-             WHERE name = ANY($1) \
-             AND (paused_until_ns IS NOT NULL OR concurrency IS NOT NULL OR rate_per_s IS NOT NULL)",
-            &[&names],
+    // Timers first, so that due jobs and expired leases count now; the
+    // queues' settings read with them: three statements, one round trip.
+    let now_db = db_u64(now);
+    let (due, expired, settings) = c
+        .query3(
+            (PROMOTE_DUE_SQL, &[&now_db, &TIMER_BATCH_ROWS]),
+            (EXPIRED_LEASES_SQL, &[&now_db, &TIMER_BATCH_ROWS]),
+            (
+                "SELECT name, paused_until_ns, concurrency, rate_per_s FROM spool_queues \
+                 WHERE name = ANY($1) AND (paused_until_ns IS NOT NULL \
+                 OR concurrency IS NOT NULL OR rate_per_s IS NOT NULL)",
+                &[&names],
+            ),
         )
         .await?;
+    promoted(c, due).await?;
+    expire(c, ctx, expired, now).await?;
     let mut lock: Vec<String> = Vec::new();
     for row in &settings {
         let name: String = row.get(0);
@@ -932,6 +938,27 @@ async fn reserve(
             open.retain(|n| *n != name);
             lock.push(name);
         }
+    }
+    if let ([queue], true) = (open.as_slice(), lock.is_empty()) {
+        // One queue without dispatch limits (the common case): candidates
+        // and their reservation are one statement, sent with the COMMIT.
+        let rows = c
+            .query_and_commit(
+                concat!(
+                    "WITH c AS MATERIALIZED (SELECT id FROM spool_jobs WHERE queue = $1 \
+                     AND state = 'ready' ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                     j AS (UPDATE spool_jobs SET state = 'reserved', \
+                     lease_token = nextval('spool_lease_tokens'), \
+                     deadline_ns = $3 + ttr_ms * 1000000, lease_owner = $4, \
+                     reserves = reserves + 1 FROM c WHERE spool_jobs.id = c.id \
+                     RETURNING spool_jobs.*)",
+                    select_views!(),
+                    " ORDER BY j.priority, j.id"
+                ),
+                &[queue, &i64::from(batch), &now_db, &ctx.node_id],
+            )
+            .await?;
+        return rows.iter().map(leased).collect();
     }
     if !lock.is_empty() {
         // The limits are global: the queue's row is locked for the
@@ -1803,35 +1830,46 @@ async fn counts(c: &mut Conn, now: u64) -> Result<Vec<QueueCounts>, OpError> {
 /// moves), dated at the due time as the engine dates it.
 async fn promote_due(c: &mut Conn, now: u64) -> Result<(), OpError> {
     let rows = c
-        .query(
-            "WITH j AS (UPDATE spool_jobs SET state = 'ready', version = version + 1, \
-             updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id FROM spool_jobs \
-             WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
-             FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j",
-            &[&db_u64(now), &TIMER_BATCH_ROWS],
-        )
+        .query(PROMOTE_DUE_SQL, &[&db_u64(now), &TIMER_BATCH_ROWS])
         .await?;
-    for row in rows {
+    promoted(c, rows).await
+}
+
+/// `promote_due`'s statement: ($1 now, $2 rows) → the queues it made jobs
+/// ready in.
+const PROMOTE_DUE_SQL: &str = "WITH j AS (UPDATE spool_jobs SET state = 'ready', \
+     version = version + 1, updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id \
+     FROM spool_jobs WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
+     FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j";
+
+async fn promoted(c: &mut Conn, queues: Vec<Row>) -> Result<(), OpError> {
+    for row in queues {
         notify(c, row.get(0)).await?;
     }
     Ok(())
 }
+
+/// `expire_leases`' look-up: ($1 now, $2 rows) → the leases past their
+/// deadline, locked, with what their failed attempt needs.
+const EXPIRED_LEASES_SQL: &str = "SELECT j.id, j.attempts, j.max_attempts, \
+     j.backoff_initial_ms, j.backoff_max_ms, j.backoff_multiplier, j.backoff_jitter, \
+     q.backoff_initial_ms, q.backoff_max_ms, q.backoff_multiplier, q.backoff_jitter, j.queue, \
+     j.workflow_id FROM spool_jobs j LEFT JOIN spool_queues q ON q.name = j.queue \
+     WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
+     ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED";
 
 /// Leases past their deadline end: a failed attempt for a job with an
 /// attempt limit (retried after its backoff, or buried), back to ready at
 /// once for one without (beanstalkd's semantics). Any node runs this.
 async fn expire_leases(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     let rows = c
-        .query(
-            "SELECT j.id, j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
-             j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
-             q.backoff_multiplier, q.backoff_jitter, j.queue, j.workflow_id FROM spool_jobs j \
-             LEFT JOIN spool_queues q ON q.name = j.queue \
-             WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
-             ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
-            &[&db_u64(now), &TIMER_BATCH_ROWS],
-        )
+        .query(EXPIRED_LEASES_SQL, &[&db_u64(now), &TIMER_BATCH_ROWS])
         .await?;
+    expire(c, ctx, rows, now).await
+}
+
+/// Ends the leases [`EXPIRED_LEASES_SQL`] found.
+async fn expire(c: &mut Conn, ctx: &Ctx, rows: Vec<Row>, now: u64) -> Result<(), OpError> {
     if rows.is_empty() {
         return Ok(());
     }
