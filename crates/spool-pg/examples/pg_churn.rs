@@ -36,6 +36,7 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"));
     let queue = QueueName::new(b"churn").unwrap_or_else(|_| panic!("a queue name"));
+    let round_trips_before = broker.pool_stats().round_trips;
     let started = Instant::now();
     let deadline = started + TIME_LIMIT;
     let put = Arc::new(AtomicU64::new(0));
@@ -74,10 +75,15 @@ async fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     let finished = done.load(Ordering::Relaxed);
+    let round_trips = broker.pool_stats().round_trips - round_trips_before;
     println!(
         "{finished} of {jobs} jobs through, {workers} producers + {workers} consumers: \
-         {:.0} jobs/s ({secs:.1} s)",
-        finished as f64 / secs
+         {:.0} jobs/s ({secs:.1} s), {:.2} database round trips a job",
+        finished as f64 / secs,
+        round_trips as f64 / finished.max(1) as f64
     );
-    assert_eq!(finished, jobs, "every job went through within the time limit");
+    assert_eq!(
+        finished, jobs,
+        "every job went through within the time limit"
+    );
 }

@@ -33,6 +33,9 @@ pub struct PoolStats {
     /// Operations that failed in the database (not refusals of the job
     /// model): lost connections, timeouts, errors.
     pub query_errors: u64,
+    /// Round trips to the database by operations (statements pipelined
+    /// together count once): what an operation costs in latency.
+    pub round_trips: u64,
 }
 
 #[derive(Debug)]
@@ -45,6 +48,7 @@ pub(crate) struct Pool {
     connect_timeout: Duration,
     busy: AtomicU64,
     waiting: AtomicU64,
+    round_trips: Arc<AtomicU64>,
     acquire_timeouts: AtomicU64,
     connect_errors: AtomicU64,
 }
@@ -67,6 +71,8 @@ pub(crate) struct Conn {
     begin_pending: bool,
     /// Queues to announce on the `spool` channel at commit, without repeats.
     notify_at_commit: Vec<String>,
+    /// The pool's count of round trips.
+    round_trips: Arc<AtomicU64>,
 }
 
 /// One statement of a pipeline: its text and parameters.
@@ -80,9 +86,14 @@ impl Conn {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
+        self.round_trip();
         let statement = self.client.prepare(sql).await?;
         self.statements.insert(sql, statement.clone());
         Ok(statement)
+    }
+
+    fn round_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the next statement carries the pending `BEGIN`.
@@ -106,6 +117,7 @@ impl Conn {
     ) -> Result<Vec<Row>, DbError> {
         let statement = self.statement(sql).await?;
         let begin = self.take_begin();
+        self.round_trip();
         let client = &self.client;
         let (began, rows) = tokio::join!(
             Conn::begin_if(client, begin),
@@ -122,6 +134,7 @@ impl Conn {
     ) -> Result<Option<Row>, DbError> {
         let statement = self.statement(sql).await?;
         let begin = self.take_begin();
+        self.round_trip();
         let client = &self.client;
         let (began, row) = tokio::join!(
             Conn::begin_if(client, begin),
@@ -138,6 +151,7 @@ impl Conn {
     ) -> Result<u64, DbError> {
         let statement = self.statement(sql).await?;
         let begin = self.take_begin();
+        self.round_trip();
         let client = &self.client;
         let (began, count) = tokio::join!(
             Conn::begin_if(client, begin),
@@ -161,6 +175,7 @@ impl Conn {
             self.statement(c.0).await?,
         );
         let begin = self.take_begin();
+        self.round_trip();
         let client = &self.client;
         let (began, ra, rb, rc) = tokio::join!(
             Conn::begin_if(client, begin),
@@ -184,6 +199,7 @@ impl Conn {
         let notify = self.notify_statement().await?;
         let queues = std::mem::take(&mut self.notify_at_commit);
         let begin = self.take_begin();
+        self.round_trip();
         let client = &self.client;
         let (began, notified, rows, committed) = tokio::join!(
             Conn::begin_if(client, begin),
@@ -247,6 +263,7 @@ impl Conn {
         }
         let notify = self.notify_statement().await?;
         let queues = std::mem::take(&mut self.notify_at_commit);
+        self.round_trip();
         let client = &self.client;
         let (notified, committed) = tokio::join!(
             Conn::notify_if(client, notify.as_ref(), &queues),
@@ -267,6 +284,7 @@ impl Conn {
             self.in_transaction = false;
             return Ok(());
         }
+        self.round_trip();
         self.client.batch_execute("ROLLBACK").await?;
         self.in_transaction = false;
         Ok(())
@@ -289,6 +307,7 @@ impl Pool {
             connect_timeout,
             busy: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            round_trips: Arc::new(AtomicU64::new(0)),
             acquire_timeouts: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
         }
@@ -334,6 +353,7 @@ impl Pool {
             in_transaction: false,
             begin_pending: false,
             notify_at_commit: Vec::new(),
+            round_trips: self.round_trips.clone(),
         })
     }
 
@@ -387,6 +407,7 @@ impl Pool {
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
             // Counted by the broker, which sees the operations.
             query_errors: 0,
+            round_trips: self.round_trips.load(Ordering::Relaxed),
         }
     }
 }
