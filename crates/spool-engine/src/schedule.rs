@@ -48,6 +48,10 @@ pub const EVERY_MS_MAX: u64 = 400 * 86_400_000;
 /// would take seconds to count). `@every` rules are counted exactly.
 pub const MISSED_SCAN_MAX: u64 = 100_000;
 
+/// The longest cron text and time zone name accepted (the log stores
+/// them with a 16-bit length).
+pub const CRON_MAX_BYTES: usize = 256;
+
 /// A validated rule: when a schedule falls due.
 #[derive(Clone)]
 pub struct Rule {
@@ -86,6 +90,15 @@ impl Rule {
     /// `@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`, `@hourly`)
     /// in the IANA zone `timezone`.
     pub fn parse(cron: &str, timezone: &str) -> Result<Rule, BrokerError> {
+        if cron.len() > CRON_MAX_BYTES {
+            return Err(BrokerError::invalid(
+                "cron",
+                format!("at most {CRON_MAX_BYTES} bytes"),
+            ));
+        }
+        if timezone.len() > CRON_MAX_BYTES {
+            return Err(BrokerError::invalid("timezone", "unknown IANA time zone"));
+        }
         let zone = TimeZone::get(timezone).map_err(|_| {
             BrokerError::invalid("timezone", format!("unknown IANA time zone {timezone:?}"))
         })?;

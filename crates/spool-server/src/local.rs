@@ -380,7 +380,11 @@ fn changed_jobs(record: &LogRecord, out: &mut Vec<u64>) {
         // snapshots rewrite what is there; counting them only makes a
         // reply wait for the round it was in anyway.
         LogRecord::JobSnapshot(full) => out.push(full.job.id),
-        LogRecord::Snapshot(_) | LogRecord::NextId { .. } | LogRecord::Queue(_) => {}
+        LogRecord::Snapshot(_)
+        | LogRecord::NextId { .. }
+        | LogRecord::Queue(_)
+        | LogRecord::Schedule(_)
+        | LogRecord::ScheduleDeleted { .. } => {}
     }
 }
 

@@ -71,6 +71,8 @@ impl Engine {
                     self.set_settings(queue, QueueSettings { policy, pause });
                 }
             }
+            LogRecord::Schedule(view) => self.replay_schedule(*view),
+            LogRecord::ScheduleDeleted { name } => self.replay_schedule_deleted(&name),
         }
         Ok(())
     }
@@ -208,7 +210,7 @@ impl Engine {
 
     /// What a compaction writes first, before the jobs: the id the next
     /// job will get (so that ids are never reused after the records that
-    /// used them are gone) and every queue's settings.
+    /// used them are gone), every queue's settings and every schedule.
     pub fn compaction_start_records(&self) -> Vec<LogRecord> {
         let mut records = vec![self.next_id_record()];
         let mut queues: Vec<_> = self.settings.iter().collect();
@@ -220,6 +222,7 @@ impl Engine {
                 pause: settings.pause,
             })));
         }
+        records.extend(self.schedule_records());
         records
     }
 

@@ -235,15 +235,15 @@ impl Engine {
                 }
                 Ok(Outcome::Queue(self.queue_info(&queue, now)))
             }
-            // TODO(s18): schedules and workflows.
-            Op::PutSchedule { .. }
+            op @ (Op::PutSchedule { .. }
             | Op::GetSchedule { .. }
             | Op::ListSchedules
             | Op::DeleteSchedule { .. }
             | Op::PauseSchedule { .. }
             | Op::ResumeSchedule { .. }
-            | Op::TriggerSchedule { .. }
-            | Op::StartWorkflow { .. }
+            | Op::TriggerSchedule { .. }) => self.schedule_op(op, now),
+            // TODO(s18): workflows.
+            Op::StartWorkflow { .. }
             | Op::GetWorkflow { .. }
             | Op::ListWorkflows { .. }
             | Op::CancelWorkflow { .. } => Err(BrokerError::Internal("TODO(s18)".into())),
