@@ -307,7 +307,7 @@ pub fn check_spec(spec: &ScheduleSpec) -> Result<Rule, BrokerError> {
     match spec.job.run_at {
         RunAt::AtMs(_) => {
             return Err(BrokerError::invalid(
-                "job.run_at_ms",
+                "job.run_at",
                 "a schedule's job cannot run at a fixed instant; use delay_ms",
             ))
         }
@@ -626,7 +626,7 @@ mod tests {
         let mut bad = spec("@daily", Misfire::Once);
         bad.job.run_at = RunAt::AtMs(5);
         assert!(
-            matches!(check_spec(&bad), Err(BrokerError::Invalid { field, .. }) if field == "job.run_at_ms")
+            matches!(check_spec(&bad), Err(BrokerError::Invalid { field, .. }) if field == "job.run_at")
         );
         let mut bad = spec("@daily", Misfire::Once);
         bad.max_backlog = Some(0);
