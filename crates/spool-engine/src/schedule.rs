@@ -48,6 +48,10 @@ pub const EVERY_MS_MAX: u64 = 400 * 86_400_000;
 /// would take seconds to count). `@every` rules are counted exactly.
 pub const MISSED_SCAN_MAX: u64 = 100_000;
 
+/// The longest cron text and time zone name accepted (the log stores
+/// them with a 16-bit length).
+pub const CRON_MAX_BYTES: usize = 256;
+
 /// A validated rule: when a schedule falls due.
 #[derive(Clone)]
 pub struct Rule {
@@ -86,6 +90,15 @@ impl Rule {
     /// `@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`, `@hourly`)
     /// in the IANA zone `timezone`.
     pub fn parse(cron: &str, timezone: &str) -> Result<Rule, BrokerError> {
+        if cron.len() > CRON_MAX_BYTES {
+            return Err(BrokerError::invalid(
+                "cron",
+                format!("at most {CRON_MAX_BYTES} bytes"),
+            ));
+        }
+        if timezone.len() > CRON_MAX_BYTES {
+            return Err(BrokerError::invalid("timezone", "unknown IANA time zone"));
+        }
         let zone = TimeZone::get(timezone).map_err(|_| {
             BrokerError::invalid("timezone", format!("unknown IANA time zone {timezone:?}"))
         })?;
@@ -294,7 +307,7 @@ pub fn check_spec(spec: &ScheduleSpec) -> Result<Rule, BrokerError> {
     match spec.job.run_at {
         RunAt::AtMs(_) => {
             return Err(BrokerError::invalid(
-                "job.run_at_ms",
+                "job.run_at",
                 "a schedule's job cannot run at a fixed instant; use delay_ms",
             ))
         }
@@ -613,7 +626,7 @@ mod tests {
         let mut bad = spec("@daily", Misfire::Once);
         bad.job.run_at = RunAt::AtMs(5);
         assert!(
-            matches!(check_spec(&bad), Err(BrokerError::Invalid { field, .. }) if field == "job.run_at_ms")
+            matches!(check_spec(&bad), Err(BrokerError::Invalid { field, .. }) if field == "job.run_at")
         );
         let mut bad = spec("@daily", Misfire::Once);
         bad.max_backlog = Some(0);

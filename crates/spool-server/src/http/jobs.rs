@@ -48,9 +48,9 @@ use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
 /// Jobs a listing page holds when `limit` is not given.
 const LIST_LIMIT_DEFAULT: u32 = 100;
 
-type Shared<B> = State<Arc<HttpState<B>>>;
-type IdPath = Result<Path<String>, PathRejection>;
-type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+pub(super) type Shared<B> = State<Arc<HttpState<B>>>;
+pub(super) type IdPath = Result<Path<String>, PathRejection>;
+pub(super) type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// The `/v1` routes (state still to be given).
 pub(super) fn routes<B: Broker>() -> Router<Arc<HttpState<B>>> {
@@ -94,7 +94,7 @@ pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<Ht
 
 // ---- errors ---------------------------------------------------------------
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", message).with_field(field)
 }
 
@@ -122,7 +122,7 @@ pub(super) fn broker_error(error: BrokerError) -> ApiError {
 
 /// A broker that answered an op with another op's outcome: a bug, but
 /// the client still gets JSON.
-fn unexpected() -> ApiError {
+pub(super) fn unexpected() -> ApiError {
     broker_error(BrokerError::Internal(
         "the broker answered with the wrong kind of outcome".into(),
     ))
@@ -162,7 +162,7 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
 /// Parses a JSON body; an empty one, or `null`, counts as `{}` (for
 /// actions whose fields are all optional: kick, cancel, pause, ...; the
 /// OpenAPI document says such a body may be absent or null).
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let trimmed = body.trim_ascii();
     let body: &[u8] = if trimmed.is_empty() || trimmed == b"null" {
         b"{}"
@@ -197,14 +197,17 @@ fn job_id(path: IdPath) -> Result<JobId, ApiError> {
     })
 }
 
-fn queue_name(path: IdPath) -> Result<QueueName, ApiError> {
+pub(super) fn queue_name(path: IdPath) -> Result<QueueName, ApiError> {
     let Path(text) = path.map_err(|e| invalid("queue", e.body_text()))?;
     QueueName::new(text.as_bytes()).map_err(|e| invalid("queue", format!("{text:?}: {e}")))
 }
 
 /// The query's parameters, each at most once and each one the endpoint
 /// knows: a misspelt option is an error, not a silent default.
-fn query(pairs: QueryPairs, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+pub(super) fn query(
+    pairs: QueryPairs,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, ApiError> {
     let Query(pairs) = pairs.map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()).with_field("query")
     })?;
@@ -422,7 +425,7 @@ pub(super) struct EnqueueBody {
 
 impl EnqueueBody {
     /// `prefix` names the job in a batch (`jobs[3].`) in errors.
-    fn into_new_job(self, prefix: &str) -> Result<NewJob, ApiError> {
+    pub(super) fn into_new_job(self, prefix: &str) -> Result<NewJob, ApiError> {
         let payload =
             bytes_of(self.payload, self.payload_base64, prefix, "payload")?.ok_or_else(|| {
                 invalid(
@@ -566,7 +569,7 @@ pub(super) struct PolicyBody {
 // ---- output ---------------------------------------------------------------
 
 /// The stored bytes as JSON, when they are a JSON text.
-fn as_json(bytes: &[u8]) -> Option<&RawValue> {
+pub(super) fn as_json(bytes: &[u8]) -> Option<&RawValue> {
     let text = std::str::from_utf8(bytes).ok()?;
     serde_json::from_str::<&RawValue>(text).ok()
 }
@@ -832,7 +835,7 @@ pub(super) struct QueuesOut<'a> {
     queues: Vec<QueueOut<'a>>,
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (
             status,
@@ -864,7 +867,7 @@ fn job_response(status: StatusCode, out: JobOut<'_>) -> Response {
 
 // ---- calling the broker -------------------------------------------------------
 
-fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
+pub(super) fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
     state.broker().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -874,7 +877,7 @@ fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
     })
 }
 
-async fn call<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Outcome, ApiError> {
+pub(super) async fn call<B: Broker>(state: &HttpState<B>, op: Op) -> Result<Outcome, ApiError> {
     broker(state)?.call(op).await.map_err(broker_error)
 }
 

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{jobs, metrics};
+use super::{jobs, metrics, schedules};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,12 +44,20 @@ use super::{jobs, metrics};
         jobs::set_policy,
         jobs::pause,
         jobs::resume,
+        schedules::put_schedule,
+        schedules::list_schedules,
+        schedules::get_schedule,
+        schedules::delete_schedule,
+        schedules::pause_schedule,
+        schedules::resume_schedule,
+        schedules::trigger_schedule,
     ),
     modifiers(&BearerScheme),
     tags(
         (name = "jobs", description = "Enqueue, read, change and cancel jobs"),
         (name = "workers", description = "Lease jobs and settle them"),
         (name = "queues", description = "Queues: listings, purges, policies, pauses"),
+        (name = "schedules", description = "Cron schedules that enqueue a job at each due instant"),
         (name = "operations", description = "Probes and metrics"),
     ),
 )]
