@@ -27,7 +27,7 @@ pub use op_session::{OpSession, SessionBroker};
 pub use schedule::{Misfire, ScheduleName, ScheduleSpec, ScheduleView};
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
-    SnapshotScope, WaitCounts, SNAPSHOT_RESERVED_IDS_MAX,
+    SnapshotScope, WaitCounts, WorkflowCounters, SNAPSHOT_RESERVED_IDS_MAX,
 };
 pub use workflow::{
     NewStep, NewWorkflow, StepState, StepView, WorkflowId, WorkflowPage, WorkflowState,

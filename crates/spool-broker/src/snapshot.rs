@@ -150,6 +150,37 @@ pub struct EngineSnapshot {
     /// Job-API waits held now, filled by the broker (the engine holds
     /// none; its own blocked beanstalkd reserves are in `server`).
     pub waits: WaitCounts,
+    /// Workflow figures; empty where a broker keeps none.
+    pub workflows: WorkflowCounters,
+}
+
+/// Workflow figures for `spool_workflow*` metrics: counters since the
+/// broker started (they restart at zero, as Prometheus counters may), and
+/// the workflows held now by state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowCounters {
+    pub started: u64,
+    /// By the state reached: succeeded, compensated, compensation_failed.
+    pub finished: std::collections::BTreeMap<&'static str, u64>,
+    /// Steps and compensations by outcome: completed, failed, cancelled,
+    /// compensated, compensation_failed.
+    pub steps: std::collections::BTreeMap<&'static str, u64>,
+    /// Start to succeeded, compensated or compensation_failed.
+    pub duration: Histogram,
+    /// Workflows held now (live and retained), by state.
+    pub current: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Default for WorkflowCounters {
+    fn default() -> Self {
+        WorkflowCounters {
+            started: 0,
+            finished: Default::default(),
+            steps: Default::default(),
+            duration: Histogram::queue_latency(),
+            current: Default::default(),
+        }
+    }
 }
 
 /// Job-API requests a broker holds open now, for `spool_waits{kind}`.

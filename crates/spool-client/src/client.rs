@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorCode};
 use crate::types::{
     Body, Enqueue, Failure, Job, JobChange, JobPage, JobState, JsonBody, Policy, QueueInfo,
 };
+use crate::workflow::{NewWorkflow, Workflow, WorkflowPage, WorkflowState};
 
 /// Default bound on one request (besides a long poll's own wait): above the
 /// server's 10 s handler timeout, so a slow server's 503, which says why,
@@ -599,6 +600,51 @@ impl Client {
             Duration::ZERO,
         )
         .await
+    }
+
+    /// Starts a workflow; with a live idempotency key, the existing one
+    /// (with `duplicate` set).
+    pub async fn start_workflow(&self, workflow: &NewWorkflow) -> Result<Workflow, Error> {
+        let body = encode(&workflow.to_json()?)?;
+        self.call(Method::POST, "/v1/workflows", Some(body), Duration::ZERO)
+            .await
+    }
+
+    pub async fn workflow(&self, id: u64) -> Result<Workflow, Error> {
+        let path = format!("/v1/workflows/{id}");
+        self.call(Method::GET, &path, None, Duration::ZERO).await
+    }
+
+    /// One page of workflows (in `state`, if given), after workflow `after`.
+    pub async fn workflows(
+        &self,
+        state: Option<WorkflowState>,
+        limit: Option<u32>,
+        after: Option<u64>,
+    ) -> Result<WorkflowPage, Error> {
+        let mut query = Vec::new();
+        if let Some(state) = state {
+            query.push(format!("state={}", state.as_str()));
+        }
+        if let Some(limit) = limit {
+            query.push(format!("limit={limit}"));
+        }
+        if let Some(after) = after {
+            query.push(format!("after={after}"));
+        }
+        let mut path = "/v1/workflows".to_string();
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
+        }
+        self.call(Method::GET, &path, None, Duration::ZERO).await
+    }
+
+    /// Cancels a workflow: no new step starts, running ones are cancelled
+    /// and completed ones compensated.
+    pub async fn cancel_workflow(&self, id: u64) -> Result<Workflow, Error> {
+        let path = format!("/v1/workflows/{id}/cancel");
+        self.call(Method::POST, &path, None, Duration::ZERO).await
     }
 
     /// One page of the queue's jobs in `state`, after job id `after`.

@@ -40,6 +40,7 @@ mod client;
 mod error;
 mod types;
 mod worker;
+mod workflow;
 
 pub use cancel::{CancelReason, CancelToken};
 pub use client::{
@@ -56,6 +57,7 @@ pub use worker::{
     HEARTBEAT_INTERVAL_MIN, POLL_TIMEOUT_DEFAULT, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN,
     SHUTDOWN_GRACE_DEFAULT,
 };
+pub use workflow::{NewWorkflow, Step, Workflow, WorkflowPage, WorkflowState, WorkflowStep};
 
 pub use bytes::Bytes;
 pub use hyper::Method;

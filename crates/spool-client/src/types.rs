@@ -95,6 +95,9 @@ pub struct Job {
     pub lease: Option<String>,
     /// On an enqueue's answer: the idempotency key named an existing job.
     pub duplicate: bool,
+    /// A workflow step's (or compensation's) inputs: step → its result
+    /// (`None`: the step completed without one). Empty on other jobs.
+    pub parents: BTreeMap<String, Option<Bytes>>,
 }
 
 impl Job {
@@ -147,6 +150,10 @@ struct JobWire {
     lease: Option<String>,
     #[serde(default)]
     duplicate: bool,
+    #[serde(default)]
+    parents: BTreeMap<String, Option<Box<RawValue>>>,
+    #[serde(default)]
+    parents_base64: BTreeMap<String, String>,
 }
 
 /// A `payload` of JSON `null` is still a payload (plain `Option` would
@@ -155,7 +162,7 @@ fn present_raw<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Box<RawValue>>
     Box::<RawValue>::deserialize(de).map(Some)
 }
 
-fn stored_bytes(
+pub(crate) fn stored_bytes(
     json: Option<Box<RawValue>>,
     encoded: Option<String>,
     name: &str,
@@ -204,6 +211,8 @@ impl<'de> Deserialize<'de> for Job {
             version: w.version,
             lease: w.lease,
             duplicate: w.duplicate,
+            parents: crate::workflow::byte_map(w.parents, w.parents_base64)
+                .map_err(serde::de::Error::custom)?,
         })
     }
 }

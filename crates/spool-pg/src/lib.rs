@@ -795,6 +795,7 @@ impl Broker for PgBroker {
                     reserve: inner.reserve_waits.load(Ordering::Relaxed),
                     job: inner.job_waits.load(Ordering::Relaxed) as u64,
                 },
+                workflows: Default::default(),
             })
         }
     }

@@ -15,6 +15,7 @@ mod http;
 mod idle;
 mod load;
 mod report;
+mod workflow;
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -60,6 +61,10 @@ pub enum Mode {
     /// HTTP: hold `--connections` idle kept-alive connections; the server's
     /// memory per connection (needs `--server-pid`).
     HttpIdle,
+    /// HTTP: `--jobs` three-step workflows and three times as many plain
+    /// jobs, worked by `--consumers` HTTP workers; a step's cost over a
+    /// plain job's.
+    HttpWorkflow,
     /// Open a burst of connections at once and time until all are served.
     #[value(hide = true)]
     Accept,
@@ -79,6 +84,7 @@ impl Mode {
             Mode::HttpConcurrency => "http-concurrency",
             Mode::HttpRate => "http-rate",
             Mode::HttpIdle => "http-idle",
+            Mode::HttpWorkflow => "http-workflow",
             Mode::Accept => "accept",
         }
     }
@@ -197,6 +203,9 @@ fn parse_tube(s: &str) -> Result<TubeName, String> {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.time_limit_secs);
+    if args.mode == Mode::HttpWorkflow {
+        return workflow::run(&args, deadline);
+    }
     if args.mode.is_http() {
         return http::run(&args, deadline);
     }

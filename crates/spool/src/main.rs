@@ -10,6 +10,7 @@ mod jobs;
 mod logging;
 mod serve;
 mod work;
+mod workflows;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,10 @@ enum Command {
     /// Run a command for each job of some queues: payload on stdin, stdout
     /// as the result, a non-zero exit as a failed attempt.
     Work(work::WorkArgs),
+    /// List workflows with their state and progress.
+    Workflows(workflows::WorkflowsArgs),
+    /// Show a workflow as a tree of its steps (or cancel it with --cancel).
+    Workflow(workflows::WorkflowArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +108,8 @@ fn main() -> ExitCode {
         Command::Pause(args) => jobs::pause(args),
         Command::Resume(args) => jobs::resume(args),
         Command::Work(args) => work::run(args),
+        Command::Workflows(args) => workflows::list(args),
+        Command::Workflow(args) => workflows::show(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -54,30 +54,8 @@ impl Default for Workflows {
 }
 
 /// Counters for `/metrics` (since this start of the engine; replay counts
-/// nothing).
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkflowMetrics {
-    pub started: u64,
-    /// By final (or failed) state: succeeded, compensated,
-    /// compensation_failed.
-    pub finished: BTreeMap<&'static str, u64>,
-    /// Step and compensation outcomes: completed, failed, cancelled,
-    /// compensated, compensation_failed.
-    pub steps: BTreeMap<&'static str, u64>,
-    /// Start to succeeded / compensated / compensation_failed.
-    pub duration: Histogram,
-}
-
-impl Default for WorkflowMetrics {
-    fn default() -> Self {
-        WorkflowMetrics {
-            started: 0,
-            finished: BTreeMap::new(),
-            steps: BTreeMap::new(),
-            duration: Histogram::queue_latency(),
-        }
-    }
-}
+/// nothing); `current` is filled when a snapshot is taken.
+pub type WorkflowMetrics = spool_broker::WorkflowCounters;
 
 impl Engine {
     // ---- hooks ----------------------------------------------------------
@@ -482,8 +460,13 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    pub fn workflow_metrics(&self) -> &WorkflowMetrics {
-        &self.workflows.metrics
+    /// The workflow figures a snapshot carries.
+    pub(super) fn workflow_counters(&self) -> WorkflowMetrics {
+        let mut counters = self.workflows.metrics.clone();
+        for (state, count) in self.workflow_counts() {
+            counters.current.insert(state.as_str(), count);
+        }
+        counters
     }
 
     /// Workflows held, by state.

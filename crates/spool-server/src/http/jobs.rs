@@ -90,6 +90,9 @@ pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<Ht
         ("/v1/jobs/{id}/bury", post(bury::<B>)),
         ("/v1/jobs/{id}/kick", post(kick::<B>)),
     ]
+    .into_iter()
+    .chain(super::workflows::route_table::<B>())
+    .collect()
 }
 
 // ---- errors ---------------------------------------------------------------
@@ -183,7 +186,9 @@ pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// A field given as JSON `null` is still given: `payload: null` stores the
 /// text `null` (plain `Option` would read it as absent).
-fn present_raw<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Box<RawValue>>, D::Error> {
+pub(super) fn present_raw<'de, D: Deserializer<'de>>(
+    de: D,
+) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(de).map(Some)
 }
 
@@ -408,19 +413,19 @@ pub(super) struct EnqueueBody {
     /// Any JSON value, stored as its text (or give `payload_base64`).
     #[serde(default, deserialize_with = "present_raw")]
     #[schema(value_type = Option<serde_json::Value>)]
-    payload: Option<Box<RawValue>>,
-    payload_base64: Option<String>,
-    priority: Option<u32>,
-    delay_ms: Option<u64>,
+    pub(super) payload: Option<Box<RawValue>>,
+    pub(super) payload_base64: Option<String>,
+    pub(super) priority: Option<u32>,
+    pub(super) delay_ms: Option<u64>,
     /// An RFC 3339 instant (or give `delay_ms`).
     #[schema(format = DateTime)]
-    run_at: Option<String>,
-    ttr_ms: Option<u64>,
-    max_attempts: Option<u32>,
-    backoff: Option<BackoffBody>,
-    headers: Option<BTreeMap<String, String>>,
-    idempotency_key: Option<String>,
-    idempotency_ttl_ms: Option<u64>,
+    pub(super) run_at: Option<String>,
+    pub(super) ttr_ms: Option<u64>,
+    pub(super) max_attempts: Option<u32>,
+    pub(super) backoff: Option<BackoffBody>,
+    pub(super) headers: Option<BTreeMap<String, String>>,
+    pub(super) idempotency_key: Option<String>,
+    pub(super) idempotency_ttl_ms: Option<u64>,
 }
 
 impl EnqueueBody {
@@ -443,7 +448,7 @@ impl EnqueueBody {
             headers: self.headers.unwrap_or_default(),
             idempotency_key: self.idempotency_key,
             idempotency_ttl_ms: self.idempotency_ttl_ms,
-            parents: Default::default(),
+            parents: BTreeMap::new(),
         })
     }
 }
@@ -676,6 +681,16 @@ pub(super) struct JobOut<'a> {
     /// On an enqueue: whether the idempotency key named an existing job.
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
+    /// A workflow step's (or compensation's) inputs: step → its result,
+    /// as JSON when the result is JSON text (null when there was none).
+    /// Absent on other jobs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, serde_json::Value>)]
+    parents: BTreeMap<&'a str, Option<&'a RawValue>>,
+    /// Parents' results that are not JSON text, as base64.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    parents_base64: BTreeMap<&'a str, String>,
 }
 
 impl<'a> JobOut<'a> {
@@ -685,6 +700,7 @@ impl<'a> JobOut<'a> {
             Some(json) => (Some(json), None),
             None => (None, Some(base64_encode(&j.payload))),
         };
+        let (parents, parents_base64) = super::workflows::parents_out(&j.parents);
         let (result, result_base64) = match j.result.as_deref() {
             None => (Some(None), None),
             Some(bytes) => match as_json(bytes) {
@@ -717,6 +733,8 @@ impl<'a> JobOut<'a> {
             version: j.version,
             lease: None,
             duplicate: None,
+            parents,
+            parents_base64,
         }
     }
 }
@@ -1796,11 +1814,12 @@ pub(super) fn command_name(method: &str, path: &str) -> Option<&'static str> {
         ("POST", ["jobs", _, "release"]) => "POST /v1/jobs/{id}/release",
         ("POST", ["jobs", _, "bury"]) => "POST /v1/jobs/{id}/bury",
         ("POST", ["jobs", _, "kick"]) => "POST /v1/jobs/{id}/kick",
-        _ => return None,
+        (method, segments) => return super::workflows::command_name(method, segments),
     })
 }
 
 /// Whether a request is a batch enqueue (its body has its own bound).
 pub(super) fn is_batch(method: &str, path: &str) -> bool {
-    method == "POST" && path.starts_with("/v1/queues/") && path.ends_with("/jobs/batch")
+    (method == "POST" && path.starts_with("/v1/queues/") && path.ends_with("/jobs/batch"))
+        || super::workflows::is_start(method, path)
 }

@@ -22,7 +22,7 @@ use super::{text_response, HttpState};
 use crate::connections::{ConnectionMetrics, ProtocolMetrics};
 use crate::durable::StorageStats;
 use crate::net::ListenQueueDrops;
-use spool_broker::Broker;
+use spool_broker::{Broker, WorkflowCounters, WorkflowState};
 
 /// Process facts read from `/proc` and libc.
 #[derive(Debug, Clone, Default)]
@@ -345,6 +345,57 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
         "Live jobs in every queue and state.",
         snapshot.jobs_total as f64,
     );
+    write_workflows(out, &snapshot.workflows);
+}
+
+/// `spool_workflow*`: every label value is always written (zero until
+/// something happens), so rates and alerts see a series from the start.
+fn write_workflows(out: &mut Exposition, w: &WorkflowCounters) {
+    out.single(
+        "spool_workflows_started_total",
+        MetricKind::Counter,
+        "Workflows started (an idempotent repeat starts none).",
+        w.started as f64,
+    );
+    out.family(
+        "spool_workflows_finished_total",
+        MetricKind::Counter,
+        "Workflows that reached succeeded, compensated or compensation_failed.",
+    );
+    for state in ["succeeded", "compensated", "compensation_failed"] {
+        let count = w.finished.get(state).copied().unwrap_or(0);
+        out.sample_u64("spool_workflows_finished_total", &[("state", state)], count);
+    }
+    out.family(
+        "spool_workflow_steps_total",
+        MetricKind::Counter,
+        "Workflow steps by outcome: completed, failed (buried), cancelled, compensated, compensation_failed.",
+    );
+    for outcome in [
+        "completed",
+        "failed",
+        "cancelled",
+        "compensated",
+        "compensation_failed",
+    ] {
+        let count = w.steps.get(outcome).copied().unwrap_or(0);
+        out.sample_u64("spool_workflow_steps_total", &[("outcome", outcome)], count);
+    }
+    out.family(
+        "spool_workflow_duration_seconds",
+        MetricKind::Histogram,
+        "Time from a workflow's start to succeeded, compensated or compensation_failed.",
+    );
+    out.histogram("spool_workflow_duration_seconds", &[], sample(&w.duration));
+    out.family(
+        "spool_workflows",
+        MetricKind::Gauge,
+        "Workflows held now (running, or finished within the retention), by state.",
+    );
+    for state in WorkflowState::ALL {
+        let count = w.current.get(state.as_str()).copied().unwrap_or(0);
+        out.sample_u64("spool_workflows", &[("state", state.as_str())], count);
+    }
 }
 
 fn sample(histogram: &Histogram) -> HistogramSample<'_> {

@@ -41,6 +41,7 @@ mod jobs;
 mod metrics;
 mod openapi;
 mod schedules;
+mod workflows;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{jobs, metrics, schedules};
+use super::{jobs, metrics, schedules, workflows};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -51,6 +51,10 @@ use super::{jobs, metrics, schedules};
         schedules::pause_schedule,
         schedules::resume_schedule,
         schedules::trigger_schedule,
+        workflows::start_workflow,
+        workflows::get_workflow,
+        workflows::list_workflows,
+        workflows::cancel_workflow,
     ),
     modifiers(&BearerScheme),
     tags(
@@ -58,6 +62,7 @@ use super::{jobs, metrics, schedules};
         (name = "workers", description = "Lease jobs and settle them"),
         (name = "queues", description = "Queues: listings, purges, policies, pauses"),
         (name = "schedules", description = "Cron schedules that enqueue a job at each due instant"),
+        (name = "workflows", description = "Sagas and DAGs of steps with compensation"),
         (name = "operations", description = "Probes and metrics"),
     ),
 )]

@@ -766,3 +766,4 @@ async fn malformed_requests_get_4xx_from_hyper() {
 mod jobs;
 mod openapi;
 mod schedules;
+mod workflows;

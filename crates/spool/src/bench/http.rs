@@ -68,14 +68,14 @@ const IDLE_SETTLE: Duration = Duration::from_millis(500);
 const PREPARE_BATCH_JOBS: u64 = 1_000;
 
 /// One kept-alive HTTP/1 connection to the server.
-struct HttpConn {
+pub(super) struct HttpConn {
     sender: SendRequest<Full<Bytes>>,
     host: String,
     token: Option<String>,
 }
 
 impl HttpConn {
-    async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<HttpConn> {
+    pub(super) async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<HttpConn> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to the HTTP listener at {addr}"))?;
@@ -130,7 +130,7 @@ impl HttpConn {
     }
 
     /// A request that must answer `expected`.
-    async fn expect(
+    pub(super) async fn expect(
         &mut self,
         method: Method,
         path: &str,
@@ -149,14 +149,14 @@ impl HttpConn {
 }
 
 #[derive(Debug, Deserialize)]
-struct LeasedJob {
-    id: u64,
-    lease: String,
+pub(super) struct LeasedJob {
+    pub(super) id: u64,
+    pub(super) lease: String,
 }
 
 #[derive(Debug, Deserialize)]
-struct Leased {
-    jobs: Vec<LeasedJob>,
+pub(super) struct Leased {
+    pub(super) jobs: Vec<LeasedJob>,
 }
 
 /// What an HTTP run reports. Fields a mode does not measure are `null`.
