@@ -46,7 +46,11 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 fn start(dir: &TempDir, round: usize) -> Server {
     // A SIGKILL loses nothing that reached the OS: both policies must keep
     // every acknowledged firing.
-    let fsync = if round.is_multiple_of(2) { "always" } else { "never" };
+    let fsync = if round.is_multiple_of(2) {
+        "always"
+    } else {
+        "never"
+    };
     let server = Server::start_durable(dir.path(), &["--fsync", fsync]);
     wait_until("/readyz to answer 200", || {
         server.http("GET", "/readyz", "").status == 200
