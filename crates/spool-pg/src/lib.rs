@@ -754,6 +754,8 @@ impl Broker for PgBroker {
                     reserve: inner.reserve_waits.load(Ordering::Relaxed),
                     job: inner.job_waits.load(Ordering::Relaxed) as u64,
                 },
+                // No per-schedule figures from PostgreSQL yet.
+                schedules: Vec::new(),
             })
         }
     }

@@ -86,6 +86,7 @@ impl Engine {
             next_job_id: self.next_job_id,
             server: self.stats(),
             waits: Default::default(),
+            schedules: self.schedule_snapshots(),
         }
     }
 
