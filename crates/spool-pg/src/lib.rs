@@ -796,6 +796,8 @@ impl Broker for PgBroker {
                     job: inner.job_waits.load(Ordering::Relaxed) as u64,
                 },
                 workflows: Default::default(),
+                // No per-schedule figures from PostgreSQL yet.
+                schedules: Vec::new(),
             })
         }
     }

@@ -149,7 +149,7 @@ impl QueueMetrics {
             counters,
             wait: Histogram::queue_latency(),
             run: Histogram::queue_latency(),
-            skew: Histogram::queue_latency(),
+            skew: Histogram::skew(),
         }
     }
 }

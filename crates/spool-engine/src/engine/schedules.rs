@@ -12,7 +12,9 @@
 //! twice nor lost (the firing key `schedule:<name>:<due ms>` guards the
 //! rest).
 
-use spool_broker::{BrokerError, Op, Outcome, ScheduleName, ScheduleSpec, ScheduleView};
+use spool_broker::{
+    BrokerError, Op, Outcome, ScheduleName, ScheduleSnapshot, ScheduleSpec, ScheduleView,
+};
 
 use super::*;
 use crate::schedule::{self as rules, Rule};
@@ -148,7 +150,7 @@ impl Engine {
                 rule: None,
                 timer_at_ms: None,
                 fired: BTreeSet::new(),
-                skew: Histogram::queue_latency(),
+                skew: Histogram::skew(),
             });
         // A replaced schedule keeps when it last fired and, if it was due
         // and not yet fired, stays due: no instant twice, none lost.
@@ -377,7 +379,7 @@ impl Engine {
         };
         let rule = rules::check_spec(&view.spec).ok();
         let next = view.next_fire_at_ms.filter(|_| rule.is_some());
-        let mut skew = Histogram::queue_latency();
+        let mut skew = Histogram::skew();
         if let Some(old) = self.schedules.remove(&name) {
             if let Some(at_ms) = old.timer_at_ms {
                 self.schedule_timers.remove(&(at_ms, name.clone()));
@@ -410,11 +412,22 @@ impl Engine {
             .map(|s| LogRecord::Schedule(Box::new(s.view.clone())))
     }
 
-    /// Every schedule with its skew histogram, for metrics and `spool top`.
-    pub fn schedule_snapshots(&self) -> Vec<(ScheduleView, Histogram)> {
+    /// Every schedule's figures, by name, for metrics and `spool top`.
+    pub(super) fn schedule_snapshots(&self) -> Vec<ScheduleSnapshot> {
         self.schedules
             .values()
-            .map(|s| (s.view.clone(), s.skew.clone()))
+            .map(|s| ScheduleSnapshot {
+                name: s.view.name.clone(),
+                queue: s.view.spec.queue.to_string(),
+                paused: s.view.spec.paused,
+                next_fire_at_ms: s.view.next_fire_at_ms,
+                last_fire_at_ms: s.view.last_fire_at_ms,
+                last_skew_ms: s.view.last_skew_ms,
+                fires: s.view.fires,
+                misfires_skipped: s.view.misfires_skipped,
+                backlog_skips: s.view.backlog_skips,
+                skew: s.skew.clone(),
+            })
             .collect()
     }
 }

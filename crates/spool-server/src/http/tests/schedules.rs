@@ -79,6 +79,21 @@ async fn schedules_over_http() {
     assert_eq!(job["headers"]["team"], "ops");
     assert_eq!(job["idempotency_key"], "schedule:nightly:1796342410000");
 
+    // Per-schedule metrics, and the skew buckets below 1 ms.
+    let metrics = server.get("/metrics").await.body;
+    assert!(
+        metrics.contains("spool_schedule_fires_total{schedule=\"nightly\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("spool_schedule_misfires_total{schedule=\"nightly\"} 0"));
+    assert!(metrics.contains("spool_schedule_backlog_skips_total{schedule=\"nightly\"} 0"));
+    assert!(metrics
+        .contains("spool_schedule_fire_skew_seconds_bucket{schedule=\"nightly\",le=\"0.0001\"} 1"));
+    assert!(metrics.contains("spool_schedule_skew_seconds_bucket{queue=\"ticks\",le=\"0.00005\"}"));
+    let stats = server.get("/admin/stats").await.json();
+    assert_eq!(stats["schedules"][0]["name"], "nightly");
+    assert_eq!(stats["schedules"][0]["fires"], 1);
+
     let list = server.get("/v1/schedules").await;
     assert_eq!(list.status, 200);
     assert_eq!(list.json()["schedules"][0]["name"], "nightly");
