@@ -30,7 +30,7 @@ use std::time::Duration;
 use spool_broker::{
     Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
     Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
-    WaitCounts,
+    WaitCounts, WorkflowCounters,
 };
 use spool_proto::ServerStats;
 use tokio::sync::{watch, Notify};
@@ -737,8 +737,8 @@ impl Broker for PgBroker {
     ) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
         let this = self.clone();
         async move {
-            let counts = match this.run(Task::Counts).await? {
-                Done::Counts(counts) => counts,
+            let figures = match this.run(Task::Counts).await? {
+                Done::Counts(figures) => *figures,
                 other => return Err(BrokerError::Internal(format!("counts answered {other:?}"))),
             };
             let inner = &this.inner;
@@ -746,12 +746,13 @@ impl Broker for PgBroker {
                 || inner.shutting_down.load(Ordering::Acquire);
             let mut server = ServerStats {
                 max_job_size: u64::from(inner.ctx.max_job_size),
-                current_tubes: counts.len() as u64,
+                current_tubes: figures.queues.len() as u64,
                 draining,
                 ..ServerStats::default()
             };
             let mut jobs_total = 0;
-            let queues = counts
+            let queues = figures
+                .queues
                 .into_iter()
                 .map(|q| {
                     server.current_jobs_urgent += q.urgent;
@@ -795,9 +796,13 @@ impl Broker for PgBroker {
                     reserve: inner.reserve_waits.load(Ordering::Relaxed),
                     job: inner.job_waits.load(Ordering::Relaxed) as u64,
                 },
-                workflows: Default::default(),
-                // No per-schedule figures from PostgreSQL yet.
-                schedules: Vec::new(),
+                // The counters of workflow events are not kept across nodes;
+                // the workflows held now are.
+                workflows: WorkflowCounters {
+                    current: figures.workflows,
+                    ..WorkflowCounters::default()
+                },
+                schedules: figures.schedules,
             })
         }
     }

@@ -83,11 +83,20 @@ pub(crate) enum Task {
 #[derive(Debug)]
 pub(crate) enum Done {
     Outcome(Box<Outcome>),
-    Counts(Vec<QueueCounts>),
+    Counts(Box<Figures>),
     AttemptLimit(Option<u32>),
     /// The earliest due instant of any schedule, wall-clock ms.
     NextFire(Option<u64>),
     Nothing,
+}
+
+/// What a snapshot reads from the database.
+#[derive(Debug, Default)]
+pub(crate) struct Figures {
+    pub queues: Vec<QueueCounts>,
+    pub schedules: Vec<spool_broker::ScheduleSnapshot>,
+    /// Workflows held now, by state.
+    pub workflows: BTreeMap<&'static str, u64>,
 }
 
 /// One queue's jobs by state, its pause, for snapshots.
@@ -395,7 +404,13 @@ async fn apply(
             expire_leases(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::Counts => return Ok(Done::Counts(counts(c, now).await?)),
+        Task::Counts => {
+            return Ok(Done::Counts(Box::new(Figures {
+                queues: counts(c, now).await?,
+                schedules: schedules::snapshots(c).await?,
+                workflows: workflows::count_by_state(c).await?,
+            })))
+        }
         Task::FireSchedules => return Ok(Done::NextFire(schedules::fire_due(c, ctx, now).await?)),
         Task::ReleaseOwnLeases => {
             release_own_leases(c, ctx).await?;

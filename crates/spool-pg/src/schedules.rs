@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use spool_broker::{
-    Backoff, BrokerError, Misfire, NewJob, Outcome, QueueName, RunAt, ScheduleSpec, ScheduleView,
+    Backoff, BrokerError, Histogram, Misfire, NewJob, Outcome, QueueName, RunAt, ScheduleSnapshot,
+    ScheduleSpec, ScheduleView,
 };
 use spool_engine::schedule::{check_spec, firing_job, first_due, jitter_ms, plan, Rule};
 
@@ -483,4 +484,32 @@ pub(crate) async fn fire_due(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<Option
         .and_then(|row| row.get::<_, Option<i64>>(0))
         .map(from_db);
     Ok(next)
+}
+
+/// Every schedule's figures for snapshots (`/metrics`, `spool stats`). The
+/// counters are the durable ones of the rows; the skew histogram stays
+/// empty (a firing's lateness is not kept per node).
+pub(crate) async fn snapshots(c: &mut Conn) -> Result<Vec<ScheduleSnapshot>, OpError> {
+    let rows = c
+        .query(
+            "SELECT name, queue, paused, next_fire_ms, last_fire_ms, last_skew_ms, fires, \
+             misfires_skipped, backlog_skips FROM spool_schedules ORDER BY name",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| ScheduleSnapshot {
+            name: row.get(0),
+            queue: row.get(1),
+            paused: row.get(2),
+            next_fire_at_ms: opt_u64(row, 3),
+            last_fire_at_ms: opt_u64(row, 4),
+            last_skew_ms: opt_u64(row, 5),
+            fires: from_db(row.get(6)),
+            misfires_skipped: from_db(row.get(7)),
+            backlog_skips: from_db(row.get(8)),
+            skew: Histogram::skew(),
+        })
+        .collect())
 }

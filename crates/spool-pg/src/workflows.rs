@@ -325,3 +325,22 @@ pub(crate) async fn retention(c: &mut Conn, now: u64, batch: i64) -> Result<(), 
     .await?;
     Ok(())
 }
+
+/// Workflows held now by state, for `spool_workflows{state}`.
+pub(crate) async fn count_by_state(
+    c: &mut Conn,
+) -> Result<std::collections::BTreeMap<&'static str, u64>, OpError> {
+    let mut counts = std::collections::BTreeMap::new();
+    for row in c
+        .query(
+            "SELECT state, count(*) FROM spool_workflows GROUP BY state",
+            &[],
+        )
+        .await?
+    {
+        if let Some(state) = WorkflowState::parse(row.get(0)) {
+            counts.insert(state.as_str(), from_db(row.get(1)));
+        }
+    }
+    Ok(counts)
+}

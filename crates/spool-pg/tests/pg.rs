@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use spool_broker::{
     Broker, BrokerError, JobState, JobView, Leased, Misfire, NewJob, NewStep, NewWorkflow, Op,
-    Outcome, Peer, QueueName, QueuePolicy, ScheduleSpec, ScheduleView, Session, StepState,
-    WorkflowState, WorkflowView,
+    Outcome, Peer, QueueName, QueuePolicy, ScheduleSpec, ScheduleView, Session, SnapshotScope,
+    StepState, WorkflowState, WorkflowView,
 };
 use spool_pg::testing::TestCluster;
 use spool_pg::{Clock, ConnectError, PgBroker, PgConfig, SCHEMA_VERSION};
@@ -643,6 +643,17 @@ async fn nodes_racing_fire_each_instant_of_a_schedule_once() {
         }
         other => panic!("a schedule, not {other:?}"),
     }
+    // Every node's snapshot (`/metrics`) shows the durable counters.
+    let snapshot = nodes[1]
+        .snapshot(SnapshotScope::Queues)
+        .await
+        .expect("snapshot");
+    let figures: Vec<_> = snapshot
+        .schedules
+        .iter()
+        .map(|s| (s.name.as_str(), s.queue.as_str(), s.fires))
+        .collect();
+    assert_eq!(figures, [("every-second", "ticks", INSTANTS)]);
 }
 
 fn step(name: &str, q: &str, deps: &[&str], undo: bool) -> NewStep {
@@ -745,6 +756,8 @@ async fn workers_on_two_nodes_advance_one_workflow() {
     let done = workflow_state(&b, id).await;
     assert_eq!(done.state, WorkflowState::Compensated);
     assert_eq!(done.error.as_deref(), Some("step three buried: no courier"));
+    let snapshot = a.snapshot(SnapshotScope::Queues).await.expect("snapshot");
+    assert_eq!(snapshot.workflows.current.get("compensated"), Some(&1));
     let states: Vec<StepState> = done.steps.iter().map(|s| s.state).collect();
     assert_eq!(
         states,
