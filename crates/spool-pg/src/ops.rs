@@ -616,6 +616,9 @@ struct QueueDefaults {
 pub(crate) struct Origin<'a> {
     pub workflow: Option<u64>,
     pub schedule: Option<&'a str>,
+    /// The enqueue is the whole operation (a client's): a single job's
+    /// `INSERT` may go out with the `COMMIT`.
+    pub whole_op: bool,
 }
 
 async fn enqueue(
@@ -624,7 +627,11 @@ async fn enqueue(
     jobs: Vec<(QueueName, NewJob)>,
     now: u64,
 ) -> Result<Vec<(JobView, bool)>, OpError> {
-    enqueue_from(c, ctx, jobs, now, Origin::default()).await
+    let origin = Origin {
+        whole_op: true,
+        ..Origin::default()
+    };
+    enqueue_from(c, ctx, jobs, now, origin).await
 }
 
 /// Enqueues `jobs` (checked as a client's) made by `origin`.
@@ -808,8 +815,18 @@ pub(crate) async fn enqueue_from(
                 } else {
                     (Some(parent_names), Some(parent_results))
                 };
+                // One job without a key, the whole operation: nothing follows
+                // the insert, so it travels with the COMMIT (and the queue's
+                // notification, sent at commit anyway).
+                let last = origin.whole_op && checked.len() == 1 && new.idempotency_key.is_none();
+                if last {
+                    for queue in ready_queues.drain() {
+                        notify(c, queue).await?;
+                    }
+                }
                 let rows = c
-                    .query(
+                    .query_maybe_committing(
+                        last,
                         concat!(
                             "WITH j AS (INSERT INTO spool_jobs (id, queue, state, priority, \
                              payload, header_names, header_values, max_attempts, \

@@ -217,6 +217,20 @@ impl Conn {
         Ok(rows)
     }
 
+    /// [`Conn::query_and_commit`] when `commit`, else [`Conn::query`].
+    pub async fn query_maybe_committing(
+        &mut self,
+        commit: bool,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        if commit {
+            self.query_and_commit(sql, params).await
+        } else {
+            self.query(sql, params).await
+        }
+    }
+
     async fn notify_statement(&mut self) -> Result<Option<Statement>, DbError> {
         if self.notify_at_commit.is_empty() {
             return Ok(None);

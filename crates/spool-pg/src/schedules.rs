@@ -353,6 +353,7 @@ async fn fire(
     let origin = Origin {
         workflow: None,
         schedule: Some(name),
+        whole_op: false,
     };
     let made = enqueue_from(c, ctx, vec![(spec.queue.clone(), job)], now, origin).await;
     let (job, duplicate) = match made {

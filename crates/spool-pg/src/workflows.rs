@@ -101,6 +101,7 @@ async fn apply_effects(
         let origin = Origin {
             workflow: Some(workflow.id),
             schedule: None,
+            whole_op: false,
         };
         let made = enqueue_from(c, ctx, jobs, now, origin).await?;
         for ((step, role), (job, _)) in targets.into_iter().zip(made) {
