@@ -62,6 +62,8 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// The shortest sleep of the timer task before a schedule's due instant.
+const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
 /// How long the listener waits before reconnecting after losing its
 /// connection.
@@ -649,7 +651,9 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
             };
             let until =
                 Duration::from_nanos(at_ms.saturating_mul(1_000_000).saturating_sub(now_ns));
-            sleep = sleep.min(until);
+            // A floor: a due schedule another node is firing (its row
+            // skipped as locked) must not make this loop spin.
+            sleep = sleep.min(until.max(SCHEDULE_WAKE_MIN));
         }
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
