@@ -448,7 +448,7 @@ pub fn rfc3339_ms(ms: u64) -> String {
         .and_then(|ms| Timestamp::from_millisecond(ms).ok())
         .unwrap_or(Timestamp::MAX);
     let mut text = at.strftime("%Y-%m-%dT%H:%M:%S").to_string();
-    if ms % 1_000 != 0 {
+    if !ms.is_multiple_of(1_000) {
         text.push_str(&format!(".{:03}", ms % 1_000));
     }
     text.push('Z');
