@@ -18,7 +18,8 @@
 # Usage: scripts/bench-schedule.sh
 # Environment: JOBS [1000000], SPREAD_MS [100000], LEAD_MS [30000],
 # IDLE_S [5], SCHEDULES [10000], SCHEDULE_S [30], PORT [11660] (and the
-# next one for HTTP), OUT [target/bench-schedule].
+# next one for HTTP), OUT [target/bench-schedule], BENCH_CLIENT [the
+# release spool: the binary whose `spool bench` puts the jobs].
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 JOBS=${JOBS:-1000000}
@@ -36,6 +37,7 @@ LOAD_TIMEOUT_S=$((LEAD_MS / 1000 + SPREAD_MS / 1000 + 120))
 
 cargo build --release -p spool >&2
 BIN=target/release/spool
+CLIENT=${BENCH_CLIENT:-$BIN}
 mkdir -p "$OUT"
 SERVER_PID=""
 trap 'if [ -n "$SERVER_PID" ]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi' EXIT
@@ -70,9 +72,9 @@ stop_server() {
 start_server delayed
 rss_before=$(rss_kib "$SERVER_PID")
 started_ms=$(date +%s%3N)
-timeout "$LOAD_TIMEOUT_S" "$BIN" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
+timeout "$LOAD_TIMEOUT_S" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
     --producers 4 --enqueue-batch 1000 --jobs "$JOBS" --tube delayed \
-    --run-at-spread-ms "$SPREAD_MS" --run-at-lead-ms "$LEAD_MS" --json >"$OUT/put-delayed.json"
+    --run-at-spread-ms "$SPREAD_MS" --run-at-lead-ms "$LEAD_MS" --keep-jobs --json >"$OUT/put-delayed.json"
 put_done_ms=$(date +%s%3N)
 sleep 1
 rss_delayed=$(rss_kib "$SERVER_PID")
@@ -101,8 +103,8 @@ stop_server
 # ---- 3: ready jobs ---------------------------------------------------------
 start_server ready
 rss_before_ready=$(rss_kib "$SERVER_PID")
-timeout "$LOAD_TIMEOUT_S" "$BIN" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
-    --producers 4 --enqueue-batch 1000 --jobs "$JOBS" --tube ready --json >"$OUT/put-ready.json"
+timeout "$LOAD_TIMEOUT_S" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
+    --producers 4 --enqueue-batch 1000 --jobs "$JOBS" --tube ready --keep-jobs --json >"$OUT/put-ready.json"
 sleep 1
 rss_ready=$(rss_kib "$SERVER_PID")
 stop_server

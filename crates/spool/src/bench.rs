@@ -163,6 +163,10 @@ pub struct BenchArgs {
     /// run's start + --run-at-lead-ms + this × n / --jobs (a timer load).
     #[arg(long)]
     run_at_spread_ms: Option<u64>,
+    /// HTTP enqueue modes: leave the jobs in the queue at the end (for
+    /// measuring what they cost) instead of purging it.
+    #[arg(long)]
+    keep_jobs: bool,
     /// With --run-at-spread-ms: when the first job is due, after the start.
     #[arg(long, default_value_t = 10_000)]
     run_at_lead_ms: u64,

@@ -443,7 +443,9 @@ async fn drive(args: &BenchArgs, run: &Arc<Run>) -> Result<HttpReport> {
             )
             .await?;
     }
-    purge(&mut control, run).await?;
+    if !args.keep_jobs {
+        purge(&mut control, run).await?;
+    }
     result
 }
 
