@@ -89,6 +89,9 @@ pub struct Histogram {
     /// Sum of the observations in the observed unit (nanoseconds for the
     /// latencies), saturating.
     sum_observed: u64,
+    /// The largest observation, in the observed unit (0 before any): the
+    /// tail the buckets cannot show.
+    max_observed: u64,
 }
 
 impl Histogram {
@@ -98,6 +101,7 @@ impl Histogram {
             counts: vec![0; buckets.bounds().len() + 1],
             count: 0,
             sum_observed: 0,
+            max_observed: 0,
         }
     }
 
@@ -133,6 +137,12 @@ impl Histogram {
         self.counts[bucket] += 1;
         self.count += 1;
         self.sum_observed = self.sum_observed.saturating_add(observed);
+        self.max_observed = self.max_observed.max(observed);
+    }
+
+    /// The largest observation in the reported unit; `None` before any.
+    pub fn max(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.max_observed as f64 / self.buckets.observed_per_reported())
     }
 
     /// Upper bounds of the finite buckets, in the reported unit.
@@ -246,6 +256,23 @@ mod tests {
         assert_eq!(cumulative[0], (0.001, 2));
         assert_eq!(cumulative[1], (0.0025, 3));
         assert_eq!(cumulative.last(), Some(&(3600.0, 3)));
+    }
+
+    #[test]
+    fn skew_buckets_resolve_below_a_millisecond_and_keep_the_max() {
+        let mut h = Histogram::skew();
+        assert_eq!(h.max(), None);
+        h.observe_ns(40_000); // 40 µs
+        h.observe_ns(300_000); // 300 µs
+        h.observe_ns(7 * MS);
+        let counts = h.bucket_counts();
+        assert_eq!((counts[0], counts[3]), (1, 1), "{counts:?}");
+        assert_eq!(h.max(), Some(0.007));
+        assert!(h.quantile(0.5).unwrap() < 0.001);
+        // A superset of the job-latency bounds: old series keep their `le`.
+        for bound in QUEUE_LATENCY_BUCKETS_SECONDS {
+            assert!(SKEW_BUCKETS_SECONDS.contains(&bound), "{bound}");
+        }
     }
 
     #[test]

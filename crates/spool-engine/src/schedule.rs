@@ -440,13 +440,19 @@ pub fn firing_job(name: &str, spec: &ScheduleSpec, due_ms: u64, jitter: u64) -> 
     job
 }
 
-/// `2026-03-08T07:00:00Z` (milliseconds shown when not zero).
+/// `2026-03-08T07:00:00Z`, with `.mmm` before the `Z` when the instant
+/// has milliseconds (as the HTTP API writes instants).
 pub fn rfc3339_ms(ms: u64) -> String {
     let at = i64::try_from(ms)
         .ok()
         .and_then(|ms| Timestamp::from_millisecond(ms).ok())
         .unwrap_or(Timestamp::MAX);
-    at.to_string()
+    let mut text = at.strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    if !ms.is_multiple_of(1_000) {
+        text.push_str(&format!(".{:03}", ms % 1_000));
+    }
+    text.push('Z');
+    text
 }
 
 #[cfg(test)]
@@ -730,6 +736,7 @@ mod tests {
         assert_eq!(job.headers[HEADER_SCHEDULE], "nightly");
         assert_eq!(job.headers[HEADER_SCHEDULED_AT], "2026-03-08T07:00:00Z");
         assert_eq!(job.run_at, RunAt::Now);
+        assert_eq!(rfc3339_ms(1_772_953_200_045), "2026-03-08T07:00:00.045Z");
         spec.job.run_at = RunAt::DelayMs(100);
         assert_eq!(firing_job("n", &spec, 1_000, 7).run_at, RunAt::AtMs(1_107));
         for due in 0..200 {

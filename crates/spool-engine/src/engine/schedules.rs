@@ -162,6 +162,9 @@ impl Engine {
         };
         if spec.max_backlog.is_none() {
             schedule.fired.clear();
+        } else if schedule.view.spec.max_backlog.is_none() && !created {
+            // Its earlier jobs were not tracked: find them once more.
+            self.schedule_backlog_indexed = false;
         }
         schedule.view.spec = spec;
         schedule.rule = Some(rule);

@@ -98,6 +98,8 @@ fn queue_json(queue: &QueueSnapshot, policies: &HashMap<String, Value>) -> Value
         "wait_p99_seconds": queue.wait.quantile(WAIT_QUANTILE),
         "run_p99_seconds": queue.run.quantile(WAIT_QUANTILE),
         "skew_p99_seconds": queue.skew.quantile(WAIT_QUANTILE),
+        "skew_p999_seconds": queue.skew.quantile(0.999),
+        "skew_max_seconds": queue.skew.max(),
     })
 }
 
@@ -114,6 +116,7 @@ fn schedule_json(schedule: &ScheduleSnapshot) -> Value {
         "misfires_skipped": schedule.misfires_skipped,
         "backlog_skips": schedule.backlog_skips,
         "fire_skew_p99_seconds": schedule.skew.quantile(WAIT_QUANTILE),
+        "fire_skew_max_seconds": schedule.skew.max(),
     })
 }
 
