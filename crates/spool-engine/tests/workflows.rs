@@ -320,3 +320,128 @@ proptest! {
         prop_assert!(left.values().all(|s| *s == JobState::Buried), "{:?}", left);
     }
 }
+
+fn single(key: Option<&str>, queue_name: &str) -> NewWorkflow {
+    NewWorkflow {
+        idempotency_key: key.map(str::to_string),
+        steps: vec![NewStep {
+            name: "only".into(),
+            queue: queue(queue_name),
+            job: NewJob {
+                payload: Bytes::from_static(b"1"),
+                ..NewJob::default()
+            },
+            depends_on: Vec::new(),
+            compensate: None,
+        }],
+        ..NewWorkflow::default()
+    }
+}
+
+/// Starts a one-step workflow and completes its step.
+fn run_one(engine: &mut Engine, key: Option<&str>, now: u64) -> u64 {
+    let id = match engine.apply(
+        Op::StartWorkflow {
+            workflow: single(key, "one"),
+        },
+        now,
+    ) {
+        Ok(Outcome::Workflow { workflow, .. }) => workflow.id,
+        other => panic!("start: {other:?}"),
+    };
+    let leased = match engine.apply(
+        Op::Reserve {
+            queues: vec![queue("one")],
+            batch: 1,
+            timeout_ms: 0,
+        },
+        now,
+    ) {
+        Ok(Outcome::Leased(mut jobs)) => jobs.remove(0),
+        other => panic!("reserve: {other:?}"),
+    };
+    engine
+        .apply(
+            Op::Complete {
+                lease: leased.lease,
+                result: None,
+            },
+            now,
+        )
+        .expect("complete");
+    id
+}
+
+fn deletes(log: &[LogRecord]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for record in log {
+        match record {
+            LogRecord::WorkflowDelete { id } => out.push(*id),
+            LogRecord::Batch(inner) => out.extend(deletes(inner)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn finished_workflows_are_dropped_after_their_retention_by_age_and_count() {
+    use spool_engine::limits::{WORKFLOW_RETENTION_MAX, WORKFLOW_RETENTION_MS};
+    let mut engine = Engine::new(EngineConfig { max_job_size: 1000 });
+    engine.set_epoch_ns(EPOCH_NS);
+    engine.enable_logging();
+    let mut now = 1_000 * MS;
+    let first = run_one(&mut engine, Some("kept-key"), now);
+    // A running workflow is never dropped, whatever its age.
+    let running = match engine.apply(
+        Op::StartWorkflow {
+            workflow: single(None, "never-worked"),
+        },
+        now,
+    ) {
+        Ok(Outcome::Workflow { workflow, .. }) => workflow.id,
+        other => panic!("start: {other:?}"),
+    };
+    now += (WORKFLOW_RETENTION_MS - 1) * MS;
+    engine.tick(now);
+    assert!(
+        engine.workflow_view(first).is_some(),
+        "kept until its retention ends"
+    );
+    now += MS;
+    engine.tick(now);
+    assert!(
+        engine.workflow_view(first).is_none(),
+        "dropped at its retention's end"
+    );
+    assert!(engine.workflow_view(running).is_some());
+    // Its key went with it: the same key starts a new workflow.
+    let again = run_one(&mut engine, Some("kept-key"), now);
+    assert!(again > first);
+
+    // By count: the oldest finished go first.
+    let mut ids = Vec::new();
+    for _ in 0..WORKFLOW_RETENTION_MAX {
+        ids.push(run_one(&mut engine, None, now));
+    }
+    assert!(engine.workflow_view(again).is_none(), "the oldest went");
+    assert!(ids.iter().all(|&id| engine.workflow_view(id).is_some()));
+    assert!(engine.workflow_view(running).is_some());
+    engine.check_invariants();
+
+    // Every drop is logged; the log rebuilds the same set.
+    let mut log = Vec::new();
+    engine.drain_log_into(&mut log);
+    assert_eq!(deletes(&log), [first, again]);
+    let back = replayed(&log, now);
+    assert!(back.workflow_view(first).is_none());
+    assert!(back.workflow_view(again).is_none());
+    assert!(back.workflow_view(running).is_some());
+    assert_eq!(back.next_workflow_id(), engine.next_workflow_id());
+    assert_eq!(
+        ids.iter()
+            .filter(|&&id| back.workflow_view(id).is_some())
+            .count(),
+        WORKFLOW_RETENTION_MAX
+    );
+}

@@ -514,3 +514,42 @@ fn the_idempotency_key_expires_after_its_ttl() {
     let (wf, _) = Workflow::start(1, def, 1_000).expect("valid");
     assert_eq!(wf.idempotency_expires_at_ms, 1_500);
 }
+
+#[test]
+fn cancel_in_every_state() {
+    // Running: compensation starts (tested above). Compensation failed:
+    // only the request is noted, nothing is enqueued or cancelled.
+    let mut run = Run::start(saga());
+    run.complete("stock", "s");
+    run.event("coupon", JobRole::Step, JobEvent::Buried { error: None });
+    run.event(
+        "stock",
+        JobRole::Compensation,
+        JobEvent::Buried { error: None },
+    );
+    assert_eq!(run.wf.status.state, WorkflowState::CompensationFailed);
+    let version = run.wf.status.version;
+    let fx = run.wf.cancel(5_000).expect("cancel");
+    assert!(fx.changed && fx.transition.is_none());
+    assert!(fx.enqueue.is_empty() && fx.cancel.is_empty());
+    assert!(run.wf.status.cancel_requested);
+    assert_eq!(run.wf.status.version, version + 1);
+    // A kick still resumes it.
+    let fx = run.event("stock", JobRole::Compensation, JobEvent::Kicked);
+    assert_eq!(
+        fx.transition,
+        Some((
+            WorkflowState::CompensationFailed,
+            WorkflowState::Compensating
+        ))
+    );
+    // Succeeded: a conflict, nothing changes.
+    let mut done = Run::start(definition(vec![step("a", &[], true)]));
+    done.complete("a", "x");
+    let before = done.wf.clone();
+    assert!(matches!(
+        done.wf.cancel(6_000),
+        Err(BrokerError::Conflict(_))
+    ));
+    assert_eq!(done.wf, before);
+}
