@@ -330,11 +330,12 @@ async fn fire(
     let name = current.name.as_str();
     let spec = &current.spec;
     if let (Some(max_backlog), true) = (spec.max_backlog, check_backlog) {
-        // Bounded by the bound itself: never a count of a whole queue.
+        // The schedule's jobs waiting (ready or delayed), as the local
+        // broker counts them; bounded by the bound itself.
         let backlog: i64 = c
             .query_opt(
                 "SELECT count(*) FROM (SELECT 1 FROM spool_jobs WHERE queue = $1 \
-                 AND state = 'ready' AND schedule = $2 LIMIT $3) s",
+                 AND state IN ('ready', 'delayed') AND schedule = $2 LIMIT $3) s",
                 &[&spec.queue.as_str(), &name, &db_u64(max_backlog)],
             )
             .await?
