@@ -251,6 +251,8 @@ impl Conn {
 
     /// Wakes waits on `queue` on every node when the transaction commits.
     pub fn notify_at_commit(&mut self, queue: &str) {
+        // Outside a transaction there is no commit to carry it.
+        debug_assert!(self.in_transaction, "a notification outside a transaction");
         if !self.notify_at_commit.iter().any(|q| q == queue) {
             self.notify_at_commit.push(queue.to_owned());
         }
