@@ -892,3 +892,75 @@ async fn schedules_misfire_backlog_pause_trigger_and_delete() {
         other => panic!("a bad cron is invalid, not {other:?}"),
     }
 }
+
+/// The job changes the timer pass and purges make move workflows too: a
+/// lease expiring on the last attempt buries the step (compensation
+/// starts), a purged ready step is a cancelled one.
+#[tokio::test]
+async fn lease_expiry_and_purge_move_workflows() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let mut expiring = step("only", "wf-expire", &[], false);
+    expiring.job.max_attempts = Some(1);
+    expiring.job.ttr_ms = Some(1_000);
+    let start = |steps: Vec<NewStep>| Op::StartWorkflow {
+        workflow: NewWorkflow {
+            steps,
+            ..NewWorkflow::default()
+        },
+    };
+    let Outcome::Workflow {
+        workflow: first, ..
+    } = a.call(start(vec![expiring])).await.expect("start")
+    else {
+        panic!("a workflow");
+    };
+    let held = take_one(&a, "wf-expire").await;
+    a.advance_clock(2_000_000_000).await.expect("timers");
+    assert_eq!(
+        a.get(held.job.id).await.expect("get").state,
+        JobState::Buried
+    );
+    let expired = workflow_state(&a, first.id).await;
+    assert_eq!(expired.state, WorkflowState::Compensated);
+    assert!(
+        expired
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("step only buried: lease expired")),
+        "{:?}",
+        expired.error
+    );
+    let Outcome::Workflow {
+        workflow: second, ..
+    } = a
+        .call(start(vec![
+            step("first", "wf-purge-1", &[], true),
+            step("second", "wf-purge-2", &["first"], false),
+        ]))
+        .await
+        .expect("start")
+    else {
+        panic!("a workflow");
+    };
+    let first_job = take_one(&a, "wf-purge-1").await;
+    a.complete(first_job.lease, None).await.expect("complete");
+    let purged = a
+        .call(Op::Purge {
+            queue: queue("wf-purge-2"),
+            state: JobState::Ready,
+        })
+        .await
+        .expect("purge");
+    assert!(matches!(purged, Outcome::Purged(1)), "{purged:?}");
+    let after = workflow_state(&a, second.id).await;
+    assert_eq!(after.state, WorkflowState::Compensating);
+    assert_eq!(after.error.as_deref(), Some("step second cancelled"));
+    // The first step's compensation is waiting for a worker.
+    let undo = take_one(&a, "wf-undo").await;
+    assert_eq!(
+        undo.job.headers.get("spool-step").map(String::as_str),
+        Some("first")
+    );
+}
