@@ -28,7 +28,8 @@ use crate::model::{
     Backoff, JobChange, JobState, JobView, Lease, NewJob, Op, Outcome, QueueName, QueuePolicy,
     RunAt,
 };
-use crate::{Broker, BrokerError, Conflict, Peer, Session};
+use crate::schedule::{firing_key, HEADER_SCHEDULE, HEADER_SCHEDULED_AT};
+use crate::{Broker, BrokerError, Conflict, Misfire, Peer, ScheduleSpec, ScheduleView, Session};
 
 mod workflows;
 pub use workflows::*;
@@ -92,6 +93,14 @@ macro_rules! conformance_tests {
             workflow_list_filters_by_state_and_pages,
             workflow_steps_work_over_beanstalkd,
             workflow_survives_restart_mid_flight,
+            // Schedules (issue 11).
+            schedule_create_get_list_replace_delete,
+            schedule_fires_at_due_instants_with_key_and_headers,
+            schedule_fires_each_instant_once_across_restart,
+            schedule_misfire_policies_when_late_and_after_restart,
+            schedule_pause_resume_trigger,
+            schedule_max_backlog_skips_while_jobs_wait,
+            schedule_replaced_after_firing_keeps_its_history,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1552,4 +1561,443 @@ pub async fn rate_limits_dispatch_and_wakes_waiters<H: Harness>(h: H) {
     )
     .await;
     assert_eq!(replies, vec![Response::TimedOut]);
+}
+
+// ---- schedules (issue 11) ----------------------------------------------
+//
+// Instants are read from the broker's answers (`created_at_ms` is the
+// broker's now), so the cases hold for any clock a harness starts at.
+
+fn schedule_spec(cron: &str, q: &str) -> ScheduleSpec {
+    ScheduleSpec {
+        cron: cron.into(),
+        timezone: "UTC".into(),
+        queue: queue(q),
+        job: job("tick"),
+        misfire: Misfire::Once,
+        catch_up_max: 100,
+        jitter_ms: 0,
+        max_backlog: None,
+        paused: false,
+    }
+}
+
+async fn put_schedule<B: Broker>(b: &B, name: &str, spec: ScheduleSpec) -> (ScheduleView, bool) {
+    let op = Op::PutSchedule {
+        name: queue(name),
+        spec: Box::new(spec),
+    };
+    match call(b, op).await.expect("put schedule") {
+        Outcome::Schedule { schedule, created } => (*schedule, created),
+        other => panic!("a schedule, not {other:?}"),
+    }
+}
+
+async fn schedule_op<B: Broker>(b: &B, op: Op) -> ScheduleView {
+    match call(b, op).await.expect("schedule op") {
+        Outcome::Schedule { schedule, .. } => *schedule,
+        other => panic!("a schedule, not {other:?}"),
+    }
+}
+
+async fn get_schedule<B: Broker>(b: &B, name: &str) -> ScheduleView {
+    schedule_op(b, Op::GetSchedule { name: queue(name) }).await
+}
+
+async fn jobs_in<B: Broker>(b: &B, q: &str, state: JobState) -> Vec<JobView> {
+    match call(
+        b,
+        Op::List {
+            queue: queue(q),
+            state,
+            after: None,
+            limit: 1_000,
+        },
+    )
+    .await
+    .expect("list")
+    {
+        Outcome::Page(page) => page.jobs,
+        other => panic!("a page, not {other:?}"),
+    }
+}
+
+/// Moves the clock to `at_ms`, given that the broker's clock is `now_ms`.
+/// Timers run once the broker next looks at the clock: two advances with
+/// no operation between them are one jump.
+async fn advance_to<H: Harness>(h: &H, now_ms: &mut u64, at_ms: u64) {
+    assert!(at_ms >= *now_ms, "time moves forward");
+    h.advance(at_ms - *now_ms).await;
+    *now_ms = at_ms;
+}
+
+pub async fn schedule_create_get_list_replace_delete<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, created) = put_schedule(b, "s-crud", schedule_spec("@every 10s", "crud")).await;
+    assert!(created);
+    assert_eq!(made.name, "s-crud");
+    let next = made.next_fire_at_ms.expect("an unpaused schedule is armed");
+    assert!(next > made.created_at_ms && next <= made.created_at_ms + 10_000);
+    assert_eq!(next % 10_000, 0, "@every instants are whole periods");
+    assert_eq!((made.fires, made.last_fire_at_ms), (0, None));
+    assert_eq!(get_schedule(b, "s-crud").await, made);
+    put_schedule(b, "s-other", schedule_spec("0 0 * * *", "crud")).await;
+    match call(b, Op::ListSchedules).await.unwrap() {
+        Outcome::Schedules(list) => {
+            let names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["s-crud", "s-other"]);
+        }
+        other => panic!("schedules, not {other:?}"),
+    }
+    let mut spec = schedule_spec("30 */5 * * * *", "crud");
+    spec.timezone = "Europe/Berlin".into();
+    let (replaced, created) = put_schedule(b, "s-crud", spec.clone()).await;
+    assert!(!created);
+    assert!(replaced.version > made.version);
+    assert_eq!(replaced.created_at_ms, made.created_at_ms);
+    assert_eq!(replaced.spec, spec);
+    assert_eq!(replaced.next_fire_at_ms.unwrap() % 300_000, 30_000);
+    assert_eq!(
+        call(
+            b,
+            Op::DeleteSchedule {
+                name: queue("s-crud")
+            }
+        )
+        .await,
+        Ok(Outcome::Done)
+    );
+    assert_eq!(
+        call(
+            b,
+            Op::GetSchedule {
+                name: queue("s-crud")
+            }
+        )
+        .await,
+        Err(BrokerError::NotFound)
+    );
+    assert_eq!(
+        call(
+            b,
+            Op::DeleteSchedule {
+                name: queue("s-crud")
+            }
+        )
+        .await,
+        Err(BrokerError::NotFound)
+    );
+    for (cron, timezone, field) in [
+        ("* * *", "UTC", "cron"),
+        ("@every 0s", "UTC", "cron"),
+        ("0 0 * * *", "Mars/Base", "timezone"),
+    ] {
+        let mut spec = schedule_spec(cron, "crud");
+        spec.timezone = timezone.into();
+        let refused = call(
+            b,
+            Op::PutSchedule {
+                name: queue("s-bad"),
+                spec: Box::new(spec),
+            },
+        )
+        .await;
+        match refused {
+            Err(BrokerError::Invalid { field: f, .. }) => assert_eq!(f, field, "{cron}"),
+            other => panic!("{cron} in {timezone}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        call(
+            b,
+            Op::GetSchedule {
+                name: queue("s-bad")
+            }
+        )
+        .await,
+        Err(BrokerError::NotFound),
+        "a refused spec makes nothing"
+    );
+}
+
+pub async fn schedule_fires_at_due_instants_with_key_and_headers<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, _) = put_schedule(b, "s-fire", schedule_spec("@every 10s", "fire")).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    advance_to(&h, &mut now, due - 1).await;
+    assert!(jobs_in(b, "fire", JobState::Ready).await.is_empty());
+    advance_to(&h, &mut now, due).await;
+    let fired = jobs_in(b, "fire", JobState::Ready).await;
+    assert_eq!(fired.len(), 1, "one job at the due instant");
+    let fired_job = &fired[0];
+    assert_eq!(fired_job.payload, Bytes::from_static(b"tick"));
+    assert_eq!(fired_job.headers[HEADER_SCHEDULE], "s-fire");
+    let at = &fired_job.headers[HEADER_SCHEDULED_AT];
+    assert!(at.ends_with('Z') && at.contains('T'), "RFC 3339 UTC: {at}");
+    assert_eq!(
+        fired_job.idempotency_key.as_deref(),
+        Some(firing_key("s-fire", due).as_str())
+    );
+    let view = get_schedule(b, "s-fire").await;
+    assert_eq!(view.fires, 1);
+    assert_eq!(view.last_fire_at_ms, Some(due));
+    assert_eq!(view.last_job, Some(fired_job.id));
+    assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
+    // The key is the queue's: the same instant cannot make a second job.
+    let (again, duplicate) = b
+        .enqueue(
+            queue("fire"),
+            NewJob {
+                idempotency_key: Some(firing_key("s-fire", due)),
+                ..job("other")
+            },
+        )
+        .await
+        .unwrap();
+    assert!(duplicate);
+    assert_eq!(again.id, fired_job.id);
+    advance_to(&h, &mut now, due + 10_000).await;
+    assert_eq!(jobs_in(b, "fire", JobState::Ready).await.len(), 2);
+    assert_eq!(get_schedule(b, "s-fire").await.fires, 2);
+}
+
+pub async fn schedule_fires_each_instant_once_across_restart<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, _) = put_schedule(b, "s-once", schedule_spec("@every 10s", "once")).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    advance_to(&h, &mut now, due).await;
+    let before = get_schedule(b, "s-once").await;
+    assert_eq!(before.fires, 1);
+    let Some(h) = h.restart().await else {
+        return;
+    };
+    let b = h.broker();
+    // The restart took a moment of the clock; read it back.
+    let after = get_schedule(b, "s-once").await;
+    assert_eq!(after, before, "the schedule's state is durable");
+    assert_eq!(jobs_in(b, "once", JobState::Ready).await.len(), 1);
+    let mut now = due;
+    advance_to(&h, &mut now, due + 9_000).await;
+    assert_eq!(
+        jobs_in(b, "once", JobState::Ready).await.len(),
+        1,
+        "a fired instant does not fire again after a restart"
+    );
+    advance_to(&h, &mut now, due + 10_000).await;
+    let jobs = jobs_in(b, "once", JobState::Ready).await;
+    assert_eq!(jobs.len(), 2);
+    let keys: Vec<_> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
+    assert_eq!(
+        keys,
+        [
+            Some(firing_key("s-once", due)),
+            Some(firing_key("s-once", due + 10_000))
+        ]
+    );
+}
+
+/// (fires, misfires skipped, ready jobs) of the three misfire schedules.
+async fn misfire_counts<B: Broker>(b: &B) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    for name in ["s-skip", "s-oncepol", "s-all"] {
+        let view = get_schedule(b, name).await;
+        let jobs = jobs_in(b, name, JobState::Ready).await.len() as u64;
+        out.push((view.fires, view.misfires_skipped, jobs));
+    }
+    out
+}
+
+pub async fn schedule_misfire_policies_when_late_and_after_restart<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut first_due = 0;
+    let mut now = 0;
+    for (name, misfire) in [
+        ("s-skip", Misfire::Skip),
+        ("s-oncepol", Misfire::Once),
+        ("s-all", Misfire::All),
+    ] {
+        let mut spec = schedule_spec("@every 10s", name);
+        spec.misfire = misfire;
+        spec.catch_up_max = 3;
+        let (made, _) = put_schedule(b, name, spec).await;
+        first_due = made.next_fire_at_ms.unwrap();
+        now = made.created_at_ms;
+    }
+    // Late by 55.5 s: instants first_due ..= first_due + 50 s (6) were
+    // missed; the latest is 5.5 s old, past the grace.
+    advance_to(&h, &mut now, first_due + 55_500).await;
+    assert_eq!(misfire_counts(b).await, [(0, 6, 0), (1, 5, 1), (3, 3, 3)]);
+    let all = jobs_in(b, "s-all", JobState::Ready).await;
+    let keys: Vec<_> = all
+        .iter()
+        .map(|j| j.idempotency_key.clone().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [30_000, 40_000, 50_000].map(|d| firing_key("s-all", first_due + d)),
+        "`all` fires the latest catch_up_max instants, oldest first"
+    );
+    let Some(h) = h.restart().await else {
+        return;
+    };
+    let b = h.broker();
+    assert_eq!(misfire_counts(b).await, [(0, 6, 0), (1, 5, 1), (3, 3, 3)]);
+    // Down (or stalled) across 10 more instants (60 s ..= 150 s).
+    advance_to(&h, &mut now, first_due + 155_500).await;
+    assert_eq!(
+        misfire_counts(b).await,
+        [(0, 16, 0), (2, 14, 2), (6, 10, 6)]
+    );
+    // On time again: every policy fires.
+    advance_to(&h, &mut now, first_due + 160_000).await;
+    assert_eq!(
+        misfire_counts(b).await,
+        [(1, 16, 1), (3, 14, 3), (7, 10, 7)]
+    );
+}
+
+pub async fn schedule_pause_resume_trigger<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, _) = put_schedule(b, "s-pause", schedule_spec("@every 10s", "pause")).await;
+    let mut now = made.created_at_ms;
+    let paused = schedule_op(
+        b,
+        Op::PauseSchedule {
+            name: queue("s-pause"),
+        },
+    )
+    .await;
+    assert!(paused.spec.paused);
+    assert_eq!(paused.next_fire_at_ms, None);
+    advance_to(&h, &mut now, made.created_at_ms + 30_000).await;
+    assert!(jobs_in(b, "pause", JobState::Ready).await.is_empty());
+    let resumed = schedule_op(
+        b,
+        Op::ResumeSchedule {
+            name: queue("s-pause"),
+        },
+    )
+    .await;
+    assert!(!resumed.spec.paused);
+    let next = resumed.next_fire_at_ms.expect("armed again");
+    assert!(next > now, "instants passed while paused are not fired");
+    let triggered = schedule_op(
+        b,
+        Op::TriggerSchedule {
+            name: queue("s-pause"),
+        },
+    )
+    .await;
+    assert_eq!(triggered.fires, 1);
+    assert_eq!(
+        triggered.next_fire_at_ms,
+        Some(next),
+        "a trigger keeps the rule"
+    );
+    let jobs = jobs_in(b, "pause", JobState::Ready).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0].idempotency_key.as_deref(),
+        Some(firing_key("s-pause", now).as_str())
+    );
+    assert_eq!(triggered.last_job, Some(jobs[0].id));
+    // A paused schedule can still be triggered.
+    schedule_op(
+        b,
+        Op::PauseSchedule {
+            name: queue("s-pause"),
+        },
+    )
+    .await;
+    let later = now + 1;
+    advance_to(&h, &mut now, later).await;
+    schedule_op(
+        b,
+        Op::TriggerSchedule {
+            name: queue("s-pause"),
+        },
+    )
+    .await;
+    assert_eq!(jobs_in(b, "pause", JobState::Ready).await.len(), 2);
+    for op in [
+        Op::PauseSchedule {
+            name: queue("s-none"),
+        },
+        Op::ResumeSchedule {
+            name: queue("s-none"),
+        },
+        Op::TriggerSchedule {
+            name: queue("s-none"),
+        },
+    ] {
+        assert_eq!(call(b, op).await, Err(BrokerError::NotFound));
+    }
+}
+
+pub async fn schedule_max_backlog_skips_while_jobs_wait<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut spec = schedule_spec("@every 10s", "backlog");
+    spec.max_backlog = Some(2);
+    let (made, _) = put_schedule(b, "s-backlog", spec).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    // Jobs of others in the queue do not count.
+    enqueue(b, "backlog", job("someone else's")).await;
+    enqueue(b, "backlog", job("someone else's")).await;
+    for i in 0..3 {
+        advance_to(&h, &mut now, due + i * 10_000).await;
+        // Each instant on its own: the next advance waits for this answer.
+        assert_eq!(get_schedule(b, "s-backlog").await.fires, (i + 1).min(2));
+    }
+    let view = get_schedule(b, "s-backlog").await;
+    assert_eq!((view.fires, view.backlog_skips), (2, 1));
+    assert_eq!(jobs_in(b, "backlog", JobState::Ready).await.len(), 4);
+    // A worker takes one of the schedule's jobs: the next instant fires.
+    let mine: Vec<_> = jobs_in(b, "backlog", JobState::Ready)
+        .await
+        .into_iter()
+        .filter(|j| j.headers.contains_key(HEADER_SCHEDULE))
+        .collect();
+    call(
+        b,
+        Op::Delete {
+            id: mine[0].id,
+            expected_version: None,
+        },
+    )
+    .await
+    .unwrap();
+    advance_to(&h, &mut now, due + 30_000).await;
+    let view = get_schedule(b, "s-backlog").await;
+    assert_eq!((view.fires, view.backlog_skips), (3, 1));
+    advance_to(&h, &mut now, due + 40_000).await;
+    let view = get_schedule(b, "s-backlog").await;
+    assert_eq!((view.fires, view.backlog_skips), (3, 2));
+}
+
+pub async fn schedule_replaced_after_firing_keeps_its_history<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, _) = put_schedule(b, "s-replace", schedule_spec("@every 10s", "replace")).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    advance_to(&h, &mut now, due).await;
+    // Replaced at the instant it fired, with the same rule: that instant
+    // is not fired again, the next one is kept.
+    let (replaced, created) =
+        put_schedule(b, "s-replace", schedule_spec("@every 10s", "replace")).await;
+    assert!(!created);
+    assert_eq!(replaced.fires, 1);
+    assert_eq!(replaced.last_fire_at_ms, Some(due));
+    assert_eq!(replaced.next_fire_at_ms, Some(due + 10_000));
+    advance_to(&h, &mut now, due + 10_000).await;
+    assert_eq!(jobs_in(b, "replace", JobState::Ready).await.len(), 2);
+    // A new rule starts after now and keeps the counters.
+    let (replaced, _) = put_schedule(b, "s-replace", schedule_spec("@every 1m", "replace")).await;
+    assert_eq!(replaced.fires, 2);
+    assert_eq!(replaced.last_fire_at_ms, Some(due + 10_000));
+    let next = replaced.next_fire_at_ms.unwrap();
+    assert_eq!(next % 60_000, 0);
+    assert!(next > now);
 }

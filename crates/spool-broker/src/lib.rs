@@ -28,8 +28,8 @@ pub use model::{
 pub use op_session::{OpSession, SessionBroker};
 pub use schedule::{Misfire, ScheduleName, ScheduleSpec, ScheduleView};
 pub use snapshot::{
-    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, SessionSnapshot,
-    SnapshotScope, WaitCounts, WorkflowCounters, SNAPSHOT_RESERVED_IDS_MAX,
+    EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, ScheduleSnapshot,
+    SessionSnapshot, SnapshotScope, WaitCounts, WorkflowCounters, SNAPSHOT_RESERVED_IDS_MAX,
 };
 pub use workflow::{
     NewStep, NewWorkflow, StepState, StepView, WorkflowId, WorkflowPage, WorkflowState,

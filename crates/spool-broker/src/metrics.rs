@@ -19,6 +19,15 @@ pub const QUEUE_LATENCY_BUCKETS_SECONDS: [f64; 20] = [
     120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
+/// Upper bounds, in seconds, of the buckets of timer lateness (a delayed
+/// job's due → ready, a schedule's due → fired): the job-latency buckets
+/// with four more below 1 ms, where a timer that keeps its promise lands
+/// (a superset, so a series of an older release keeps its `le` values).
+pub const SKEW_BUCKETS_SECONDS: [f64; 24] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 /// Upper bounds, in seconds, of the buckets of disk latencies (fsync): an
 /// fsync on a fast SSD takes tens of microseconds, a stalled disk seconds.
 pub const IO_LATENCY_BUCKETS_SECONDS: [f64; 16] = [
@@ -39,6 +48,8 @@ pub const COMMIT_BATCH_BUCKETS_RECORDS: [f64; 15] = [
 pub enum Buckets {
     /// Job latencies; observed in nanoseconds, reported in seconds.
     QueueLatency,
+    /// Timer lateness; observed in nanoseconds, reported in seconds.
+    Skew,
     /// Disk latencies; observed in nanoseconds, reported in seconds.
     IoLatency,
     /// Counts of records; observed and reported in records.
@@ -51,6 +62,7 @@ impl Buckets {
     pub fn bounds(self) -> &'static [f64] {
         match self {
             Buckets::QueueLatency => &QUEUE_LATENCY_BUCKETS_SECONDS,
+            Buckets::Skew => &SKEW_BUCKETS_SECONDS,
             Buckets::IoLatency => &IO_LATENCY_BUCKETS_SECONDS,
             Buckets::CommitBatch => &COMMIT_BATCH_BUCKETS_RECORDS,
         }
@@ -60,7 +72,7 @@ impl Buckets {
     /// latencies, 1 for counts.
     fn observed_per_reported(self) -> f64 {
         match self {
-            Buckets::QueueLatency | Buckets::IoLatency => NS_PER_SEC,
+            Buckets::QueueLatency | Buckets::Skew | Buckets::IoLatency => NS_PER_SEC,
             Buckets::CommitBatch => 1.0,
         }
     }
@@ -77,6 +89,9 @@ pub struct Histogram {
     /// Sum of the observations in the observed unit (nanoseconds for the
     /// latencies), saturating.
     sum_observed: u64,
+    /// The largest observation, in the observed unit (0 before any): the
+    /// tail the buckets cannot show.
+    max_observed: u64,
 }
 
 impl Histogram {
@@ -86,12 +101,18 @@ impl Histogram {
             counts: vec![0; buckets.bounds().len() + 1],
             count: 0,
             sum_observed: 0,
+            max_observed: 0,
         }
     }
 
     /// A histogram of job latencies ([`QUEUE_LATENCY_BUCKETS_SECONDS`]).
     pub fn queue_latency() -> Histogram {
         Histogram::new(Buckets::QueueLatency)
+    }
+
+    /// A histogram of timer lateness ([`SKEW_BUCKETS_SECONDS`]).
+    pub fn skew() -> Histogram {
+        Histogram::new(Buckets::Skew)
     }
 
     /// Counts one duration, for the latency kinds.
@@ -116,6 +137,12 @@ impl Histogram {
         self.counts[bucket] += 1;
         self.count += 1;
         self.sum_observed = self.sum_observed.saturating_add(observed);
+        self.max_observed = self.max_observed.max(observed);
+    }
+
+    /// The largest observation in the reported unit; `None` before any.
+    pub fn max(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.max_observed as f64 / self.buckets.observed_per_reported())
     }
 
     /// Upper bounds of the finite buckets, in the reported unit.
@@ -229,6 +256,23 @@ mod tests {
         assert_eq!(cumulative[0], (0.001, 2));
         assert_eq!(cumulative[1], (0.0025, 3));
         assert_eq!(cumulative.last(), Some(&(3600.0, 3)));
+    }
+
+    #[test]
+    fn skew_buckets_resolve_below_a_millisecond_and_keep_the_max() {
+        let mut h = Histogram::skew();
+        assert_eq!(h.max(), None);
+        h.observe_ns(40_000); // 40 µs
+        h.observe_ns(300_000); // 300 µs
+        h.observe_ns(7 * MS);
+        let counts = h.bucket_counts();
+        assert_eq!((counts[0], counts[3]), (1, 1), "{counts:?}");
+        assert_eq!(h.max(), Some(0.007));
+        assert!(h.quantile(0.5).unwrap() < 0.001);
+        // A superset of the job-latency bounds: old series keep their `le`.
+        for bound in QUEUE_LATENCY_BUCKETS_SECONDS {
+            assert!(SKEW_BUCKETS_SECONDS.contains(&bound), "{bound}");
+        }
     }
 
     #[test]

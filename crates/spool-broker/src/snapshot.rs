@@ -120,6 +120,25 @@ pub struct SessionSnapshot {
     pub blocked_in_reserve_ns: Option<u64>,
 }
 
+/// One schedule's figures (`spool_schedule_*`, `spool top`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleSnapshot {
+    pub name: String,
+    pub queue: String,
+    pub paused: bool,
+    pub next_fire_at_ms: Option<u64>,
+    pub last_fire_at_ms: Option<u64>,
+    pub last_skew_ms: Option<u64>,
+    /// Jobs fired (triggers included).
+    pub fires: u64,
+    /// Instants dropped by the misfire policy.
+    pub misfires_skipped: u64,
+    /// Instants skipped for `max_backlog`.
+    pub backlog_skips: u64,
+    /// Due instant → fired, since this process started.
+    pub skew: Histogram,
+}
+
 /// The engine at one `now`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSnapshot {
@@ -150,6 +169,8 @@ pub struct EngineSnapshot {
     /// Job-API waits held now, filled by the broker (the engine holds
     /// none; its own blocked beanstalkd reserves are in `server`).
     pub waits: WaitCounts,
+    /// Schedules by name.
+    pub schedules: Vec<ScheduleSnapshot>,
     /// Workflow figures; empty where a broker keeps none.
     pub workflows: WorkflowCounters,
 }

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::error::{Error, ErrorCode};
 use crate::types::{
     Body, Enqueue, Failure, Job, JobChange, JobPage, JobState, JsonBody, Policy, QueueInfo,
+    Schedule, ScheduleInfo,
 };
 use crate::workflow::{NewWorkflow, Workflow, WorkflowPage, WorkflowState};
 
@@ -710,6 +711,83 @@ impl Client {
         )
         .await
     }
+}
+
+impl Client {
+    // ---- schedules ------------------------------------------------------
+
+    /// Creates or replaces the schedule `name`.
+    pub async fn put_schedule(
+        &self,
+        name: &str,
+        schedule: &Schedule,
+    ) -> Result<ScheduleInfo, Error> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/schedules/{}", escape(name)),
+            Some(encode(&schedule.to_json()?)?),
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let answer: Schedules = self
+            .call(Method::GET, "/v1/schedules", None, Duration::ZERO)
+            .await?;
+        Ok(answer.schedules)
+    }
+
+    pub async fn schedule(&self, name: &str) -> Result<ScheduleInfo, Error> {
+        self.call(
+            Method::GET,
+            &format!("/v1/schedules/{}", escape(name)),
+            None,
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// Deletes the schedule; the jobs it fired stay.
+    pub async fn delete_schedule(&self, name: &str) -> Result<(), Error> {
+        let _: Value = self
+            .call(
+                Method::DELETE,
+                &format!("/v1/schedules/{}", escape(name)),
+                None,
+                Duration::ZERO,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pause_schedule(&self, name: &str) -> Result<ScheduleInfo, Error> {
+        self.schedule_action(name, "pause").await
+    }
+
+    pub async fn resume_schedule(&self, name: &str) -> Result<ScheduleInfo, Error> {
+        self.schedule_action(name, "resume").await
+    }
+
+    /// Fires the schedule now; its job is `last_job` of the answer.
+    pub async fn trigger_schedule(&self, name: &str) -> Result<ScheduleInfo, Error> {
+        self.schedule_action(name, "trigger").await
+    }
+
+    async fn schedule_action(&self, name: &str, action: &str) -> Result<ScheduleInfo, Error> {
+        self.call(
+            Method::POST,
+            &format!("/v1/schedules/{}/{action}", escape(name)),
+            None,
+            Duration::ZERO,
+        )
+        .await
+    }
+}
+
+#[derive(Deserialize)]
+struct Schedules {
+    schedules: Vec<ScheduleInfo>,
 }
 
 /// A refusal's status and `{"error": {...}}`; a body that is not the API's

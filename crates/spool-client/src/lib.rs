@@ -50,6 +50,7 @@ pub use client::{
 pub use error::{Error, ErrorCode};
 pub use types::{
     Backoff, Body, Enqueue, Failure, Job, JobChange, JobPage, JobState, Policy, QueueInfo,
+    Schedule, ScheduleInfo,
 };
 pub use worker::{
     CounterSnapshot, Handler, HandlerError, JobContext, ShutdownHandle, Worker, WorkerBuilder,

@@ -11,6 +11,7 @@ mod job;
 pub mod limits;
 mod ms;
 mod record;
+pub mod schedule;
 pub mod validate;
 pub mod workflow;
 

@@ -883,25 +883,8 @@ fn workflow_state_of(code: u8) -> Result<WorkflowState, RecordError> {
     })
 }
 
+// opt_u64 and opt_u32 are record.rs's, shared with schedules.
 impl Writer<'_> {
-    fn opt_u64(&mut self, v: Option<u64>) {
-        match v {
-            Some(v) => {
-                self.u8(1);
-                self.u64(v);
-            }
-            None => self.u8(0),
-        }
-    }
-    fn opt_u32(&mut self, v: Option<u32>) {
-        match v {
-            Some(v) => {
-                self.u8(1);
-                self.u32(v);
-            }
-            None => self.u8(0),
-        }
-    }
     fn opt_str16(&mut self, s: Option<&str>) {
         match s {
             Some(s) => {
@@ -962,20 +945,6 @@ impl Writer<'_> {
 }
 
 impl Reader<'_> {
-    fn opt_u64(&mut self) -> Result<Option<u64>, RecordError> {
-        Ok(if self.present()? {
-            Some(self.u64()?)
-        } else {
-            None
-        })
-    }
-    fn opt_u32(&mut self) -> Result<Option<u32>, RecordError> {
-        Ok(if self.present()? {
-            Some(self.u32()?)
-        } else {
-            None
-        })
-    }
     fn opt_str16(&mut self) -> Result<Option<String>, RecordError> {
         Ok(if self.present()? {
             Some(self.str16()?)

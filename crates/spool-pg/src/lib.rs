@@ -14,8 +14,10 @@ mod clock;
 mod error;
 mod ops;
 mod pool;
+mod schedules;
 mod schema;
 pub mod testing;
+mod workflows;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -28,7 +30,7 @@ use std::time::Duration;
 use spool_broker::{
     Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
     Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
-    WaitCounts,
+    WaitCounts, WorkflowCounters,
 };
 use spool_proto::ServerStats;
 use tokio::sync::{watch, Notify};
@@ -60,6 +62,8 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// The shortest sleep of the timer task before a schedule's due instant.
+const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
 /// How long the listener waits before reconnecting after losing its
 /// connection.
@@ -136,6 +140,9 @@ struct Inner {
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// A schedule was created or resumed here: the timer task looks at
+    /// when it falls due (other nodes find it by their bounded poll).
+    schedules_changed: Arc<Notify>,
 }
 
 impl Drop for Inner {
@@ -204,6 +211,7 @@ impl PgBroker {
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
+                schedules_changed: Arc::new(Notify::new()),
             }),
         };
         broker
@@ -213,7 +221,11 @@ impl PgBroker {
         let weak = Arc::downgrade(&broker.inner);
         let mut tasks = vec![tokio::spawn(listen(weak.clone()))];
         if !broker.inner.clock.is_manual() {
-            tasks.push(tokio::spawn(run_timers_periodically(weak)));
+            let schedules_changed = broker.inner.schedules_changed.clone();
+            tasks.push(tokio::spawn(run_timers_periodically(
+                weak,
+                schedules_changed,
+            )));
         }
         if let Ok(mut held) = broker.inner.tasks.lock() {
             held.extend(tasks);
@@ -242,9 +254,11 @@ impl PgBroker {
         result
     }
 
-    /// One pass of every timer at the clock's `now`.
+    /// One pass of every timer at the clock's `now`, then the due
+    /// schedules fire.
     pub async fn run_timers(&self) -> Result<(), BrokerError> {
-        self.run(Task::Timers).await.map(|_| ())
+        self.run(Task::Timers).await?;
+        self.run(Task::FireSchedules).await.map(|_| ())
     }
 
     fn wake_waiters(&self) {
@@ -322,7 +336,7 @@ impl PgBroker {
     async fn execute(&self, op: Op, sent_ns: u64) -> Result<Outcome, BrokerError> {
         let inner = &self.inner;
         match op {
-            Op::Enqueue { .. } | Op::EnqueueBatch { .. }
+            Op::Enqueue { .. } | Op::EnqueueBatch { .. } | Op::StartWorkflow { .. }
                 if inner.draining.load(Ordering::Acquire)
                     || inner.shutting_down.load(Ordering::Acquire) =>
             {
@@ -337,6 +351,11 @@ impl PgBroker {
                 .await
                 .map(Outcome::Leased),
             Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            op @ (Op::PutSchedule { .. } | Op::ResumeSchedule { .. }) => {
+                let outcome = self.run_op(op, &mut Effects::default()).await;
+                inner.schedules_changed.notify_one();
+                outcome
+            }
             op => self.run_op(op, &mut Effects::default()).await,
         }
     }
@@ -614,14 +633,32 @@ async fn listen(broker: Weak<Inner>) {
     }
 }
 
-/// Runs the timers every [`TIMER_INTERVAL`] (wall clock only).
-async fn run_timers_periodically(broker: Weak<Inner>) {
+/// Runs the timers every [`TIMER_INTERVAL`] (wall clock only), and fires
+/// schedules: each pass sleeps until the earliest schedule's due instant if
+/// that is sooner, or until a schedule changes on this node.
+async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Notify>) {
     let mut pass: u64 = 0;
     // Logged when it starts failing and when it works again, not at every
     // pass while the database is away.
     let mut failing = false;
+    let mut next_fire_ms: Option<u64> = None;
     loop {
-        tokio::time::sleep(TIMER_INTERVAL).await;
+        let mut sleep = TIMER_INTERVAL;
+        if let Some(at_ms) = next_fire_ms {
+            let now_ns = match broker.upgrade() {
+                Some(inner) => inner.clock.now_ns(),
+                None => return,
+            };
+            let until =
+                Duration::from_nanos(at_ms.saturating_mul(1_000_000).saturating_sub(now_ns));
+            // A floor: a due schedule another node is firing (its row
+            // skipped as locked) must not make this loop spin.
+            sleep = sleep.min(until.max(SCHEDULE_WAKE_MIN));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = schedules_changed.notified() => {}
+        }
         let Some(inner) = broker.upgrade() else {
             return;
         };
@@ -631,7 +668,15 @@ async fn run_timers_periodically(broker: Weak<Inner>) {
         } else {
             Task::DueTimers
         };
-        match broker.run(task).await {
+        let result = match broker.run(task).await {
+            Ok(_) => broker.run(Task::FireSchedules).await,
+            Err(error) => Err(error),
+        };
+        next_fire_ms = match &result {
+            Ok(Done::NextFire(at_ms)) => *at_ms,
+            _ => None,
+        };
+        match result {
             Err(error) if !failing => {
                 failing = true;
                 tracing::warn!(%error, "the timers cannot run: the database is away or refusing");
@@ -696,8 +741,8 @@ impl Broker for PgBroker {
     ) -> impl Future<Output = Result<EngineSnapshot, BrokerError>> + Send {
         let this = self.clone();
         async move {
-            let counts = match this.run(Task::Counts).await? {
-                Done::Counts(counts) => counts,
+            let figures = match this.run(Task::Counts).await? {
+                Done::Counts(figures) => *figures,
                 other => return Err(BrokerError::Internal(format!("counts answered {other:?}"))),
             };
             let inner = &this.inner;
@@ -705,12 +750,13 @@ impl Broker for PgBroker {
                 || inner.shutting_down.load(Ordering::Acquire);
             let mut server = ServerStats {
                 max_job_size: u64::from(inner.ctx.max_job_size),
-                current_tubes: counts.len() as u64,
+                current_tubes: figures.queues.len() as u64,
                 draining,
                 ..ServerStats::default()
             };
             let mut jobs_total = 0;
-            let queues = counts
+            let queues = figures
+                .queues
                 .into_iter()
                 .map(|q| {
                     server.current_jobs_urgent += q.urgent;
@@ -754,7 +800,13 @@ impl Broker for PgBroker {
                     reserve: inner.reserve_waits.load(Ordering::Relaxed),
                     job: inner.job_waits.load(Ordering::Relaxed) as u64,
                 },
-                workflows: Default::default(),
+                // The counters of workflow events are not kept across nodes;
+                // the workflows held now are.
+                workflows: WorkflowCounters {
+                    current: figures.workflows,
+                    ..WorkflowCounters::default()
+                },
+                schedules: figures.schedules,
             })
         }
     }

@@ -16,12 +16,14 @@ use spool_broker::{
 };
 use spool_engine::limits;
 use spool_engine::validate::{check_backoff, check_headers, check_policy};
+use spool_engine::workflow::JobEvent;
 use tokio_postgres::Row;
 
 use crate::error::{DbError, OpError};
 use crate::pool::Conn;
+use crate::{schedules, workflows};
 
-const NS_PER_MS: u64 = 1_000_000;
+pub(crate) const NS_PER_MS: u64 = 1_000_000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Rows one timer pass moves per kind (due jobs, expired leases, forgotten
@@ -65,6 +67,9 @@ pub(crate) enum Task {
     Timers,
     /// Due jobs and expired leases only: the frequent pass.
     DueTimers,
+    /// Due schedules fire (their own transaction, so that a schedule's
+    /// trouble never holds back the job timers).
+    FireSchedules,
     /// Counts per queue and state, for snapshots.
     Counts,
     /// A node starting hands back the leases it held before.
@@ -78,9 +83,20 @@ pub(crate) enum Task {
 #[derive(Debug)]
 pub(crate) enum Done {
     Outcome(Box<Outcome>),
-    Counts(Vec<QueueCounts>),
+    Counts(Box<Figures>),
     AttemptLimit(Option<u32>),
+    /// The earliest due instant of any schedule, wall-clock ms.
+    NextFire(Option<u64>),
     Nothing,
+}
+
+/// What a snapshot reads from the database.
+#[derive(Debug, Default)]
+pub(crate) struct Figures {
+    pub queues: Vec<QueueCounts>,
+    pub schedules: Vec<spool_broker::ScheduleSnapshot>,
+    /// Workflows held now, by state.
+    pub workflows: BTreeMap<&'static str, u64>,
 }
 
 /// One queue's jobs by state, its pause, for snapshots.
@@ -97,11 +113,11 @@ pub(crate) struct QueueCounts {
 
 // ---- conversions -------------------------------------------------------
 
-fn db_u64(n: u64) -> i64 {
+pub(crate) fn db_u64(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }
 
-fn from_db(n: i64) -> u64 {
+pub(crate) fn from_db(n: i64) -> u64 {
     n.max(0) as u64
 }
 
@@ -126,7 +142,8 @@ macro_rules! view_cols {
          j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
          q.backoff_multiplier, q.backoff_jitter, j.ttr_ms, j.run_at_ns, j.deadline_ns, \
          j.created_ns, j.updated_ns, j.finished_ns, j.last_error, j.result, \
-         j.idempotency_key, j.cancel_requested, j.version, j.lease_token"
+         j.idempotency_key, j.cancel_requested, j.version, j.lease_token, j.workflow_id, \
+         j.parent_names, j.parent_results"
     };
 }
 
@@ -187,9 +204,27 @@ fn view(row: &Row) -> Result<JobView, OpError> {
         idempotency_key: row.get(25),
         cancel_requested: row.get(26),
         version: from_db(row.get(27)),
-        // TODO(s18): workflow steps carry their parents' results.
-        parents: Default::default(),
+        parents: parents_of(row),
     })
+}
+
+/// A workflow step's inputs, from the two arrays of the row (NULL for
+/// every other job).
+fn parents_of(row: &Row) -> BTreeMap<String, Option<Bytes>> {
+    let names: Option<Vec<String>> = row.get(30);
+    let Some(names) = names else {
+        return BTreeMap::new();
+    };
+    let results: Vec<Option<Vec<u8>>> = row.get::<_, Option<_>>(31).unwrap_or_default();
+    names
+        .into_iter()
+        .zip(results.into_iter().map(|r| r.map(Bytes::from)))
+        .collect()
+}
+
+/// The workflow a row of [`view_cols`] belongs to, if any.
+pub(crate) fn workflow_of(row: &Row) -> Option<i64> {
+    row.get(29)
 }
 
 fn leased(row: &Row) -> Result<Leased, OpError> {
@@ -247,7 +282,7 @@ fn refuse<T>(error: BrokerError) -> Result<T, OpError> {
 }
 
 /// The delay until `run_at` in nanoseconds, checked.
-fn delay_of(run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
+pub(crate) fn delay_of(run_at: RunAt, now: u64) -> Result<u64, BrokerError> {
     match run_at {
         RunAt::Now => Ok(0),
         RunAt::DelayMs(ms) if ms > limits::DELAY_MS_MAX => Err(BrokerError::invalid(
@@ -321,18 +356,19 @@ pub(crate) async fn run(
         Task::DeleteLeased(lease) => {
             // One statement, so its own transaction: the row goes and the
             // queue is announced (a freed concurrency slot) at its commit.
+            // A workflow's job is left to the transaction below, which also
+            // moves its workflow.
             let gone = c
                 .query_opt(
                     "WITH j AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
-                     AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue) \
-                     SELECT pg_notify('spool', queue) FROM j",
+                     AND state = 'reserved' AND deadline_ns >= $3 AND workflow_id IS NULL \
+                     RETURNING queue) SELECT pg_notify('spool', queue) FROM j",
                     &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
                 )
                 .await?;
-            return match gone {
-                Some(_) => Ok(Done::Nothing),
-                None => Err(lease_refusal(c, lease).await),
-            };
+            if gone.is_some() {
+                return Ok(Done::Nothing);
+            }
         }
         _ => {}
     }
@@ -360,23 +396,34 @@ async fn apply(
     let op = match task {
         Task::Op(op) => op,
         Task::Timers => {
-            timers(c, now).await?;
+            timers(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
         Task::DueTimers => {
             promote_due(c, now).await?;
-            expire_leases(c, now).await?;
+            expire_leases(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::Counts => return Ok(Done::Counts(counts(c, now).await?)),
+        Task::Counts => {
+            return Ok(Done::Counts(Box::new(Figures {
+                queues: counts(c, now).await?,
+                schedules: schedules::snapshots(c).await?,
+                workflows: workflows::count_by_state(c).await?,
+            })))
+        }
+        Task::FireSchedules => return Ok(Done::NextFire(schedules::fire_due(c, ctx, now).await?)),
         Task::ReleaseOwnLeases => {
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
         }
-        Task::AttemptLimit(_) | Task::DeleteLeased(_) => {
+        Task::AttemptLimit(_) => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))
+        }
+        Task::DeleteLeased(lease) => {
+            delete_leased_step(c, ctx, lease, now).await?;
+            return Ok(Done::Nothing);
         }
     };
     let outcome = match op {
@@ -405,18 +452,18 @@ async fn apply(
             error,
             retry_in_ms,
             permanent,
-        } => fail(c, lease, error, retry_in_ms, permanent, now).await?,
+        } => fail(c, ctx, lease, error, retry_in_ms, permanent, now).await?,
         Op::Release {
             lease,
             delay_ms,
             priority,
         } => release(c, lease, delay_ms, priority, now).await?,
-        Op::Bury { id, lease, reason } => bury(c, id, lease, reason, now).await?,
-        Op::Kick { id } => kick(c, id, now).await?,
+        Op::Bury { id, lease, reason } => bury(c, ctx, id, lease, reason, now).await?,
+        Op::Kick { id } => kick(c, ctx, id, now).await?,
         Op::Cancel {
             id,
             expected_version,
-        } => cancel(c, id, expected_version, now).await?,
+        } => cancel(c, ctx, id, expected_version, now).await?,
         Op::Get { id } | Op::Wait { id, .. } => Outcome::Job(get(c, id).await?),
         Op::Update {
             id,
@@ -426,14 +473,14 @@ async fn apply(
         Op::Delete {
             id,
             expected_version,
-        } => delete(c, id, expected_version).await?,
+        } => delete(c, ctx, id, expected_version, now).await?,
         Op::List {
             queue,
             state,
             after,
             limit,
         } => list(c, &queue, state, after, limit).await?,
-        Op::Purge { queue, state } => purge(c, &queue, state).await?,
+        Op::Purge { queue, state } => purge(c, ctx, &queue, state, now).await?,
         Op::SetPolicy { queue, policy } => set_policy(c, &queue, policy, now).await?,
         Op::GetQueue { queue } => Outcome::Queue(queue_info(c, queue.as_str(), now).await?),
         Op::ListQueues => Outcome::Queues(list_queues(c, now).await?),
@@ -459,26 +506,29 @@ async fn apply(
             notify(c, queue.as_str()).await?;
             Outcome::Queue(queue_info(c, queue.as_str(), now).await?)
         }
-        // TODO(s18): schedules and workflows.
-        Op::PutSchedule { .. }
-        | Op::GetSchedule { .. }
-        | Op::ListSchedules
-        | Op::DeleteSchedule { .. }
-        | Op::PauseSchedule { .. }
-        | Op::ResumeSchedule { .. }
-        | Op::TriggerSchedule { .. }
-        | Op::StartWorkflow { .. }
-        | Op::GetWorkflow { .. }
-        | Op::ListWorkflows { .. }
-        | Op::CancelWorkflow { .. } => return refuse(BrokerError::Internal("TODO(s18)".into())),
+        Op::PutSchedule { name, spec } => schedules::put(c, ctx, name.as_str(), *spec, now).await?,
+        Op::GetSchedule { name } => schedules::get(c, name.as_str()).await?,
+        Op::ListSchedules => schedules::list(c).await?,
+        Op::DeleteSchedule { name } => schedules::delete(c, name.as_str()).await?,
+        Op::PauseSchedule { name } => schedules::set_paused(c, name.as_str(), true, now).await?,
+        Op::ResumeSchedule { name } => schedules::set_paused(c, name.as_str(), false, now).await?,
+        Op::TriggerSchedule { name } => schedules::trigger(c, ctx, name.as_str(), now).await?,
+        Op::StartWorkflow { workflow } => workflows::start(c, ctx, workflow, now).await?,
+        Op::GetWorkflow { id } => workflows::get(c, id).await?,
+        Op::ListWorkflows {
+            state,
+            after,
+            limit,
+        } => workflows::list(c, state, after, limit).await?,
+        Op::CancelWorkflow { id } => workflows::cancel(c, ctx, id, now).await?,
     };
     Ok(Done::Outcome(Box::new(outcome)))
 }
 
 /// Wakes parked reserves and job waits on every node, at commit.
-async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
-    c.execute("SELECT pg_notify('spool', $1::text)", &[&queue])
-        .await?;
+/// (Sent with the transaction's `COMMIT`: no round trip of its own.)
+pub(crate) async fn notify(c: &mut Conn, queue: &str) -> Result<(), DbError> {
+    c.notify_at_commit(queue);
     Ok(())
 }
 
@@ -494,6 +544,33 @@ async fn get(c: &mut Conn, id: u64) -> Result<JobView, OpError> {
         )
         .await?;
     one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))
+}
+
+/// beanstalkd's delete of a reserved workflow job: its completion (with no
+/// result) to the workflow, in the transaction of the delete; or the
+/// refusal when no such reservation exists.
+async fn delete_leased_step(
+    c: &mut Conn,
+    ctx: &Ctx,
+    lease: Lease,
+    now: u64,
+) -> Result<(), OpError> {
+    let row = c
+        .query_opt(
+            "DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+             AND state = 'reserved' AND deadline_ns >= $3 RETURNING queue, workflow_id",
+            &[&db_u64(lease.job), &db_u64(lease.token), &db_u64(now)],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(lease_refusal(c, lease).await);
+    };
+    notify(c, row.get(0)).await?;
+    if let Some(workflow) = row.get::<_, Option<i64>>(1) {
+        let event = JobEvent::Completed { result: None };
+        workflows::on_job_event(c, ctx, workflow, lease.job, event, now).await?;
+    }
+    Ok(())
 }
 
 /// Why a guarded change of job `id` touched no row: the job is gone, or
@@ -533,11 +610,37 @@ struct QueueDefaults {
     ttr_ms: Option<u64>,
 }
 
+/// Where jobs come from when not from a client: a workflow's step or
+/// compensation, a schedule's firing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Origin<'a> {
+    pub workflow: Option<u64>,
+    pub schedule: Option<&'a str>,
+    /// The enqueue is the whole operation (a client's): a single job's
+    /// `INSERT` may go out with the `COMMIT`.
+    pub whole_op: bool,
+}
+
 async fn enqueue(
     c: &mut Conn,
     ctx: &Ctx,
     jobs: Vec<(QueueName, NewJob)>,
     now: u64,
+) -> Result<Vec<(JobView, bool)>, OpError> {
+    let origin = Origin {
+        whole_op: true,
+        ..Origin::default()
+    };
+    enqueue_from(c, ctx, jobs, now, origin).await
+}
+
+/// Enqueues `jobs` (checked as a client's) made by `origin`.
+pub(crate) async fn enqueue_from(
+    c: &mut Conn,
+    ctx: &Ctx,
+    jobs: Vec<(QueueName, NewJob)>,
+    now: u64,
+    origin: Origin<'_>,
 ) -> Result<Vec<(JobView, bool)>, OpError> {
     // Everything that needs no row first.
     let mut checked = Vec::with_capacity(jobs.len());
@@ -594,11 +697,14 @@ async fn enqueue(
         );
     }
     // Queues with a bound: their rows are locked so that two nodes cannot
-    // both take the last place.
+    // both take the last place. A workflow's jobs bypass `max_jobs`, as on
+    // the local broker: the workflow was admitted whole, and refusing its
+    // next step would fail it.
     let mut bounded: Vec<&str> = names
         .iter()
         .copied()
         .filter(|n| defaults.get(*n).is_some_and(|d| d.max_jobs.is_some()))
+        .filter(|_| origin.workflow.is_none())
         .collect();
     bounded.sort_unstable();
     if !bounded.is_empty() {
@@ -699,16 +805,37 @@ async fn enqueue(
                     (Some(names), Some(values))
                 };
                 let backoff = new.backoff;
+                let (parent_names, parent_results): (Vec<&str>, Vec<Option<&[u8]>>) = new
+                    .parents
+                    .iter()
+                    .map(|(n, r)| (n.as_str(), r.as_deref()))
+                    .unzip();
+                let (parent_names, parent_results) = if parent_names.is_empty() {
+                    (None, None)
+                } else {
+                    (Some(parent_names), Some(parent_results))
+                };
+                // One job without a key, the whole operation: nothing follows
+                // the insert, so it travels with the COMMIT (and the queue's
+                // notification, sent at commit anyway).
+                let last = origin.whole_op && checked.len() == 1 && new.idempotency_key.is_none();
+                if last {
+                    for queue in ready_queues.drain() {
+                        notify(c, queue).await?;
+                    }
+                }
                 let rows = c
-                    .query(
+                    .query_maybe_committing(
+                        last,
                         concat!(
                             "WITH j AS (INSERT INTO spool_jobs (id, queue, state, priority, \
                              payload, header_names, header_values, max_attempts, \
                              backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
                              backoff_jitter, ttr_ms, run_at_ns, created_ns, updated_ns, \
-                             idempotency_key, version) VALUES (nextval('spool_job_ids'), \
+                             idempotency_key, version, workflow_id, parent_names, \
+                             parent_results, schedule) VALUES (nextval('spool_job_ids'), \
                              $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, \
-                             $15, 1) RETURNING *)",
+                             $15, 1, $16, $17, $18, $19) RETURNING *)",
                             select_views!()
                         ),
                         &[
@@ -727,6 +854,10 @@ async fn enqueue(
                             &run_at,
                             &db_u64(now),
                             &new.idempotency_key.as_deref(),
+                            &origin.workflow.map(db_u64),
+                            &parent_names,
+                            &parent_results,
+                            &origin.schedule,
                         ],
                     )
                     .await?;
@@ -798,22 +929,28 @@ async fn reserve(
     if queues.is_empty() {
         return refuse(BrokerError::invalid("queues", "name at least one queue"));
     }
-    // Timers first, so that due jobs and expired leases count now.
-    promote_due(c, now).await?;
-    expire_leases(c, now).await?;
     let mut names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     let mut open: Vec<&str> = names.clone();
     let mut limited: Vec<Dispatch> = Vec::new();
-    let settings = c
-        .query(
-            "SELECT name, paused_until_ns, concurrency, rate_per_s FROM spool_queues \
-             WHERE name = ANY($1) \
-             AND (paused_until_ns IS NOT NULL OR concurrency IS NOT NULL OR rate_per_s IS NOT NULL)",
-            &[&names],
+    // Timers first, so that due jobs and expired leases count now; the
+    // queues' settings read with them: three statements, one round trip.
+    let now_db = db_u64(now);
+    let (due, expired, settings) = c
+        .query3(
+            (PROMOTE_DUE_SQL, &[&now_db, &TIMER_BATCH_ROWS]),
+            (EXPIRED_LEASES_SQL, &[&now_db, &TIMER_BATCH_ROWS]),
+            (
+                "SELECT name, paused_until_ns, concurrency, rate_per_s FROM spool_queues \
+                 WHERE name = ANY($1) AND (paused_until_ns IS NOT NULL \
+                 OR concurrency IS NOT NULL OR rate_per_s IS NOT NULL)",
+                &[&names],
+            ),
         )
         .await?;
+    promoted(c, due).await?;
+    expire(c, ctx, expired, now).await?;
     let mut lock: Vec<String> = Vec::new();
     for row in &settings {
         let name: String = row.get(0);
@@ -833,6 +970,27 @@ async fn reserve(
             open.retain(|n| *n != name);
             lock.push(name);
         }
+    }
+    if let ([queue], true) = (open.as_slice(), lock.is_empty()) {
+        // One queue without dispatch limits (the common case): candidates
+        // and their reservation are one statement, sent with the COMMIT.
+        let rows = c
+            .query_and_commit(
+                concat!(
+                    "WITH c AS MATERIALIZED (SELECT id FROM spool_jobs WHERE queue = $1 \
+                     AND state = 'ready' ORDER BY priority, id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                     j AS (UPDATE spool_jobs SET state = 'reserved', \
+                     lease_token = nextval('spool_lease_tokens'), \
+                     deadline_ns = $3 + ttr_ms * 1000000, lease_owner = $4, \
+                     reserves = reserves + 1 FROM c WHERE spool_jobs.id = c.id \
+                     RETURNING spool_jobs.*)",
+                    select_views!(),
+                    " ORDER BY j.priority, j.id"
+                ),
+                &[queue, &i64::from(batch), &now_db, &ctx.node_id],
+            )
+            .await?;
+        return rows.iter().map(leased).collect();
     }
     if !lock.is_empty() {
         // The limits are global: the queue's row is locked for the
@@ -1004,6 +1162,12 @@ async fn complete(
     match one_view(&rows)? {
         Some(job) => {
             notify(c, &job.queue).await?;
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                let event = JobEvent::Completed {
+                    result: job.result.clone(),
+                };
+                workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         None => Err(lease_refusal(c, lease).await),
@@ -1035,6 +1199,7 @@ fn after_failure(
 
 async fn fail(
     c: &mut Conn,
+    ctx: &Ctx,
     lease: Lease,
     error: String,
     retry_in_ms: Option<u64>,
@@ -1098,6 +1263,14 @@ async fn fail(
         .await?;
     let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
     notify(c, &job.queue).await?;
+    if job.state == JobState::Buried {
+        if let Some(workflow) = rows.first().and_then(workflow_of) {
+            let event = JobEvent::Buried {
+                error: job.last_error.clone(),
+            };
+            workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+        }
+    }
     Ok(Outcome::Job(job))
 }
 
@@ -1146,6 +1319,7 @@ async fn release(
 
 async fn bury(
     c: &mut Conn,
+    ctx: &Ctx,
     id: u64,
     lease: Option<Lease>,
     reason: Option<String>,
@@ -1193,6 +1367,12 @@ async fn bury(
     match (one_view(&rows)?, lease) {
         (Some(job), _) => {
             notify(c, &job.queue).await?;
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                let event = JobEvent::Buried {
+                    error: job.last_error.clone(),
+                };
+                workflows::on_job_event(c, ctx, workflow, job.id, event, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         (None, Some(lease)) => Err(lease_refusal(c, lease).await),
@@ -1203,7 +1383,7 @@ async fn bury(
     }
 }
 
-async fn kick(c: &mut Conn, id: u64, now: u64) -> Result<Outcome, OpError> {
+async fn kick(c: &mut Conn, ctx: &Ctx, id: u64, now: u64) -> Result<Outcome, OpError> {
     let rows = c
         .query(
             concat!(
@@ -1218,6 +1398,11 @@ async fn kick(c: &mut Conn, id: u64, now: u64) -> Result<Outcome, OpError> {
     match one_view(&rows)? {
         Some(job) => {
             notify(c, &job.queue).await?;
+            // Only a buried compensation job's kick means anything to its
+            // workflow (a delayed one's is ignored by the state machine).
+            if let Some(workflow) = rows.first().and_then(workflow_of) {
+                workflows::on_job_event(c, ctx, workflow, job.id, JobEvent::Kicked, now).await?;
+            }
             Ok(Outcome::Job(job))
         }
         None => match state_of_job(c, id).await? {
@@ -1256,6 +1441,7 @@ async fn lock_live(
 
 async fn cancel(
     c: &mut Conn,
+    ctx: &Ctx,
     id: u64,
     expected_version: Option<u64>,
     now: u64,
@@ -1281,6 +1467,9 @@ async fn cancel(
         .await?;
     let job = one_view(&rows)?.ok_or(OpError::Broker(BrokerError::NotFound))?;
     notify(c, &job.queue).await?;
+    if let Some(workflow) = rows.first().and_then(workflow_of) {
+        workflows::on_job_event(c, ctx, workflow, job.id, JobEvent::Cancelled, now).await?;
+    }
     Ok(Outcome::Job(job))
 }
 
@@ -1358,10 +1547,16 @@ async fn update(
     Ok(Outcome::Job(job))
 }
 
-async fn delete(c: &mut Conn, id: u64, expected_version: Option<u64>) -> Result<Outcome, OpError> {
+async fn delete(
+    c: &mut Conn,
+    ctx: &Ctx,
+    id: u64,
+    expected_version: Option<u64>,
+    now: u64,
+) -> Result<Outcome, OpError> {
     let row = c
         .query_opt(
-            "SELECT state, version FROM spool_jobs WHERE id = $1 FOR UPDATE",
+            "SELECT state, version, workflow_id FROM spool_jobs WHERE id = $1 FOR UPDATE",
             &[&db_u64(id)],
         )
         .await?;
@@ -1378,6 +1573,10 @@ async fn delete(c: &mut Conn, id: u64, expected_version: Option<u64>) -> Result<
     }
     c.execute("DELETE FROM spool_jobs WHERE id = $1", &[&db_u64(id)])
         .await?;
+    // A live step job deleted is one cancelled, for its workflow.
+    if let (Some(workflow), false) = (row.get::<_, Option<i64>>(2), state.is_final()) {
+        workflows::on_job_event(c, ctx, workflow, id, JobEvent::Cancelled, now).await?;
+    }
     Ok(Outcome::Done)
 }
 
@@ -1419,18 +1618,28 @@ async fn list(
     Ok(Outcome::Page(JobPage { jobs, next }))
 }
 
-async fn purge(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outcome, OpError> {
+async fn purge(
+    c: &mut Conn,
+    ctx: &Ctx,
+    queue: &QueueName,
+    state: JobState,
+    now: u64,
+) -> Result<Outcome, OpError> {
     if state == JobState::Reserved {
         return refuse(BrokerError::invalid(
             "state",
             "reserved jobs are not purged: cancel them",
         ));
     }
-    let row = c
-        .query_opt(
+    // The step jobs among the deleted rows, with their workflows: live ones
+    // are cancelled steps to their workflows.
+    let rows = c
+        .query(
             "WITH d AS (DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
              WHERE queue = $1 AND state = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING 1) SELECT count(*) FROM d",
+             RETURNING id, workflow_id) SELECT count(*), \
+             array_agg(id ORDER BY id) FILTER (WHERE workflow_id IS NOT NULL), \
+             array_agg(workflow_id ORDER BY id) FILTER (WHERE workflow_id IS NOT NULL) FROM d",
             &[
                 &queue.as_str(),
                 &state.as_str(),
@@ -1438,7 +1647,19 @@ async fn purge(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outco
             ],
         )
         .await?;
-    Ok(Outcome::Purged(row.map_or(0, |r| from_db(r.get(0)))))
+    let Some(row) = rows.first() else {
+        return Ok(Outcome::Purged(0));
+    };
+    let purged = from_db(row.get(0));
+    let jobs: Option<Vec<i64>> = row.get(1);
+    let owners: Option<Vec<i64>> = row.get(2);
+    if let (Some(jobs), Some(owners), false) = (jobs, owners, state.is_final()) {
+        for (job, workflow) in jobs.into_iter().zip(owners) {
+            workflows::on_job_event(c, ctx, workflow, from_db(job), JobEvent::Cancelled, now)
+                .await?;
+        }
+    }
+    Ok(Outcome::Purged(purged))
 }
 
 async fn set_policy(
@@ -1641,35 +1862,46 @@ async fn counts(c: &mut Conn, now: u64) -> Result<Vec<QueueCounts>, OpError> {
 /// moves), dated at the due time as the engine dates it.
 async fn promote_due(c: &mut Conn, now: u64) -> Result<(), OpError> {
     let rows = c
-        .query(
-            "WITH j AS (UPDATE spool_jobs SET state = 'ready', version = version + 1, \
-             updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id FROM spool_jobs \
-             WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
-             FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j",
-            &[&db_u64(now), &TIMER_BATCH_ROWS],
-        )
+        .query(PROMOTE_DUE_SQL, &[&db_u64(now), &TIMER_BATCH_ROWS])
         .await?;
-    for row in rows {
+    promoted(c, rows).await
+}
+
+/// `promote_due`'s statement: ($1 now, $2 rows) → the queues it made jobs
+/// ready in.
+const PROMOTE_DUE_SQL: &str = "WITH j AS (UPDATE spool_jobs SET state = 'ready', \
+     version = version + 1, updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id \
+     FROM spool_jobs WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
+     FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j";
+
+async fn promoted(c: &mut Conn, queues: Vec<Row>) -> Result<(), OpError> {
+    for row in queues {
         notify(c, row.get(0)).await?;
     }
     Ok(())
 }
 
+/// `expire_leases`' look-up: ($1 now, $2 rows) → the leases past their
+/// deadline, locked, with what their failed attempt needs.
+const EXPIRED_LEASES_SQL: &str = "SELECT j.id, j.attempts, j.max_attempts, \
+     j.backoff_initial_ms, j.backoff_max_ms, j.backoff_multiplier, j.backoff_jitter, \
+     q.backoff_initial_ms, q.backoff_max_ms, q.backoff_multiplier, q.backoff_jitter, j.queue, \
+     j.workflow_id FROM spool_jobs j LEFT JOIN spool_queues q ON q.name = j.queue \
+     WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
+     ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED";
+
 /// Leases past their deadline end: a failed attempt for a job with an
 /// attempt limit (retried after its backoff, or buried), back to ready at
 /// once for one without (beanstalkd's semantics). Any node runs this.
-async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
+async fn expire_leases(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     let rows = c
-        .query(
-            "SELECT j.id, j.attempts, j.max_attempts, j.backoff_initial_ms, j.backoff_max_ms, \
-             j.backoff_multiplier, j.backoff_jitter, q.backoff_initial_ms, q.backoff_max_ms, \
-             q.backoff_multiplier, q.backoff_jitter, j.queue FROM spool_jobs j \
-             LEFT JOIN spool_queues q ON q.name = j.queue \
-             WHERE j.state = 'reserved' AND j.deadline_ns < $1 \
-             ORDER BY j.deadline_ns LIMIT $2 FOR UPDATE OF j SKIP LOCKED",
-            &[&db_u64(now), &TIMER_BATCH_ROWS],
-        )
+        .query(EXPIRED_LEASES_SQL, &[&db_u64(now), &TIMER_BATCH_ROWS])
         .await?;
+    expire(c, ctx, rows, now).await
+}
+
+/// Ends the leases [`EXPIRED_LEASES_SQL`] found.
+async fn expire(c: &mut Conn, ctx: &Ctx, rows: Vec<Row>, now: u64) -> Result<(), OpError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -1679,6 +1911,8 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
     let mut run_ats: Vec<Option<i64>> = Vec::with_capacity(rows.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     let mut queues: HashSet<String> = HashSet::new();
+    // Step jobs buried by the expiry: their workflows move after the update.
+    let mut buried_steps: Vec<(i64, u64)> = Vec::new();
     for row in &rows {
         let id = from_db(row.get(0));
         let attempts = (row.get::<_, i32>(1).max(0) as u32).saturating_add(1);
@@ -1695,6 +1929,9 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
         };
         if state == "ready" {
             queues.insert(row.get(11));
+        }
+        if let (Some(workflow), "buried") = (row.get::<_, Option<i64>>(12), state) {
+            buried_steps.push((workflow, id));
         }
         ids.push(db_u64(id));
         states.push(state);
@@ -1723,14 +1960,20 @@ async fn expire_leases(c: &mut Conn, now: u64) -> Result<(), OpError> {
     for queue in queues {
         notify(c, &queue).await?;
     }
+    for (workflow, job) in buried_steps {
+        let event = JobEvent::Buried {
+            error: Some(LEASE_EXPIRED_ERROR.to_owned()),
+        };
+        workflows::on_job_event(c, ctx, workflow, job, event, now).await?;
+    }
     Ok(())
 }
 
 /// Due jobs, expired leases, final jobs past their queue's retention (age
 /// and count), expired idempotency keys: each bounded per pass.
-async fn timers(c: &mut Conn, now: u64) -> Result<(), OpError> {
+async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     promote_due(c, now).await?;
-    expire_leases(c, now).await?;
+    expire_leases(c, ctx, now).await?;
     c.execute(
         "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
          WHERE state IN ('completed', 'cancelled') AND purge_at_ns <= $1 \
@@ -1764,6 +2007,7 @@ async fn timers(c: &mut Conn, now: u64) -> Result<(), OpError> {
         &[&db_u64(now), &TIMER_BATCH_ROWS],
     )
     .await?;
+    workflows::retention(c, now, TIMER_BATCH_ROWS).await?;
     Ok(())
 }
 

@@ -33,6 +33,9 @@ pub struct PoolStats {
     /// Operations that failed in the database (not refusals of the job
     /// model): lost connections, timeouts, errors.
     pub query_errors: u64,
+    /// Round trips to the database by operations (statements pipelined
+    /// together count once): what an operation costs in latency.
+    pub round_trips: u64,
 }
 
 #[derive(Debug)]
@@ -45,27 +48,66 @@ pub(crate) struct Pool {
     connect_timeout: Duration,
     busy: AtomicU64,
     waiting: AtomicU64,
+    round_trips: Arc<AtomicU64>,
     acquire_timeouts: AtomicU64,
     connect_errors: AtomicU64,
 }
 
 /// One open connection and its prepared statements.
+///
+/// Round trips are what an operation costs, so a transaction's `BEGIN` is
+/// not sent on its own: it goes out pipelined with the transaction's first
+/// statement; and its notifications go out pipelined with its `COMMIT`
+/// (`pg_notify` delivers at commit anyway). A statement that fails aborts
+/// the transaction, so a `COMMIT` pipelined behind it commits nothing.
 #[derive(Debug)]
 pub(crate) struct Conn {
     client: Client,
     statements: HashMap<&'static str, Statement>,
-    /// A `BEGIN` was sent and no `COMMIT` or `ROLLBACK` finished.
+    /// A `BEGIN` was sent (or is pending) and no `COMMIT` or `ROLLBACK`
+    /// finished.
     in_transaction: bool,
+    /// `begin` was called and no statement has carried the `BEGIN` yet.
+    begin_pending: bool,
+    /// Queues to announce on the `spool` channel at commit, without repeats.
+    notify_at_commit: Vec<String>,
+    /// The pool's count of round trips.
+    round_trips: Arc<AtomicU64>,
 }
+
+/// One statement of a pipeline: its text and parameters.
+pub(crate) type Stmt<'a> = (&'static str, &'a [&'a (dyn ToSql + Sync)]);
+
+/// Announces queues on the `spool` channel, one statement for all.
+const NOTIFY_SQL: &str = "SELECT pg_notify('spool', q) FROM unnest($1::text[]) AS q";
 
 impl Conn {
     async fn statement(&mut self, sql: &'static str) -> Result<Statement, DbError> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
+        self.round_trip();
         let statement = self.client.prepare(sql).await?;
         self.statements.insert(sql, statement.clone());
         Ok(statement)
+    }
+
+    fn round_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the next statement carries the pending `BEGIN`.
+    fn take_begin(&mut self) -> bool {
+        std::mem::take(&mut self.begin_pending)
+    }
+
+    /// Sends `BEGIN` when `send`: a future to pipeline with a statement.
+    async fn begin_if(client: &Client, send: bool) -> Result<(), tokio_postgres::Error> {
+        if send {
+            client.batch_execute("BEGIN").await
+        } else {
+            Ok(())
+        }
     }
 
     pub async fn query(
@@ -74,7 +116,15 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.query(&statement, params).await?)
+        let begin = self.take_begin();
+        self.round_trip();
+        let client = &self.client;
+        let (began, rows) = tokio::join!(
+            Conn::begin_if(client, begin),
+            client.query(&statement, params)
+        );
+        began?;
+        Ok(rows?)
     }
 
     pub async fn query_opt(
@@ -83,7 +133,15 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, DbError> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.query_opt(&statement, params).await?)
+        let begin = self.take_begin();
+        self.round_trip();
+        let client = &self.client;
+        let (began, row) = tokio::join!(
+            Conn::begin_if(client, begin),
+            client.query_opt(&statement, params)
+        );
+        began?;
+        Ok(row?)
     }
 
     pub async fn execute(
@@ -92,22 +150,157 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, DbError> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.execute(&statement, params).await?)
+        let begin = self.take_begin();
+        self.round_trip();
+        let client = &self.client;
+        let (began, count) = tokio::join!(
+            Conn::begin_if(client, begin),
+            client.execute(&statement, params)
+        );
+        began?;
+        Ok(count?)
     }
 
+    /// Three independent statements in one round trip (in order, in the
+    /// transaction if one is open).
+    pub async fn query3(
+        &mut self,
+        a: Stmt<'_>,
+        b: Stmt<'_>,
+        c: Stmt<'_>,
+    ) -> Result<(Vec<Row>, Vec<Row>, Vec<Row>), DbError> {
+        let (sa, sb, sc) = (
+            self.statement(a.0).await?,
+            self.statement(b.0).await?,
+            self.statement(c.0).await?,
+        );
+        let begin = self.take_begin();
+        self.round_trip();
+        let client = &self.client;
+        let (began, ra, rb, rc) = tokio::join!(
+            Conn::begin_if(client, begin),
+            client.query(&sa, a.1),
+            client.query(&sb, b.1),
+            client.query(&sc, c.1)
+        );
+        began?;
+        Ok((ra?, rb?, rc?))
+    }
+
+    /// The transaction's last statement and its `COMMIT` in one round trip
+    /// (with the pending notifications before them). After this the
+    /// connection is out of the transaction, whatever happened.
+    pub async fn query_and_commit(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        let statement = self.statement(sql).await?;
+        let notify = self.notify_statement().await?;
+        let queues = std::mem::take(&mut self.notify_at_commit);
+        let begin = self.take_begin();
+        self.round_trip();
+        let client = &self.client;
+        let (began, notified, rows, committed) = tokio::join!(
+            Conn::begin_if(client, begin),
+            Conn::notify_if(client, notify.as_ref(), &queues),
+            client.query(&statement, params),
+            client.batch_execute("COMMIT")
+        );
+        // An error before the COMMIT aborted the transaction: the COMMIT
+        // rolled it back, and the first error is the answer.
+        began?;
+        notified?;
+        let rows = rows?;
+        committed?;
+        self.in_transaction = false;
+        Ok(rows)
+    }
+
+    /// [`Conn::query_and_commit`] when `commit`, else [`Conn::query`].
+    pub async fn query_maybe_committing(
+        &mut self,
+        commit: bool,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, DbError> {
+        if commit {
+            self.query_and_commit(sql, params).await
+        } else {
+            self.query(sql, params).await
+        }
+    }
+
+    async fn notify_statement(&mut self) -> Result<Option<Statement>, DbError> {
+        if self.notify_at_commit.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.statement(NOTIFY_SQL).await?))
+    }
+
+    async fn notify_if(
+        client: &Client,
+        statement: Option<&Statement>,
+        queues: &[String],
+    ) -> Result<(), tokio_postgres::Error> {
+        match statement {
+            Some(statement) => client.execute(statement, &[&queues]).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Wakes waits on `queue` on every node when the transaction commits.
+    pub fn notify_at_commit(&mut self, queue: &str) {
+        // Outside a transaction there is no commit to carry it.
+        debug_assert!(self.in_transaction, "a notification outside a transaction");
+        if !self.notify_at_commit.iter().any(|q| q == queue) {
+            self.notify_at_commit.push(queue.to_owned());
+        }
+    }
+
+    /// Opens a transaction; its `BEGIN` travels with its first statement.
     pub async fn begin(&mut self) -> Result<(), DbError> {
         self.in_transaction = true;
-        self.client.batch_execute("BEGIN").await?;
+        self.begin_pending = true;
+        self.notify_at_commit.clear();
         Ok(())
     }
 
+    /// Commits (with the pending notifications); nothing to send if the
+    /// transaction ran no statement or was committed already.
     pub async fn commit(&mut self) -> Result<(), DbError> {
-        self.client.batch_execute("COMMIT").await?;
+        if !self.in_transaction {
+            return Ok(());
+        }
+        if self.take_begin() {
+            self.in_transaction = false;
+            self.notify_at_commit.clear();
+            return Ok(());
+        }
+        let notify = self.notify_statement().await?;
+        let queues = std::mem::take(&mut self.notify_at_commit);
+        self.round_trip();
+        let client = &self.client;
+        let (notified, committed) = tokio::join!(
+            Conn::notify_if(client, notify.as_ref(), &queues),
+            client.batch_execute("COMMIT")
+        );
+        notified?;
+        committed?;
         self.in_transaction = false;
         Ok(())
     }
 
     pub async fn rollback(&mut self) -> Result<(), DbError> {
+        self.notify_at_commit.clear();
+        if !self.in_transaction {
+            return Ok(());
+        }
+        if self.take_begin() {
+            self.in_transaction = false;
+            return Ok(());
+        }
+        self.round_trip();
         self.client.batch_execute("ROLLBACK").await?;
         self.in_transaction = false;
         Ok(())
@@ -130,6 +323,7 @@ impl Pool {
             connect_timeout,
             busy: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            round_trips: Arc::new(AtomicU64::new(0)),
             acquire_timeouts: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
         }
@@ -173,6 +367,9 @@ impl Pool {
             client,
             statements: HashMap::new(),
             in_transaction: false,
+            begin_pending: false,
+            notify_at_commit: Vec::new(),
+            round_trips: self.round_trips.clone(),
         })
     }
 
@@ -226,6 +423,7 @@ impl Pool {
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
             // Counted by the broker, which sees the operations.
             query_errors: 0,
+            round_trips: self.round_trips.load(Ordering::Relaxed),
         }
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spool_broker::{
-    Broker, BrokerError, JobState, NewJob, Op, Outcome, Peer, QueueName, QueuePolicy, Session,
+    Broker, BrokerError, JobState, JobView, Leased, Misfire, NewJob, NewStep, NewWorkflow, Op,
+    Outcome, Peer, QueueName, QueuePolicy, ScheduleSpec, ScheduleView, Session, SnapshotScope,
+    StepState, WorkflowState, WorkflowView,
 };
 use spool_pg::testing::TestCluster;
 use spool_pg::{Clock, ConnectError, PgBroker, PgConfig, SCHEMA_VERSION};
@@ -550,4 +552,415 @@ async fn shutdown_ends_waits_and_closes_idle_sessions() {
     let mut out = Vec::new();
     let closed = poll_fn(|cx| busy.poll_recv(cx, &mut out)).await;
     assert!(!closed, "then it closes too");
+}
+
+fn schedule_spec(cron: &str, queue_name: &str) -> ScheduleSpec {
+    ScheduleSpec {
+        cron: cron.into(),
+        timezone: "UTC".into(),
+        queue: queue(queue_name),
+        job: job("tick"),
+        misfire: Misfire::Once,
+        catch_up_max: 100,
+        jitter_ms: 0,
+        max_backlog: None,
+        paused: false,
+    }
+}
+
+/// Three nodes run their firing pass at the same instants, racing: each
+/// due instant of the schedule is one job, whichever node fires it.
+#[tokio::test]
+async fn nodes_racing_fire_each_instant_of_a_schedule_once() {
+    const INSTANTS: u64 = 20;
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let nodes = [
+        node(&url, "a", &clock).await,
+        node(&url, "b", &clock).await,
+        node(&url, "c", &clock).await,
+    ];
+    let name = queue("every-second");
+    nodes[0]
+        .call(Op::PutSchedule {
+            name: name.clone(),
+            spec: Box::new(schedule_spec("@every 1s", "ticks")),
+        })
+        .await
+        .expect("put the schedule");
+    for _ in 0..INSTANTS {
+        clock.advance(1_000_000_000);
+        let (a, b, c) = tokio::join!(
+            nodes[0].run_timers(),
+            nodes[1].run_timers(),
+            nodes[2].run_timers()
+        );
+        a.and(b).and(c).expect("every node's timers run");
+    }
+    let page = match nodes[1]
+        .call(Op::List {
+            queue: queue("ticks"),
+            state: JobState::Ready,
+            after: None,
+            limit: 1_000,
+        })
+        .await
+        .expect("list")
+    {
+        Outcome::Page(page) => page,
+        other => panic!("a page, not {other:?}"),
+    };
+    let start_ms = START_NS / 1_000_000;
+    // In id order, which is firing order.
+    let keys: Vec<String> = page
+        .jobs
+        .iter()
+        .map(|j| j.idempotency_key.clone().expect("a firing's key"))
+        .collect();
+    let expected: Vec<String> = (1..=INSTANTS)
+        .map(|i| format!("schedule:every-second:{}", start_ms + i * 1_000))
+        .collect();
+    assert_eq!(keys, expected, "one job per instant, every instant");
+    for j in &page.jobs {
+        assert_eq!(
+            j.headers.get("spool-schedule").map(String::as_str),
+            Some("every-second")
+        );
+    }
+    match nodes[2]
+        .call(Op::GetSchedule { name })
+        .await
+        .expect("get the schedule")
+    {
+        Outcome::Schedule { schedule, .. } => {
+            assert_eq!(schedule.fires, INSTANTS);
+            assert_eq!(schedule.misfires_skipped, 0);
+            assert_eq!(schedule.last_fire_at_ms, Some(start_ms + INSTANTS * 1_000));
+            assert_eq!(
+                schedule.next_fire_at_ms,
+                Some(start_ms + (INSTANTS + 1) * 1_000)
+            );
+        }
+        other => panic!("a schedule, not {other:?}"),
+    }
+    // Every node's snapshot (`/metrics`) shows the durable counters.
+    let snapshot = nodes[1]
+        .snapshot(SnapshotScope::Queues)
+        .await
+        .expect("snapshot");
+    let figures: Vec<_> = snapshot
+        .schedules
+        .iter()
+        .map(|s| (s.name.as_str(), s.queue.as_str(), s.fires))
+        .collect();
+    assert_eq!(figures, [("every-second", "ticks", INSTANTS)]);
+}
+
+fn step(name: &str, q: &str, deps: &[&str], undo: bool) -> NewStep {
+    NewStep {
+        name: name.into(),
+        queue: queue(q),
+        job: job("do"),
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        compensate: undo.then(|| (queue("wf-undo"), job("undo"))),
+    }
+}
+
+async fn take_one(broker: &PgBroker, q: &str) -> Leased {
+    let mut leased = broker.reserve(vec![queue(q)], 1, 0).await.expect("reserve");
+    assert_eq!(leased.len(), 1, "one job ready in {q}");
+    leased.remove(0)
+}
+
+async fn workflow_state(broker: &PgBroker, id: u64) -> WorkflowView {
+    match broker.call(Op::GetWorkflow { id }).await.expect("get") {
+        Outcome::Workflow { workflow, .. } => *workflow,
+        other => panic!("a workflow, not {other:?}"),
+    }
+}
+
+/// Workers on two nodes take turns with a workflow's jobs: each completion
+/// on one node starts the next step for the other, a failure on one node
+/// compensates through the other, in reverse order of completion.
+#[tokio::test]
+async fn workers_on_two_nodes_advance_one_workflow() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    let started = a
+        .call(Op::StartWorkflow {
+            workflow: NewWorkflow {
+                name: Some("chain".into()),
+                steps: vec![
+                    step("one", "wf-1", &[], true),
+                    step("two", "wf-2", &["one"], true),
+                    step("three", "wf-3", &["two"], false),
+                ],
+                ..NewWorkflow::default()
+            },
+        })
+        .await
+        .expect("start");
+    let Outcome::Workflow { workflow, .. } = started else {
+        panic!("a workflow, not {started:?}");
+    };
+    let id = workflow.id;
+    let one = take_one(&b, "wf-1").await;
+    b.complete(one.lease, Some(Bytes::from_static(b"r1")))
+        .await
+        .expect("complete one on b");
+    let two = take_one(&a, "wf-2").await;
+    assert_eq!(
+        two.job.parents.get("one"),
+        Some(&Some(Bytes::from_static(b"r1"))),
+        "step two gets step one's result"
+    );
+    assert_eq!(two.job.headers.get("spool-workflow"), Some(&id.to_string()));
+    a.complete(two.lease, Some(Bytes::from_static(b"r2")))
+        .await
+        .expect("complete two on a");
+    let three = take_one(&b, "wf-3").await;
+    b.call(Op::Fail {
+        lease: three.lease,
+        error: "no courier".into(),
+        retry_in_ms: None,
+        permanent: true,
+    })
+    .await
+    .expect("fail three for good on b");
+    assert_eq!(
+        workflow_state(&a, id).await.state,
+        WorkflowState::Compensating
+    );
+    // Reverse order of completion: two's undo first, then one's.
+    let undo_two = take_one(&a, "wf-undo").await;
+    assert_eq!(
+        undo_two.job.headers.get("spool-step").map(String::as_str),
+        Some("two")
+    );
+    assert!(
+        b.reserve(vec![queue("wf-undo")], 1, 0)
+            .await
+            .expect("reserve")
+            .is_empty(),
+        "one compensation at a time"
+    );
+    a.complete(undo_two.lease, None).await.expect("undo two");
+    let undo_one = take_one(&b, "wf-undo").await;
+    assert_eq!(
+        undo_one.job.parents.get("one"),
+        Some(&Some(Bytes::from_static(b"r1")))
+    );
+    b.complete(undo_one.lease, None).await.expect("undo one");
+    let done = workflow_state(&b, id).await;
+    assert_eq!(done.state, WorkflowState::Compensated);
+    assert_eq!(done.error.as_deref(), Some("step three buried: no courier"));
+    let snapshot = a.snapshot(SnapshotScope::Queues).await.expect("snapshot");
+    assert_eq!(snapshot.workflows.current.get("compensated"), Some(&1));
+    let states: Vec<StepState> = done.steps.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [
+            StepState::Compensated,
+            StepState::Compensated,
+            StepState::Failed
+        ]
+    );
+}
+
+async fn schedule_op(broker: &PgBroker, op: Op) -> ScheduleView {
+    match broker.call(op).await.expect("a schedule operation") {
+        Outcome::Schedule { schedule, .. } => *schedule,
+        other => panic!("a schedule, not {other:?}"),
+    }
+}
+
+async fn ready_in(broker: &PgBroker, q: &str) -> Vec<JobView> {
+    match broker
+        .call(Op::List {
+            queue: queue(q),
+            state: JobState::Ready,
+            after: None,
+            limit: 1_000,
+        })
+        .await
+        .expect("list")
+    {
+        Outcome::Page(page) => page.jobs,
+        other => panic!("a page, not {other:?}"),
+    }
+}
+
+/// The schedule operations on PostgreSQL: misfires after a gap, the
+/// backlog bound, pause and resume, trigger, replace, delete.
+#[tokio::test]
+async fn schedules_misfire_backlog_pause_trigger_and_delete() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let start_ms = START_NS / 1_000_000;
+    let name = queue("catch-up");
+    let mut spec = schedule_spec("@every 1s", "caught");
+    spec.misfire = Misfire::All;
+    spec.catch_up_max = 3;
+    let put = a
+        .call(Op::PutSchedule {
+            name: name.clone(),
+            spec: Box::new(spec.clone()),
+        })
+        .await
+        .expect("put");
+    assert!(matches!(put, Outcome::Schedule { created: true, .. }));
+    // Five instants missed at once: the latest three fire, two are counted.
+    a.advance_clock(5_000_000_000).await.expect("timers");
+    let keys: Vec<_> = ready_in(&a, "caught")
+        .await
+        .into_iter()
+        .map(|j| j.idempotency_key.expect("key"))
+        .collect();
+    let expected: Vec<_> = (3..=5)
+        .map(|i| format!("schedule:catch-up:{}", start_ms + i * 1_000))
+        .collect();
+    assert_eq!(keys, expected);
+    let seen = schedule_op(&a, Op::GetSchedule { name: name.clone() }).await;
+    assert_eq!((seen.fires, seen.misfires_skipped), (3, 2));
+    // A replace keeps the firing state.
+    spec.max_backlog = Some(3);
+    let replaced = a
+        .call(Op::PutSchedule {
+            name: name.clone(),
+            spec: Box::new(spec.clone()),
+        })
+        .await
+        .expect("replace");
+    let Outcome::Schedule { schedule, created } = replaced else {
+        panic!("a schedule");
+    };
+    assert!(!created);
+    assert_eq!(schedule.fires, 3);
+    assert_eq!(schedule.last_fire_at_ms, Some(start_ms + 5_000));
+    // Three of its jobs are ready: the next instant is a backlog skip.
+    a.advance_clock(1_000_000_000).await.expect("timers");
+    let seen = schedule_op(&a, Op::GetSchedule { name: name.clone() }).await;
+    assert_eq!((seen.fires, seen.backlog_skips), (3, 1));
+    assert_eq!(ready_in(&a, "caught").await.len(), 3);
+    // Paused: nothing due; resumed: the next instant after now, no misfires.
+    let paused = schedule_op(&a, Op::PauseSchedule { name: name.clone() }).await;
+    assert_eq!(paused.next_fire_at_ms, None);
+    a.advance_clock(10_000_000_000).await.expect("timers");
+    let resumed = schedule_op(&a, Op::ResumeSchedule { name: name.clone() }).await;
+    let now_ms = clock.now_ns() / 1_000_000;
+    assert_eq!(resumed.next_fire_at_ms, Some(now_ms + 1_000));
+    assert_eq!(resumed.misfires_skipped, 2);
+    // A trigger fires now (the backlog does not hold it back) and leaves
+    // the next instant where it was.
+    let triggered = schedule_op(&a, Op::TriggerSchedule { name: name.clone() }).await;
+    assert_eq!(triggered.fires, 4);
+    assert_eq!(triggered.last_fire_at_ms, Some(now_ms));
+    assert_eq!(triggered.next_fire_at_ms, Some(now_ms + 1_000));
+    let last = a
+        .get(triggered.last_job.expect("the trigger's job"))
+        .await
+        .expect("get");
+    assert_eq!(
+        last.idempotency_key,
+        Some(format!("schedule:catch-up:{now_ms}"))
+    );
+    assert_eq!(
+        last.headers.get("spool-scheduled-at").map(String::as_str),
+        Some("2026-12-04T00:00:16Z")
+    );
+    assert!(matches!(
+        a.call(Op::DeleteSchedule { name: name.clone() }).await,
+        Ok(Outcome::Done)
+    ));
+    assert!(matches!(
+        a.call(Op::GetSchedule { name }).await,
+        Err(BrokerError::NotFound)
+    ));
+    // A bad rule names its field.
+    let bad = schedule_spec("61 * * * *", "caught");
+    match a
+        .call(Op::PutSchedule {
+            name: queue("bad"),
+            spec: Box::new(bad),
+        })
+        .await
+    {
+        Err(BrokerError::Invalid { field, .. }) => assert_eq!(field, "cron"),
+        other => panic!("a bad cron is invalid, not {other:?}"),
+    }
+}
+
+/// The job changes the timer pass and purges make move workflows too: a
+/// lease expiring on the last attempt buries the step (compensation
+/// starts), a purged ready step is a cancelled one.
+#[tokio::test]
+async fn lease_expiry_and_purge_move_workflows() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let mut expiring = step("only", "wf-expire", &[], false);
+    expiring.job.max_attempts = Some(1);
+    expiring.job.ttr_ms = Some(1_000);
+    let start = |steps: Vec<NewStep>| Op::StartWorkflow {
+        workflow: NewWorkflow {
+            steps,
+            ..NewWorkflow::default()
+        },
+    };
+    let Outcome::Workflow {
+        workflow: first, ..
+    } = a.call(start(vec![expiring])).await.expect("start")
+    else {
+        panic!("a workflow");
+    };
+    let held = take_one(&a, "wf-expire").await;
+    a.advance_clock(2_000_000_000).await.expect("timers");
+    assert_eq!(
+        a.get(held.job.id).await.expect("get").state,
+        JobState::Buried
+    );
+    let expired = workflow_state(&a, first.id).await;
+    assert_eq!(expired.state, WorkflowState::Compensated);
+    assert!(
+        expired
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("step only buried: lease expired")),
+        "{:?}",
+        expired.error
+    );
+    let Outcome::Workflow {
+        workflow: second, ..
+    } = a
+        .call(start(vec![
+            step("first", "wf-purge-1", &[], true),
+            step("second", "wf-purge-2", &["first"], false),
+        ]))
+        .await
+        .expect("start")
+    else {
+        panic!("a workflow");
+    };
+    let first_job = take_one(&a, "wf-purge-1").await;
+    a.complete(first_job.lease, None).await.expect("complete");
+    let purged = a
+        .call(Op::Purge {
+            queue: queue("wf-purge-2"),
+            state: JobState::Ready,
+        })
+        .await
+        .expect("purge");
+    assert!(matches!(purged, Outcome::Purged(1)), "{purged:?}");
+    let after = workflow_state(&a, second.id).await;
+    assert_eq!(after.state, WorkflowState::Compensating);
+    assert_eq!(after.error.as_deref(), Some("step second cancelled"));
+    // The first step's compensation is waiting for a worker.
+    let undo = take_one(&a, "wf-undo").await;
+    assert_eq!(
+        undo.job.headers.get("spool-step").map(String::as_str),
+        Some("first")
+    );
 }

@@ -39,7 +39,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spool_broker::Clock;
+use spool_broker::{Clock, ScheduleView};
 use spool_engine::{
     job_record_log_bytes, Buckets, Engine, Histogram, LogRecord, QueueRecord, RecordError,
     ReplayError,
@@ -927,13 +927,9 @@ impl LogWriter {
         }
         let mut wrote = false;
         // Records that would go with the segments but still say something:
-        // which ids are taken (ids are never reused) and queue settings.
-        let mut again: Vec<LogRecord> = self
-            .live
-            .settings_before(to)
-            .into_iter()
-            .map(|settings| LogRecord::Queue(Box::new(settings)))
-            .collect();
+        // which ids are taken (ids are never reused), queue settings and
+        // schedules.
+        let mut again: Vec<LogRecord> = self.live.settings_before(to);
         if self.live.next_id != 0 && self.live.next_id_segment < to {
             again.push(LogRecord::NextId {
                 id: self.live.next_id,
@@ -1116,7 +1112,9 @@ fn record_log_bytes(record: &LogRecord) -> u64 {
         | LogRecord::Batch(_)
         | LogRecord::Queue(_)
         | LogRecord::Workflow(_)
-        | LogRecord::WorkflowProgress(_) => record.encoded_len(0) as u64 + RECORD_HEADER_LEN,
+        | LogRecord::WorkflowProgress(_)
+        | LogRecord::Schedule(_)
+        | LogRecord::ScheduleDeleted { .. } => record.encoded_len(0) as u64 + RECORD_HEADER_LEN,
     }
 }
 
@@ -1139,6 +1137,10 @@ enum Effect {
     WorkflowGone(u64),
     /// Every workflow id below this is taken.
     WorkflowNextId(u64),
+    /// A schedule's state, kept likewise.
+    Schedule(Box<ScheduleView>),
+    /// A schedule was deleted: nothing to say again.
+    ScheduleGone(String),
 }
 
 impl Effect {
@@ -1177,6 +1179,10 @@ impl Effect {
             LogRecord::WorkflowProgress(_) => {}
             LogRecord::WorkflowDelete { id } => out.push(Effect::WorkflowGone(*id)),
             LogRecord::WorkflowNextId { id } => out.push(Effect::WorkflowNextId(*id)),
+            LogRecord::Schedule(view) => out.push(Effect::Schedule(view.clone())),
+            LogRecord::ScheduleDeleted { name } => {
+                out.push(Effect::ScheduleGone(name.as_str().to_owned()))
+            }
         }
     }
 }
@@ -1223,6 +1229,8 @@ struct LiveJobs {
     /// As `next_id`, for workflow ids.
     next_workflow_id: u64,
     next_workflow_id_segment: u64,
+    /// Each schedule's last state record and its segment, the same way.
+    schedules: HashMap<String, (u64, ScheduleView)>,
 }
 
 /// Ids `start..=end` (the key is `start`) whose live jobs have their state
@@ -1268,6 +1276,12 @@ impl LiveJobs {
                     .as_ref()
                     .map_or(String::new(), |q| q.to_string());
                 self.settings.insert(name, (segment, *record));
+            }
+            Effect::Schedule(view) => {
+                self.schedules.insert(view.name.clone(), (segment, *view));
+            }
+            Effect::ScheduleGone(name) => {
+                self.schedules.remove(&name);
             }
         }
     }
@@ -1352,19 +1366,29 @@ impl LiveJobs {
         }
     }
 
-    /// Settings records in segments before `to`, which must be said again
-    /// before those segments go.
-    fn settings_before(&self, to: u64) -> Vec<QueueRecord> {
-        self.settings
+    /// Settings and schedule records in segments before `to`, which must
+    /// be said again before those segments go.
+    fn settings_before(&self, to: u64) -> Vec<LogRecord> {
+        let queues = self
+            .settings
             .values()
             .filter(|(segment, _)| *segment < to)
-            .map(|(_, record)| record.clone())
-            .collect()
+            .map(|(_, record)| LogRecord::Queue(Box::new(record.clone())));
+        let schedules = self
+            .schedules
+            .values()
+            .filter(|(segment, _)| *segment < to)
+            .map(|(_, view)| LogRecord::Schedule(Box::new(view.clone())));
+        queues.chain(schedules).collect()
     }
 
-    /// The oldest segment holding settings, if any.
+    /// The oldest segment holding settings or a schedule, if any.
     fn oldest_settings_segment(&self) -> Option<u64> {
-        self.settings.values().map(|(segment, _)| *segment).min()
+        self.settings
+            .values()
+            .map(|(segment, _)| *segment)
+            .chain(self.schedules.values().map(|(segment, _)| *segment))
+            .min()
     }
 
     fn forget(&mut self, segment: u64) {

@@ -336,7 +336,9 @@ fn changed_jobs(record: &LogRecord, out: &mut Vec<u64>) {
         | LogRecord::Workflow(_)
         | LogRecord::WorkflowProgress(_)
         | LogRecord::WorkflowDelete { .. }
-        | LogRecord::WorkflowNextId { .. } => {}
+        | LogRecord::WorkflowNextId { .. }
+        | LogRecord::Schedule(_)
+        | LogRecord::ScheduleDeleted { .. } => {}
     }
 }
 

@@ -267,6 +267,7 @@ fn render_stats(stats: &Value) -> String {
                 num(q, "/counters/deleted"),
                 num(q, "/counters/timed_out"),
                 duration_text(as_f64(q, "/wait_p99_seconds")),
+                duration_text(as_f64(q, "/skew_p99_seconds")),
                 num(q, "/policy/max_jobs"),
                 num(q, "/policy/concurrency"),
                 num(q, "/policy/rate_per_s"),
@@ -290,12 +291,60 @@ fn render_stats(stats: &Value) -> String {
             ("DELETES", Align::Right),
             ("TIMEOUTS", Align::Right),
             ("WAIT P99", Align::Right),
+            ("SKEW P99", Align::Right),
             ("MAX JOBS", Align::Right),
             ("CONCURRENCY", Align::Right),
             ("RATE/S", Align::Right),
             ("ATTEMPTS", Align::Right),
             ("TTR", Align::Right),
             ("RETENTION", Align::Right),
+        ],
+        &rows,
+    ));
+    out.push_str(&schedules_section(stats));
+    out
+}
+
+/// The schedules of `/admin/stats` as a table under the queues; nothing
+/// when there are none.
+fn schedules_section(stats: &Value) -> String {
+    let Some(list) = stats
+        .get("schedules")
+        .and_then(Value::as_array)
+        .filter(|l| !l.is_empty())
+    else {
+        return String::new();
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                num(s, "/name"),
+                num(s, "/queue"),
+                num(s, "/next_fire_at"),
+                num(s, "/last_fire_at"),
+                duration_text(as_f64(s, "/last_skew_ms").map(|ms| ms / 1000.0)),
+                duration_text(as_f64(s, "/fire_skew_p99_seconds")),
+                num(s, "/fires"),
+                num(s, "/misfires_skipped"),
+                num(s, "/backlog_skips"),
+                num(s, "/paused"),
+            ]
+        })
+        .collect();
+    let mut out = String::from("\n");
+    out.push_str(&render_table(
+        &[
+            ("SCHEDULE", Align::Left),
+            ("QUEUE", Align::Left),
+            ("NEXT FIRE", Align::Left),
+            ("LAST FIRE", Align::Left),
+            ("LAST SKEW", Align::Right),
+            ("SKEW P99", Align::Right),
+            ("FIRES", Align::Right),
+            ("MISFIRES", Align::Right),
+            ("BACKLOG SKIPS", Align::Right),
+            ("PAUSED", Align::Left),
         ],
         &rows,
     ));
@@ -471,6 +520,7 @@ fn render_top(stats: &Value, previous: Option<(f64, &Value)>) -> String {
         ],
         &rows,
     ));
+    out.push_str(&schedules_section(stats));
     out
 }
 
@@ -500,6 +550,39 @@ mod tests {
         assert_eq!(duration_text(None), "-");
         assert_eq!(bytes_text(Some(512.0)), "512 B");
         assert_eq!(bytes_text(Some(1536.0)), "1.5 KiB");
+    }
+
+    #[test]
+    fn stats_and_top_show_schedules() {
+        let stats = json!({"queues": [], "schedules": [
+            {"name": "nightly", "queue": "reports", "paused": false,
+             "next_fire_at": "2026-12-05T01:30:00Z", "last_fire_at": "2026-12-04T01:30:00Z",
+             "last_skew_ms": 12, "fires": 3, "misfires_skipped": 1, "backlog_skips": 0,
+             "fire_skew_p99_seconds": 0.0123},
+        ]});
+        for screen in [render_stats(&stats), render_top(&stats, None)] {
+            let row = screen
+                .lines()
+                .find(|l| l.starts_with("nightly "))
+                .unwrap_or_else(|| panic!("a row for the schedule in {screen}"));
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(
+                cells,
+                [
+                    "nightly",
+                    "reports",
+                    "2026-12-05T01:30:00Z",
+                    "2026-12-04T01:30:00Z",
+                    "12ms",
+                    "12ms",
+                    "3",
+                    "1",
+                    "0",
+                    "false"
+                ]
+            );
+        }
+        assert!(!render_stats(&json!({"queues": []})).contains("SCHEDULE"));
     }
 
     #[test]
@@ -537,10 +620,10 @@ mod tests {
             row.split_whitespace().map(str::to_string).collect()
         };
         assert_eq!(
-            cells("limited")[11..],
+            cells("limited")[12..],
             ["100", "4", "2.5", "3", "30.0s", "1h00m/500"]
         );
-        assert_eq!(cells("plain")[11..], ["-", "-", "-", "-", "-", "-"]);
+        assert_eq!(cells("plain")[12..], ["-", "-", "-", "-", "-", "-"]);
     }
 
     #[test]

@@ -165,6 +165,17 @@ pub struct BenchArgs {
     /// http-wait: requests per second; http-rate: the queue's rate_per_s.
     #[arg(long, default_value_t = 1_000.0, value_parser = parse_rate)]
     rate: f64,
+    /// http-enqueue, http-batch: the jobs are delayed, job n due at the
+    /// run's start + --run-at-lead-ms + this × n / --jobs (a timer load).
+    #[arg(long)]
+    run_at_spread_ms: Option<u64>,
+    /// HTTP enqueue modes: leave the jobs in the queue at the end (for
+    /// measuring what they cost) instead of purging it.
+    #[arg(long)]
+    keep_jobs: bool,
+    /// With --run-at-spread-ms: when the first job is due, after the start.
+    #[arg(long, default_value_t = 10_000)]
+    run_at_lead_ms: u64,
     /// http-concurrency: the queue's concurrency.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     concurrency: u32,

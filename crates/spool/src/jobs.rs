@@ -35,11 +35,11 @@ const SETTLED_STATES: [&str; 3] = ["completed", "cancelled", "buried"];
 #[derive(Debug, clap::Args)]
 pub struct Common {
     #[command(flatten)]
-    server: ServerArgs,
+    pub(crate) server: ServerArgs,
 
     /// Print the server's JSON instead of a line or table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,11 +187,11 @@ fn duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration: 500ms, 30s, 2m, 1h or seconds"))
 }
 
-fn millis(text: &str) -> Result<u64, String> {
+pub(crate) fn millis(text: &str) -> Result<u64, String> {
     u64::try_from(duration(text)?.as_millis()).map_err(|_| format!("{text:?} is too long"))
 }
 
-fn key_value(text: &str) -> Result<(String, String), String> {
+pub(crate) fn key_value(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
         _ => Err(format!("{text:?} is not KEY=VALUE")),
@@ -199,12 +199,12 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 }
 
 /// Prints the server's JSON, pretty, as `spool stats --json` does.
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn body(value: &impl Serialize) -> anyhow::Result<Option<Vec<u8>>> {
+pub(crate) fn body(value: &impl Serialize) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(Some(serde_json::to_vec(value)?))
 }
 

@@ -6,6 +6,7 @@ mod admin;
 mod bench;
 mod client;
 mod cpu;
+mod cron;
 mod jobs;
 mod logging;
 mod serve;
@@ -62,6 +63,8 @@ enum Command {
     Pause(jobs::PauseArgs),
     /// Hand out a paused queue's jobs again.
     Resume(jobs::QueueArgs),
+    /// Cron schedules: add, ls, rm, pause, resume, trigger.
+    Cron(cron::CronArgs),
     /// Run a command for each job of some queues: payload on stdin, stdout
     /// as the result, a non-zero exit as a failed attempt.
     Work(work::WorkArgs),
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => jobs::policy(args),
         Command::Pause(args) => jobs::pause(args),
         Command::Resume(args) => jobs::resume(args),
+        Command::Cron(args) => cron::run(args),
         Command::Work(args) => work::run(args),
         Command::Workflows(args) => workflows::list(args),
         Command::Workflow(args) => workflows::show(args),

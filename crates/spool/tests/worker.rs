@@ -719,3 +719,62 @@ async fn heartbeats_keep_a_job_past_its_ttr() {
         "{totals:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_covers_schedules() {
+    use spool_client::Schedule;
+
+    let server = Server::start();
+    let c = client(&server);
+    let spec = Schedule::new(
+        "0 30 2 * * *",
+        "cl-reports",
+        Enqueue::json(&json!({"b": 1, "a": 2}))
+            .expect("json")
+            .priority(7),
+    )
+    .timezone("Europe/Berlin")
+    .misfire("all")
+    .catch_up_max(5)
+    .max_backlog(3);
+    let made = c.put_schedule("cl-nightly", &spec).await.expect("put");
+    assert_eq!(made.name, "cl-nightly");
+    assert_eq!(made.timezone, "Europe/Berlin");
+    assert_eq!((made.misfire.as_str(), made.catch_up_max), ("all", 5));
+    assert_eq!(made.max_backlog, Some(3));
+    assert_eq!(made.job["priority"], 7);
+    assert!(made.next_fire_at.is_some());
+    assert_eq!(c.schedules().await.expect("list"), vec![made.clone()]);
+    let paused = c.pause_schedule("cl-nightly").await.expect("pause");
+    assert!(paused.paused && paused.next_fire_at.is_none());
+    let fired = c.trigger_schedule("cl-nightly").await.expect("trigger");
+    let job = c.get(fired.last_job.expect("a job")).await.expect("job");
+    assert_eq!(job.headers["spool-schedule"], "cl-nightly");
+    assert_eq!(
+        job.payload_json::<serde_json::Value>().unwrap(),
+        json!({"b": 1, "a": 2})
+    );
+    let resumed = c.resume_schedule("cl-nightly").await.expect("resume");
+    assert_eq!(resumed.fires, 1);
+    assert_eq!(c.schedule("cl-nightly").await.expect("get"), resumed);
+    c.delete_schedule("cl-nightly").await.expect("delete");
+    let gone = c.schedule("cl-nightly").await.expect_err("deleted");
+    assert!(
+        matches!(gone, spool_client::Error::Api { status: 404, .. }),
+        "{gone:?}"
+    );
+    let refused = c
+        .put_schedule(
+            "cl-bad",
+            &Schedule::new("* *", "q", Enqueue::json(&1).expect("json")),
+        )
+        .await
+        .expect_err("bad cron");
+    match refused {
+        spool_client::Error::Api { code, field, .. } => {
+            assert_eq!(code, ErrorCode::Invalid);
+            assert_eq!(field.as_deref(), Some("cron"));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -38,6 +38,7 @@ mod jobview;
 mod queues;
 mod replay;
 mod retention;
+mod schedules;
 mod tasks;
 mod timers;
 mod views;
@@ -150,7 +151,7 @@ impl QueueMetrics {
             counters,
             wait: Histogram::queue_latency(),
             run: Histogram::queue_latency(),
-            skew: Histogram::queue_latency(),
+            skew: Histogram::skew(),
         }
     }
 }
@@ -164,6 +165,9 @@ impl Default for QueueMetrics {
 /// The kinds of timer `tick` runs, in the order they win ties.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
+    /// A schedule's due instant: first, so that its job is enqueued in the
+    /// same tick as delayed jobs due at that instant.
+    Schedule,
     Delay,
     Pause,
     /// A rate-limited queue's next token: before a blocked reserve's
@@ -299,6 +303,13 @@ pub struct Engine {
     replay_now: u64,
     /// Workflows and the index of their jobs (`workflows.rs`).
     workflows: Workflows,
+    /// Schedules by name (see `schedules.rs`).
+    schedules: BTreeMap<TubeName, schedules::Schedule>,
+    /// Each armed schedule by its next due instant (wall-clock ms).
+    schedule_timers: BTreeSet<(u64, TubeName)>,
+    /// The live jobs of schedules with a `max_backlog` were found after
+    /// the restart.
+    schedule_backlog_indexed: bool,
 }
 
 /// A queue's settings from the job API.
@@ -366,6 +377,9 @@ impl Engine {
             ready_events: 0,
             replay_now: 0,
             workflows: Workflows::default(),
+            schedules: BTreeMap::new(),
+            schedule_timers: BTreeSet::new(),
+            schedule_backlog_indexed: false,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine

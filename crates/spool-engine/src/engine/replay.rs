@@ -83,6 +83,8 @@ impl Engine {
                     self.set_settings(queue, QueueSettings { policy, pause });
                 }
             }
+            LogRecord::Schedule(view) => self.replay_schedule(*view),
+            LogRecord::ScheduleDeleted { name } => self.replay_schedule_deleted(&name),
         }
         Ok(())
     }
@@ -220,7 +222,7 @@ impl Engine {
 
     /// What a compaction writes first, before the jobs: the id the next
     /// job will get (so that ids are never reused after the records that
-    /// used them are gone) and every queue's settings.
+    /// used them are gone), every queue's settings and every schedule.
     pub fn compaction_start_records(&self) -> Vec<LogRecord> {
         let mut records = vec![self.next_id_record()];
         let mut queues: Vec<_> = self.settings.iter().collect();
@@ -233,6 +235,7 @@ impl Engine {
             })));
         }
         records.extend(self.workflow_compaction_records());
+        records.extend(self.schedule_records());
         records
     }
 

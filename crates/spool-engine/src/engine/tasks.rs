@@ -234,14 +234,13 @@ impl Engine {
                 limit,
             } => self.list_workflows(state, after, limit),
             Op::CancelWorkflow { id } => self.cancel_workflow(id, now),
-            // TODO(s18): schedules.
-            Op::PutSchedule { .. }
+            op @ (Op::PutSchedule { .. }
             | Op::GetSchedule { .. }
             | Op::ListSchedules
             | Op::DeleteSchedule { .. }
             | Op::PauseSchedule { .. }
             | Op::ResumeSchedule { .. }
-            | Op::TriggerSchedule { .. } => Err(BrokerError::Internal("TODO(s18)".into())),
+            | Op::TriggerSchedule { .. }) => self.schedule_op(op, now),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Timers: one `tick` moves due delayed jobs, ends pauses and blocked
+//! Timers: one `tick` fires due schedules, moves due delayed jobs, ends pauses and blocked
 //! reserves, expires leases and forgets final jobs past their retention.
 
 use super::*;
@@ -13,6 +13,7 @@ impl Engine {
         // that woke on time. Ties go to the kinds in the order listed.
         loop {
             let due = [
+                self.next_schedule_ns().map(|at| (at, Timer::Schedule)),
                 self.delayed.first().map(|&(at, _)| (at, Timer::Delay)),
                 self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
                 self.rate_timers.first().map(|&(at, _)| (at, Timer::Rate)),
@@ -37,6 +38,7 @@ impl Engine {
             };
             let mark = self.log.len();
             match timer {
+                Timer::Schedule => self.run_schedule_timer(now),
                 Timer::Delay => {
                     let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
                     let tube = self.jobs[&id].tube;
@@ -104,6 +106,7 @@ impl Engine {
     /// The earliest time at which [`Engine::tick`] has work.
     pub fn next_wake(&self) -> Option<u64> {
         [
+            self.next_schedule_ns(),
             self.delayed.first().map(|&(at, _)| at),
             self.paused.first().map(|&(at, _)| at),
             self.rate_timers.first().map(|&(at, _)| at),

@@ -18,7 +18,7 @@ use super::jobs::PolicyOut;
 use super::metrics::{ProcessFigures, RuntimeFigures};
 use super::{ApiError, HttpState};
 use crate::durable::StorageStats;
-use spool_broker::{Broker, Op, Outcome};
+use spool_broker::{Broker, Op, Outcome, ScheduleSnapshot};
 
 /// Quantile shown as a queue's wait figure: the p99 an on-call engineer
 /// compares against the queue's latency objective.
@@ -97,6 +97,26 @@ fn queue_json(queue: &QueueSnapshot, policies: &HashMap<String, Value>) -> Value
         },
         "wait_p99_seconds": queue.wait.quantile(WAIT_QUANTILE),
         "run_p99_seconds": queue.run.quantile(WAIT_QUANTILE),
+        "skew_p99_seconds": queue.skew.quantile(WAIT_QUANTILE),
+        "skew_p999_seconds": queue.skew.quantile(0.999),
+        "skew_max_seconds": queue.skew.max(),
+    })
+}
+
+fn schedule_json(schedule: &ScheduleSnapshot) -> Value {
+    let at = |ms: Option<u64>| ms.map(super::encoding::format_rfc3339);
+    json!({
+        "name": schedule.name,
+        "queue": schedule.queue,
+        "paused": schedule.paused,
+        "next_fire_at": at(schedule.next_fire_at_ms),
+        "last_fire_at": at(schedule.last_fire_at_ms),
+        "last_skew_ms": schedule.last_skew_ms,
+        "fires": schedule.fires,
+        "misfires_skipped": schedule.misfires_skipped,
+        "backlog_skips": schedule.backlog_skips,
+        "fire_skew_p99_seconds": schedule.skew.quantile(WAIT_QUANTILE),
+        "fire_skew_max_seconds": schedule.skew.max(),
     })
 }
 
@@ -162,6 +182,7 @@ pub(super) async fn stats<B: Broker>(
             .iter()
             .map(|q| queue_json(q, &policies))
             .collect::<Vec<_>>(),
+        "schedules": snapshot.schedules.iter().map(schedule_json).collect::<Vec<_>>(),
         "wal": wal,
     })))
 }

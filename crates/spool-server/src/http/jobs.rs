@@ -48,8 +48,8 @@ use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
 /// Jobs a listing page holds when `limit` is not given.
 const LIST_LIMIT_DEFAULT: u32 = 100;
 
-type Shared<B> = State<Arc<HttpState<B>>>;
-type IdPath = Result<Path<String>, PathRejection>;
+pub(super) type Shared<B> = State<Arc<HttpState<B>>>;
+pub(super) type IdPath = Result<Path<String>, PathRejection>;
 pub(super) type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// The `/v1` routes (state still to be given).
@@ -202,7 +202,7 @@ fn job_id(path: IdPath) -> Result<JobId, ApiError> {
     })
 }
 
-fn queue_name(path: IdPath) -> Result<QueueName, ApiError> {
+pub(super) fn queue_name(path: IdPath) -> Result<QueueName, ApiError> {
     let Path(text) = path.map_err(|e| invalid("queue", e.body_text()))?;
     QueueName::new(text.as_bytes()).map_err(|e| invalid("queue", format!("{text:?}: {e}")))
 }
@@ -885,7 +885,7 @@ fn job_response(status: StatusCode, out: JobOut<'_>) -> Response {
 
 // ---- calling the broker -------------------------------------------------------
 
-fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
+pub(super) fn broker<B: Broker>(state: &HttpState<B>) -> Result<&B, ApiError> {
     state.broker().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -22,7 +22,7 @@ use super::{text_response, HttpState};
 use crate::connections::{ConnectionMetrics, ProtocolMetrics};
 use crate::durable::StorageStats;
 use crate::net::ListenQueueDrops;
-use spool_broker::{Broker, WorkflowCounters, WorkflowState};
+use spool_broker::{Broker, ScheduleSnapshot, WorkflowCounters, WorkflowState};
 
 /// Process facts read from `/proc` and libc.
 #[derive(Debug, Clone, Default)]
@@ -346,6 +346,52 @@ fn write_engine(out: &mut Exposition, snapshot: &EngineSnapshot) {
         snapshot.jobs_total as f64,
     );
     write_workflows(out, &snapshot.workflows);
+    write_schedules(out, snapshot);
+}
+
+/// (metric name, help, the counter of a schedule)
+type ScheduleColumn = (&'static str, &'static str, fn(&ScheduleSnapshot) -> u64);
+
+const SCHEDULE_COUNTERS: [ScheduleColumn; 3] = [
+    (
+        "spool_schedule_fires_total",
+        "Jobs a schedule fired (triggers included).",
+        |s| s.fires,
+    ),
+    (
+        "spool_schedule_misfires_total",
+        "Due instants a schedule's misfire policy dropped (missed while down or late).",
+        |s| s.misfires_skipped,
+    ),
+    (
+        "spool_schedule_backlog_skips_total",
+        "Due instants skipped because max_backlog jobs of the schedule were waiting.",
+        |s| s.backlog_skips,
+    ),
+];
+
+/// Per schedule: the counters (durable: they survive restarts) and the
+/// lateness of its firings since this process started.
+fn write_schedules(out: &mut Exposition, snapshot: &EngineSnapshot) {
+    for (name, help, value) in SCHEDULE_COUNTERS {
+        out.family(name, MetricKind::Counter, help);
+        for schedule in &snapshot.schedules {
+            out.sample_u64(name, &[("schedule", &schedule.name)], value(schedule));
+        }
+    }
+    let name = "spool_schedule_fire_skew_seconds";
+    out.family(
+        name,
+        MetricKind::Histogram,
+        "Delay between a schedule's due instant and its firing (the job's enqueue).",
+    );
+    for schedule in &snapshot.schedules {
+        out.histogram(
+            name,
+            &[("schedule", &schedule.name)],
+            sample(&schedule.skew),
+        );
+    }
 }
 
 /// `spool_workflow*`: every label value is always written (zero until

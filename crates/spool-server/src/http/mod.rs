@@ -40,6 +40,7 @@ pub mod exposition;
 mod jobs;
 mod metrics;
 mod openapi;
+mod schedules;
 mod workflows;
 
 use std::convert::Infallible;
@@ -387,6 +388,7 @@ pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
             get(admin::get_log_level::<B>).put(admin::put_log_level::<B>),
         )
         .merge(jobs::routes::<B>())
+        .merge(schedules::routes::<B>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -549,7 +551,12 @@ fn command_name(method: &Method, path: &str) -> &'static str {
         ("GET", "/admin/connections") => "GET /admin/connections",
         ("GET", "/admin/log-level") => "GET /admin/log-level",
         ("PUT", "/admin/log-level") => "PUT /admin/log-level",
-        (method, path) => jobs::command_name(method, path).unwrap_or("other"),
+        (method, path) => jobs::command_name(method, path)
+            .or_else(|| {
+                let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
+                schedules::command_name(method, &segments)
+            })
+            .unwrap_or("other"),
     }
 }
 

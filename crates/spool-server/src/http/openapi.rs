@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{jobs, metrics, workflows};
+use super::{jobs, metrics, schedules, workflows};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,6 +44,13 @@ use super::{jobs, metrics, workflows};
         jobs::set_policy,
         jobs::pause,
         jobs::resume,
+        schedules::put_schedule,
+        schedules::list_schedules,
+        schedules::get_schedule,
+        schedules::delete_schedule,
+        schedules::pause_schedule,
+        schedules::resume_schedule,
+        schedules::trigger_schedule,
         workflows::start_workflow,
         workflows::get_workflow,
         workflows::list_workflows,
@@ -54,6 +61,7 @@ use super::{jobs, metrics, workflows};
         (name = "jobs", description = "Enqueue, read, change and cancel jobs"),
         (name = "workers", description = "Lease jobs and settle them"),
         (name = "queues", description = "Queues: listings, purges, policies, pauses"),
+        (name = "schedules", description = "Cron schedules that enqueue a job at each due instant"),
         (name = "workflows", description = "Sagas and DAGs of steps with compensation"),
         (name = "operations", description = "Probes and metrics"),
     ),

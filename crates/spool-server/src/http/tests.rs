@@ -765,4 +765,5 @@ async fn malformed_requests_get_4xx_from_hyper() {
 
 mod jobs;
 mod openapi;
+mod schedules;
 mod workflows;

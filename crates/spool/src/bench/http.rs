@@ -263,6 +263,8 @@ struct Run {
     held: AtomicU64,
     max_held: AtomicU64,
     last_progress: Mutex<Option<Instant>>,
+    /// Delayed jobs: (wall ms the first is due, spread ms, jobs).
+    run_at: Option<(u64, u64, u64)>,
 }
 
 impl Run {
@@ -323,6 +325,25 @@ fn job_json(body_size: usize) -> String {
     format!(r#"{{"payload":"{}"}}"#, ".".repeat(body_size))
 }
 
+/// Job `seq` of a delayed run, with its `run_at`.
+fn delayed_job_json(payload: &str, seq: u64, run_at: (u64, u64, u64)) -> String {
+    let (start_ms, spread_ms, jobs) = run_at;
+    let due = start_ms + spread_ms * seq / jobs.max(1);
+    format!(
+        r#"{{"payload":"{payload}","run_at":"{}"}}"#,
+        spool_server::http::encoding::format_rfc3339(due)
+    )
+}
+
+/// Jobs `first..first + n` of a delayed run as a batch body.
+fn delayed_batch_json(body_size: usize, first: u64, n: u64, run_at: (u64, u64, u64)) -> String {
+    let payload = ".".repeat(body_size);
+    let all: Vec<String> = (first..first + n)
+        .map(|seq| delayed_job_json(&payload, seq, run_at))
+        .collect();
+    format!(r#"{{"jobs":[{}]}}"#, all.join(","))
+}
+
 fn batch_json(body_size: usize, jobs: u64) -> String {
     let one = job_json(body_size);
     let all: Vec<&str> = (0..jobs).map(|_| one.as_str()).collect();
@@ -352,6 +373,12 @@ pub(super) fn run(args: &BenchArgs, deadline: Instant) -> Result<()> {
         held: AtomicU64::new(0),
         max_held: AtomicU64::new(0),
         last_progress: Mutex::new(None),
+        run_at: args.run_at_spread_ms.map(|spread| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            (now_ms + args.run_at_lead_ms, spread, args.jobs)
+        }),
     });
     let cpu_at_start = super::process_cpu_secs();
     let mut report = runtime.block_on(drive(args, &run))?;
@@ -416,7 +443,9 @@ async fn drive(args: &BenchArgs, run: &Arc<Run>) -> Result<HttpReport> {
             )
             .await?;
     }
-    purge(&mut control, run).await?;
+    if !args.keep_jobs {
+        purge(&mut control, run).await?;
+    }
     result
 }
 
@@ -642,7 +671,13 @@ async fn producer(
             return Ok(());
         }
         let n = batch.min(jobs - first);
-        let body = if n == batch {
+        let body = if let Some(run_at) = run.run_at {
+            Bytes::from(if batch > 1 {
+                delayed_batch_json(body_size, first, n, run_at)
+            } else {
+                delayed_job_json(&".".repeat(body_size), first, run_at)
+            })
+        } else if n == batch {
             body.clone()
         } else {
             Bytes::from(if n == 1 && batch == 1 {

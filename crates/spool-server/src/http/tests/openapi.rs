@@ -10,7 +10,10 @@ const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 
 /// A concrete path for a route template: `{queue}` and `{id}` filled in.
 fn concrete(template: &str) -> String {
-    template.replace("{queue}", "q").replace("{id}", "1")
+    template
+        .replace("{queue}", "q")
+        .replace("{id}", "1")
+        .replace("{name}", "s")
 }
 
 #[tokio::test]
@@ -56,7 +59,11 @@ async fn the_document_lists_every_v1_operation_the_router_serves() {
     // handler answers 400 or 503 `recovering` before it calls one.
     let server = TestServer::start(None, HttpLimits::default()).await;
     let mut served = BTreeSet::new();
-    for (template, _) in crate::http::jobs::route_table::<LocalBroker>() {
+    let templates = crate::http::jobs::route_table::<LocalBroker>()
+        .into_iter()
+        .chain(crate::http::schedules::route_table::<LocalBroker>())
+        .map(|(template, _)| template);
+    for template in templates {
         for method in METHODS {
             let reply = server.request(method, &concrete(template), &[], "").await;
             match reply.status {
