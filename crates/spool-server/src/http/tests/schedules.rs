@@ -17,7 +17,7 @@ async fn server() -> (TestServer, LocalBroker) {
     });
     let broker = LocalBroker::start(
         engine,
-        Clock::manual(START_NS),
+        crate::local::manual_engine_clock(START_NS),
         None,
         ProcessInfo::new("test"),
     );
