@@ -419,7 +419,9 @@ impl Writer<'_> {
             None => self.u8(0),
         }
     }
-    fn template(&mut self, job: &NewJob) {
+    /// A job's enqueue body, as schedules and workflow steps keep it (the
+    /// one layout for a `NewJob`; `parents` are derived, never stored).
+    pub(crate) fn new_job(&mut self, job: &NewJob) {
         self.bytes32(&job.payload);
         self.opt_u32(job.priority);
         let (code, ms) = match job.run_at {
@@ -461,7 +463,7 @@ impl Writer<'_> {
         self.str16(&spec.cron);
         self.str16(&spec.timezone);
         self.name8(&spec.queue);
-        self.template(&spec.job);
+        self.new_job(&spec.job);
         self.u8(match spec.misfire {
             Misfire::Skip => 0,
             Misfire::Once => 1,
@@ -841,7 +843,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn template(&mut self) -> Result<NewJob, RecordError> {
+    pub(crate) fn new_job(&mut self) -> Result<NewJob, RecordError> {
         let payload = self.bytes32()?;
         let priority = self.opt_u32()?;
         let code = self.u8()?;
@@ -894,7 +896,7 @@ impl<'a> Reader<'a> {
         let cron = self.str16()?;
         let timezone = self.str16()?;
         let queue = self.name8()?;
-        let job = self.template()?;
+        let job = self.new_job()?;
         let misfire = match self.u8()? {
             0 => Misfire::Skip,
             1 => Misfire::Once,

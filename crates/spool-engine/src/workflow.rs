@@ -902,37 +902,6 @@ impl Writer<'_> {
         self.opt_u64(s.finished_at_ms);
         self.u64(s.version);
     }
-    fn new_job(&mut self, job: &NewJob) {
-        self.bytes32(&job.payload);
-        self.opt_u32(job.priority);
-        match job.run_at {
-            RunAt::Now => self.u8(0),
-            RunAt::DelayMs(ms) => {
-                self.u8(1);
-                self.u64(ms);
-            }
-            RunAt::AtMs(ms) => {
-                self.u8(2);
-                self.u64(ms);
-            }
-        }
-        self.opt_u64(job.ttr_ms);
-        self.opt_u32(job.max_attempts);
-        match &job.backoff {
-            Some(b) => {
-                self.u8(1);
-                self.backoff(b);
-            }
-            None => self.u8(0),
-        }
-        // Bounded by `limits::HEADERS_MAX` (validated at start).
-        self.u16(job.headers.len() as u16);
-        for (name, value) in &job.headers {
-            self.str16(name);
-            self.bytes32(value.as_bytes());
-        }
-        self.opt_u64(job.idempotency_ttl_ms);
-    }
     fn step_progress(&mut self, p: &StepProgress) {
         self.u8(step_state_code(p.state));
         self.opt_u64(p.job);
@@ -970,41 +939,6 @@ impl Reader<'_> {
             updated_at_ms: self.u64()?,
             finished_at_ms: self.opt_u64()?,
             version: self.u64()?,
-        })
-    }
-    fn new_job(&mut self) -> Result<NewJob, RecordError> {
-        let payload = self.bytes32()?;
-        let priority = self.opt_u32()?;
-        let run_at = match self.u8()? {
-            0 => RunAt::Now,
-            1 => RunAt::DelayMs(self.u64()?),
-            2 => RunAt::AtMs(self.u64()?),
-            other => return Err(RecordError::UnknownState(other)),
-        };
-        let ttr_ms = self.opt_u64()?;
-        let max_attempts = self.opt_u32()?;
-        let backoff = if self.present()? {
-            Some(self.backoff()?)
-        } else {
-            None
-        };
-        let count = self.u16()?;
-        let mut headers = BTreeMap::new();
-        for _ in 0..count {
-            let name = self.str16()?;
-            headers.insert(name, self.str32()?);
-        }
-        Ok(NewJob {
-            payload,
-            priority,
-            run_at,
-            ttr_ms,
-            max_attempts,
-            backoff,
-            headers,
-            idempotency_key: None,
-            idempotency_ttl_ms: self.opt_u64()?,
-            parents: BTreeMap::new(),
         })
     }
     fn step_progress(&mut self) -> Result<StepProgress, RecordError> {
