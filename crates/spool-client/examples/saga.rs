@@ -89,7 +89,7 @@ fn service(client: &Client, queue: &'static str, journal: Journal, fail_every: u
                     );
                     return Ok::<Value, HandlerError>(json!({"undone": step}));
                 }
-                if queue == "logistics" && fail_every > 0 && order % fail_every == 0 {
+                if queue == "logistics" && fail_every > 0 && order.is_multiple_of(fail_every) {
                     note(&journal, order, "shipping refused: address invalid".into());
                     return Err(HandlerError::new("address invalid").permanent());
                 }
@@ -191,7 +191,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut problems = Vec::new();
         let mut example = None;
         for (order, w) in &finals {
-            let fails = s.fail_every > 0 && order % s.fail_every == 0;
+            let fails = s.fail_every > 0 && order.is_multiple_of(s.fail_every);
             let actions: Vec<&str> = journal
                 .iter()
                 .filter(|(o, _)| o == order)
