@@ -91,6 +91,7 @@ pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<Ht
         ("/v1/jobs/{id}/kick", post(kick::<B>)),
     ]
     .into_iter()
+    .chain(super::schedules::route_table::<B>())
     .chain(super::workflows::route_table::<B>())
     .collect()
 }

@@ -388,7 +388,6 @@ pub fn router<B: Broker>(state: Arc<HttpState<B>>) -> Router {
             get(admin::get_log_level::<B>).put(admin::put_log_level::<B>),
         )
         .merge(jobs::routes::<B>())
-        .merge(schedules::routes::<B>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

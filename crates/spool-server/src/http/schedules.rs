@@ -14,7 +14,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use axum::Router;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -30,17 +29,7 @@ use super::jobs::{
 };
 use super::{ApiError, ErrorBody, HttpState};
 
-/// The `/v1/schedules` routes (state still to be given).
-pub(super) fn routes<B: Broker>() -> Router<Arc<HttpState<B>>> {
-    route_table::<B>()
-        .into_iter()
-        .fold(Router::new(), |router, (path, methods)| {
-            router.route(path, methods)
-        })
-}
-
-/// Every `/v1/schedules` path with its handlers, for the router and the
-/// OpenAPI test.
+/// The `/v1/schedules` routes, for `jobs::route_table`.
 pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<HttpState<B>>>)> {
     vec![
         ("/v1/schedules", axum::routing::get(list_schedules::<B>)),

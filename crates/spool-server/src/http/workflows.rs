@@ -32,15 +32,12 @@ use utoipa::ToSchema;
 use super::encoding::{base64_encode, format_rfc3339};
 use super::jobs::{
     as_json, call, invalid, json_response, parse, present_raw, query, unexpected, BackoffBody,
-    EmptyBody, EnqueueBody, QueryPairs, StateOut,
+    EmptyBody, EnqueueBody, IdPath, QueryPairs, Shared, StateOut,
 };
 use super::{ApiError, ErrorBody, HttpState};
 
 /// Workflows a listing page holds when `limit` is not given.
 const LIST_LIMIT_DEFAULT: u32 = 100;
-
-type Shared<B> = State<Arc<HttpState<B>>>;
-type IdPath = Result<Path<String>, axum::extract::rejection::PathRejection>;
 
 /// The `/v1/workflows` routes, for `jobs::route_table`.
 pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<HttpState<B>>>)> {

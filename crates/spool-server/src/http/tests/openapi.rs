@@ -61,7 +61,6 @@ async fn the_document_lists_every_v1_operation_the_router_serves() {
     let mut served = BTreeSet::new();
     let templates = crate::http::jobs::route_table::<LocalBroker>()
         .into_iter()
-        .chain(crate::http::schedules::route_table::<LocalBroker>())
         .map(|(template, _)| template);
     for template in templates {
         for method in METHODS {
