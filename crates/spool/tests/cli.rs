@@ -157,31 +157,61 @@ fn listen_on_a_unix_socket() {
 }
 
 /// Starts `spool serve` with `args` and `env`, waits until `path` accepts.
-fn start_on_unix(
-    args: &[&str],
-    env: &[(&str, &str)],
-    path: &std::path::Path,
-) -> std::process::Child {
+/// A server on a unix socket. Its output (logs and errors) goes to a file
+/// beside the socket and is printed if the test fails, so a server that
+/// closed a connection or exited says why.
+struct UnixServer {
+    child: Option<std::process::Child>,
+    output_path: std::path::PathBuf,
+}
+
+impl UnixServer {
+    /// Hands the process over, e.g. to wait for its exit.
+    fn take(&mut self) -> std::process::Child {
+        self.child.take().expect("the server process")
+    }
+}
+
+impl Drop for UnixServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let output = std::fs::read_to_string(&self.output_path).unwrap_or_default();
+            eprintln!("spool's output:\n{output}");
+        }
+    }
+}
+
+fn start_on_unix(args: &[&str], env: &[(&str, &str)], path: &std::path::Path) -> UnixServer {
+    let output_path = path.with_extension("output");
+    let output = std::fs::File::create(&output_path).expect("creating the output file");
+    let output_too = output.try_clone().expect("cloning the output file");
     let mut cmd = Command::new(spool_bin());
     clear_spool_env(&mut cmd);
     cmd.args(args)
         .env("SPOOL_HTTP_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("spawning spool");
+        .stdout(output)
+        .stderr(output_too);
+    let child = cmd.spawn().expect("spawning spool");
+    let mut server = UnixServer {
+        child: Some(child),
+        output_path,
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return child;
+            return server;
         }
+        let child = server.child.as_mut().expect("the server process");
         if let Some(status) = child.try_wait().expect("try_wait") {
             panic!("spool exited early: {status}");
         }
         if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!("spool did not listen on {} within 10 s", path.display());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -193,7 +223,7 @@ fn env_twins_configure_the_server() {
     let dir = TempDir::new("cli-env");
     let path = dir.path().join("env.sock");
     let listen = format!("unix:{}", path.display());
-    let mut child = start_on_unix(
+    let _server = start_on_unix(
         &["serve"],
         &[
             ("SPOOL_IN_MEMORY", "true"),
@@ -206,8 +236,6 @@ fn env_twins_configure_the_server() {
     c.expect("put 0 0 60 11\r\n0123456789a\r\n", "JOB_TOO_BIG\r\n");
     c.expect("put 0 0 60 10\r\n0123456789\r\n", "INSERTED 1\r\n");
     assert_eq!(c.stats_map("stats\r\n")["max-job-size"], "10");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -218,11 +246,9 @@ fn a_stale_socket_file_is_replaced() {
     drop(UnixListener::bind(&path).expect("binding a socket"));
     assert!(path.exists());
     let listen = format!("unix:{}", path.display());
-    let mut child = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
+    let _server = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
     let mut c = Client::connect(&Addr::Unix(path.clone()));
     c.expect("list-tube-used\r\n", "USING default\r\n");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -257,7 +283,8 @@ fn sigterm_stops_the_server_and_removes_its_socket() {
     let dir = TempDir::new("cli-term");
     let path = dir.path().join("s.sock");
     let listen = format!("unix:{}", path.display());
-    let child = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
+    let mut server = start_on_unix(&["serve", "--in-memory", "-l", &listen], &[], &path);
+    let child = server.take();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
