@@ -124,6 +124,7 @@ impl Engine {
             self.wait_timers.first().map(|&(at, _)| at),
             self.reservations.first().map(|&(at, _, _)| at + 1),
             self.retention.next_expiry(),
+            self.next_workflow_expiry(),
         ]
         .into_iter()
         .flatten()
