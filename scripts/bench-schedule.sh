@@ -19,7 +19,11 @@
 # Environment: JOBS [1000000], SPREAD_MS [100000], LEAD_MS [30000],
 # IDLE_S [5], SCHEDULES [10000], SCHEDULE_S [30], PORT [11660] (and the
 # next one for HTTP), OUT [target/bench-schedule], BENCH_CLIENT [the
-# release spool: the binary whose `spool bench` puts the jobs].
+# release spool: the binary whose `spool bench` puts the jobs],
+# SERVER_CPUS and CLIENT_CPUS [unset: `taskset -c` lists pinning the server
+# and the load generators], SERVER_NICE [unset: the server's `nice -n`
+# adjustment, e.g. -10]: to tell the kernel's scheduling delays from the
+# server's own.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 JOBS=${JOBS:-1000000}
@@ -38,6 +42,11 @@ LOAD_TIMEOUT_S=$((LEAD_MS / 1000 + SPREAD_MS / 1000 + 120))
 cargo build --release -p spool >&2
 BIN=target/release/spool
 CLIENT=${BENCH_CLIENT:-$BIN}
+SERVER_PIN=()
+CLIENT_PIN=()
+if [ -n "${SERVER_CPUS:-}" ]; then SERVER_PIN=(taskset -c "$SERVER_CPUS"); fi
+if [ -n "${SERVER_NICE:-}" ]; then SERVER_PIN+=(nice -n "$SERVER_NICE"); fi
+if [ -n "${CLIENT_CPUS:-}" ]; then CLIENT_PIN=(taskset -c "$CLIENT_CPUS"); fi
 mkdir -p "$OUT"
 SERVER_PID=""
 trap 'if [ -n "$SERVER_PID" ]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi' EXIT
@@ -52,7 +61,7 @@ http_get() {
 }
 
 start_server() {
-    "$BIN" serve -l 127.0.0.1 -p "$PORT" --http-listen "127.0.0.1:$HTTP_PORT" --in-memory \
+    "${SERVER_PIN[@]}" "$BIN" serve -l 127.0.0.1 -p "$PORT" --http-listen "127.0.0.1:$HTTP_PORT" --in-memory \
         --log-format json >"$OUT/$1.log" 2>&1 &
     SERVER_PID=$!
     local deadline=$((SECONDS + START_TIMEOUT_S))
@@ -72,7 +81,7 @@ stop_server() {
 start_server delayed
 rss_before=$(rss_kib "$SERVER_PID")
 started_ms=$(date +%s%3N)
-timeout "$LOAD_TIMEOUT_S" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
+timeout "$LOAD_TIMEOUT_S" "${CLIENT_PIN[@]}" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
     --producers 4 --enqueue-batch 1000 --jobs "$JOBS" --tube delayed \
     --run-at-spread-ms "$SPREAD_MS" --run-at-lead-ms "$LEAD_MS" --keep-jobs --json >"$OUT/put-delayed.json"
 put_done_ms=$(date +%s%3N)
@@ -93,7 +102,7 @@ fi
 now_ms=$(date +%s%3N)
 load_s=$(((first_due_ms + SPREAD_MS - now_ms) / 1000 + 3))
 log "load for ${load_s}s while the delayed jobs fall due"
-"$BIN" bench --mode mixed --addr "127.0.0.1:$PORT" --producers 4 --consumers 4 --pipeline 32 \
+"${CLIENT_PIN[@]}" "$BIN" bench --mode mixed --addr "127.0.0.1:$PORT" --producers 4 --consumers 4 --pipeline 32 \
     --jobs 1000000000 --tube load --time-limit-secs "$load_s" --json >"$OUT/load.json" || true
 stats=$(http_get /admin/stats)
 echo "$stats" >"$OUT/stats-delayed.json"
@@ -103,7 +112,7 @@ stop_server
 # ---- 3: ready jobs ---------------------------------------------------------
 start_server ready
 rss_before_ready=$(rss_kib "$SERVER_PID")
-timeout "$LOAD_TIMEOUT_S" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
+timeout "$LOAD_TIMEOUT_S" "${CLIENT_PIN[@]}" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
     --producers 4 --enqueue-batch 1000 --jobs "$JOBS" --tube ready --keep-jobs --json >"$OUT/put-ready.json"
 sleep 1
 rss_ready=$(rss_kib "$SERVER_PID")

@@ -101,6 +101,7 @@ macro_rules! conformance_tests {
             schedule_pause_resume_trigger,
             schedule_max_backlog_skips_while_jobs_wait,
             schedule_replaced_after_firing_keeps_its_history,
+            schedule_holds_its_instants_while_draining,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -2000,4 +2001,45 @@ pub async fn schedule_replaced_after_firing_keeps_its_history<H: Harness>(h: H) 
     let next = replaced.next_fire_at_ms.unwrap();
     assert_eq!(next % 60_000, 0);
     assert!(next > now);
+}
+
+/// While draining nothing fires and a trigger is refused; the due instant
+/// is neither consumed nor counted as a skip, and fires once the drain
+/// ends (the local broker looks again a second later, PostgreSQL at its
+/// next timer pass).
+pub async fn schedule_holds_its_instants_while_draining<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut spec = schedule_spec("@every 10s", "drain");
+    spec.misfire = Misfire::All;
+    let (made, _) = put_schedule(b, "s-drain", spec).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    b.set_draining(true);
+    let trigger = Op::TriggerSchedule {
+        name: queue("s-drain"),
+    };
+    assert_eq!(call(b, trigger).await, Err(BrokerError::Draining));
+    advance_to(&h, &mut now, due).await;
+    assert!(
+        jobs_in(b, "drain", JobState::Ready).await.is_empty(),
+        "nothing fires while draining"
+    );
+    let view = get_schedule(b, "s-drain").await;
+    assert_eq!(
+        (view.fires, view.misfires_skipped, view.backlog_skips),
+        (0, 0, 0)
+    );
+    assert_eq!(view.next_fire_at_ms, Some(due), "the instant stays due");
+    b.set_draining(false);
+    advance_to(&h, &mut now, due + 1_000).await;
+    let fired = jobs_in(b, "drain", JobState::Ready).await;
+    assert_eq!(fired.len(), 1, "the held instant fires once");
+    assert_eq!(
+        fired[0].idempotency_key.as_deref(),
+        Some(firing_key("s-drain", due).as_str())
+    );
+    let view = get_schedule(b, "s-drain").await;
+    assert_eq!((view.fires, view.misfires_skipped), (1, 0));
+    assert_eq!(view.last_fire_at_ms, Some(due));
+    assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
 }

@@ -3,7 +3,7 @@
 //! operation at a time) cannot arrange.
 
 use spool_broker::{JobState, Misfire, NewJob, Op, Outcome, QueueName, ScheduleSpec, ScheduleView};
-use spool_engine::{Engine, EngineConfig, LogRecord};
+use spool_engine::{Engine, EngineConfig, LogRecord, SCHEDULE_TIMERS_PER_TICK_MAX};
 
 const NS_PER_MS: u64 = 1_000_000;
 /// 2026-12-04T00:00:00Z in wall-clock ms.
@@ -162,4 +162,36 @@ fn replay_restores_schedules_and_their_timer() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Many schedules due on one instant fire in batches: a tick stops after
+/// `SCHEDULE_TIMERS_PER_TICK_MAX` firings and says the rest are due, and
+/// the next call fires the next batch at its own `now`, which is the skew
+/// that batch shows (due → ready, not due → the first call).
+#[test]
+fn schedules_due_together_fire_in_batches_each_measured_when_it_fires() {
+    let mut e = engine();
+    let batch = SCHEDULE_TIMERS_PER_TICK_MAX;
+    let count = 2 * batch + 10;
+    let schedule = |i: usize| name(&format!("s{i:04}"));
+    for i in 0..count {
+        let put = Op::PutSchedule {
+            name: schedule(i),
+            spec: Box::new(spec("@every 1s")),
+        };
+        view(&mut e, put, START_MS);
+    }
+    let due = START_MS + 1_000;
+    assert_eq!(e.tick(at(due)), Some(at(due)), "more are due");
+    assert_eq!(ready(&mut e, due), batch);
+    assert_eq!(e.tick(at(due + 2)), Some(at(due)));
+    assert_eq!(ready(&mut e, due + 2), 2 * batch);
+    assert_eq!(e.tick(at(due + 4)), Some(at(due + 1_000)), "all fired");
+    assert_eq!(ready(&mut e, due + 4), count);
+    let skew_ms = |e: &mut Engine, i: usize| {
+        view(e, Op::GetSchedule { name: schedule(i) }, due + 4).last_skew_ms
+    };
+    assert_eq!(skew_ms(&mut e, 0), Some(0));
+    assert_eq!(skew_ms(&mut e, batch), Some(2));
+    assert_eq!(skew_ms(&mut e, count - 1), Some(4));
 }

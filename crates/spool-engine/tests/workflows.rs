@@ -445,3 +445,21 @@ fn finished_workflows_are_dropped_after_their_retention_by_age_and_count() {
         WORKFLOW_RETENTION_MAX
     );
 }
+
+/// A finished workflow's retention is a timer of its own: an idle engine
+/// wakes for it even when no job is left to wake it.
+#[test]
+fn next_wake_includes_a_finished_workflows_retention() {
+    use spool_engine::limits::{RETENTION_MS_DEFAULT, WORKFLOW_RETENTION_MS};
+    let mut engine = Engine::new(EngineConfig { max_job_size: 1000 });
+    engine.set_epoch_ns(EPOCH_NS);
+    let now = 1_000 * MS;
+    let id = run_one(&mut engine, None, now);
+    // Its step job's retention (shorter) passes first.
+    engine.tick(now + RETENTION_MS_DEFAULT * MS + MS);
+    assert_eq!(engine.next_wake(), Some(now + WORKFLOW_RETENTION_MS * MS));
+    assert!(engine.workflow_view(id).is_some());
+    engine.tick(now + WORKFLOW_RETENTION_MS * MS);
+    assert!(engine.workflow_view(id).is_none());
+    assert_eq!(engine.next_wake(), None);
+}

@@ -43,7 +43,7 @@ pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 
 use error::{DbError, OpError};
-use ops::{Ctx, Done, Effects, Task};
+use ops::{Ctx, Done, Effects, Skew, Task};
 use pool::Pool;
 
 /// Attempts of one operation that keeps meeting serialization failures,
@@ -140,9 +140,45 @@ struct Inner {
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Lateness of what this node's timers made ready and fired, by queue
+    /// and by schedule (each node shows its own, as a local broker does).
+    skews: Mutex<SkewHistograms>,
     /// A schedule was created or resumed here: the timer task looks at
     /// when it falls due (other nodes find it by their bounded poll).
     schedules_changed: Arc<Notify>,
+}
+
+/// This node's skew histograms, by name.
+#[derive(Debug, Default)]
+struct SkewHistograms {
+    queues: HashMap<String, Histogram>,
+    schedules: HashMap<String, Histogram>,
+}
+
+impl SkewHistograms {
+    fn observe(&mut self, skews: impl Iterator<Item = Skew>) {
+        for skew in skews {
+            let (map, name, ns) = match skew {
+                Skew::Queue(name, ns) => (&mut self.queues, name, ns),
+                Skew::Schedule(name, ns) => (&mut self.schedules, name, ns),
+            };
+            map.entry(name)
+                .or_insert_with(Histogram::skew)
+                .observe_ns(ns);
+        }
+    }
+}
+
+impl Inner {
+    fn skews(&self) -> std::sync::MutexGuard<'_, SkewHistograms> {
+        self.skews.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Draining or shutting down: new jobs are refused, and schedules do
+    /// not fire.
+    fn accepting_refused(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.shutting_down.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Inner {
@@ -205,6 +241,7 @@ impl PgBroker {
                 queue_waits: Mutex::new(HashMap::new()),
                 next_wait: AtomicU64::new(0),
                 storage_error: Mutex::new(None),
+                skews: Mutex::default(),
                 storage_failed: AtomicBool::new(false),
                 query_errors: AtomicU64::new(0),
                 next_session: AtomicU64::new(1),
@@ -258,7 +295,17 @@ impl PgBroker {
     /// schedules fire.
     pub async fn run_timers(&self) -> Result<(), BrokerError> {
         self.run(Task::Timers).await?;
-        self.run(Task::FireSchedules).await.map(|_| ())
+        self.fire_schedules().await.map(|_| ())
+    }
+
+    /// Fires the due schedules, unless the node is draining: then, as on
+    /// the local broker, nothing fires and the instants stay due (the next
+    /// pass after the drain ends fires them under their misfire policy).
+    async fn fire_schedules(&self) -> Result<Done, BrokerError> {
+        if self.inner.accepting_refused() {
+            return Ok(Done::NextFire(None));
+        }
+        self.run(Task::FireSchedules).await
     }
 
     fn wake_waiters(&self) {
@@ -292,6 +339,8 @@ impl PgBroker {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // What a rolled-back attempt observed did not happen.
+            fx.skews.clear();
             let mut conn = inner.pool.get().await.map_err(|e| self.db_failed(e))?;
             let now = inner.clock.now_ns();
             let result = tokio::time::timeout(
@@ -308,6 +357,9 @@ impl PgBroker {
                 }
                 Ok(Ok(done)) => {
                     self.db_ok();
+                    if !fx.skews.is_empty() {
+                        inner.skews().observe(fx.skews.drain(..));
+                    }
                     return Ok(done);
                 }
                 Ok(Err(OpError::Broker(error))) => {
@@ -336,9 +388,11 @@ impl PgBroker {
     async fn execute(&self, op: Op, sent_ns: u64) -> Result<Outcome, BrokerError> {
         let inner = &self.inner;
         match op {
-            Op::Enqueue { .. } | Op::EnqueueBatch { .. } | Op::StartWorkflow { .. }
-                if inner.draining.load(Ordering::Acquire)
-                    || inner.shutting_down.load(Ordering::Acquire) =>
+            Op::Enqueue { .. }
+            | Op::EnqueueBatch { .. }
+            | Op::StartWorkflow { .. }
+            | Op::TriggerSchedule { .. }
+                if inner.accepting_refused() =>
             {
                 Err(BrokerError::Draining)
             }
@@ -669,7 +723,7 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
             Task::DueTimers
         };
         let result = match broker.run(task).await {
-            Ok(_) => broker.run(Task::FireSchedules).await,
+            Ok(_) => broker.fire_schedules().await,
             Err(error) => Err(error),
         };
         next_fire_ms = match &result {
@@ -755,6 +809,7 @@ impl Broker for PgBroker {
                 ..ServerStats::default()
             };
             let mut jobs_total = 0;
+            let skews = inner.skews();
             let queues = figures
                 .queues
                 .into_iter()
@@ -765,6 +820,11 @@ impl Broker for PgBroker {
                     server.current_jobs_delayed += q.delayed;
                     server.current_jobs_buried += q.buried;
                     jobs_total += q.ready + q.reserved + q.delayed + q.buried;
+                    let skew = skews
+                        .queues
+                        .get(&q.name)
+                        .cloned()
+                        .unwrap_or_else(Histogram::skew);
                     QueueSnapshot {
                         name: q.name,
                         ready: q.ready,
@@ -780,10 +840,17 @@ impl Broker for PgBroker {
                         counters: QueueCounters::default(),
                         wait: Histogram::queue_latency(),
                         run: Histogram::queue_latency(),
-                        skew: Histogram::queue_latency(),
+                        skew,
                     }
                 })
                 .collect();
+            let mut schedules = figures.schedules;
+            for schedule in &mut schedules {
+                if let Some(skew) = skews.schedules.get(&schedule.name) {
+                    schedule.skew = skew.clone();
+                }
+            }
+            drop(skews);
             Ok(EngineSnapshot {
                 now_ns: inner.clock.now_ns(),
                 jobs_total,
@@ -806,7 +873,7 @@ impl Broker for PgBroker {
                     current: figures.workflows,
                     ..WorkflowCounters::default()
                 },
-                schedules: figures.schedules,
+                schedules,
             })
         }
     }

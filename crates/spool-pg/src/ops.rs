@@ -44,10 +44,21 @@ pub(crate) struct Ctx {
 
 /// What a transaction leaves for the broker to do after it: when a parked
 /// reserve should look again although nobody notified it (a token of a
-/// rate limit, the end of a pause).
+/// rate limit, the end of a pause), and the lateness of what its timers
+/// made ready (kept only once it committed).
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
     pub wake_at_ns: Option<u64>,
+    pub skews: Vec<Skew>,
+}
+
+/// How late (due → ready, in ns) a delayed job of a queue or a schedule's
+/// firing was, for `spool_schedule_skew_seconds` and
+/// `spool_schedule_fire_skew_seconds` on the node that did it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Skew {
+    Queue(String, u64),
+    Schedule(String, u64),
 }
 
 impl Effects {
@@ -396,11 +407,11 @@ async fn apply(
     let op = match task {
         Task::Op(op) => op,
         Task::Timers => {
-            timers(c, ctx, now).await?;
+            timers(c, ctx, now, fx).await?;
             return Ok(Done::Nothing);
         }
         Task::DueTimers => {
-            promote_due(c, now).await?;
+            promote_due(c, now, fx).await?;
             expire_leases(c, ctx, now).await?;
             return Ok(Done::Nothing);
         }
@@ -411,7 +422,9 @@ async fn apply(
                 workflows: workflows::count_by_state(c).await?,
             })))
         }
-        Task::FireSchedules => return Ok(Done::NextFire(schedules::fire_due(c, ctx, now).await?)),
+        Task::FireSchedules => {
+            return Ok(Done::NextFire(schedules::fire_due(c, ctx, now, fx).await?))
+        }
         Task::ReleaseOwnLeases => {
             release_own_leases(c, ctx).await?;
             return Ok(Done::Nothing);
@@ -949,7 +962,7 @@ async fn reserve(
             ),
         )
         .await?;
-    promoted(c, due).await?;
+    promoted(c, due, now, fx).await?;
     expire(c, ctx, expired, now).await?;
     let mut lock: Vec<String> = Vec::new();
     for row in &settings {
@@ -1860,23 +1873,36 @@ async fn counts(c: &mut Conn, now: u64) -> Result<Vec<QueueCounts>, OpError> {
 
 /// Delayed jobs whose time has come become ready: a change (the version
 /// moves), dated at the due time as the engine dates it.
-async fn promote_due(c: &mut Conn, now: u64) -> Result<(), OpError> {
+async fn promote_due(c: &mut Conn, now: u64, fx: &mut Effects) -> Result<(), OpError> {
     let rows = c
         .query(PROMOTE_DUE_SQL, &[&db_u64(now), &TIMER_BATCH_ROWS])
         .await?;
-    promoted(c, rows).await
+    promoted(c, rows, now, fx).await
 }
 
-/// `promote_due`'s statement: ($1 now, $2 rows) → the queues it made jobs
-/// ready in.
+/// `promote_due`'s statement: ($1 now, $2 rows) → each queue it made jobs
+/// ready in, with their due instants (`updated_ns` is set to the due
+/// instant, so `RETURNING` gives it after `run_at_ns` is cleared).
 const PROMOTE_DUE_SQL: &str = "WITH j AS (UPDATE spool_jobs SET state = 'ready', \
      version = version + 1, updated_ns = run_at_ns, run_at_ns = NULL WHERE id IN (SELECT id \
      FROM spool_jobs WHERE state = 'delayed' AND run_at_ns <= $1 ORDER BY run_at_ns LIMIT $2 \
-     FOR UPDATE SKIP LOCKED) RETURNING queue) SELECT DISTINCT queue FROM j";
+     FOR UPDATE SKIP LOCKED) RETURNING queue, updated_ns) \
+     SELECT queue, array_agg(updated_ns) FROM j GROUP BY queue";
 
-async fn promoted(c: &mut Conn, queues: Vec<Row>) -> Result<(), OpError> {
+async fn promoted(
+    c: &mut Conn,
+    queues: Vec<Row>,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<(), OpError> {
     for row in queues {
-        notify(c, row.get(0)).await?;
+        let queue: String = row.get(0);
+        let due: Vec<i64> = row.get(1);
+        fx.skews.extend(
+            due.into_iter()
+                .map(|due| Skew::Queue(queue.clone(), now.saturating_sub(from_db(due)))),
+        );
+        notify(c, &queue).await?;
     }
     Ok(())
 }
@@ -1971,8 +1997,8 @@ async fn expire(c: &mut Conn, ctx: &Ctx, rows: Vec<Row>, now: u64) -> Result<(),
 
 /// Due jobs, expired leases, final jobs past their queue's retention (age
 /// and count), expired idempotency keys: each bounded per pass.
-async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
-    promote_due(c, now).await?;
+async fn timers(c: &mut Conn, ctx: &Ctx, now: u64, fx: &mut Effects) -> Result<(), OpError> {
+    promote_due(c, now, fx).await?;
     expire_leases(c, ctx, now).await?;
     c.execute(
         "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \

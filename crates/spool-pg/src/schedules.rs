@@ -18,7 +18,7 @@ use spool_broker::{
 use spool_engine::schedule::{check_spec, firing_job, first_due, jitter_ms, plan, Rule};
 
 use crate::error::OpError;
-use crate::ops::{db_u64, enqueue_from, from_db, Ctx, Origin, NS_PER_MS};
+use crate::ops::{db_u64, enqueue_from, from_db, Ctx, Effects, Origin, Skew, NS_PER_MS};
 use crate::pool::Conn;
 
 /// Schedules one firing pass takes: a pass stays a short transaction; the
@@ -314,6 +314,8 @@ struct Fired {
     last_fire_ms: Option<u64>,
     last_job: Option<u64>,
     last_skew_ms: Option<u64>,
+    /// Each fired instant's lateness (a pass's, not a trigger's).
+    skews_ns: Vec<u64>,
 }
 
 /// Fires `current` for the instant `due_ms`, unless its backlog bound
@@ -373,6 +375,10 @@ async fn fire(
     // millisecond); it is not fired twice nor counted twice.
     if !duplicate {
         fired.fires += 1;
+        // Due → fired, as the local broker measures it.
+        fired
+            .skews_ns
+            .push(now.saturating_sub(due_ms.saturating_mul(NS_PER_MS)));
     }
     fired.last_fire_ms = Some(due_ms);
     fired.last_job = Some(job.id);
@@ -437,7 +443,12 @@ pub(crate) async fn trigger(
 /// Fires every schedule due at `now` (a bounded batch, earliest first, rows
 /// other nodes are firing skipped) under its misfire policy; returns the
 /// earliest due instant left (wall-clock ms), for the timer's next wake.
-pub(crate) async fn fire_due(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<Option<u64>, OpError> {
+pub(crate) async fn fire_due(
+    c: &mut Conn,
+    ctx: &Ctx,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<Option<u64>, OpError> {
     let now_ms = now / NS_PER_MS;
     let rows = c
         .query(
@@ -467,6 +478,12 @@ pub(crate) async fn fire_due(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<Option
         for &due_ms in &planned.fire {
             fire(c, ctx, &current, due_ms, true, now, &mut fired).await?;
         }
+        fx.skews.extend(
+            fired
+                .skews_ns
+                .iter()
+                .map(|&skew_ns| Skew::Schedule(current.name.clone(), skew_ns)),
+        );
         record(
             c,
             &current.name,
@@ -489,8 +506,8 @@ pub(crate) async fn fire_due(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<Option
 }
 
 /// Every schedule's figures for snapshots (`/metrics`, `spool stats`). The
-/// counters are the durable ones of the rows; the skew histogram stays
-/// empty (a firing's lateness is not kept per node).
+/// counters are the durable ones of the rows; the skew histogram is left
+/// empty here and filled by the broker from this node's firings.
 pub(crate) async fn snapshots(c: &mut Conn) -> Result<Vec<ScheduleSnapshot>, OpError> {
     let rows = c
         .query(

@@ -964,3 +964,50 @@ async fn lease_expiry_and_purge_move_workflows() {
         Some("first")
     );
 }
+
+/// A node's snapshot (`/metrics`) shows the lateness, due → ready, of the
+/// delayed jobs its timers made ready and of the instants it fired, as the
+/// local broker's does; a node that ran no timer shows none.
+#[tokio::test]
+async fn timers_fill_the_skew_histograms_of_the_node_that_ran_them() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    a.enqueue(
+        queue("later"),
+        NewJob {
+            run_at: spool_broker::RunAt::DelayMs(1_000),
+            ..job("due in a second")
+        },
+    )
+    .await
+    .expect("enqueue");
+    schedule_op(
+        &a,
+        Op::PutSchedule {
+            name: queue("each-second"),
+            spec: Box::new(schedule_spec("@every 1s", "ticks")),
+        },
+    )
+    .await;
+    // Both are due at +1 s; the timers run at +1.5 s: 500 ms late.
+    clock.advance(1_500_000_000);
+    a.run_timers().await.expect("timers");
+    assert_eq!(ready_in(&a, "later").await.len(), 1);
+    assert_eq!(ready_in(&a, "ticks").await.len(), 1);
+    let observed = |h: &spool_broker::Histogram| (h.count(), h.max());
+    let snapshot = a.snapshot(SnapshotScope::Queues).await.expect("snapshot");
+    let later = snapshot
+        .queues
+        .iter()
+        .find(|q| q.name == "later")
+        .expect("the queue");
+    assert_eq!(observed(&later.skew), (1, Some(0.5)));
+    let fired = &snapshot.schedules[0];
+    assert_eq!(fired.name, "each-second");
+    assert_eq!(observed(&fired.skew), (1, Some(0.5)));
+    let other = b.snapshot(SnapshotScope::Queues).await.expect("snapshot");
+    assert!(other.queues.iter().all(|q| q.skew.count() == 0));
+    assert_eq!(other.schedules[0].skew.count(), 0);
+}

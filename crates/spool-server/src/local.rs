@@ -42,6 +42,14 @@ use crate::process::ProcessInfo;
 /// delivers replies; bounds the latency one busy wake-up can add.
 const MESSAGES_PER_ROUND_MAX: usize = 4096;
 
+/// A round that has run this long since it last ran the engine's timers
+/// runs them between its sessions and between its operations too, so that
+/// a busy engine fires a due timer within about this much (plus one
+/// session's pipelined requests or one operation) instead of at the end of
+/// the round. Long enough that a round pays one clock read per session and
+/// operation, nothing more, in the common case.
+const TIMER_CHECK_AFTER_NS: u64 = 200_000;
+
 /// Engine time 0 on the wall clock: 2020-01-01T00:00:00Z, in nanoseconds
 /// since the Unix epoch. A fixed origin (not the process start) lets the
 /// instants of earlier runs (a job's creation, its finish) come back from
@@ -619,6 +627,11 @@ struct EngineTask {
     job_waits: Vec<JobWait>,
     /// The settled jobs drained from the engine, reused every round.
     settled: Vec<u64>,
+    /// The engine's earliest timer when it was last asked (`u64::MAX`:
+    /// none): a round compares the clock with it to run due timers early.
+    timers_at_ns: u64,
+    /// When this round started or last ran the timers, whichever is later.
+    timers_run_ns: u64,
 }
 
 impl EngineTask {
@@ -644,6 +657,8 @@ impl EngineTask {
             parked_events: 0,
             job_waits: Vec::new(),
             settled: Vec::new(),
+            timers_at_ns: 0,
+            timers_run_ns: 0,
             log: log.map(|sink| LogState {
                 sink,
                 records: Vec::new(),
@@ -660,6 +675,7 @@ impl EngineTask {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_wake: Option<u64> = None;
+        let mut work_left = false;
         loop {
             let inline_due = match self.log.as_ref().map(|l| &l.sink) {
                 Some(LogSink::Inline(log)) => log.next_due(),
@@ -685,13 +701,21 @@ impl EngineTask {
                 },
                 ack = recv_ack(&mut self.log) => self.on_ack(ack),
                 _ = sleep(sleep_until) => {}
+                // More work now: no sleep, which would wait for the timer
+                // wheel's next millisecond.
+                () = std::future::ready(()), if work_left => {}
             }
             self.tick_inline_log();
-            let now = self.clock.now_ns();
+            let mut now = self.clock.now_ns();
+            self.timers_run_ns = now;
             loop {
-                self.run_sessions(now);
-                self.engine.tick(now);
-                self.run_ops(now);
+                self.run_sessions(&mut now);
+                // The clock as it is after the requests ran: a timer that
+                // fell due meanwhile fires now, not a round later, and its
+                // skew is measured where the job becomes ready.
+                now = now.max(self.clock.now_ns());
+                self.run_timers(now);
+                self.run_ops(&mut now);
                 if !self.collect() {
                     break;
                 }
@@ -700,17 +724,23 @@ impl EngineTask {
                 self.close_idle_sessions();
             }
             self.finish_round();
-            next_wake = self
-                .engine
-                .next_wake()
+            let engine_wake = self.engine.next_wake();
+            self.timers_at_ns = engine_wake.unwrap_or(u64::MAX);
+            next_wake = engine_wake
                 .into_iter()
                 .chain(self.parked.iter().map(|p| p.until_ns))
                 .chain(self.job_waits.iter().map(|w| w.until_ns))
                 .min();
-            if self.log.as_ref().is_some_and(|l| l.compaction.is_some()) {
-                // More snapshot work: come back after others had a turn.
+            let compacting = self.log.as_ref().is_some_and(|l| l.compaction.is_some());
+            // A tick that stopped with schedules still due (a batch of
+            // `SCHEDULE_TIMERS_PER_TICK_MAX`) is due again at once.
+            let timers_left = self.timers_at_ns <= self.clock.now_ns();
+            work_left = compacting || timers_left;
+            if work_left {
+                // More snapshot or timer work: come back after others had
+                // a turn (at once, whatever the clock: a manual one
+                // included).
                 tokio::task::yield_now().await;
-                next_wake = Some(self.clock.now_ns());
             }
         }
         // The broker is gone: hand out what is safe to hand out, then close.
@@ -789,11 +819,37 @@ impl EngineTask {
         }
     }
 
+    /// Runs the engine's timers at `now`.
+    fn run_timers(&mut self, now: u64) {
+        self.timers_at_ns = self.engine.tick(now).unwrap_or(u64::MAX);
+        self.timers_run_ns = now;
+    }
+
+    /// Between a round's sessions and operations: runs the engine's timers
+    /// if one is due by the clock and the round has gone
+    /// [`TIMER_CHECK_AFTER_NS`] without running them, and moves the round's
+    /// `now` to that reading (what follows never runs before a timer that
+    /// already fired). Otherwise one clock read and two comparisons. A
+    /// manual clock stands still within a round, so tests see timers run
+    /// where they always did: after the round's requests.
+    fn run_due_timers(&mut self, now: &mut u64) {
+        let clock_ns = self.clock.now_ns();
+        if clock_ns < self.timers_at_ns
+            || clock_ns < self.timers_run_ns.saturating_add(TIMER_CHECK_AFTER_NS)
+        {
+            return;
+        }
+        *now = clock_ns.max(*now);
+        self.run_timers(*now);
+    }
+
     /// Runs this round's job-API operations, then tries the parked
     /// reserves again if jobs became ready since they last tried, and
     /// answers those whose time is up (all of them once shutting down).
-    fn run_ops(&mut self, now: u64) {
+    fn run_ops(&mut self, now_ref: &mut u64) {
         for (op, answer, sent_ns) in std::mem::take(&mut self.ops) {
+            self.run_due_timers(now_ref);
+            let now = *now_ref;
             let outcome = match op {
                 Op::Reserve {
                     queues,
@@ -843,6 +899,7 @@ impl EngineTask {
             };
             self.answer(answer, outcome);
         }
+        let now = *now_ref;
         self.run_job_waits(now);
         let events = self.engine.ready_events();
         let retry = std::mem::replace(&mut self.parked_events, events) != events;
@@ -946,8 +1003,10 @@ impl EngineTask {
 
     /// Executes pending requests of every runnable session until each is
     /// empty or blocked.
-    fn run_sessions(&mut self, now: u64) {
+    fn run_sessions(&mut self, now_ref: &mut u64) {
         while let Some(id) = self.runnable.pop_front() {
+            self.run_due_timers(now_ref);
+            let now = *now_ref;
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
@@ -1805,11 +1864,66 @@ mod tests {
             mailbox: mailbox.clone(),
         });
         task.handle(Msg::Submit { id: 1, requests });
-        let now = task.clock.now_ns();
-        task.run_sessions(now);
+        let mut now = task.clock.now_ns();
+        task.run_sessions(&mut now);
         task.collect();
         task.finish_round();
         mailbox
+    }
+
+    /// A round whose `now` went stale while its requests ran: a delayed
+    /// job that fell due meanwhile is made ready before the next session's
+    /// requests run, at the clock's reading, not after the round.
+    #[test]
+    fn a_long_round_runs_due_timers_between_sessions() {
+        let start_ns = 1_000_000_000;
+        let clock = manual_engine_clock(start_ns);
+        let engine = Engine::new(EngineConfig {
+            max_job_size: 1 << 16,
+        });
+        let mut task = EngineTask::new(
+            engine,
+            clock.clone(),
+            None,
+            ProcessInfo::new("test"),
+            Default::default(),
+        );
+        let mailbox = one_round(
+            &mut task,
+            vec![Request::Put(Put {
+                pri: 0,
+                delay_secs: 1,
+                ttr_secs: 60,
+                body: PutBody::Complete(Bytes::from_static(b"later")),
+            })],
+        );
+        task.timers_at_ns = task.engine.next_wake().expect("the delay's timer");
+        assert_eq!(task.timers_at_ns, start_ns + 1_000_000_000);
+        // The next round starts before the job is due; its first session
+        // runs long, and by the second the job is due (and the round has
+        // gone longer than TIMER_CHECK_AFTER_NS without timers).
+        let mut now = start_ns + 999_000_000;
+        task.timers_run_ns = now;
+        clock.advance(1_000_000_000 + TIMER_CHECK_AFTER_NS);
+        task.handle(Msg::Submit {
+            id: 1,
+            requests: vec![Request::ReserveWithTimeout {
+                timeout_secs: Some(0),
+            }],
+        });
+        task.run_sessions(&mut now);
+        assert_eq!(
+            now,
+            clock.now_ns(),
+            "the round goes on at the clock's reading"
+        );
+        task.collect();
+        task.finish_round();
+        let replies = mailbox.lock().replies.clone();
+        assert!(
+            matches!(replies.last(), Some(Response::Reserved { id: 1, .. })),
+            "{replies:?}"
+        );
     }
 
     #[test]

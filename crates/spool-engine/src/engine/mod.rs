@@ -47,6 +47,7 @@ mod workflows;
 use conn::Conn;
 use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
+pub use timers::SCHEDULE_TIMERS_PER_TICK_MAX;
 pub use workflows::WorkflowMetrics;
 use workflows::Workflows;
 
@@ -248,8 +249,13 @@ pub struct Engine {
     tube_order: Ms<TubeId>,
     default_tube: TubeId,
     conns: IdMap<Conn>,
-    /// Every delayed job by due time.
-    delayed: BTreeSet<(u64, JobId)>,
+    /// The earliest delayed job of each tube that has one, as (due, job,
+    /// tube): the first entry is the earliest delayed job of all. A delayed
+    /// job sits in its tube's set only (one index entry, as a ready job),
+    /// and the timer pays O(log tubes) per job on top of its tube's set.
+    delayed_tubes: BTreeSet<(u64, JobId, TubeId)>,
+    /// Delayed jobs in all tubes.
+    delayed_count: u64,
     /// Every reservation by deadline: (deadline, seq, job).
     reservations: BTreeSet<(u64, u64, JobId)>,
     wait_timers: BTreeSet<(u64, ConnId)>,
@@ -349,7 +355,8 @@ impl Engine {
             tube_order: Ms::default(),
             default_tube: TubeId(0),
             conns: IdMap::default(),
-            delayed: BTreeSet::new(),
+            delayed_tubes: BTreeSet::new(),
+            delayed_count: 0,
             reservations: BTreeSet::new(),
             wait_timers: BTreeSet::new(),
             paused: BTreeSet::new(),
@@ -553,8 +560,7 @@ impl Engine {
             job.deadline_at_ns = now + delay_ns;
             job.state = JobState::Delayed;
             let due = job.deadline_at_ns;
-            self.delayed.insert((due, id));
-            self.tube_mut(tube).delayed.insert((due, id));
+            self.add_delayed(tube, due, id);
         } else {
             job.state = JobState::Ready;
             // A ready job has no deadline: the field holds when it became
@@ -654,10 +660,39 @@ impl Engine {
         self.counters.buried -= 1;
     }
 
+    /// Files a job as delayed until `due` in its tube, and the tube under
+    /// its new earliest if this job is it.
+    fn add_delayed(&mut self, tube: TubeId, due: u64, id: JobId) {
+        let t = self.tube_mut(tube);
+        let earliest = t.delayed.first().copied();
+        t.delayed.insert((due, id));
+        self.delayed_count += 1;
+        if earliest.is_none_or(|first| (due, id) < first) {
+            if let Some((first_due, first_id)) = earliest {
+                self.delayed_tubes.remove(&(first_due, first_id, tube));
+            }
+            self.delayed_tubes.insert((due, id, tube));
+        }
+    }
+
     fn remove_delayed(&mut self, tube: TubeId, deadline: u64, id: JobId) {
-        let removed = self.tube_mut(tube).delayed.remove(&(deadline, id));
+        let t = self.tube_mut(tube);
+        let was_earliest = t.delayed.first() == Some(&(deadline, id));
+        let removed = t.delayed.remove(&(deadline, id));
         debug_assert!(removed, "job {id} was in its tube's delay set");
-        self.delayed.remove(&(deadline, id));
+        let next = t.delayed.first().copied();
+        self.delayed_count -= u64::from(removed);
+        if was_earliest {
+            self.delayed_tubes.remove(&(deadline, id, tube));
+            if let Some((next_due, next_id)) = next {
+                self.delayed_tubes.insert((next_due, next_id, tube));
+            }
+        }
+    }
+
+    /// The earliest delayed job of all tubes: (due, job, tube).
+    fn earliest_delayed(&self) -> Option<(u64, JobId, TubeId)> {
+        self.delayed_tubes.first().copied()
     }
 
     /// Detaches a reserved job from its reserver; the job is then in no
@@ -940,7 +975,6 @@ impl Engine {
                 JobState::Delayed => {
                     delayed += 1;
                     assert!(t.delayed.contains(&(job.deadline_at_ns, job.id)));
-                    assert!(self.delayed.contains(&(job.deadline_at_ns, job.id)));
                 }
                 JobState::Reserved => {
                     reserved += 1;
@@ -960,7 +994,16 @@ impl Engine {
         }
         assert_eq!(self.counters.ready, ready);
         assert_eq!(self.counters.buried, buried);
-        assert_eq!(self.delayed.len(), delayed);
+        assert_eq!(self.delayed_count, delayed);
+        // One entry per tube with delayed jobs: its earliest.
+        let mut tubes_with_delayed = 0;
+        for &tube in self.tube_order.iter().collect::<Vec<_>>().iter() {
+            if let Some(&(due, id)) = self.tube(tube).delayed.first() {
+                tubes_with_delayed += 1;
+                assert!(self.delayed_tubes.contains(&(due, id, tube)));
+            }
+        }
+        assert_eq!(self.delayed_tubes.len(), tubes_with_delayed);
         assert_eq!(self.counters.reserved, reserved);
         assert_eq!(self.reservations.len() as u64, reserved);
         let waiting = self.conns.values().filter(|c| c.wait().is_some()).count() as u64;

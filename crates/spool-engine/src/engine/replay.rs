@@ -258,8 +258,7 @@ impl Engine {
                 // As `enqueue` counts it live.
                 job.version += 1;
                 let tube = job.tube;
-                self.delayed.insert((due_ns, id));
-                self.tube_mut(tube).delayed.insert((due_ns, id));
+                self.add_delayed(tube, due_ns, id);
             }
             RestState::Buried => self.bury(id, now),
             RestState::Completed { at_ns } | RestState::Cancelled { at_ns } => {

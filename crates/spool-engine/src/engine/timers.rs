@@ -3,18 +3,28 @@
 
 use super::*;
 
+/// Schedule timers one `tick` runs before it returns (with work left due):
+/// a firing costs microseconds (an enqueue and a log record), and thousands
+/// of schedules due on the same second would otherwise hold the server for
+/// tens of milliseconds in one call and all be measured against the one
+/// `now` it started with. The caller reads its clock and calls again (after
+/// serving others), so each batch's skew is measured when it fires.
+pub const SCHEDULE_TIMERS_PER_TICK_MAX: usize = 256;
+
 impl Engine {
     /// Runs timers due at `now`: delayed jobs become ready, pauses end,
-    /// blocked reserves time out, reservations expire. Returns when it next
-    /// has work, if ever.
+    /// blocked reserves time out, reservations expire, schedules fire (at
+    /// most [`SCHEDULE_TIMERS_PER_TICK_MAX`]). Returns when it next has
+    /// work, if ever: `now` or earlier when it stopped with timers due.
     pub fn tick(&mut self, now: u64) -> Option<u64> {
+        let mut schedule_timers = 0;
         // One timer at a time, earliest first, whatever its kind: a caller
         // that runs late (a busy server) must see the same outcome as one
         // that woke on time. Ties go to the kinds in the order listed.
-        loop {
+        while schedule_timers < SCHEDULE_TIMERS_PER_TICK_MAX {
             let due = [
                 self.next_schedule_ns().map(|at| (at, Timer::Schedule)),
-                self.delayed.first().map(|&(at, _)| (at, Timer::Delay)),
+                self.earliest_delayed().map(|(at, _, _)| (at, Timer::Delay)),
                 self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
                 self.rate_timers.first().map(|&(at, _)| (at, Timer::Rate)),
                 self.wait_timers.first().map(|&(at, _)| (at, Timer::Wait)),
@@ -38,13 +48,14 @@ impl Engine {
             };
             let mark = self.log.len();
             match timer {
-                Timer::Schedule => self.run_schedule_timer(now),
+                Timer::Schedule => {
+                    schedule_timers += 1;
+                    self.run_schedule_timer(now);
+                }
                 Timer::Delay => {
-                    let (due, id) = self.delayed.pop_first().expect("a delayed job is due");
-                    let tube = self.jobs[&id].tube;
-                    let t = self.tube_mut(tube);
-                    t.delayed.remove(&(due, id));
-                    t.metrics.skew.observe_ns(now - due);
+                    let (due, id, tube) = self.earliest_delayed().expect("a delayed job is due");
+                    self.remove_delayed(tube, due, id);
+                    self.tube_mut(tube).metrics.skew.observe_ns(now - due);
                     self.enqueue(id, 0, now);
                     // The change happened at the due time, whenever the
                     // tick ran: replay must find the same instant.
@@ -107,12 +118,13 @@ impl Engine {
     pub fn next_wake(&self) -> Option<u64> {
         [
             self.next_schedule_ns(),
-            self.delayed.first().map(|&(at, _)| at),
+            self.earliest_delayed().map(|(at, _, _)| at),
             self.paused.first().map(|&(at, _)| at),
             self.rate_timers.first().map(|&(at, _)| at),
             self.wait_timers.first().map(|&(at, _)| at),
             self.reservations.first().map(|&(at, _, _)| at + 1),
             self.retention.next_expiry(),
+            self.next_workflow_expiry(),
         ]
         .into_iter()
         .flatten()

@@ -11,7 +11,7 @@ impl Engine {
             current_jobs_urgent: c.urgent,
             current_jobs_ready: c.ready,
             current_jobs_reserved: c.reserved,
-            current_jobs_delayed: self.delayed.len() as u64,
+            current_jobs_delayed: self.delayed_count,
             current_jobs_buried: c.buried,
             cmd_put: c.cmd_put,
             cmd_peek: c.cmd_peek,
