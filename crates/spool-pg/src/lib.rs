@@ -12,6 +12,7 @@
 
 mod clock;
 mod error;
+mod group;
 mod ops;
 mod pool;
 mod schedules;
@@ -27,10 +28,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use spool_broker::{
-    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
-    Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
-    WaitCounts, WorkflowCounters,
+    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Lease, Leased, Op,
+    OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker,
+    SnapshotScope, WaitCounts, WorkflowCounters,
 };
 use spool_proto::ServerStats;
 use tokio::sync::{watch, Notify};
@@ -143,6 +145,8 @@ struct Inner {
     /// A schedule was created or resumed here: the timer task looks at
     /// when it falls due (other nodes find it by their bounded poll).
     schedules_changed: Arc<Notify>,
+    /// Completions waiting to go to the database together.
+    complete_groups: group::CompleteGroups,
 }
 
 impl Drop for Inner {
@@ -212,6 +216,7 @@ impl PgBroker {
                 reserve_waits: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
                 schedules_changed: Arc::new(Notify::new()),
+                complete_groups: group::CompleteGroups::default(),
             }),
         };
         broker
@@ -351,12 +356,68 @@ impl PgBroker {
                 .await
                 .map(Outcome::Leased),
             Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            Op::Complete { lease, result }
+                if result
+                    .as_ref()
+                    .is_none_or(|r| r.len() <= inner.ctx.max_job_size as usize) =>
+            {
+                self.complete_grouped(lease, result).await
+            }
             op @ (Op::PutSchedule { .. } | Op::ResumeSchedule { .. }) => {
                 let outcome = self.run_op(op, &mut Effects::default()).await;
                 inner.schedules_changed.notify_one();
                 outcome
             }
             op => self.run_op(op, &mut Effects::default()).await,
+        }
+    }
+
+    /// A completion, sent with the others waiting at this node in one
+    /// statement (`group.rs`); run alone when the group did not settle it.
+    async fn complete_grouped(
+        &self,
+        lease: Lease,
+        result: Option<Bytes>,
+    ) -> Result<Outcome, BrokerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = group::Pending {
+            lease,
+            result: result.clone(),
+            reply,
+        };
+        if self.inner.complete_groups.join(pending) {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.run_complete_groups().await });
+        }
+        match answer.await {
+            Ok(Ok(Some(job))) => Ok(Outcome::Job(job)),
+            Ok(Ok(None)) => {
+                self.run_op(Op::Complete { lease, result }, &mut Effects::default())
+                    .await
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BrokerError::Internal(
+                "a completion's group ended without answering it".into(),
+            )),
+        }
+    }
+
+    /// Runs groups of completions until none waits; those that arrive
+    /// while one is in the database form the next.
+    async fn run_complete_groups(&self) {
+        while let Some(group) = self.inner.complete_groups.next_group() {
+            let leases = group.iter().map(|p| (p.lease, p.result.clone())).collect();
+            let outcome = match self
+                .run_with(Task::CompleteGroup(leases), &mut Effects::default())
+                .await
+            {
+                Ok(Done::Completed(jobs)) => Ok(jobs),
+                Ok(other) => Err(BrokerError::Internal(format!(
+                    "a completion group answered {other:?}"
+                ))),
+                Err(error) => Err(error),
+            };
+            group::answer(group, outcome);
         }
     }
 

@@ -78,6 +78,8 @@ pub(crate) enum Task {
     AttemptLimit(QueueName),
     /// beanstalkd's delete of a job held under this lease.
     DeleteLeased(Lease),
+    /// Completions of several callers in one statement (`group.rs`).
+    CompleteGroup(Vec<(Lease, Option<Bytes>)>),
 }
 
 #[derive(Debug)]
@@ -87,6 +89,8 @@ pub(crate) enum Done {
     AttemptLimit(Option<u32>),
     /// The earliest due instant of any schedule, wall-clock ms.
     NextFire(Option<u64>),
+    /// The jobs a [`Task::CompleteGroup`] completed.
+    Completed(Vec<JobView>),
     Nothing,
 }
 
@@ -370,6 +374,11 @@ pub(crate) async fn run(
                 return Ok(Done::Nothing);
             }
         }
+        Task::CompleteGroup(group) => {
+            // One statement, so its own transaction, committed before
+            // anyone is answered.
+            return Ok(Done::Completed(complete_group(c, &group, now).await?));
+        }
         _ => {}
     }
     c.begin().await?;
@@ -424,6 +433,11 @@ async fn apply(
         Task::DeleteLeased(lease) => {
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
+        }
+        Task::CompleteGroup(_) => {
+            return refuse(BrokerError::Internal(
+                "a single statement runs outside a transaction".into(),
+            ))
         }
     };
     let outcome = match op {
@@ -1172,6 +1186,51 @@ async fn complete(
         }
         None => Err(lease_refusal(c, lease).await),
     }
+}
+
+/// Completes every lease of `group` that is held, unexpired and not a
+/// workflow's job, in one statement: the same change as [`complete`] makes,
+/// with each job's queue announced at commit. The jobs it did not complete
+/// are not in the answer: their callers run [`complete`] alone, which names
+/// the refusal or moves the workflow. Results were checked against the size
+/// limit before joining.
+async fn complete_group(
+    c: &mut Conn,
+    group: &[(Lease, Option<Bytes>)],
+    now: u64,
+) -> Result<Vec<JobView>, OpError> {
+    let ids: Vec<i64> = group.iter().map(|(l, _)| db_u64(l.job)).collect();
+    let tokens: Vec<i64> = group.iter().map(|(l, _)| db_u64(l.token)).collect();
+    let results: Vec<Option<&[u8]>> = group.iter().map(|(_, r)| r.as_deref()).collect();
+    let rows = c
+        .query(
+            concat!(
+                "WITH input AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[]) \
+                 AS t(id, token, result)), \
+                 j AS (UPDATE spool_jobs SET state = 'completed', result = input.result, \
+                 finished_ns = $4, updated_ns = $4, version = version + 1, \
+                 purge_at_ns = $4 + coalesce((SELECT retention_ms FROM spool_queues \
+                 WHERE name = spool_jobs.queue), $5) * 1000000, \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 FROM input WHERE spool_jobs.id = input.id \
+                 AND spool_jobs.lease_token = input.token AND spool_jobs.state = 'reserved' \
+                 AND spool_jobs.deadline_ns >= $4 AND spool_jobs.workflow_id IS NULL \
+                 RETURNING spool_jobs.*) SELECT ",
+                view_cols!(),
+                // Each queue announced at commit: PostgreSQL folds equal
+                // notifications of one transaction into one.
+                ", pg_notify('spool', j.queue) FROM j LEFT JOIN spool_queues q ON q.name = j.queue"
+            ),
+            &[
+                &ids,
+                &tokens,
+                &results,
+                &db_u64(now),
+                &db_u64(limits::RETENTION_MS_DEFAULT),
+            ],
+        )
+        .await?;
+    views(&rows)
 }
 
 /// Where a failed attempt leaves a job: delayed by its backoff (or
