@@ -783,6 +783,17 @@ pub(crate) async fn enqueue_from(
             return refuse(BrokerError::QueueFull { max_jobs });
         }
     }
+    // A batch of plain new jobs (no key, headers or parents: what one row
+    // of arrays carries) goes in one statement instead of one a job.
+    let plain = |c: &Checked| {
+        c.job.idempotency_key.is_none() && c.job.headers.is_empty() && c.job.parents.is_empty()
+    };
+    if checked.len() > 1
+        && slots.iter().all(|s| matches!(s, Slot::New))
+        && checked.iter().all(plain)
+    {
+        return insert_plain(c, &checked, &defaults, now, origin).await;
+    }
     let mut made: Vec<(JobView, bool)> = Vec::with_capacity(checked.len());
     let mut ready_queues: HashSet<&str> = HashSet::new();
     for (index, (job, slot)) in checked.iter().zip(&slots).enumerate() {
@@ -790,18 +801,8 @@ pub(crate) async fn enqueue_from(
             Slot::Existing(id) => (get(c, from_db(id)).await?, true),
             Slot::SameAs(first) => (made[first].0.clone(), true),
             Slot::New => {
-                let defaults = defaults.get(job.queue.as_str());
                 let new = &job.job;
-                let ttr_ms = new
-                    .ttr_ms
-                    .or(defaults.and_then(|d| d.ttr_ms))
-                    .unwrap_or(limits::TTR_MS_DEFAULT)
-                    // beanstalkd's least TTR, for jobs of both front doors.
-                    .max(spool_proto::limits::MIN_TTR_NS / NS_PER_MS);
-                let max_attempts = new
-                    .max_attempts
-                    .or(defaults.and_then(|d| d.max_attempts))
-                    .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+                let (ttr_ms, max_attempts) = job_limits(new, defaults.get(job.queue.as_str()));
                 let (state, run_at) = if job.delay_ns > 0 {
                     ("delayed", Some(db_u64(now.saturating_add(job.delay_ns))))
                 } else {
@@ -914,6 +915,118 @@ pub(crate) async fn enqueue_from(
         notify(c, queue).await?;
     }
     Ok(made)
+}
+
+/// The TTR and attempt limit of a new job: its own, else its queue's, else
+/// the defaults.
+fn job_limits(job: &NewJob, defaults: Option<&QueueDefaults>) -> (u64, u32) {
+    let ttr_ms = job
+        .ttr_ms
+        .or(defaults.and_then(|d| d.ttr_ms))
+        .unwrap_or(limits::TTR_MS_DEFAULT)
+        // beanstalkd's least TTR, for jobs of both front doors.
+        .max(spool_proto::limits::MIN_TTR_NS / NS_PER_MS);
+    let max_attempts = job
+        .max_attempts
+        .or(defaults.and_then(|d| d.max_attempts))
+        .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+    (ttr_ms, max_attempts)
+}
+
+/// Inserts checked jobs without keys, headers or parents as one
+/// statement over arrays (ids taken in the batch's order), and announces
+/// the queues with ready jobs at commit.
+async fn insert_plain(
+    c: &mut Conn,
+    checked: &[Checked],
+    defaults: &HashMap<String, QueueDefaults>,
+    now: u64,
+    origin: Origin<'_>,
+) -> Result<Vec<(JobView, bool)>, OpError> {
+    let n = checked.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut payloads: Vec<&[u8]> = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut backoff_initial = Vec::with_capacity(n);
+    let mut backoff_max = Vec::with_capacity(n);
+    let mut backoff_multiplier = Vec::with_capacity(n);
+    let mut backoff_jitter = Vec::with_capacity(n);
+    let mut ttrs = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut ready_queues: Vec<&str> = Vec::new();
+    for job in checked {
+        let new = &job.job;
+        let (ttr_ms, attempts) = job_limits(new, defaults.get(job.queue.as_str()));
+        queues.push(job.queue.as_str());
+        if job.delay_ns > 0 {
+            states.push("delayed");
+            run_ats.push(Some(db_u64(now.saturating_add(job.delay_ns))));
+        } else {
+            states.push("ready");
+            run_ats.push(None);
+            if !ready_queues.contains(&job.queue.as_str()) {
+                ready_queues.push(job.queue.as_str());
+            }
+        }
+        priorities.push(i64::from(new.priority.unwrap_or(limits::PRIORITY_DEFAULT)));
+        payloads.push(&new.payload[..]);
+        max_attempts.push(attempts.min(i32::MAX as u32) as i32);
+        backoff_initial.push(new.backoff.map(|b| db_u64(b.initial_ms)));
+        backoff_max.push(new.backoff.map(|b| db_u64(b.max_ms)));
+        backoff_multiplier.push(new.backoff.map(|b| b.multiplier));
+        backoff_jitter.push(new.backoff.map(|b| b.jitter));
+        ttrs.push(db_u64(ttr_ms));
+    }
+    for queue in ready_queues {
+        notify(c, queue).await?;
+    }
+    let rows = c
+        .query(
+            concat!(
+                "WITH input AS (SELECT nextval('spool_job_ids') AS id, t.* FROM \
+                 unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::int4[], \
+                 $6::int8[], $7::int8[], $8::float8[], $9::float8[], $10::int8[], $11::int8[]) \
+                 WITH ORDINALITY AS t(queue, state, priority, payload, max_attempts, \
+                 backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, \
+                 ttr_ms, run_at_ns, ord)), \
+                 j AS (INSERT INTO spool_jobs (id, queue, state, priority, payload, \
+                 max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                 backoff_jitter, ttr_ms, run_at_ns, created_ns, updated_ns, version, \
+                 workflow_id, schedule) SELECT id, queue, state, priority, payload, \
+                 max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                 backoff_jitter, ttr_ms, run_at_ns, $12, $12, 1, $13, $14 FROM input \
+                 ORDER BY ord RETURNING *) SELECT ",
+                view_cols!(),
+                " FROM j JOIN input i ON i.id = j.id \
+                 LEFT JOIN spool_queues q ON q.name = j.queue ORDER BY i.ord"
+            ),
+            &[
+                &queues,
+                &states,
+                &priorities,
+                &payloads,
+                &max_attempts,
+                &backoff_initial,
+                &backoff_max,
+                &backoff_multiplier,
+                &backoff_jitter,
+                &ttrs,
+                &run_ats,
+                &db_u64(now),
+                &origin.workflow.map(db_u64),
+                &origin.schedule,
+            ],
+        )
+        .await?;
+    if rows.len() != n {
+        return refuse(BrokerError::Internal(format!(
+            "a batch insert of {n} jobs returned {} rows",
+            rows.len()
+        )));
+    }
+    Ok(views(&rows)?.into_iter().map(|v| (v, false)).collect())
 }
 
 // ---- leases ------------------------------------------------------------
