@@ -1303,7 +1303,7 @@ async fn complete(
 
 /// Completes every lease of `group` that is held, unexpired and not a
 /// workflow's job, in one statement: the same change as [`complete`] makes,
-/// with each job's queue announced at commit. The jobs it did not complete
+/// with each job's queue announced right after the commit. The jobs it did not complete
 /// are not in the answer: their callers run [`complete`] alone, which names
 /// the refusal or moves the workflow. Results were checked against the size
 /// limit before joining.
@@ -1335,11 +1335,8 @@ async fn complete_group(
                  AND spool_jobs.lease_token = input.token \
                  AND (spool_jobs.state = 'reserved') IS TRUE \
                  AND spool_jobs.deadline_ns >= $4 AND spool_jobs.workflow_id IS NULL \
-                 RETURNING spool_jobs.*) SELECT ",
-                view_cols!(),
-                // Each queue announced at commit: PostgreSQL folds equal
-                // notifications of one transaction into one.
-                ", pg_notify('spool', j.queue) FROM j LEFT JOIN spool_queues q ON q.name = j.queue"
+                 RETURNING spool_jobs.*)",
+                select_views!()
             ),
             &[
                 &ids,
@@ -1350,7 +1347,15 @@ async fn complete_group(
             ],
         )
         .await?;
-    views(&rows)
+    let jobs = views(&rows)?;
+    // Announced after the commit, not in it (see `Conn::notify_now`). The
+    // completions stand whatever happens to the announcement: a failed
+    // one is left to the waits' fallback poll, and the connection closed.
+    let mut queues: Vec<String> = jobs.iter().map(|j| j.queue.clone()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    let _ = c.notify_now(&queues).await;
+    Ok(jobs)
 }
 
 /// Where a failed attempt leaves a job: delayed by its backoff (or
