@@ -703,6 +703,7 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
     // pass while the database is away.
     let mut failing = false;
     let mut next_fire_ms: Option<u64> = None;
+    let mut retention_backlog = false;
     loop {
         let mut sleep = TIMER_INTERVAL;
         if let Some(at_ms) = next_fire_ms {
@@ -724,12 +725,19 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
             return;
         };
         let broker = PgBroker { inner };
-        let task = if pass.is_multiple_of(RETENTION_EVERY_PASSES) {
+        // The retention runs every pass while it has a backlog: jobs
+        // finishing faster than one batch every RETENTION_EVERY_PASSES
+        // passes would otherwise pile up in the table.
+        let task = if retention_backlog || pass.is_multiple_of(RETENTION_EVERY_PASSES) {
             Task::Timers
         } else {
             Task::DueTimers
         };
-        let result = match broker.run(task).await {
+        let timers = broker.run(task).await;
+        if let Ok(Done::Retention { backlog }) = &timers {
+            retention_backlog = *backlog;
+        }
+        let result = match timers {
             Ok(_) => broker.run(Task::FireSchedules).await,
             Err(error) => Err(error),
         };

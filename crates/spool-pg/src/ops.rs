@@ -91,6 +91,10 @@ pub(crate) enum Done {
     NextFire(Option<u64>),
     /// The jobs a [`Task::CompleteGroup`] completed.
     Completed(Vec<JobView>),
+    /// A [`Task::Timers`] pass: whether the retention has more to delete.
+    Retention {
+        backlog: bool,
+    },
     Nothing,
 }
 
@@ -405,8 +409,8 @@ async fn apply(
     let op = match task {
         Task::Op(op) => op,
         Task::Timers => {
-            timers(c, ctx, now).await?;
-            return Ok(Done::Nothing);
+            let backlog = timers(c, ctx, now).await?;
+            return Ok(Done::Retention { backlog });
         }
         Task::DueTimers => {
             promote_due(c, now).await?;
@@ -2155,16 +2159,19 @@ async fn expire(c: &mut Conn, ctx: &Ctx, rows: Vec<Row>, now: u64) -> Result<(),
 
 /// Due jobs, expired leases, final jobs past their queue's retention (age
 /// and count), expired idempotency keys: each bounded per pass.
-async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
+/// One pass of every timer; true when the retention left a backlog (a
+/// delete took its whole batch), so the next pass should run it again.
+async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<bool, OpError> {
     promote_due(c, now).await?;
     expire_leases(c, ctx, now).await?;
-    c.execute(
-        "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
+    let aged = c
+        .execute(
+            "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
          WHERE state IN ('completed', 'cancelled') AND purge_at_ns <= $1 \
          LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        &[&db_u64(now), &TIMER_BATCH_ROWS],
-    )
-    .await?;
+            &[&db_u64(now), &TIMER_BATCH_ROWS],
+        )
+        .await?;
     let over = c
         .query(
             "SELECT j.queue, count(*) - coalesce(max(q.retention_max_jobs), $1) \
@@ -2174,9 +2181,11 @@ async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
             &[&db_u64(limits::RETENTION_MAX_JOBS_DEFAULT)],
         )
         .await?;
+    let mut backlog = aged >= TIMER_BATCH_ROWS as u64;
     for row in over {
         let queue: String = row.get(0);
         let excess: i64 = row.get(1);
+        backlog |= excess > TIMER_BATCH_ROWS;
         c.execute(
             "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
              WHERE queue = $1 AND state IN ('completed', 'cancelled') \
@@ -2192,7 +2201,7 @@ async fn timers(c: &mut Conn, ctx: &Ctx, now: u64) -> Result<(), OpError> {
     )
     .await?;
     workflows::retention(c, now, TIMER_BATCH_ROWS).await?;
-    Ok(())
+    Ok(backlog)
 }
 
 /// The leases this node held before it restarted end: not a change (the
