@@ -89,7 +89,7 @@ while [ "$through" -lt "$TOTAL" ]; do
     rate=$(python3 -c "import time; print(round($share * $NODES / (time.time() - $started)))")
     on_disk=$(psql_ "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relname IN ($TABLES)")
     # The same rows packed: a fresh copy with spool_jobs' indexes.
-    packed=$(psql_ "DROP TABLE IF EXISTS bloat_packed; \
+    packed=$(psql_ "SET client_min_messages = warning; DROP TABLE IF EXISTS bloat_packed; \
         CREATE TABLE bloat_packed (LIKE spool_jobs INCLUDING ALL); \
         INSERT INTO bloat_packed SELECT * FROM spool_jobs; \
         SELECT pg_total_relation_size('bloat_packed') + \

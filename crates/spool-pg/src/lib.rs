@@ -64,6 +64,11 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// How often each node vacuums `spool_jobs` on the wall clock (skipped
+/// while another node does). Autovacuum looks at a table at most once a
+/// minute (`autovacuum_naptime`): a minute of churn, 120k jobs at 2k/s,
+/// leaves the table several times the size of the jobs it holds.
+pub const VACUUM_INTERVAL: Duration = Duration::from_secs(10);
 /// The shortest sleep of the timer task before a schedule's due instant.
 const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
@@ -704,6 +709,7 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
     let mut failing = false;
     let mut next_fire_ms: Option<u64> = None;
     let mut retention_backlog = false;
+    let mut last_vacuum = std::time::Instant::now();
     loop {
         let mut sleep = TIMER_INTERVAL;
         if let Some(at_ms) = next_fire_ms {
@@ -736,6 +742,12 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
         let timers = broker.run(task).await;
         if let Ok(Done::Retention { backlog }) = &timers {
             retention_backlog = *backlog;
+        }
+        if last_vacuum.elapsed() >= VACUUM_INTERVAL {
+            last_vacuum = std::time::Instant::now();
+            if let Err(error) = broker.run(Task::VacuumJobs).await {
+                tracing::debug!(%error, "vacuum of spool_jobs failed");
+            }
         }
         let result = match timers {
             Ok(_) => broker.run(Task::FireSchedules).await,

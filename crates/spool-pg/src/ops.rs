@@ -80,6 +80,8 @@ pub(crate) enum Task {
     DeleteLeased(Lease),
     /// Completions of several callers in one statement (`group.rs`).
     CompleteGroup(Vec<(Lease, Option<Bytes>)>),
+    /// The hot table vacuumed (outside any transaction).
+    VacuumJobs,
 }
 
 #[derive(Debug)]
@@ -383,6 +385,10 @@ pub(crate) async fn run(
             // anyone is answered.
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
+        Task::VacuumJobs => {
+            c.vacuum_jobs().await?;
+            return Ok(Done::Nothing);
+        }
         _ => {}
     }
     c.begin().await?;
@@ -438,7 +444,7 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) => {
+        Task::CompleteGroup(_) | Task::VacuumJobs => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

@@ -291,6 +291,18 @@ impl Conn {
         Ok(())
     }
 
+    /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
+    /// transaction, nor in a pipeline, which is one); skipped when another
+    /// node is vacuuming the table.
+    pub async fn vacuum_jobs(&mut self) -> Result<(), DbError> {
+        debug_assert!(!self.in_transaction, "a vacuum inside a transaction");
+        self.round_trip();
+        self.client
+            .batch_execute("VACUUM (SKIP_LOCKED) spool_jobs")
+            .await?;
+        Ok(())
+    }
+
     /// Opens a transaction; its `BEGIN` travels with its first statement.
     pub async fn begin(&mut self) -> Result<(), DbError> {
         self.in_transaction = true;
