@@ -72,7 +72,9 @@ echo "PostgreSQL $(psql_ 'SHOW server_version'): autovacuum=$(psql_ 'SHOW autova
 echo "jobs_through  on_disk  packed  ratio  rows(live/final)  jobs/s  load"
 through=0
 share=$((ROUND / NODES))
-while [ "$through" -lt "$TOTAL" ]; do
+# Rounds of ROUND jobs (each node a whole share) until TOTAL is reached,
+# give or take the rounding of the shares.
+while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
     started=$(date +%s.%N)
     pids=()
     for i in "${!hports[@]}"; do
