@@ -12,6 +12,7 @@
 
 mod clock;
 mod error;
+mod group;
 mod ops;
 mod pool;
 mod schedules;
@@ -27,10 +28,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use spool_broker::{
-    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Leased, Op, OpSession,
-    Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker, SnapshotScope,
-    WaitCounts, WorkflowCounters,
+    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Lease, Leased, Op,
+    OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker,
+    SnapshotScope, WaitCounts, WorkflowCounters,
 };
 use spool_proto::ServerStats;
 use tokio::sync::{watch, Notify};
@@ -62,6 +64,11 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// How often each node vacuums `spool_jobs` on the wall clock (skipped
+/// while another node does). Autovacuum looks at a table at most once a
+/// minute (`autovacuum_naptime`): a minute of churn, 120k jobs at 2k/s,
+/// leaves the table several times the size of the jobs it holds.
+pub const VACUUM_INTERVAL: Duration = Duration::from_secs(10);
 /// The shortest sleep of the timer task before a schedule's due instant.
 const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
@@ -146,6 +153,8 @@ struct Inner {
     /// A schedule was created or resumed here: the timer task looks at
     /// when it falls due (other nodes find it by their bounded poll).
     schedules_changed: Arc<Notify>,
+    /// Completions waiting to go to the database together.
+    complete_groups: group::CompleteGroups,
 }
 
 /// This node's skew histograms, by name.
@@ -249,6 +258,7 @@ impl PgBroker {
                 reserve_waits: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
                 schedules_changed: Arc::new(Notify::new()),
+                complete_groups: group::CompleteGroups::default(),
             }),
         };
         broker
@@ -405,12 +415,68 @@ impl PgBroker {
                 .await
                 .map(Outcome::Leased),
             Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            Op::Complete { lease, result }
+                if result
+                    .as_ref()
+                    .is_none_or(|r| r.len() <= inner.ctx.max_job_size as usize) =>
+            {
+                self.complete_grouped(lease, result).await
+            }
             op @ (Op::PutSchedule { .. } | Op::ResumeSchedule { .. }) => {
                 let outcome = self.run_op(op, &mut Effects::default()).await;
                 inner.schedules_changed.notify_one();
                 outcome
             }
             op => self.run_op(op, &mut Effects::default()).await,
+        }
+    }
+
+    /// A completion, sent with the others waiting at this node in one
+    /// statement (`group.rs`); run alone when the group did not settle it.
+    async fn complete_grouped(
+        &self,
+        lease: Lease,
+        result: Option<Bytes>,
+    ) -> Result<Outcome, BrokerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = group::Pending {
+            lease,
+            result: result.clone(),
+            reply,
+        };
+        if self.inner.complete_groups.join(pending) {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.run_complete_groups().await });
+        }
+        match answer.await {
+            Ok(Ok(Some(job))) => Ok(Outcome::Job(job)),
+            Ok(Ok(None)) => {
+                self.run_op(Op::Complete { lease, result }, &mut Effects::default())
+                    .await
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BrokerError::Internal(
+                "a completion's group ended without answering it".into(),
+            )),
+        }
+    }
+
+    /// Runs groups of completions until none waits; those that arrive
+    /// while one is in the database form the next.
+    async fn run_complete_groups(&self) {
+        while let Some(group) = self.inner.complete_groups.next_group() {
+            let leases = group.iter().map(|p| (p.lease, p.result.clone())).collect();
+            let outcome = match self
+                .run_with(Task::CompleteGroup(leases), &mut Effects::default())
+                .await
+            {
+                Ok(Done::Completed(jobs)) => Ok(jobs),
+                Ok(other) => Err(BrokerError::Internal(format!(
+                    "a completion group answered {other:?}"
+                ))),
+                Err(error) => Err(error),
+            };
+            group::answer(group, outcome);
         }
     }
 
@@ -696,6 +762,8 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
     // pass while the database is away.
     let mut failing = false;
     let mut next_fire_ms: Option<u64> = None;
+    let mut retention_backlog = false;
+    let mut last_vacuum = std::time::Instant::now();
     loop {
         let mut sleep = TIMER_INTERVAL;
         if let Some(at_ms) = next_fire_ms {
@@ -717,12 +785,25 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
             return;
         };
         let broker = PgBroker { inner };
-        let task = if pass.is_multiple_of(RETENTION_EVERY_PASSES) {
+        // The retention runs every pass while it has a backlog: jobs
+        // finishing faster than one batch every RETENTION_EVERY_PASSES
+        // passes would otherwise pile up in the table.
+        let task = if retention_backlog || pass.is_multiple_of(RETENTION_EVERY_PASSES) {
             Task::Timers
         } else {
             Task::DueTimers
         };
-        let result = match broker.run(task).await {
+        let timers = broker.run(task).await;
+        if let Ok(Done::Retention { backlog }) = &timers {
+            retention_backlog = *backlog;
+        }
+        if last_vacuum.elapsed() >= VACUUM_INTERVAL {
+            last_vacuum = std::time::Instant::now();
+            if let Err(error) = broker.run(Task::VacuumJobs).await {
+                tracing::debug!(%error, "vacuum of spool_jobs failed");
+            }
+        }
+        let result = match timers {
             Ok(_) => broker.fire_schedules().await,
             Err(error) => Err(error),
         };

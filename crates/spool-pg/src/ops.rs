@@ -89,6 +89,10 @@ pub(crate) enum Task {
     AttemptLimit(QueueName),
     /// beanstalkd's delete of a job held under this lease.
     DeleteLeased(Lease),
+    /// Completions of several callers in one statement (`group.rs`).
+    CompleteGroup(Vec<(Lease, Option<Bytes>)>),
+    /// The hot table vacuumed (outside any transaction).
+    VacuumJobs,
 }
 
 #[derive(Debug)]
@@ -98,6 +102,12 @@ pub(crate) enum Done {
     AttemptLimit(Option<u32>),
     /// The earliest due instant of any schedule, wall-clock ms.
     NextFire(Option<u64>),
+    /// The jobs a [`Task::CompleteGroup`] completed.
+    Completed(Vec<JobView>),
+    /// A [`Task::Timers`] pass: whether the retention has more to delete.
+    Retention {
+        backlog: bool,
+    },
     Nothing,
 }
 
@@ -381,6 +391,15 @@ pub(crate) async fn run(
                 return Ok(Done::Nothing);
             }
         }
+        Task::CompleteGroup(group) => {
+            // One statement, so its own transaction, committed before
+            // anyone is answered.
+            return Ok(Done::Completed(complete_group(c, &group, now).await?));
+        }
+        Task::VacuumJobs => {
+            c.vacuum_jobs().await?;
+            return Ok(Done::Nothing);
+        }
         _ => {}
     }
     c.begin().await?;
@@ -407,8 +426,8 @@ async fn apply(
     let op = match task {
         Task::Op(op) => op,
         Task::Timers => {
-            timers(c, ctx, now, fx).await?;
-            return Ok(Done::Nothing);
+            let backlog = timers(c, ctx, now, fx).await?;
+            return Ok(Done::Retention { backlog });
         }
         Task::DueTimers => {
             promote_due(c, now, fx).await?;
@@ -437,6 +456,11 @@ async fn apply(
         Task::DeleteLeased(lease) => {
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
+        }
+        Task::CompleteGroup(_) | Task::VacuumJobs => {
+            return refuse(BrokerError::Internal(
+                "a single statement runs outside a transaction".into(),
+            ))
         }
     };
     let outcome = match op {
@@ -782,6 +806,17 @@ pub(crate) async fn enqueue_from(
             return refuse(BrokerError::QueueFull { max_jobs });
         }
     }
+    // A batch of plain new jobs (no key, headers or parents: what one row
+    // of arrays carries) goes in one statement instead of one a job.
+    let plain = |c: &Checked| {
+        c.job.idempotency_key.is_none() && c.job.headers.is_empty() && c.job.parents.is_empty()
+    };
+    if checked.len() > 1
+        && slots.iter().all(|s| matches!(s, Slot::New))
+        && checked.iter().all(plain)
+    {
+        return insert_plain(c, &checked, &defaults, now, origin).await;
+    }
     let mut made: Vec<(JobView, bool)> = Vec::with_capacity(checked.len());
     let mut ready_queues: HashSet<&str> = HashSet::new();
     for (index, (job, slot)) in checked.iter().zip(&slots).enumerate() {
@@ -789,18 +824,8 @@ pub(crate) async fn enqueue_from(
             Slot::Existing(id) => (get(c, from_db(id)).await?, true),
             Slot::SameAs(first) => (made[first].0.clone(), true),
             Slot::New => {
-                let defaults = defaults.get(job.queue.as_str());
                 let new = &job.job;
-                let ttr_ms = new
-                    .ttr_ms
-                    .or(defaults.and_then(|d| d.ttr_ms))
-                    .unwrap_or(limits::TTR_MS_DEFAULT)
-                    // beanstalkd's least TTR, for jobs of both front doors.
-                    .max(spool_proto::limits::MIN_TTR_NS / NS_PER_MS);
-                let max_attempts = new
-                    .max_attempts
-                    .or(defaults.and_then(|d| d.max_attempts))
-                    .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+                let (ttr_ms, max_attempts) = job_limits(new, defaults.get(job.queue.as_str()));
                 let (state, run_at) = if job.delay_ns > 0 {
                     ("delayed", Some(db_u64(now.saturating_add(job.delay_ns))))
                 } else {
@@ -913,6 +938,118 @@ pub(crate) async fn enqueue_from(
         notify(c, queue).await?;
     }
     Ok(made)
+}
+
+/// The TTR and attempt limit of a new job: its own, else its queue's, else
+/// the defaults.
+fn job_limits(job: &NewJob, defaults: Option<&QueueDefaults>) -> (u64, u32) {
+    let ttr_ms = job
+        .ttr_ms
+        .or(defaults.and_then(|d| d.ttr_ms))
+        .unwrap_or(limits::TTR_MS_DEFAULT)
+        // beanstalkd's least TTR, for jobs of both front doors.
+        .max(spool_proto::limits::MIN_TTR_NS / NS_PER_MS);
+    let max_attempts = job
+        .max_attempts
+        .or(defaults.and_then(|d| d.max_attempts))
+        .unwrap_or(limits::MAX_ATTEMPTS_DEFAULT);
+    (ttr_ms, max_attempts)
+}
+
+/// Inserts checked jobs without keys, headers or parents as one
+/// statement over arrays (ids taken in the batch's order), and announces
+/// the queues with ready jobs at commit.
+async fn insert_plain(
+    c: &mut Conn,
+    checked: &[Checked],
+    defaults: &HashMap<String, QueueDefaults>,
+    now: u64,
+    origin: Origin<'_>,
+) -> Result<Vec<(JobView, bool)>, OpError> {
+    let n = checked.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut payloads: Vec<&[u8]> = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut backoff_initial = Vec::with_capacity(n);
+    let mut backoff_max = Vec::with_capacity(n);
+    let mut backoff_multiplier = Vec::with_capacity(n);
+    let mut backoff_jitter = Vec::with_capacity(n);
+    let mut ttrs = Vec::with_capacity(n);
+    let mut run_ats = Vec::with_capacity(n);
+    let mut ready_queues: Vec<&str> = Vec::new();
+    for job in checked {
+        let new = &job.job;
+        let (ttr_ms, attempts) = job_limits(new, defaults.get(job.queue.as_str()));
+        queues.push(job.queue.as_str());
+        if job.delay_ns > 0 {
+            states.push("delayed");
+            run_ats.push(Some(db_u64(now.saturating_add(job.delay_ns))));
+        } else {
+            states.push("ready");
+            run_ats.push(None);
+            if !ready_queues.contains(&job.queue.as_str()) {
+                ready_queues.push(job.queue.as_str());
+            }
+        }
+        priorities.push(i64::from(new.priority.unwrap_or(limits::PRIORITY_DEFAULT)));
+        payloads.push(&new.payload[..]);
+        max_attempts.push(attempts.min(i32::MAX as u32) as i32);
+        backoff_initial.push(new.backoff.map(|b| db_u64(b.initial_ms)));
+        backoff_max.push(new.backoff.map(|b| db_u64(b.max_ms)));
+        backoff_multiplier.push(new.backoff.map(|b| b.multiplier));
+        backoff_jitter.push(new.backoff.map(|b| b.jitter));
+        ttrs.push(db_u64(ttr_ms));
+    }
+    for queue in ready_queues {
+        notify(c, queue).await?;
+    }
+    let rows = c
+        .query(
+            concat!(
+                "WITH input AS (SELECT nextval('spool_job_ids') AS id, t.* FROM \
+                 unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::int4[], \
+                 $6::int8[], $7::int8[], $8::float8[], $9::float8[], $10::int8[], $11::int8[]) \
+                 WITH ORDINALITY AS t(queue, state, priority, payload, max_attempts, \
+                 backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter, \
+                 ttr_ms, run_at_ns, ord)), \
+                 j AS (INSERT INTO spool_jobs (id, queue, state, priority, payload, \
+                 max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                 backoff_jitter, ttr_ms, run_at_ns, created_ns, updated_ns, version, \
+                 workflow_id, schedule) SELECT id, queue, state, priority, payload, \
+                 max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+                 backoff_jitter, ttr_ms, run_at_ns, $12, $12, 1, $13, $14 FROM input \
+                 ORDER BY ord RETURNING *) SELECT ",
+                view_cols!(),
+                " FROM j JOIN input i ON i.id = j.id \
+                 LEFT JOIN spool_queues q ON q.name = j.queue ORDER BY i.ord"
+            ),
+            &[
+                &queues,
+                &states,
+                &priorities,
+                &payloads,
+                &max_attempts,
+                &backoff_initial,
+                &backoff_max,
+                &backoff_multiplier,
+                &backoff_jitter,
+                &ttrs,
+                &run_ats,
+                &db_u64(now),
+                &origin.workflow.map(db_u64),
+                &origin.schedule,
+            ],
+        )
+        .await?;
+    if rows.len() != n {
+        return refuse(BrokerError::Internal(format!(
+            "a batch insert of {n} jobs returned {} rows",
+            rows.len()
+        )));
+    }
+    Ok(views(&rows)?.into_iter().map(|v| (v, false)).collect())
 }
 
 // ---- leases ------------------------------------------------------------
@@ -1185,6 +1322,63 @@ async fn complete(
         }
         None => Err(lease_refusal(c, lease).await),
     }
+}
+
+/// Completes every lease of `group` that is held, unexpired and not a
+/// workflow's job, in one statement: the same change as [`complete`] makes,
+/// with each job's queue announced right after the commit. The jobs it did not complete
+/// are not in the answer: their callers run [`complete`] alone, which names
+/// the refusal or moves the workflow. Results were checked against the size
+/// limit before joining.
+///
+/// The rows are found by primary key (`id = ANY($1)`). The state test is
+/// written `(…) IS TRUE` so that it does not match the partial index of
+/// reserved jobs: with `state = 'reserved'` the planner, whose statistics
+/// rarely see the many jobs held under load, scans that whole index (and
+/// its dead entries) instead: 3.3 ms a statement, measured.
+async fn complete_group(
+    c: &mut Conn,
+    group: &[(Lease, Option<Bytes>)],
+    now: u64,
+) -> Result<Vec<JobView>, OpError> {
+    let ids: Vec<i64> = group.iter().map(|(l, _)| db_u64(l.job)).collect();
+    let tokens: Vec<i64> = group.iter().map(|(l, _)| db_u64(l.token)).collect();
+    let results: Vec<Option<&[u8]>> = group.iter().map(|(_, r)| r.as_deref()).collect();
+    let rows = c
+        .query(
+            concat!(
+                "WITH input AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[]) \
+                 AS t(id, token, result)), \
+                 j AS (UPDATE spool_jobs SET state = 'completed', result = input.result, \
+                 finished_ns = $4, updated_ns = $4, version = version + 1, \
+                 purge_at_ns = $4 + coalesce((SELECT retention_ms FROM spool_queues \
+                 WHERE name = spool_jobs.queue), $5) * 1000000, \
+                 lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
+                 FROM input WHERE spool_jobs.id = input.id AND spool_jobs.id = ANY($1) \
+                 AND spool_jobs.lease_token = input.token \
+                 AND (spool_jobs.state = 'reserved') IS TRUE \
+                 AND spool_jobs.deadline_ns >= $4 AND spool_jobs.workflow_id IS NULL \
+                 RETURNING spool_jobs.*)",
+                select_views!()
+            ),
+            &[
+                &ids,
+                &tokens,
+                &results,
+                &db_u64(now),
+                &db_u64(limits::RETENTION_MS_DEFAULT),
+            ],
+        )
+        .await?;
+    let jobs = views(&rows)?;
+    // Announced after the commit, not in it (see `Conn::notify_now`). The
+    // completions stand whatever happens to the announcement: a failed
+    // one is left to the waits' fallback poll, and the connection closed.
+    let mut queues: Vec<String> = jobs.iter().map(|j| j.queue.clone()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    let _ = c.notify_now(&queues).await;
+    Ok(jobs)
 }
 
 /// Where a failed attempt leaves a job: delayed by its backoff (or
@@ -1997,16 +2191,19 @@ async fn expire(c: &mut Conn, ctx: &Ctx, rows: Vec<Row>, now: u64) -> Result<(),
 
 /// Due jobs, expired leases, final jobs past their queue's retention (age
 /// and count), expired idempotency keys: each bounded per pass.
-async fn timers(c: &mut Conn, ctx: &Ctx, now: u64, fx: &mut Effects) -> Result<(), OpError> {
+/// One pass of every timer; true when the retention left a backlog (a
+/// delete took its whole batch), so the next pass should run it again.
+async fn timers(c: &mut Conn, ctx: &Ctx, now: u64, fx: &mut Effects) -> Result<bool, OpError> {
     promote_due(c, now, fx).await?;
     expire_leases(c, ctx, now).await?;
-    c.execute(
-        "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
+    let aged = c
+        .execute(
+            "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
          WHERE state IN ('completed', 'cancelled') AND purge_at_ns <= $1 \
          LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        &[&db_u64(now), &TIMER_BATCH_ROWS],
-    )
-    .await?;
+            &[&db_u64(now), &TIMER_BATCH_ROWS],
+        )
+        .await?;
     let over = c
         .query(
             "SELECT j.queue, count(*) - coalesce(max(q.retention_max_jobs), $1) \
@@ -2016,9 +2213,11 @@ async fn timers(c: &mut Conn, ctx: &Ctx, now: u64, fx: &mut Effects) -> Result<(
             &[&db_u64(limits::RETENTION_MAX_JOBS_DEFAULT)],
         )
         .await?;
+    let mut backlog = aged >= TIMER_BATCH_ROWS as u64;
     for row in over {
         let queue: String = row.get(0);
         let excess: i64 = row.get(1);
+        backlog |= excess > TIMER_BATCH_ROWS;
         c.execute(
             "DELETE FROM spool_jobs WHERE id IN (SELECT id FROM spool_jobs \
              WHERE queue = $1 AND state IN ('completed', 'cancelled') \
@@ -2034,7 +2233,7 @@ async fn timers(c: &mut Conn, ctx: &Ctx, now: u64, fx: &mut Effects) -> Result<(
     )
     .await?;
     workflows::retention(c, now, TIMER_BATCH_ROWS).await?;
-    Ok(())
+    Ok(backlog)
 }
 
 /// The leases this node held before it restarted end: not a change (the

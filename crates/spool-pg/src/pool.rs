@@ -258,6 +258,51 @@ impl Conn {
         }
     }
 
+    /// Announces `queues` in a transaction of their own, right after the
+    /// caller's committed, with `synchronous_commit` off for it alone (one
+    /// round trip). A notifying transaction holds PostgreSQL's database-
+    /// wide notification lock from before its commit until the commit is
+    /// done: with the flush inside, notifying commits of every node go one
+    /// at a time; without it the lock is held for microseconds, and the
+    /// caller's commit, made without notifications, shares its WAL flush
+    /// with others. A notification is a hint to look again (a crash in
+    /// between leaves waits to their fallback poll), so it needs no flush.
+    /// On an error the connection is left marked inside a transaction, so
+    /// the pool closes it.
+    pub async fn notify_now(&mut self, queues: &[String]) -> Result<(), DbError> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        debug_assert!(!self.in_transaction, "notify_now inside a transaction");
+        let statement = self.statement(NOTIFY_SQL).await?;
+        self.in_transaction = true;
+        self.round_trip();
+        let client = &self.client;
+        let params: [&(dyn ToSql + Sync); 1] = [&queues];
+        let (began, notified, committed) = tokio::join!(
+            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            client.execute(&statement, &params),
+            client.batch_execute("COMMIT")
+        );
+        began?;
+        notified?;
+        committed?;
+        self.in_transaction = false;
+        Ok(())
+    }
+
+    /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
+    /// transaction, nor in a pipeline, which is one); skipped when another
+    /// node is vacuuming the table.
+    pub async fn vacuum_jobs(&mut self) -> Result<(), DbError> {
+        debug_assert!(!self.in_transaction, "a vacuum inside a transaction");
+        self.round_trip();
+        self.client
+            .batch_execute("VACUUM (SKIP_LOCKED) spool_jobs")
+            .await?;
+        Ok(())
+    }
+
     /// Opens a transaction; its `BEGIN` travels with its first statement.
     pub async fn begin(&mut self) -> Result<(), DbError> {
         self.in_transaction = true;

@@ -9,6 +9,7 @@ use crate::error::ConnectError;
 pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_workflows_schedules.sql"),
+    include_str!("../migrations/0003_vacuum.sql"),
 ];
 
 /// The schema version this binary writes and reads.

@@ -41,6 +41,8 @@ pub struct TestCluster {
     _watchdog: Mutex<Child>,
     run_as: Option<&'static str>,
     next_db: AtomicU64,
+    /// The server's command-line options, for starting it again.
+    options: String,
 }
 
 /// Where PostgreSQL's server binaries are: the newest version installed.
@@ -103,13 +105,22 @@ impl TestCluster {
     /// The cluster of this process, started on first use.
     pub fn shared() -> &'static TestCluster {
         static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
-        CLUSTER.get_or_init(TestCluster::start)
+        CLUSTER.get_or_init(|| TestCluster::start(""))
     }
 
-    fn start() -> TestCluster {
+    /// A cluster of the caller's own, for a test that stops and starts
+    /// the server (the shared one serves every other test meanwhile).
+    /// Stopped, with its directory removed, when dropped or when the
+    /// process exits.
+    pub fn private() -> TestCluster {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        TestCluster::start(&format!("private{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    fn start(name: &str) -> TestCluster {
         let bin = find_bin();
         let run_as = is_root().then_some("postgres");
-        let dir = std::env::temp_dir().join(format!("spool-pg-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("spool-pg-test-{}{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("socket")).unwrap();
         if let Some(user) = run_as {
@@ -138,10 +149,14 @@ impl TestCluster {
         let postgres = bin.join("postgres");
         let pg_ctl = bin.join("pg_ctl");
         let as_user = run_as.map_or(String::new(), |u| format!("runuser -u {u} -- "));
-        let script = format!(
-            "{as_user}{postgres} -D {data} -k {socket} -p {SOCKET_PORT} -c listen_addresses= \
+        let options = format!(
+            "-k {socket} -p {SOCKET_PORT} -c listen_addresses= \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-             -c max_connections={MAX_CONNECTIONS} >{log} 2>&1 &\n\
+             -c max_connections={MAX_CONNECTIONS}",
+            socket = dir.join("socket").display(),
+        );
+        let script = format!(
+            "{as_user}{postgres} -D {data} {options} >{log} 2>&1 &\n\
              cat >/dev/null\n\
              {as_user}{pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1\n\
              wait\n\
@@ -149,7 +164,6 @@ impl TestCluster {
             postgres = postgres.display(),
             pg_ctl = pg_ctl.display(),
             data = data.display(),
-            socket = dir.join("socket").display(),
             log = dir.join("server.log").display(),
             dir = dir.display(),
         );
@@ -172,6 +186,7 @@ impl TestCluster {
             _watchdog: Mutex::new(watchdog),
             run_as,
             next_db: AtomicU64::new(0),
+            options,
         };
         cluster.wait_ready();
         cluster
@@ -196,6 +211,30 @@ impl TestCluster {
         }
         let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
         panic!("the test PostgreSQL did not start:\n{log}");
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: sessions are ended, open
+    /// transactions roll back), waiting until it is down.
+    pub fn stop(&self) {
+        let mut stop = pg_command(&self.bin, "pg_ctl", self.run_as);
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "fast", "-w"]);
+        run(stop, "pg_ctl stop");
+    }
+
+    /// Starts the stopped server again, with the options it first had,
+    /// and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let mut start = pg_command(&self.bin, "pg_ctl", self.run_as);
+        start
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server-again.log"))
+            .args(["-w", "-o", &self.options, "start"]);
+        run(start, "pg_ctl start");
+        self.wait_ready();
     }
 
     /// The connection string of database `name`.

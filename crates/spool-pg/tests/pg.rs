@@ -305,6 +305,82 @@ async fn nodes_share_jobs_waits_and_a_global_concurrency() {
     );
 }
 
+/// Completions arriving together at one node go to the database as one
+/// statement; a bad lease among them is refused alone and the others
+/// complete with their own results.
+#[tokio::test]
+async fn concurrent_completions_with_bad_ones_among_them() {
+    const GOOD: usize = 40;
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    for n in 0..GOOD + 2 {
+        a.enqueue(queue("g"), job(if n % 2 == 0 { "even" } else { "odd" }))
+            .await
+            .expect("enqueue");
+    }
+    let mut held = a
+        .reserve(vec![queue("g")], (GOOD + 2) as u32, 0)
+        .await
+        .expect("reserve");
+    assert_eq!(held.len(), GOOD + 2);
+    let done_before = held.pop().expect("one to complete first");
+    let too_large = held.pop().expect("one with a result over the limit");
+    a.complete(done_before.lease, None)
+        .await
+        .expect("complete alone");
+    let mut stale = held[0].lease;
+    stale.token += 1_000;
+
+    let mut calls = Vec::new();
+    for (n, leased) in held.iter().enumerate() {
+        let (broker, lease) = (a.clone(), leased.lease);
+        let result = Bytes::from(format!("result {n}"));
+        calls.push(tokio::spawn(async move {
+            broker.complete(lease, Some(result)).await
+        }));
+    }
+    let bad = [
+        (done_before.lease, None),
+        (stale, None),
+        (too_large.lease, Some(Bytes::from(vec![b'x'; 70_000]))),
+    ];
+    let mut bad_calls = Vec::new();
+    for (lease, result) in bad {
+        let broker = a.clone();
+        bad_calls.push(tokio::spawn(
+            async move { broker.complete(lease, result).await },
+        ));
+    }
+    for (n, call) in calls.into_iter().enumerate() {
+        let done = call.await.expect("join").expect("a held lease completes");
+        assert_eq!(done.id, held[n].job.id);
+        assert_eq!(done.state, JobState::Completed);
+        assert_eq!(done.result, Some(Bytes::from(format!("result {n}"))));
+    }
+    let mut refusals = Vec::new();
+    for call in bad_calls {
+        refusals.push(call.await.expect("join").expect_err("refused"));
+    }
+    // Completed already, and a token that was never handed out.
+    for refusal in &refusals[..2] {
+        assert_eq!(
+            *refusal,
+            BrokerError::Conflict(spool_broker::Conflict::LeaseExpired)
+        );
+    }
+    assert!(
+        matches!(refusals[2], BrokerError::TooLarge { .. }),
+        "{:?}",
+        refusals[2]
+    );
+    assert_eq!(
+        a.get(too_large.job.id).await.expect("get").state,
+        JobState::Reserved,
+        "a refused completion changes nothing"
+    );
+}
+
 #[tokio::test]
 async fn a_restarting_node_hands_back_only_its_own_leases() {
     let url = TestCluster::shared().create_database();

@@ -207,3 +207,152 @@ fn a_killed_node_loses_nothing_and_its_jobs_come_back_after_their_leases() {
     got.sort_unstable();
     assert_eq!(got, put, "each job once, none lost");
 }
+
+/// Bound on waiting for work to finish after PostgreSQL came back: leases
+/// broken by the restart end after their 1 s TTR, then a backoff.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Enqueues over HTTP until `stop`, keeping the ids of acknowledged jobs
+/// (201); refusals while the database is away are expected and counted.
+fn produce(server: &Server, stop: &std::sync::atomic::AtomicBool) -> (Vec<u64>, u64) {
+    use std::sync::atomic::Ordering;
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    // Bounded in count as well as by the caller's stop.
+    for n in 0..5_000u64 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let body = json!({"payload": {"n": n}, "ttr_ms": 1_000,
+            "backoff": {"initial_ms": 10, "max_ms": 100, "multiplier": 2.0, "jitter": 0.0}});
+        let reply = post(server, "/v1/queues/restart/jobs", body);
+        match reply.status {
+            201 => acked.push(reply.json()["id"].as_u64().expect("an id")),
+            503 => refused += 1,
+            other => panic!("enqueue answered {other}: {}", reply.body),
+        }
+    }
+    (acked, refused)
+}
+
+/// Reserves and completes over HTTP until `stop` or after `rounds`
+/// reserves; the ids whose completion was acknowledged.
+fn work(server: &Server, stop: &std::sync::atomic::AtomicBool, rounds: u32) -> Vec<u64> {
+    use std::sync::atomic::Ordering;
+    let mut completed = Vec::new();
+    for _ in 0..rounds {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let reply = post(
+            server,
+            "/v1/reserve",
+            json!({"queues": ["restart"], "timeout_ms": 200, "batch": 8}),
+        );
+        if reply.status != 200 {
+            assert_eq!(reply.status, 503, "reserve: {}", reply.body);
+            continue;
+        }
+        for job in reply.json()["jobs"].as_array().expect("jobs").clone() {
+            let id = job["id"].as_u64().expect("an id");
+            let lease = job["lease"].as_str().expect("a lease");
+            let done = post(
+                server,
+                &format!("/v1/jobs/{id}/complete"),
+                json!({ "lease": lease }),
+            );
+            match done.status {
+                200 => completed.push(id),
+                // The database away, or a lease the outage outlived.
+                503 | 409 => {}
+                other => panic!("complete answered {other}: {}", done.body),
+            }
+        }
+    }
+    completed
+}
+
+/// Enqueued jobs with no acknowledged completion yet, on `server`.
+fn unfinished(server: &Server, acked: &[u64]) -> Vec<u64> {
+    acked
+        .iter()
+        .copied()
+        .filter(|id| {
+            let job = ok(server.http("GET", &format!("/v1/jobs/{id}"), ""), 200);
+            job["state"] != "completed"
+        })
+        .collect()
+}
+
+/// PostgreSQL restarting under load (stopped, then started: the two
+/// halves of `pg_ctl restart`, so that the test sees the nodes while the
+/// database is away instead of racing a fast restart): both nodes turn
+/// unready and ready again by themselves, every acknowledged enqueue and
+/// completion survives, and the work goes on.
+#[test]
+fn a_postgresql_restart_under_load_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = TestCluster::private();
+    let url = cluster.create_database();
+    let a = Server::start_postgres(&url, &["--node-id", "a"]);
+    let b = Server::start_postgres(&url, &["--node-id", "b"]);
+    wait_ready(&a);
+    wait_ready(&b);
+    let stop = AtomicBool::new(false);
+    let (produced, completed) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| produce(&a, &stop));
+        let worker = scope.spawn(|| work(&b, &stop, 50_000));
+        let done_before = || ok(a.http("GET", "/v1/queues/restart", ""), 200);
+        wait_until("jobs to flow before the restart", || {
+            done_before()["counts"]["completed"].as_u64().unwrap_or(0) >= 20
+        });
+        cluster.stop();
+        for server in [&a, &b] {
+            wait_until("/readyz to answer 503 with the database away", || {
+                let reply = server.http("GET", "/readyz", "");
+                reply.status == 503 && reply.body.contains("storage_failed")
+            });
+            assert_eq!(server.http("GET", "/livez", "").status, 200);
+        }
+        cluster.start_again();
+        for server in [&a, &b] {
+            wait_until("/readyz to answer 200 again by itself", || {
+                server.http("GET", "/readyz", "").status == 200
+            });
+        }
+        let completed_at_return = done_before()["counts"]["completed"]
+            .as_u64()
+            .expect("a count");
+        wait_until("work to go on after the restart", || {
+            done_before()["counts"]["completed"].as_u64().unwrap_or(0) >= completed_at_return + 20
+        });
+        stop.store(true, Ordering::Relaxed);
+        (
+            producer.join().expect("producer"),
+            worker.join().expect("worker"),
+        )
+    });
+    let (acked, refused) = produced;
+    assert!(
+        !acked.is_empty() && !completed.is_empty(),
+        "jobs went through ({} enqueues refused while the database was away)",
+        refused
+    );
+    // Every acknowledged completion stands.
+    for id in &completed {
+        let job = ok(a.http("GET", &format!("/v1/jobs/{id}"), ""), 200);
+        assert_eq!(job["state"], "completed", "job {id}: {job}");
+    }
+    // Every acknowledged enqueue is there; the ones the restart caught
+    // held come back when their leases end and are worked to completion.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut left = unfinished(&a, &acked);
+    while !left.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "jobs never completed after the restart: {left:?}"
+        );
+        // A few reserves (each waits at most 200 ms), then look again.
+        work(&b, &AtomicBool::new(false), 5);
+        left = unfinished(&a, &acked);
+    }
+}

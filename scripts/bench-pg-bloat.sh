@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Does spool's PostgreSQL schema bloat under churn? Jobs go through NODES
+# spool nodes (HTTP: batch enqueue, reserve with `batch`, complete; the
+# retention deletes final jobs beyond each queue's 10,000 or past an hour)
+# in rounds of ROUND jobs up to TOTAL; after each round it prints the
+# on-disk size of spool's tables with their indexes and TOAST
+# (pg_total_relation_size) against the size of the same rows packed: a
+# fresh copy of spool_jobs with the same indexes. Target: at most 2x.
+# A private cluster with initdb's defaults (autovacuum on), stopped at the
+# end.
+#
+#   bash scripts/bench-pg-bloat.sh                       # TOTAL=1000000
+#   TOTAL=10000000 ROUND=500000 bash scripts/bench-pg-bloat.sh
+#
+# Needs a release build (cargo build --release -p spool) and Debian's
+# postgresql package.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TOTAL=${TOTAL:-1000000}
+ROUND=${ROUND:-100000}
+NODES=${NODES:-3}
+ROUND_LIMIT_S=${ROUND_LIMIT_S:-1200}
+SPOOL=${SPOOL:-target/release/spool}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+[ -x "$BIN/initdb" ] || { echo "install postgresql (apt-get install postgresql)" >&2; exit 1; }
+[ -x "$SPOOL" ] || { echo "build $SPOOL first: cargo build --release -p spool" >&2; exit 1; }
+
+DIR=$(mktemp -d /tmp/spool-bench-bloat.XXXXXX)
+AS=""
+if [ "$(id -u)" -eq 0 ]; then
+    chown postgres "$DIR"
+    AS="runuser -u postgres --"
+fi
+cleanup() {
+    for f in "$DIR"/*.pid; do
+        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    $AS "$BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+$AS "$BIN/initdb" -D "$DIR/data" -U spool --auth=trust -E UTF8 --no-sync >/dev/null
+$AS "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start \
+    -o "-k $DIR -c listen_addresses= -c max_connections=200 -c shared_buffers=256MB ${PG_OPTIONS:-}" >/dev/null
+URL="host=$DIR port=5432 user=spool dbname=postgres"
+psql_() { $AS "$BIN/psql" -h "$DIR" -U spool -d postgres -Atc "$1"; }
+
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+hports=()
+for n in $(seq 1 "$NODES"); do
+    p=$(port)
+    hp=$(port)
+    SPOOL_HTTP_LISTEN=127.0.0.1:$hp "$SPOOL" serve -l 127.0.0.1 -p "$p" \
+        --database-url "$URL" --node-id "n$n" --log-level warn >"$DIR/n$n.log" 2>&1 &
+    echo $! >"$DIR/n$n.pid"
+    for _ in $(seq 200); do
+        curl -fs "http://127.0.0.1:$hp/readyz" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    curl -fs "http://127.0.0.1:$hp/readyz" >/dev/null || { echo "node n$n did not start: $(cat "$DIR/n$n.log")" >&2; exit 1; }
+    hports+=("$hp")
+done
+
+TABLES="'spool_jobs','spool_queues','spool_idempotency','spool_workflows','spool_workflow_keys','spool_schedules'"
+echo "== $(date -u +%FT%TZ)  load: $(uptime | sed 's/.*load average: //')"
+echo "PostgreSQL $(psql_ 'SHOW server_version'): autovacuum=$(psql_ 'SHOW autovacuum') synchronous_commit=$(psql_ 'SHOW synchronous_commit')"
+echo "jobs_through  on_disk  packed  ratio  rows(live/final)  jobs/s  load"
+through=0
+share=$((ROUND / NODES))
+# Rounds of ROUND jobs (each node a whole share) until TOTAL is reached,
+# give or take the rounding of the shares.
+while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
+    started=$(date +%s.%N)
+    pids=()
+    for i in "${!hports[@]}"; do
+        "$SPOOL" bench --mode http-work --http "127.0.0.1:${hports[$i]}" --jobs "$share" \
+            --tube "churn$i" --producers 2 --consumers 16 --enqueue-batch 500 \
+            --reserve-batch 32 --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    for i in "${!hports[@]}"; do
+        grep -q '"time_limit_hit":false' "$DIR/r.$i.json" || { echo "round incomplete: $(cat "$DIR/r.$i.json")" >&2; exit 1; }
+    done
+    through=$((through + share * NODES))
+    rate=$(python3 -c "import time; print(round($share * $NODES / (time.time() - $started)))")
+    on_disk=$(psql_ "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relname IN ($TABLES)")
+    # The same rows packed: a fresh copy with spool_jobs' indexes.
+    packed=$(psql_ "SET client_min_messages = warning; DROP TABLE IF EXISTS bloat_packed; \
+        CREATE TABLE bloat_packed (LIKE spool_jobs INCLUDING ALL); \
+        INSERT INTO bloat_packed SELECT * FROM spool_jobs; \
+        SELECT pg_total_relation_size('bloat_packed') + \
+          (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c \
+           WHERE c.relname IN ($TABLES) AND c.relname <> 'spool_jobs'); \
+        " | tail -1)
+    psql_ "DROP TABLE bloat_packed" >/dev/null
+    rows=$(psql_ "SELECT count(*) FILTER (WHERE state NOT IN ('completed','cancelled')) || '/' || count(*) FILTER (WHERE state IN ('completed','cancelled')) FROM spool_jobs")
+    python3 -c "print(f'{$through:>12}  {$on_disk/2**20:6.1f}M  {$packed/2**20:5.1f}M  {$on_disk/$packed:5.2f}  {\"$rows\":>16}  {$rate:6}  ' + open('/proc/loadavg').read().split()[0])"
+done

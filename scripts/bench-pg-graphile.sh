@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# spool on PostgreSQL against graphile-worker, its peer, on the same private
+# cluster in the same run:
+#  1. jobs through (enqueue, reserve, complete; no-op handlers): graphile-
+#     worker in each configuration of GRAPHILE_CONFIGS (its best kept), then
+#     NODES spool nodes, each worked over HTTP (batch enqueue, reserve with
+#     `batch`, one complete a job) and over beanstalkd (put, reserve,
+#     delete), the faster kept; jobs/s of each and the ratio.
+#  2. single enqueue: spool's HTTP enqueue (one job a request) against
+#     graphile-worker's `addJob`, ENQUEUE_CONNS connections each: rate, p99.
+# The cluster's settings are initdb's defaults (synchronous_commit on,
+# fsync on) plus PG_OPTIONS; the script prints what they were.
+#
+#   bash scripts/bench-pg-graphile.sh              # JOBS=30000 NODES=3
+#   JOBS=100000 bash scripts/bench-pg-graphile.sh
+#   GRAPHILE_CONFIGS="4:16:64:10" bash scripts/bench-pg-graphile.sh
+#
+# GRAPHILE_CONFIGS: space-separated PROCS:CONCURRENCY:LOCAL_QUEUE:COMPLETE_DELAY_MS
+# (LOCAL_QUEUE -1 and COMPLETE_DELAY_MS -1 turn the batching off).
+# Needs a release build (cargo build --release -p spool), Debian's
+# postgresql package, node and npm (graphile-worker is installed from npm,
+# pinned, into target/graphile-bench/, outside the repository's files).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+JOBS=${JOBS:-30000}
+NODES=${NODES:-3}
+ENQUEUE_JOBS=${ENQUEUE_JOBS:-5000}
+ENQUEUE_CONNS=${ENQUEUE_CONNS:-8}
+ENQUEUE_BATCH=${ENQUEUE_BATCH:-500}
+# spool, per node: HTTP producers and workers, jobs a reserve asks for;
+# beanstalkd connections.
+HTTP_PRODUCERS=${HTTP_PRODUCERS:-2}
+HTTP_WORKERS=${HTTP_WORKERS:-64}
+RESERVE_BATCH=${RESERVE_BATCH:-32}
+BEANSTALK_CONNS=${BEANSTALK_CONNS:-8}
+TIME_LIMIT_S=${TIME_LIMIT_S:-300}
+GRAPHILE_CONFIGS=${GRAPHILE_CONFIGS:-"2:16:-1:-1 2:32:64:10 4:16:64:10 4:32:128:50"}
+GRAPHILE_VERSION=0.17.3
+PG_CLIENT_VERSION=8.16.3
+SPOOL=${SPOOL:-target/release/spool}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+[ -x "$BIN/initdb" ] || { echo "install postgresql (apt-get install postgresql)" >&2; exit 1; }
+[ -x "$SPOOL" ] || { echo "build $SPOOL first: cargo build --release -p spool" >&2; exit 1; }
+command -v node >/dev/null || { echo "install node (20 or later) and npm" >&2; exit 1; }
+
+MODULES=$PWD/target/graphile-bench/node_modules
+if ! [ -f "$MODULES/graphile-worker/package.json" ] ||
+    ! grep -q "\"version\": \"$GRAPHILE_VERSION\"" "$MODULES/graphile-worker/package.json"; then
+    echo "installing graphile-worker $GRAPHILE_VERSION into target/graphile-bench" >&2
+    mkdir -p target/graphile-bench
+    echo '{"name":"graphile-bench","private":true}' >target/graphile-bench/package.json
+    (cd target/graphile-bench && npm install --no-audit --no-fund --save-exact \
+        "graphile-worker@$GRAPHILE_VERSION" "pg@$PG_CLIENT_VERSION" >&2)
+fi
+
+DIR=$(mktemp -d /tmp/spool-bench-pgg.XXXXXX)
+AS=""
+if [ "$(id -u)" -eq 0 ]; then
+    chown postgres "$DIR"
+    AS="runuser -u postgres --"
+fi
+cleanup() {
+    for f in "$DIR"/*.pid; do
+        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    $AS "$BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+$AS "$BIN/initdb" -D "$DIR/data" -U spool --auth=trust -E UTF8 --no-sync >/dev/null
+$AS "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start \
+    -o "-k $DIR -c listen_addresses= -c max_connections=300 -c shared_buffers=256MB ${PG_OPTIONS:-}" >/dev/null
+URL="host=$DIR port=5432 user=spool dbname=postgres"
+export DATABASE_URL="postgres://spool@${DIR//\//%2F}/postgres"
+export GRAPHILE_MODULES=$MODULES
+psql_() { $AS "$BIN/psql" -h "$DIR" -U spool -d postgres -Atc "$1"; }
+
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+start_node() { # name ; prints "beanstalkd-port http-port"
+    local name=$1 p hp
+    p=$(port)
+    hp=$(port)
+    SPOOL_HTTP_LISTEN=127.0.0.1:$hp "$SPOOL" serve -l 127.0.0.1 -p "$p" \
+        --database-url "$URL" --node-id "$name" --log-level warn >"$DIR/$name.log" 2>&1 &
+    echo $! >"$DIR/$name.pid"
+    for _ in $(seq 200); do
+        if curl -fs "http://127.0.0.1:$hp/readyz" >/dev/null 2>&1; then echo "$p $hp"; return; fi
+        sleep 0.1
+    done
+    echo "node $name did not start: $(cat "$DIR/$name.log")" >&2
+    exit 1
+}
+
+# field FILE KEY: a number from a one-line JSON report.
+field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+
+# together OUT... : jobs/s of runs that ran at once (all their jobs over the
+# longest run's time); fails if any run is incomplete.
+together() {
+    python3 - "$@" <<'EOF'
+import json, sys
+runs = [json.load(open(f)) for f in sys.argv[1:]]
+for r in runs:
+    if r.get("time_limit_hit") or r.get("lost") or not r.get("complete", True):
+        sys.exit("incomplete run: %s" % r)
+done = sum(r.get("jobs_done", r.get("jobs")) for r in runs)
+print(round(done / max(r["elapsed_secs"] for r in runs)))
+EOF
+}
+
+echo "== $(date -u +%FT%TZ)  load: $(uptime | sed 's/.*load average: //')"
+echo "PostgreSQL $(psql_ 'SHOW server_version'): synchronous_commit=$(psql_ 'SHOW synchronous_commit') fsync=$(psql_ 'SHOW fsync') shared_buffers=$(psql_ 'SHOW shared_buffers')"
+echo "jobs=$JOBS nodes=$NODES enqueue_batch=$ENQUEUE_BATCH"
+
+# ---- 1. jobs through -------------------------------------------------------
+best_g=0
+best_g_config=""
+for config in $GRAPHILE_CONFIGS; do
+    IFS=: read -r procs conc lq delay <<<"$config"
+    node scripts/graphile-bench.js work "$JOBS" "$procs" "$conc" "$lq" "$delay" \
+        "$ENQUEUE_BATCH" "$TIME_LIMIT_S" >"$DIR/g.json"
+    r=$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs_per_sec"]))' "$DIR/g.json")
+    echo "graphile-worker $GRAPHILE_VERSION procs=$procs concurrency=$conc localQueue=$lq completeJobBatchDelay=$delay: $r jobs/s"
+    if [ "$r" -gt "$best_g" ]; then best_g=$r; best_g_config=$config; fi
+done
+
+declare -a bports hports
+for n in $(seq 1 "$NODES"); do
+    read -r b h <<<"$(start_node "pg$n")"
+    bports+=("$b")
+    hports+=("$h")
+done
+share=$((JOBS / NODES))
+
+outs=()
+pids=()
+for i in "${!hports[@]}"; do
+    # A queue per node's run: each checks it gets its own jobs back once;
+    # every node still works through the one database.
+    "$SPOOL" bench --mode http-work --http "127.0.0.1:${hports[$i]}" --jobs "$share" \
+        --tube "http$i" --producers "$HTTP_PRODUCERS" --consumers "$HTTP_WORKERS" \
+        --enqueue-batch "$ENQUEUE_BATCH" --reserve-batch "$RESERVE_BATCH" \
+        --time-limit-secs "$TIME_LIMIT_S" --json >"$DIR/http.$i.json" &
+    pids+=($!)
+    outs+=("$DIR/http.$i.json")
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+spool_http=$(together "${outs[@]}")
+echo "spool, $NODES nodes, HTTP (batch enqueue $ENQUEUE_BATCH, reserve batch $RESERVE_BATCH, ${HTTP_PRODUCERS}+${HTTP_WORKERS} connections a node): $spool_http jobs/s"
+
+outs=()
+pids=()
+for i in "${!bports[@]}"; do
+    "$SPOOL" bench --addr "127.0.0.1:${bports[$i]}" --jobs "$share" --tube "bean$i" \
+        --producers "$BEANSTALK_CONNS" --consumers "$BEANSTALK_CONNS" \
+        --time-limit-secs "$TIME_LIMIT_S" --json >"$DIR/bean.$i.json" &
+    pids+=($!)
+    outs+=("$DIR/bean.$i.json")
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+spool_bean=$(together "${outs[@]}")
+echo "spool, $NODES nodes, beanstalkd (put, reserve, delete; ${BEANSTALK_CONNS}+${BEANSTALK_CONNS} connections a node): $spool_bean jobs/s"
+
+best_s=$spool_http
+best_s_how=HTTP
+if [ "$spool_bean" -gt "$best_s" ]; then best_s=$spool_bean; best_s_how=beanstalkd; fi
+echo "JOBS/S: spool ($NODES nodes, $best_s_how) $best_s, graphile-worker best ($best_g_config) $best_g, ratio $(python3 -c "print(f'{$best_s / $best_g:.2f}')")x (target >= 2x)"
+
+# ---- 2. single enqueue ------------------------------------------------------
+"$SPOOL" bench --mode http-enqueue --http "127.0.0.1:${hports[0]}" --jobs "$ENQUEUE_JOBS" \
+    --tube single --producers "$ENQUEUE_CONNS" --time-limit-secs "$TIME_LIMIT_S" \
+    --json >"$DIR/enq.json"
+node scripts/graphile-bench.js enqueue "$ENQUEUE_JOBS" "$ENQUEUE_CONNS" "$TIME_LIMIT_S" >"$DIR/genq.json"
+python3 - "$DIR/enq.json" "$DIR/genq.json" "$ENQUEUE_CONNS" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+g = json.load(open(sys.argv[2]))
+if s.get("time_limit_hit") or not g["complete"]:
+    sys.exit("incomplete enqueue run")
+s_rate, s_p99 = s["ops_per_sec"], s["request_latency_us"]["p99"] / 1000
+g_rate, g_p99 = g["jobs_per_sec"], g["p99_us"] / 1000
+print(f"ENQUEUE ({sys.argv[3]} connections, one job a request, 1 node):")
+print(f"  spool HTTP       {s_rate:8.0f} jobs/s  p99 {s_p99:7.2f} ms")
+print(f"  graphile addJob  {g_rate:8.0f} jobs/s  p99 {g_p99:7.2f} ms")
+print(f"  ratio: rate {s_rate / g_rate:.2f}x, p99 {s_p99 / g_p99:.2f}x of graphile's")
+EOF
+echo "== load after: $(uptime | sed 's/.*load average: //')"
