@@ -134,7 +134,7 @@ impl BeanstalkListener {
 /// task, not in a task of its own: tokio aligns a task to 128 bytes, and
 /// glibc's `memalign` spends about 455 bytes of the heap on each such
 /// 256-byte task, more than half of what beanstalkd spends on a whole
-/// connection. A set's entry is an ordinary allocation of about 250
+/// connection. A set's entry is an ordinary allocation of about 220
 /// bytes with its own waker, so a connection is still polled only when
 /// its socket, mailbox or timer wakes it.
 pub async fn serve<B: Broker>(

@@ -205,7 +205,7 @@ async fn stray_cr_waits_for_the_window_whatever_the_reads() {
 #[test]
 fn an_idle_connection_future_stays_small() {
     // Every connection's future is an entry of the listener's
-    // `ConnectionSet` (a `FuturesUnordered` node: the future plus 72
+    // `ConnectionSet` (a `FuturesUnordered` node: the future plus 64
     // bytes), allocated as it is: each byte here is a byte per idle
     // connection. Measured by scripts/bench-connections.sh.
     let size = std::mem::size_of::<ConnectionTask<TcpStream, crate::local::LocalSession>>();
