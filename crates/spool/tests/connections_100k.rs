@@ -39,6 +39,11 @@ const FDS_BESIDE_CONNECTIONS: u64 = 1_000;
 /// on the machine connecting from it.
 const PORTS_SPARE_PER_ADDRESS: usize = 2_000;
 
+/// Longest the connecting may take in all: the test fails past it rather
+/// than run on. 18,000 took 28-80 s with a debug server at load 5 on 2
+/// cores, so 100,000 should take 2.5-7.5 minutes.
+const CONNECTING_TIME_LIMIT: Duration = Duration::from_secs(900);
+
 /// Longest any single expected event may take (a connect, a reply, the
 /// server counting its connections) before the test fails.
 const WAIT_LIMIT: Duration = Duration::from_secs(60);
@@ -94,7 +99,8 @@ fn one_server_holds_100k_idle_connections_and_keeps_answering() {
             let count = per_address.min(connections - i * per_address);
             let source = Ipv4Addr::new(127, 0, 0, u8::try_from(2 + i).expect("few addresses"));
             let probe = probe.clone();
-            std::thread::spawn(move || connect_many(addr, source, count, &probe))
+            let deadline = Instant::now() + CONNECTING_TIME_LIMIT;
+            std::thread::spawn(move || connect_many(addr, source, count, &probe, deadline))
         })
         .collect();
     let mut held: Vec<TcpStream> = Vec::with_capacity(connections);
@@ -260,10 +266,20 @@ fn connections_per_source_address() -> usize {
 
 /// Opens `count` connections from `source` to `addr`, waiting at every
 /// [`CHECKPOINT_EVERY`] for a probe round to complete.
-fn connect_many(addr: SocketAddr, source: Ipv4Addr, count: usize, probe: &Probe) -> Vec<TcpStream> {
+fn connect_many(
+    addr: SocketAddr,
+    source: Ipv4Addr,
+    count: usize,
+    probe: &Probe,
+    deadline: Instant,
+) -> Vec<TcpStream> {
     let mut held = Vec::with_capacity(count);
     let bind_to = SocketAddr::V4(SocketAddrV4::new(source, 0));
     for i in 0..count {
+        assert!(
+            Instant::now() < deadline,
+            "{i} of {count} connections from {source} after {CONNECTING_TIME_LIMIT:?}"
+        );
         if i > 0 && i % CHECKPOINT_EVERY == 0 {
             probe.wait_for_next_round();
         }
