@@ -144,16 +144,46 @@ pub async fn serve<B: Broker>(
     connections: Connections,
     shutdown: impl Future<Output = ()>,
 ) {
-    let config = Arc::new(config);
+    // The listener and its connections run in a task of their own, not in
+    // the caller's future: `spool serve` awaits this in the runtime's
+    // `block_on`, whose future tokio polls only after a pass through the
+    // I/O driver, which would cost an `epoll_wait` per wake-up of a
+    // connection.
+    let (stop, stop_requested) = tokio::sync::oneshot::channel::<()>();
+    let (stopped, listener_closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run_listener(
+        listener,
+        broker,
+        Arc::new(config),
+        connections,
+        stop_requested,
+        stopped,
+    ));
+    shutdown.await;
+    let _ = stop.send(());
+    // Returns once the listener is closed (or its task is gone).
+    let _ = listener_closed.await;
+}
+
+/// The listener's task: accepts and drives connections until told to
+/// stop (or the sender is dropped), then closes the listener, says so on
+/// `stopped`, and drives the connections left until they end.
+async fn run_listener<B: Broker>(
+    listener: BeanstalkListener,
+    broker: B,
+    config: Arc<BeanstalkConfig>,
+    connections: Connections,
+    mut stop_requested: tokio::sync::oneshot::Receiver<()>,
+    stopped: tokio::sync::oneshot::Sender<()>,
+) {
     let options_per_connection = match &listener {
         BeanstalkListener::Tcp(l) => !set_inherited_options(l),
         BeanstalkListener::Unix(..) => false,
     };
     let mut open = ConnectionSet::<B::Session>::default();
     let mut backoff: Option<Pin<Box<Sleep>>> = None;
-    tokio::pin!(shutdown);
     poll_fn(|cx| {
-        if shutdown.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut stop_requested).poll(cx).is_ready() {
             return Poll::Ready(());
         }
         let mut more = false;
@@ -199,17 +229,17 @@ pub async fn serve<B: Broker>(
     })
     .await;
     drop(listener);
-    // The connections outlive the listener: they get a task of their own.
-    if !open.is_empty() {
-        tokio::spawn(poll_fn(move |cx| {
-            open.poll_connections(cx);
-            if open.is_empty() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        }));
-    }
+    let _ = stopped.send(());
+    // The connections outlive the listener, until the drain ends them.
+    poll_fn(|cx| {
+        open.poll_connections(cx);
+        if open.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// What one turn of accepting ended with.
