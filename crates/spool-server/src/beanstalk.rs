@@ -31,7 +31,7 @@
 //! timer and is never closed for idling; TCP keepalive finds peers that
 //! vanished.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -48,12 +48,13 @@ use socket2::{SockRef, TcpKeepalive};
 use spool_proto::limits::{LINE_MAX_BYTES, PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
 use spool_proto::{encode_response, ProtocolError, Request, RequestDecoder, Response};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::task::Unconstrained;
 use tokio::time::{Instant, Sleep};
 
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
-    ACCEPTS_PER_TURN_MAX, ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES,
-    REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE,
+    ACCEPTS_PER_TURN_MAX, ACCEPT_ERROR_BACKOFF, CONNECTION_POLLS_PER_TURN_MAX, POLL_ROUNDS_MAX,
+    READ_CHUNK_BYTES, REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE,
     TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
 use spool_broker::{Broker, Peer, Session};
@@ -281,9 +282,43 @@ fn accept_turn<B: Broker>(
 /// The open connections of one listener, each polled when its own waker
 /// fires (`FuturesUnordered` gives every entry one), by the task that
 /// polls the set.
+///
+/// Each connection is polled outside tokio's cooperative budget
+/// (`unconstrained`): the budget is per task, and one shared by every
+/// connection and the accepts runs out after 128 socket operations, after
+/// which every other connection's poll would be turned away until the
+/// next turn, stalling them behind a burst of accepts. A turn is bounded
+/// by [`CONNECTION_POLLS_PER_TURN_MAX`] connection polls instead ([`SetEntry`]).
 struct ConnectionSet<Sess> {
-    tcp: FuturesUnordered<ConnectionTask<TcpStream, Sess>>,
-    unix: FuturesUnordered<ConnectionTask<UnixStream, Sess>>,
+    tcp: FuturesUnordered<SetEntry<ConnectionTask<TcpStream, Sess>>>,
+    unix: FuturesUnordered<SetEntry<ConnectionTask<UnixStream, Sess>>>,
+}
+
+thread_local! {
+    /// Connections polled in the current turn of the set being polled on
+    /// this thread (reset by `ConnectionSet::poll_connections`).
+    static TURN_POLLS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A connection as an entry of a [`ConnectionSet`]: polled outside tokio's
+/// budget, and not at all once the turn has polled
+/// [`CONNECTION_POLLS_PER_TURN_MAX`] connections: it then wakes itself,
+/// which makes the set yield (it yields after two such entries) and come
+/// back after the other tasks ran.
+struct SetEntry<F>(Unconstrained<F>);
+
+impl<F: Future<Output = ()> + Unpin> Future for SetEntry<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let polls = TURN_POLLS.get();
+        if polls >= CONNECTION_POLLS_PER_TURN_MAX {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        TURN_POLLS.set(polls + 1);
+        Pin::new(&mut self.get_mut().0).poll(cx)
+    }
 }
 
 impl<Sess> Default for ConnectionSet<Sess> {
@@ -304,6 +339,7 @@ impl<Sess: Session> ConnectionSet<Sess> {
     /// or the set yields so that other tasks get a turn (it has then woken
     /// the task to come back).
     fn poll_connections(&mut self, cx: &mut Context<'_>) {
+        TURN_POLLS.set(0);
         poll_set(&mut self.tcp, cx);
         poll_set(&mut self.unix, cx);
     }
@@ -366,7 +402,7 @@ fn admit<B: Broker>(
                 addr: addr.to_string(),
             };
             if let Some(task) = start_connection(stream, peer, handle, broker, config) {
-                open.tcp.push(task);
+                open.tcp.push(SetEntry(tokio::task::unconstrained(task)));
             }
         }
         Accepted::Unix(stream) => {
@@ -375,7 +411,7 @@ fn admit<B: Broker>(
             };
             handle.set_peer(peer.addr.clone());
             if let Some(task) = start_connection(stream, peer, handle, broker, config) {
-                open.unix.push(task);
+                open.unix.push(SetEntry(tokio::task::unconstrained(task)));
             }
         }
     }
