@@ -78,7 +78,7 @@ pub const ACCEPTS_PER_TURN_MAX: usize = 128;
 /// read, decode and hold their requests before the engine answered any
 /// (memory at the high-water mark of every one busy, and the first
 /// waiting for the last).
-pub const CONNECTION_POLLS_PER_TURN_MAX: usize = 256;
+pub const CONNECTION_POLLS_PER_TURN_MAX: usize = 64;
 
 /// Size of the per-thread scratch buffer beanstalkd reads land in (one per
 /// runtime thread, not per connection): a burst of a few hundred pipelined
