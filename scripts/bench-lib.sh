@@ -38,8 +38,11 @@ whole() {
 # prerequisites: builds the release binary; installs beanstalkd and (when
 # STRACE_JOBS > 0) strace if missing. Needs `log` from the calling script.
 prerequisites() {
-    log "building spool (release)"
-    cargo build --release -p spool >&2
+    # BIN_GIVEN: the script was handed a binary (BIN=...): no build.
+    if [[ -z ${BIN_GIVEN:-} ]]; then
+        log "building spool (release)"
+        cargo build --release -p spool >&2
+    fi
 
     if ! command -v beanstalkd >/dev/null; then
         log "installing beanstalkd"

@@ -18,6 +18,8 @@
 #                          the server under test)
 #   BEANSTALKD_PORT [11610], SPOOL_PORT [11611]
 #   OUT [target/bench-vs-beanstalkd]  raw JSON results of every run
+#   BIN [target/release/spool]  (built first unless BIN is given: e.g. a
+#                          copy of an earlier build, for before/after)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,7 +33,8 @@ THREADS=${THREADS:-1}
 BEANSTALKD_PORT=${BEANSTALKD_PORT:-11610}
 SPOOL_PORT=${SPOOL_PORT:-11611}
 OUT=${OUT:-target/bench-vs-beanstalkd}
-BIN=target/release/spool
+BIN_GIVEN=${BIN:-}
+BIN=${BIN:-target/release/spool}
 SERVERS=(beanstalkd spool)
 
 log() { printf '%s\n' "$*" >&2; }

@@ -31,7 +31,7 @@
 //! timer and is never closed for idling; TCP keepalive finds peers that
 //! vanished.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -43,16 +43,18 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, Stream};
 use socket2::{SockRef, TcpKeepalive};
 use spool_proto::limits::{LINE_MAX_BYTES, PIPELINED_REQUESTS_MAX, WRITE_BUFFER_MAX_BYTES};
 use spool_proto::{encode_response, ProtocolError, Request, RequestDecoder, Response};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::task::Unconstrained;
 use tokio::time::{Instant, Sleep};
 
 use crate::connections::{CloseReason, ConnHandle, ConnState, Connections, Protocol};
 use crate::limits::{
-    ACCEPTS_PER_TURN_MAX, ACCEPT_ERROR_BACKOFF, POLL_ROUNDS_MAX, READ_CHUNK_BYTES,
-    REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE,
+    ACCEPTS_PER_TURN_MAX, ACCEPT_ERROR_BACKOFF, CONNECTION_POLLS_PER_TURN_MAX, POLL_ROUNDS_MAX,
+    READ_CHUNK_BYTES, REQUEST_BODY_MIN_BYTES_PER_SEC, REQUEST_TIMEOUT_DEFAULT, TCP_KEEPALIVE_IDLE,
     TCP_KEEPALIVE_INTERVAL, WRITE_TIMEOUT_DEFAULT,
 };
 use spool_broker::{Broker, Peer, Session};
@@ -117,7 +119,7 @@ impl BeanstalkListener {
 }
 
 /// Accepts connections until `shutdown` completes, admitting each through
-/// `connections`; then drops the listener and returns. Connection tasks keep
+/// `connections`; then drops the listener and returns. Connections keep
 /// running: the caller ends them through the broker (drain) and
 /// [`Connections::close_all`].
 ///
@@ -128,6 +130,14 @@ impl BeanstalkListener {
 /// and the queue does not overflow. The TCP options every connection gets
 /// are set once on the listener, which accepted sockets inherit on Linux,
 /// rather than with four `setsockopt` calls per connection.
+///
+/// Every connection's future lives in one [`ConnectionSet`] polled by this
+/// task, not in a task of its own: tokio aligns a task to 128 bytes, and
+/// glibc's `memalign` spends about 455 bytes of the heap on each such
+/// 256-byte task, more than half of what beanstalkd spends on a whole
+/// connection. A set's entry is an ordinary allocation of about 220
+/// bytes with its own waker, so a connection is still polled only when
+/// its socket, mailbox or timer wakes it.
 pub async fn serve<B: Broker>(
     listener: BeanstalkListener,
     broker: B,
@@ -135,50 +145,212 @@ pub async fn serve<B: Broker>(
     connections: Connections,
     shutdown: impl Future<Output = ()>,
 ) {
-    let config = Arc::new(config);
+    // The listener and its connections run in a task of their own, not in
+    // the caller's future: `spool serve` awaits this in the runtime's
+    // `block_on`, whose future tokio polls only after a pass through the
+    // I/O driver, which would cost an `epoll_wait` per wake-up of a
+    // connection.
+    let (stop, stop_requested) = tokio::sync::oneshot::channel::<()>();
+    let (stopped, listener_closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run_listener(
+        listener,
+        broker,
+        Arc::new(config),
+        connections,
+        stop_requested,
+        stopped,
+    ));
+    shutdown.await;
+    let _ = stop.send(());
+    // Returns once the listener is closed (or its task is gone).
+    let _ = listener_closed.await;
+}
+
+/// The listener's task: accepts and drives connections until told to
+/// stop (or the sender is dropped), then closes the listener, says so on
+/// `stopped`, and drives the connections left until they end.
+async fn run_listener<B: Broker>(
+    listener: BeanstalkListener,
+    broker: B,
+    config: Arc<BeanstalkConfig>,
+    connections: Connections,
+    mut stop_requested: tokio::sync::oneshot::Receiver<()>,
+    stopped: tokio::sync::oneshot::Sender<()>,
+) {
     let options_per_connection = match &listener {
         BeanstalkListener::Tcp(l) => !set_inherited_options(l),
         BeanstalkListener::Unix(..) => false,
     };
-    tokio::pin!(shutdown);
-    loop {
-        let turn = poll_fn(|cx| {
-            if shutdown.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            for _ in 0..ACCEPTS_PER_TURN_MAX {
-                let accepted = match listener.poll_accept(cx) {
-                    Poll::Ready(Ok(accepted)) => accepted,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
-                    // Drained (the listener's waker is registered), or out
-                    // of tokio's cooperative budget (the task is woken).
-                    Poll::Pending => return Poll::Pending,
-                };
-                admit(
-                    accepted,
-                    options_per_connection,
-                    &broker,
-                    &config,
-                    &connections,
-                );
-            }
-            // Let the connections run, then continue draining.
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        });
-        let Some(e) = turn.await else { return };
-        // Counted when it is fd exhaustion; either way back off instead of
-        // spinning on an error that persists.
-        if connections.record_accept_error(&e) {
-            tracing::debug!(error = %e, "accept failed: out of file descriptors");
-        } else {
-            tracing::warn!(error = %e, "accept failed");
+    let mut open = ConnectionSet::<B::Session>::default();
+    let mut backoff: Option<Pin<Box<Sleep>>> = None;
+    poll_fn(|cx| {
+        if Pin::new(&mut stop_requested).poll(cx).is_ready() {
+            return Poll::Ready(());
         }
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+        let mut more = false;
+        if backoff
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_pending())
+        {
+            // Still backing off after an accept error.
+        } else {
+            backoff = None;
+            match accept_turn(
+                &listener,
+                cx,
+                options_per_connection,
+                &broker,
+                &config,
+                &connections,
+                &mut open,
+            ) {
+                AcceptTurn::Drained => {}
+                AcceptTurn::More => more = true,
+                AcceptTurn::Failed(e) => {
+                    // Counted when it is fd exhaustion; either way back
+                    // off instead of spinning on an error that persists.
+                    if connections.record_accept_error(&e) {
+                        tracing::debug!(error = %e, "accept failed: out of file descriptors");
+                    } else {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
+                    let mut sleep = Box::pin(tokio::time::sleep(ACCEPT_ERROR_BACKOFF));
+                    // Polled once so that its end wakes this task.
+                    more = sleep.as_mut().poll(cx).is_ready();
+                    backoff = Some(sleep);
+                }
+            }
+        }
+        open.poll_connections(cx);
+        if more {
+            // Let the other tasks (the engine's) run, then continue.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
+    drop(listener);
+    let _ = stopped.send(());
+    // The connections outlive the listener, until the drain ends them.
+    poll_fn(|cx| {
+        open.poll_connections(cx);
+        if open.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// What one turn of accepting ended with.
+enum AcceptTurn {
+    /// The listen queue is empty (the listener's waker is registered), or
+    /// tokio's cooperative budget ran out (the task is woken).
+    Drained,
+    /// [`ACCEPTS_PER_TURN_MAX`] taken: come back after the others ran.
+    More,
+    Failed(io::Error),
+}
+
+fn accept_turn<B: Broker>(
+    listener: &BeanstalkListener,
+    cx: &mut Context<'_>,
+    options_per_connection: bool,
+    broker: &B,
+    config: &Arc<BeanstalkConfig>,
+    connections: &Connections,
+    open: &mut ConnectionSet<B::Session>,
+) -> AcceptTurn {
+    for _ in 0..ACCEPTS_PER_TURN_MAX {
+        match listener.poll_accept(cx) {
+            Poll::Ready(Ok(accepted)) => admit(
+                accepted,
+                options_per_connection,
+                broker,
+                config,
+                connections,
+                open,
+            ),
+            Poll::Ready(Err(e)) => return AcceptTurn::Failed(e),
+            Poll::Pending => return AcceptTurn::Drained,
         }
     }
+    AcceptTurn::More
+}
+
+/// The open connections of one listener, each polled when its own waker
+/// fires (`FuturesUnordered` gives every entry one), by the task that
+/// polls the set.
+///
+/// Each connection is polled outside tokio's cooperative budget
+/// (`unconstrained`): the budget is per task, and one shared by every
+/// connection and the accepts runs out after 128 socket operations, after
+/// which every other connection's poll would be turned away until the
+/// next turn, stalling them behind a burst of accepts. A turn is bounded
+/// by [`CONNECTION_POLLS_PER_TURN_MAX`] connection polls instead ([`SetEntry`]).
+struct ConnectionSet<Sess> {
+    tcp: FuturesUnordered<SetEntry<ConnectionTask<TcpStream, Sess>>>,
+    unix: FuturesUnordered<SetEntry<ConnectionTask<UnixStream, Sess>>>,
+}
+
+thread_local! {
+    /// Connections polled in the current turn of the set being polled on
+    /// this thread (reset by `ConnectionSet::poll_connections`).
+    static TURN_POLLS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A connection as an entry of a [`ConnectionSet`]: polled outside tokio's
+/// budget, and not at all once the turn has polled
+/// [`CONNECTION_POLLS_PER_TURN_MAX`] connections: it then wakes itself,
+/// which makes the set yield (it yields after two such entries) and come
+/// back after the other tasks ran.
+struct SetEntry<F>(Unconstrained<F>);
+
+impl<F: Future<Output = ()> + Unpin> Future for SetEntry<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let polls = TURN_POLLS.get();
+        if polls >= CONNECTION_POLLS_PER_TURN_MAX {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        TURN_POLLS.set(polls + 1);
+        Pin::new(&mut self.get_mut().0).poll(cx)
+    }
+}
+
+impl<Sess> Default for ConnectionSet<Sess> {
+    fn default() -> Self {
+        ConnectionSet {
+            tcp: FuturesUnordered::new(),
+            unix: FuturesUnordered::new(),
+        }
+    }
+}
+
+impl<Sess: Session> ConnectionSet<Sess> {
+    fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.unix.is_empty()
+    }
+
+    /// Polls the connections that were woken, until none is left to poll
+    /// or the set yields so that other tasks get a turn (it has then woken
+    /// the task to come back).
+    fn poll_connections(&mut self, cx: &mut Context<'_>) {
+        TURN_POLLS.set(0);
+        poll_set(&mut self.tcp, cx);
+        poll_set(&mut self.unix, cx);
+    }
+}
+
+/// Polls `set` until it has nothing ready or yields.
+fn poll_set<F: Future<Output = ()> + Unpin>(set: &mut FuturesUnordered<F>, cx: &mut Context<'_>) {
+    // Each `Ready(Some)` is a connection that ended; the set bounds the
+    // polls of one call itself (each woken entry at most once, then it
+    // yields).
+    while let Poll::Ready(Some(())) = Pin::new(&mut *set).poll_next(cx) {}
 }
 
 /// Sets on the listener the options every client connection gets: no
@@ -200,13 +372,14 @@ fn keepalive() -> TcpKeepalive {
         .with_interval(TCP_KEEPALIVE_INTERVAL)
 }
 
-/// Admits one accepted connection and starts its task, or closes it.
+/// Admits one accepted connection into `open`, or closes it.
 fn admit<B: Broker>(
     accepted: Accepted,
     options_per_connection: bool,
     broker: &B,
     config: &Arc<BeanstalkConfig>,
     connections: &Connections,
+    open: &mut ConnectionSet<B::Session>,
 ) {
     let handle = match connections.try_admit(Protocol::Beanstalk) {
         Ok(handle) => handle,
@@ -228,14 +401,18 @@ fn admit<B: Broker>(
             let peer = Peer {
                 addr: addr.to_string(),
             };
-            spawn_connection(stream, peer, handle, broker, config);
+            if let Some(task) = start_connection(stream, peer, handle, broker, config) {
+                open.tcp.push(SetEntry(tokio::task::unconstrained(task)));
+            }
         }
         Accepted::Unix(stream) => {
             let peer = Peer {
                 addr: "unix".to_string(),
             };
             handle.set_peer(peer.addr.clone());
-            spawn_connection(stream, peer, handle, broker, config);
+            if let Some(task) = start_connection(stream, peer, handle, broker, config) {
+                open.unix.push(SetEntry(tokio::task::unconstrained(task)));
+            }
         }
     }
 }
@@ -258,21 +435,24 @@ impl BeanstalkListener {
     }
 }
 
-fn spawn_connection<S: Socket, B: Broker>(
+/// Opens the connection's broker session; the connection's future, or
+/// `None` (the socket closed, the record counted) if the broker refuses.
+fn start_connection<S: Socket, B: Broker>(
     stream: S,
     peer: Peer,
     handle: ConnHandle,
     broker: &B,
     config: &Arc<BeanstalkConfig>,
-) {
+) -> Option<ConnectionTask<S, B::Session>> {
     match broker.open_session(peer) {
         Ok(session) => {
             handle.set_session_id(session.id());
-            tokio::spawn(Connection::new(stream, session, handle, config.clone()).run());
+            Some(Connection::new(stream, session, handle, config.clone()).run())
         }
         Err(e) => {
             handle.close_reason(CloseReason::Server);
             tracing::warn!(error = %e, "cannot open a session");
+            None
         }
     }
 }
@@ -408,7 +588,18 @@ impl<S: Socket, Sess: Session> Future for ConnectionTask<S, Sess> {
             ConnectionTask::Busy(connection) => connection,
             ConnectionTask::Done => return Poll::Ready(()),
         };
-        match connection.poll_connection(cx) {
+        // The connection shares its task with every other connection of
+        // the listener: a bug that panics ends this connection (dropping
+        // it closes the socket and ends the session), not all of them.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let poll = connection.poll_connection(cx);
+            (connection, poll)
+        }));
+        let Ok((connection, poll)) = polled else {
+            tracing::error!("a beanstalkd connection panicked and was closed");
+            return Poll::Ready(());
+        };
+        match poll {
             Poll::Pending => {
                 *task = if connection.is_idle() {
                     ConnectionTask::Idle(connection.into_idle())

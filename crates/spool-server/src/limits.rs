@@ -71,6 +71,15 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// ends a turn at the same point.
 pub const ACCEPTS_PER_TURN_MAX: usize = 128;
 
+/// Most beanstalkd connections the listener's task polls in one turn
+/// before it yields to the engine task and comes back: the connections
+/// share one task (see `beanstalk.rs`) and run outside tokio's budget, so
+/// without this bound a burst of 8,000 clients sending at once would all
+/// read, decode and hold their requests before the engine answered any
+/// (memory at the high-water mark of every one busy, and the first
+/// waiting for the last).
+pub const CONNECTION_POLLS_PER_TURN_MAX: usize = 64;
+
 /// Size of the per-thread scratch buffer beanstalkd reads land in (one per
 /// runtime thread, not per connection): a burst of a few hundred pipelined
 /// commands, or a default-sized (64 KiB) job body, in one read; larger

@@ -196,6 +196,11 @@ pub struct BenchArgs {
     /// (`/proc/PID/status`) before and after opening the connections.
     #[arg(long, hide = true)]
     server_pid: Option<u32>,
+    /// Idle mode: while the connections open, time `GET /livez` on
+    /// `--http` every 10 ms from a thread of its own (latency percentiles
+    /// in the report).
+    #[arg(long, hide = true)]
+    probe_livez: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

@@ -6,12 +6,19 @@
 //! would be), waits for every reply and reports the growth again, since a
 //! connection that has served a request may keep what it allocated for it.
 //! Used by `scripts/bench-vs-beanstalkd.sh` to compare memory per idle
-//! connection.
+//! connection. With `--probe-livez`, a thread of its own times `GET
+//! /livez` on the server's HTTP listener every [`LIVEZ_PROBE_INTERVAL`]
+//! while the connections open (`scripts/bench-connections.sh`: the
+//! probe must stay fast while 100,000 clients connect).
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use spool_proto::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +31,12 @@ use super::BenchArgs;
 /// ephemeral ports (Linux's default 32768-60999), so beyond this many
 /// connections to one server port we bind to further 127.0.0.x addresses.
 const CONNECTIONS_PER_SOURCE_ADDR: usize = 20_000;
+
+/// Pause between two `/livez` probes (each waits for the last's answer).
+const LIVEZ_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A `/livez` probe not answered in this long fails the run.
+const LIVEZ_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the server gets, after counting every connection, to finish
 /// whatever it allocates for them before the memory is sampled.
@@ -44,6 +57,12 @@ struct IdleReport {
     /// After one command on each connection, against the same baseline.
     rss_after_command_bytes: Option<u64>,
     rss_per_connection_after_command_bytes: Option<f64>,
+    /// `--probe-livez`: probes answered while the connections opened, and
+    /// their latency percentiles in milliseconds.
+    livez_probes: Option<u64>,
+    livez_p50_ms: Option<f64>,
+    livez_p99_ms: Option<f64>,
+    livez_max_ms: Option<f64>,
 }
 
 /// The command each idle connection sends once, and its reply.
@@ -77,6 +96,16 @@ pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Resu
                 "  server RSS {before} -> {after} bytes: {per:.0} bytes per connection\n"
             ));
         }
+        if let (Some(n), Some(p50), Some(p99), Some(max)) = (
+            report.livez_probes,
+            report.livez_p50_ms,
+            report.livez_p99_ms,
+            report.livez_max_ms,
+        ) {
+            text.push_str(&format!(
+                "  /livez while connecting: {n} probes, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms\n"
+            ));
+        }
         if let (Some(after), Some(per)) = (
             report.rss_after_command_bytes,
             report.rss_per_connection_after_command_bytes,
@@ -96,6 +125,15 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
     let before = current_connections(&mut control).await?;
     let rss_before = args.server_pid.map(rss_bytes).transpose()?;
 
+    let prober = if args.probe_livez {
+        let http: SocketAddr = args
+            .http
+            .parse()
+            .with_context(|| format!("--http {}: expected host:port", args.http))?;
+        Some(LivezProber::start(http, deadline))
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut held: Vec<TcpStream> = Vec::with_capacity(n);
     for i in 0..n {
@@ -111,6 +149,7 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
         held.push(stream);
     }
     let connect_secs = started.elapsed().as_secs_f64();
+    let livez = prober.map(LivezProber::finish).transpose()?;
 
     // The server accepts asynchronously; wait until it has them all.
     let after = loop {
@@ -172,7 +211,74 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
         rss_per_connection_bytes: per_connection(rss_after),
         rss_after_command_bytes: rss_after_command,
         rss_per_connection_after_command_bytes: per_connection(rss_after_command),
+        livez_probes: livez.as_ref().map(|h| h.len()),
+        livez_p50_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.5))),
+        livez_p99_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.99))),
+        livez_max_ms: livez.as_ref().map(|h| ms(h.max())),
     })
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 10.0).round() / 100.0
+}
+
+/// Times `GET /livez` in a loop on an OS thread of its own (so the
+/// client's busy event loop does not add to the figures) until finished.
+struct LivezProber {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Histogram<u64>>>,
+}
+
+impl LivezProber {
+    fn start(http: SocketAddr, deadline: Instant) -> LivezProber {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Microseconds, up to the probe timeout.
+            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .context("creating the latency histogram")?;
+            // At least one probe, and the loop ends by the run's deadline.
+            loop {
+                let took = probe_livez(http)?;
+                latencies.saturating_record(took.as_micros() as u64);
+                if stopped.load(Ordering::Acquire) || Instant::now() >= deadline {
+                    return Ok(latencies);
+                }
+                std::thread::sleep(LIVEZ_PROBE_INTERVAL);
+            }
+        });
+        LivezProber { stop, thread }
+    }
+
+    fn finish(self) -> Result<Histogram<u64>> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.join() {
+            Ok(result) => result,
+            Err(_) => bail!("the /livez prober panicked"),
+        }
+    }
+}
+
+/// One `GET /livez` on a new connection, answered 200; how long it took.
+fn probe_livez(http: SocketAddr) -> Result<Duration> {
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&http, LIVEZ_PROBE_TIMEOUT)
+        .with_context(|| format!("connecting to {http} for /livez"))?;
+    stream.set_read_timeout(Some(LIVEZ_PROBE_TIMEOUT))?;
+    stream.set_write_timeout(Some(LIVEZ_PROBE_TIMEOUT))?;
+    stream.write_all(b"GET /livez HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n")?;
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .context("reading the answer to /livez")?;
+    let took = started.elapsed();
+    if !reply.starts_with(b"HTTP/1.1 200") {
+        bail!(
+            "/livez answered {:?}",
+            String::from_utf8_lossy(&reply[..reply.len().min(64)])
+        );
+    }
+    Ok(took)
 }
 
 /// Connection `i`, from a further loopback source address every
