@@ -40,9 +40,6 @@ GRAPHILE_CONFIGS=${GRAPHILE_CONFIGS:-"2:16:-1:-1 2:32:64:10 4:16:64:10 4:32:128:
 GRAPHILE_VERSION=0.17.3
 PG_CLIENT_VERSION=8.16.3
 SPOOL=${SPOOL:-target/release/spool}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-[ -x "$BIN/initdb" ] || { echo "install postgresql (apt-get install postgresql)" >&2; exit 1; }
-[ -x "$SPOOL" ] || { echo "build $SPOOL first: cargo build --release -p spool" >&2; exit 1; }
 command -v node >/dev/null || { echo "install node (20 or later) and npm" >&2; exit 1; }
 
 MODULES=$PWD/target/graphile-bench/node_modules
@@ -55,29 +52,11 @@ if ! [ -f "$MODULES/graphile-worker/package.json" ] ||
         "graphile-worker@$GRAPHILE_VERSION" "pg@$PG_CLIENT_VERSION" >&2)
 fi
 
-DIR=$(mktemp -d /tmp/spool-bench-pgg.XXXXXX)
-AS=""
-if [ "$(id -u)" -eq 0 ]; then
-    chown postgres "$DIR"
-    AS="runuser -u postgres --"
-fi
-cleanup() {
-    for f in "$DIR"/*.pid; do
-        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    $AS "$BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-$AS "$BIN/initdb" -D "$DIR/data" -U spool --auth=trust -E UTF8 --no-sync >/dev/null
-$AS "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start \
-    -o "-k $DIR -c listen_addresses= -c max_connections=300 -c shared_buffers=256MB ${PG_OPTIONS:-}" >/dev/null
-URL="host=$DIR port=5432 user=spool dbname=postgres"
+# shellcheck source=scripts/pg-cluster-lib.sh
+source scripts/pg-cluster-lib.sh
+pg_cluster_start bench-pgg 300
 export DATABASE_URL="postgres://spool@${DIR//\//%2F}/postgres"
 export GRAPHILE_MODULES=$MODULES
-psql_() { $AS "$BIN/psql" -h "$DIR" -U spool -d postgres -Atc "$1"; }
 
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 

@@ -18,34 +18,9 @@ JOBS=${JOBS:-20000}
 NODES=${NODES:-3}
 CONNS=${CONNS:-4}
 SPOOL=${SPOOL:-target/release/spool}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-[ -x "$BIN/initdb" ] || { echo "install postgresql (apt-get install postgresql)" >&2; exit 1; }
-[ -x "$SPOOL" ] || { echo "build $SPOOL first: cargo build --release -p spool" >&2; exit 1; }
-
-DIR=$(mktemp -d /tmp/spool-bench-pg.XXXXXX)
-AS=""
-if [ "$(id -u)" -eq 0 ]; then
-    chown postgres "$DIR"
-    AS="runuser -u postgres --"
-fi
-cleanup() {
-    # Nodes are started in command substitutions: their pids are in files.
-    for f in "$DIR"/*.pid; do
-        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    $AS "$BIN/pg_ctl" -D "$DIR/data" stop -m fast >/dev/null 2>&1 || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-$AS "$BIN/initdb" -D "$DIR/data" -U spool --auth=trust -E UTF8 --no-sync >/dev/null
-# Durable commits (fsync on, synchronous_commit on) unless PG_OPTIONS says
-# otherwise (e.g. PG_OPTIONS="-c synchronous_commit=off" to see what the
-# disk's flushes cost).
-$AS "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start \
-    -o "-k $DIR -c listen_addresses= -c max_connections=200 -c shared_buffers=256MB ${PG_OPTIONS:-}" >/dev/null
-URL="host=$DIR port=5432 user=spool dbname=postgres"
+# shellcheck source=scripts/pg-cluster-lib.sh
+source scripts/pg-cluster-lib.sh
+pg_cluster_start bench-pg 200
 
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
