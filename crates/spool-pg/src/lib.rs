@@ -513,6 +513,10 @@ impl PgBroker {
                 break Ok(Vec::new());
             }
             wake.borrow_and_update();
+            // The deadline is judged by the clock before the look: a look
+            // that began in time and found nothing while the clock passed
+            // the deadline looks once more (at or after it).
+            let looked_at_ns = inner.clock.now_ns();
             let mut fx = Effects::default();
             let op = Op::Reserve {
                 queues: queues.clone(),
@@ -526,7 +530,7 @@ impl PgBroker {
                 }
                 Err(error) => break Err(error),
             };
-            if !got.is_empty() || inner.clock.now_ns() >= deadline {
+            if !got.is_empty() || looked_at_ns >= deadline {
                 break Ok(got);
             }
             if !parked {
@@ -550,6 +554,8 @@ impl PgBroker {
         let mut queue_wait: Option<QueueWait> = None;
         let result = loop {
             wake.borrow_and_update();
+            // As in `reserve_waiting`: the clock before the look decides.
+            let looked_at_ns = inner.clock.now_ns();
             let job = match self.run_op(Op::Get { id }, &mut Effects::default()).await {
                 Ok(outcome) => outcome.into_job(),
                 Err(error) => Err(error),
@@ -559,10 +565,7 @@ impl PgBroker {
                 Err(error) => break Err(error),
             };
             let settled = job.state.is_final() || job.state == spool_broker::JobState::Buried;
-            if settled
-                || inner.clock.now_ns() >= deadline
-                || inner.shutting_down.load(Ordering::Acquire)
-            {
+            if settled || looked_at_ns >= deadline || inner.shutting_down.load(Ordering::Acquire) {
                 break Ok(job);
             }
             if !parked {
