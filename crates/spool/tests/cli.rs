@@ -202,7 +202,7 @@ fn start_on_unix(args: &[&str], env: &[(&str, &str)], path: &std::path::Path) ->
         child: Some(child),
         output_path,
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return server;
@@ -290,7 +290,7 @@ fn sigterm_stops_the_server_and_removes_its_socket() {
         .status()
         .expect("running kill");
     assert!(status.success(), "kill -TERM failed");
-    let out = wait_output(child, Duration::from_secs(10));
+    let out = wait_output(child, Duration::from_secs(60));
     assert!(out.status.success(), "exit after SIGTERM: {}", out.status);
     assert!(!path.exists(), "the socket file is still there");
 }

@@ -17,7 +17,7 @@ use support::{
 };
 
 /// Longest any expected event (a start, a reply, a close) may take.
-const WAIT_LIMIT: Duration = Duration::from_secs(10);
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 /// The open file limit the server runs under: above the fds it opens for
 /// itself (about 20) plus the headroom and HTTP reserve it keeps (40), low

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use support::{Server, TempDir};
 
 /// How long the server may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The files that name metrics, relative to the repository root.
 const FILES_NAMING_METRICS: [&str; 3] = [

@@ -54,13 +54,13 @@ use std::time::{Duration, Instant};
 /// connection. Generous: an expected event (a delay or TTR ending) is waited
 /// for with this deadline instead of a sleep, and a loaded machine (load 18
 /// on 2 cores) can stall a process for a second or more.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a `quiet` step waits for the server to read what was sent. A
 /// server may leave bytes unread on purpose (beanstalkd behind a blocked
 /// reserve), so this is a cost paid by such steps, not a deadline.
 const UNREAD_WAIT: Duration = Duration::from_secs(3);
 /// How long a server may take to accept its first TCP connection.
-const START_TIMEOUT: Duration = Duration::from_secs(5);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Scenarios played at the same time (most of their time is spent sleeping).
 const WORKERS: usize = 8;
 /// How often a clock-dependent scenario (see [`CLOCK_SCENARIOS`]), or one

@@ -55,7 +55,7 @@ impl Durable {
         }
         let mut child = cmd.spawn().expect("spawning spool");
         let addr = Addr::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("spool exited before listening: {status}");
@@ -216,7 +216,7 @@ fn two_servers_cannot_share_a_data_directory() {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1), "second server exits 1");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -237,7 +237,7 @@ fn an_unusable_data_dir_is_a_clear_error() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -304,7 +304,7 @@ fn compaction_keeps_disk_use_near_the_live_data_and_loses_nothing() {
     }
     // Compaction runs in the background; give it a moment to finish.
     let bound = 2 * live_bytes + SEGMENT;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while log_bytes(dir.path()) > bound && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -453,7 +453,7 @@ fn serve_must_fail(dir: &Path) -> (Option<i32>, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(10));
+    let out = wait_output(cmd.spawn().expect("spawning"), Duration::from_secs(60));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use support::{HttpReply, Server, TempDir};
 
 /// Bound on waiting for the server to settle into a state.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Longest wait a test's reserve asks for: below the test client's read
 /// timeout, so a reserve that is never answered fails as a read error.

@@ -90,7 +90,7 @@ fn the_log_level_changes_at_runtime() {
     let mut c = server.client();
     c.expect("list-tube-used\r\n", "USING default\r\n");
     drop(c);
-    wait_until(Duration::from_secs(10), "the close logged at debug", || {
+    wait_until(Duration::from_secs(60), "the close logged at debug", || {
         let output = server.output_text();
         output.contains("\"DEBUG\"") && output.contains("beanstalkd connection closed")
     });

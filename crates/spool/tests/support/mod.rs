@@ -28,16 +28,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long any single expected reply may take to arrive.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to start accepting connections.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The spool binary cargo built for these tests.
 pub fn spool_bin() -> &'static str {
     env!("CARGO_BIN_EXE_spool")
 }
 
-/// Runs `spool ARGS` to completion (bounded to 10 s) with extra environment
+/// Runs `spool ARGS` to completion (bounded to 60 s) with extra environment
 /// variables, and returns its exit status and output.
 pub fn run_spool(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(spool_bin());
@@ -52,7 +52,7 @@ pub fn run_spool(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(key, value);
     }
     let child = cmd.spawn().expect("spawning spool");
-    wait_output(child, Duration::from_secs(10))
+    wait_output(child, Duration::from_secs(60))
 }
 
 /// Removes every `SPOOL_*` variable of the host environment from `cmd`, so
