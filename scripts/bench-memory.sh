@@ -13,7 +13,8 @@
 #
 # Usage: scripts/bench-memory.sh [OTHER_SPOOL_BINARY]
 # Environment: JOBS [1000000], BODY [100], PORT [11640], TIME_LIMIT [300]
-# (seconds, for each put run), OUT [target/bench-memory].
+# (seconds, for each put run), OUT [target/bench-memory], SKIP_BUILD (set: measure
+# target/release/spool as it is, without building it first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 JOBS=${JOBS:-1000000}
@@ -27,7 +28,7 @@ START_TIMEOUT_S=20
 STOP_TIMEOUT_S=60
 RECOVERY_TIMEOUT_S=300
 
-cargo build --release -p spool >&2
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -p spool >&2
 THIS=target/release/spool
 mkdir -p "$OUT"
 TMP=$(mktemp -d)
