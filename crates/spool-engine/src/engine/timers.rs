@@ -54,14 +54,23 @@ impl Engine {
                 }
                 Timer::Delay => {
                     let (due, id, tube) = self.earliest_delayed().expect("a delayed job is due");
-                    self.remove_delayed(tube, due, id);
-                    self.tube_mut(tube).metrics.skew.observe_ns(now - due);
-                    self.enqueue(id, 0, now);
-                    // The change happened at the due time, whenever the
-                    // tick ran: replay must find the same instant.
-                    if let Some(extra) = self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
-                    {
-                        extra.updated_at_ns = due;
+                    // A schedule's firing made ahead may meet its misfire
+                    // policy first (when this runs late past the grace).
+                    let firing = !self.firing_jobs.is_empty() && self.firing_jobs.contains_key(&id);
+                    if !firing || self.firing_job_due(id, due, now) {
+                        self.remove_delayed(tube, due, id);
+                        self.tube_mut(tube).metrics.skew.observe_ns(now - due);
+                        self.enqueue(id, 0, now);
+                        // The change happened at the due time, whenever the
+                        // tick ran: replay must find the same instant.
+                        if let Some(extra) =
+                            self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
+                        {
+                            extra.updated_at_ns = due;
+                        }
+                        if firing {
+                            self.firing_job_ready(id, now - due);
+                        }
                     }
                 }
                 Timer::Pause => {
