@@ -438,10 +438,10 @@ impl Engine {
         // The previous firing's entry goes once its job has left the delay
         // timer (at most one entry per schedule, whatever workers do).
         if let Some(previous) = previous {
-            if !self
+            if self
                 .jobs
                 .get(&previous)
-                .is_some_and(|j| j.state == JobState::Delayed)
+                .is_none_or(|j| j.state != JobState::Delayed)
             {
                 self.firing_jobs.remove(&previous);
             }
