@@ -17,7 +17,7 @@ pub mod workflow;
 
 pub use engine::{
     ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, WorkflowMetrics,
-    RETIRED_QUEUES_MAX, SCHEDULE_TIMERS_PER_TICK_MAX,
+    RETIRED_QUEUES_MAX, SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX,
 };
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
 pub use record::{

@@ -6,7 +6,9 @@ use spool_broker::{
     JobState, JobView, Misfire, NewJob, Op, Outcome, QueueName, ScheduleSpec, ScheduleView,
 };
 use spool_engine::limits::SCHEDULE_FIRE_AHEAD_MS;
-use spool_engine::{Engine, EngineConfig, FiringAhead, LogRecord, SCHEDULE_TIMERS_PER_TICK_MAX};
+use spool_engine::{
+    Engine, EngineConfig, FiringAhead, LogRecord, SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX,
+};
 
 const NS_PER_MS: u64 = 1_000_000;
 /// 2026-12-04T00:00:00Z in wall-clock ms.
@@ -577,4 +579,42 @@ fn a_jittered_firing_counts_at_its_instant_and_is_ready_after_it() {
     e.tick(at(ready_at));
     assert_eq!(jobs_in(&mut e, "q", JobState::Ready, ready_at).len(), 1);
     assert_eq!(get(&mut e, "s", ready_at).last_skew_ms, Some(0));
+}
+
+/// Delayed jobs due on one instant beyond `TIMERS_PER_TICK_MAX` become
+/// ready in batches, each measured at the `now` it ran at.
+#[test]
+fn delayed_jobs_due_together_become_ready_in_batches_each_measured_when_it_runs() {
+    let mut e = engine();
+    let count = TIMERS_PER_TICK_MAX + 10;
+    let due = START_MS + 1_000;
+    let job = NewJob {
+        run_at: spool_broker::RunAt::AtMs(due),
+        ..NewJob::default()
+    };
+    let jobs: Vec<_> = (0..count).map(|_| (name("q"), job.clone())).collect();
+    for chunk in jobs.chunks(500) {
+        e.apply(
+            Op::EnqueueBatch {
+                jobs: chunk.to_vec(),
+            },
+            at(START_MS),
+        )
+        .expect("enqueue");
+    }
+    let queue = |e: &Engine, now_ms: u64| {
+        let snapshot = e.snapshot(at(now_ms), spool_broker::SnapshotScope::Queues);
+        snapshot
+            .queues
+            .into_iter()
+            .find(|q| q.name == "q")
+            .expect("queue")
+    };
+    assert_eq!(e.tick(at(due)), Some(at(due)), "more are due");
+    assert_eq!(queue(&e, due).ready, TIMERS_PER_TICK_MAX as u64);
+    assert_eq!(e.tick(at(due + 3)), None);
+    let q = queue(&e, due + 3);
+    assert_eq!(q.ready, count as u64);
+    assert_eq!(q.skew.count(), count as u64);
+    assert_eq!(q.skew.max(), Some(0.003), "the last batch ran 3 ms late");
 }

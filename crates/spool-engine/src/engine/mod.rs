@@ -47,7 +47,7 @@ mod workflows;
 use conn::Conn;
 use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
-pub use timers::SCHEDULE_TIMERS_PER_TICK_MAX;
+pub use timers::{SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX};
 pub use workflows::WorkflowMetrics;
 use workflows::Workflows;
 
