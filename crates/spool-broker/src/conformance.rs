@@ -2057,9 +2057,7 @@ async fn waiting_in<B: Broker>(b: &B, q: &str) -> Vec<JobView> {
 /// Just before its instant a firing is not done, whether or not a broker
 /// makes its job ahead of time (the local broker does), and a restart
 /// then neither loses the instant nor fires it twice.
-pub async fn schedule_firing_is_not_done_before_its_instant_and_survives_restart<H: Harness>(
-    h: H,
-) {
+pub async fn schedule_firing_is_not_done_before_its_instant_and_survives_restart<H: Harness>(h: H) {
     let b = h.broker();
     let (made, _) = put_schedule(b, "s-ahead", schedule_spec("@every 10s", "ahead")).await;
     let mut now = made.created_at_ms;
@@ -2160,7 +2158,10 @@ pub async fn schedule_skip_fires_nothing_missed_while_down<H: Harness>(h: H) {
     let b = h.broker();
     // Down until 5.5 s after the instant: past the grace.
     advance_to(&h, &mut now, due + 5_500).await;
-    assert!(waiting_in(b, "downskip").await.is_empty(), "skip fires none");
+    assert!(
+        waiting_in(b, "downskip").await.is_empty(),
+        "skip fires none"
+    );
     let view = get_schedule(b, "s-downskip").await;
     assert_eq!((view.fires, view.misfires_skipped), (0, 1));
     assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
