@@ -14,11 +14,17 @@
 #    SCHEDULE_S seconds: every instant fired exactly once (fires equals the
 #    instants between the first and the last firing, no misfires), and the
 #    due → fired skew p99 over all of them (`spool_schedule_fire_skew_seconds`).
+# 5. A fresh, idle server: IDLE_WAKE_JOBS delayed jobs due over
+#    IDLE_WAKE_SPREAD_MS with nothing else to do: how late the engine wakes
+#    for a timer (skew p50, p99, max), which is the timer's own precision.
 #
 # Usage: scripts/bench-schedule.sh
 # Environment: JOBS [1000000], SPREAD_MS [100000], LEAD_MS [30000],
-# IDLE_S [5], SCHEDULES [10000], SCHEDULE_S [30], PORT [11660] (and the
-# next one for HTTP), OUT [target/bench-schedule], BENCH_CLIENT [the
+# IDLE_S [5], SCHEDULES [10000], SCHEDULE_S [30], IDLE_WAKE_JOBS [2000],
+# IDLE_WAKE_SPREAD_MS [10000], PORT [11660] (and the
+# next one for HTTP), OUT [target/bench-schedule], SPOOL_BIN [unset: builds
+# and runs target/release/spool; set: that server binary, not built, so an
+# older build can be measured beside a newer one], BENCH_CLIENT [the
 # release spool: the binary whose `spool bench` puts the jobs],
 # SERVER_CPUS and CLIENT_CPUS [unset: `taskset -c` lists pinning the server
 # and the load generators], SERVER_NICE [unset: the server's `nice -n`
@@ -26,12 +32,15 @@
 # server's own.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+log() { printf 'bench-schedule.sh: %s\n' "$*" >&2; }
 JOBS=${JOBS:-1000000}
 SPREAD_MS=${SPREAD_MS:-100000}
 LEAD_MS=${LEAD_MS:-30000}
 IDLE_S=${IDLE_S:-5}
 SCHEDULES=${SCHEDULES:-10000}
 SCHEDULE_S=${SCHEDULE_S:-30}
+IDLE_WAKE_JOBS=${IDLE_WAKE_JOBS:-2000}
+IDLE_WAKE_SPREAD_MS=${IDLE_WAKE_SPREAD_MS:-10000}
 PORT=${PORT:-11660}
 HTTP_PORT=$((PORT + 1))
 OUT=${OUT:-target/bench-schedule}
@@ -39,9 +48,15 @@ OUT=${OUT:-target/bench-schedule}
 START_TIMEOUT_S=30
 LOAD_TIMEOUT_S=$((LEAD_MS / 1000 + SPREAD_MS / 1000 + 120))
 
-cargo build --release -p spool >&2
-BIN=target/release/spool
-CLIENT=${BENCH_CLIENT:-$BIN}
+if [ -n "${SPOOL_BIN:-}" ]; then
+    BIN=$SPOOL_BIN
+    [ -x "$BIN" ] || { log "SPOOL_BIN=$BIN is not an executable"; exit 2; }
+else
+    cargo build --release -p spool >&2
+    BIN=target/release/spool
+fi
+CLIENT=${BENCH_CLIENT:-target/release/spool}
+[ -x "$CLIENT" ] || CLIENT=$BIN
 SERVER_PIN=()
 CLIENT_PIN=()
 if [ -n "${SERVER_CPUS:-}" ]; then SERVER_PIN=(taskset -c "$SERVER_CPUS"); fi
@@ -51,7 +66,6 @@ mkdir -p "$OUT"
 SERVER_PID=""
 trap 'if [ -n "$SERVER_PID" ]; then kill -KILL "$SERVER_PID" 2>/dev/null || true; fi' EXIT
 
-log() { printf 'bench-schedule.sh: %s\n' "$*" >&2; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -134,9 +148,23 @@ for i in range(count):
 EOF
 log "$SCHEDULES schedules created; firing for ${SCHEDULE_S}s"
 sleep "$SCHEDULE_S"
+# The skew histograms first: listing 10k schedules holds the engine for a
+# while, and an instant that falls due meanwhile is the reading's lateness,
+# not the timers'.
+http_get /metrics >"$OUT/metrics-schedules.txt"
 http_get /v1/schedules >"$OUT/schedules.json"
 http_get /admin/stats >"$OUT/stats-schedules.json"
-http_get /metrics >"$OUT/metrics-schedules.txt"
+stop_server
+
+# ---- 5: idle wake-ups ------------------------------------------------------
+start_server idle
+idle_lead_ms=3000
+timeout "$LOAD_TIMEOUT_S" "${CLIENT_PIN[@]}" "$CLIENT" bench --mode http-batch --http "127.0.0.1:$HTTP_PORT" \
+    --producers 1 --enqueue-batch 1000 --jobs "$IDLE_WAKE_JOBS" --tube idle \
+    --run-at-spread-ms "$IDLE_WAKE_SPREAD_MS" --run-at-lead-ms "$idle_lead_ms" --keep-jobs --json >"$OUT/put-idle.json"
+sleep $(((idle_lead_ms + IDLE_WAKE_SPREAD_MS) / 1000 + 2))
+http_get /admin/stats >"$OUT/stats-idle.json"
+http_get /metrics >"$OUT/metrics-idle.txt"
 stop_server
 
 # ---- report ----------------------------------------------------------------
@@ -163,6 +191,7 @@ def quantiles(path, family, label_filter):
                 return lower + (bound - lower) * (rank - below) / (cumulative - below)
             below, lower = cumulative, bound
         return float("inf")
+    quantiles.p50 = q(0.5)
     return total, q(0.99), q(0.999)
 
 stats = json.load(open(f"{out}/stats-delayed.json"))
@@ -200,4 +229,13 @@ max_skew = max((s["fire_skew_max_seconds"] or 0) for s in schedules)
 p99, p999 = min(p99, max_skew), min(p999, max_skew)
 print(f"schedules @every 1s: {len(schedules)}, fires {fires}; not every instant exactly once: {bad}")
 print(f"  skew due->fired: p99 {p99*1e3:.3f} ms, p999 {p999*1e3:.3f} ms, max {max_skew*1e3:.3f} ms")
+
+stats = json.load(open(f"{out}/stats-idle.json"))
+idle = next(q for q in stats["queues"] if q["name"] == "idle")
+count, p99, p999 = quantiles(f"{out}/metrics-idle.txt", "spool_schedule_skew_seconds", 'queue="idle"')
+p50 = quantiles.p50
+max_skew = idle["skew_max_seconds"]
+p50, p99 = min(p50, max_skew), min(p99, max_skew)
+print(f"idle server, {int(count)} delayed jobs due one by one: wake-up lateness p50 {p50*1e3:.3f} ms, "
+      f"p99 {p99*1e3:.3f} ms, max {max_skew*1e3:.3f} ms")
 EOF

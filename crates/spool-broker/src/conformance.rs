@@ -102,6 +102,9 @@ macro_rules! conformance_tests {
             schedule_max_backlog_skips_while_jobs_wait,
             schedule_replaced_after_firing_keeps_its_history,
             schedule_holds_its_instants_while_draining,
+            schedule_firing_is_not_done_before_its_instant_and_survives_restart,
+            schedule_changed_just_before_its_instant_fires_nothing_stale,
+            schedule_skip_fires_nothing_missed_while_down,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -2042,4 +2045,127 @@ pub async fn schedule_holds_its_instants_while_draining<H: Harness>(h: H) {
     assert_eq!((view.fires, view.misfires_skipped), (1, 0));
     assert_eq!(view.last_fire_at_ms, Some(due));
     assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
+}
+
+/// Every job of a queue that is waiting (ready or delayed).
+async fn waiting_in<B: Broker>(b: &B, q: &str) -> Vec<JobView> {
+    let mut jobs = jobs_in(b, q, JobState::Ready).await;
+    jobs.extend(jobs_in(b, q, JobState::Delayed).await);
+    jobs
+}
+
+/// Just before its instant a firing is not done, whether or not a broker
+/// makes its job ahead of time (the local broker does), and a restart
+/// then neither loses the instant nor fires it twice.
+pub async fn schedule_firing_is_not_done_before_its_instant_and_survives_restart<H: Harness>(h: H) {
+    let b = h.broker();
+    let (made, _) = put_schedule(b, "s-ahead", schedule_spec("@every 10s", "ahead")).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    advance_to(&h, &mut now, due - 100).await;
+    let before = get_schedule(b, "s-ahead").await;
+    assert_eq!(
+        (before.fires, before.last_fire_at_ms, before.last_job),
+        (0, None, None)
+    );
+    assert_eq!(before.next_fire_at_ms, Some(due));
+    assert!(jobs_in(b, "ahead", JobState::Ready).await.is_empty());
+    let h = match h.restart().await {
+        Some(h) => h,
+        None => return,
+    };
+    let b = h.broker();
+    let after = get_schedule(b, "s-ahead").await;
+    assert_eq!((after.fires, after.next_fire_at_ms), (0, Some(due)));
+    let mut now = due - 100;
+    advance_to(&h, &mut now, due).await;
+    let fired = jobs_in(b, "ahead", JobState::Ready).await;
+    assert_eq!(fired.len(), 1, "the instant fires once");
+    assert_eq!(
+        fired[0].idempotency_key.as_deref(),
+        Some(firing_key("s-ahead", due).as_str())
+    );
+    let view = get_schedule(b, "s-ahead").await;
+    assert_eq!(
+        (view.fires, view.last_fire_at_ms, view.last_job),
+        (1, Some(due), Some(fired[0].id))
+    );
+    assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
+    advance_to(&h, &mut now, due + 10_000).await;
+    assert_eq!(waiting_in(b, "ahead").await.len(), 2);
+}
+
+/// Paused, deleted or replaced just before an instant: nothing fires from
+/// the old state (a job made ahead is taken back), the replacement fires
+/// the instant with its new job.
+pub async fn schedule_changed_just_before_its_instant_fires_nothing_stale<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut due = 0;
+    let mut now = 0;
+    for name in ["s-stale-p", "s-stale-d", "s-stale-r"] {
+        let (made, _) = put_schedule(b, name, schedule_spec("@every 10s", name)).await;
+        due = made.next_fire_at_ms.unwrap();
+        now = made.created_at_ms;
+    }
+    advance_to(&h, &mut now, due - 100).await;
+    let paused = schedule_op(
+        b,
+        Op::PauseSchedule {
+            name: queue("s-stale-p"),
+        },
+    )
+    .await;
+    assert_eq!((paused.fires, paused.next_fire_at_ms), (0, None));
+    assert_eq!(
+        call(
+            b,
+            Op::DeleteSchedule {
+                name: queue("s-stale-d")
+            }
+        )
+        .await,
+        Ok(Outcome::Done)
+    );
+    let mut spec = schedule_spec("@every 10s", "s-stale-r");
+    spec.job = job("tock");
+    let (replaced, _) = put_schedule(b, "s-stale-r", spec).await;
+    assert_eq!(replaced.next_fire_at_ms, Some(due));
+    advance_to(&h, &mut now, due + 1).await;
+    assert!(waiting_in(b, "s-stale-p").await.is_empty(), "paused");
+    assert!(waiting_in(b, "s-stale-d").await.is_empty(), "deleted");
+    let fired = waiting_in(b, "s-stale-r").await;
+    let payloads: Vec<_> = fired.iter().map(|j| j.payload.clone()).collect();
+    assert_eq!(payloads, [Bytes::from_static(b"tock")], "the new job, once");
+    assert_eq!(get_schedule(b, "s-stale-r").await.fires, 1);
+    assert_eq!(get_schedule(b, "s-stale-p").await.fires, 0);
+}
+
+/// `skip`: an instant the broker was down across is not fired, even when
+/// it was about to fire as the broker stopped.
+pub async fn schedule_skip_fires_nothing_missed_while_down<H: Harness>(h: H) {
+    let b = h.broker();
+    let mut spec = schedule_spec("@every 10s", "downskip");
+    spec.misfire = Misfire::Skip;
+    let (made, _) = put_schedule(b, "s-downskip", spec).await;
+    let mut now = made.created_at_ms;
+    let due = made.next_fire_at_ms.unwrap();
+    advance_to(&h, &mut now, due - 100).await;
+    get_schedule(b, "s-downskip").await;
+    let h = match h.restart().await {
+        Some(h) => h,
+        None => return,
+    };
+    let b = h.broker();
+    // Down until 5.5 s after the instant: past the grace.
+    advance_to(&h, &mut now, due + 5_500).await;
+    assert!(
+        waiting_in(b, "downskip").await.is_empty(),
+        "skip fires none"
+    );
+    let view = get_schedule(b, "s-downskip").await;
+    assert_eq!((view.fires, view.misfires_skipped), (0, 1));
+    assert_eq!(view.next_fire_at_ms, Some(due + 10_000));
+    advance_to(&h, &mut now, due + 10_000).await;
+    assert_eq!(waiting_in(b, "downskip").await.len(), 1);
+    assert_eq!(get_schedule(b, "s-downskip").await.fires, 1);
 }

@@ -17,12 +17,13 @@ pub mod workflow;
 
 pub use engine::{
     ConnId, Engine, EngineConfig, IdHasher, ReplayError, TubeId, WorkflowMetrics,
-    RETIRED_QUEUES_MAX, SCHEDULE_TIMERS_PER_TICK_MAX,
+    RETIRED_QUEUES_MAX, SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX,
 };
 pub use job::{Backoff, Job, JobExtra, JobId, JobState};
 pub use record::{
-    job_record_log_bytes, job_snapshot_log_bytes, ChangeRecord, FullJobRecord, JobRecord,
-    LogRecord, QueueRecord, RecordError, RestState, DELETE_RECORD_LOG_BYTES, RECORD_FORMAT_VERSION,
+    job_record_log_bytes, job_snapshot_log_bytes, ChangeRecord, FiringAhead, FullJobRecord,
+    JobRecord, LogRecord, QueueRecord, RecordError, RestState, ScheduleRecord,
+    DELETE_RECORD_LOG_BYTES, RECORD_FORMAT_VERSION,
 };
 // The broker-neutral types the engine fills, under their old paths too.
 pub use spool_broker::metrics;

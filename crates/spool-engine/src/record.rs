@@ -39,7 +39,9 @@
 //!                | u64 misfires_skipped | u64 backlog_skips | opt u64 last_skew_ms
 //!                | u64 created_at_ms | u64 updated_at_ms | u64 version
 //!                (`_ms` fields: wall-clock ms, not converted by the epoch; a
-//!                later layout appends fields and bumps the layout byte)
+//!                later layout appends fields and bumps the layout byte);
+//!                layout 2 appends u64 ahead_due_ms | u64 ahead_job (a
+//!                firing made ahead of its instant)
 //! kind 12 ScheduleDeleted (version 2): u8 name_len | name
 //! template: bytes32 payload | opt u32 priority | u8 run_at (0 now, 1 delay_ms,
 //!        2 at_ms) | u64 ms | opt u64 ttr_ms | opt u32 max_attempts | opt backoff
@@ -106,7 +108,10 @@ const KIND_WORKFLOW_NEXT_ID: u8 = 23;
 const KIND_SCHEDULE: u8 = 11;
 const KIND_SCHEDULE_DELETED: u8 = 12;
 /// The layout of a Schedule record's fields written now.
+/// Layout 1 has no firing made ahead; layout 2 appends one. A record with
+/// none is still written in layout 1, which earlier releases read.
 const SCHEDULE_LAYOUT: u8 = 1;
+const SCHEDULE_LAYOUT_AHEAD: u8 = 2;
 
 /// The write-ahead log's framing per record: length and checksum.
 const FRAME_BYTES: u64 = 8;
@@ -236,10 +241,28 @@ pub enum LogRecord {
         id: WorkflowId,
     },
     /// A schedule's whole state: creates or replaces it.
-    Schedule(Box<ScheduleView>),
+    Schedule(Box<ScheduleRecord>),
     ScheduleDeleted {
         name: TubeName,
     },
+}
+
+/// A schedule's logged state: what the API shows, and the firing made
+/// ahead of its due instant, if one is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRecord {
+    pub view: ScheduleView,
+    /// The next due instant (`view.next_fire_at_ms`) is already a delayed
+    /// job: that instant is consumed, and the view counts it once the
+    /// instant has passed (engine `schedules.rs`).
+    pub ahead: Option<FiringAhead>,
+}
+
+/// A firing made ahead of its due instant: the instant and its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FiringAhead {
+    pub due_ms: u64,
+    pub job: JobId,
 }
 
 /// Why bytes are not a record. Recovery stops with this as an error: the
@@ -454,9 +477,14 @@ impl Writer<'_> {
         }
         self.opt_u64(job.idempotency_ttl_ms);
     }
-    fn schedule(&mut self, view: &ScheduleView) {
+    fn schedule(&mut self, record: &ScheduleRecord) {
+        let view = &record.view;
         let spec = &view.spec;
-        self.u8(SCHEDULE_LAYOUT);
+        self.u8(if record.ahead.is_some() {
+            SCHEDULE_LAYOUT_AHEAD
+        } else {
+            SCHEDULE_LAYOUT
+        });
         // The name came from a queue name (validated on the way in).
         self.u8(view.name.len() as u8);
         self.out.extend_from_slice(view.name.as_bytes());
@@ -483,6 +511,10 @@ impl Writer<'_> {
         self.u64(view.created_at_ms);
         self.u64(view.updated_at_ms);
         self.u64(view.version);
+        if let Some(ahead) = record.ahead {
+            self.u64(ahead.due_ms);
+            self.u64(ahead.job);
+        }
     }
     pub(crate) fn policy(&mut self, p: &QueuePolicy) {
         let bits = u8::from(p.max_jobs.is_some())
@@ -887,9 +919,9 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn schedule(&mut self) -> Result<ScheduleView, RecordError> {
+    fn schedule(&mut self) -> Result<ScheduleRecord, RecordError> {
         let layout = self.u8()?;
-        if layout != SCHEDULE_LAYOUT {
+        if layout != SCHEDULE_LAYOUT && layout != SCHEDULE_LAYOUT_AHEAD {
             return Err(RecordError::UnknownVersion(layout));
         }
         let name = self.name8()?.as_str().to_owned();
@@ -914,7 +946,7 @@ impl<'a> Reader<'a> {
             max_backlog: self.opt_u64()?,
             paused: self.u8()? == 1,
         };
-        Ok(ScheduleView {
+        let view = ScheduleView {
             name,
             spec,
             next_fire_at_ms: self.opt_u64()?,
@@ -927,7 +959,16 @@ impl<'a> Reader<'a> {
             created_at_ms: self.u64()?,
             updated_at_ms: self.u64()?,
             version: self.u64()?,
-        })
+        };
+        let ahead = if layout == SCHEDULE_LAYOUT_AHEAD {
+            Some(FiringAhead {
+                due_ms: self.u64()?,
+                job: self.u64()?,
+            })
+        } else {
+            None
+        };
+        Ok(ScheduleRecord { view, ahead })
     }
 
     pub(crate) fn backoff(&mut self) -> Result<Backoff, RecordError> {
@@ -1219,12 +1260,26 @@ mod tests {
     #[test]
     fn schedule_records_round_trip() {
         let name = TubeName::new(b"nightly").unwrap();
+        let plain = || {
+            Box::new(ScheduleRecord {
+                view: schedule_view(),
+                ahead: None,
+            })
+        };
+        let ahead = Box::new(ScheduleRecord {
+            view: schedule_view(),
+            ahead: Some(FiringAhead {
+                due_ms: 1_800_000_000_000,
+                job: 13,
+            }),
+        });
         let records = [
-            LogRecord::Schedule(Box::new(schedule_view())),
+            LogRecord::Schedule(plain()),
+            LogRecord::Schedule(ahead.clone()),
             LogRecord::ScheduleDeleted { name: name.clone() },
             LogRecord::Batch(vec![
                 LogRecord::Job(Box::new(full_job(true))),
-                LogRecord::Schedule(Box::new(schedule_view())),
+                LogRecord::Schedule(ahead.clone()),
             ]),
         ];
         for record in records {
@@ -1245,8 +1300,18 @@ mod tests {
         let mut bytes = Vec::new();
         LogRecord::ScheduleDeleted { name }.encode(0, &mut bytes);
         assert_eq!(bytes, b"\x02\x0c\x07nightly");
+        // A firing made ahead: layout 2, the instant and the job appended.
         let mut bytes = Vec::new();
-        LogRecord::Schedule(Box::new(schedule_view())).encode(0, &mut bytes);
+        LogRecord::Schedule(ahead).encode(0, &mut bytes);
+        assert_eq!(bytes[2], SCHEDULE_LAYOUT_AHEAD);
+        let mut tail = Vec::new();
+        for v in [9u64, 1_800_000_000_000, 13] {
+            tail.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(bytes.ends_with(&tail));
+        // None: layout 1, as earlier releases wrote and read it.
+        let mut bytes = Vec::new();
+        LogRecord::Schedule(plain()).encode(0, &mut bytes);
         let mut head = vec![2u8, KIND_SCHEDULE, SCHEDULE_LAYOUT, 7];
         head.extend_from_slice(b"nightly");
         head.extend_from_slice(&12u16.to_le_bytes());
@@ -1259,10 +1324,10 @@ mod tests {
         }
         assert!(bytes.ends_with(&tail));
         // A layout this build does not know is refused, not misread.
-        bytes[2] = SCHEDULE_LAYOUT + 1;
+        bytes[2] = SCHEDULE_LAYOUT_AHEAD + 1;
         assert_eq!(
             LogRecord::decode(&bytes, 0),
-            Err(RecordError::UnknownVersion(SCHEDULE_LAYOUT + 1))
+            Err(RecordError::UnknownVersion(SCHEDULE_LAYOUT_AHEAD + 1))
         );
     }
 

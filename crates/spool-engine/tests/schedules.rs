@@ -2,8 +2,13 @@
 //! timers a broker round can produce, which the conformance suite (one
 //! operation at a time) cannot arrange.
 
-use spool_broker::{JobState, Misfire, NewJob, Op, Outcome, QueueName, ScheduleSpec, ScheduleView};
-use spool_engine::{Engine, EngineConfig, LogRecord, SCHEDULE_TIMERS_PER_TICK_MAX};
+use spool_broker::{
+    JobState, JobView, Misfire, NewJob, Op, Outcome, QueueName, ScheduleSpec, ScheduleView,
+};
+use spool_engine::limits::SCHEDULE_FIRE_AHEAD_MS;
+use spool_engine::{
+    Engine, EngineConfig, FiringAhead, LogRecord, SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX,
+};
 
 const NS_PER_MS: u64 = 1_000_000;
 /// 2026-12-04T00:00:00Z in wall-clock ms.
@@ -102,11 +107,13 @@ fn a_firing_is_one_log_batch_with_the_schedules_state() {
     let mut log = Vec::new();
     e.drain_log_into(&mut log);
     let due = made.next_fire_at_ms.expect("armed");
-    // Late by 2.5 s: three instants, all fired (misfire all), in one batch.
+    // Late by 2.5 s: three instants, all fired (misfire all), in one batch;
+    // then the next instant, 0.5 s away, is made ahead in a batch of its
+    // own.
     e.tick(at(due + 2_500));
     log.clear();
     e.drain_log_into(&mut log);
-    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log.len(), 2, "{log:?}");
     let LogRecord::Batch(records) = &log[0] else {
         panic!("a batch, not {:?}", log[0]);
     };
@@ -116,14 +123,37 @@ fn a_firing_is_one_log_batch_with_the_schedules_state() {
         .count();
     assert_eq!(jobs, 3);
     match records.last() {
-        Some(LogRecord::Schedule(view)) => {
+        Some(LogRecord::Schedule(record)) => {
+            let view = &record.view;
             assert_eq!(view.fires, 3);
             assert_eq!(view.last_fire_at_ms, Some(due + 2_000));
             assert_eq!(view.next_fire_at_ms, Some(due + 3_000));
+            assert_eq!(record.ahead, None);
         }
         other => panic!("the schedule's state last, not {other:?}"),
     }
-    // The timer set says when to come back.
+    let LogRecord::Batch(records) = &log[1] else {
+        panic!("a batch, not {:?}", log[1]);
+    };
+    let made = match &records[..] {
+        [LogRecord::Job(job), LogRecord::Schedule(record)] => {
+            assert_eq!(record.view.fires, 3, "not counted before its instant");
+            assert_eq!(record.view.next_fire_at_ms, Some(due + 3_000));
+            job.job.id
+        }
+        other => panic!("the job made ahead and the state naming it, not {other:?}"),
+    };
+    match &records[1] {
+        LogRecord::Schedule(record) => assert_eq!(
+            record.ahead,
+            Some(FiringAhead {
+                due_ms: due + 3_000,
+                job: made
+            })
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The job made ahead is the next timer.
     assert_eq!(e.next_wake(), Some(at(due + 3_000)));
 }
 
@@ -182,11 +212,18 @@ fn schedules_due_together_fire_in_batches_each_measured_when_it_fires() {
         view(&mut e, put, START_MS);
     }
     let due = START_MS + 1_000;
-    assert_eq!(e.tick(at(due)), Some(at(due)), "more are due");
+    // Ticking first at the due instant (no chance to fire ahead): each
+    // batch fires late, and the rest stay due.
+    let made_ahead_at = due - SCHEDULE_FIRE_AHEAD_MS;
+    assert_eq!(e.tick(at(due)), Some(at(made_ahead_at)), "more are due");
     assert_eq!(ready(&mut e, due), batch);
-    assert_eq!(e.tick(at(due + 2)), Some(at(due)));
+    assert_eq!(e.tick(at(due + 2)), Some(at(made_ahead_at)));
     assert_eq!(ready(&mut e, due + 2), 2 * batch);
-    assert_eq!(e.tick(at(due + 4)), Some(at(due + 1_000)), "all fired");
+    assert_eq!(
+        e.tick(at(due + 4)),
+        Some(at(due + 1_000 - SCHEDULE_FIRE_AHEAD_MS)),
+        "all fired; the next instant is made ahead"
+    );
     assert_eq!(ready(&mut e, due + 4), count);
     let skew_ms = |e: &mut Engine, i: usize| {
         view(e, Op::GetSchedule { name: schedule(i) }, due + 4).last_skew_ms
@@ -194,4 +231,390 @@ fn schedules_due_together_fire_in_batches_each_measured_when_it_fires() {
     assert_eq!(skew_ms(&mut e, 0), Some(0));
     assert_eq!(skew_ms(&mut e, batch), Some(2));
     assert_eq!(skew_ms(&mut e, count - 1), Some(4));
+}
+
+// ---- fire ahead --------------------------------------------------------
+
+fn put(e: &mut Engine, schedule: &str, spec: ScheduleSpec, now_ms: u64) -> ScheduleView {
+    let op = Op::PutSchedule {
+        name: name(schedule),
+        spec: Box::new(spec),
+    };
+    view(e, op, now_ms)
+}
+
+fn get(e: &mut Engine, schedule: &str, now_ms: u64) -> ScheduleView {
+    view(
+        e,
+        Op::GetSchedule {
+            name: name(schedule),
+        },
+        now_ms,
+    )
+}
+
+fn jobs_in(e: &mut Engine, queue: &str, state: JobState, now_ms: u64) -> Vec<JobView> {
+    match e
+        .apply(
+            Op::List {
+                queue: name(queue),
+                state,
+                after: None,
+                limit: 1_000,
+            },
+            at(now_ms),
+        )
+        .expect("list")
+    {
+        Outcome::Page(page) => page.jobs,
+        other => panic!("a page, not {other:?}"),
+    }
+}
+
+/// A new process replaying `e`'s log so far, its clock at `now_ms`.
+fn restart(e: &mut Engine, log: &mut Vec<LogRecord>) -> Engine {
+    e.drain_log_into(log);
+    let mut replayed = Engine::new(EngineConfig {
+        max_job_size: 1 << 16,
+    });
+    replayed.set_epoch_ns(START_MS * NS_PER_MS);
+    for record in log.iter().cloned() {
+        replayed.replay(record).expect("replay");
+    }
+    replayed.enable_logging();
+    replayed.check_invariants();
+    replayed
+}
+
+#[test]
+fn a_firing_is_made_ahead_and_its_instant_only_makes_it_ready() {
+    let mut e = engine();
+    let made = put(&mut e, "s", spec("@every 10s"), START_MS);
+    let due = made.next_fire_at_ms.expect("armed");
+    let ahead_at = due - SCHEDULE_FIRE_AHEAD_MS;
+    assert_eq!(e.next_wake(), Some(at(ahead_at)));
+    e.tick(at(ahead_at - 1));
+    assert!(jobs_in(&mut e, "q", JobState::Delayed, ahead_at - 1).is_empty());
+    e.tick(at(ahead_at));
+    let delayed = jobs_in(&mut e, "q", JobState::Delayed, ahead_at);
+    assert_eq!(delayed.len(), 1, "made ahead, delayed until the instant");
+    assert_eq!(
+        delayed[0].idempotency_key.as_deref(),
+        Some(format!("schedule:s:{due}").as_str())
+    );
+    // Not done before its instant.
+    let before = get(&mut e, "s", due - 1);
+    assert_eq!(
+        (before.fires, before.last_fire_at_ms, before.last_job),
+        (0, None, None)
+    );
+    assert_eq!(before.next_fire_at_ms, Some(due));
+    assert_eq!(before.version, made.version);
+    // The instant's only timer is the delayed job's.
+    assert_eq!(e.next_wake(), Some(at(due)));
+    e.tick(at(due));
+    let ready_jobs = jobs_in(&mut e, "q", JobState::Ready, due);
+    assert_eq!(ready_jobs.len(), 1);
+    assert_eq!(ready_jobs[0].id, delayed[0].id);
+    let after = get(&mut e, "s", due);
+    assert_eq!(
+        (after.fires, after.last_fire_at_ms, after.last_job),
+        (1, Some(due), Some(delayed[0].id))
+    );
+    assert_eq!(after.next_fire_at_ms, Some(due + 10_000));
+    assert_eq!(after.last_skew_ms, Some(0));
+    // Logged settled half a lead after the instant, with nothing made ahead.
+    let mut log = Vec::new();
+    e.drain_log_into(&mut log);
+    assert_eq!(e.next_wake(), Some(at(due + SCHEDULE_FIRE_AHEAD_MS)));
+    e.tick(at(due + SCHEDULE_FIRE_AHEAD_MS));
+    log.clear();
+    e.drain_log_into(&mut log);
+    match &log[..] {
+        [LogRecord::Schedule(record)] => {
+            assert_eq!(record.ahead, None);
+            assert_eq!(record.view, after);
+        }
+        other => panic!("the settled state, not {other:?}"),
+    }
+    e.check_invariants();
+}
+
+/// Thousands of schedules due on one instant are made ahead in batches;
+/// at the instant they all become ready in one tick, none late.
+#[test]
+fn schedules_due_together_are_made_ahead_in_batches_and_ready_on_time() {
+    let mut e = engine();
+    let count = 2 * SCHEDULE_TIMERS_PER_TICK_MAX + 10;
+    for i in 0..count {
+        put(&mut e, &format!("s{i:04}"), spec("@every 1s"), START_MS);
+    }
+    let due = START_MS + 1_000;
+    let ahead_at = due - SCHEDULE_FIRE_AHEAD_MS;
+    let mut now = ahead_at;
+    while e.tick(at(now)).is_some_and(|wake| wake <= at(now)) {
+        now += 1;
+    }
+    assert_eq!(now, ahead_at + 2, "three batches");
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, now).len(), count);
+    assert_eq!(e.next_wake(), Some(at(due)));
+    e.tick(at(due));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, due).len(), count);
+    for i in [0, count - 1] {
+        let view = get(&mut e, &format!("s{i:04}"), due);
+        assert_eq!((view.fires, view.last_skew_ms), (1, Some(0)));
+    }
+    e.check_invariants();
+}
+
+#[test]
+fn pause_delete_and_replace_take_back_a_firing_made_ahead() {
+    let mut e = engine();
+    let mut made = spec("@every 10s");
+    made.job.payload = "old".into();
+    let due = put(&mut e, "paused", made.clone(), START_MS)
+        .next_fire_at_ms
+        .expect("armed");
+    put(&mut e, "deleted", made.clone(), START_MS);
+    put(&mut e, "replaced", made.clone(), START_MS);
+    put(&mut e, "triggered", made.clone(), START_MS);
+    let now = due - 100;
+    e.tick(at(now));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, now).len(), 4);
+    let paused = view(
+        &mut e,
+        Op::PauseSchedule {
+            name: name("paused"),
+        },
+        now,
+    );
+    assert_eq!((paused.next_fire_at_ms, paused.fires), (None, 0));
+    e.apply(
+        Op::DeleteSchedule {
+            name: name("deleted"),
+        },
+        at(now),
+    )
+    .expect("delete");
+    let mut new_spec = made.clone();
+    new_spec.job.payload = "new".into();
+    let replaced = put(&mut e, "replaced", new_spec, now);
+    assert_eq!(replaced.next_fire_at_ms, Some(due), "the instant stays due");
+    let triggered = view(
+        &mut e,
+        Op::TriggerSchedule {
+            name: name("triggered"),
+        },
+        now,
+    );
+    assert_eq!(triggered.next_fire_at_ms, Some(due));
+    // The paused and deleted schedules' jobs are gone; the replaced one's
+    // is made again from the new spec in the next tick.
+    e.tick(at(now));
+    let delayed = jobs_in(&mut e, "q", JobState::Delayed, now);
+    let payloads: Vec<_> = delayed.iter().map(|j| j.payload.clone()).collect();
+    assert_eq!(payloads, ["old", "new"], "triggered's, then replaced's");
+    e.tick(at(due));
+    let fired = jobs_in(&mut e, "q", JobState::Ready, due);
+    let mut keyed: Vec<_> = fired
+        .iter()
+        .map(|j| {
+            (
+                j.idempotency_key.clone().unwrap_or_default(),
+                j.payload.clone(),
+            )
+        })
+        .collect();
+    keyed.sort();
+    assert_eq!(
+        keyed,
+        [
+            (format!("schedule:replaced:{due}"), "new".into()),
+            (format!("schedule:triggered:{now}"), "old".into()),
+            (format!("schedule:triggered:{due}"), "old".into()),
+        ]
+    );
+    assert_eq!(get(&mut e, "paused", due).fires, 0);
+    assert_eq!(get(&mut e, "replaced", due).fires, 1);
+    assert_eq!(get(&mut e, "triggered", due).fires, 2);
+    // Replayed, the log says the same.
+    let mut log = Vec::new();
+    let mut replayed = restart(&mut e, &mut log);
+    replayed.tick(at(due));
+    assert_eq!(jobs_in(&mut replayed, "q", JobState::Ready, due).len(), 3);
+    assert_eq!(jobs_in(&mut replayed, "q", JobState::Delayed, due).len(), 0);
+    assert_eq!(get(&mut replayed, "paused", due).next_fire_at_ms, None);
+    e.check_invariants();
+}
+
+/// Killed with a firing made ahead: restarted before its instant, the
+/// instant fires once, from the job already made; restarted long after
+/// it, the misfire policy decides as for an instant not made ahead.
+#[test]
+fn a_firing_made_ahead_survives_a_restart_once_and_meets_the_misfire_policy() {
+    let policies = [
+        ("skip", Misfire::Skip),
+        ("once", Misfire::Once),
+        ("all", Misfire::All),
+    ];
+    let mut e = engine();
+    let mut due = 0;
+    for (schedule, misfire) in policies {
+        let mut s = spec("@every 10s");
+        s.queue = name(schedule);
+        s.misfire = misfire;
+        due = put(&mut e, schedule, s, START_MS)
+            .next_fire_at_ms
+            .expect("armed");
+    }
+    e.tick(at(due - 100));
+    let mut log = Vec::new();
+    // Back before the instant: the job made ahead is the firing.
+    let mut soon = restart(&mut e, &mut log);
+    let view = get(&mut soon, "skip", due - 50);
+    assert_eq!((view.fires, view.next_fire_at_ms), (0, Some(due)));
+    soon.tick(at(due));
+    for (schedule, _) in policies {
+        let ready = jobs_in(&mut soon, schedule, JobState::Ready, due);
+        assert_eq!(ready.len(), 1, "{schedule}");
+        assert_eq!(
+            ready[0].idempotency_key.as_deref(),
+            Some(format!("schedule:{schedule}:{due}").as_str())
+        );
+        assert_eq!(get(&mut soon, schedule, due).fires, 1);
+    }
+    // Back 55.5 s after the instant: instants due ..= due + 50 s were
+    // missed, the latest 5.5 s ago (past the grace).
+    let late = due + 55_500;
+    let mut e2 = restart(&mut e, &mut log);
+    e2.tick(at(late));
+    let keys = |e: &mut Engine, queue: &str| -> Vec<String> {
+        let mut jobs = jobs_in(e, queue, JobState::Ready, late);
+        jobs.extend(jobs_in(e, queue, JobState::Delayed, late));
+        jobs.iter()
+            .map(|j| j.idempotency_key.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(
+        keys(&mut e2, "skip"),
+        Vec::<String>::new(),
+        "skip fires none"
+    );
+    assert_eq!(
+        keys(&mut e2, "once"),
+        [format!("schedule:once:{}", due + 50_000)],
+        "once: the latest only"
+    );
+    assert_eq!(
+        keys(&mut e2, "all").len(),
+        6,
+        "all: every missed instant, the one made ahead among them"
+    );
+    assert_eq!(keys(&mut e2, "all")[0], format!("schedule:all:{due}"));
+    let counts = |e: &mut Engine, s: &str| {
+        let v = get(e, s, late);
+        (v.fires, v.misfires_skipped, v.next_fire_at_ms)
+    };
+    let next = Some(due + 60_000);
+    assert_eq!(counts(&mut e2, "skip"), (0, 6, next));
+    assert_eq!(counts(&mut e2, "once"), (1, 5, next));
+    assert_eq!(counts(&mut e2, "all"), (6, 0, next));
+    e2.check_invariants();
+    // And the outcome is durable: a second restart fires nothing more.
+    let mut log2 = log.clone();
+    let mut e3 = restart(&mut e2, &mut log2);
+    e3.tick(at(late));
+    assert_eq!(keys(&mut e3, "all").len(), 6);
+    assert_eq!(keys(&mut e3, "skip").len(), 0);
+    assert_eq!(counts(&mut e3, "skip"), (0, 6, next));
+}
+
+/// `max_backlog` is checked when the firing would be made ahead; a
+/// schedule at its backlog fires (or skips) at the instant as before.
+#[test]
+fn max_backlog_is_checked_ahead_and_again_at_the_instant() {
+    let mut e = engine();
+    let mut s = spec("@every 10s");
+    s.max_backlog = Some(1);
+    let due = put(&mut e, "s", s, START_MS)
+        .next_fire_at_ms
+        .expect("armed");
+    e.tick(at(due - 100));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due - 100).len(), 1);
+    e.tick(at(due));
+    // One ready job of the schedule waits: the next is not made ahead...
+    let next = due + 10_000;
+    e.tick(at(next - 100));
+    assert!(jobs_in(&mut e, "q", JobState::Delayed, next - 100).is_empty());
+    // ...and at its instant it is a backlog skip.
+    e.tick(at(next));
+    let view = get(&mut e, "s", next);
+    assert_eq!((view.fires, view.backlog_skips), (1, 1));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, next).len(), 1);
+}
+
+/// `jitter_ms` and the template's delay move the job, not the instant: the
+/// firing counts at its instant, its job is ready later.
+#[test]
+fn a_jittered_firing_counts_at_its_instant_and_is_ready_after_it() {
+    let mut e = engine();
+    let mut s = spec("@every 10s");
+    s.jitter_ms = 3_000;
+    s.job.run_at = spool_broker::RunAt::DelayMs(2_000);
+    let due = put(&mut e, "s", s, START_MS)
+        .next_fire_at_ms
+        .expect("armed");
+    e.tick(at(due - 100));
+    let job = jobs_in(&mut e, "q", JobState::Delayed, due - 100)
+        .pop()
+        .expect("made ahead");
+    let ready_at = job.run_at_ms.expect("delayed");
+    assert!(
+        (due + 2_000..=due + 5_000).contains(&ready_at),
+        "{ready_at}"
+    );
+    e.tick(at(due));
+    assert_eq!(get(&mut e, "s", due).fires, 1);
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due).len(), 1);
+    e.tick(at(ready_at));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, ready_at).len(), 1);
+    assert_eq!(get(&mut e, "s", ready_at).last_skew_ms, Some(0));
+}
+
+/// Delayed jobs due on one instant beyond `TIMERS_PER_TICK_MAX` become
+/// ready in batches, each measured at the `now` it ran at.
+#[test]
+fn delayed_jobs_due_together_become_ready_in_batches_each_measured_when_it_runs() {
+    let mut e = engine();
+    let count = TIMERS_PER_TICK_MAX + 10;
+    let due = START_MS + 1_000;
+    let job = NewJob {
+        run_at: spool_broker::RunAt::AtMs(due),
+        ..NewJob::default()
+    };
+    let jobs: Vec<_> = (0..count).map(|_| (name("q"), job.clone())).collect();
+    for chunk in jobs.chunks(500) {
+        e.apply(
+            Op::EnqueueBatch {
+                jobs: chunk.to_vec(),
+            },
+            at(START_MS),
+        )
+        .expect("enqueue");
+    }
+    let queue = |e: &Engine, now_ms: u64| {
+        let snapshot = e.snapshot(at(now_ms), spool_broker::SnapshotScope::Queues);
+        snapshot
+            .queues
+            .into_iter()
+            .find(|q| q.name == "q")
+            .expect("queue")
+    };
+    assert_eq!(e.tick(at(due)), Some(at(due)), "more are due");
+    assert_eq!(queue(&e, due).ready, TIMERS_PER_TICK_MAX as u64);
+    assert_eq!(e.tick(at(due + 3)), None);
+    let q = queue(&e, due + 3);
+    assert_eq!(q.ready, count as u64);
+    assert_eq!(q.skew.count(), count as u64);
+    assert_eq!(q.skew.max(), Some(0.003), "the last batch ran 3 ms late");
 }

@@ -39,10 +39,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spool_broker::{Clock, ScheduleView};
+use spool_broker::Clock;
 use spool_engine::{
     job_record_log_bytes, Buckets, Engine, Histogram, LogRecord, QueueRecord, RecordError,
-    ReplayError,
+    ReplayError, ScheduleRecord,
 };
 use spool_wal::format::RECORD_HEADER_LEN;
 use spool_wal::{FsStorage, RecoveryReport, Storage, Wal, WalError, WalOptions};
@@ -1138,7 +1138,7 @@ enum Effect {
     /// Every workflow id below this is taken.
     WorkflowNextId(u64),
     /// A schedule's state, kept likewise.
-    Schedule(Box<ScheduleView>),
+    Schedule(Box<ScheduleRecord>),
     /// A schedule was deleted: nothing to say again.
     ScheduleGone(String),
 }
@@ -1230,7 +1230,7 @@ struct LiveJobs {
     next_workflow_id: u64,
     next_workflow_id_segment: u64,
     /// Each schedule's last state record and its segment, the same way.
-    schedules: HashMap<String, (u64, ScheduleView)>,
+    schedules: HashMap<String, (u64, ScheduleRecord)>,
 }
 
 /// Ids `start..=end` (the key is `start`) whose live jobs have their state
@@ -1277,8 +1277,9 @@ impl LiveJobs {
                     .map_or(String::new(), |q| q.to_string());
                 self.settings.insert(name, (segment, *record));
             }
-            Effect::Schedule(view) => {
-                self.schedules.insert(view.name.clone(), (segment, *view));
+            Effect::Schedule(record) => {
+                self.schedules
+                    .insert(record.view.name.clone(), (segment, *record));
             }
             Effect::ScheduleGone(name) => {
                 self.schedules.remove(&name);
@@ -1378,7 +1379,7 @@ impl LiveJobs {
             .schedules
             .values()
             .filter(|(segment, _)| *segment < to)
-            .map(|(_, view)| LogRecord::Schedule(Box::new(view.clone())));
+            .map(|(_, record)| LogRecord::Schedule(Box::new(record.clone())));
         queues.chain(schedules).collect()
     }
 

@@ -10,6 +10,7 @@ pub mod limits;
 mod local;
 pub mod net;
 pub mod process;
+mod wake;
 
 pub use durable::{SharedStorageStats, StorageStats};
 pub use local::{

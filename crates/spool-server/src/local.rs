@@ -27,7 +27,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use spool_broker::{Broker, BrokerError, BrokerHealth, Clock, Leased, Op, Outcome, Peer, Session};
 use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord, SnapshotScope};
@@ -675,6 +674,8 @@ impl EngineTask {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_wake: Option<u64> = None;
+        let mut sleeper = crate::wake::Sleeper::new();
+        tracing::debug!(precise = sleeper.is_precise(), "engine timer");
         let mut work_left = false;
         loop {
             let inline_due = match self.log.as_ref().map(|l| &l.sink) {
@@ -700,7 +701,7 @@ impl EngineTask {
                     None => break,
                 },
                 ack = recv_ack(&mut self.log) => self.on_ack(ack),
-                _ = sleep(sleep_until) => {}
+                _ = sleeper.sleep_until(sleep_until) => {}
                 // More work now: no sleep, which would wait for the timer
                 // wheel's next millisecond.
                 () = std::future::ready(()), if work_left => {}
@@ -1351,13 +1352,6 @@ async fn recv_ack(log: &mut Option<LogState>) -> Option<CommitAck> {
             ..
         }) => link.acks.recv().await,
         _ => std::future::pending().await,
-    }
-}
-
-async fn sleep(until: Option<Instant>) {
-    match until {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -47,7 +47,7 @@ mod workflows;
 use conn::Conn;
 use dispatch::{Closed, DispatchLimits};
 use retention::Retention;
-pub use timers::SCHEDULE_TIMERS_PER_TICK_MAX;
+pub use timers::{SCHEDULE_TIMERS_PER_TICK_MAX, TIMERS_PER_TICK_MAX};
 pub use workflows::WorkflowMetrics;
 use workflows::Workflows;
 
@@ -316,6 +316,11 @@ pub struct Engine {
     /// The live jobs of schedules with a `max_backlog` were found after
     /// the restart.
     schedule_backlog_indexed: bool,
+    /// The job of each schedule's latest firing made ahead of its instant,
+    /// to its schedule: the delay timer looks here (only while it is not
+    /// empty) to settle the firing and measure its skew. At most one entry
+    /// per schedule.
+    firing_jobs: IdMap<TubeName>,
 }
 
 /// A queue's settings from the job API.
@@ -387,6 +392,7 @@ impl Engine {
             schedules: BTreeMap::new(),
             schedule_timers: BTreeSet::new(),
             schedule_backlog_indexed: false,
+            firing_jobs: IdMap::default(),
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine

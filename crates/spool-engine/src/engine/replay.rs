@@ -83,7 +83,7 @@ impl Engine {
                     self.set_settings(queue, QueueSettings { policy, pause });
                 }
             }
-            LogRecord::Schedule(view) => self.replay_schedule(*view),
+            LogRecord::Schedule(record) => self.replay_schedule(*record),
             LogRecord::ScheduleDeleted { name } => self.replay_schedule_deleted(&name),
         }
         Ok(())

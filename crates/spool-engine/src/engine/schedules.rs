@@ -11,13 +11,32 @@
 //! crash either both are replayed or neither, so an instant is never fired
 //! twice nor lost (the firing key `schedule:<name>:<due ms>` guards the
 //! rest).
+//!
+//! Fire ahead: [`limits::SCHEDULE_FIRE_AHEAD_MS`] before an instant, its
+//! job is made delayed until the instant and logged with the schedule's
+//! state naming it ([`FiringAhead`]), so the instant itself only moves a
+//! delayed job to ready. Until the instant the schedule shows the firing as
+//! not done (`next_fire_at` is the instant, `fires` and `last_fire_at` as
+//! before); from the instant on it shows it done ("settled", in memory
+//! first, logged again `SCHEDULE_FIRE_AHEAD_MS` later). Pause, delete and
+//! replace remove a firing made ahead whose job is still delayed. A
+//! firing's job that becomes ready more than `MISFIRE_GRACE_MS` late (the
+//! server was down or stalled across its instant) meets the misfire policy
+//! then, as an instant not made ahead does.
 
 use spool_broker::{
-    BrokerError, Op, Outcome, ScheduleName, ScheduleSnapshot, ScheduleSpec, ScheduleView,
+    BrokerError, Op, Outcome, RunAt, ScheduleName, ScheduleSnapshot, ScheduleSpec, ScheduleView,
 };
 
+use super::tasks::NS_PER_MS;
 use super::*;
-use crate::schedule::{self as rules, Rule};
+use crate::limits::SCHEDULE_FIRE_AHEAD_MS;
+use crate::record::{FiringAhead, ScheduleRecord};
+use crate::schedule::{self as rules, Rule, EVERY_MS_MIN, MISFIRE_GRACE_MS};
+
+// A schedule has at most one firing made ahead: the next instant is made
+// only after the one before it has passed.
+const _: () = assert!(SCHEDULE_FIRE_AHEAD_MS < EVERY_MS_MIN);
 
 /// A firing that could not enqueue because the engine refuses changes
 /// (draining, a full disk, a failed log) is tried again this much later;
@@ -40,6 +59,64 @@ pub(super) struct Schedule {
     fired: BTreeSet<JobId>,
     /// Due → fired, for `spool_schedule_fire_skew_seconds`.
     pub(super) skew: Histogram,
+    /// The next instant's firing, made ahead of it, until it is settled
+    /// (and logged so) by the schedule's timer or an operation.
+    ahead: Option<Ahead>,
+}
+
+/// A firing made ahead, with the instant after it.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    firing: FiringAhead,
+    next_ms: Option<u64>,
+}
+
+impl Schedule {
+    /// The schedule as it shows at `now_ms`: a firing made ahead counts
+    /// from its instant on.
+    fn view_at(&self, now_ms: u64) -> ScheduleView {
+        let mut view = self.view.clone();
+        if let Some(ahead) = self.ahead.filter(|a| a.firing.due_ms <= now_ms) {
+            settle_view(&mut view, ahead);
+        }
+        view
+    }
+
+    /// When its timer should run: `SCHEDULE_FIRE_AHEAD_MS` before the next
+    /// instant not yet made, and while a firing made ahead is pending, no
+    /// later than that long after its instant (to log it settled).
+    fn timer_ms(&self) -> Option<u64> {
+        if self.view.spec.paused || self.rule.is_none() {
+            return None;
+        }
+        match self.ahead {
+            Some(ahead) => {
+                let due = ahead.firing.due_ms;
+                let log_at = due.saturating_add(SCHEDULE_FIRE_AHEAD_MS);
+                Some(match ahead.next_ms {
+                    Some(next) => next
+                        .saturating_sub(SCHEDULE_FIRE_AHEAD_MS)
+                        .clamp(due, log_at),
+                    None => log_at,
+                })
+            }
+            None => self
+                .view
+                .next_fire_at_ms
+                .map(|next| next.saturating_sub(SCHEDULE_FIRE_AHEAD_MS)),
+        }
+    }
+}
+
+/// A firing made ahead, counted: its instant has passed.
+fn settle_view(view: &mut ScheduleView, ahead: Ahead) {
+    let due = ahead.firing.due_ms;
+    view.fires += 1;
+    view.last_fire_at_ms = view.last_fire_at_ms.max(Some(due));
+    view.last_job = Some(ahead.firing.job);
+    view.next_fire_at_ms = ahead.next_ms;
+    view.updated_at_ms = view.updated_at_ms.max(due);
+    view.version += 1;
 }
 
 /// What one due instant came to.
@@ -60,31 +137,53 @@ impl Engine {
         match op {
             Op::PutSchedule { name, spec } => {
                 self.check_writable(true)?;
-                self.put_schedule(name, *spec, now_ms)
+                rules::check_spec(&spec)?;
+                self.settle_for_op(&name, now);
+                let mark = self.log.len();
+                // The firing made ahead was made from the old spec: taken
+                // back, and made again from the new one if the instant
+                // stays due.
+                self.drop_ahead(&name);
+                let outcome = self.put_schedule(name, *spec, now_ms);
+                self.batch_since(mark);
+                outcome
             }
-            Op::GetSchedule { name } => Ok(self.schedule_outcome(&name, false)?),
+            Op::GetSchedule { name } => Ok(self.schedule_outcome(&name, false, now_ms)?),
             Op::ListSchedules => Ok(Outcome::Schedules(
-                self.schedules.values().map(|s| s.view.clone()).collect(),
+                self.schedules.values().map(|s| s.view_at(now_ms)).collect(),
             )),
             Op::DeleteSchedule { name } => {
                 self.check_writable(false)?;
+                if !self.schedules.contains_key(&name) {
+                    return Err(BrokerError::NotFound);
+                }
+                let mark = self.log.len();
+                self.drop_ahead(&name);
                 let removed = self.schedules.remove(&name).ok_or(BrokerError::NotFound)?;
                 if let Some(at_ms) = removed.timer_at_ms {
                     self.schedule_timers.remove(&(at_ms, name.clone()));
                 }
                 self.record(|| LogRecord::ScheduleDeleted { name });
+                self.batch_since(mark);
                 Ok(Outcome::Done)
             }
             Op::PauseSchedule { name } => {
                 self.check_writable(true)?;
+                self.settle_for_op(&name, now);
+                let mark = self.log.len();
+                // A firing made ahead for an instant that has not come is
+                // taken back: a paused schedule fires nothing.
+                self.drop_ahead(&name);
                 self.change_schedule(&name, now_ms, |s| {
                     s.view.spec.paused = true;
                     s.view.next_fire_at_ms = None;
                 })?;
-                self.schedule_outcome(&name, false)
+                self.batch_since(mark);
+                self.schedule_outcome(&name, false, now_ms)
             }
             Op::ResumeSchedule { name } => {
                 self.check_writable(true)?;
+                self.settle_for_op(&name, now);
                 self.change_schedule(&name, now_ms, |s| {
                     if s.view.spec.paused {
                         s.view.spec.paused = false;
@@ -93,10 +192,11 @@ impl Engine {
                         });
                     }
                 })?;
-                self.schedule_outcome(&name, false)
+                self.schedule_outcome(&name, false, now_ms)
             }
             Op::TriggerSchedule { name } => {
                 self.check_accepting()?;
+                self.settle_for_op(&name, now);
                 let spec = match self.schedules.get(&name) {
                     Some(s) => s.view.spec.clone(),
                     None => return Err(BrokerError::NotFound),
@@ -113,7 +213,7 @@ impl Engine {
                         s.fired.insert(job.id);
                     }
                 })?;
-                self.schedule_outcome(&name, false)
+                self.schedule_outcome(&name, false, now_ms)
             }
             other => Err(BrokerError::Internal(format!(
                 "not a schedule operation: {other:?}"
@@ -151,6 +251,7 @@ impl Engine {
                 timer_at_ms: None,
                 fired: BTreeSet::new(),
                 skew: Histogram::skew(),
+                ahead: None,
             });
         // A replaced schedule keeps when it last fired and, if it was due
         // and not yet fired, stays due: no instant twice, none lost.
@@ -171,7 +272,7 @@ impl Engine {
         schedule.view.next_fire_at_ms = next;
         schedule.view.updated_at_ms = now_ms;
         schedule.view.version += 1;
-        self.arm_schedule(&name, next);
+        self.arm_default(&name);
         self.record_schedule(&name);
         Ok(Outcome::Schedule {
             schedule: Box::new(self.schedules[&name].view.clone()),
@@ -179,12 +280,187 @@ impl Engine {
         })
     }
 
-    fn schedule_outcome(&self, name: &ScheduleName, created: bool) -> Result<Outcome, BrokerError> {
+    fn schedule_outcome(
+        &self,
+        name: &ScheduleName,
+        created: bool,
+        now_ms: u64,
+    ) -> Result<Outcome, BrokerError> {
         let schedule = self.schedules.get(name).ok_or(BrokerError::NotFound)?;
         Ok(Outcome::Schedule {
-            schedule: Box::new(schedule.view.clone()),
+            schedule: Box::new(schedule.view_at(now_ms)),
             created,
         })
+    }
+
+    /// Before an operation changes a schedule: a firing made ahead whose
+    /// instant has passed is settled (the operation logs the state).
+    fn settle_for_op(&mut self, name: &ScheduleName, now: u64) {
+        self.settle_ahead(name, now);
+    }
+
+    /// Settles the schedule's firing made ahead if its instant has passed:
+    /// counted as fired, or, if its job is still delayed more than
+    /// `MISFIRE_GRACE_MS` past when it was due (the server was down or
+    /// stalled across the instant), put to the misfire policy like an
+    /// instant not made ahead (logged here). Returns whether the schedule
+    /// changed in memory only, for the caller to log.
+    fn settle_ahead(&mut self, name: &ScheduleName, now: u64) -> bool {
+        let now_ms = self.wall_ms(now);
+        let Some(schedule) = self.schedules.get(name) else {
+            return false;
+        };
+        let Some(ahead) = schedule.ahead.filter(|a| a.firing.due_ms <= now_ms) else {
+            return false;
+        };
+        let job = ahead.firing.job;
+        let missed = self.jobs.get(&job).is_some_and(|j| {
+            j.state == JobState::Delayed
+                && j.deadline_at_ns
+                    .saturating_add(MISFIRE_GRACE_MS * NS_PER_MS)
+                    < now
+        });
+        let accepting = self.check_accepting().is_ok();
+        let schedule = self.schedules.get_mut(name).expect("schedule exists");
+        schedule.ahead = None;
+        let (Some(rule), true, true) = (schedule.rule.clone(), missed, accepting) else {
+            settle_view(&mut schedule.view, ahead);
+            return true;
+        };
+        let spec = schedule.view.spec.clone();
+        let plan = rules::plan(&rule, &spec, Some(ahead.firing.due_ms), now_ms);
+        let mark = self.log.len();
+        let keep = plan.fire.contains(&ahead.firing.due_ms);
+        if !keep {
+            self.remove_firing_job(job);
+        }
+        self.fire_plan(name, &spec, plan, keep.then_some(ahead.firing), now);
+        self.batch_since(mark);
+        false
+    }
+
+    /// Takes back the schedule's firing made ahead, if any: its job goes
+    /// if it is still delayed (not kicked, reserved or deleted since).
+    fn drop_ahead(&mut self, name: &ScheduleName) {
+        let Some(ahead) = self.schedules.get_mut(name).and_then(|s| s.ahead.take()) else {
+            return;
+        };
+        self.remove_firing_job(ahead.firing.job);
+    }
+
+    fn remove_firing_job(&mut self, id: JobId) {
+        self.firing_jobs.remove(&id);
+        if self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.state == JobState::Delayed)
+        {
+            self.unqueue(id);
+            self.drop_job(id);
+            self.record(|| LogRecord::Delete { id });
+        }
+    }
+
+    /// The delay timer found `id`, due at `due` (engine ns), among the jobs
+    /// of firings made ahead. Settles its firing if it is late past the
+    /// grace (which may remove it); returns whether it is still to be made
+    /// ready.
+    pub(super) fn firing_job_due(&mut self, id: JobId, due: u64, now: u64) -> bool {
+        let Some(name) = self.firing_jobs.get(&id).cloned() else {
+            return true;
+        };
+        let pending = self
+            .schedules
+            .get(&name)
+            .and_then(|s| s.ahead)
+            .is_some_and(|a| a.firing.job == id);
+        if pending && now > due.saturating_add(MISFIRE_GRACE_MS * NS_PER_MS) {
+            if self.settle_ahead(&name, now) {
+                self.record_schedule(&name);
+            }
+            self.arm_default(&name);
+        }
+        self.jobs
+            .get(&id)
+            .is_some_and(|j| j.state == JobState::Delayed && j.deadline_at_ns == due)
+    }
+
+    /// A firing's job made ready by the delay timer, `skew_ns` after it
+    /// was due.
+    pub(super) fn firing_job_ready(&mut self, id: JobId, skew_ns: u64) {
+        let Some(name) = self.firing_jobs.remove(&id) else {
+            return;
+        };
+        if let Some(schedule) = self.schedules.get_mut(&name) {
+            schedule.skew.observe_ns(skew_ns);
+            // Logged with the schedule's next state.
+            schedule.view.last_skew_ms = Some(skew_ns / NS_PER_MS);
+        }
+    }
+
+    /// Makes the firing of `due_ms` ahead of it: a job delayed until the
+    /// instant, logged with the schedule's state naming it. Returns false
+    /// when it cannot be made now (not accepting, `max_backlog` reached, a
+    /// refusal): the instant is then fired when due, as without fire ahead.
+    fn fire_ahead(&mut self, name: &ScheduleName, due_ms: u64, now: u64) -> bool {
+        let Some(schedule) = self.schedules.get(name) else {
+            return false;
+        };
+        let Some(rule) = schedule.rule.clone() else {
+            return false;
+        };
+        let spec = schedule.view.spec.clone();
+        let previous = schedule.view.last_job;
+        if self.check_accepting().is_err() {
+            return false;
+        }
+        if let Some(max_backlog) = spec.max_backlog {
+            if self.schedule_backlog(name) >= max_backlog {
+                return false;
+            }
+        }
+        let jitter = rules::jitter_ms(name.as_str(), due_ms, spec.jitter_ms);
+        let mut job = rules::firing_job(name.as_str(), &spec, due_ms, jitter);
+        if job.run_at == RunAt::Now {
+            job.run_at = RunAt::AtMs(due_ms);
+        }
+        let Ok(prepared) = self.prepare(&spec.queue, job, now) else {
+            return false;
+        };
+        if self
+            .check_room(std::slice::from_ref(&prepared), now)
+            .is_err()
+        {
+            return false;
+        }
+        let mark = self.log.len();
+        let (job, _) = self.create(prepared, now);
+        // The previous firing's entry goes once its job has left the delay
+        // timer (at most one entry per schedule, whatever workers do).
+        if let Some(previous) = previous {
+            if self
+                .jobs
+                .get(&previous)
+                .is_none_or(|j| j.state != JobState::Delayed)
+            {
+                self.firing_jobs.remove(&previous);
+            }
+        }
+        self.firing_jobs.insert(job.id, name.clone());
+        let schedule = self.schedules.get_mut(name).expect("schedule exists");
+        schedule.ahead = Some(Ahead {
+            firing: FiringAhead {
+                due_ms,
+                job: job.id,
+            },
+            next_ms: rule.next_after(due_ms),
+        });
+        if spec.max_backlog.is_some() {
+            schedule.fired.insert(job.id);
+        }
+        self.record_schedule(name);
+        self.batch_since(mark);
+        true
     }
 
     /// Applies `change` to a schedule, bumps its version, re-arms its timer
@@ -199,10 +475,15 @@ impl Engine {
         change(schedule);
         schedule.view.updated_at_ms = now_ms;
         schedule.view.version += 1;
-        let next = schedule.view.next_fire_at_ms;
-        self.arm_schedule(name, next);
+        self.arm_default(name);
         self.record_schedule(name);
         Ok(())
+    }
+
+    /// Points the schedule's timer where its state says.
+    fn arm_default(&mut self, name: &ScheduleName) {
+        let at_ms = self.schedules.get(name).and_then(Schedule::timer_ms);
+        self.arm_schedule(name, at_ms);
     }
 
     /// Points the schedule's timer at `at_ms` (none: no timer).
@@ -221,8 +502,11 @@ impl Engine {
 
     fn record_schedule(&mut self, name: &ScheduleName) {
         if let Some(schedule) = self.schedules.get(name) {
-            let view = schedule.view.clone();
-            self.record(|| LogRecord::Schedule(Box::new(view)));
+            let record = ScheduleRecord {
+                view: schedule.view.clone(),
+                ahead: schedule.ahead.map(|a| a.firing),
+            };
+            self.record(|| LogRecord::Schedule(Box::new(record)));
         }
     }
 
@@ -233,8 +517,10 @@ impl Engine {
             .map(|&(at_ms, _)| self.engine_ns(at_ms))
     }
 
-    /// Runs the earliest schedule timer (due at `now`): fires what the
-    /// misfire policy says, all in one log batch with the new state.
+    /// Runs the earliest schedule timer (due at `now`): settles a firing
+    /// made ahead whose instant has passed, then makes the next instant's
+    /// firing ahead of it, or fires what is already due (what the misfire
+    /// policy says, all in one log batch with the new state).
     pub(super) fn run_schedule_timer(&mut self, now: u64) {
         let Some((_, name)) = self.schedule_timers.pop_first() else {
             return;
@@ -244,25 +530,84 @@ impl Engine {
             return;
         };
         schedule.timer_at_ms = None;
-        let (Some(rule), false) = (schedule.rule.clone(), schedule.view.spec.paused) else {
+        let settled = self.settle_ahead(&name, now);
+        let Some(schedule) = self.schedules.get(&name) else {
+            return;
+        };
+        let next = schedule.view.next_fire_at_ms;
+        let firing =
+            schedule.ahead.is_none() && schedule.rule.is_some() && !schedule.view.spec.paused;
+        match next {
+            Some(due) if firing && due <= now_ms => {
+                self.fire_due(&name, now);
+                return;
+            }
+            Some(due) if firing && due.saturating_sub(SCHEDULE_FIRE_AHEAD_MS) <= now_ms => {
+                if self.fire_ahead(&name, due, now) {
+                    self.arm_default(&name);
+                    return;
+                }
+                // Not now: fired when due, as without fire ahead.
+                if settled {
+                    self.record_schedule(&name);
+                }
+                self.arm_schedule(&name, Some(due));
+                return;
+            }
+            _ => {}
+        }
+        if settled {
+            self.record_schedule(&name);
+        }
+        self.arm_default(&name);
+    }
+
+    /// Fires the instants of a schedule that are due at `now` (none made
+    /// ahead): what the misfire policy says.
+    fn fire_due(&mut self, name: &ScheduleName, now: u64) {
+        let now_ms = self.wall_ms(now);
+        let Some(schedule) = self.schedules.get(name) else {
+            return;
+        };
+        let Some(rule) = schedule.rule.clone() else {
             return;
         };
         let spec = schedule.view.spec.clone();
         let next_fire_at_ms = schedule.view.next_fire_at_ms;
         if self.check_accepting().is_err() {
             // Not now; the instant stays due.
-            self.arm_schedule(&name, Some(now_ms + SCHEDULE_RETRY_MS));
+            self.arm_schedule(name, Some(now_ms + SCHEDULE_RETRY_MS));
             return;
         }
         let plan = rules::plan(&rule, &spec, next_fire_at_ms, now_ms);
         let mark = self.log.len();
+        self.fire_plan(name, &spec, plan, None, now);
+        self.batch_since(mark);
+    }
+
+    /// Fires a plan's instants (`made`: one of them whose job exists
+    /// already, made ahead), updates the schedule's state, logs it and
+    /// re-arms its timer.
+    fn fire_plan(
+        &mut self,
+        name: &ScheduleName,
+        spec: &ScheduleSpec,
+        plan: rules::Plan,
+        made: Option<FiringAhead>,
+        now: u64,
+    ) {
+        let now_ms = self.wall_ms(now);
         let mut fired = 0;
         let mut backlog_skips = 0;
         let mut refused = 0;
         let mut last_job = None;
         let mut last_fired_at = None;
         for &due in &plan.fire {
-            match self.fire(&name, &spec, due, now) {
+            let firing = match made {
+                Some(made) if made.due_ms == due => Firing::Fired { job: made.job },
+                _ => self.fire(name, spec, due, now),
+            };
+            match firing {
                 Firing::Fired { job } => {
                     fired += 1;
                     last_job = Some(job);
@@ -272,7 +617,7 @@ impl Engine {
                 Firing::Refused => refused += 1,
             }
         }
-        let Some(schedule) = self.schedules.get_mut(&name) else {
+        let Some(schedule) = self.schedules.get_mut(name) else {
             return;
         };
         let view = &mut schedule.view;
@@ -288,13 +633,8 @@ impl Engine {
         view.next_fire_at_ms = plan.next_fire_at_ms;
         view.updated_at_ms = now_ms;
         view.version += 1;
-        self.arm_schedule(&name, plan.next_fire_at_ms);
-        self.record_schedule(&name);
-        // The jobs and the schedule's new state: one batch, all or none.
-        if self.log.len() > mark + 1 {
-            let records = self.log.split_off(mark);
-            self.log.push(LogRecord::Batch(records));
-        }
+        self.arm_default(name);
+        self.record_schedule(name);
     }
 
     /// Enqueues the job of one due instant, unless `max_backlog` says no.
@@ -376,18 +716,31 @@ impl Engine {
     }
 
     /// A logged schedule state: replaces the schedule.
-    pub(super) fn replay_schedule(&mut self, view: ScheduleView) {
+    pub(super) fn replay_schedule(&mut self, record: ScheduleRecord) {
+        let ScheduleRecord { view, ahead } = record;
         let Ok(name) = TubeName::try_from(view.name.as_str()) else {
             return;
         };
         let rule = rules::check_spec(&view.spec).ok();
-        let next = view.next_fire_at_ms.filter(|_| rule.is_some());
         let mut skew = Histogram::skew();
         if let Some(old) = self.schedules.remove(&name) {
             if let Some(at_ms) = old.timer_at_ms {
                 self.schedule_timers.remove(&(at_ms, name.clone()));
             }
+            if let Some(old_ahead) = old.ahead {
+                self.firing_jobs.remove(&old_ahead.firing.job);
+            }
             skew = old.skew;
+        }
+        let ahead = match (&rule, ahead) {
+            (Some(rule), Some(firing)) => Some(Ahead {
+                firing,
+                next_ms: rule.next_after(firing.due_ms),
+            }),
+            _ => None,
+        };
+        if let Some(ahead) = ahead {
+            self.firing_jobs.insert(ahead.firing.job, name.clone());
         }
         self.schedules.insert(
             name.clone(),
@@ -397,39 +750,53 @@ impl Engine {
                 timer_at_ms: None,
                 fired: BTreeSet::new(),
                 skew,
+                ahead,
             },
         );
-        self.arm_schedule(&name, next);
+        self.arm_default(&name);
     }
 
     pub(super) fn replay_schedule_deleted(&mut self, name: &ScheduleName) {
-        if let Some(at_ms) = self.schedules.remove(name).and_then(|s| s.timer_at_ms) {
-            self.schedule_timers.remove(&(at_ms, name.clone()));
+        if let Some(old) = self.schedules.remove(name) {
+            if let Some(at_ms) = old.timer_at_ms {
+                self.schedule_timers.remove(&(at_ms, name.clone()));
+            }
+            if let Some(ahead) = old.ahead {
+                self.firing_jobs.remove(&ahead.firing.job);
+            }
         }
     }
 
     /// Every schedule's state, for a compaction.
     pub(super) fn schedule_records(&self) -> impl Iterator<Item = LogRecord> + '_ {
-        self.schedules
-            .values()
-            .map(|s| LogRecord::Schedule(Box::new(s.view.clone())))
+        self.schedules.values().map(|s| {
+            LogRecord::Schedule(Box::new(ScheduleRecord {
+                view: s.view.clone(),
+                ahead: s.ahead.map(|a| a.firing),
+            }))
+        })
     }
 
-    /// Every schedule's figures, by name, for metrics and `spool top`.
-    pub(super) fn schedule_snapshots(&self) -> Vec<ScheduleSnapshot> {
+    /// Every schedule's figures, by name, for metrics and `spool top`, as
+    /// they show at `now`.
+    pub(super) fn schedule_snapshots(&self, now: u64) -> Vec<ScheduleSnapshot> {
+        let now_ms = self.wall_ms(now);
         self.schedules
             .values()
-            .map(|s| ScheduleSnapshot {
-                name: s.view.name.clone(),
-                queue: s.view.spec.queue.to_string(),
-                paused: s.view.spec.paused,
-                next_fire_at_ms: s.view.next_fire_at_ms,
-                last_fire_at_ms: s.view.last_fire_at_ms,
-                last_skew_ms: s.view.last_skew_ms,
-                fires: s.view.fires,
-                misfires_skipped: s.view.misfires_skipped,
-                backlog_skips: s.view.backlog_skips,
-                skew: s.skew.clone(),
+            .map(|s| {
+                let view = s.view_at(now_ms);
+                ScheduleSnapshot {
+                    name: view.name,
+                    queue: view.spec.queue.to_string(),
+                    paused: view.spec.paused,
+                    next_fire_at_ms: view.next_fire_at_ms,
+                    last_fire_at_ms: view.last_fire_at_ms,
+                    last_skew_ms: view.last_skew_ms,
+                    fires: view.fires,
+                    misfires_skipped: view.misfires_skipped,
+                    backlog_skips: view.backlog_skips,
+                    skew: s.skew.clone(),
+                }
             })
             .collect()
     }

@@ -11,17 +11,26 @@ use super::*;
 /// serving others), so each batch's skew is measured when it fires.
 pub const SCHEDULE_TIMERS_PER_TICK_MAX: usize = 256;
 
+/// Timers of any kind one `tick` runs before it returns (with work left
+/// due), for the same reason: thousands of delayed jobs due on one instant
+/// (the jobs of schedules made ahead, say) take milliseconds to move, and
+/// each batch's skew is measured against its own `now`, not the first.
+pub const TIMERS_PER_TICK_MAX: usize = 1_024;
+
 impl Engine {
     /// Runs timers due at `now`: delayed jobs become ready, pauses end,
     /// blocked reserves time out, reservations expire, schedules fire (at
-    /// most [`SCHEDULE_TIMERS_PER_TICK_MAX`]). Returns when it next has
+    /// most [`SCHEDULE_TIMERS_PER_TICK_MAX`] schedules and
+    /// [`TIMERS_PER_TICK_MAX`] timers in all). Returns when it next has
     /// work, if ever: `now` or earlier when it stopped with timers due.
     pub fn tick(&mut self, now: u64) -> Option<u64> {
         let mut schedule_timers = 0;
+        let mut timers = 0;
         // One timer at a time, earliest first, whatever its kind: a caller
         // that runs late (a busy server) must see the same outcome as one
         // that woke on time. Ties go to the kinds in the order listed.
-        while schedule_timers < SCHEDULE_TIMERS_PER_TICK_MAX {
+        while schedule_timers < SCHEDULE_TIMERS_PER_TICK_MAX && timers < TIMERS_PER_TICK_MAX {
+            timers += 1;
             let due = [
                 self.next_schedule_ns().map(|at| (at, Timer::Schedule)),
                 self.earliest_delayed().map(|(at, _, _)| (at, Timer::Delay)),
@@ -54,14 +63,23 @@ impl Engine {
                 }
                 Timer::Delay => {
                     let (due, id, tube) = self.earliest_delayed().expect("a delayed job is due");
-                    self.remove_delayed(tube, due, id);
-                    self.tube_mut(tube).metrics.skew.observe_ns(now - due);
-                    self.enqueue(id, 0, now);
-                    // The change happened at the due time, whenever the
-                    // tick ran: replay must find the same instant.
-                    if let Some(extra) = self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
-                    {
-                        extra.updated_at_ns = due;
+                    // A schedule's firing made ahead may meet its misfire
+                    // policy first (when this runs late past the grace).
+                    let firing = !self.firing_jobs.is_empty() && self.firing_jobs.contains_key(&id);
+                    if !firing || self.firing_job_due(id, due, now) {
+                        self.remove_delayed(tube, due, id);
+                        self.tube_mut(tube).metrics.skew.observe_ns(now - due);
+                        self.enqueue(id, 0, now);
+                        // The change happened at the due time, whenever the
+                        // tick ran: replay must find the same instant.
+                        if let Some(extra) =
+                            self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
+                        {
+                            extra.updated_at_ns = due;
+                        }
+                        if firing {
+                            self.firing_job_ready(id, now - due);
+                        }
                     }
                 }
                 Timer::Pause => {

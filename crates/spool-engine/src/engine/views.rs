@@ -87,7 +87,7 @@ impl Engine {
             server: self.stats(),
             waits: Default::default(),
             workflows: self.workflow_counters(),
-            schedules: self.schedule_snapshots(),
+            schedules: self.schedule_snapshots(now),
         }
     }
 
