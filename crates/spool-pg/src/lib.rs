@@ -291,6 +291,12 @@ impl PgBroker {
         }
     }
 
+    /// How long this node's operations waited for a database connection
+    /// (`spool_db_pool_acquire_seconds`), those that gave up included.
+    pub fn pool_acquire_wait(&self) -> spool_broker::Histogram {
+        self.inner.pool.acquire_wait()
+    }
+
     /// Moves a manual clock forward and runs the timers due by then, so
     /// that an operation sent after this returns sees them; parked waits
     /// look again.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use spool_broker::{Buckets, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
@@ -51,6 +52,10 @@ pub(crate) struct Pool {
     round_trips: Arc<AtomicU64>,
     acquire_timeouts: AtomicU64,
     connect_errors: AtomicU64,
+    /// How long each acquire waited, a timed-out one included
+    /// (`spool_db_pool_acquire_seconds`): a pool too small for the load
+    /// shows here long before acquires time out.
+    acquire_wait: Mutex<Histogram>,
 }
 
 /// One open connection and its prepared statements.
@@ -371,7 +376,24 @@ impl Pool {
             round_trips: Arc::new(AtomicU64::new(0)),
             acquire_timeouts: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            acquire_wait: Mutex::new(Histogram::new(Buckets::IoLatency)),
         }
+    }
+
+    fn observe_acquire(&self, started: std::time::Instant) {
+        let waited_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.acquire_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe_ns(waited_ns);
+    }
+
+    /// A copy of the acquire-wait histogram (seconds).
+    pub fn acquire_wait(&self) -> Histogram {
+        self.acquire_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Opens a connection outside the pool's bound (the listener, the
@@ -420,6 +442,7 @@ impl Pool {
 
     /// A connection, within the acquire timeout.
     pub async fn get(self: &Arc<Self>) -> Result<PooledConn, DbError> {
+        let started = std::time::Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = tokio::time::timeout(
             self.acquire_timeout,
@@ -432,6 +455,7 @@ impl Pool {
             Ok(Err(_)) => return Err(DbError::Unreachable("the pool is closed".into())),
             Err(_) => {
                 self.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                self.observe_acquire(started);
                 return Err(DbError::PoolExhausted {
                     max: self.max,
                     waited_ms: self.acquire_timeout.as_millis() as u64,
@@ -445,10 +469,13 @@ impl Pool {
                 other => break other,
             }
         };
+        // The wait a caller sees includes opening a connection the pool
+        // lacked (a failed open is counted in `connect_errors` instead).
         let conn = match reused {
             Some(conn) => conn,
             None => self.open().await?,
         };
+        self.observe_acquire(started);
         self.busy.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             conn: Some(conn),

@@ -197,6 +197,19 @@ async fn an_exhausted_pool_fails_fast_and_recovers() {
         None,
         "a busy pool is no storage failure"
     );
+    // The refused acquire waited its whole timeout (100 ms) and is in the
+    // acquire-wait histogram beside the acquires that got a connection.
+    let waits = broker.pool_acquire_wait();
+    let below_timeout = waits
+        .cumulative()
+        .take_while(|(bound, _)| *bound < 0.1)
+        .last()
+        .map_or(0, |(_, below)| below);
+    assert!(
+        waits.count() >= 3 && waits.count() - below_timeout >= 1,
+        "the enqueue, the cancel and a refused get: {waits:?}"
+    );
+    assert!(waits.sum() >= 0.1, "{waits:?}");
     locker.batch_execute("COMMIT").await.expect("commit");
     let cancelled = cancel.await.expect("join").expect("cancel").into_job();
     assert_eq!(cancelled.expect("a job").state, JobState::Cancelled);
