@@ -11,6 +11,7 @@
 #
 #   bash scripts/bench-pg-bloat.sh                       # TOTAL=1000000
 #   TOTAL=10000000 ROUND=500000 bash scripts/bench-pg-bloat.sh
+#   DETAIL=1 TOTAL=300000 bash scripts/bench-pg-bloat.sh  # + heap and index anatomy
 #
 # Needs a release build (cargo build --release -p spool) and Debian's
 # postgresql package.
@@ -47,6 +48,7 @@ done
 TABLES="'spool_jobs','spool_queues','spool_idempotency','spool_workflows','spool_workflow_keys','spool_schedules'"
 echo "== $(date -u +%FT%TZ)  load: $(uptime | sed 's/.*load average: //')"
 echo "PostgreSQL $(psql_ 'SHOW server_version'): autovacuum=$(psql_ 'SHOW autovacuum') synchronous_commit=$(psql_ 'SHOW synchronous_commit')"
+[ -z "${DETAIL:-}" ] || psql_ "CREATE EXTENSION IF NOT EXISTS pgstattuple" >/dev/null
 echo "jobs_through  on_disk  packed  ratio  rows(live/final)  jobs/s  load"
 through=0
 share=$((ROUND / NODES))
@@ -79,4 +81,20 @@ while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
     psql_ "DROP TABLE bloat_packed" >/dev/null
     rows=$(psql_ "SELECT count(*) FILTER (WHERE state NOT IN ('completed','cancelled')) || '/' || count(*) FILTER (WHERE state IN ('completed','cancelled')) FROM spool_jobs")
     python3 -c "print(f'{$through:>12}  {$on_disk/2**20:6.1f}M  {$packed/2**20:5.1f}M  {$on_disk/$packed:5.2f}  {\"$rows\":>16}  {$rate:6}  ' + open('/proc/loadavg').read().split()[0])"
+    if [ -n "${DETAIL:-}" ]; then
+        # What the size is made of: the heap and each index of spool_jobs
+        # (pgstattuple: live, dead and free space), and the tuple versions
+        # the churn made (HOT updates need no new index entries).
+        psql_ "SELECT 'tuples: ins=' || n_tup_ins || ' upd=' || n_tup_upd || ' hot_upd=' || n_tup_hot_upd \
+            || ' del=' || n_tup_del || ' dead_now=' || n_dead_tup || ' vacuums=' || vacuum_count \
+            || ' autovacuums=' || autovacuum_count FROM pg_stat_user_tables WHERE relname = 'spool_jobs'"
+        psql_ "SELECT format('  %-22s %7s  live %5s%%  dead %5s%%  free %5s%%', 'heap', \
+            pg_size_pretty(table_len), tuple_percent, dead_tuple_percent, free_percent) \
+            FROM pgstattuple('spool_jobs')"
+        psql_ "SELECT format('  %-22s %7s  leaf density %5s%%  leaf pages %s, deleted %s, empty %s', \
+            i.indexrelid::regclass, pg_size_pretty(pg_relation_size(i.indexrelid)), s.avg_leaf_density, \
+            s.leaf_pages, s.deleted_pages, s.empty_pages) \
+            FROM pg_index i, LATERAL pgstatindex(i.indexrelid) s \
+            WHERE i.indrelid = 'spool_jobs'::regclass ORDER BY 1"
+    fi
 done

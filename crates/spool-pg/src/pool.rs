@@ -296,6 +296,23 @@ impl Conn {
         Ok(())
     }
 
+    /// Dead and live row versions of `spool_jobs` in PostgreSQL's
+    /// statistics: every node's churn (and autovacuum's work), each
+    /// backend's share at most about a second late.
+    pub async fn jobs_dead_and_live_rows(&mut self) -> Result<(u64, u64), DbError> {
+        debug_assert!(!self.in_transaction, "statistics are read alone");
+        let statement = self
+            .statement(
+                "SELECT pg_stat_get_dead_tuples('spool_jobs'::regclass), \
+                        pg_stat_get_live_tuples('spool_jobs'::regclass)",
+            )
+            .await?;
+        self.round_trip();
+        let row = self.client.query_one(&statement, &[]).await?;
+        let rows = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((rows(0), rows(1)))
+    }
+
     /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
     /// transaction, nor in a pipeline, which is one); skipped when another
     /// node is vacuuming the table.

@@ -265,6 +265,8 @@ struct Run {
     last_progress: Mutex<Option<Instant>>,
     /// Delayed jobs: (wall ms the first is due, spread ms, jobs).
     run_at: Option<(u64, u64, u64)>,
+    /// http-work: jobs enqueued and not done that hold the producers back.
+    max_backlog: Option<u64>,
 }
 
 impl Run {
@@ -379,6 +381,7 @@ pub(super) fn run(args: &BenchArgs, deadline: Instant) -> Result<()> {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             (now_ms + args.run_at_lead_ms, spread, args.jobs)
         }),
+        max_backlog: args.max_backlog.filter(|_| args.mode == Mode::HttpWork),
     });
     let cpu_at_start = super::process_cpu_secs();
     let mut report = runtime.block_on(drive(args, &run))?;
@@ -643,6 +646,9 @@ async fn prepare(control: &mut HttpConn, run: &Run, body_size: usize, jobs: u64)
 }
 
 /// Enqueues jobs `batch` at a time until `jobs` are taken.
+/// How often a producer held back by `--max-backlog` looks again.
+const BACKLOG_POLL: Duration = Duration::from_millis(1);
+
 async fn producer(
     mut conn: HttpConn,
     run: &Run,
@@ -665,6 +671,18 @@ async fn producer(
     loop {
         if run.over() {
             return Ok(());
+        }
+        if let Some(max_backlog) = run.max_backlog {
+            // Polled: the workers' count moves thousands of times a second.
+            if run
+                .next_seq
+                .load(Relaxed)
+                .saturating_sub(run.done.load(Relaxed))
+                >= max_backlog
+            {
+                tokio::time::sleep(BACKLOG_POLL).await;
+                continue;
+            }
         }
         let first = run.next_seq.fetch_add(batch, Relaxed);
         if first >= jobs {
