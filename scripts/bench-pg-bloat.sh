@@ -6,6 +6,12 @@
 # on-disk size of spool's tables with their indexes and TOAST
 # (pg_total_relation_size) against the size of the same rows packed: a
 # fresh copy of spool_jobs with the same indexes. Target: at most 2x.
+# BACKLOG (default 1000) bounds each node's jobs enqueued and not yet done
+# (`spool bench --max-backlog`): a steady churn, as when the workers keep
+# up. BACKLOG=0 lets the producers run ahead, so a round's jobs wait in
+# the table at once; the table then keeps the size of that peak, which the
+# final rows alone never fill again (not churn: PostgreSQL gives back only
+# empty pages at the end of a table).
 # A private cluster with initdb's defaults (autovacuum on), stopped at the
 # end.
 #
@@ -22,6 +28,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TOTAL=${TOTAL:-1000000}
 ROUND=${ROUND:-100000}
 NODES=${NODES:-3}
+BACKLOG=${BACKLOG:-1000}
+backlog_flag=()
+[ "$BACKLOG" = 0 ] || backlog_flag=(--max-backlog "$BACKLOG")
 ROUND_LIMIT_S=${ROUND_LIMIT_S:-1200}
 SPOOL=${SPOOL:-target/release/spool}
 # shellcheck source=scripts/pg-cluster-lib.sh
@@ -47,7 +56,7 @@ done
 
 TABLES="'spool_jobs','spool_queues','spool_idempotency','spool_workflows','spool_workflow_keys','spool_schedules'"
 echo "== $(date -u +%FT%TZ)  load: $(uptime | sed 's/.*load average: //')"
-echo "PostgreSQL $(psql_ 'SHOW server_version'): autovacuum=$(psql_ 'SHOW autovacuum') synchronous_commit=$(psql_ 'SHOW synchronous_commit')"
+echo "PostgreSQL $(psql_ 'SHOW server_version'): autovacuum=$(psql_ 'SHOW autovacuum') synchronous_commit=$(psql_ 'SHOW synchronous_commit'); $NODES nodes, backlog bound per node: $BACKLOG (0: none)"
 [ -z "${DETAIL:-}" ] || psql_ "CREATE EXTENSION IF NOT EXISTS pgstattuple" >/dev/null
 echo "jobs_through  on_disk  packed  ratio  rows(live/final)  jobs/s  load"
 through=0
@@ -60,7 +69,7 @@ while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
     for i in "${!hports[@]}"; do
         "$SPOOL" bench --mode http-work --http "127.0.0.1:${hports[$i]}" --jobs "$share" \
             --tube "churn$i" --producers 2 --consumers 16 --enqueue-batch 500 \
-            --reserve-batch 32 --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
+            --reserve-batch 32 "${backlog_flag[@]}" --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
