@@ -72,7 +72,12 @@ while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
             --reserve-batch 32 "${backlog_flag[@]}" --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
         pids+=($!)
     done
-    for pid in "${pids[@]}"; do wait "$pid"; done
+    for pid in "${pids[@]}"; do
+        wait "$pid" || {
+            for log in "$DIR"/n*.log; do echo "== $log"; tail -20 "$log"; done >&2
+            exit 1
+        }
+    done
     for i in "${!hports[@]}"; do
         grep -q '"time_limit_hit":false' "$DIR/r.$i.json" || { echo "round incomplete: $(cat "$DIR/r.$i.json")" >&2; exit 1; }
     done

@@ -40,8 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 
 pub use clock::Clock;
-pub use ops::{vacuum_due, VacuumPass, VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE};
 pub use error::ConnectError;
+pub use ops::{vacuum_due, VacuumPass, VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 
