@@ -266,9 +266,10 @@ impl PgBroker {
         if !broker.inner.clock.is_manual() {
             let schedules_changed = broker.inner.schedules_changed.clone();
             tasks.push(tokio::spawn(run_timers_periodically(
-                weak,
+                weak.clone(),
                 schedules_changed,
             )));
+            tasks.push(tokio::spawn(vacuum_periodically(weak)));
         }
         if let Ok(mut held) = broker.inner.tasks.lock() {
             held.extend(tasks);
@@ -294,7 +295,7 @@ impl PgBroker {
     }
 
     /// Vacuums `spool_jobs` if its dead rows are due ([`vacuum_due`]):
-    /// what each node's timer task does every [`TIMER_INTERVAL`], since
+    /// what each node's vacuum task does every [`TIMER_INTERVAL`], since
     /// autovacuum looks at a table at most once a minute
     /// (`autovacuum_naptime`), and a minute of churn at thousands of jobs
     /// a second leaves the table several times the size of its rows.
@@ -772,6 +773,24 @@ async fn listen(broker: Weak<Inner>) {
     }
 }
 
+/// Looks every [`TIMER_INTERVAL`] (wall clock only) whether `spool_jobs`
+/// is due a vacuum, and runs it: a task of its own, so that a vacuum (a
+/// scan of the table and every index) never holds back the timers and
+/// the schedules' firing.
+async fn vacuum_periodically(broker: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(TIMER_INTERVAL).await;
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        match (PgBroker { inner }).vacuum_if_churned().await {
+            Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
+        }
+    }
+}
+
 /// Runs the timers every [`TIMER_INTERVAL`] (wall clock only), and fires
 /// schedules: each pass sleeps until the earliest schedule's due instant if
 /// that is sooner, or until a schedule changes on this node.
@@ -814,11 +833,6 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
         let timers = broker.run(task).await;
         if let Ok(Done::Retention { backlog }) = &timers {
             retention_backlog = *backlog;
-        }
-        match broker.vacuum_if_churned().await {
-            Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
-            Ok(_) => {}
-            Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
         }
         let result = match timers {
             Ok(_) => broker.fire_schedules().await,
