@@ -648,6 +648,9 @@ async fn prepare(control: &mut HttpConn, run: &Run, body_size: usize, jobs: u64)
 /// Enqueues jobs `batch` at a time until `jobs` are taken.
 /// How often a producer held back by `--max-backlog` looks again.
 const BACKLOG_POLL: Duration = Duration::from_millis(1);
+/// A producer held back this long opens a new connection: half the
+/// server's idle keep-alive timeout (`HEADER_READ_TIMEOUT`, 10 s).
+const BACKLOG_IDLE_RECONNECT: Duration = Duration::from_secs(5);
 
 async fn producer(
     mut conn: HttpConn,
@@ -668,6 +671,7 @@ async fn producer(
             Bytes::from(job_json(body_size)),
         )
     };
+    let mut last_request = Instant::now();
     loop {
         if run.over() {
             return Ok(());
@@ -682,6 +686,11 @@ async fn producer(
             {
                 tokio::time::sleep(BACKLOG_POLL).await;
                 continue;
+            }
+            // Held back long enough for the server to close the idle
+            // connection (HEADER_READ_TIMEOUT): a fresh one.
+            if last_request.elapsed() >= BACKLOG_IDLE_RECONNECT {
+                conn = run.connect().await?;
             }
         }
         let first = run.next_seq.fetch_add(batch, Relaxed);
@@ -708,6 +717,7 @@ async fn producer(
         conn.expect(Method::POST, &path, body, StatusCode::CREATED)
             .await?;
         let received = Instant::now();
+        last_request = received;
         timings.request.saturating_record(nanos(received - sent));
         run.requests.fetch_add(1, Relaxed);
         // In a work run the workers count jobs done, not the producers.
