@@ -41,6 +41,7 @@ use tokio_postgres::AsyncMessage;
 
 pub use clock::Clock;
 pub use error::ConnectError;
+pub use ops::{vacuum_due, VacuumPass, VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 
@@ -64,11 +65,6 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
-/// How often each node vacuums `spool_jobs` on the wall clock (skipped
-/// while another node does). Autovacuum looks at a table at most once a
-/// minute (`autovacuum_naptime`): a minute of churn, 120k jobs at 2k/s,
-/// leaves the table several times the size of the jobs it holds.
-pub const VACUUM_INTERVAL: Duration = Duration::from_secs(10);
 /// The shortest sleep of the timer task before a schedule's due instant.
 const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
@@ -270,9 +266,10 @@ impl PgBroker {
         if !broker.inner.clock.is_manual() {
             let schedules_changed = broker.inner.schedules_changed.clone();
             tasks.push(tokio::spawn(run_timers_periodically(
-                weak,
+                weak.clone(),
                 schedules_changed,
             )));
+            tasks.push(tokio::spawn(vacuum_periodically(weak)));
         }
         if let Ok(mut held) = broker.inner.tasks.lock() {
             held.extend(tasks);
@@ -288,6 +285,26 @@ impl PgBroker {
         PoolStats {
             query_errors: self.inner.query_errors.load(Ordering::Relaxed),
             ..self.inner.pool.stats()
+        }
+    }
+
+    /// How long this node's operations waited for a database connection
+    /// (`spool_db_pool_acquire_seconds`), those that gave up included.
+    pub fn pool_acquire_wait(&self) -> spool_broker::Histogram {
+        self.inner.pool.acquire_wait()
+    }
+
+    /// Vacuums `spool_jobs` if its dead rows are due ([`vacuum_due`]):
+    /// what each node's vacuum task does every [`TIMER_INTERVAL`], since
+    /// autovacuum looks at a table at most once a minute
+    /// (`autovacuum_naptime`), and a minute of churn at thousands of jobs
+    /// a second leaves the table several times the size of its rows.
+    pub async fn vacuum_if_churned(&self) -> Result<VacuumPass, BrokerError> {
+        match self.run(Task::VacuumIfChurned).await? {
+            Done::Vacuum(pass) => Ok(pass),
+            other => Err(BrokerError::Internal(format!(
+                "a vacuum answered {other:?}"
+            ))),
         }
     }
 
@@ -756,6 +773,24 @@ async fn listen(broker: Weak<Inner>) {
     }
 }
 
+/// Looks every [`TIMER_INTERVAL`] (wall clock only) whether `spool_jobs`
+/// is due a vacuum, and runs it: a task of its own, so that a vacuum (a
+/// scan of the table and every index) never holds back the timers and
+/// the schedules' firing.
+async fn vacuum_periodically(broker: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(TIMER_INTERVAL).await;
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        match (PgBroker { inner }).vacuum_if_churned().await {
+            Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
+        }
+    }
+}
+
 /// Runs the timers every [`TIMER_INTERVAL`] (wall clock only), and fires
 /// schedules: each pass sleeps until the earliest schedule's due instant if
 /// that is sooner, or until a schedule changes on this node.
@@ -766,7 +801,6 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
     let mut failing = false;
     let mut next_fire_ms: Option<u64> = None;
     let mut retention_backlog = false;
-    let mut last_vacuum = std::time::Instant::now();
     loop {
         let mut sleep = TIMER_INTERVAL;
         if let Some(at_ms) = next_fire_ms {
@@ -799,12 +833,6 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
         let timers = broker.run(task).await;
         if let Ok(Done::Retention { backlog }) = &timers {
             retention_backlog = *backlog;
-        }
-        if last_vacuum.elapsed() >= VACUUM_INTERVAL {
-            last_vacuum = std::time::Instant::now();
-            if let Err(error) = broker.run(Task::VacuumJobs).await {
-                tracing::debug!(%error, "vacuum of spool_jobs failed");
-            }
         }
         let result = match timers {
             Ok(_) => broker.fire_schedules().await,

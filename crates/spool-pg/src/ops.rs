@@ -91,8 +91,37 @@ pub(crate) enum Task {
     DeleteLeased(Lease),
     /// Completions of several callers in one statement (`group.rs`).
     CompleteGroup(Vec<(Lease, Option<Bytes>)>),
-    /// The hot table vacuumed (outside any transaction).
-    VacuumJobs,
+    /// The hot table vacuumed (outside any transaction) when
+    /// [`vacuum_due`] by its dead rows.
+    VacuumIfChurned,
+}
+
+/// Dead row versions of `spool_jobs` that start a vacuum at the least
+/// (a small table is not vacuumed for a handful).
+pub const VACUUM_DEAD_ROWS_MIN: u64 = 1_000;
+/// ... and beyond that, a quarter of its live rows: each job leaves three
+/// dead versions (the reserve's and the completion's updates, the
+/// retention's delete), so at thousands of jobs a second a fixed interval
+/// lets the dead outgrow the live many times over, while a vacuum due by
+/// churn keeps them within a quarter (plus what piles up while one runs).
+pub const VACUUM_DEAD_SHARE_OF_LIVE: u64 = 4;
+
+/// Whether `spool_jobs` is due a vacuum with `dead_rows` dead and
+/// `live_rows` live versions.
+pub fn vacuum_due(dead_rows: u64, live_rows: u64) -> bool {
+    dead_rows >= VACUUM_DEAD_ROWS_MIN.saturating_add(live_rows / VACUUM_DEAD_SHARE_OF_LIVE)
+}
+
+/// What a [`Task::VacuumIfChurned`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VacuumPass {
+    /// Dead row versions of `spool_jobs` in the statistics.
+    pub dead_rows: u64,
+    /// Live row versions of `spool_jobs` in the statistics.
+    pub live_rows: u64,
+    /// A `VACUUM (SKIP_LOCKED)` ran (it skips the table while another
+    /// node or autovacuum is vacuuming it).
+    pub vacuumed: bool,
 }
 
 #[derive(Debug)]
@@ -108,6 +137,7 @@ pub(crate) enum Done {
     Retention {
         backlog: bool,
     },
+    Vacuum(VacuumPass),
     Nothing,
 }
 
@@ -396,9 +426,17 @@ pub(crate) async fn run(
             // anyone is answered.
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
-        Task::VacuumJobs => {
-            c.vacuum_jobs().await?;
-            return Ok(Done::Nothing);
+        Task::VacuumIfChurned => {
+            let (dead_rows, live_rows) = c.jobs_dead_and_live_rows().await?;
+            let vacuumed = vacuum_due(dead_rows, live_rows);
+            if vacuumed {
+                c.vacuum_jobs().await?;
+            }
+            return Ok(Done::Vacuum(VacuumPass {
+                dead_rows,
+                live_rows,
+                vacuumed,
+            }));
         }
         _ => {}
     }
@@ -457,7 +495,7 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) | Task::VacuumJobs => {
+        Task::CompleteGroup(_) | Task::VacuumIfChurned => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

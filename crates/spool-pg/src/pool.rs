@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use spool_broker::{Buckets, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
@@ -51,6 +52,10 @@ pub(crate) struct Pool {
     round_trips: Arc<AtomicU64>,
     acquire_timeouts: AtomicU64,
     connect_errors: AtomicU64,
+    /// How long each acquire waited, a timed-out one included
+    /// (`spool_db_pool_acquire_seconds`): a pool too small for the load
+    /// shows here long before acquires time out.
+    acquire_wait: Mutex<Histogram>,
 }
 
 /// One open connection and its prepared statements.
@@ -291,6 +296,23 @@ impl Conn {
         Ok(())
     }
 
+    /// Dead and live row versions of `spool_jobs` in PostgreSQL's
+    /// statistics: every node's churn (and autovacuum's work), each
+    /// backend's share at most about a second late.
+    pub async fn jobs_dead_and_live_rows(&mut self) -> Result<(u64, u64), DbError> {
+        debug_assert!(!self.in_transaction, "statistics are read alone");
+        let statement = self
+            .statement(
+                "SELECT pg_stat_get_dead_tuples('spool_jobs'::regclass), \
+                        pg_stat_get_live_tuples('spool_jobs'::regclass)",
+            )
+            .await?;
+        self.round_trip();
+        let row = self.client.query_one(&statement, &[]).await?;
+        let rows = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((rows(0), rows(1)))
+    }
+
     /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
     /// transaction, nor in a pipeline, which is one); skipped when another
     /// node is vacuuming the table.
@@ -371,7 +393,24 @@ impl Pool {
             round_trips: Arc::new(AtomicU64::new(0)),
             acquire_timeouts: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            acquire_wait: Mutex::new(Histogram::new(Buckets::IoLatency)),
         }
+    }
+
+    fn observe_acquire(&self, started: std::time::Instant) {
+        let waited_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.acquire_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe_ns(waited_ns);
+    }
+
+    /// A copy of the acquire-wait histogram (seconds).
+    pub fn acquire_wait(&self) -> Histogram {
+        self.acquire_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Opens a connection outside the pool's bound (the listener, the
@@ -420,6 +459,7 @@ impl Pool {
 
     /// A connection, within the acquire timeout.
     pub async fn get(self: &Arc<Self>) -> Result<PooledConn, DbError> {
+        let started = std::time::Instant::now();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = tokio::time::timeout(
             self.acquire_timeout,
@@ -432,6 +472,7 @@ impl Pool {
             Ok(Err(_)) => return Err(DbError::Unreachable("the pool is closed".into())),
             Err(_) => {
                 self.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+                self.observe_acquire(started);
                 return Err(DbError::PoolExhausted {
                     max: self.max,
                     waited_ms: self.acquire_timeout.as_millis() as u64,
@@ -445,10 +486,13 @@ impl Pool {
                 other => break other,
             }
         };
+        // The wait a caller sees includes opening a connection the pool
+        // lacked (a failed open is counted in `connect_errors` instead).
         let conn = match reused {
             Some(conn) => conn,
             None => self.open().await?,
         };
+        self.observe_acquire(started);
         self.busy.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             conn: Some(conn),

@@ -197,6 +197,19 @@ async fn an_exhausted_pool_fails_fast_and_recovers() {
         None,
         "a busy pool is no storage failure"
     );
+    // The refused acquire waited its whole timeout (100 ms) and is in the
+    // acquire-wait histogram beside the acquires that got a connection.
+    let waits = broker.pool_acquire_wait();
+    let below_timeout = waits
+        .cumulative()
+        .take_while(|(bound, _)| *bound < 0.1)
+        .last()
+        .map_or(0, |(_, below)| below);
+    assert!(
+        waits.count() >= 3 && waits.count() - below_timeout >= 1,
+        "the enqueue, the cancel and a refused get: {waits:?}"
+    );
+    assert!(waits.sum() >= 0.1, "{waits:?}");
     locker.batch_execute("COMMIT").await.expect("commit");
     let cancelled = cancel.await.expect("join").expect("cancel").into_job();
     assert_eq!(cancelled.expect("a job").state, JobState::Cancelled);
@@ -1086,4 +1099,74 @@ async fn timers_fill_the_skew_histograms_of_the_node_that_ran_them() {
     let other = b.snapshot(SnapshotScope::Queues).await.expect("snapshot");
     assert!(other.queues.iter().all(|q| q.skew.count() == 0));
     assert_eq!(other.schedules[0].skew.count(), 0);
+}
+
+#[test]
+fn a_vacuum_is_due_by_dead_rows_against_live_ones() {
+    use spool_pg::{vacuum_due, VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE};
+    // A small table waits for the minimum.
+    assert!(!vacuum_due(VACUUM_DEAD_ROWS_MIN - 1, 0));
+    assert!(vacuum_due(VACUUM_DEAD_ROWS_MIN, 0));
+    // A large one for its share of the live rows on top.
+    let live = 1_000_000;
+    let due_at = VACUUM_DEAD_ROWS_MIN + live / VACUUM_DEAD_SHARE_OF_LIVE;
+    assert!(!vacuum_due(due_at - 1, live));
+    assert!(vacuum_due(due_at, live));
+    assert!(vacuum_due(u64::MAX, u64::MAX), "no overflow");
+}
+
+/// The timer task's vacuum, called directly: it reads the dead rows from
+/// PostgreSQL's statistics, so the test makes them there (and flushes its
+/// backend's statistics) instead of waiting for a timer.
+#[tokio::test]
+async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    // Only this test's calls vacuum the table.
+    admin
+        .batch_execute("ALTER TABLE spool_jobs SET (autovacuum_enabled = false)")
+        .await
+        .expect("autovacuum off");
+    let vacuums = || async {
+        admin
+            .query_one(
+                "SELECT pg_stat_get_vacuum_count('spool_jobs'::regclass)",
+                &[],
+            )
+            .await
+            .expect("vacuum count")
+            .get::<_, i64>(0)
+    };
+    let quiet = broker.vacuum_if_churned().await.expect("check");
+    assert!(!quiet.vacuumed, "an empty table is not vacuumed: {quiet:?}");
+    let jobs = 1_500;
+    for _ in 0..2 {
+        let batch = (0..jobs / 2).map(|_| (queue("q"), job("x"))).collect();
+        match broker.call(Op::EnqueueBatch { jobs: batch }).await {
+            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), jobs / 2),
+            other => panic!("a batch enqueue: {other:?}"),
+        }
+    }
+    // Every row updated once: as many dead versions as jobs, counted in
+    // the statistics when this transaction ends.
+    admin
+        .batch_execute(
+            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
+             SELECT pg_stat_force_next_flush(); COMMIT",
+        )
+        .await
+        .expect("churn");
+    let before = vacuums().await;
+    let churned = broker.vacuum_if_churned().await.expect("vacuum");
+    assert!(churned.dead_rows >= jobs as u64, "{churned:?}");
+    assert!(churned.vacuumed, "{churned:?}");
+    assert_eq!(vacuums().await, before + 1, "one vacuum ran");
+    // The vacuum counted the dead rows away: nothing due any more.
+    let after = broker.vacuum_if_churned().await.expect("check again");
+    assert!(
+        !after.vacuumed && after.dead_rows < churned.dead_rows,
+        "{after:?}"
+    );
+    assert_eq!(vacuums().await, before + 1);
 }

@@ -158,6 +158,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000,
           value_parser = clap::value_parser!(u32).range(1..=spool_engine::limits::ENQUEUE_BATCH_JOBS_MAX as i64))]
     enqueue_batch: u32,
+    /// http-work: producers wait while this many jobs are enqueued and not
+    /// yet done (a steady churn, as when workers keep up), instead of
+    /// enqueueing every job as fast as they can; unset: no bound.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_backlog: Option<u64>,
     /// HTTP worker modes: jobs a reserve asks for.
     #[arg(long, default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(spool_engine::limits::RESERVE_BATCH_MAX)))]

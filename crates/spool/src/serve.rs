@@ -21,6 +21,7 @@ use spool_proto::limits::{DEFAULT_MAX_JOB_SIZE_BYTES, MAX_JOB_SIZE_LIMIT_BYTES};
 use spool_server::beanstalk::{self, BeanstalkConfig, BeanstalkListener};
 use spool_server::connections::{Connections, Protocol};
 use spool_server::durable::{self, FsyncPolicy, InlineLog};
+use spool_server::http::exposition::{Exposition, HistogramSample, MetricKind};
 use spool_server::http::{self, HttpLimits, HttpSettings, HttpState};
 use spool_server::process::ProcessInfo;
 use spool_server::{engine_clock, process, Broker, LocalBroker, LogSink};
@@ -892,7 +893,9 @@ async fn serve_postgres(
         .context("starting on the database (--database-url/SPOOL_DATABASE_URL)")?;
     let listener = bind(&config.listen)?;
     let pool = broker.clone();
-    http_state.set_extra_metrics(Arc::new(move || pool_metrics(&pool.pool_stats())));
+    http_state.set_extra_metrics(Arc::new(move || {
+        pool_metrics(&pool.pool_stats(), &pool.pool_acquire_wait())
+    }));
     http_state.set_broker(broker.clone());
     tracing::info!(
         listen = %listener.local_addr(),
@@ -930,8 +933,8 @@ fn default_node_id(listen: &ListenAddr) -> String {
 }
 
 /// The database pool's figures in Prometheus text.
-fn pool_metrics(stats: &PoolStats) -> String {
-    format!(
+fn pool_metrics(stats: &PoolStats, acquire_wait: &spool_server::Histogram) -> String {
+    let mut text = format!(
         "# HELP spool_db_pool_connections Database connections of this node's pool by state.\n\
          # TYPE spool_db_pool_connections gauge\n\
          spool_db_pool_connections{{state=\"busy\"}} {busy}\n\
@@ -958,7 +961,25 @@ fn pool_metrics(stats: &PoolStats) -> String {
         timeouts = stats.acquire_timeouts,
         connect_errors = stats.connect_errors,
         query_errors = stats.query_errors,
-    )
+    );
+    let mut histogram = Exposition::new();
+    histogram.family(
+        "spool_db_pool_acquire_seconds",
+        MetricKind::Histogram,
+        "How long operations waited for a database connection (those that gave up included).",
+    );
+    histogram.histogram(
+        "spool_db_pool_acquire_seconds",
+        &[],
+        HistogramSample {
+            upper_bounds: acquire_wait.bounds(),
+            bucket_counts: acquire_wait.bucket_counts(),
+            sum: acquire_wait.sum(),
+            count: acquire_wait.count(),
+        },
+    );
+    text.push_str(&histogram.finish());
+    text
 }
 
 /// Serves beanstalkd connections on `broker` until SIGTERM or SIGINT, then

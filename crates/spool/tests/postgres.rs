@@ -105,6 +105,24 @@ fn two_nodes_serve_both_front_doors_on_one_database() {
             && metrics.contains("spool_db_query_errors_total"),
         "{metrics}"
     );
+    // Every operation above acquired a connection: the acquire-wait
+    // histogram has counted them, and its `+Inf` bucket equals its count.
+    let sample = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    let acquires = sample("spool_db_pool_acquire_seconds_count");
+    assert!(acquires >= 2, "{metrics}");
+    assert_eq!(
+        sample("spool_db_pool_acquire_seconds_bucket{le=\"+Inf\"}"),
+        acquires
+    );
+    assert!(
+        metrics.contains("# TYPE spool_db_pool_acquire_seconds histogram"),
+        "{metrics}"
+    );
 }
 
 #[test]

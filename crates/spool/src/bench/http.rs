@@ -265,6 +265,8 @@ struct Run {
     last_progress: Mutex<Option<Instant>>,
     /// Delayed jobs: (wall ms the first is due, spread ms, jobs).
     run_at: Option<(u64, u64, u64)>,
+    /// http-work: jobs enqueued and not done that hold the producers back.
+    max_backlog: Option<u64>,
 }
 
 impl Run {
@@ -379,6 +381,7 @@ pub(super) fn run(args: &BenchArgs, deadline: Instant) -> Result<()> {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             (now_ms + args.run_at_lead_ms, spread, args.jobs)
         }),
+        max_backlog: args.max_backlog.filter(|_| args.mode == Mode::HttpWork),
     });
     let cpu_at_start = super::process_cpu_secs();
     let mut report = runtime.block_on(drive(args, &run))?;
@@ -643,6 +646,12 @@ async fn prepare(control: &mut HttpConn, run: &Run, body_size: usize, jobs: u64)
 }
 
 /// Enqueues jobs `batch` at a time until `jobs` are taken.
+/// How often a producer held back by `--max-backlog` looks again.
+const BACKLOG_POLL: Duration = Duration::from_millis(1);
+/// A producer held back this long opens a new connection: half the
+/// server's idle keep-alive timeout (`HEADER_READ_TIMEOUT`, 10 s).
+const BACKLOG_IDLE_RECONNECT: Duration = Duration::from_secs(5);
+
 async fn producer(
     mut conn: HttpConn,
     run: &Run,
@@ -662,9 +671,27 @@ async fn producer(
             Bytes::from(job_json(body_size)),
         )
     };
+    let mut last_request = Instant::now();
     loop {
         if run.over() {
             return Ok(());
+        }
+        if let Some(max_backlog) = run.max_backlog {
+            // Polled: the workers' count moves thousands of times a second.
+            if run
+                .next_seq
+                .load(Relaxed)
+                .saturating_sub(run.done.load(Relaxed))
+                >= max_backlog
+            {
+                tokio::time::sleep(BACKLOG_POLL).await;
+                continue;
+            }
+            // Held back long enough for the server to close the idle
+            // connection (HEADER_READ_TIMEOUT): a fresh one.
+            if last_request.elapsed() >= BACKLOG_IDLE_RECONNECT {
+                conn = run.connect().await?;
+            }
         }
         let first = run.next_seq.fetch_add(batch, Relaxed);
         if first >= jobs {
@@ -690,6 +717,7 @@ async fn producer(
         conn.expect(Method::POST, &path, body, StatusCode::CREATED)
             .await?;
         let received = Instant::now();
+        last_request = received;
         timings.request.saturating_record(nanos(received - sent));
         run.requests.fetch_add(1, Relaxed);
         // In a work run the workers count jobs done, not the producers.
