@@ -885,7 +885,11 @@ async fn answer<B: Broker>(
     handle: &ConnHandle,
 ) -> Response {
     let path = request.uri().path();
-    handle.set_command(command_name(request.method(), path));
+    let hot = jobs::HotRoute::of(request.method(), path);
+    handle.set_command(match &hot {
+        Some(route) => route.command_name(),
+        None => command_name(request.method(), path),
+    });
     let (body_max_bytes, too_large_code) = bodies.of(request.method(), path);
     // A long poll may wait up to its own maximum before it has anything
     // to do; the handler timeout is for the work after that.
@@ -907,7 +911,7 @@ async fn answer<B: Broker>(
         Ok((parts, body)) => {
             handle.set_state(ConnState::Executing);
             let call = async {
-                match jobs::HotRoute::of(&parts.method, parts.uri.path()) {
+                match hot {
                     Some(route) => {
                         match refused_for_token(state, parts.uri.path(), &parts.headers) {
                             Some(refusal) => refusal,

@@ -891,6 +891,19 @@ fn hot_routes_are_only_the_unambiguous_paths() {
         of(&post, "/v1/reserve"),
         Some(super::jobs::HotRoute::Reserve)
     );
+    for (path, route) in [
+        ("/v1/reserve", "reserve"),
+        ("/v1/queues/q/jobs", "queues/q/jobs"),
+        ("/v1/jobs/1/complete", "jobs/1/complete"),
+    ] {
+        let hot = of(&post, path).unwrap();
+        let segments: Vec<&str> = route.split('/').collect();
+        assert_eq!(
+            Some(hot.command_name()),
+            super::jobs::command_name("POST", &segments),
+            "{path}"
+        );
+    }
     assert_eq!(
         of(&post, "/v1/queues/q.1/jobs"),
         Some(super::jobs::HotRoute::Enqueue {
