@@ -816,6 +816,9 @@ async fn hot_and_routed(
     answers.try_into().unwrap()
 }
 
+/// A hot route's request: path and query, headers, body.
+type HotCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test]
 async fn hot_routes_answer_as_the_router_does() {
     let server = TestServer::start(None, HttpLimits::default()).await;
@@ -827,7 +830,7 @@ async fn hot_routes_answer_as_the_router_does() {
     let [created, duplicate] =
         hot_and_routed(&state, "POST", "/v1/queues/hq/jobs", &[], keyed).await;
     assert_eq!((created.0, duplicate.0), (201, 200), "{created:?}");
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    let cases: &[HotCase] = &[
         // Enqueue: a duplicate (deterministic), and each kind of refusal.
         ("/v1/queues/hq/jobs", &[], keyed),
         ("/v1/queues/hq/jobs?wait_ms=0", &[], keyed),
