@@ -515,24 +515,36 @@ fn authorized(headers: &HeaderMap, expected: &str) -> bool {
     bearer_token(headers).is_some_and(|given| token_matches(given, expected.as_bytes()))
 }
 
+/// The 401 for a request to a protected path without the token, if it is
+/// one: shared by the router's layer and the hot routes, which bypass it.
+fn refused_for_token<B: Broker>(
+    state: &HttpState<B>,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let expected = state.auth_token.as_ref()?;
+    if !is_protected(path) || authorized(headers, expected) {
+        return None;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this endpoint needs `Authorization: Bearer <token>` (SPOOL_AUTH_TOKEN)",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(response)
+}
+
 async fn require_token<B: Broker>(
     State(state): State<Arc<HttpState<B>>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &state.auth_token {
-        if is_protected(request.uri().path()) && !authorized(request.headers(), expected) {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this endpoint needs `Authorization: Bearer <token>` (SPOOL_AUTH_TOKEN)",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    if let Some(refusal) = refused_for_token(&state, request.uri().path(), request.headers()) {
+        return refusal;
     }
     next.run(request).await
 }
@@ -550,10 +562,11 @@ fn command_name(method: &Method, path: &str) -> &'static str {
         ("GET", "/admin/connections") => "GET /admin/connections",
         ("GET", "/admin/log-level") => "GET /admin/log-level",
         ("PUT", "/admin/log-level") => "PUT /admin/log-level",
-        (method, path) => jobs::command_name(method, path)
-            .or_else(|| {
-                let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
-                schedules::command_name(method, &segments)
+        (method, path) => jobs::v1_segments(path)
+            .and_then(|(segments, count)| {
+                let segments = segments.get(..count)?;
+                jobs::command_name(method, segments)
+                    .or_else(|| schedules::command_name(method, segments))
             })
             .unwrap_or("other"),
     }
@@ -575,7 +588,6 @@ pub async fn serve<B: Broker>(
 ) {
     let app = router(state.clone());
     let limits = state.limits.clone();
-    let bodies = state.bodies;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -599,9 +611,8 @@ pub async fn serve<B: Broker>(
                     stream,
                     peer,
                     Arc::new(handle),
+                    state.clone(),
                     app.clone(),
-                    limits.clone(),
-                    bodies,
                     stop_rx.clone(),
                 ));
             }
@@ -779,15 +790,16 @@ impl MeteredStream {
 
 /// Serves one connection until the client leaves, a timeout closes it, or
 /// the server stops.
-async fn serve_connection(
+async fn serve_connection<B: Broker>(
     stream: TcpStream,
     peer: SocketAddr,
     handle: Arc<ConnHandle>,
+    state: Arc<HttpState<B>>,
     app: Router,
-    limits: HttpLimits,
-    bodies: BodyBounds,
     mut stop: watch::Receiver<bool>,
 ) {
+    let limits = state.limits.clone();
+    let bodies = state.bodies;
     let stall = Arc::new(WriteStall::new());
     let activity = Arc::new(RequestActivity::default());
     let io = TokioIo::new(MeteredStream {
@@ -801,11 +813,12 @@ async fn serve_connection(
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let app = app.clone();
+        let state = state.clone();
         let handle = service_handle.clone();
         let limits = service_limits.clone();
         let activity = service_activity.clone();
         async move {
-            let response = answer(app, request, &limits, bodies, &handle).await;
+            let response = answer(&state, app, request, &limits, bodies, &handle).await;
             activity.answered();
             Ok::<_, Infallible>(response)
         }
@@ -858,8 +871,10 @@ async fn serve_connection(
 }
 
 /// One request: the body collected within its limits, then the router
-/// within the handler timeout.
-async fn answer(
+/// (or, for the job API's hot routes, their handler directly: see
+/// [`jobs::HotRoute`]) within the handler timeout.
+async fn answer<B: Broker>(
+    state: &Arc<HttpState<B>>,
     app: Router,
     request: hyper::Request<Incoming>,
     limits: &HttpLimits,
@@ -867,7 +882,11 @@ async fn answer(
     handle: &ConnHandle,
 ) -> Response {
     let path = request.uri().path();
-    handle.set_command(command_name(request.method(), path));
+    let hot = jobs::HotRoute::of(request.method(), path);
+    handle.set_command(match &hot {
+        Some(route) => route.command_name(),
+        None => command_name(request.method(), path),
+    });
     let (body_max_bytes, too_large_code) = bodies.of(request.method(), path);
     // A long poll may wait up to its own maximum before it has anything
     // to do; the handler timeout is for the work after that.
@@ -886,15 +905,37 @@ async fn answer(
     };
     handle.set_state(ConnState::Reading);
     let response = match collect_body(request, limits, body_max_bytes, too_large_code).await {
-        Ok(request) => {
+        Ok((parts, body)) => {
             handle.set_state(ConnState::Executing);
-            let call = hyper::service::Service::call(
-                &hyper_util::service::TowerToHyperService::new(app),
-                request,
-            );
+            let call = async {
+                match hot {
+                    Some(route) => {
+                        match refused_for_token(state, parts.uri.path(), &parts.headers) {
+                            Some(refusal) => refusal,
+                            // Boxed: hyper keeps room for a request's future
+                            // in every connection, idle ones too, and the
+                            // handlers' futures would add about 1.4 KB to
+                            // each (`bench --mode http-idle`).
+                            None => {
+                                Box::pin(jobs::answer_hot(state.clone(), route, parts, body)).await
+                            }
+                        }
+                    }
+                    None => {
+                        let request = hyper::Request::from_parts(parts, Full::new(body));
+                        let call = hyper::service::Service::call(
+                            &hyper_util::service::TowerToHyperService::new(app),
+                            request,
+                        );
+                        match call.await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        }
+                    }
+                }
+            };
             match tokio::time::timeout(handler_timeout, call).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(never)) => match never {},
+                Ok(response) => response,
                 Err(_) => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "timeout",
@@ -920,12 +961,15 @@ async fn answer(
 /// The rest of a slightly oversized body is read and dropped before the
 /// 413 goes out: closing a socket with unread bytes makes the kernel send a
 /// reset, which can destroy the 413 before the client reads it.
+///
+/// A body that arrives as one frame (the usual small request) is kept as
+/// that frame's `Bytes`, without a copy.
 async fn collect_body(
     request: hyper::Request<Incoming>,
     limits: &HttpLimits,
     body_max_bytes: usize,
     too_large_code: &'static str,
-) -> Result<hyper::Request<Full<Bytes>>, ApiError> {
+) -> Result<(axum::http::request::Parts, Bytes), ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -945,6 +989,7 @@ async fn collect_body(
     }
     let (parts, mut body) = request.into_parts();
     let deadline = tokio::time::Instant::now() + limits.body_read_timeout;
+    let mut first: Option<Bytes> = None;
     let mut collected = Vec::new();
     let mut received = 0u64;
     loop {
@@ -979,16 +1024,24 @@ async fn collect_body(
             return Err(too_large());
         }
         if received <= body_max_bytes as u64 {
-            collected.extend_from_slice(&data);
+            if first.is_none() && collected.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(first) = first.take() {
+                    collected.extend_from_slice(&first);
+                }
+                collected.extend_from_slice(&data);
+            }
         }
     }
     if received > body_max_bytes as u64 {
         return Err(too_large());
     }
-    Ok(hyper::Request::from_parts(
-        parts,
-        Full::new(Bytes::from(collected)),
-    ))
+    let body = match first {
+        Some(only) => only,
+        None => Bytes::from(collected),
+    };
+    Ok((parts, body))
 }
 
 /// The body of a response, for handlers that build one by hand.

@@ -767,3 +767,200 @@ mod jobs;
 mod openapi;
 mod schedules;
 mod workflows;
+
+/// A hot route's request answered by its handler directly (as `answer`
+/// does) and by the router: status, headers and body, for comparison.
+async fn hot_and_routed(
+    state: &Arc<HttpState<LocalBroker>>,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> [(u16, Vec<(String, String)>, Vec<u8>); 2] {
+    let request = || {
+        let mut builder = hyper::Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .unwrap()
+    };
+    let (parts, _) = request().into_parts();
+    let route = super::jobs::HotRoute::of(&parts.method, parts.uri.path())
+        .unwrap_or_else(|| panic!("{method} {uri} is a hot route"));
+    let hot = super::jobs::answer_hot(
+        state.clone(),
+        route,
+        parts,
+        Bytes::copy_from_slice(body.as_bytes()),
+    )
+    .await;
+    let routed = hyper::service::Service::call(
+        &hyper_util::service::TowerToHyperService::new(router(state.clone())),
+        request(),
+    )
+    .await
+    .unwrap();
+    let mut answers = Vec::new();
+    for response in [hot, routed] {
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        answers.push((status, headers, body.to_vec()));
+    }
+    answers.try_into().unwrap()
+}
+
+/// A hot route's request: path and query, headers, body.
+type HotCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[tokio::test]
+async fn hot_routes_answer_as_the_router_does() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    server.attach_broker();
+    let state = server.state.clone();
+    // Created by the first call, so that the comparisons below see the same
+    // job (a duplicate of this key) both ways.
+    let keyed = r#"{"payload":{"n":1},"idempotency_key":"k1","headers":{"a":"\"q\"\n"}}"#;
+    let [created, duplicate] =
+        hot_and_routed(&state, "POST", "/v1/queues/hq/jobs", &[], keyed).await;
+    assert_eq!((created.0, duplicate.0), (201, 200), "{created:?}");
+    let cases: &[HotCase] = &[
+        // Enqueue: a duplicate (deterministic), and each kind of refusal.
+        ("/v1/queues/hq/jobs", &[], keyed),
+        ("/v1/queues/hq/jobs?wait_ms=0", &[], keyed),
+        ("/v1/queues/hq/jobs", &[], r#"{"payload":1,"delay":5}"#),
+        ("/v1/queues/hq/jobs", &[], r#"{"payload":1,"priority":-1}"#),
+        ("/v1/queues/hq/jobs", &[], "{"),
+        ("/v1/queues/hq/jobs", &[], ""),
+        ("/v1/queues/hq/jobs", &[], r#"{"payload":1} x"#),
+        ("/v1/queues/hq/jobs?wait=1", &[], r#"{"payload":1}"#),
+        ("/v1/queues/hq/jobs?wait_ms=x", &[], r#"{"payload":1}"#),
+        (
+            "/v1/queues/hq/jobs?wait_ms=99999999",
+            &[],
+            r#"{"payload":1}"#,
+        ),
+        ("/v1/queues/hq/jobs?%zz", &[], r#"{"payload":1}"#),
+        ("/v1/queues/-bad/jobs", &[], r#"{"payload":1}"#),
+        // Reserve: nothing ready, and refusals.
+        ("/v1/reserve", &[], r#"{"queues":["empty"],"timeout_ms":0}"#),
+        ("/v1/reserve", &[], r#"{"queues":["-x"]}"#),
+        (
+            "/v1/reserve",
+            &[],
+            r#"{"queues":["q"],"timeout_ms":99999999}"#,
+        ),
+        ("/v1/reserve", &[], "[]"),
+        // Complete: no such job, bad ids, leases and If-Match.
+        ("/v1/jobs/999/complete", &[], r#"{"lease":"999-1"}"#),
+        ("/v1/jobs/1/complete", &[], r#"{"lease":"2-1"}"#),
+        ("/v1/jobs/1/complete", &[], r#"{"lease":"x"}"#),
+        ("/v1/jobs/abc/complete", &[], r#"{"lease":"1-1"}"#),
+        (
+            "/v1/jobs/1/complete",
+            &[("If-Match", "\"x")],
+            r#"{"lease":"1-1"}"#,
+        ),
+        (
+            "/v1/jobs/1/complete",
+            &[("If-Match", "\"99\"")],
+            r#"{"lease":"1-1"}"#,
+        ),
+        (
+            "/v1/jobs/1/complete",
+            &[],
+            r#"{"lease":"1-1","result":1,"result_base64":"AA=="}"#,
+        ),
+    ];
+    for (uri, headers, body) in cases {
+        let [hot, routed] = hot_and_routed(&state, "POST", uri, headers, body).await;
+        assert_eq!(hot, routed, "POST {uri} {body}");
+        assert!(hot.0 != 500, "POST {uri} {body}: {hot:?}");
+    }
+    server.stop().await;
+}
+
+#[test]
+fn hot_routes_are_only_the_unambiguous_paths() {
+    let post = Method::POST;
+    let of = |method: &Method, path: &str| super::jobs::HotRoute::of(method, path);
+    assert_eq!(
+        of(&post, "/v1/reserve"),
+        Some(super::jobs::HotRoute::Reserve)
+    );
+    for (path, route) in [
+        ("/v1/reserve", "reserve"),
+        ("/v1/queues/q/jobs", "queues/q/jobs"),
+        ("/v1/jobs/1/complete", "jobs/1/complete"),
+    ] {
+        let hot = of(&post, path).unwrap();
+        let segments: Vec<&str> = route.split('/').collect();
+        assert_eq!(
+            Some(hot.command_name()),
+            super::jobs::command_name("POST", &segments),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        of(&post, "/v1/queues/q.1/jobs"),
+        Some(super::jobs::HotRoute::Enqueue {
+            queue: "q.1".to_string()
+        })
+    );
+    assert_eq!(
+        of(&post, "/v1/jobs/12/complete"),
+        Some(super::jobs::HotRoute::Complete {
+            id: "12".to_string()
+        })
+    );
+    // Left to the router: other methods, percent-encoding, empty or
+    // multi-segment parameters, trailing slashes, other routes.
+    for (method, path) in [
+        (Method::GET, "/v1/reserve"),
+        (Method::GET, "/v1/queues/q/jobs"),
+        (Method::DELETE, "/v1/queues/q/jobs"),
+        (post.clone(), "/v1/queues/q%2e/jobs"),
+        (post.clone(), "/v1/queues//jobs"),
+        (post.clone(), "/v1/queues/a/b/jobs"),
+        (post.clone(), "/v1/queues/q/jobs/"),
+        (post.clone(), "/v1/queues/q/jobs/batch"),
+        (post.clone(), "/v1/reserve/"),
+        (post.clone(), "/v1/jobs//complete"),
+        (post.clone(), "/v1/jobs/1%31/complete"),
+        (post.clone(), "/v1/jobs/1/fail"),
+    ] {
+        assert_eq!(of(&method, path), None, "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn hot_routes_need_the_token() {
+    let server = TestServer::start(Some("s3cret"), HttpLimits::default()).await;
+    server.attach_broker();
+    for path in ["/v1/reserve", "/v1/queues/q/jobs", "/v1/jobs/1/complete"] {
+        let reply = server.request("POST", path, &[], "{}").await;
+        assert_eq!(
+            (reply.status, reply.error_code()),
+            (401, "unauthorized".to_string()),
+            "{path}"
+        );
+        assert_eq!(reply.header("WWW-Authenticate"), Some("Bearer"), "{path}");
+    }
+    let reply = server
+        .request(
+            "POST",
+            "/v1/queues/q/jobs",
+            &[("Authorization", "Bearer s3cret")],
+            r#"{"payload":7}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(reply.json()["payload"], 7);
+    server.stop().await;
+}
