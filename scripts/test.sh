@@ -11,6 +11,18 @@ stage() {
     printf '\n==> %s\n' "$*"
 }
 
+# The binary's allocator (jemalloc, on glibc Linux) is C built with gcc and
+# make; the toolchain links with gcc already, make may be missing.
+if ! command -v make >/dev/null 2>&1 || ! command -v gcc >/dev/null 2>&1; then
+    stage "installing make and gcc (jemalloc's build)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"
+    fi
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y make gcc
+fi
+
 # The differential test plays every scenario against the real beanstalkd
 # 1.12, so make sure it is installed.
 if ! command -v beanstalkd >/dev/null 2>&1; then
