@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -138,6 +138,8 @@ struct Inner {
     /// Why the database is unusable, while it is.
     storage_error: Mutex<Option<String>>,
     storage_failed: AtomicBool,
+    /// Whether this node's role may vacuum `spool_jobs`, once known.
+    vacuum_permitted: OnceLock<bool>,
     query_errors: AtomicU64,
     next_session: AtomicU64,
     job_waits: AtomicUsize,
@@ -248,6 +250,7 @@ impl PgBroker {
                 storage_error: Mutex::new(None),
                 skews: Mutex::default(),
                 storage_failed: AtomicBool::new(false),
+                vacuum_permitted: OnceLock::new(),
                 query_errors: AtomicU64::new(0),
                 next_session: AtomicU64::new(1),
                 job_waits: AtomicUsize::new(0),
@@ -299,7 +302,39 @@ impl PgBroker {
     /// autovacuum looks at a table at most once a minute
     /// (`autovacuum_naptime`), and a minute of churn at thousands of jobs
     /// a second leaves the table several times the size of its rows.
+    ///
+    /// The first pass asks whether this node's role may vacuum the table;
+    /// when it may not, it logs one warning and no pass vacuums again.
     pub async fn vacuum_if_churned(&self) -> Result<VacuumPass, BrokerError> {
+        let permitted = match self.inner.vacuum_permitted.get() {
+            Some(permitted) => *permitted,
+            None => {
+                let permitted = match self.run(Task::MayVacuum).await? {
+                    Done::MayVacuum(permitted) => permitted,
+                    other => {
+                        return Err(BrokerError::Internal(format!(
+                            "a vacuum privilege check answered {other:?}"
+                        )))
+                    }
+                };
+                if self.inner.vacuum_permitted.set(permitted).is_ok() && !permitted {
+                    tracing::warn!(
+                        "this node's database role may not vacuum spool_jobs (it is not \
+                         its owner): its churn is left to autovacuum, and the table \
+                         may grow larger under load"
+                    );
+                }
+                permitted
+            }
+        };
+        if !permitted {
+            return Ok(VacuumPass {
+                dead_rows: 0,
+                live_rows: 0,
+                vacuumed: false,
+                permitted: false,
+            });
+        }
         match self.run(Task::VacuumIfChurned).await? {
             Done::Vacuum(pass) => Ok(pass),
             other => Err(BrokerError::Internal(format!(
@@ -784,6 +819,8 @@ async fn vacuum_periodically(broker: Weak<Inner>) {
             return;
         };
         match (PgBroker { inner }).vacuum_if_churned().await {
+            // Autovacuum alone, as the one warning said.
+            Ok(pass) if !pass.permitted => return,
             Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),

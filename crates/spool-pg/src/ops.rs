@@ -94,6 +94,8 @@ pub(crate) enum Task {
     /// The hot table vacuumed (outside any transaction) when
     /// [`vacuum_due`] by its dead rows.
     VacuumIfChurned,
+    /// Whether this node's role may vacuum `spool_jobs`.
+    MayVacuum,
 }
 
 /// Dead row versions of `spool_jobs` that start a vacuum at the least
@@ -122,6 +124,10 @@ pub struct VacuumPass {
     /// A `VACUUM (SKIP_LOCKED)` ran (it skips the table while another
     /// node or autovacuum is vacuuming it).
     pub vacuumed: bool,
+    /// This node's role may vacuum the table. When it may not (it is not
+    /// the owner), the node never tries again and autovacuum alone cleans
+    /// up: a refused `VACUUM` is a warning in PostgreSQL's log each time.
+    pub permitted: bool,
 }
 
 #[derive(Debug)]
@@ -138,6 +144,7 @@ pub(crate) enum Done {
         backlog: bool,
     },
     Vacuum(VacuumPass),
+    MayVacuum(bool),
     Nothing,
 }
 
@@ -436,8 +443,10 @@ pub(crate) async fn run(
                 dead_rows,
                 live_rows,
                 vacuumed,
+                permitted: true,
             }));
         }
+        Task::MayVacuum => return Ok(Done::MayVacuum(c.may_vacuum_jobs().await?)),
         _ => {}
     }
     c.begin().await?;
@@ -495,7 +504,7 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) | Task::VacuumIfChurned => {
+        Task::CompleteGroup(_) | Task::VacuumIfChurned | Task::MayVacuum => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

@@ -313,6 +313,28 @@ impl Conn {
         Ok((rows(0), rows(1)))
     }
 
+    /// Whether this connection's role may vacuum `spool_jobs`: from
+    /// PostgreSQL 17 the `MAINTAIN` privilege (owners, superusers,
+    /// `pg_maintain` and grantees have it); before, the table's or the
+    /// database's owner (superusers are members of every role).
+    pub async fn may_vacuum_jobs(&mut self) -> Result<bool, DbError> {
+        let statement = self
+            .statement(
+                "SELECT CASE WHEN current_setting('server_version_num')::int >= 170000 \
+                        THEN has_table_privilege(c.oid, $1::text) \
+                        ELSE pg_has_role(c.relowner, 'USAGE') OR pg_has_role(d.datdba, 'USAGE') \
+                        END \
+                 FROM pg_class c, pg_database d \
+                 WHERE c.oid = 'spool_jobs'::regclass AND d.datname = current_database()",
+            )
+            .await?;
+        self.round_trip();
+        // A parameter, so that servers before 17, which do not know the
+        // privilege's name, never parse it.
+        let row = self.client.query_one(&statement, &[&"MAINTAIN"]).await?;
+        Ok(row.get::<_, bool>(0))
+    }
+
     /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
     /// transaction, nor in a pipeline, which is one); skipped when another
     /// node is vacuuming the table.

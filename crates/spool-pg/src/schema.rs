@@ -44,6 +44,17 @@ pub(crate) async fn migrate(client: &Client) -> Result<(), ConnectError> {
 }
 
 async fn migrate_locked(client: &Client) -> Result<(), ConnectError> {
+    // Created only where missing: `CREATE TABLE IF NOT EXISTS` needs the
+    // right to create in the schema even when the table is there, which a
+    // node's role that only uses the tables lacks.
+    let exists: bool = client
+        .query_one("SELECT to_regclass('spool_schema') IS NOT NULL", &[])
+        .await
+        .map_err(failed(0))?
+        .get(0);
+    if exists {
+        return migrate_from_recorded(client).await;
+    }
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS spool_schema (
@@ -53,6 +64,11 @@ async fn migrate_locked(client: &Client) -> Result<(), ConnectError> {
         )
         .await
         .map_err(failed(0))?;
+    migrate_from_recorded(client).await
+}
+
+/// Applies the migrations after the version `spool_schema` records.
+async fn migrate_from_recorded(client: &Client) -> Result<(), ConnectError> {
     let found: i32 = client
         .query_one("SELECT coalesce(max(version), 0) FROM spool_schema", &[])
         .await

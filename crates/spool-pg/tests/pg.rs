@@ -1170,3 +1170,70 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
     );
     assert_eq!(vacuums().await, before + 1);
 }
+
+/// A node whose database role does not own `spool_jobs` cannot vacuum it
+/// (PostgreSQL skips the table with a warning in its log, each time): it
+/// asks once, vacuums never, and leaves the table to autovacuum, while
+/// the owner's node vacuums as before.
+#[tokio::test]
+async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    // The owner's node migrates the schema.
+    let owner = node(&url, "owner", &clock).await;
+    let admin = admin(&url).await;
+    let role = format!(
+        "worker_{}",
+        url.rsplit('=').next().expect("a database name")
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
+             ALTER TABLE spool_jobs SET (autovacuum_enabled = false)"
+        ))
+        .await
+        .expect("a role that owns nothing");
+    let as_role = url.replace("user=spool", &format!("user={role}"));
+    assert_ne!(as_role, url, "the test URL names its user");
+    let worker = node(&as_role, "worker", &clock).await;
+    // Enough dead rows to be due.
+    for _ in 0..2 {
+        let batch = (0..750).map(|_| (queue("q"), job("x"))).collect();
+        match worker.call(Op::EnqueueBatch { jobs: batch }).await {
+            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), 750),
+            other => panic!("a batch enqueue by the role: {other:?}"),
+        }
+    }
+    admin
+        .batch_execute(
+            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
+             SELECT pg_stat_force_next_flush(); COMMIT",
+        )
+        .await
+        .expect("churn");
+    let vacuums = || async {
+        admin
+            .query_one(
+                "SELECT pg_stat_get_vacuum_count('spool_jobs'::regclass)",
+                &[],
+            )
+            .await
+            .expect("vacuum count")
+            .get::<_, i64>(0)
+    };
+    let before = vacuums().await;
+    let refused = worker.vacuum_if_churned().await.expect("a pass");
+    assert!(!refused.permitted && !refused.vacuumed, "{refused:?}");
+    // Asked once: the next pass costs no round trip at all.
+    let trips = worker.pool_stats().round_trips;
+    let again = worker.vacuum_if_churned().await.expect("a pass");
+    assert!(!again.permitted && !again.vacuumed, "{again:?}");
+    assert_eq!(worker.pool_stats().round_trips, trips, "asked once");
+    assert_eq!(vacuums().await, before, "the role vacuumed nothing");
+    // The owner's node may, and does.
+    let vacuumed = owner.vacuum_if_churned().await.expect("a pass");
+    assert!(vacuumed.permitted && vacuumed.vacuumed, "{vacuumed:?}");
+    assert_eq!(vacuums().await, before + 1);
+}
