@@ -117,12 +117,12 @@ pub fn vacuum_due(dead_rows: u64, live_rows: u64) -> bool {
 /// What a [`Task::VacuumIfChurned`] found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VacuumPass {
-    /// Dead row versions of `spool_jobs` in the statistics.
+    /// Dead row versions of `spool_jobs`' partitions in the statistics.
     pub dead_rows: u64,
-    /// Live row versions of `spool_jobs` in the statistics.
+    /// Live row versions of `spool_jobs`' partitions in the statistics.
     pub live_rows: u64,
-    /// A `VACUUM (SKIP_LOCKED)` ran (it skips the table while another
-    /// node or autovacuum is vacuuming it).
+    /// A `VACUUM (SKIP_LOCKED)` of the partitions due ran (it skips one
+    /// while another node or autovacuum is vacuuming it).
     pub vacuumed: bool,
     /// This node's role may vacuum the table. When it may not (it is not
     /// the owner), the node never tries again and autovacuum alone cleans
@@ -434,14 +434,17 @@ pub(crate) async fn run(
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
         Task::VacuumIfChurned => {
-            let (dead_rows, live_rows) = c.jobs_dead_and_live_rows().await?;
-            let vacuumed = vacuum_due(dead_rows, live_rows);
+            // Each partition by its own rows: the live one, small and
+            // churned, is due far more often than the final one.
+            let partitions = c.jobs_dead_and_live_rows().await?;
+            let due = partitions.map(|(dead, live)| vacuum_due(dead, live));
+            let vacuumed = due.contains(&true);
             if vacuumed {
-                c.vacuum_jobs().await?;
+                c.vacuum_jobs(due).await?;
             }
             return Ok(Done::Vacuum(VacuumPass {
-                dead_rows,
-                live_rows,
+                dead_rows: partitions.iter().map(|(dead, _)| dead).sum(),
+                live_rows: partitions.iter().map(|(_, live)| live).sum(),
                 vacuumed,
                 permitted: true,
             }));

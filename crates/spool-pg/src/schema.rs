@@ -10,6 +10,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_workflows_schedules.sql"),
     include_str!("../migrations/0003_vacuum.sql"),
+    include_str!("../migrations/0004_partitions.sql"),
 ];
 
 /// The schema version this binary writes and reads.

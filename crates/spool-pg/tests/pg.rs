@@ -1125,13 +1125,17 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
     let admin = admin(&url).await;
     // Only this test's calls vacuum the table.
     admin
-        .batch_execute("ALTER TABLE spool_jobs SET (autovacuum_enabled = false)")
+        .batch_execute(
+            "ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)",
+        )
         .await
         .expect("autovacuum off");
     let vacuums = || async {
         admin
             .query_one(
-                "SELECT pg_stat_get_vacuum_count('spool_jobs'::regclass)",
+                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
+                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
                 &[],
             )
             .await
@@ -1191,7 +1195,8 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
             "CREATE ROLE {role} LOGIN; \
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
              GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
-             ALTER TABLE spool_jobs SET (autovacuum_enabled = false)"
+             ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)"
         ))
         .await
         .expect("a role that owns nothing");
@@ -1216,7 +1221,8 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
     let vacuums = || async {
         admin
             .query_one(
-                "SELECT pg_stat_get_vacuum_count('spool_jobs'::regclass)",
+                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
+                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
                 &[],
             )
             .await
@@ -1236,4 +1242,148 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
     let vacuumed = owner.vacuum_if_churned().await.expect("a pass");
     assert!(vacuumed.permitted && vacuumed.vacuumed, "{vacuumed:?}");
     assert_eq!(vacuums().await, before + 1);
+}
+
+/// A database at schema version 3 (one `spool_jobs` table) upgrades to 4
+/// (partitioned into live and final jobs) when a node starts: every job
+/// is there as it was, its key still answers, and work goes on.
+#[tokio::test]
+async fn a_schema_3_database_upgrades_with_its_jobs_intact() {
+    let url = TestCluster::shared().create_database();
+    let admin = admin(&url).await;
+    // What a node of schema version 3 left behind.
+    admin
+        .batch_execute(concat!(
+            "CREATE TABLE spool_schema (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now());\n",
+            include_str!("../migrations/0001_init.sql"),
+            include_str!("../migrations/0002_workflows_schedules.sql"),
+            include_str!("../migrations/0003_vacuum.sql"),
+            "INSERT INTO spool_schema (version) VALUES (1), (2), (3);"
+        ))
+        .await
+        .expect("schema 3");
+    let at = |n: u64| (START_NS - 1_000_000_000 + n) as i64;
+    for (id, state, key) in [
+        (1_i64, "ready", None),
+        (2, "completed", Some("done-key")),
+        (3, "buried", None),
+        (4, "ready", Some("ready-key")),
+    ] {
+        let (finished, purge) = match state {
+            "completed" => (Some(at(2)), Some(i64::MAX)),
+            _ => (None, None),
+        };
+        admin
+            .execute(
+                "INSERT INTO spool_jobs (id, queue, state, priority, payload, max_attempts, \
+                 ttr_ms, created_ns, updated_ns, finished_ns, purge_at_ns, idempotency_key, \
+                 version) VALUES ($1, 'up', $2, 5, $3, 0, 60000, $4, $4, $5, $6, $7, 3)",
+                &[
+                    &id,
+                    &state,
+                    &format!("job {id}").into_bytes(),
+                    &at(1),
+                    &finished,
+                    &purge,
+                    &key,
+                ],
+            )
+            .await
+            .expect("a schema-3 job");
+        if let Some(key) = key {
+            admin
+                .execute(
+                    "INSERT INTO spool_idempotency (queue, key, job_id, expires_ns) \
+                     VALUES ('up', $1, $2, $3)",
+                    &[&key, &id, &i64::MAX],
+                )
+                .await
+                .expect("its key");
+        }
+    }
+    admin
+        .batch_execute("SELECT setval('spool_job_ids', 4)")
+        .await
+        .expect("the id sequence");
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let version: i32 = admin
+        .query_one("SELECT max(version) FROM spool_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
+    let partitions: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_partition_tree('spool_jobs') WHERE isleaf",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .get(0);
+    assert_eq!(partitions, 2);
+    for (id, state) in [
+        (1, JobState::Ready),
+        (2, JobState::Completed),
+        (3, JobState::Buried),
+        (4, JobState::Ready),
+    ] {
+        let job = broker.get(id).await.expect("a job from before");
+        assert_eq!(
+            (job.state, &job.payload[..], job.version),
+            (state, format!("job {id}").as_bytes(), 3),
+            "{job:?}"
+        );
+    }
+    let keyed = |key: &str| NewJob {
+        idempotency_key: Some(key.into()),
+        ..job("again")
+    };
+    let (same, duplicate) = broker
+        .enqueue(queue("up"), keyed("done-key"))
+        .await
+        .expect("keyed");
+    assert!(duplicate && same.id == 2, "{same:?}");
+    // Work goes on: the ready jobs in priority then id order, completed
+    // into the final partition with their key kept.
+    let leased = broker
+        .reserve(vec![queue("up")], 2, 0)
+        .await
+        .expect("reserve");
+    let ids: Vec<u64> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(ids, [1, 4]);
+    for l in &leased {
+        let done = broker.complete(l.lease, None).await.expect("complete");
+        assert_eq!(done.state, JobState::Completed);
+    }
+    let (same, duplicate) = broker
+        .enqueue(queue("up"), keyed("ready-key"))
+        .await
+        .expect("keyed");
+    assert!(
+        duplicate && same.id == 4,
+        "a completion keeps the key: {same:?}"
+    );
+    let final_rows: i64 = admin
+        .query_one("SELECT count(*) FROM spool_jobs_final", &[])
+        .await
+        .expect("final rows")
+        .get(0);
+    assert_eq!(final_rows, 3);
+    // A job deleted takes its key with it, as the foreign key's cascade did.
+    match broker
+        .call(Op::Delete {
+            id: 4,
+            expected_version: None,
+        })
+        .await
+    {
+        Ok(_) => {}
+        other => panic!("delete: {other:?}"),
+    }
+    let (fresh, duplicate) = broker
+        .enqueue(queue("up"), keyed("ready-key"))
+        .await
+        .expect("keyed");
+    assert!(!duplicate && fresh.id > 4, "{fresh:?}");
 }
