@@ -65,6 +65,10 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// Jobs a node finishes that make its next timer pass run the retention,
+/// whatever the pass's number: at most this many final rows (per node)
+/// beyond a queue's count wait for it.
+pub const RETENTION_AFTER_FINISHED: u64 = 1_000;
 /// The shortest sleep of the timer task before a schedule's due instant.
 const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
@@ -144,6 +148,16 @@ struct Inner {
     next_session: AtomicU64,
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
+    /// Row versions this node's reserves and completions left dead in
+    /// `spool_jobs_live` since its last vacuum: PostgreSQL's statistics
+    /// count them a second or so late, which at thousands of jobs a second
+    /// is many times the partition's live rows.
+    live_churn: AtomicU64,
+    /// Jobs this node finished since its retention last ran: the retention
+    /// runs early once they reach [`RETENTION_AFTER_FINISHED`], so the final
+    /// rows kept stay near the policy's count instead of swinging by the
+    /// thousands that finish between two regular passes.
+    finished_since_retention: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Lateness of what this node's timers made ready and fired, by queue
     /// and by schedule (each node shows its own, as a local broker does).
@@ -255,6 +269,8 @@ impl PgBroker {
                 next_session: AtomicU64::new(1),
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
+                live_churn: AtomicU64::new(0),
+                finished_since_retention: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
                 schedules_changed: Arc::new(Notify::new()),
                 complete_groups: group::CompleteGroups::default(),
@@ -335,7 +351,14 @@ impl PgBroker {
                 permitted: false,
             });
         }
-        match self.run(Task::VacuumIfChurned).await? {
+        let live_churn = self.inner.live_churn.load(Ordering::Relaxed);
+        let pass = self.run(Task::VacuumIfChurned(live_churn)).await;
+        if matches!(pass, Ok(Done::Vacuum(VacuumPass { vacuumed: true, .. }))) {
+            self.inner
+                .live_churn
+                .fetch_sub(live_churn, Ordering::Relaxed);
+        }
+        match pass? {
             Done::Vacuum(pass) => Ok(pass),
             other => Err(BrokerError::Internal(format!(
                 "a vacuum answered {other:?}"
@@ -522,7 +545,15 @@ impl PgBroker {
                 .run_with(Task::CompleteGroup(leases), &mut Effects::default())
                 .await
             {
-                Ok(Done::Completed(jobs)) => Ok(jobs),
+                Ok(Done::Completed(jobs)) => {
+                    // Each moved its row out of the live partition.
+                    let finished = jobs.len() as u64;
+                    self.inner.live_churn.fetch_add(finished, Ordering::Relaxed);
+                    self.inner
+                        .finished_since_retention
+                        .fetch_add(finished, Ordering::Relaxed);
+                    Ok(jobs)
+                }
                 Ok(other) => Err(BrokerError::Internal(format!(
                     "a completion group answered {other:?}"
                 ))),
@@ -583,6 +614,10 @@ impl PgBroker {
                 Err(error) => break Err(error),
             };
             if !got.is_empty() || looked_at_ns >= deadline {
+                // Each reservation left the ready version dead.
+                inner
+                    .live_churn
+                    .fetch_add(got.len() as u64, Ordering::Relaxed);
                 break Ok(got);
             }
             if !parked {
@@ -862,7 +897,18 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
         // The retention runs every pass while it has a backlog: jobs
         // finishing faster than one batch every RETENTION_EVERY_PASSES
         // passes would otherwise pile up in the table.
-        let task = if retention_backlog || pass.is_multiple_of(RETENTION_EVERY_PASSES) {
+        let finished = broker
+            .inner
+            .finished_since_retention
+            .load(Ordering::Relaxed);
+        let task = if retention_backlog
+            || pass.is_multiple_of(RETENTION_EVERY_PASSES)
+            || finished >= RETENTION_AFTER_FINISHED
+        {
+            broker
+                .inner
+                .finished_since_retention
+                .fetch_sub(finished, Ordering::Relaxed);
             Task::Timers
         } else {
             Task::DueTimers

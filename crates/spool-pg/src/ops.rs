@@ -91,9 +91,11 @@ pub(crate) enum Task {
     DeleteLeased(Lease),
     /// Completions of several callers in one statement (`group.rs`).
     CompleteGroup(Vec<(Lease, Option<Bytes>)>),
-    /// The hot table vacuumed (outside any transaction) when
-    /// [`vacuum_due`] by its dead rows.
-    VacuumIfChurned,
+    /// The hot table's partitions vacuumed (outside any transaction) when
+    /// [`vacuum_due`] by their dead rows; the live partition's dead rows at
+    /// least the given count: those this node's own operations left, which
+    /// the statistics may not show yet.
+    VacuumIfChurned(u64),
     /// Whether this node's role may vacuum `spool_jobs`.
     MayVacuum,
 }
@@ -433,10 +435,11 @@ pub(crate) async fn run(
             // anyone is answered.
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
-        Task::VacuumIfChurned => {
+        Task::VacuumIfChurned(live_churn) => {
             // Each partition by its own rows: the live one, small and
             // churned, is due far more often than the final one.
-            let partitions = c.jobs_dead_and_live_rows().await?;
+            let mut partitions = c.jobs_dead_and_live_rows().await?;
+            partitions[0].0 = partitions[0].0.max(live_churn);
             let due = partitions.map(|(dead, live)| vacuum_due(dead, live));
             let vacuumed = due.contains(&true);
             if vacuumed {
@@ -507,7 +510,7 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) | Task::VacuumIfChurned | Task::MayVacuum => {
+        Task::CompleteGroup(_) | Task::VacuumIfChurned(_) | Task::MayVacuum => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

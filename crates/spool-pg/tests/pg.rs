@@ -1387,3 +1387,44 @@ async fn a_schema_3_database_upgrades_with_its_jobs_intact() {
         .expect("keyed");
     assert!(!duplicate && fresh.id > 4, "{fresh:?}");
 }
+
+/// The live partition is vacuumed by the dead rows a node's own reserves
+/// and completions left, which PostgreSQL's statistics count a second or
+/// so late: a churned live partition is due at once.
+#[tokio::test]
+async fn a_nodes_own_churn_makes_the_live_partition_due() {
+    use spool_pg::VACUUM_DEAD_ROWS_MIN;
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    admin(&url)
+        .await
+        .batch_execute(
+            "ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)",
+        )
+        .await
+        .expect("autovacuum off");
+    let jobs = VACUUM_DEAD_ROWS_MIN as usize / 2 + 100;
+    let batch = (0..jobs).map(|_| (queue("c"), job("x"))).collect();
+    match broker.call(Op::EnqueueBatch { jobs: batch }).await {
+        Ok(Outcome::Batch(made)) => assert_eq!(made.len(), jobs),
+        other => panic!("a batch enqueue: {other:?}"),
+    }
+    let mut done = 0;
+    while done < jobs {
+        let leased = broker
+            .reserve(vec![queue("c")], 100, 0)
+            .await
+            .expect("reserve");
+        assert!(!leased.is_empty(), "{done} of {jobs} done, none left");
+        for l in leased {
+            broker.complete(l.lease, None).await.expect("complete");
+            done += 1;
+        }
+    }
+    // A reserve and a completion each left a dead version in the live
+    // partition.
+    let pass = broker.vacuum_if_churned().await.expect("a pass");
+    assert!(pass.vacuumed, "{pass:?}");
+    assert!(pass.dead_rows >= 2 * jobs as u64, "{pass:?}");
+}
