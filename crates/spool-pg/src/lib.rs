@@ -964,7 +964,12 @@ impl SessionBroker for PgBroker {
         lease: spool_broker::Lease,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send {
         let this = self.clone();
-        async move { this.run(Task::DeleteLeased(lease)).await.map(|_| ()) }
+        async move {
+            this.run(Task::DeleteLeased(lease)).await?;
+            // The row left the live partition: a dead version there.
+            this.inner.live_churn.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 }
 
