@@ -83,32 +83,43 @@ while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
     done
     through=$((through + share * NODES))
     rate=$(python3 -c "import time; print(round($share * $NODES / (time.time() - $started)))")
-    on_disk=$(psql_ "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relname IN ($TABLES)")
-    # The same rows packed: a fresh copy with spool_jobs' indexes.
-    packed=$(psql_ "SET client_min_messages = warning; DROP TABLE IF EXISTS bloat_packed; \
-        CREATE TABLE bloat_packed (LIKE spool_jobs INCLUDING ALL); \
-        INSERT INTO bloat_packed SELECT * FROM spool_jobs; \
-        SELECT pg_total_relation_size('bloat_packed') + \
-          (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c \
-           WHERE c.relname IN ($TABLES) AND c.relname <> 'spool_jobs'); \
-        " | tail -1)
-    psql_ "DROP TABLE bloat_packed" >/dev/null
+    # spool_jobs is one table up to schema 3 and a parent of partitions
+    # from 4: the tables holding rows are its partition tree's leaves.
+    leaves_sql="SELECT relid FROM pg_partition_tree('spool_jobs') WHERE isleaf \
+        UNION ALL SELECT oid::regclass FROM pg_class WHERE oid = 'spool_jobs'::regclass AND relkind = 'r'"
+    LEAVES=$(psql_ "SELECT string_agg(quote_literal(relid::text), ',') FROM ($leaves_sql) l")
+    on_disk=$(psql_ "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relname IN ($TABLES) OR c.relname IN ($LEAVES)")
+    # The same rows packed: a fresh copy of each leaf with its indexes.
+    packed=0
+    for leaf in $(psql_ "$leaves_sql"); do
+        size=$(psql_ "SET client_min_messages = warning; DROP TABLE IF EXISTS bloat_packed; \
+            CREATE TABLE bloat_packed (LIKE $leaf INCLUDING ALL); \
+            INSERT INTO bloat_packed SELECT * FROM $leaf; \
+            SELECT pg_total_relation_size('bloat_packed');" | tail -1)
+        packed=$((packed + size))
+        psql_ "DROP TABLE bloat_packed" >/dev/null
+    done
+    others=$(psql_ "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c \
+        WHERE c.relname IN ($TABLES) AND c.relname <> 'spool_jobs'")
+    packed=$((packed + others))
     rows=$(psql_ "SELECT count(*) FILTER (WHERE state NOT IN ('completed','cancelled')) || '/' || count(*) FILTER (WHERE state IN ('completed','cancelled')) FROM spool_jobs")
     python3 -c "print(f'{$through:>12}  {$on_disk/2**20:6.1f}M  {$packed/2**20:5.1f}M  {$on_disk/$packed:5.2f}  {\"$rows\":>16}  {$rate:6}  ' + open('/proc/loadavg').read().split()[0])"
     if [ -n "${DETAIL:-}" ]; then
         # What the size is made of: the heap and each index of spool_jobs
         # (pgstattuple: live, dead and free space), and the tuple versions
         # the churn made (HOT updates need no new index entries).
-        psql_ "SELECT 'tuples: ins=' || n_tup_ins || ' upd=' || n_tup_upd || ' hot_upd=' || n_tup_hot_upd \
-            || ' del=' || n_tup_del || ' dead_now=' || n_dead_tup || ' vacuums=' || vacuum_count \
-            || ' autovacuums=' || autovacuum_count FROM pg_stat_user_tables WHERE relname = 'spool_jobs'"
-        psql_ "SELECT format('  %-22s %7s  live %5s%%  dead %5s%%  free %5s%%', 'heap', \
-            pg_size_pretty(table_len), tuple_percent, dead_tuple_percent, free_percent) \
-            FROM pgstattuple('spool_jobs')"
-        psql_ "SELECT format('  %-22s %7s  leaf density %5s%%  leaf pages %s, deleted %s, empty %s', \
-            i.indexrelid::regclass, pg_size_pretty(pg_relation_size(i.indexrelid)), s.avg_leaf_density, \
-            s.leaf_pages, s.deleted_pages, s.empty_pages) \
-            FROM pg_index i, LATERAL pgstatindex(i.indexrelid) s \
-            WHERE i.indrelid = 'spool_jobs'::regclass ORDER BY 1"
+        for leaf in $(psql_ "$leaves_sql"); do
+            psql_ "SELECT '$leaf tuples: ins=' || n_tup_ins || ' upd=' || n_tup_upd || ' hot_upd=' || n_tup_hot_upd \
+                || ' del=' || n_tup_del || ' dead_now=' || n_dead_tup || ' vacuums=' || vacuum_count \
+                || ' autovacuums=' || autovacuum_count FROM pg_stat_user_tables WHERE relid = '$leaf'::regclass"
+            psql_ "SELECT format('  %-26s %7s  live %5s%%  dead %5s%%  free %5s%%', 'heap', \
+                pg_size_pretty(table_len), tuple_percent, dead_tuple_percent, free_percent) \
+                FROM pgstattuple('$leaf')"
+            psql_ "SELECT format('  %-26s %7s  leaf density %5s%%  leaf pages %s, deleted %s, empty %s', \
+                i.indexrelid::regclass, pg_size_pretty(pg_relation_size(i.indexrelid)), s.avg_leaf_density, \
+                s.leaf_pages, s.deleted_pages, s.empty_pages) \
+                FROM pg_index i, LATERAL pgstatindex(i.indexrelid) s \
+                WHERE i.indrelid = '$leaf'::regclass ORDER BY 1"
+        done
     fi
 done

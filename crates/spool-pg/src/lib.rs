@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -65,6 +65,10 @@ pub const WAKE_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// late a `get` sees a due job as ready.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(200);
 pub const RETENTION_EVERY_PASSES: u64 = 25;
+/// Jobs a node finishes that make its next timer pass run the retention,
+/// whatever the pass's number: at most this many final rows (per node)
+/// beyond a queue's count wait for it.
+pub const RETENTION_AFTER_FINISHED: u64 = 1_000;
 /// The shortest sleep of the timer task before a schedule's due instant.
 const SCHEDULE_WAKE_MIN: Duration = Duration::from_millis(5);
 
@@ -138,10 +142,22 @@ struct Inner {
     /// Why the database is unusable, while it is.
     storage_error: Mutex<Option<String>>,
     storage_failed: AtomicBool,
+    /// Whether this node's role may vacuum `spool_jobs`, once known.
+    vacuum_permitted: OnceLock<bool>,
     query_errors: AtomicU64,
     next_session: AtomicU64,
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
+    /// Row versions this node's reserves and completions left dead in
+    /// `spool_jobs_live` since its last vacuum: PostgreSQL's statistics
+    /// count them a second or so late, which at thousands of jobs a second
+    /// is many times the partition's live rows.
+    live_churn: AtomicU64,
+    /// Jobs this node finished since its retention last ran: the retention
+    /// runs early once they reach [`RETENTION_AFTER_FINISHED`], so the final
+    /// rows kept stay near the policy's count instead of swinging by the
+    /// thousands that finish between two regular passes.
+    finished_since_retention: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Lateness of what this node's timers made ready and fired, by queue
     /// and by schedule (each node shows its own, as a local broker does).
@@ -248,10 +264,13 @@ impl PgBroker {
                 storage_error: Mutex::new(None),
                 skews: Mutex::default(),
                 storage_failed: AtomicBool::new(false),
+                vacuum_permitted: OnceLock::new(),
                 query_errors: AtomicU64::new(0),
                 next_session: AtomicU64::new(1),
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
+                live_churn: AtomicU64::new(0),
+                finished_since_retention: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
                 schedules_changed: Arc::new(Notify::new()),
                 complete_groups: group::CompleteGroups::default(),
@@ -299,8 +318,47 @@ impl PgBroker {
     /// autovacuum looks at a table at most once a minute
     /// (`autovacuum_naptime`), and a minute of churn at thousands of jobs
     /// a second leaves the table several times the size of its rows.
+    ///
+    /// The first pass asks whether this node's role may vacuum the table;
+    /// when it may not, it logs one warning and no pass vacuums again.
     pub async fn vacuum_if_churned(&self) -> Result<VacuumPass, BrokerError> {
-        match self.run(Task::VacuumIfChurned).await? {
+        let permitted = match self.inner.vacuum_permitted.get() {
+            Some(permitted) => *permitted,
+            None => {
+                let permitted = match self.run(Task::MayVacuum).await? {
+                    Done::MayVacuum(permitted) => permitted,
+                    other => {
+                        return Err(BrokerError::Internal(format!(
+                            "a vacuum privilege check answered {other:?}"
+                        )))
+                    }
+                };
+                if self.inner.vacuum_permitted.set(permitted).is_ok() && !permitted {
+                    tracing::warn!(
+                        "this node's database role may not vacuum spool_jobs (it is not \
+                         its owner): its churn is left to autovacuum, and the table \
+                         may grow larger under load"
+                    );
+                }
+                permitted
+            }
+        };
+        if !permitted {
+            return Ok(VacuumPass {
+                dead_rows: 0,
+                live_rows: 0,
+                vacuumed: false,
+                permitted: false,
+            });
+        }
+        let live_churn = self.inner.live_churn.load(Ordering::Relaxed);
+        let pass = self.run(Task::VacuumIfChurned(live_churn)).await;
+        if matches!(pass, Ok(Done::Vacuum(VacuumPass { vacuumed: true, .. }))) {
+            self.inner
+                .live_churn
+                .fetch_sub(live_churn, Ordering::Relaxed);
+        }
+        match pass? {
             Done::Vacuum(pass) => Ok(pass),
             other => Err(BrokerError::Internal(format!(
                 "a vacuum answered {other:?}"
@@ -487,7 +545,15 @@ impl PgBroker {
                 .run_with(Task::CompleteGroup(leases), &mut Effects::default())
                 .await
             {
-                Ok(Done::Completed(jobs)) => Ok(jobs),
+                Ok(Done::Completed(jobs)) => {
+                    // Each moved its row out of the live partition.
+                    let finished = jobs.len() as u64;
+                    self.inner.live_churn.fetch_add(finished, Ordering::Relaxed);
+                    self.inner
+                        .finished_since_retention
+                        .fetch_add(finished, Ordering::Relaxed);
+                    Ok(jobs)
+                }
                 Ok(other) => Err(BrokerError::Internal(format!(
                     "a completion group answered {other:?}"
                 ))),
@@ -548,6 +614,10 @@ impl PgBroker {
                 Err(error) => break Err(error),
             };
             if !got.is_empty() || looked_at_ns >= deadline {
+                // Each reservation left the ready version dead.
+                inner
+                    .live_churn
+                    .fetch_add(got.len() as u64, Ordering::Relaxed);
                 break Ok(got);
             }
             if !parked {
@@ -784,6 +854,8 @@ async fn vacuum_periodically(broker: Weak<Inner>) {
             return;
         };
         match (PgBroker { inner }).vacuum_if_churned().await {
+            // Autovacuum alone, as the one warning said.
+            Ok(pass) if !pass.permitted => return,
             Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
@@ -825,7 +897,18 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
         // The retention runs every pass while it has a backlog: jobs
         // finishing faster than one batch every RETENTION_EVERY_PASSES
         // passes would otherwise pile up in the table.
-        let task = if retention_backlog || pass.is_multiple_of(RETENTION_EVERY_PASSES) {
+        let finished = broker
+            .inner
+            .finished_since_retention
+            .load(Ordering::Relaxed);
+        let task = if retention_backlog
+            || pass.is_multiple_of(RETENTION_EVERY_PASSES)
+            || finished >= RETENTION_AFTER_FINISHED
+        {
+            broker
+                .inner
+                .finished_since_retention
+                .fetch_sub(finished, Ordering::Relaxed);
             Task::Timers
         } else {
             Task::DueTimers
@@ -881,7 +964,12 @@ impl SessionBroker for PgBroker {
         lease: spool_broker::Lease,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send {
         let this = self.clone();
-        async move { this.run(Task::DeleteLeased(lease)).await.map(|_| ()) }
+        async move {
+            this.run(Task::DeleteLeased(lease)).await?;
+            // The row left the live partition: a dead version there.
+            this.inner.live_churn.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 }
 

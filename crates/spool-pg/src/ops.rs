@@ -91,9 +91,13 @@ pub(crate) enum Task {
     DeleteLeased(Lease),
     /// Completions of several callers in one statement (`group.rs`).
     CompleteGroup(Vec<(Lease, Option<Bytes>)>),
-    /// The hot table vacuumed (outside any transaction) when
-    /// [`vacuum_due`] by its dead rows.
-    VacuumIfChurned,
+    /// The hot table's partitions vacuumed (outside any transaction) when
+    /// [`vacuum_due`] by their dead rows; the live partition's dead rows at
+    /// least the given count: those this node's own operations left, which
+    /// the statistics may not show yet.
+    VacuumIfChurned(u64),
+    /// Whether this node's role may vacuum `spool_jobs`.
+    MayVacuum,
 }
 
 /// Dead row versions of `spool_jobs` that start a vacuum at the least
@@ -115,13 +119,17 @@ pub fn vacuum_due(dead_rows: u64, live_rows: u64) -> bool {
 /// What a [`Task::VacuumIfChurned`] found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VacuumPass {
-    /// Dead row versions of `spool_jobs` in the statistics.
+    /// Dead row versions of `spool_jobs`' partitions in the statistics.
     pub dead_rows: u64,
-    /// Live row versions of `spool_jobs` in the statistics.
+    /// Live row versions of `spool_jobs`' partitions in the statistics.
     pub live_rows: u64,
-    /// A `VACUUM (SKIP_LOCKED)` ran (it skips the table while another
-    /// node or autovacuum is vacuuming it).
+    /// A `VACUUM (SKIP_LOCKED)` of the partitions due ran (it skips one
+    /// while another node or autovacuum is vacuuming it).
     pub vacuumed: bool,
+    /// This node's role may vacuum the table. When it may not (it is not
+    /// the owner), the node never tries again and autovacuum alone cleans
+    /// up: a refused `VACUUM` is a warning in PostgreSQL's log each time.
+    pub permitted: bool,
 }
 
 #[derive(Debug)]
@@ -138,6 +146,7 @@ pub(crate) enum Done {
         backlog: bool,
     },
     Vacuum(VacuumPass),
+    MayVacuum(bool),
     Nothing,
 }
 
@@ -426,18 +435,24 @@ pub(crate) async fn run(
             // anyone is answered.
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
-        Task::VacuumIfChurned => {
-            let (dead_rows, live_rows) = c.jobs_dead_and_live_rows().await?;
-            let vacuumed = vacuum_due(dead_rows, live_rows);
+        Task::VacuumIfChurned(live_churn) => {
+            // Each partition by its own rows: the live one, small and
+            // churned, is due far more often than the final one.
+            let mut partitions = c.jobs_dead_and_live_rows().await?;
+            partitions[0].0 = partitions[0].0.max(live_churn);
+            let due = partitions.map(|(dead, live)| vacuum_due(dead, live));
+            let vacuumed = due.contains(&true);
             if vacuumed {
-                c.vacuum_jobs().await?;
+                c.vacuum_jobs(due).await?;
             }
             return Ok(Done::Vacuum(VacuumPass {
-                dead_rows,
-                live_rows,
+                dead_rows: partitions.iter().map(|(dead, _)| dead).sum(),
+                live_rows: partitions.iter().map(|(_, live)| live).sum(),
                 vacuumed,
+                permitted: true,
             }));
         }
+        Task::MayVacuum => return Ok(Done::MayVacuum(c.may_vacuum_jobs().await?)),
         _ => {}
     }
     c.begin().await?;
@@ -495,7 +510,7 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) | Task::VacuumIfChurned => {
+        Task::CompleteGroup(_) | Task::VacuumIfChurned(_) | Task::MayVacuum => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

@@ -83,6 +83,10 @@ pub(crate) struct Conn {
 /// One statement of a pipeline: its text and parameters.
 pub(crate) type Stmt<'a> = (&'static str, &'a [&'a (dyn ToSql + Sync)]);
 
+/// The partitions of `spool_jobs` (schema version 4): the live jobs, the
+/// final ones.
+pub(crate) const JOB_PARTITIONS: [&str; 2] = ["spool_jobs_live", "spool_jobs_final"];
+
 /// Announces queues on the `spool` channel, one statement for all.
 const NOTIFY_SQL: &str = "SELECT pg_notify('spool', q) FROM unnest($1::text[]) AS q";
 
@@ -296,31 +300,65 @@ impl Conn {
         Ok(())
     }
 
-    /// Dead and live row versions of `spool_jobs` in PostgreSQL's
-    /// statistics: every node's churn (and autovacuum's work), each
-    /// backend's share at most about a second late.
-    pub async fn jobs_dead_and_live_rows(&mut self) -> Result<(u64, u64), DbError> {
+    /// Dead and live row versions of each partition of `spool_jobs`
+    /// ([`JOB_PARTITIONS`], in that order) in PostgreSQL's statistics:
+    /// every node's churn (and autovacuum's work), each backend's share at
+    /// most about a second late.
+    pub async fn jobs_dead_and_live_rows(&mut self) -> Result<[(u64, u64); 2], DbError> {
         debug_assert!(!self.in_transaction, "statistics are read alone");
         let statement = self
             .statement(
-                "SELECT pg_stat_get_dead_tuples('spool_jobs'::regclass), \
-                        pg_stat_get_live_tuples('spool_jobs'::regclass)",
+                "SELECT pg_stat_get_dead_tuples('spool_jobs_live'::regclass), \
+                        pg_stat_get_live_tuples('spool_jobs_live'::regclass), \
+                        pg_stat_get_dead_tuples('spool_jobs_final'::regclass), \
+                        pg_stat_get_live_tuples('spool_jobs_final'::regclass)",
             )
             .await?;
         self.round_trip();
         let row = self.client.query_one(&statement, &[]).await?;
         let rows = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-        Ok((rows(0), rows(1)))
+        Ok([(rows(0), rows(1)), (rows(2), rows(3))])
     }
 
-    /// `VACUUM (SKIP_LOCKED) spool_jobs`, alone (it cannot run in a
-    /// transaction, nor in a pipeline, which is one); skipped when another
-    /// node is vacuuming the table.
-    pub async fn vacuum_jobs(&mut self) -> Result<(), DbError> {
+    /// Whether this connection's role may vacuum `spool_jobs`: from
+    /// PostgreSQL 17 the `MAINTAIN` privilege (owners, superusers,
+    /// `pg_maintain` and grantees have it); before, the table's or the
+    /// database's owner (superusers are members of every role).
+    pub async fn may_vacuum_jobs(&mut self) -> Result<bool, DbError> {
+        let statement = self
+            .statement(
+                "SELECT CASE WHEN current_setting('server_version_num')::int >= 170000 \
+                        THEN has_table_privilege(c.oid, $1::text) \
+                        ELSE pg_has_role(c.relowner, 'USAGE') OR pg_has_role(d.datdba, 'USAGE') \
+                        END \
+                 FROM pg_class c, pg_database d \
+                 WHERE c.oid = 'spool_jobs'::regclass AND d.datname = current_database()",
+            )
+            .await?;
+        self.round_trip();
+        // A parameter, so that servers before 17, which do not know the
+        // privilege's name, never parse it.
+        let row = self.client.query_one(&statement, &[&"MAINTAIN"]).await?;
+        Ok(row.get::<_, bool>(0))
+    }
+
+    /// `VACUUM (SKIP_LOCKED)` of the partitions of `spool_jobs` named by
+    /// `due` (as [`JOB_PARTITIONS`]), alone (it cannot run in a
+    /// transaction, nor in a pipeline, which is one); a partition another
+    /// node or autovacuum is vacuuming is skipped.
+    pub async fn vacuum_jobs(&mut self, due: [bool; 2]) -> Result<(), DbError> {
         debug_assert!(!self.in_transaction, "a vacuum inside a transaction");
+        let tables: Vec<&str> = JOB_PARTITIONS
+            .iter()
+            .zip(due)
+            .filter_map(|(table, due)| due.then_some(*table))
+            .collect();
+        if tables.is_empty() {
+            return Ok(());
+        }
         self.round_trip();
         self.client
-            .batch_execute("VACUUM (SKIP_LOCKED) spool_jobs")
+            .batch_execute(&format!("VACUUM (SKIP_LOCKED) {}", tables.join(", ")))
             .await?;
         Ok(())
     }

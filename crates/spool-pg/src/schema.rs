@@ -10,6 +10,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_workflows_schedules.sql"),
     include_str!("../migrations/0003_vacuum.sql"),
+    include_str!("../migrations/0004_partitions.sql"),
 ];
 
 /// The schema version this binary writes and reads.
@@ -44,6 +45,17 @@ pub(crate) async fn migrate(client: &Client) -> Result<(), ConnectError> {
 }
 
 async fn migrate_locked(client: &Client) -> Result<(), ConnectError> {
+    // Created only where missing: `CREATE TABLE IF NOT EXISTS` needs the
+    // right to create in the schema even when the table is there, which a
+    // node's role that only uses the tables lacks.
+    let exists: bool = client
+        .query_one("SELECT to_regclass('spool_schema') IS NOT NULL", &[])
+        .await
+        .map_err(failed(0))?
+        .get(0);
+    if exists {
+        return migrate_from_recorded(client).await;
+    }
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS spool_schema (
@@ -53,6 +65,11 @@ async fn migrate_locked(client: &Client) -> Result<(), ConnectError> {
         )
         .await
         .map_err(failed(0))?;
+    migrate_from_recorded(client).await
+}
+
+/// Applies the migrations after the version `spool_schema` records.
+async fn migrate_from_recorded(client: &Client) -> Result<(), ConnectError> {
     let found: i32 = client
         .query_one("SELECT coalesce(max(version), 0) FROM spool_schema", &[])
         .await

@@ -1125,13 +1125,17 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
     let admin = admin(&url).await;
     // Only this test's calls vacuum the table.
     admin
-        .batch_execute("ALTER TABLE spool_jobs SET (autovacuum_enabled = false)")
+        .batch_execute(
+            "ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)",
+        )
         .await
         .expect("autovacuum off");
     let vacuums = || async {
         admin
             .query_one(
-                "SELECT pg_stat_get_vacuum_count('spool_jobs'::regclass)",
+                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
+                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
                 &[],
             )
             .await
@@ -1169,4 +1173,258 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
         "{after:?}"
     );
     assert_eq!(vacuums().await, before + 1);
+}
+
+/// A node whose database role does not own `spool_jobs` cannot vacuum it
+/// (PostgreSQL skips the table with a warning in its log, each time): it
+/// asks once, vacuums never, and leaves the table to autovacuum, while
+/// the owner's node vacuums as before.
+#[tokio::test]
+async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    // The owner's node migrates the schema.
+    let owner = node(&url, "owner", &clock).await;
+    let admin = admin(&url).await;
+    let role = format!(
+        "worker_{}",
+        url.rsplit('=').next().expect("a database name")
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
+             ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)"
+        ))
+        .await
+        .expect("a role that owns nothing");
+    let as_role = url.replace("user=spool", &format!("user={role}"));
+    assert_ne!(as_role, url, "the test URL names its user");
+    let worker = node(&as_role, "worker", &clock).await;
+    // Enough dead rows to be due.
+    for _ in 0..2 {
+        let batch = (0..750).map(|_| (queue("q"), job("x"))).collect();
+        match worker.call(Op::EnqueueBatch { jobs: batch }).await {
+            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), 750),
+            other => panic!("a batch enqueue by the role: {other:?}"),
+        }
+    }
+    admin
+        .batch_execute(
+            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
+             SELECT pg_stat_force_next_flush(); COMMIT",
+        )
+        .await
+        .expect("churn");
+    let vacuums = || async {
+        admin
+            .query_one(
+                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
+                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
+                &[],
+            )
+            .await
+            .expect("vacuum count")
+            .get::<_, i64>(0)
+    };
+    let before = vacuums().await;
+    let refused = worker.vacuum_if_churned().await.expect("a pass");
+    assert!(!refused.permitted && !refused.vacuumed, "{refused:?}");
+    // Asked once: the next pass costs no round trip at all.
+    let trips = worker.pool_stats().round_trips;
+    let again = worker.vacuum_if_churned().await.expect("a pass");
+    assert!(!again.permitted && !again.vacuumed, "{again:?}");
+    assert_eq!(worker.pool_stats().round_trips, trips, "asked once");
+    assert_eq!(vacuums().await, before, "the role vacuumed nothing");
+    // The owner's node may, and does.
+    let vacuumed = owner.vacuum_if_churned().await.expect("a pass");
+    assert!(vacuumed.permitted && vacuumed.vacuumed, "{vacuumed:?}");
+    assert_eq!(vacuums().await, before + 1);
+}
+
+/// A database at schema version 3 (one `spool_jobs` table) upgrades to 4
+/// (partitioned into live and final jobs) when a node starts: every job
+/// is there as it was, its key still answers, and work goes on.
+#[tokio::test]
+async fn a_schema_3_database_upgrades_with_its_jobs_intact() {
+    let url = TestCluster::shared().create_database();
+    let admin = admin(&url).await;
+    // What a node of schema version 3 left behind.
+    admin
+        .batch_execute(concat!(
+            "CREATE TABLE spool_schema (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now());\n",
+            include_str!("../migrations/0001_init.sql"),
+            include_str!("../migrations/0002_workflows_schedules.sql"),
+            include_str!("../migrations/0003_vacuum.sql"),
+            "INSERT INTO spool_schema (version) VALUES (1), (2), (3);"
+        ))
+        .await
+        .expect("schema 3");
+    let at = |n: u64| (START_NS - 1_000_000_000 + n) as i64;
+    for (id, state, key) in [
+        (1_i64, "ready", None),
+        (2, "completed", Some("done-key")),
+        (3, "buried", None),
+        (4, "ready", Some("ready-key")),
+    ] {
+        let (finished, purge) = match state {
+            "completed" => (Some(at(2)), Some(i64::MAX)),
+            _ => (None, None),
+        };
+        admin
+            .execute(
+                "INSERT INTO spool_jobs (id, queue, state, priority, payload, max_attempts, \
+                 ttr_ms, created_ns, updated_ns, finished_ns, purge_at_ns, idempotency_key, \
+                 version) VALUES ($1, 'up', $2, 5, $3, 0, 60000, $4, $4, $5, $6, $7, 3)",
+                &[
+                    &id,
+                    &state,
+                    &format!("job {id}").into_bytes(),
+                    &at(1),
+                    &finished,
+                    &purge,
+                    &key,
+                ],
+            )
+            .await
+            .expect("a schema-3 job");
+        if let Some(key) = key {
+            admin
+                .execute(
+                    "INSERT INTO spool_idempotency (queue, key, job_id, expires_ns) \
+                     VALUES ('up', $1, $2, $3)",
+                    &[&key, &id, &i64::MAX],
+                )
+                .await
+                .expect("its key");
+        }
+    }
+    admin
+        .batch_execute("SELECT setval('spool_job_ids', 4)")
+        .await
+        .expect("the id sequence");
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let version: i32 = admin
+        .query_one("SELECT max(version) FROM spool_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
+    let partitions: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_partition_tree('spool_jobs') WHERE isleaf",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .get(0);
+    assert_eq!(partitions, 2);
+    for (id, state) in [
+        (1, JobState::Ready),
+        (2, JobState::Completed),
+        (3, JobState::Buried),
+        (4, JobState::Ready),
+    ] {
+        let job = broker.get(id).await.expect("a job from before");
+        assert_eq!(
+            (job.state, &job.payload[..], job.version),
+            (state, format!("job {id}").as_bytes(), 3),
+            "{job:?}"
+        );
+    }
+    let keyed = |key: &str| NewJob {
+        idempotency_key: Some(key.into()),
+        ..job("again")
+    };
+    let (same, duplicate) = broker
+        .enqueue(queue("up"), keyed("done-key"))
+        .await
+        .expect("keyed");
+    assert!(duplicate && same.id == 2, "{same:?}");
+    // Work goes on: the ready jobs in priority then id order, completed
+    // into the final partition with their key kept.
+    let leased = broker
+        .reserve(vec![queue("up")], 2, 0)
+        .await
+        .expect("reserve");
+    let ids: Vec<u64> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(ids, [1, 4]);
+    for l in &leased {
+        let done = broker.complete(l.lease, None).await.expect("complete");
+        assert_eq!(done.state, JobState::Completed);
+    }
+    let (same, duplicate) = broker
+        .enqueue(queue("up"), keyed("ready-key"))
+        .await
+        .expect("keyed");
+    assert!(
+        duplicate && same.id == 4,
+        "a completion keeps the key: {same:?}"
+    );
+    let final_rows: i64 = admin
+        .query_one("SELECT count(*) FROM spool_jobs_final", &[])
+        .await
+        .expect("final rows")
+        .get(0);
+    assert_eq!(final_rows, 3);
+    // A job deleted takes its key with it, as the foreign key's cascade did.
+    match broker
+        .call(Op::Delete {
+            id: 4,
+            expected_version: None,
+        })
+        .await
+    {
+        Ok(_) => {}
+        other => panic!("delete: {other:?}"),
+    }
+    let (fresh, duplicate) = broker
+        .enqueue(queue("up"), keyed("ready-key"))
+        .await
+        .expect("keyed");
+    assert!(!duplicate && fresh.id > 4, "{fresh:?}");
+}
+
+/// The live partition is vacuumed by the dead rows a node's own reserves
+/// and completions left, which PostgreSQL's statistics count a second or
+/// so late: a churned live partition is due at once.
+#[tokio::test]
+async fn a_nodes_own_churn_makes_the_live_partition_due() {
+    use spool_pg::VACUUM_DEAD_ROWS_MIN;
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    admin(&url)
+        .await
+        .batch_execute(
+            "ALTER TABLE spool_jobs_live SET (autovacuum_enabled = false); \
+             ALTER TABLE spool_jobs_final SET (autovacuum_enabled = false)",
+        )
+        .await
+        .expect("autovacuum off");
+    let jobs = VACUUM_DEAD_ROWS_MIN as usize / 2 + 100;
+    let batch = (0..jobs).map(|_| (queue("c"), job("x"))).collect();
+    match broker.call(Op::EnqueueBatch { jobs: batch }).await {
+        Ok(Outcome::Batch(made)) => assert_eq!(made.len(), jobs),
+        other => panic!("a batch enqueue: {other:?}"),
+    }
+    let mut done = 0;
+    while done < jobs {
+        let leased = broker
+            .reserve(vec![queue("c")], 100, 0)
+            .await
+            .expect("reserve");
+        assert!(!leased.is_empty(), "{done} of {jobs} done, none left");
+        for l in leased {
+            broker.complete(l.lease, None).await.expect("complete");
+            done += 1;
+        }
+    }
+    // A reserve and a completion each left a dead version in the live
+    // partition.
+    let pass = broker.vacuum_if_churned().await.expect("a pass");
+    assert!(pass.vacuumed, "{pass:?}");
+    assert!(pass.dead_rows >= 2 * jobs as u64, "{pass:?}");
 }

@@ -230,14 +230,34 @@ fn a_killed_node_loses_nothing_and_its_jobs_come_back_after_their_leases() {
 /// broken by the restart end after their 1 s TTR, then a backoff.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most enqueues one producer has acknowledged before it stops by itself.
+const PRODUCE_ACKED_MAX: usize = 5_000;
+
+/// Most enqueue requests one producer sends, refusals included: a second
+/// bound on its count, far above what an outage of a minute refuses.
+const PRODUCE_REQUESTS_MAX: u64 = 200_000;
+
+/// How long a producer runs at most, whatever else happens.
+const PRODUCE_TIME_MAX: Duration = Duration::from_secs(180);
+
+/// Pause after a refusal, so that an outage costs the producer little of
+/// its request bound and the machine little CPU.
+const REFUSED_PAUSE: Duration = Duration::from_millis(5);
+
 /// Enqueues over HTTP until `stop`, keeping the ids of acknowledged jobs
 /// (201); refusals while the database is away are expected and counted.
+/// Its budget is counted in acknowledged jobs, not requests: one counted
+/// in requests ran out during a slow restart (every refusal is quick) and
+/// left nothing for the work after it to do.
 fn produce(server: &Server, stop: &std::sync::atomic::AtomicBool) -> (Vec<u64>, u64) {
     use std::sync::atomic::Ordering;
     let (mut acked, mut refused) = (Vec::new(), 0);
-    // Bounded in count as well as by the caller's stop.
-    for n in 0..5_000u64 {
-        if stop.load(Ordering::Relaxed) {
+    let give_up_at = Instant::now() + PRODUCE_TIME_MAX;
+    for n in 0..PRODUCE_REQUESTS_MAX {
+        if stop.load(Ordering::Relaxed)
+            || acked.len() >= PRODUCE_ACKED_MAX
+            || Instant::now() >= give_up_at
+        {
             break;
         }
         let body = json!({"payload": {"n": n}, "ttr_ms": 1_000,
@@ -245,11 +265,26 @@ fn produce(server: &Server, stop: &std::sync::atomic::AtomicBool) -> (Vec<u64>, 
         let reply = post(server, "/v1/queues/restart/jobs", body);
         match reply.status {
             201 => acked.push(reply.json()["id"].as_u64().expect("an id")),
-            503 => refused += 1,
+            503 => {
+                refused += 1;
+                std::thread::sleep(REFUSED_PAUSE);
+            }
             other => panic!("enqueue answered {other}: {}", reply.body),
         }
     }
     (acked, refused)
+}
+
+/// Sets its flag when dropped: load threads of a scope stop when the
+/// scope's body ends, a failed assertion included (the scope then waits
+/// for them before the panic goes on, so they must not wait for a flag
+/// the failed body never set).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Reserves and completes over HTTP until `stop` or after `rounds`
@@ -308,7 +343,7 @@ fn unfinished(server: &Server, acked: &[u64]) -> Vec<u64> {
 /// completion survives, and the work goes on.
 #[test]
 fn a_postgresql_restart_under_load_loses_nothing_acknowledged() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     let cluster = TestCluster::private();
     let url = cluster.create_database();
     let a = Server::start_postgres(&url, &["--node-id", "a"]);
@@ -319,6 +354,7 @@ fn a_postgresql_restart_under_load_loses_nothing_acknowledged() {
     let (produced, completed) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| produce(&a, &stop));
         let worker = scope.spawn(|| work(&b, &stop, 50_000));
+        let stop_on_drop = StopOnDrop(&stop);
         let done_before = || ok(a.http("GET", "/v1/queues/restart", ""), 200);
         wait_until("jobs to flow before the restart", || {
             done_before()["counts"]["completed"].as_u64().unwrap_or(0) >= 20
@@ -343,7 +379,7 @@ fn a_postgresql_restart_under_load_loses_nothing_acknowledged() {
         wait_until("work to go on after the restart", || {
             done_before()["counts"]["completed"].as_u64().unwrap_or(0) >= completed_at_return + 20
         });
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_on_drop);
         (
             producer.join().expect("producer"),
             worker.join().expect("worker"),
