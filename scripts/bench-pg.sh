@@ -69,4 +69,5 @@ for pid in "${outs[@]}"; do wait "$pid"; done
 total=$(cat "$DIR"/rate.* | python3 -c 'import sys; print(round(sum(float(l) for l in sys.stdin)))')
 echo "postgres, $NODES nodes (sum): $total jobs/s"
 $AS "$BIN/psql" -h "$DIR" -U spool -d postgres -Atc \
-    "SELECT 'spool_jobs size after the runs: ' || pg_size_pretty(pg_total_relation_size('spool_jobs'))"
+    "SELECT 'spool_jobs size after the runs: ' || pg_size_pretty(sum(pg_total_relation_size(relid)))
+     FROM pg_partition_tree('spool_jobs')"
