@@ -1194,13 +1194,34 @@ async fn enqueue<B: Broker>(
                     ..JobOut::new(&job)
                 },
             );
-            if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+            if let Ok(location) = job_location(job.id) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
             Ok(response)
         }
         _ => Err(unexpected()),
     }
+}
+
+/// `/v1/jobs/{id}`, written digit by digit: `format!` took about 700
+/// instructions of every enqueue (callgrind).
+fn job_location(id: JobId) -> Result<HeaderValue, header::InvalidHeaderValue> {
+    const PREFIX: &[u8] = b"/v1/jobs/";
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = id;
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789"[(rest % 10) as usize];
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut path = Vec::with_capacity(PREFIX.len() + digits.len() - start);
+    path.extend_from_slice(PREFIX);
+    path.extend_from_slice(&digits[start..]);
+    HeaderValue::from_maybe_shared(Bytes::from(path))
 }
 
 #[utoipa::path(
@@ -2205,6 +2226,16 @@ mod tests {
             cancel_requested: false,
             version: 1,
             parents: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_job_location_is_its_path() {
+        for id in [0, 1, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(
+                job_location(id).unwrap().to_str().unwrap(),
+                format!("/v1/jobs/{id}")
+            );
         }
     }
 
