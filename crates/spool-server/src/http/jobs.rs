@@ -790,6 +790,22 @@ fn write_value(out: &mut Vec<u8>, value: &impl Serialize) -> Result<(), serde_js
     serde_json::to_writer(&mut *out, value)
 }
 
+/// Appends `value` in decimal, as JSON writes an integer.
+fn push_decimal(out: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789"[(rest % 10) as usize];
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// Appends `"name":` (names here are plain ASCII: nothing to escape).
 fn write_name(out: &mut Vec<u8>, first: bool, name: &str) {
     if !first {
@@ -835,13 +851,13 @@ impl JobOut<'_> {
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         out.push(b'{');
         write_name(out, true, "id");
-        write_value(out, &self.id)?;
+        push_decimal(out, self.id);
         write_name(out, false, "queue");
         write_value(out, &self.queue)?;
         write_name(out, false, "state");
         write_value(out, &self.state)?;
         write_name(out, false, "priority");
-        write_value(out, &self.priority)?;
+        push_decimal(out, u64::from(self.priority));
         if let Some(payload) = self.payload {
             write_name(out, false, "payload");
             out.extend_from_slice(payload.get().as_bytes());
@@ -857,9 +873,9 @@ impl JobOut<'_> {
             write_value(out, self.headers)?;
         }
         write_name(out, false, "attempts");
-        write_value(out, &self.attempts)?;
+        push_decimal(out, u64::from(self.attempts));
         write_name(out, false, "max_attempts");
-        write_value(out, &self.max_attempts)?;
+        push_decimal(out, u64::from(self.max_attempts));
         write_name(out, false, "backoff");
         match default_backoff_json() {
             // Most jobs have it, and formatting its two floats cost about
@@ -868,7 +884,7 @@ impl JobOut<'_> {
             _ => write_value(out, &self.backoff)?,
         }
         write_name(out, false, "ttr_ms");
-        write_value(out, &self.ttr_ms)?;
+        push_decimal(out, self.ttr_ms);
         write_name(out, false, "run_at");
         write_instant(out, self.run_at);
         write_name(out, false, "deadline_at");
@@ -895,9 +911,13 @@ impl JobOut<'_> {
         write_name(out, false, "idempotency_key");
         write_value(out, &self.idempotency_key)?;
         write_name(out, false, "cancel_requested");
-        write_value(out, &self.cancel_requested)?;
+        out.extend_from_slice(if self.cancel_requested {
+            b"true"
+        } else {
+            b"false"
+        });
         write_name(out, false, "version");
-        write_value(out, &self.version)?;
+        push_decimal(out, self.version);
         if let Some(lease) = &self.lease {
             write_name(out, false, "lease");
             write_value(out, lease)?;
@@ -1207,20 +1227,9 @@ async fn enqueue<B: Broker>(
 /// instructions of every enqueue (callgrind).
 fn job_location(id: JobId) -> Result<HeaderValue, header::InvalidHeaderValue> {
     const PREFIX: &[u8] = b"/v1/jobs/";
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = id;
-    loop {
-        start -= 1;
-        digits[start] = b"0123456789"[(rest % 10) as usize];
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let mut path = Vec::with_capacity(PREFIX.len() + digits.len() - start);
+    let mut path = Vec::with_capacity(PREFIX.len() + 20);
     path.extend_from_slice(PREFIX);
-    path.extend_from_slice(&digits[start..]);
+    push_decimal(&mut path, id);
     HeaderValue::from_maybe_shared(Bytes::from(path))
 }
 

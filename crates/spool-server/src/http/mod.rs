@@ -919,7 +919,10 @@ async fn answer<B: Broker>(
     let response = match collect_body(request, limits, body_max_bytes, too_large_code).await {
         Ok((parts, body)) => {
             handle.set_state(ConnState::Executing);
-            let call = async {
+            // Pinned where it is made: moved into the timer's future it
+            // would be stored twice in this one, and hyper keeps room for
+            // this future in every connection, idle ones too.
+            let call = std::pin::pin!(async {
                 match hot {
                     Some(route) => {
                         match refused_for_token(state, parts.uri.path(), &parts.headers) {
@@ -945,7 +948,7 @@ async fn answer<B: Broker>(
                         }
                     }
                 }
-            };
+            });
             match timer.within(handler_timeout, call).await {
                 Some(response) => response,
                 None => ApiError::new(
@@ -981,7 +984,7 @@ struct HandlerTimer {
 
 impl HandlerTimer {
     /// `work`'s output, or `None` if `limit` passed first.
-    async fn within<F: Future>(&self, limit: Duration, work: F) -> Option<F::Output> {
+    async fn within<F: Future>(&self, limit: Duration, mut work: Pin<&mut F>) -> Option<F::Output> {
         let deadline = tokio::time::Instant::now() + limit;
         let taken = self.idle.lock().ok().and_then(|mut idle| idle.take());
         let mut sleep = match taken {
@@ -991,7 +994,6 @@ impl HandlerTimer {
             }
             None => Box::pin(tokio::time::sleep_until(deadline)),
         };
-        let mut work = std::pin::pin!(work);
         let output = std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
