@@ -919,10 +919,7 @@ async fn answer<B: Broker>(
     let response = match collect_body(request, limits, body_max_bytes, too_large_code).await {
         Ok((parts, body)) => {
             handle.set_state(ConnState::Executing);
-            // Pinned where it is made: moved into the timer's future it
-            // would be stored twice in this one, and hyper keeps room for
-            // this future in every connection, idle ones too.
-            let call = std::pin::pin!(async {
+            let call = async {
                 match hot {
                     Some(route) => {
                         match refused_for_token(state, parts.uri.path(), &parts.headers) {
@@ -948,7 +945,11 @@ async fn answer<B: Broker>(
                         }
                     }
                 }
-            });
+            };
+            // Moved into the timer's future, not pinned here: `pin!` in an
+            // async fn stored the handler's future a second time (+630 B
+            // in hyper's room for it, which every connection keeps, idle
+            // ones too).
             match timer.within(handler_timeout, call).await {
                 Some(response) => response,
                 None => ApiError::new(
@@ -984,29 +985,60 @@ struct HandlerTimer {
 
 impl HandlerTimer {
     /// `work`'s output, or `None` if `limit` passed first.
-    async fn within<F: Future>(&self, limit: Duration, mut work: Pin<&mut F>) -> Option<F::Output> {
+    fn within<F: Future>(&self, limit: Duration, work: F) -> Within<'_, F> {
         let deadline = tokio::time::Instant::now() + limit;
         let taken = self.idle.lock().ok().and_then(|mut idle| idle.take());
-        let mut sleep = match taken {
+        let sleep = match taken {
             Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
                 sleep
             }
             None => Box::pin(tokio::time::sleep_until(deadline)),
         };
-        let output = std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(output));
+        Within {
+            work,
+            sleep: Some(sleep),
+            timer: self,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`HandlerTimer::within`]: a hand-written future, as
+    /// `tokio::time::timeout` is, so the work is stored once (an `async fn`
+    /// taking it held it twice).
+    struct Within<'a, F> {
+        #[pin]
+        work: F,
+        // Given back to the timer when the work ends; a request dropped
+        // before (its client left) drops it, and the next makes another.
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        timer: &'a HandlerTimer,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = match this.work.poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => {
+                let timed_out = this
+                    .sleep
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if !timed_out {
+                    return Poll::Pending;
+                }
+                None
             }
-            sleep.as_mut().poll(cx).map(|()| None)
-        })
-        .await;
-        // A request cancelled before here (its client left) drops the
-        // timer; the next request makes a new one.
-        if let Ok(mut idle) = self.idle.lock() {
+        };
+        if let (Some(sleep), Ok(mut idle)) = (this.sleep.take(), this.timer.idle.lock()) {
             *idle = Some(sleep);
         }
-        output
+        Poll::Ready(output)
     }
 }
 

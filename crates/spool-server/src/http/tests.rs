@@ -969,8 +969,6 @@ async fn hot_routes_need_the_token() {
 // On tokio's paused clock, which moves only when every task waits: each
 // deadline is checked to the nanosecond, without sleeping.
 
-use std::pin::pin;
-
 /// Work that finishes after `after` on the (paused) clock.
 async fn finishes_after(after: Duration) -> &'static str {
     tokio::time::sleep(after).await;
@@ -983,10 +981,7 @@ async fn the_handler_timer_ends_work_at_its_limit_and_serves_the_next_request() 
     let start = tokio::time::Instant::now();
     assert_eq!(
         timer
-            .within(
-                Duration::from_millis(100),
-                pin!(std::future::pending::<()>())
-            )
+            .within(Duration::from_millis(100), std::future::pending::<()>())
             .await,
         None
     );
@@ -997,7 +992,7 @@ async fn the_handler_timer_ends_work_at_its_limit_and_serves_the_next_request() 
         timer
             .within(
                 Duration::from_millis(100),
-                pin!(finishes_after(Duration::from_millis(60)))
+                finishes_after(Duration::from_millis(60))
             )
             .await,
         Some("done")
@@ -1006,10 +1001,7 @@ async fn the_handler_timer_ends_work_at_its_limit_and_serves_the_next_request() 
     let start = tokio::time::Instant::now();
     assert_eq!(
         timer
-            .within(
-                Duration::from_millis(30),
-                pin!(std::future::pending::<()>())
-            )
+            .within(Duration::from_millis(30), std::future::pending::<()>())
             .await,
         None
     );
@@ -1024,7 +1016,7 @@ async fn a_reused_handler_timer_keeps_no_earlier_deadline() {
         timer
             .within(
                 Duration::from_millis(100),
-                pin!(finishes_after(Duration::from_millis(10)))
+                finishes_after(Duration::from_millis(10))
             )
             .await,
         Some("done")
@@ -1035,7 +1027,7 @@ async fn a_reused_handler_timer_keeps_no_earlier_deadline() {
         timer
             .within(
                 Duration::from_millis(500),
-                pin!(finishes_after(Duration::from_millis(300)))
+                finishes_after(Duration::from_millis(300))
             )
             .await,
         Some("done")
@@ -1045,10 +1037,7 @@ async fn a_reused_handler_timer_keeps_no_earlier_deadline() {
     let start = tokio::time::Instant::now();
     assert_eq!(
         timer
-            .within(
-                Duration::from_millis(50),
-                pin!(std::future::pending::<()>())
-            )
+            .within(Duration::from_millis(50), std::future::pending::<()>())
             .await,
         None
     );
@@ -1061,20 +1050,14 @@ async fn a_cancelled_request_leaves_the_handler_timer_working() {
     // The request's future is dropped mid-way (its client left).
     let cancelled = tokio::time::timeout(
         Duration::from_millis(20),
-        timer.within(
-            Duration::from_millis(100),
-            pin!(std::future::pending::<()>()),
-        ),
+        timer.within(Duration::from_millis(100), std::future::pending::<()>()),
     )
     .await;
     assert!(cancelled.is_err());
     let start = tokio::time::Instant::now();
     assert_eq!(
         timer
-            .within(
-                Duration::from_millis(100),
-                pin!(std::future::pending::<()>())
-            )
+            .within(Duration::from_millis(100), std::future::pending::<()>())
             .await,
         None
     );
