@@ -790,7 +790,9 @@ fn write_value(out: &mut Vec<u8>, value: &impl Serialize) -> Result<(), serde_js
     serde_json::to_writer(&mut *out, value)
 }
 
-/// Appends `value` in decimal, as JSON writes an integer.
+/// Appends `value` in decimal. (For a job's JSON integers serde's writer,
+/// which writes two digits a step, measured cheaper: about 175
+/// instructions an enqueue, callgrind.)
 fn push_decimal(out: &mut Vec<u8>, value: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
@@ -851,13 +853,13 @@ impl JobOut<'_> {
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         out.push(b'{');
         write_name(out, true, "id");
-        push_decimal(out, self.id);
+        write_value(out, &self.id)?;
         write_name(out, false, "queue");
         write_value(out, &self.queue)?;
         write_name(out, false, "state");
         write_value(out, &self.state)?;
         write_name(out, false, "priority");
-        push_decimal(out, u64::from(self.priority));
+        write_value(out, &self.priority)?;
         if let Some(payload) = self.payload {
             write_name(out, false, "payload");
             out.extend_from_slice(payload.get().as_bytes());
@@ -873,9 +875,9 @@ impl JobOut<'_> {
             write_value(out, self.headers)?;
         }
         write_name(out, false, "attempts");
-        push_decimal(out, u64::from(self.attempts));
+        write_value(out, &self.attempts)?;
         write_name(out, false, "max_attempts");
-        push_decimal(out, u64::from(self.max_attempts));
+        write_value(out, &self.max_attempts)?;
         write_name(out, false, "backoff");
         match default_backoff_json() {
             // Most jobs have it, and formatting its two floats cost about
@@ -884,7 +886,7 @@ impl JobOut<'_> {
             _ => write_value(out, &self.backoff)?,
         }
         write_name(out, false, "ttr_ms");
-        push_decimal(out, self.ttr_ms);
+        write_value(out, &self.ttr_ms)?;
         write_name(out, false, "run_at");
         write_instant(out, self.run_at);
         write_name(out, false, "deadline_at");
@@ -917,7 +919,7 @@ impl JobOut<'_> {
             b"false"
         });
         write_name(out, false, "version");
-        push_decimal(out, self.version);
+        write_value(out, &self.version)?;
         if let Some(lease) = &self.lease {
             write_name(out, false, "lease");
             write_value(out, lease)?;
