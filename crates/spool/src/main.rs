@@ -24,7 +24,9 @@ use clap::{Parser, Subcommand};
 /// bytes instead of the ~455 of glibc's `memalign`; 864 instead of 916 after
 /// one command each, because a burst leaves less fragmentation. Memory per
 /// queued job stays the same (`scripts/bench-memory.sh`: 491.5 B against
-/// 492.7 in memory). mimalloc was tried too and rejected: 659 B per queued
+/// 492.7 in memory), and a job put over HTTP costs less (630 B against 656
+/// at 300k, `scripts/bench-http-memory.sh`) since its `JobExtra` fits a
+/// 128-byte size class (at 168 bytes jemalloc took 192: 692 B). mimalloc was tried too and rejected: 659 B per queued
 /// job. musl builds keep musl's allocator (jemalloc's C build would need a
 /// musl C compiler there).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

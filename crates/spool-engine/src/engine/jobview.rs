@@ -36,7 +36,7 @@ impl Engine {
             },
         };
         let backoff = extra
-            .and_then(|e| e.backoff)
+            .and_then(|e| e.backoff.as_deref().copied())
             .or_else(|| self.policy(queue).and_then(|p| p.backoff))
             .unwrap_or_default();
         JobView {
@@ -55,7 +55,7 @@ impl Engine {
             created_at_ms: at(job.created_at_ns),
             updated_at_ms: at(updated_at_ns),
             finished_at_ms: job.state.is_final().then(|| at(job.deadline_at_ns)),
-            last_error: extra.and_then(|e| e.last_error.clone()),
+            last_error: extra.and_then(|e| e.last_error.as_deref().map(String::from)),
             result: extra.and_then(|e| e.result.clone()),
             idempotency_key: extra.and_then(|e| e.idempotency_key.clone()),
             cancel_requested: extra.is_some_and(|e| e.cancel_requested),
@@ -126,7 +126,7 @@ impl Engine {
             delay_ns: job.delay_ns,
             state: Self::rest_state_of(job),
             cancel_requested: extra.is_some_and(|e| e.cancel_requested),
-            last_error: extra.and_then(|e| e.last_error.clone()),
+            last_error: extra.and_then(|e| e.last_error.as_deref().map(String::from)),
             result: extra.and_then(|e| e.result.clone()),
             updated_at_ns: extra.map_or(0, |e| e.updated_at_ns),
         };

@@ -602,7 +602,7 @@ impl Engine {
             error: engine.jobs[&id]
                 .extra
                 .as_ref()
-                .and_then(|e| e.last_error.clone()),
+                .and_then(|e| e.last_error.as_deref().map(String::from)),
         });
     }
 

@@ -138,8 +138,7 @@ impl Engine {
         job.attempts = attempts;
         job.max_attempts = max_attempts;
         job.extra = extra.map(Box::new);
-        let snapshot = self.jobs[&id].clone();
-        self.remember_key(&self.tube(tube).name.clone(), &snapshot);
+        self.remember_key(&self.tube(tube).name.clone(), id);
         self.place(id, state);
         self.restore(id, version, updated_at);
     }
@@ -184,7 +183,7 @@ impl Engine {
         if has_extra {
             let extra = job.extra_mut();
             extra.cancel_requested = change.cancel_requested;
-            extra.last_error = change.last_error;
+            extra.last_error = change.last_error.map(String::into_boxed_str);
             extra.result = change.result;
         }
         self.place(id, change.state);

@@ -415,7 +415,7 @@ impl Engine {
             headers: new.headers,
             idempotency_expires_at_ns: now.saturating_add(ttl_ms.saturating_mul(NS_PER_MS)),
             idempotency_key: new.idempotency_key,
-            backoff: new.backoff,
+            backoff: new.backoff.map(Box::new),
             updated_at_ns: now,
             ..JobExtra::default()
         };
@@ -444,9 +444,13 @@ impl Engine {
     }
 
     /// Registers a job's key, replacing an expired holder.
-    pub(super) fn remember_key(&mut self, queue: &TubeName, job: &Job) {
-        if let Some(key) = job.extra.as_ref().and_then(|e| e.idempotency_key.clone()) {
-            self.keys.insert((queue.clone(), key), job.id);
+    pub(super) fn remember_key(&mut self, queue: &TubeName, id: JobId) {
+        let key = self.jobs[&id]
+            .extra
+            .as_ref()
+            .and_then(|e| e.idempotency_key.clone());
+        if let Some(key) = key {
+            self.keys.insert((queue.clone(), key), id);
         }
     }
 
@@ -484,8 +488,7 @@ impl Engine {
         let t = self.tube_mut(tube);
         t.total_jobs += 1;
         t.metrics.counters.put += 1;
-        let job = self.jobs[&id].clone();
-        self.remember_key(&p.queue, &job);
+        self.remember_key(&p.queue, id);
         self.enqueue(id, p.delay_ns, now);
         if self.logging {
             let record = self.full_record(id).expect("job exists");
@@ -646,7 +649,7 @@ impl Engine {
         let backoff = self.backoff_of(id);
         let job = self.jobs.get_mut(&id).expect("job exists");
         job.attempts = job.attempts.saturating_add(1);
-        job.extra_mut().last_error = Some(error);
+        job.extra_mut().last_error = Some(error.into_boxed_str());
         let (attempts, max_attempts, tube) = (job.attempts, job.max_attempts, job.tube);
         self.tube_mut(tube).metrics.counters.failed += 1;
         if permanent || (max_attempts > 0 && attempts >= max_attempts) {
@@ -671,7 +674,7 @@ impl Engine {
         let job = &self.jobs[&id];
         job.extra
             .as_ref()
-            .and_then(|e| e.backoff)
+            .and_then(|e| e.backoff.as_deref().copied())
             .or_else(|| self.policy(&self.tube(job.tube).name)?.backoff)
             .unwrap_or_default()
     }
@@ -739,7 +742,8 @@ impl Engine {
         }
         let job = self.jobs.get_mut(&id).expect("job exists");
         if let Some(reason) = reason {
-            job.extra_mut().last_error = Some(truncated(reason, limits::ERROR_MAX_BYTES));
+            job.extra_mut().last_error =
+                Some(truncated(reason, limits::ERROR_MAX_BYTES).into_boxed_str());
         }
         let tube = job.tube;
         self.tube_mut(tube).metrics.counters.buried += 1;

