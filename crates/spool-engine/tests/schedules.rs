@@ -360,6 +360,8 @@ fn schedules_due_together_are_made_ahead_in_batches_and_ready_on_time() {
     assert_eq!(e.next_wake(), Some(at(due)));
     e.tick(at(due));
     assert_eq!(jobs_in(&mut e, "q", JobState::Ready, due).len(), count);
+    // Their schedules' books follow (the first tick's timers were spent).
+    while e.tick(at(due)).is_some_and(|wake| wake <= at(due)) {}
     for i in [0, count - 1] {
         let view = get(&mut e, &format!("s{i:04}"), due);
         assert_eq!((view.fires, view.last_skew_ms), (1, Some(0)));
@@ -617,4 +619,45 @@ fn delayed_jobs_due_together_become_ready_in_batches_each_measured_when_it_runs(
     assert_eq!(q.ready, count as u64);
     assert_eq!(q.skew.count(), count as u64);
     assert_eq!(q.skew.max(), Some(0.003), "the last batch ran 3 ms late");
+}
+
+/// At an instant, the jobs of firings made ahead become ready first, at the
+/// cost of delayed jobs; their schedules' books (skew histogram, last skew)
+/// follow once none due is waiting, and say the skew of the move, whenever
+/// they run.
+#[test]
+fn an_instants_firings_are_all_ready_before_their_schedules_books() {
+    let mut e = engine();
+    let count = TIMERS_PER_TICK_MAX;
+    for i in 0..count {
+        put(&mut e, &format!("s{i:04}"), spec("@every 1s"), START_MS);
+    }
+    let due = START_MS + 1_000;
+    let mut now = due - SCHEDULE_FIRE_AHEAD_MS;
+    while e.tick(at(now)).is_some_and(|wake| wake <= at(now)) {
+        now += 1;
+    }
+    assert_eq!(e.next_wake(), Some(at(due)));
+    // One tick's worth of timers: every job moves; the books are left.
+    assert_eq!(e.tick(at(due)), Some(at(due)), "the books are due");
+    let snapshot = e.snapshot(at(due), spool_broker::SnapshotScope::Queues);
+    let queue = snapshot.queues.iter().find(|q| q.name == "q");
+    assert_eq!(queue.map(|q| q.ready), Some(count as u64));
+    let last = format!("s{:04}", count - 1);
+    assert_eq!(get(&mut e, &last, due).last_skew_ms, None, "not yet");
+    // Done 7 ms later, they still say the move's skew: none.
+    let books_at = due + 7;
+    assert_eq!(
+        e.tick(at(books_at)),
+        Some(at(due + 1_000 - SCHEDULE_FIRE_AHEAD_MS))
+    );
+    for i in [0, count - 1] {
+        let view = get(&mut e, &format!("s{i:04}"), books_at);
+        assert_eq!((view.fires, view.last_skew_ms), (1, Some(0)));
+    }
+    let snapshot = e.snapshot(at(books_at), spool_broker::SnapshotScope::Queues);
+    let skews: u64 = snapshot.schedules.iter().map(|s| s.skew.count()).sum();
+    assert_eq!(skews, count as u64);
+    assert!(snapshot.schedules.iter().all(|s| s.skew.max() == Some(0.0)));
+    e.check_invariants();
 }

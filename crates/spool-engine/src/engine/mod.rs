@@ -170,6 +170,9 @@ enum Timer {
     /// same tick as delayed jobs due at that instant.
     Schedule,
     Delay,
+    /// A schedule's job made ready by the delay timer: its schedule's skew
+    /// and map entry, after the jobs due with it are all ready.
+    FiringReady,
     Pause,
     /// A rate-limited queue's next token: before a blocked reserve's
     /// timeout at the same instant, as a pause's end is.
@@ -321,6 +324,11 @@ pub struct Engine {
     /// empty) to settle the firing and measure its skew. At most one entry
     /// per schedule.
     firing_jobs: IdMap<TubeName>,
+    /// Jobs of `firing_jobs` the delay timer made ready, oldest first, for
+    /// their schedule's books (`firing_job_ready`) once no job due before
+    /// is waiting: thousands of firings due on one instant then become
+    /// ready at the cost of delayed jobs, not of their schedules' lookups.
+    ready_firings: std::collections::VecDeque<schedules::ReadyFiring>,
 }
 
 /// A queue's settings from the job API.
@@ -393,6 +401,7 @@ impl Engine {
             schedule_timers: BTreeSet::new(),
             schedule_backlog_indexed: false,
             firing_jobs: IdMap::default(),
+            ready_firings: std::collections::VecDeque::new(),
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine

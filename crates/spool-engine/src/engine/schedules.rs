@@ -119,6 +119,16 @@ fn settle_view(view: &mut ScheduleView, ahead: Ahead) {
     view.version += 1;
 }
 
+/// A job of `firing_jobs` the delay timer made ready, `skew_ns` after it
+/// was due, waiting for its schedule's books.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReadyFiring {
+    /// When it became ready (engine ns): its place among the timers.
+    pub(super) ready_at_ns: u64,
+    pub(super) id: JobId,
+    pub(super) skew_ns: u64,
+}
+
 /// What one due instant came to.
 enum Firing {
     Fired {
