@@ -661,3 +661,56 @@ fn an_instants_firings_are_all_ready_before_their_schedules_books() {
     assert!(snapshot.schedules.iter().all(|s| s.skew.max() == Some(0.0)));
     e.check_invariants();
 }
+
+/// A crash in the half second after an instant, before the schedule's
+/// settled state is logged, and a restart past the grace: the server was
+/// up at the instant and its job was ready, so under every policy the
+/// firing counts as fired and its job stays.
+#[test]
+fn a_crash_just_after_an_instant_keeps_its_firing_whatever_the_policy() {
+    let policies = [
+        ("skip", Misfire::Skip),
+        ("once", Misfire::Once),
+        ("all", Misfire::All),
+    ];
+    let mut e = engine();
+    let mut due = 0;
+    for (schedule, misfire) in policies {
+        let mut s = spec("@every 10s");
+        s.queue = name(schedule);
+        s.misfire = misfire;
+        due = put(&mut e, schedule, s, START_MS)
+            .next_fire_at_ms
+            .expect("armed");
+    }
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    e.tick(at(due));
+    let crash_at = due + SCHEDULE_FIRE_AHEAD_MS / 2;
+    e.tick(at(crash_at));
+    for (schedule, _) in policies {
+        assert_eq!(
+            jobs_in(&mut e, schedule, JobState::Ready, crash_at).len(),
+            1
+        );
+    }
+    let mut log = Vec::new();
+    // Back 5 s after the instant (past the grace, before the next one).
+    let back = due + 5_000;
+    let mut e2 = restart(&mut e, &mut log);
+    e2.tick(at(back));
+    for (schedule, _) in policies {
+        let ready = jobs_in(&mut e2, schedule, JobState::Ready, back);
+        assert_eq!(ready.len(), 1, "{schedule}: its job stays");
+        assert_eq!(
+            ready[0].idempotency_key.as_deref(),
+            Some(format!("schedule:{schedule}:{due}").as_str())
+        );
+        let view = get(&mut e2, schedule, back);
+        assert_eq!(
+            (view.fires, view.misfires_skipped, view.last_fire_at_ms),
+            (1, 0, Some(due)),
+            "{schedule}"
+        );
+    }
+    e2.check_invariants();
+}

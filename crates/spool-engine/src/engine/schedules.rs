@@ -396,11 +396,21 @@ impl Engine {
     }
 
     /// A firing's job made ready by the delay timer, `skew_ns` after it
-    /// was due.
+    /// was due: its schedule's books, and the move logged.
     pub(super) fn firing_job_ready(&mut self, id: JobId, skew_ns: u64) {
         let Some(name) = self.firing_jobs.remove(&id) else {
             return;
         };
+        // Durable evidence that the server was up at the instant: after a
+        // crash before the schedule's settled state is logged, a restart
+        // finds the job ready, and the firing counts as fired (not missed).
+        if self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.state != JobState::Delayed)
+        {
+            self.record_change(id);
+        }
         if let Some(schedule) = self.schedules.get_mut(&name) {
             schedule.skew.observe_ns(skew_ns);
             // Logged with the schedule's next state.
