@@ -331,6 +331,17 @@ impl Engine {
                     < now
         });
         let accepting = self.check_accepting().is_ok();
+        // A job made ready already (before a restart, or by hand) needs no
+        // entry; one still delayed keeps it for its books.
+        if !missed
+            && self
+                .jobs
+                .get(&job)
+                .is_none_or(|j| j.state != JobState::Delayed)
+            && !self.ready_firings.iter().any(|r| r.id == job)
+        {
+            self.firing_jobs.remove(&job);
+        }
         let schedule = self.schedules.get_mut(name).expect("schedule exists");
         schedule.ahead = None;
         let (Some(rule), true, true) = (schedule.rule.clone(), missed, accepting) else {
@@ -795,6 +806,47 @@ impl Engine {
                 ahead: s.ahead.map(|a| a.firing),
             }))
         })
+    }
+
+    /// The schedules' timers and the map of firings made ahead agree with
+    /// the schedules (for tests).
+    pub(super) fn check_schedule_invariants(&self) {
+        let mut armed = 0;
+        for (name, schedule) in &self.schedules {
+            if let Some(at_ms) = schedule.timer_at_ms {
+                armed += 1;
+                assert!(self.schedule_timers.contains(&(at_ms, name.clone())));
+            }
+            if let Some(ahead) = schedule.ahead {
+                // Made ahead, not yet counted: still the next instant.
+                assert_eq!(schedule.view.next_fire_at_ms, Some(ahead.firing.due_ms));
+                if let Some(mapped) = self.firing_jobs.get(&ahead.firing.job) {
+                    assert_eq!(mapped, name, "job {}", ahead.firing.job);
+                }
+            }
+        }
+        assert_eq!(armed, self.schedule_timers.len(), "no timer of no schedule");
+        // Each entry's job waits in the delay timer, or for its books after
+        // it, or is its schedule's firing until the schedule's timer
+        // settles it (a replayed one, made ready before a restart).
+        for (&job, name) in &self.firing_jobs {
+            let delayed = self
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.state == JobState::Delayed);
+            let pending = self
+                .schedules
+                .get(name)
+                .and_then(|s| s.ahead)
+                .is_some_and(|a| a.firing.job == job);
+            let books = self.ready_firings.iter().any(|r| r.id == job);
+            assert!(delayed || pending || books, "firing job {job} of {name:?}");
+        }
+        let times: Vec<u64> = self.ready_firings.iter().map(|r| r.ready_at_ns).collect();
+        assert!(
+            times.is_sorted(),
+            "books in the order the jobs became ready"
+        );
     }
 
     /// Every schedule's figures, by name, for metrics and `spool top`, as

@@ -76,7 +76,8 @@ impl Engine {
                     let late = now > due.saturating_add(MISFIRE_GRACE_MS * NS_PER_MS);
                     let settle = late && self.firing_jobs.contains_key(&id);
                     if !settle || self.firing_job_due(id, due, now) {
-                        self.remove_delayed(tube, due, id);
+                        // A firing's map entry stays for its books.
+                        self.unfile_delayed(tube, due, id);
                         self.tube_mut(tube).metrics.skew.observe_ns(now - due);
                         self.enqueue(id, 0, now);
                         // The change happened at the due time, whenever the
