@@ -134,8 +134,11 @@ fn schedules(e: &mut Engine, now: u64) -> Vec<ScheduleView> {
     }
 }
 
-/// What a restart must keep of a schedule.
-fn counts(views: &[ScheduleView]) -> Vec<(String, u64, u64, Option<u64>, Option<u64>)> {
+/// What a restart must keep of a schedule: name, fires, misfires skipped,
+/// last and next instant.
+type Counts = (String, u64, u64, Option<u64>, Option<u64>);
+
+fn counts(views: &[ScheduleView]) -> Vec<Counts> {
     views
         .iter()
         .map(|v| {
