@@ -714,3 +714,70 @@ fn a_crash_just_after_an_instant_keeps_its_firing_whatever_the_policy() {
     }
     e2.check_invariants();
 }
+
+/// A drain (SIGTERM) refuses new jobs, schedules' included: a firing made
+/// ahead before it began is a job already accepted (and logged), and
+/// becomes ready at its instant like any delayed job; no firing is made
+/// ahead while draining, and an instant that falls due is retried each
+/// second (after a restart, it meets the misfire policy).
+#[test]
+fn a_drain_keeps_the_firing_made_before_it_and_makes_none_ahead() {
+    let mut e = engine();
+    let due = put(&mut e, "s", spec("@every 1s"), START_MS)
+        .next_fire_at_ms
+        .expect("armed");
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due - 1).len(), 1);
+    e.set_draining(true);
+    e.tick(at(due));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, due).len(), 1);
+    let view = get(&mut e, "s", due);
+    assert_eq!((view.fires, view.last_fire_at_ms), (1, Some(due)));
+    // The next instant: not made ahead, not fired while draining.
+    let next = due + 1_000;
+    e.tick(at(next - SCHEDULE_FIRE_AHEAD_MS));
+    assert!(jobs_in(&mut e, "q", JobState::Delayed, next).is_empty());
+    e.tick(at(next));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, next).len(), 1);
+    let view = get(&mut e, "s", next);
+    assert_eq!((view.fires, view.next_fire_at_ms), (1, Some(next)));
+    e.check_invariants();
+    // A drain called off: the retry a second later fires what fell due
+    // (misfire `all`: both instants).
+    e.set_draining(false);
+    e.tick(at(next + 1_000));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, next + 1_000).len(), 3);
+    assert_eq!(get(&mut e, "s", next + 1_000).fires, 3);
+    e.check_invariants();
+}
+
+/// A pass making firings ahead that runs late across their instant (the
+/// server was starved) does not hold back the jobs it already made: they
+/// become ready at the instant, before the schedules still to run, which
+/// fire late.
+#[test]
+fn firings_made_ahead_are_not_held_back_by_a_late_pass_of_schedule_timers() {
+    let mut e = engine();
+    let batch = SCHEDULE_TIMERS_PER_TICK_MAX;
+    for i in 0..2 * batch {
+        put(&mut e, &format!("s{i:04}"), spec("@every 1s"), START_MS);
+    }
+    let due = START_MS + 1_000;
+    // One batch is made ahead in time; the rest of the pass runs late.
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due).len(), batch);
+    let late = due + 40;
+    e.tick(at(late));
+    let snapshot = e.snapshot(at(late), spool_broker::SnapshotScope::Queues);
+    let queue = snapshot.queues.iter().find(|q| q.name == "q");
+    assert_eq!(
+        queue.map(|q| (q.ready, q.delayed)),
+        Some((2 * batch as u64, 0)),
+        "the jobs made ahead moved, then the rest fired"
+    );
+    while e.tick(at(late)).is_some_and(|wake| wake <= at(late)) {}
+    let skew = |e: &mut Engine, i: usize| get(e, &format!("s{i:04}"), late).last_skew_ms;
+    assert_eq!(skew(&mut e, 0), Some(40), "made ahead, moved 40 ms late");
+    assert_eq!(skew(&mut e, 2 * batch - 1), Some(40), "fired 40 ms late");
+    e.check_invariants();
+}

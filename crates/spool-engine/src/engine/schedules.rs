@@ -541,6 +541,19 @@ impl Engine {
         }
     }
 
+    /// The instant (engine time) that the earliest schedule timer fires,
+    /// or makes its firing ahead of: its schedule's next instant not yet
+    /// made.
+    pub(super) fn next_schedule_instant_ns(&self) -> Option<u64> {
+        let (_, name) = self.schedule_timers.first()?;
+        let schedule = self.schedules.get(name)?;
+        let instant_ms = match schedule.ahead {
+            Some(ahead) => ahead.next_ms,
+            None => schedule.view.next_fire_at_ms,
+        }?;
+        Some(self.engine_ns(instant_ms))
+    }
+
     /// The engine time of the earliest schedule timer.
     pub(super) fn next_schedule_ns(&self) -> Option<u64> {
         self.schedule_timers

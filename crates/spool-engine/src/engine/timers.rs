@@ -58,9 +58,25 @@ impl Engine {
             .flatten()
             .filter(|&(at, _)| at <= now)
             .min();
-            let Some((_, timer)) = due else {
+            let Some((_, mut timer)) = due else {
                 break;
             };
+            // A schedule timer that runs late (a pass making thousands of
+            // firings ahead that outlasted its half second, on a starved
+            // CPU) must not hold back jobs due at an instant before the
+            // one it fires or makes (or at it): those move first, as on time,
+            // and are not all made late together.
+            if timer == Timer::Schedule {
+                if let Some((delay_at, _, _)) = self.earliest_delayed() {
+                    if delay_at <= now
+                        && self
+                            .next_schedule_instant_ns()
+                            .is_some_and(|instant| instant >= delay_at)
+                    {
+                        timer = Timer::Delay;
+                    }
+                }
+            }
             let mark = self.log.len();
             match timer {
                 Timer::Schedule => {
