@@ -2,7 +2,7 @@
 //! engine: the firings made ahead, then the moves of their jobs to ready at
 //! the instant, batch by batch as the server calls `tick`.
 //!
-//! Usage: cargo run --release -p spool-engine --example instant_cost [SCHEDULES]
+//! Usage: cargo run --release -p spool-engine --example instant_cost [SCHEDULES [SECONDS]]
 
 use std::time::Instant;
 
@@ -22,6 +22,10 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
+    let seconds: u64 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
     let mut engine = Engine::new(EngineConfig {
         max_job_size: 1 << 16,
     });
@@ -50,7 +54,7 @@ fn main() {
             )
             .expect("put schedule");
     }
-    for second in 1..=5u64 {
+    for second in 1..=seconds {
         let instant_ms = START_MS + second * 1_000;
         // The firings made ahead (and the last instant's settled), half a
         // second before the instant.

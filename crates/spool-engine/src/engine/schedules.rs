@@ -22,7 +22,10 @@
 //! replace remove a firing made ahead whose job is still delayed. A
 //! firing's job that becomes ready more than `MISFIRE_GRACE_MS` late (the
 //! server was down or stalled across its instant) meets the misfire policy
-//! then, as an instant not made ahead does.
+//! then, as an instant not made ahead does. At the instant the delay timer
+//! moves the job like any delayed job; the schedule's books (skew, the map
+//! entry, the move logged so that a crash before the settle is logged does
+//! not judge the firing missed) follow as timers of their own.
 
 use spool_broker::{
     BrokerError, Op, Outcome, RunAt, ScheduleName, ScheduleSnapshot, ScheduleSpec, ScheduleView,
@@ -441,7 +444,6 @@ impl Engine {
             return false;
         };
         let spec = schedule.view.spec.clone();
-        let previous = schedule.view.last_job;
         if self.check_accepting().is_err() {
             return false;
         }
@@ -466,17 +468,9 @@ impl Engine {
         }
         let mark = self.log.len();
         let (job, _) = self.create(prepared, now);
-        // The previous firing's entry goes once its job has left the delay
-        // timer (at most one entry per schedule, whatever workers do).
-        if let Some(previous) = previous {
-            if self
-                .jobs
-                .get(&previous)
-                .is_none_or(|j| j.state != JobState::Delayed)
-            {
-                self.firing_jobs.remove(&previous);
-            }
-        }
+        // The previous firing's entry went with its books, or its settle
+        // (a job no longer delayed), or stays while its job is delayed (a
+        // template delay longer than the interval).
         self.firing_jobs.insert(job.id, name.clone());
         let schedule = self.schedules.get_mut(name).expect("schedule exists");
         schedule.ahead = Some(Ahead {
