@@ -360,6 +360,8 @@ fn schedules_due_together_are_made_ahead_in_batches_and_ready_on_time() {
     assert_eq!(e.next_wake(), Some(at(due)));
     e.tick(at(due));
     assert_eq!(jobs_in(&mut e, "q", JobState::Ready, due).len(), count);
+    // Their schedules' books follow (the first tick's timers were spent).
+    while e.tick(at(due)).is_some_and(|wake| wake <= at(due)) {}
     for i in [0, count - 1] {
         let view = get(&mut e, &format!("s{i:04}"), due);
         assert_eq!((view.fires, view.last_skew_ms), (1, Some(0)));
@@ -617,4 +619,165 @@ fn delayed_jobs_due_together_become_ready_in_batches_each_measured_when_it_runs(
     assert_eq!(q.ready, count as u64);
     assert_eq!(q.skew.count(), count as u64);
     assert_eq!(q.skew.max(), Some(0.003), "the last batch ran 3 ms late");
+}
+
+/// At an instant, the jobs of firings made ahead become ready first, at the
+/// cost of delayed jobs; their schedules' books (skew histogram, last skew)
+/// follow once none due is waiting, and say the skew of the move, whenever
+/// they run.
+#[test]
+fn an_instants_firings_are_all_ready_before_their_schedules_books() {
+    let mut e = engine();
+    let count = TIMERS_PER_TICK_MAX;
+    for i in 0..count {
+        put(&mut e, &format!("s{i:04}"), spec("@every 1s"), START_MS);
+    }
+    let due = START_MS + 1_000;
+    let mut now = due - SCHEDULE_FIRE_AHEAD_MS;
+    while e.tick(at(now)).is_some_and(|wake| wake <= at(now)) {
+        now += 1;
+    }
+    assert_eq!(e.next_wake(), Some(at(due)));
+    // One tick's worth of timers: every job moves; the books are left.
+    assert_eq!(e.tick(at(due)), Some(at(due)), "the books are due");
+    let snapshot = e.snapshot(at(due), spool_broker::SnapshotScope::Queues);
+    let queue = snapshot.queues.iter().find(|q| q.name == "q");
+    assert_eq!(queue.map(|q| q.ready), Some(count as u64));
+    let last = format!("s{:04}", count - 1);
+    assert_eq!(get(&mut e, &last, due).last_skew_ms, None, "not yet");
+    // Done 7 ms later, they still say the move's skew: none.
+    let books_at = due + 7;
+    assert_eq!(
+        e.tick(at(books_at)),
+        Some(at(due + 1_000 - SCHEDULE_FIRE_AHEAD_MS))
+    );
+    for i in [0, count - 1] {
+        let view = get(&mut e, &format!("s{i:04}"), books_at);
+        assert_eq!((view.fires, view.last_skew_ms), (1, Some(0)));
+    }
+    let snapshot = e.snapshot(at(books_at), spool_broker::SnapshotScope::Queues);
+    let skews: u64 = snapshot.schedules.iter().map(|s| s.skew.count()).sum();
+    assert_eq!(skews, count as u64);
+    assert!(snapshot.schedules.iter().all(|s| s.skew.max() == Some(0.0)));
+    e.check_invariants();
+}
+
+/// A crash in the half second after an instant, before the schedule's
+/// settled state is logged, and a restart past the grace: the server was
+/// up at the instant and its job was ready, so under every policy the
+/// firing counts as fired and its job stays.
+#[test]
+fn a_crash_just_after_an_instant_keeps_its_firing_whatever_the_policy() {
+    let policies = [
+        ("skip", Misfire::Skip),
+        ("once", Misfire::Once),
+        ("all", Misfire::All),
+    ];
+    let mut e = engine();
+    let mut due = 0;
+    for (schedule, misfire) in policies {
+        let mut s = spec("@every 10s");
+        s.queue = name(schedule);
+        s.misfire = misfire;
+        due = put(&mut e, schedule, s, START_MS)
+            .next_fire_at_ms
+            .expect("armed");
+    }
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    e.tick(at(due));
+    let crash_at = due + SCHEDULE_FIRE_AHEAD_MS / 2;
+    e.tick(at(crash_at));
+    for (schedule, _) in policies {
+        assert_eq!(
+            jobs_in(&mut e, schedule, JobState::Ready, crash_at).len(),
+            1
+        );
+    }
+    let mut log = Vec::new();
+    // Back 5 s after the instant (past the grace, before the next one).
+    let back = due + 5_000;
+    let mut e2 = restart(&mut e, &mut log);
+    e2.tick(at(back));
+    for (schedule, _) in policies {
+        let ready = jobs_in(&mut e2, schedule, JobState::Ready, back);
+        assert_eq!(ready.len(), 1, "{schedule}: its job stays");
+        assert_eq!(
+            ready[0].idempotency_key.as_deref(),
+            Some(format!("schedule:{schedule}:{due}").as_str())
+        );
+        let view = get(&mut e2, schedule, back);
+        assert_eq!(
+            (view.fires, view.misfires_skipped, view.last_fire_at_ms),
+            (1, 0, Some(due)),
+            "{schedule}"
+        );
+    }
+    e2.check_invariants();
+}
+
+/// A drain (SIGTERM) refuses new jobs, schedules' included: a firing made
+/// ahead before it began is a job already accepted (and logged), and
+/// becomes ready at its instant like any delayed job; no firing is made
+/// ahead while draining, and an instant that falls due is retried each
+/// second (after a restart, it meets the misfire policy).
+#[test]
+fn a_drain_keeps_the_firing_made_before_it_and_makes_none_ahead() {
+    let mut e = engine();
+    let due = put(&mut e, "s", spec("@every 1s"), START_MS)
+        .next_fire_at_ms
+        .expect("armed");
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due - 1).len(), 1);
+    e.set_draining(true);
+    e.tick(at(due));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, due).len(), 1);
+    let view = get(&mut e, "s", due);
+    assert_eq!((view.fires, view.last_fire_at_ms), (1, Some(due)));
+    // The next instant: not made ahead, not fired while draining.
+    let next = due + 1_000;
+    e.tick(at(next - SCHEDULE_FIRE_AHEAD_MS));
+    assert!(jobs_in(&mut e, "q", JobState::Delayed, next).is_empty());
+    e.tick(at(next));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, next).len(), 1);
+    let view = get(&mut e, "s", next);
+    assert_eq!((view.fires, view.next_fire_at_ms), (1, Some(next)));
+    e.check_invariants();
+    // A drain called off: the retry a second later fires what fell due
+    // (misfire `all`: both instants).
+    e.set_draining(false);
+    e.tick(at(next + 1_000));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Ready, next + 1_000).len(), 3);
+    assert_eq!(get(&mut e, "s", next + 1_000).fires, 3);
+    e.check_invariants();
+}
+
+/// A pass making firings ahead that runs late across their instant (the
+/// server was starved) does not hold back the jobs it already made: they
+/// become ready at the instant, before the schedules still to run, which
+/// fire late.
+#[test]
+fn firings_made_ahead_are_not_held_back_by_a_late_pass_of_schedule_timers() {
+    let mut e = engine();
+    let batch = SCHEDULE_TIMERS_PER_TICK_MAX;
+    for i in 0..2 * batch {
+        put(&mut e, &format!("s{i:04}"), spec("@every 1s"), START_MS);
+    }
+    let due = START_MS + 1_000;
+    // One batch is made ahead in time; the rest of the pass runs late.
+    e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
+    assert_eq!(jobs_in(&mut e, "q", JobState::Delayed, due).len(), batch);
+    let late = due + 40;
+    e.tick(at(late));
+    let snapshot = e.snapshot(at(late), spool_broker::SnapshotScope::Queues);
+    let queue = snapshot.queues.iter().find(|q| q.name == "q");
+    assert_eq!(
+        queue.map(|q| (q.ready, q.delayed)),
+        Some((2 * batch as u64, 0)),
+        "the jobs made ahead moved, then the rest fired"
+    );
+    while e.tick(at(late)).is_some_and(|wake| wake <= at(late)) {}
+    let skew = |e: &mut Engine, i: usize| get(e, &format!("s{i:04}"), late).last_skew_ms;
+    assert_eq!(skew(&mut e, 0), Some(40), "made ahead, moved 40 ms late");
+    assert_eq!(skew(&mut e, 2 * batch - 1), Some(40), "fired 40 ms late");
+    e.check_invariants();
 }

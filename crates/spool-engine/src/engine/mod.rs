@@ -170,6 +170,9 @@ enum Timer {
     /// same tick as delayed jobs due at that instant.
     Schedule,
     Delay,
+    /// A schedule's job made ready by the delay timer: its schedule's skew
+    /// and map entry, after the jobs due with it are all ready.
+    FiringReady,
     Pause,
     /// A rate-limited queue's next token: before a blocked reserve's
     /// timeout at the same instant, as a pause's end is.
@@ -316,11 +319,18 @@ pub struct Engine {
     /// The live jobs of schedules with a `max_backlog` were found after
     /// the restart.
     schedule_backlog_indexed: bool,
-    /// The job of each schedule's latest firing made ahead of its instant,
-    /// to its schedule: the delay timer looks here (only while it is not
-    /// empty) to settle the firing and measure its skew. At most one entry
-    /// per schedule.
+    /// The job of each firing made ahead of its instant, to its schedule,
+    /// while the job is delayed and until its schedule's books are done
+    /// after the delay timer made it ready (`ready_firings`): the delay
+    /// timer looks here for a job late past the misfire grace, the books
+    /// for the schedule. A job taken out of the delay timer by hand (kick,
+    /// update, delete) leaves it.
     firing_jobs: IdMap<TubeName>,
+    /// Jobs of `firing_jobs` the delay timer made ready, oldest first, for
+    /// their schedule's books (`firing_job_ready`) once no job due before
+    /// is waiting: thousands of firings due on one instant then become
+    /// ready at the cost of delayed jobs, not of their schedules' lookups.
+    ready_firings: std::collections::VecDeque<schedules::ReadyFiring>,
 }
 
 /// A queue's settings from the job API.
@@ -393,6 +403,7 @@ impl Engine {
             schedule_timers: BTreeSet::new(),
             schedule_backlog_indexed: false,
             firing_jobs: IdMap::default(),
+            ready_firings: std::collections::VecDeque::new(),
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -681,7 +692,19 @@ impl Engine {
         }
     }
 
+    /// Takes a delayed job out of the delay timer by hand (kick, update,
+    /// delete, replay): a schedule's firing made ahead is its schedule's
+    /// no longer (see `firing_jobs`).
     fn remove_delayed(&mut self, tube: TubeId, deadline: u64, id: JobId) {
+        if !self.firing_jobs.is_empty() {
+            self.firing_jobs.remove(&id);
+        }
+        self.unfile_delayed(tube, deadline, id);
+    }
+
+    /// Takes a delayed job out of its tube's delayed set (and the tube out
+    /// of `delayed_tubes` if it was the earliest).
+    fn unfile_delayed(&mut self, tube: TubeId, deadline: u64, id: JobId) {
         let t = self.tube_mut(tube);
         let was_earliest = t.delayed.first() == Some(&(deadline, id));
         let removed = t.delayed.remove(&(deadline, id));
@@ -963,6 +986,7 @@ impl Engine {
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         self.check_workflow_invariants();
+        self.check_schedule_invariants();
         let mut ready = 0;
         let mut buried = 0;
         let mut delayed = 0;

@@ -22,7 +22,10 @@
 //! replace remove a firing made ahead whose job is still delayed. A
 //! firing's job that becomes ready more than `MISFIRE_GRACE_MS` late (the
 //! server was down or stalled across its instant) meets the misfire policy
-//! then, as an instant not made ahead does.
+//! then, as an instant not made ahead does. At the instant the delay timer
+//! moves the job like any delayed job; the schedule's books (skew, the map
+//! entry, the move logged so that a crash before the settle is logged does
+//! not judge the firing missed) follow as timers of their own.
 
 use spool_broker::{
     BrokerError, Op, Outcome, RunAt, ScheduleName, ScheduleSnapshot, ScheduleSpec, ScheduleView,
@@ -117,6 +120,16 @@ fn settle_view(view: &mut ScheduleView, ahead: Ahead) {
     view.next_fire_at_ms = ahead.next_ms;
     view.updated_at_ms = view.updated_at_ms.max(due);
     view.version += 1;
+}
+
+/// A job of `firing_jobs` the delay timer made ready, `skew_ns` after it
+/// was due, waiting for its schedule's books.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReadyFiring {
+    /// When it became ready (engine ns): its place among the timers.
+    pub(super) ready_at_ns: u64,
+    pub(super) id: JobId,
+    pub(super) skew_ns: u64,
 }
 
 /// What one due instant came to.
@@ -321,6 +334,17 @@ impl Engine {
                     < now
         });
         let accepting = self.check_accepting().is_ok();
+        // A job made ready already (before a restart, or by hand) needs no
+        // entry; one still delayed keeps it for its books.
+        if !missed
+            && self
+                .jobs
+                .get(&job)
+                .is_none_or(|j| j.state != JobState::Delayed)
+            && !self.ready_firings.iter().any(|r| r.id == job)
+        {
+            self.firing_jobs.remove(&job);
+        }
         let schedule = self.schedules.get_mut(name).expect("schedule exists");
         schedule.ahead = None;
         let (Some(rule), true, true) = (schedule.rule.clone(), missed, accepting) else {
@@ -386,11 +410,21 @@ impl Engine {
     }
 
     /// A firing's job made ready by the delay timer, `skew_ns` after it
-    /// was due.
+    /// was due: its schedule's books, and the move logged.
     pub(super) fn firing_job_ready(&mut self, id: JobId, skew_ns: u64) {
         let Some(name) = self.firing_jobs.remove(&id) else {
             return;
         };
+        // Durable evidence that the server was up at the instant: after a
+        // crash before the schedule's settled state is logged, a restart
+        // finds the job ready, and the firing counts as fired (not missed).
+        if self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.state != JobState::Delayed)
+        {
+            self.record_change(id);
+        }
         if let Some(schedule) = self.schedules.get_mut(&name) {
             schedule.skew.observe_ns(skew_ns);
             // Logged with the schedule's next state.
@@ -410,7 +444,6 @@ impl Engine {
             return false;
         };
         let spec = schedule.view.spec.clone();
-        let previous = schedule.view.last_job;
         if self.check_accepting().is_err() {
             return false;
         }
@@ -435,17 +468,9 @@ impl Engine {
         }
         let mark = self.log.len();
         let (job, _) = self.create(prepared, now);
-        // The previous firing's entry goes once its job has left the delay
-        // timer (at most one entry per schedule, whatever workers do).
-        if let Some(previous) = previous {
-            if self
-                .jobs
-                .get(&previous)
-                .is_none_or(|j| j.state != JobState::Delayed)
-            {
-                self.firing_jobs.remove(&previous);
-            }
-        }
+        // The previous firing's entry went with its books, or its settle
+        // (a job no longer delayed), or stays while its job is delayed (a
+        // template delay longer than the interval).
         self.firing_jobs.insert(job.id, name.clone());
         let schedule = self.schedules.get_mut(name).expect("schedule exists");
         schedule.ahead = Some(Ahead {
@@ -508,6 +533,19 @@ impl Engine {
             };
             self.record(|| LogRecord::Schedule(Box::new(record)));
         }
+    }
+
+    /// The instant (engine time) that the earliest schedule timer fires,
+    /// or makes its firing ahead of: its schedule's next instant not yet
+    /// made.
+    pub(super) fn next_schedule_instant_ns(&self) -> Option<u64> {
+        let (_, name) = self.schedule_timers.first()?;
+        let schedule = self.schedules.get(name)?;
+        let instant_ms = match schedule.ahead {
+            Some(ahead) => ahead.next_ms,
+            None => schedule.view.next_fire_at_ms,
+        }?;
+        Some(self.engine_ns(instant_ms))
     }
 
     /// The engine time of the earliest schedule timer.
@@ -775,6 +813,47 @@ impl Engine {
                 ahead: s.ahead.map(|a| a.firing),
             }))
         })
+    }
+
+    /// The schedules' timers and the map of firings made ahead agree with
+    /// the schedules (for tests).
+    pub(super) fn check_schedule_invariants(&self) {
+        let mut armed = 0;
+        for (name, schedule) in &self.schedules {
+            if let Some(at_ms) = schedule.timer_at_ms {
+                armed += 1;
+                assert!(self.schedule_timers.contains(&(at_ms, name.clone())));
+            }
+            if let Some(ahead) = schedule.ahead {
+                // Made ahead, not yet counted: still the next instant.
+                assert_eq!(schedule.view.next_fire_at_ms, Some(ahead.firing.due_ms));
+                if let Some(mapped) = self.firing_jobs.get(&ahead.firing.job) {
+                    assert_eq!(mapped, name, "job {}", ahead.firing.job);
+                }
+            }
+        }
+        assert_eq!(armed, self.schedule_timers.len(), "no timer of no schedule");
+        // Each entry's job waits in the delay timer, or for its books after
+        // it, or is its schedule's firing until the schedule's timer
+        // settles it (a replayed one, made ready before a restart).
+        for (&job, name) in &self.firing_jobs {
+            let delayed = self
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.state == JobState::Delayed);
+            let pending = self
+                .schedules
+                .get(name)
+                .and_then(|s| s.ahead)
+                .is_some_and(|a| a.firing.job == job);
+            let books = self.ready_firings.iter().any(|r| r.id == job);
+            assert!(delayed || pending || books, "firing job {job} of {name:?}");
+        }
+        let times: Vec<u64> = self.ready_firings.iter().map(|r| r.ready_at_ns).collect();
+        assert!(
+            times.is_sorted(),
+            "books in the order the jobs became ready"
+        );
     }
 
     /// Every schedule's figures, by name, for metrics and `spool top`, as

@@ -1,7 +1,10 @@
 //! Timers: one `tick` fires due schedules, moves due delayed jobs, ends pauses and blocked
 //! reserves, expires leases and forgets final jobs past their retention.
 
+use super::schedules::ReadyFiring;
+use super::tasks::NS_PER_MS;
 use super::*;
+use crate::schedule::MISFIRE_GRACE_MS;
 
 /// Schedule timers one `tick` runs before it returns (with work left due):
 /// a firing costs microseconds (an enqueue and a log record), and thousands
@@ -34,6 +37,9 @@ impl Engine {
             let due = [
                 self.next_schedule_ns().map(|at| (at, Timer::Schedule)),
                 self.earliest_delayed().map(|(at, _, _)| (at, Timer::Delay)),
+                self.ready_firings
+                    .front()
+                    .map(|r| (r.ready_at_ns, Timer::FiringReady)),
                 self.paused.first().map(|&(at, _)| (at, Timer::Pause)),
                 self.rate_timers.first().map(|&(at, _)| (at, Timer::Rate)),
                 self.wait_timers.first().map(|&(at, _)| (at, Timer::Wait)),
@@ -52,9 +58,25 @@ impl Engine {
             .flatten()
             .filter(|&(at, _)| at <= now)
             .min();
-            let Some((_, timer)) = due else {
+            let Some((_, mut timer)) = due else {
                 break;
             };
+            // A schedule timer that runs late (a pass making thousands of
+            // firings ahead that outlasted its half second, on a starved
+            // CPU) must not hold back jobs due at an instant before the
+            // one it fires or makes (or at it): those move first, as on time,
+            // and are not all made late together.
+            if timer == Timer::Schedule {
+                if let Some((delay_at, _, _)) = self.earliest_delayed() {
+                    if delay_at <= now
+                        && self
+                            .next_schedule_instant_ns()
+                            .is_some_and(|instant| instant >= delay_at)
+                    {
+                        timer = Timer::Delay;
+                    }
+                }
+            }
             let mark = self.log.len();
             match timer {
                 Timer::Schedule => {
@@ -63,11 +85,15 @@ impl Engine {
                 }
                 Timer::Delay => {
                     let (due, id, tube) = self.earliest_delayed().expect("a delayed job is due");
-                    // A schedule's firing made ahead may meet its misfire
-                    // policy first (when this runs late past the grace).
-                    let firing = !self.firing_jobs.is_empty() && self.firing_jobs.contains_key(&id);
-                    if !firing || self.firing_job_due(id, due, now) {
-                        self.remove_delayed(tube, due, id);
+                    // A schedule's firing made ahead whose job is late past
+                    // the grace (the server was down or stalled across its
+                    // instant) meets its misfire policy first; on time, its
+                    // job moves like any other.
+                    let late = now > due.saturating_add(MISFIRE_GRACE_MS * NS_PER_MS);
+                    let settle = late && self.firing_jobs.contains_key(&id);
+                    if !settle || self.firing_job_due(id, due, now) {
+                        // A firing's map entry stays for its books.
+                        self.unfile_delayed(tube, due, id);
                         self.tube_mut(tube).metrics.skew.observe_ns(now - due);
                         self.enqueue(id, 0, now);
                         // The change happened at the due time, whenever the
@@ -76,11 +102,22 @@ impl Engine {
                             self.jobs.get_mut(&id).and_then(|j| j.extra.as_deref_mut())
                         {
                             extra.updated_at_ns = due;
-                        }
-                        if firing {
-                            self.firing_job_ready(id, now - due);
+                            // Only job-API jobs can be firings; their
+                            // schedules' books wait until the jobs due
+                            // with them are ready.
+                            if !self.firing_jobs.is_empty() {
+                                self.ready_firings.push_back(ReadyFiring {
+                                    ready_at_ns: now,
+                                    id,
+                                    skew_ns: now - due,
+                                });
+                            }
                         }
                     }
+                }
+                Timer::FiringReady => {
+                    let ready = self.ready_firings.pop_front().expect("a firing is ready");
+                    self.firing_job_ready(ready.id, ready.skew_ns);
                 }
                 Timer::Pause => {
                     let &(_, tube) = self.paused.first().expect("a pause is due");
@@ -137,6 +174,7 @@ impl Engine {
         [
             self.next_schedule_ns(),
             self.earliest_delayed().map(|(at, _, _)| at),
+            self.ready_firings.front().map(|r| r.ready_at_ns),
             self.paused.first().map(|&(at, _)| at),
             self.rate_timers.first().map(|&(at, _)| at),
             self.wait_timers.first().map(|&(at, _)| at),
