@@ -327,12 +327,15 @@ impl Engine {
             return false;
         };
         let job = ahead.firing.job;
-        let missed = self.jobs.get(&job).is_some_and(|j| {
-            j.state == JobState::Delayed
-                && j.deadline_at_ns
-                    .saturating_add(MISFIRE_GRACE_MS * NS_PER_MS)
-                    < now
-        });
+        // A job moved by hand (kick, update; also replayed) left
+        // `firing_jobs`: it runs when its owner said, never judged missed.
+        let missed = self.firing_jobs.contains_key(&job)
+            && self.jobs.get(&job).is_some_and(|j| {
+                j.state == JobState::Delayed
+                    && j.deadline_at_ns
+                        .saturating_add(MISFIRE_GRACE_MS * NS_PER_MS)
+                        < now
+            });
         let accepting = self.check_accepting().is_ok();
         // A job made ready already (before a restart, or by hand) needs no
         // entry; one still delayed keeps it for its books.
