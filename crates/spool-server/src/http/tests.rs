@@ -969,97 +969,55 @@ async fn hot_routes_need_the_token() {
 // On tokio's paused clock, which moves only when every task waits: each
 // deadline is checked to the nanosecond, without sleeping.
 
-/// Work that finishes after `after` on the (paused) clock.
-async fn finishes_after(after: Duration) -> &'static str {
-    tokio::time::sleep(after).await;
-    "done"
+/// Runs work that finishes after `work_ms` (never, for `None`) within
+/// `limit_ms` of `timer`: its answer (`None` when the limit ended it) and
+/// how long it took on the paused clock.
+async fn timed(
+    timer: &HandlerTimer,
+    limit_ms: u64,
+    work_ms: Option<u64>,
+) -> (Option<&'static str>, Duration) {
+    let start = tokio::time::Instant::now();
+    let work = async move {
+        match work_ms {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+        "done"
+    };
+    let answer = timer.within(Duration::from_millis(limit_ms), work).await;
+    (answer, start.elapsed())
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_handler_timer_ends_work_at_its_limit_and_serves_the_next_request() {
     let timer = HandlerTimer::default();
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(Duration::from_millis(100), std::future::pending::<()>())
-            .await,
-        None
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(timed(&timer, 100, None).await, (None, ms(100)));
     // The same timer, fired once, times the next request afresh.
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(
-                Duration::from_millis(100),
-                finishes_after(Duration::from_millis(60))
-            )
-            .await,
-        Some("done")
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(60));
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(Duration::from_millis(30), std::future::pending::<()>())
-            .await,
-        None
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(30));
+    assert_eq!(timed(&timer, 100, Some(60)).await, (Some("done"), ms(60)));
+    assert_eq!(timed(&timer, 30, None).await, (None, ms(30)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_reused_handler_timer_keeps_no_earlier_deadline() {
     let timer = HandlerTimer::default();
     // Registers the timer at +100 ms, then finishes.
-    assert_eq!(
-        timer
-            .within(
-                Duration::from_millis(100),
-                finishes_after(Duration::from_millis(10))
-            )
-            .await,
-        Some("done")
-    );
+    assert_eq!(timed(&timer, 100, Some(10)).await, (Some("done"), ms(10)));
     // Moved later: the old deadline (+100 ms) passes without ending this.
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(
-                Duration::from_millis(500),
-                finishes_after(Duration::from_millis(300))
-            )
-            .await,
-        Some("done")
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    assert_eq!(timed(&timer, 500, Some(300)).await, (Some("done"), ms(300)));
     // Moved earlier (a long poll's limit, then an ordinary one).
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(Duration::from_millis(50), std::future::pending::<()>())
-            .await,
-        None
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    assert_eq!(timed(&timer, 50, None).await, (None, ms(50)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_request_leaves_the_handler_timer_working() {
     let timer = HandlerTimer::default();
     // The request's future is dropped mid-way (its client left).
-    let cancelled = tokio::time::timeout(
-        Duration::from_millis(20),
-        timer.within(Duration::from_millis(100), std::future::pending::<()>()),
-    )
-    .await;
+    let cancelled = tokio::time::timeout(ms(20), timed(&timer, 100, None)).await;
     assert!(cancelled.is_err());
-    let start = tokio::time::Instant::now();
-    assert_eq!(
-        timer
-            .within(Duration::from_millis(100), std::future::pending::<()>())
-            .await,
-        None
-    );
-    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(timed(&timer, 100, None).await, (None, ms(100)));
 }
