@@ -6,6 +6,7 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use spool_proto::ProcessStats;
@@ -152,6 +153,29 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     nofile_limits()
 }
 
+/// Grows the kernel's fd table to hold `slots` descriptors (at most the
+/// soft fd limit), so that accepting connections later never waits for the
+/// table to grow ([`crate::limits::FD_TABLE_PRESIZE_MAX`] says why): the
+/// lowest fd at or above the last slot is taken by a duplicate and closed.
+/// Call it before starting threads.
+pub fn presize_fd_table(slots: u64) -> io::Result<()> {
+    let (soft, _) = nofile_limits()?;
+    let last = slots.min(soft).saturating_sub(1);
+    let Ok(last) = libc::c_int::try_from(last) else {
+        return Ok(());
+    };
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates an fd we own into a new one,
+    // which is closed at once and never used.
+    let copy = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, last) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `copy` is the fd just made, owned by nothing else.
+    unsafe { libc::close(copy) };
+    Ok(())
+}
+
 /// The soft limit on open files: opening one more fd than this fails with
 /// `EMFILE`.
 pub fn fd_limit() -> io::Result<u64> {
@@ -177,5 +201,21 @@ mod tests {
         assert!(before >= 3 && before < limit, "{before} of {limit}");
         let (soft, hard) = nofile_limits().unwrap();
         assert!(soft <= hard);
+    }
+
+    #[test]
+    fn presizing_the_fd_table_leaves_no_fd_open() {
+        // The duplicate lands at the last slot asked for, or at the
+        // limit's; either way it is closed again. Other tests open fds
+        // meanwhile, so the check is that no fd stays at that slot.
+        let (soft, _) = nofile_limits().unwrap();
+        for slots in [64, 4_096, u64::MAX] {
+            presize_fd_table(slots).unwrap();
+            let last = slots.min(soft) - 1;
+            assert!(
+                !std::path::Path::new(&format!("/proc/self/fd/{last}")).exists(),
+                "fd {last} left open"
+            );
+        }
     }
 }

@@ -600,6 +600,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Ok((soft, hard)) => tracing::info!(soft, hard, "fd limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the fd limit"),
     }
+    // Before the runtimes start threads: the table grows without the RCU
+    // grace periods that stall fd allocation in a threaded process.
+    if let Err(e) = process::presize_fd_table(spool_server::limits::FD_TABLE_PRESIZE_MAX) {
+        tracing::warn!(error = %e, "could not presize the fd table");
+    }
     let connections = Connections::new(config.max_connections);
 
     // One thread serves the data path, like beanstalkd: the engine task and

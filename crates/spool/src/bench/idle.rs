@@ -70,6 +70,14 @@ const COMMAND: &[u8] = b"use bench-idle\r\n";
 const REPLY: &[u8] = b"USING bench-idle\r\n";
 
 pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<()> {
+    // The client's own fd table, grown while its connections open, would
+    // stall the prober's `socket()` for an RCU grace period per doubling
+    // (as the server's would its accepts): grown once, before the prober's
+    // thread starts, the probes time the server alone.
+    let slots = u64::try_from(args.connections).unwrap_or(u64::MAX);
+    if let Err(e) = spool_server::process::presize_fd_table(slots.saturating_add(64)) {
+        eprintln!("could not presize the fd table: {e}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
