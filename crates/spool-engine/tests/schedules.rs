@@ -449,26 +449,35 @@ fn pause_delete_and_replace_take_back_a_firing_made_ahead() {
     e.check_invariants();
 }
 
+/// The misfire policies, each the name of a schedule and of its queue.
+const POLICIES: [(&str, Misfire); 3] = [
+    ("skip", Misfire::Skip),
+    ("once", Misfire::Once),
+    ("all", Misfire::All),
+];
+
+/// Puts one schedule `@every 10s` per policy of [`POLICIES`]; returns
+/// their first instant (the same for all).
+fn put_one_per_policy(e: &mut Engine) -> u64 {
+    let mut due = 0;
+    for (schedule, misfire) in POLICIES {
+        let mut s = spec("@every 10s");
+        s.queue = name(schedule);
+        s.misfire = misfire;
+        due = put(e, schedule, s, START_MS)
+            .next_fire_at_ms
+            .expect("armed");
+    }
+    due
+}
+
 /// Killed with a firing made ahead: restarted before its instant, the
 /// instant fires once, from the job already made; restarted long after
 /// it, the misfire policy decides as for an instant not made ahead.
 #[test]
 fn a_firing_made_ahead_survives_a_restart_once_and_meets_the_misfire_policy() {
-    let policies = [
-        ("skip", Misfire::Skip),
-        ("once", Misfire::Once),
-        ("all", Misfire::All),
-    ];
     let mut e = engine();
-    let mut due = 0;
-    for (schedule, misfire) in policies {
-        let mut s = spec("@every 10s");
-        s.queue = name(schedule);
-        s.misfire = misfire;
-        due = put(&mut e, schedule, s, START_MS)
-            .next_fire_at_ms
-            .expect("armed");
-    }
+    let due = put_one_per_policy(&mut e);
     e.tick(at(due - 100));
     let mut log = Vec::new();
     // Back before the instant: the job made ahead is the firing.
@@ -476,7 +485,7 @@ fn a_firing_made_ahead_survives_a_restart_once_and_meets_the_misfire_policy() {
     let view = get(&mut soon, "skip", due - 50);
     assert_eq!((view.fires, view.next_fire_at_ms), (0, Some(due)));
     soon.tick(at(due));
-    for (schedule, _) in policies {
+    for (schedule, _) in POLICIES {
         let ready = jobs_in(&mut soon, schedule, JobState::Ready, due);
         assert_eq!(ready.len(), 1, "{schedule}");
         assert_eq!(
@@ -668,26 +677,13 @@ fn an_instants_firings_are_all_ready_before_their_schedules_books() {
 /// firing counts as fired and its job stays.
 #[test]
 fn a_crash_just_after_an_instant_keeps_its_firing_whatever_the_policy() {
-    let policies = [
-        ("skip", Misfire::Skip),
-        ("once", Misfire::Once),
-        ("all", Misfire::All),
-    ];
     let mut e = engine();
-    let mut due = 0;
-    for (schedule, misfire) in policies {
-        let mut s = spec("@every 10s");
-        s.queue = name(schedule);
-        s.misfire = misfire;
-        due = put(&mut e, schedule, s, START_MS)
-            .next_fire_at_ms
-            .expect("armed");
-    }
+    let due = put_one_per_policy(&mut e);
     e.tick(at(due - SCHEDULE_FIRE_AHEAD_MS));
     e.tick(at(due));
     let crash_at = due + SCHEDULE_FIRE_AHEAD_MS / 2;
     e.tick(at(crash_at));
-    for (schedule, _) in policies {
+    for (schedule, _) in POLICIES {
         assert_eq!(
             jobs_in(&mut e, schedule, JobState::Ready, crash_at).len(),
             1
@@ -698,7 +694,7 @@ fn a_crash_just_after_an_instant_keeps_its_firing_whatever_the_policy() {
     let back = due + 5_000;
     let mut e2 = restart(&mut e, &mut log);
     e2.tick(at(back));
-    for (schedule, _) in policies {
+    for (schedule, _) in POLICIES {
         let ready = jobs_in(&mut e2, schedule, JobState::Ready, back);
         assert_eq!(ready.len(), 1, "{schedule}: its job stays");
         assert_eq!(

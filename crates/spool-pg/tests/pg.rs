@@ -49,6 +49,19 @@ fn job(payload: &'static str) -> NewJob {
 }
 
 /// A plain client of the test database, for what the broker must survive.
+/// Vacuums of both partitions of `spool_jobs` so far.
+async fn vacuum_count(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
+             + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
+            &[],
+        )
+        .await
+        .expect("vacuum count")
+        .get::<_, i64>(0)
+}
+
 async fn admin(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -1131,17 +1144,6 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
         )
         .await
         .expect("autovacuum off");
-    let vacuums = || async {
-        admin
-            .query_one(
-                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
-                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
-                &[],
-            )
-            .await
-            .expect("vacuum count")
-            .get::<_, i64>(0)
-    };
     let quiet = broker.vacuum_if_churned().await.expect("check");
     assert!(!quiet.vacuumed, "an empty table is not vacuumed: {quiet:?}");
     let jobs = 1_500;
@@ -1161,18 +1163,18 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
         )
         .await
         .expect("churn");
-    let before = vacuums().await;
+    let before = vacuum_count(&admin).await;
     let churned = broker.vacuum_if_churned().await.expect("vacuum");
     assert!(churned.dead_rows >= jobs as u64, "{churned:?}");
     assert!(churned.vacuumed, "{churned:?}");
-    assert_eq!(vacuums().await, before + 1, "one vacuum ran");
+    assert_eq!(vacuum_count(&admin).await, before + 1, "one vacuum ran");
     // The vacuum counted the dead rows away: nothing due any more.
     let after = broker.vacuum_if_churned().await.expect("check again");
     assert!(
         !after.vacuumed && after.dead_rows < churned.dead_rows,
         "{after:?}"
     );
-    assert_eq!(vacuums().await, before + 1);
+    assert_eq!(vacuum_count(&admin).await, before + 1);
 }
 
 /// A node whose database role does not own `spool_jobs` cannot vacuum it
@@ -1218,18 +1220,7 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
         )
         .await
         .expect("churn");
-    let vacuums = || async {
-        admin
-            .query_one(
-                "SELECT pg_stat_get_vacuum_count('spool_jobs_live'::regclass) \
-                 + pg_stat_get_vacuum_count('spool_jobs_final'::regclass)",
-                &[],
-            )
-            .await
-            .expect("vacuum count")
-            .get::<_, i64>(0)
-    };
-    let before = vacuums().await;
+    let before = vacuum_count(&admin).await;
     let refused = worker.vacuum_if_churned().await.expect("a pass");
     assert!(!refused.permitted && !refused.vacuumed, "{refused:?}");
     // Asked once: the next pass costs no round trip at all.
@@ -1237,11 +1228,15 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
     let again = worker.vacuum_if_churned().await.expect("a pass");
     assert!(!again.permitted && !again.vacuumed, "{again:?}");
     assert_eq!(worker.pool_stats().round_trips, trips, "asked once");
-    assert_eq!(vacuums().await, before, "the role vacuumed nothing");
+    assert_eq!(
+        vacuum_count(&admin).await,
+        before,
+        "the role vacuumed nothing"
+    );
     // The owner's node may, and does.
     let vacuumed = owner.vacuum_if_churned().await.expect("a pass");
     assert!(vacuumed.permitted && vacuumed.vacuumed, "{vacuumed:?}");
-    assert_eq!(vacuums().await, before + 1);
+    assert_eq!(vacuum_count(&admin).await, before + 1);
 }
 
 /// A database at schema version 3 (one `spool_jobs` table) upgrades to 4
