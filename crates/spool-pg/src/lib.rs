@@ -41,7 +41,11 @@ use tokio_postgres::AsyncMessage;
 
 pub use clock::Clock;
 pub use error::ConnectError;
-pub use ops::{vacuum_due, VacuumPass, VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE};
+pub use ops::{
+    reindex_due, vacuum_due, ReindexPass, VacuumPass, REINDEX_INTERVAL, REINDEX_LIVE_BYTES_MIN,
+    REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX, VACUUM_DEAD_ROWS_MIN,
+    VACUUM_DEAD_SHARE_OF_LIVE,
+};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 
@@ -362,6 +366,20 @@ impl PgBroker {
             Done::Vacuum(pass) => Ok(pass),
             other => Err(BrokerError::Internal(format!(
                 "a vacuum answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Rebuilds `spool_jobs_live`'s indexes if they hold far more pages than
+    /// its rows need ([`reindex_due`]): what the vacuum task does after a
+    /// vacuum, at most every [`REINDEX_INTERVAL`]. Needs the same privilege
+    /// as a vacuum; call it only where [`PgBroker::vacuum_if_churned`]
+    /// found it.
+    pub async fn reindex_live_if_bloated(&self) -> Result<ReindexPass, BrokerError> {
+        match self.run(Task::ReindexLiveIfBloated).await? {
+            Done::Reindex(pass) => Ok(pass),
+            other => Err(BrokerError::Internal(format!(
+                "a rebuild answered {other:?}"
             ))),
         }
     }
@@ -848,17 +866,45 @@ async fn listen(broker: Weak<Inner>) {
 /// scan of the table and every index) never holds back the timers and
 /// the schedules' firing.
 async fn vacuum_periodically(broker: Weak<Inner>) {
+    let mut last_rebuild: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(TIMER_INTERVAL).await;
         let Some(inner) = broker.upgrade() else {
             return;
         };
-        match (PgBroker { inner }).vacuum_if_churned().await {
+        let broker = PgBroker { inner };
+        match broker.vacuum_if_churned().await {
             // Autovacuum alone, as the one warning said.
             Ok(pass) if !pass.permitted => return,
             Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::debug!(%error, "vacuum of spool_jobs failed");
+                continue;
+            }
+        }
+        // Right after a vacuum, when the live partition's indexes hold
+        // the fewest entries.
+        if last_rebuild.is_some_and(|at| at.elapsed() < REINDEX_INTERVAL) {
+            continue;
+        }
+        match broker.reindex_live_if_bloated().await {
+            Ok(pass) if pass.reindexed => {
+                last_rebuild = Some(std::time::Instant::now());
+                tracing::info!(
+                    index_bytes_before = pass.index_bytes_before,
+                    index_bytes_after = pass.index_bytes_after,
+                    live_rows = pass.live_rows,
+                    leftovers_dropped = pass.leftovers_dropped,
+                    "rebuilt the indexes of spool_jobs_live"
+                );
+            }
             Ok(_) => {}
-            Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
+            Err(error) => {
+                // A rebuild cut short is retried no sooner than the next one.
+                last_rebuild = Some(std::time::Instant::now());
+                tracing::warn!(%error, "rebuilding the indexes of spool_jobs_live failed");
+            }
         }
     }
 }

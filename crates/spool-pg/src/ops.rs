@@ -98,6 +98,9 @@ pub(crate) enum Task {
     VacuumIfChurned(u64),
     /// Whether this node's role may vacuum `spool_jobs`.
     MayVacuum,
+    /// The live partition's indexes rebuilt (outside any transaction) when
+    /// [`reindex_due`]; the caller holds it to [`REINDEX_INTERVAL`].
+    ReindexLiveIfBloated,
 }
 
 /// Dead row versions of `spool_jobs` that start a vacuum at the least
@@ -114,6 +117,50 @@ pub const VACUUM_DEAD_SHARE_OF_LIVE: u64 = 4;
 /// `live_rows` live versions.
 pub fn vacuum_due(dead_rows: u64, live_rows: u64) -> bool {
     dead_rows >= VACUUM_DEAD_ROWS_MIN.saturating_add(live_rows / VACUUM_DEAD_SHARE_OF_LIVE)
+}
+
+/// Bytes of `spool_jobs_live`'s indexes below which they are never
+/// rebuilt: a few hundred pages, what a few thousand waiting jobs and the
+/// churn between two vacuums need.
+pub const REINDEX_LIVE_BYTES_MIN: u64 = 1 << 20;
+/// ... and beyond that, bytes of index per live row (its five indexes need
+/// about 200 packed): a vacuum frees a B-tree's emptied pages for the
+/// index's own reuse but never gives them back, so a peak of dead entries
+/// (a burst, a vacuum held back) leaves the nearly empty partition with
+/// megabytes of index for good. Only a rebuild returns them.
+pub const REINDEX_LIVE_BYTES_PER_ROW: u64 = 1_024;
+/// Live rows above which the live partition's indexes are never rebuilt
+/// by a node: the rebuild must stay a matter of milliseconds, well inside
+/// the statement timeout; a partition that large is a backlog, whose
+/// indexes are mostly live entries anyway.
+pub const REINDEX_LIVE_ROWS_MAX: u64 = 100_000;
+/// The shortest time between two rebuilds by one node, so that a churn
+/// that keeps making peaks costs one small rebuild a minute at most.
+pub const REINDEX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `spool_jobs_live`'s indexes, `index_bytes` in all, are due a
+/// rebuild with `live_rows` live rows in the partition.
+pub fn reindex_due(index_bytes: u64, live_rows: u64) -> bool {
+    live_rows <= REINDEX_LIVE_ROWS_MAX
+        && index_bytes
+            >= REINDEX_LIVE_BYTES_MIN.max(live_rows.saturating_mul(REINDEX_LIVE_BYTES_PER_ROW))
+}
+
+/// What a [`Task::ReindexLiveIfBloated`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReindexPass {
+    /// Bytes of the live partition's indexes before.
+    pub index_bytes_before: u64,
+    /// ... and after (the same when nothing was rebuilt).
+    pub index_bytes_after: u64,
+    /// Live rows of the partition in the statistics.
+    pub live_rows: u64,
+    /// `REINDEX TABLE CONCURRENTLY` ran (not when another node held the
+    /// rebuild's advisory lock).
+    pub reindexed: bool,
+    /// Invalid indexes a rebuild cut short left behind (`…_ccnew`,
+    /// `…_ccold`), dropped first.
+    pub leftovers_dropped: u32,
 }
 
 /// What a [`Task::VacuumIfChurned`] found and did.
@@ -147,6 +194,7 @@ pub(crate) enum Done {
     },
     Vacuum(VacuumPass),
     MayVacuum(bool),
+    Reindex(ReindexPass),
     Nothing,
 }
 
@@ -453,6 +501,24 @@ pub(crate) async fn run(
             }));
         }
         Task::MayVacuum => return Ok(Done::MayVacuum(c.may_vacuum_jobs().await?)),
+        Task::ReindexLiveIfBloated => {
+            let (index_bytes_before, live_rows) = c.live_index_bytes_and_rows().await?;
+            let mut pass = ReindexPass {
+                index_bytes_before,
+                index_bytes_after: index_bytes_before,
+                live_rows,
+                reindexed: false,
+                leftovers_dropped: 0,
+            };
+            if reindex_due(index_bytes_before, live_rows) {
+                if let Some(dropped) = c.reindex_live().await? {
+                    pass.reindexed = true;
+                    pass.leftovers_dropped = dropped;
+                    pass.index_bytes_after = c.live_index_bytes_and_rows().await?.0;
+                }
+            }
+            return Ok(Done::Reindex(pass));
+        }
         _ => {}
     }
     c.begin().await?;
@@ -510,7 +576,10 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
-        Task::CompleteGroup(_) | Task::VacuumIfChurned(_) | Task::MayVacuum => {
+        Task::CompleteGroup(_)
+        | Task::VacuumIfChurned(_)
+        | Task::MayVacuum
+        | Task::ReindexLiveIfBloated => {
             return refuse(BrokerError::Internal(
                 "a single statement runs outside a transaction".into(),
             ))

@@ -85,6 +85,10 @@ pub(crate) type Stmt<'a> = (&'static str, &'a [&'a (dyn ToSql + Sync)]);
 
 /// The partitions of `spool_jobs` (schema version 4): the live jobs, the
 /// final ones.
+/// `pg_try_advisory_lock`'s key for rebuilding `spool_jobs_live`'s
+/// indexes: "spoolrx" in ASCII.
+const REINDEX_LOCK_KEY: i64 = 0x73_70_6f_6f_6c_72_78;
+
 pub(crate) const JOB_PARTITIONS: [&str; 2] = ["spool_jobs_live", "spool_jobs_final"];
 
 /// Announces queues on the `spool` channel, one statement for all.
@@ -361,6 +365,80 @@ impl Conn {
             .batch_execute(&format!("VACUUM (SKIP_LOCKED) {}", tables.join(", ")))
             .await?;
         Ok(())
+    }
+
+    /// Bytes of `spool_jobs_live`'s indexes and its live rows in the
+    /// statistics.
+    pub async fn live_index_bytes_and_rows(&mut self) -> Result<(u64, u64), DbError> {
+        debug_assert!(!self.in_transaction, "statistics are read alone");
+        let statement = self
+            .statement(
+                "SELECT pg_indexes_size('spool_jobs_live'::regclass), \
+                        pg_stat_get_live_tuples('spool_jobs_live'::regclass)",
+            )
+            .await?;
+        self.round_trip();
+        let row = self.client.query_one(&statement, &[]).await?;
+        let figure = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((figure(0), figure(1)))
+    }
+
+    /// Rebuilds `spool_jobs_live`'s indexes with `REINDEX TABLE
+    /// CONCURRENTLY` (reads and writes go on meanwhile), under a session
+    /// advisory lock so that one node at a time rebuilds. First drops the
+    /// invalid indexes a rebuild cut short left behind (by the statement
+    /// timeout, say): PostgreSQL keeps updating them on every write.
+    /// Answers how many it dropped, or `None` when another node holds the
+    /// lock.
+    pub async fn reindex_live(&mut self) -> Result<Option<u32>, DbError> {
+        debug_assert!(!self.in_transaction, "a rebuild inside a transaction");
+        self.round_trip();
+        let locked: bool = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&REINDEX_LOCK_KEY])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let rebuilt = self.reindex_live_locked().await;
+        self.round_trip();
+        let unlocked = self
+            .client
+            .execute("SELECT pg_advisory_unlock($1)", &[&REINDEX_LOCK_KEY])
+            .await;
+        let dropped = rebuilt?;
+        unlocked?;
+        Ok(Some(dropped))
+    }
+
+    async fn reindex_live_locked(&mut self) -> Result<u32, DbError> {
+        self.round_trip();
+        // Only the rebuild's own names: an index someone is building by
+        // hand is invalid too until it is done.
+        let leftovers = self
+            .client
+            .query(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE i.indrelid = 'spool_jobs_live'::regclass AND NOT i.indisvalid \
+                 AND c.relname ~ '_cc(new|old)[0-9]*$'",
+                &[],
+            )
+            .await?;
+        for leftover in &leftovers {
+            let name: String = leftover.get(0);
+            self.round_trip();
+            // The name comes from the catalog, quoted by `regclass`.
+            self.client
+                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                .await?;
+        }
+        self.round_trip();
+        self.client
+            .batch_execute("REINDEX TABLE CONCURRENTLY spool_jobs_live")
+            .await?;
+        Ok(u32::try_from(leftovers.len()).unwrap_or(u32::MAX))
     }
 
     /// Opens a transaction; its `BEGIN` travels with its first statement.

@@ -1423,3 +1423,148 @@ async fn a_nodes_own_churn_makes_the_live_partition_due() {
     assert!(pass.vacuumed, "{pass:?}");
     assert!(pass.dead_rows >= 2 * jobs as u64, "{pass:?}");
 }
+
+/// A peak of jobs leaves the live partition nearly empty with its indexes
+/// still the peak's size (a vacuum keeps emptied B-tree pages for reuse);
+/// the rebuild gives them back, drops what an earlier rebuild cut short
+/// left behind (and nothing else), and is not due again right after.
+#[tokio::test]
+async fn a_live_partitions_indexes_left_from_a_peak_are_rebuilt() {
+    use spool_pg::{reindex_due, REINDEX_LIVE_BYTES_MIN};
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    for _ in 0..20 {
+        let batch = (0..1_000).map(|_| (queue("peak"), job("x"))).collect();
+        match broker.call(Op::EnqueueBatch { jobs: batch }).await {
+            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), 1_000),
+            other => panic!("a batch enqueue: {other:?}"),
+        }
+    }
+    let purged = broker
+        .call(Op::Purge {
+            queue: queue("peak"),
+            state: JobState::Ready,
+        })
+        .await
+        .expect("a purge");
+    assert_eq!(purged, Outcome::Purged(20_000));
+    admin
+        .batch_execute("VACUUM spool_jobs_live")
+        .await
+        .expect("a vacuum");
+    let kept_jobs = 3;
+    let kept = (0..kept_jobs).map(|_| (queue("kept"), job("y"))).collect();
+    broker
+        .call(Op::EnqueueBatch { jobs: kept })
+        .await
+        .expect("jobs kept through the rebuild");
+    // What a rebuild cut short leaves (an invalid index named as
+    // PostgreSQL names them; the kept jobs are its duplicates), and an index someone is building by hand.
+    for (name, column) in [("spool_jobs_ready_ccnew", "queue"), ("by_hand", "priority")] {
+        admin
+            .batch_execute(&format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {name} ON spool_jobs_live ({column})"
+            ))
+            .await
+            .expect_err("duplicates make the index invalid");
+    }
+
+    let pass = broker.reindex_live_if_bloated().await.expect("a pass");
+    assert!(pass.reindexed, "{pass:?}");
+    assert!(
+        pass.index_bytes_before >= REINDEX_LIVE_BYTES_MIN,
+        "the peak's pages: {pass:?}"
+    );
+    assert!(
+        pass.index_bytes_after * 4 < pass.index_bytes_before,
+        "pages given back: {pass:?}"
+    );
+    assert_eq!(pass.leftovers_dropped, 1, "{pass:?}");
+    let invalid: Vec<String> = admin
+        .query(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE i.indrelid = 'spool_jobs_live'::regclass AND NOT i.indisvalid",
+            &[],
+        )
+        .await
+        .expect("invalid indexes")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(invalid, ["by_hand"]);
+    admin
+        .batch_execute("DROP INDEX by_hand")
+        .await
+        .expect("drop");
+    let leased = broker
+        .reserve(vec![queue("kept")], 10, 0)
+        .await
+        .expect("reserve after the rebuild");
+    assert_eq!(
+        leased.len(),
+        kept_jobs,
+        "the rebuilt indexes find every job"
+    );
+
+    let again = broker.reindex_live_if_bloated().await.expect("a pass");
+    assert!(!again.reindexed, "{again:?}");
+    assert!(
+        !reindex_due(again.index_bytes_before, again.live_rows),
+        "{again:?}"
+    );
+}
+
+/// One node rebuilds at a time: a node that finds the rebuild's advisory
+/// lock held leaves the indexes as they are.
+#[tokio::test]
+async fn a_rebuild_another_node_is_running_is_not_started_twice() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    for _ in 0..20 {
+        let batch = (0..1_000).map(|_| (queue("peak"), job("x"))).collect();
+        broker
+            .call(Op::EnqueueBatch { jobs: batch })
+            .await
+            .expect("a batch enqueue");
+    }
+    broker
+        .call(Op::Purge {
+            queue: queue("peak"),
+            state: JobState::Ready,
+        })
+        .await
+        .expect("a purge");
+    let admin = admin(&url).await;
+    admin
+        .batch_execute("VACUUM spool_jobs_live")
+        .await
+        .expect("a vacuum");
+    // The rebuild's key: "spoolrx" in ASCII.
+    admin
+        .batch_execute("SELECT pg_advisory_lock(x'73706f6f6c7278'::bigint)")
+        .await
+        .expect("the lock");
+    let pass = broker.reindex_live_if_bloated().await.expect("a pass");
+    assert!(!pass.reindexed, "{pass:?}");
+    assert_eq!(pass.index_bytes_after, pass.index_bytes_before);
+    admin
+        .batch_execute("SELECT pg_advisory_unlock(x'73706f6f6c7278'::bigint)")
+        .await
+        .expect("unlock");
+    let pass = broker.reindex_live_if_bloated().await.expect("a pass");
+    assert!(pass.reindexed, "{pass:?}");
+}
+
+#[test]
+fn a_rebuild_is_due_for_pages_far_beyond_the_rows_and_never_for_a_large_backlog() {
+    use spool_pg::{
+        reindex_due, REINDEX_LIVE_BYTES_MIN, REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX,
+    };
+    assert!(!reindex_due(REINDEX_LIVE_BYTES_MIN - 1, 0));
+    assert!(reindex_due(REINDEX_LIVE_BYTES_MIN, 0));
+    let rows = 10_000;
+    assert!(!reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW - 1, rows));
+    assert!(reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW, rows));
+    assert!(!reindex_due(u64::MAX, REINDEX_LIVE_ROWS_MAX + 1));
+}
