@@ -42,9 +42,9 @@ use tokio_postgres::AsyncMessage;
 pub use clock::Clock;
 pub use error::ConnectError;
 pub use ops::{
-    reindex_due, vacuum_due, ReindexPass, VacuumPass, REINDEX_INTERVAL, REINDEX_LIVE_BYTES_MIN,
-    REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX, VACUUM_DEAD_ROWS_MIN,
-    VACUUM_DEAD_SHARE_OF_LIVE,
+    final_vacuum_due, reindex_due, vacuum_due, ReindexPass, VacuumPass, REINDEX_INTERVAL,
+    REINDEX_LIVE_BYTES_MIN, REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX,
+    VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE, VACUUM_FINAL_DEAD_SHARE_OF_LIVE,
 };
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;

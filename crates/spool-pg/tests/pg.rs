@@ -1126,6 +1126,18 @@ fn a_vacuum_is_due_by_dead_rows_against_live_ones() {
     assert!(!vacuum_due(due_at - 1, live));
     assert!(vacuum_due(due_at, live));
     assert!(vacuum_due(u64::MAX, u64::MAX), "no overflow");
+    // The final partition, holding what the retention keeps, is due for a
+    // smaller share of its rows.
+    use spool_pg::{final_vacuum_due, VACUUM_FINAL_DEAD_SHARE_OF_LIVE};
+    let live = 30_000;
+    let due_at = VACUUM_DEAD_ROWS_MIN + live / VACUUM_FINAL_DEAD_SHARE_OF_LIVE;
+    assert!(!final_vacuum_due(due_at - 1, live));
+    assert!(final_vacuum_due(due_at, live));
+    assert!(
+        !vacuum_due(due_at, live),
+        "the live partition waits for more"
+    );
+    assert!(final_vacuum_due(u64::MAX, u64::MAX), "no overflow");
 }
 
 /// The timer task's vacuum, called directly: it reads the dead rows from
