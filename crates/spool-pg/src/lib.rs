@@ -371,8 +371,8 @@ impl PgBroker {
     }
 
     /// Rebuilds `spool_jobs_live`'s indexes if they hold far more pages than
-    /// its rows need ([`reindex_due`]): what the vacuum task does after a
-    /// vacuum, at most every [`REINDEX_INTERVAL`]. Needs the same privilege
+    /// its rows need ([`reindex_due`]): what the vacuum task looks at every
+    /// [`REINDEX_INTERVAL`]. Needs the same privilege
     /// as a vacuum; call it only where [`PgBroker::vacuum_if_churned`]
     /// found it.
     pub async fn reindex_live_if_bloated(&self) -> Result<ReindexPass, BrokerError> {
@@ -866,7 +866,7 @@ async fn listen(broker: Weak<Inner>) {
 /// scan of the table and every index) never holds back the timers and
 /// the schedules' firing.
 async fn vacuum_periodically(broker: Weak<Inner>) {
-    let mut last_rebuild: Option<std::time::Instant> = None;
+    let mut last_rebuild_check = std::time::Instant::now();
     loop {
         tokio::time::sleep(TIMER_INTERVAL).await;
         let Some(inner) = broker.upgrade() else {
@@ -877,33 +877,26 @@ async fn vacuum_periodically(broker: Weak<Inner>) {
             // Autovacuum alone, as the one warning said.
             Ok(pass) if !pass.permitted => return,
             Ok(pass) if pass.vacuumed => tracing::debug!(?pass, "vacuumed spool_jobs"),
-            Ok(_) => continue,
-            Err(error) => {
-                tracing::debug!(%error, "vacuum of spool_jobs failed");
-                continue;
-            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "vacuum of spool_jobs failed"),
         }
-        // Right after a vacuum, when the live partition's indexes hold
-        // the fewest entries.
-        if last_rebuild.is_some_and(|at| at.elapsed() < REINDEX_INTERVAL) {
+        // Not only after a vacuum: the peak's pages stay once the churn
+        // that made them has stopped and no vacuum is due any more.
+        if last_rebuild_check.elapsed() < REINDEX_INTERVAL {
             continue;
         }
+        last_rebuild_check = std::time::Instant::now();
         match broker.reindex_live_if_bloated().await {
-            Ok(pass) if pass.reindexed => {
-                last_rebuild = Some(std::time::Instant::now());
-                tracing::info!(
-                    index_bytes_before = pass.index_bytes_before,
-                    index_bytes_after = pass.index_bytes_after,
-                    live_rows = pass.live_rows,
-                    leftovers_dropped = pass.leftovers_dropped,
-                    "rebuilt the indexes of spool_jobs_live"
-                );
-            }
+            Ok(pass) if pass.reindexed => tracing::info!(
+                index_bytes_before = pass.index_bytes_before,
+                index_bytes_after = pass.index_bytes_after,
+                live_rows = pass.live_rows,
+                leftovers_dropped = pass.leftovers_dropped,
+                "rebuilt the indexes of spool_jobs_live"
+            ),
             Ok(_) => {}
             Err(error) => {
-                // A rebuild cut short is retried no sooner than the next one.
-                last_rebuild = Some(std::time::Instant::now());
-                tracing::warn!(%error, "rebuilding the indexes of spool_jobs_live failed");
+                tracing::warn!(%error, "rebuilding the indexes of spool_jobs_live failed")
             }
         }
     }

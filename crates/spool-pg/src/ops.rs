@@ -150,9 +150,12 @@ pub const REINDEX_LIVE_BYTES_PER_ROW: u64 = 1_024;
 /// the statement timeout; a partition that large is a backlog, whose
 /// indexes are mostly live entries anyway.
 pub const REINDEX_LIVE_ROWS_MAX: u64 = 100_000;
-/// The shortest time between two rebuilds by one node, so that a churn
-/// that keeps making peaks costs one small rebuild a minute at most.
-pub const REINDEX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often each node looks whether the live partition's indexes are due
+/// a rebuild (one statistics query), so also the shortest time between two
+/// rebuilds by one node: a churn that keeps making peaks (a loaded machine
+/// whose vacuums fall behind) costs a rebuild of a small table every few
+/// seconds at most, and a peak's pages are gone within seconds of it.
+pub const REINDEX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether `spool_jobs_live`'s indexes, `index_bytes` in all, are due a
 /// rebuild with `live_rows` live rows in the partition.
