@@ -168,6 +168,7 @@ pub(crate) fn answer_reserves(
     match outcome {
         Ok(leased) => {
             let mut leased = leased.into_iter();
+            let mut unclaimed = Vec::new();
             for pending in group {
                 if pending.reply.is_closed() {
                     continue;
@@ -175,10 +176,11 @@ pub(crate) fn answer_reserves(
                 let mine: Vec<Leased> = leased.by_ref().take(pending.batch as usize).collect();
                 if let Err(Ok((mine, _))) = pending.reply.send(Ok((mine, wake_at_ns))) {
                     // Gone away just now: its jobs are handed back too.
-                    return mine.into_iter().chain(leased).collect();
+                    unclaimed.extend(mine);
                 }
             }
-            leased.collect()
+            unclaimed.extend(leased);
+            unclaimed
         }
         Err(error) => {
             for pending in group {
@@ -465,5 +467,85 @@ mod tests {
         let mut parents = NewJob::default();
         parents.parents.insert("p".into(), None);
         assert!(!plain(&parents));
+    }
+
+    fn pending_reserve(batch: u32) -> (PendingReserve, oneshot::Receiver<ReserveAnswer>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            PendingReserve {
+                queue: QueueName::new(b"q").expect("a valid name"),
+                batch,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn leased(id: u64) -> Leased {
+        Leased {
+            job: job_view(id),
+            lease: Lease { job: id, token: id },
+        }
+    }
+
+    fn ids(answer: Result<ReserveAnswer, oneshot::error::TryRecvError>) -> Vec<u64> {
+        match answer {
+            Ok(Ok((jobs, _))) => jobs.iter().map(|l| l.job.id).collect(),
+            other => panic!("no jobs: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reservation_is_dealt_out_in_join_order_skipping_callers_gone() {
+        let (a, mut ra) = pending_reserve(2);
+        let (gone, rgone) = pending_reserve(2);
+        let (b, mut rb) = pending_reserve(3);
+        let (c, mut rc) = pending_reserve(1);
+        drop(rgone);
+        let unclaimed = answer_reserves(
+            vec![a, gone, b, c],
+            Ok((1..=6).map(leased).collect()),
+            Some(42),
+        );
+        assert_eq!(ids(ra.try_recv()), vec![1, 2]);
+        assert_eq!(ids(rb.try_recv()), vec![3, 4, 5], "the one gone is skipped");
+        assert_eq!(ids(rc.try_recv()), vec![6]);
+        assert!(unclaimed.is_empty());
+
+        let (a, mut ra) = pending_reserve(1);
+        let (gone, rgone) = pending_reserve(5);
+        drop(rgone);
+        let unclaimed = answer_reserves(vec![a, gone], Ok((1..=4).map(leased).collect()), None);
+        assert_eq!(ids(ra.try_recv()), vec![1]);
+        assert_eq!(
+            unclaimed.iter().map(|l| l.job.id).collect::<Vec<_>>(),
+            vec![2, 3, 4],
+            "what nobody took is handed back"
+        );
+
+        let (a, mut ra) = pending_reserve(1);
+        let unclaimed = answer_reserves(vec![a], Err(BrokerError::Storage("gone".into())), None);
+        assert!(matches!(ra.try_recv(), Ok(Err(BrokerError::Storage(_)))));
+        assert!(unclaimed.is_empty());
+    }
+
+    #[test]
+    fn a_weighted_group_stops_at_its_maximum_but_takes_one() {
+        let groups = Groups::<u32>::default();
+        for weight in [600, 300, 200, 5_000] {
+            groups.join(weight);
+        }
+        let weight = |w: &u32| *w as usize;
+        assert_eq!(
+            groups.next_group_weighted(1_000, weight),
+            Some(vec![600, 300])
+        );
+        assert_eq!(groups.next_group_weighted(1_000, weight), Some(vec![200]));
+        assert_eq!(
+            groups.next_group_weighted(1_000, weight),
+            Some(vec![5_000]),
+            "one over the maximum still goes"
+        );
+        assert_eq!(groups.next_group_weighted(1_000, weight), None);
     }
 }

@@ -96,7 +96,10 @@ pub(crate) enum Task {
     DeleteGroup(Vec<Lease>),
     /// Reserves of one queue by several callers as one reservation of
     /// their batches summed (`group.rs`).
-    ReserveGroup { queue: QueueName, rows: u32 },
+    ReserveGroup {
+        queue: QueueName,
+        rows: u32,
+    },
     /// The hot table's partitions vacuumed (outside any transaction) when
     /// [`vacuum_due`] by their dead rows; the live partition's dead rows at
     /// least the given count: those this node's own operations left, which
@@ -1088,8 +1091,11 @@ async fn insert_plain(
     for queue in ready_queues {
         notify(c, queue).await?;
     }
+    // The whole operation (a client's): nothing follows the insert, so
+    // it travels with the COMMIT.
     let rows = c
-        .query(
+        .query_maybe_committing(
+            origin.whole_op,
             concat!(
                 "WITH input AS (SELECT nextval('spool_job_ids') AS id, t.* FROM \
                  unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::int4[], \
