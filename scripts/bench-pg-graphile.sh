@@ -15,6 +15,11 @@
 #   JOBS=100000 bash scripts/bench-pg-graphile.sh
 #   GRAPHILE_CONFIGS="4:16:64:10" bash scripts/bench-pg-graphile.sh
 #
+# PROFILE=1: where each jobs-through run's time goes, per job: write
+# transactions (xids drawn), WAL bytes, CPU seconds of PostgreSQL (every
+# backend), the spool nodes and the load clients, and the statements
+# that took the database's time (pg_stat_statements, loaded for it).
+#
 # GRAPHILE_CONFIGS: space-separated PROCS:CONCURRENCY:LOCAL_QUEUE:COMPLETE_DELAY_MS
 # (LOCAL_QUEUE -1 and COMPLETE_DELAY_MS -1 turn the batching off).
 # Needs a release build (cargo build --release -p spool), Debian's
@@ -29,6 +34,8 @@ NODES=${NODES:-3}
 ENQUEUE_JOBS=${ENQUEUE_JOBS:-5000}
 ENQUEUE_CONNS=${ENQUEUE_CONNS:-8}
 ENQUEUE_BATCH=${ENQUEUE_BATCH:-500}
+# The beanstalkd run's jobs (it is the slow one).
+BEANSTALK_JOBS=${BEANSTALK_JOBS:-$JOBS}
 # spool, per node: HTTP producers and workers, jobs a reserve asks for;
 # beanstalkd connections.
 HTTP_PRODUCERS=${HTTP_PRODUCERS:-2}
@@ -52,9 +59,71 @@ if ! [ -f "$MODULES/graphile-worker/package.json" ] ||
         "graphile-worker@$GRAPHILE_VERSION" "pg@$PG_CLIENT_VERSION" >&2)
 fi
 
+PROFILE=${PROFILE:-0}
+if [ "$PROFILE" = 1 ]; then
+    PG_OPTIONS="${PG_OPTIONS:-} -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
+fi
+
 # shellcheck source=scripts/pg-cluster-lib.sh
 source scripts/pg-cluster-lib.sh
 pg_cluster_start bench-pgg 300
+if [ "$PROFILE" = 1 ]; then psql_ "CREATE EXTENSION pg_stat_statements" >/dev/null; fi
+
+# profile_mark: the counters a run's profile is the difference of, in
+# $DIR/mark: next xid, WAL insert position, CPU ticks of PostgreSQL (the
+# postmaster with its reaped backends, and the live ones), of the spool
+# nodes, and of this script's reaped children (the load clients, a few
+# psql and python3 besides).
+profile_mark() {
+    [ "$PROFILE" = 1 ] || return 0
+    local pm nodes=()
+    pm=$(head -1 "$DIR/data/postmaster.pid")
+    for f in "$DIR"/pg*.pid; do [ -e "$f" ] && nodes+=("$(cat "$f")"); done
+    {
+        psql_ "SELECT pg_snapshot_xmax(pg_current_snapshot()), \
+            pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0'), pg_stat_statements_reset()" |
+            cut -d'|' -f1,2 | tr '|' ' '
+        python3 - "$pm" "$$" "${nodes[@]}" <<'EOF'
+import subprocess, sys
+def ticks(pid, own=True, reaped=True):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return (int(f[11]) + int(f[12])) * own + (int(f[13]) + int(f[14])) * reaped
+pm, me, nodes = sys.argv[1], sys.argv[2], sys.argv[3:]
+backends = subprocess.run(["pgrep", "-P", pm], capture_output=True, text=True).stdout.split()
+print(ticks(pm) + sum(ticks(b) for b in backends), sum(ticks(n) for n in nodes),
+      ticks(me, own=False))
+EOF
+    } | tr '\n' ' ' >"$DIR/mark"
+}
+
+# profile_report WHAT JOBS: the counters since profile_mark, per job.
+profile_report() {
+    [ "$PROFILE" = 1 ] || return 0
+    local before after
+    before=$(cat "$DIR/mark")
+    # The statements first: the mark resets their counts.
+    psql_ "SELECT round(100 * total_exec_time / sum(total_exec_time) OVER ())::text || '%', \
+        round(calls::numeric / $2, 4), round(mean_exec_time::numeric, 3) || ' ms', \
+        round(rows::numeric / greatest(calls, 1), 1), left(regexp_replace(query, '\s+', ' ', 'g'), 110) \
+        FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12" >"$DIR/statements"
+    profile_mark
+    after=$(cat "$DIR/mark")
+    # shellcheck disable=SC2086 # the marks are words
+    python3 - "$1" "$2" "$(getconf CLK_TCK)" $before $after <<'EOF'
+import sys
+what, jobs, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+a = [float(x) for x in sys.argv[4:9]]
+b = [float(x) for x in sys.argv[9:14]]
+d = [y - x for x, y in zip(a, b)]
+cpu = [x / hz * 1e6 / jobs for x in d[2:]]
+print(f"PROFILE {what}: per job: {d[0] / jobs:.3f} write transactions, {d[1] / jobs:.0f} WAL bytes, "
+      f"CPU us: postgres {cpu[0]:.0f}, spool nodes {cpu[1]:.0f}, clients {cpu[2]:.0f}")
+EOF
+    awk -F'|' '{ printf "  %5s of time  %7s a job  %10s  %6s rows  %s\n", $1, $2, $3, $4, $5 }' "$DIR/statements"
+}
 export DATABASE_URL="postgres://spool@${DIR//\//%2F}/postgres"
 export GRAPHILE_MODULES=$MODULES
 
@@ -101,10 +170,12 @@ best_g=0
 best_g_config=""
 for config in $GRAPHILE_CONFIGS; do
     IFS=: read -r procs conc lq delay <<<"$config"
+    profile_mark
     node scripts/graphile-bench.js work "$JOBS" "$procs" "$conc" "$lq" "$delay" \
         "$ENQUEUE_BATCH" "$TIME_LIMIT_S" >"$DIR/g.json"
     r=$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs_per_sec"]))' "$DIR/g.json")
     echo "graphile-worker $GRAPHILE_VERSION procs=$procs concurrency=$conc localQueue=$lq completeJobBatchDelay=$delay: $r jobs/s"
+    profile_report "graphile-worker $config" "$JOBS"
     if [ "$r" -gt "$best_g" ]; then best_g=$r; best_g_config=$config; fi
 done
 
@@ -118,6 +189,7 @@ share=$((JOBS / NODES))
 
 outs=()
 pids=()
+profile_mark
 for i in "${!hports[@]}"; do
     # A queue per node's run: each checks it gets its own jobs back once;
     # every node still works through the one database.
@@ -131,11 +203,13 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 spool_http=$(together "${outs[@]}")
 echo "spool, $NODES nodes, HTTP (batch enqueue $ENQUEUE_BATCH, reserve batch $RESERVE_BATCH, ${HTTP_PRODUCERS}+${HTTP_WORKERS} connections a node): $spool_http jobs/s"
+profile_report "spool HTTP" "$((share * NODES))"
 
 outs=()
 pids=()
+profile_mark
 for i in "${!bports[@]}"; do
-    "$SPOOL" bench --addr "127.0.0.1:${bports[$i]}" --jobs "$share" --tube "bean$i" \
+    "$SPOOL" bench --addr "127.0.0.1:${bports[$i]}" --jobs "$((BEANSTALK_JOBS / NODES))" --tube "bean$i" \
         --producers "$BEANSTALK_CONNS" --consumers "$BEANSTALK_CONNS" \
         --time-limit-secs "$TIME_LIMIT_S" --json >"$DIR/bean.$i.json" &
     pids+=($!)
@@ -144,6 +218,7 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 spool_bean=$(together "${outs[@]}")
 echo "spool, $NODES nodes, beanstalkd (put, reserve, delete; ${BEANSTALK_CONNS}+${BEANSTALK_CONNS} connections a node): $spool_bean jobs/s"
+profile_report "spool beanstalkd" "$((BEANSTALK_JOBS / NODES * NODES))"
 
 best_s=$spool_http
 best_s_how=HTTP

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use spool_broker::{
-    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Lease, Leased, Op,
-    OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker,
+    Broker, BrokerError, BrokerHealth, EngineSnapshot, Histogram, JobView, Lease, Leased, NewJob,
+    Op, OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker,
     SnapshotScope, WaitCounts, WorkflowCounters,
 };
 use spool_proto::ServerStats;
@@ -170,7 +170,13 @@ struct Inner {
     /// when it falls due (other nodes find it by their bounded poll).
     schedules_changed: Arc<Notify>,
     /// Completions waiting to go to the database together.
-    complete_groups: group::CompleteGroups,
+    complete_groups: group::Groups<group::Pending>,
+    /// beanstalkd deletes under a lease waiting to go together.
+    delete_groups: group::Groups<group::PendingDelete>,
+    /// Enqueues of plain jobs waiting to go together as one batch.
+    enqueue_groups: group::Groups<group::PendingEnqueue>,
+    /// Reserves' looks at one queue waiting to go together.
+    reserve_groups: group::Groups<group::PendingReserve>,
 }
 
 /// This node's skew histograms, by name.
@@ -277,7 +283,10 @@ impl PgBroker {
                 finished_since_retention: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
                 schedules_changed: Arc::new(Notify::new()),
-                complete_groups: group::CompleteGroups::default(),
+                complete_groups: group::Groups::default(),
+                delete_groups: group::Groups::default(),
+                enqueue_groups: group::Groups::default(),
+                reserve_groups: group::Groups::default(),
             }),
         };
         broker
@@ -508,6 +517,14 @@ impl PgBroker {
                 .await
                 .map(Outcome::Leased),
             Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            // A job refused on its face is not let into a group, where it
+            // would refuse the whole batch (and send every member alone).
+            Op::Enqueue { queue, job }
+                if group::plain(&job)
+                    && ops::check_new_job(&inner.ctx, &job, inner.clock.now_ns()).is_ok() =>
+            {
+                self.enqueue_grouped(queue, job).await
+            }
             Op::Complete { lease, result }
                 if result
                     .as_ref()
@@ -557,7 +574,11 @@ impl PgBroker {
     /// Runs groups of completions until none waits; those that arrive
     /// while one is in the database form the next.
     async fn run_complete_groups(&self) {
-        while let Some(group) = self.inner.complete_groups.next_group() {
+        while let Some(group) = self
+            .inner
+            .complete_groups
+            .next_group(group::COMPLETE_GROUP_MAX)
+        {
             let leases = group.iter().map(|p| (p.lease, p.result.clone())).collect();
             let outcome = match self
                 .run_with(Task::CompleteGroup(leases), &mut Effects::default())
@@ -578,6 +599,173 @@ impl PgBroker {
                 Err(error) => Err(error),
             };
             group::answer(group, outcome);
+        }
+    }
+
+    /// An enqueue of a plain job, sent with the others waiting at this node
+    /// as one batch enqueue (`group.rs`); run alone when the batch was
+    /// refused (a queue full, a job invalid), so each gets its own answer.
+    async fn enqueue_grouped(&self, queue: QueueName, job: NewJob) -> Result<Outcome, BrokerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = group::PendingEnqueue {
+            queue: queue.clone(),
+            job: job.clone(),
+            reply,
+        };
+        if self.inner.enqueue_groups.join(pending) {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.run_enqueue_groups().await });
+        }
+        match answer.await {
+            Ok(Ok(Some(job))) => Ok(Outcome::Enqueued {
+                job,
+                duplicate: false,
+            }),
+            Ok(Ok(None)) => {
+                self.run_op(Op::Enqueue { queue, job }, &mut Effects::default())
+                    .await
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BrokerError::Internal(
+                "an enqueue's group ended without answering it".into(),
+            )),
+        }
+    }
+
+    /// Runs groups of enqueues until none waits, each one batch enqueue
+    /// (one transaction, one `INSERT`). A group of one is its own enqueue,
+    /// run by its caller.
+    async fn run_enqueue_groups(&self) {
+        while let Some(group) = self
+            .inner
+            .enqueue_groups
+            .next_group(spool_engine::limits::ENQUEUE_BATCH_JOBS_MAX)
+        {
+            if group.len() == 1 {
+                group::answer_enqueues(group, Ok(None));
+                continue;
+            }
+            let jobs = group
+                .iter()
+                .map(|p| (p.queue.clone(), p.job.clone()))
+                .collect();
+            let outcome = match self
+                .run_op(Op::EnqueueBatch { jobs }, &mut Effects::default())
+                .await
+            {
+                Ok(Outcome::Batch(jobs)) => Ok(Some(jobs)),
+                Ok(other) => Err(BrokerError::Internal(format!(
+                    "an enqueue group answered {other:?}"
+                ))),
+                // The database's trouble (the batch may even have
+                // committed): every member is told, none runs again.
+                Err(error @ BrokerError::Storage(_)) => Err(error),
+                // Refused as a batch (rolled back): each alone.
+                Err(_) => Ok(None),
+            };
+            group::answer_enqueues(group, outcome);
+        }
+    }
+
+    /// One look of a reserve of one queue, sent with the others waiting at
+    /// this node as one reservation (`group.rs`): one statement and commit
+    /// for the node's idle workers, instead of each scanning past the
+    /// others' locked rows. Answers its jobs and when to look again.
+    async fn reserve_grouped(&self, queue: QueueName, batch: u32) -> group::ReserveAnswer {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.inner.reserve_groups.join(group::PendingReserve {
+            queue,
+            batch,
+            reply,
+        }) {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.run_reserve_groups().await });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(BrokerError::Internal(
+                "a reserve's group ended without answering it".into(),
+            ))
+        })
+    }
+
+    /// Runs groups of reserves until none waits: per queue of a group (in
+    /// the order they joined), one transaction leases the members' batches
+    /// summed and deals them out.
+    async fn run_reserve_groups(&self) {
+        while let Some(mut group) = self
+            .inner
+            .reserve_groups
+            .next_group_weighted(group::RESERVE_GROUP_ROWS_MAX, |p| p.batch as usize)
+        {
+            while let Some(first) = group.first() {
+                let queue = first.queue.clone();
+                let (members, rest): (Vec<_>, Vec<_>) =
+                    group.into_iter().partition(|p| p.queue == queue);
+                group = rest;
+                let rows = members.iter().map(|p| p.batch).sum();
+                let mut fx = Effects::default();
+                let outcome = match self
+                    .run_with(Task::ReserveGroup { queue, rows }, &mut fx)
+                    .await
+                {
+                    Ok(Done::Leased(leased)) => Ok(leased),
+                    Ok(other) => Err(BrokerError::Internal(format!(
+                        "a reserve group answered {other:?}"
+                    ))),
+                    Err(error) => Err(error),
+                };
+                let unclaimed = group::answer_reserves(members, outcome, fx.wake_at_ns);
+                // Leased for callers that went away meanwhile: back to
+                // ready now, not at their deadline.
+                for leased in unclaimed {
+                    let op = Op::Release {
+                        lease: leased.lease,
+                        delay_ms: 0,
+                        priority: None,
+                    };
+                    if let Err(error) = self.run_op(op, &mut Effects::default()).await {
+                        tracing::debug!(%error, "a lease nobody took returns at its deadline");
+                    }
+                }
+            }
+        }
+    }
+
+    /// beanstalkd's delete of a held job, sent with the others waiting at
+    /// this node in one statement (`group.rs`); run alone (a workflow's
+    /// job, a refusal to name) when the group did not settle it.
+    async fn delete_grouped(&self, lease: spool_broker::Lease) -> Result<(), BrokerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .inner
+            .delete_groups
+            .join(group::PendingDelete { lease, reply })
+        {
+            let broker = self.clone();
+            tokio::spawn(async move { broker.run_delete_groups().await });
+        }
+        match answer.await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => self.run(Task::DeleteLeased(lease)).await.map(|_| ()),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BrokerError::Internal(
+                "a delete's group ended without answering it".into(),
+            )),
+        }
+    }
+
+    /// Runs groups of beanstalkd deletes until none waits.
+    async fn run_delete_groups(&self) {
+        while let Some(group) = self.inner.delete_groups.next_group(group::DELETE_GROUP_MAX) {
+            let leases = group.iter().map(|p| p.lease).collect();
+            let outcome = match self.run(Task::DeleteGroup(leases)).await {
+                Ok(Done::Deleted(ids)) => Ok(ids),
+                Ok(other) => Err(BrokerError::Internal(format!(
+                    "a delete group answered {other:?}"
+                ))),
+                Err(error) => Err(error),
+            };
+            group::answer_deletes(group, outcome);
         }
     }
 
@@ -619,15 +807,26 @@ impl PgBroker {
             // the deadline looks once more (at or after it).
             let looked_at_ns = inner.clock.now_ns();
             let mut fx = Effects::default();
-            let op = Op::Reserve {
-                queues: queues.clone(),
-                batch,
-                timeout_ms: 0,
+            let looked = if let ([queue], 1..=spool_engine::limits::RESERVE_BATCH_MAX) =
+                (queues.as_slice(), batch)
+            {
+                self.reserve_grouped(queue.clone(), batch).await
+            } else {
+                let op = Op::Reserve {
+                    queues: queues.clone(),
+                    batch,
+                    timeout_ms: 0,
+                };
+                match self.run_op(op, &mut fx).await {
+                    Ok(Outcome::Leased(got)) => Ok((got, fx.wake_at_ns)),
+                    Ok(other) => Err(BrokerError::Internal(format!("reserve answered {other:?}"))),
+                    Err(error) => Err(error),
+                }
             };
-            let got = match self.run_op(op, &mut fx).await {
-                Ok(Outcome::Leased(got)) => got,
-                Ok(other) => {
-                    break Err(BrokerError::Internal(format!("reserve answered {other:?}")))
+            let got = match looked {
+                Ok((got, wake_at_ns)) => {
+                    fx.wake_at_ns = wake_at_ns;
+                    got
                 }
                 Err(error) => break Err(error),
             };
@@ -1004,7 +1203,7 @@ impl SessionBroker for PgBroker {
     ) -> impl Future<Output = Result<(), BrokerError>> + Send {
         let this = self.clone();
         async move {
-            this.run(Task::DeleteLeased(lease)).await?;
+            this.delete_grouped(lease).await?;
             // The row left the live partition: a dead version there.
             this.inner.live_churn.fetch_add(1, Ordering::Relaxed);
             Ok(())

@@ -91,6 +91,15 @@ pub(crate) enum Task {
     DeleteLeased(Lease),
     /// Completions of several callers in one statement (`group.rs`).
     CompleteGroup(Vec<(Lease, Option<Bytes>)>),
+    /// beanstalkd deletes under a lease of several sessions in one
+    /// statement (`group.rs`).
+    DeleteGroup(Vec<Lease>),
+    /// Reserves of one queue by several callers as one reservation of
+    /// their batches summed (`group.rs`).
+    ReserveGroup {
+        queue: QueueName,
+        rows: u32,
+    },
     /// The hot table's partitions vacuumed (outside any transaction) when
     /// [`vacuum_due`] by their dead rows; the live partition's dead rows at
     /// least the given count: those this node's own operations left, which
@@ -207,6 +216,10 @@ pub(crate) enum Done {
     NextFire(Option<u64>),
     /// The jobs a [`Task::CompleteGroup`] completed.
     Completed(Vec<JobView>),
+    /// The jobs a [`Task::DeleteGroup`] deleted.
+    Deleted(Vec<u64>),
+    /// The jobs a [`Task::ReserveGroup`] leased, in the queue's order.
+    Leased(Vec<Leased>),
     /// A [`Task::Timers`] pass: whether the retention has more to delete.
     Retention {
         backlog: bool,
@@ -502,6 +515,11 @@ pub(crate) async fn run(
             // anyone is answered.
             return Ok(Done::Completed(complete_group(c, &group, now).await?));
         }
+        Task::DeleteGroup(group) => {
+            // As a completion group: one statement, committed before
+            // anyone is answered.
+            return Ok(Done::Deleted(delete_group(c, &group, now).await?));
+        }
         Task::VacuumIfChurned(live_churn) => {
             // Each partition by its own rows: the live one, small and
             // churned, is due far more often than the final one.
@@ -598,7 +616,14 @@ async fn apply(
             delete_leased_step(c, ctx, lease, now).await?;
             return Ok(Done::Nothing);
         }
+        Task::ReserveGroup { queue, rows } => {
+            let queues = [queue];
+            return Ok(Done::Leased(
+                reserve_rows(c, ctx, &queues, rows, now, fx).await?,
+            ));
+        }
         Task::CompleteGroup(_)
+        | Task::DeleteGroup(_)
         | Task::VacuumIfChurned(_)
         | Task::MayVacuum
         | Task::ReindexLiveIfBloated => {
@@ -815,6 +840,33 @@ async fn enqueue(
     enqueue_from(c, ctx, jobs, now, origin).await
 }
 
+/// What an enqueue of `job` is refused for before any row is read, else
+/// its delay from `now`.
+pub(crate) fn check_new_job(ctx: &Ctx, job: &NewJob, now: u64) -> Result<u64, OpError> {
+    if job.payload.len() > ctx.max_job_size as usize {
+        return refuse(BrokerError::TooLarge {
+            max_bytes: u64::from(ctx.max_job_size),
+        });
+    }
+    check_headers(&job.headers)?;
+    check_backoff(job.backoff.as_ref())?;
+    if let Some(key) = &job.idempotency_key {
+        if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_MAX_BYTES {
+            return refuse(BrokerError::invalid(
+                "idempotency_key",
+                format!("1 to {} bytes", limits::IDEMPOTENCY_KEY_MAX_BYTES),
+            ));
+        }
+    }
+    if job.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
+        return refuse(BrokerError::invalid(
+            "ttr_ms",
+            format!("at most {} ms", limits::TTR_MS_MAX),
+        ));
+    }
+    Ok(delay_of(job.run_at, now)?)
+}
+
 /// Enqueues `jobs` (checked as a client's) made by `origin`.
 pub(crate) async fn enqueue_from(
     c: &mut Conn,
@@ -826,28 +878,7 @@ pub(crate) async fn enqueue_from(
     // Everything that needs no row first.
     let mut checked = Vec::with_capacity(jobs.len());
     for (queue, job) in jobs {
-        if job.payload.len() > ctx.max_job_size as usize {
-            return refuse(BrokerError::TooLarge {
-                max_bytes: u64::from(ctx.max_job_size),
-            });
-        }
-        check_headers(&job.headers)?;
-        check_backoff(job.backoff.as_ref())?;
-        if let Some(key) = &job.idempotency_key {
-            if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_MAX_BYTES {
-                return refuse(BrokerError::invalid(
-                    "idempotency_key",
-                    format!("1 to {} bytes", limits::IDEMPOTENCY_KEY_MAX_BYTES),
-                ));
-            }
-        }
-        if job.ttr_ms.is_some_and(|t| t > limits::TTR_MS_MAX) {
-            return refuse(BrokerError::invalid(
-                "ttr_ms",
-                format!("at most {} ms", limits::TTR_MS_MAX),
-            ));
-        }
-        let delay_ns = delay_of(job.run_at, now)?;
+        let delay_ns = check_new_job(ctx, &job, now)?;
         checked.push(Checked {
             queue,
             job,
@@ -1149,8 +1180,11 @@ async fn insert_plain(
     for queue in ready_queues {
         notify(c, queue).await?;
     }
+    // The whole operation (a client's): nothing follows the insert, so
+    // it travels with the COMMIT.
     let rows = c
-        .query(
+        .query_maybe_committing(
+            origin.whole_op,
             concat!(
                 "WITH input AS (SELECT nextval('spool_job_ids') AS id, t.* FROM \
                  unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::int4[], \
@@ -1223,6 +1257,19 @@ async fn reserve(
     if queues.is_empty() {
         return refuse(BrokerError::invalid("queues", "name at least one queue"));
     }
+    reserve_rows(c, ctx, queues, batch, now, fx).await
+}
+
+/// [`reserve`] of `batch` jobs at most, checked (a group's may exceed one
+/// caller's limit).
+async fn reserve_rows(
+    c: &mut Conn,
+    ctx: &Ctx,
+    queues: &[QueueName],
+    batch: u32,
+    now: u64,
+    fx: &mut Effects,
+) -> Result<Vec<Leased>, OpError> {
     let mut names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -1523,6 +1570,36 @@ async fn complete_group(
     queues.dedup();
     let _ = c.notify_now(&queues).await;
     Ok(jobs)
+}
+
+/// Deletes every job of `group` held under its lease, unexpired and not a
+/// workflow's, in one statement (beanstalkd's delete, as
+/// [`Task::DeleteLeased`]'s first statement does for one), and announces
+/// their queues after the commit (a freed concurrency slot). The ids it
+/// did not delete are not in the answer: their callers run the delete
+/// alone, which names the refusal or moves the workflow. Found by primary
+/// key, the state test kept off the partial index of reserved jobs as in
+/// [`complete_group`].
+async fn delete_group(c: &mut Conn, group: &[Lease], now: u64) -> Result<Vec<u64>, OpError> {
+    let ids: Vec<i64> = group.iter().map(|l| db_u64(l.job)).collect();
+    let tokens: Vec<i64> = group.iter().map(|l| db_u64(l.token)).collect();
+    let rows = c
+        .query(
+            "WITH input AS (SELECT * FROM unnest($1::int8[], $2::int8[]) AS t(id, token)) \
+             DELETE FROM spool_jobs USING input WHERE spool_jobs.id = input.id \
+             AND spool_jobs.id = ANY($1) AND spool_jobs.lease_token = input.token \
+             AND (spool_jobs.state = 'reserved') IS TRUE AND spool_jobs.deadline_ns >= $3 \
+             AND spool_jobs.workflow_id IS NULL RETURNING spool_jobs.id, spool_jobs.queue",
+            &[&ids, &tokens, &db_u64(now)],
+        )
+        .await?;
+    let mut queues: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    // As the completion group's: the deletes stand whatever happens to
+    // the announcement.
+    let _ = c.notify_now(&queues).await;
+    Ok(rows.iter().map(|r| from_db(r.get(0))).collect())
 }
 
 /// Where a failed attempt leaves a job: delayed by its backoff (or

@@ -408,6 +408,184 @@ async fn concurrent_completions_with_bad_ones_among_them() {
 }
 
 #[tokio::test]
+async fn concurrent_enqueues_with_bad_ones_among_them() {
+    const GOOD: usize = 40;
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    a.call(Op::SetPolicy {
+        queue: queue("full"),
+        policy: QueuePolicy {
+            max_jobs: Some(1),
+            ..QueuePolicy::default()
+        },
+    })
+    .await
+    .expect("policy");
+    a.enqueue(queue("full"), job("first"))
+        .await
+        .expect("the one place");
+    let round_trips_before = a.pool_stats().round_trips;
+    // Spawned together: they join one node's groups of enqueues, the bad
+    // ones among the good.
+    let mut calls = Vec::new();
+    for n in 0..GOOD {
+        let broker = a.clone();
+        let new = NewJob {
+            payload: Bytes::from(format!("job {n}")),
+            priority: Some(n as u32),
+            ..NewJob::default()
+        };
+        calls.push(tokio::spawn(async move {
+            broker
+                .enqueue(queue(if n % 2 == 0 { "e" } else { "o" }), new)
+                .await
+        }));
+    }
+    let too_large = NewJob {
+        payload: Bytes::from(vec![b'x'; 70_000]),
+        ..NewJob::default()
+    };
+    let broker = a.clone();
+    let bad_calls = vec![tokio::spawn(async move {
+        broker.enqueue(queue("e"), too_large).await
+    })];
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("join").expect("a good job is enqueued"));
+    }
+    let refusals: Vec<BrokerError> = futures_join(bad_calls).await;
+    assert!(
+        a.pool_stats().round_trips - round_trips_before < GOOD as u64,
+        "the good enqueues went in groups"
+    );
+    let mut ids = std::collections::HashSet::new();
+    for (n, (made, duplicate)) in answers.into_iter().enumerate() {
+        assert!(!duplicate);
+        assert!(ids.insert(made.id), "one id a job");
+        let stored = a.get(made.id).await.expect("get");
+        assert_eq!(stored.payload, Bytes::from(format!("job {n}")));
+        assert_eq!(stored.queue, if n % 2 == 0 { "e" } else { "o" });
+        assert_eq!(stored.priority, n as u32);
+        assert_eq!(stored.state, JobState::Ready);
+        assert_eq!(stored, made, "the answer is the stored job");
+    }
+    assert!(
+        matches!(refusals[0], BrokerError::TooLarge { .. }),
+        "{:?}",
+        refusals[0]
+    );
+    let leased = a.reserve(vec![queue("e")], 100, 0).await.expect("reserve");
+    assert_eq!(leased.len(), GOOD / 2, "the refused job is nowhere");
+
+    // A group the queue has no room for: refused as a batch, each member
+    // runs alone, so the places left are taken and the rest refused.
+    a.call(Op::SetPolicy {
+        queue: queue("full"),
+        policy: QueuePolicy {
+            max_jobs: Some(4),
+            ..QueuePolicy::default()
+        },
+    })
+    .await
+    .expect("policy");
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let broker = a.clone();
+        calls.push(tokio::spawn(async move {
+            broker.enqueue(queue("full"), job("maybe")).await
+        }));
+    }
+    let mut made = 0;
+    for call in calls {
+        match call.await.expect("join") {
+            Ok(_) => made += 1,
+            Err(error) => assert_eq!(error, BrokerError::QueueFull { max_jobs: 4 }),
+        }
+    }
+    assert_eq!(made, 3, "one place was taken before");
+}
+
+/// Each spawned call's refusal, in order.
+async fn futures_join<T: std::fmt::Debug + Send + 'static>(
+    calls: Vec<tokio::task::JoinHandle<Result<T, BrokerError>>>,
+) -> Vec<BrokerError> {
+    let mut refusals = Vec::new();
+    for call in calls {
+        refusals.push(call.await.expect("join").expect_err("refused"));
+    }
+    refusals
+}
+
+#[tokio::test]
+async fn concurrent_beanstalkd_deletes_with_bad_ones_among_them() {
+    use spool_broker::SessionBroker;
+    const GOOD: usize = 40;
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    for _ in 0..GOOD + 2 {
+        a.enqueue(queue("d"), job("x")).await.expect("enqueue");
+    }
+    let mut held = a
+        .reserve(vec![queue("d")], (GOOD + 2) as u32, 0)
+        .await
+        .expect("reserve");
+    assert_eq!(held.len(), GOOD + 2);
+    let deleted_before = held.pop().expect("one deleted first");
+    let completed_before = held.pop().expect("one completed first");
+    a.delete_leased(deleted_before.lease)
+        .await
+        .expect("delete alone");
+    a.complete(completed_before.lease, None)
+        .await
+        .expect("complete");
+    let mut stale = held[0].lease;
+    stale.token += 1_000;
+    let round_trips_before = a.pool_stats().round_trips;
+    let mut calls = Vec::new();
+    for leased in &held {
+        let (broker, lease) = (a.clone(), leased.lease);
+        calls.push(tokio::spawn(
+            async move { broker.delete_leased(lease).await },
+        ));
+    }
+    let mut bad_calls = Vec::new();
+    for lease in [deleted_before.lease, completed_before.lease, stale] {
+        let broker = a.clone();
+        bad_calls.push(tokio::spawn(
+            async move { broker.delete_leased(lease).await },
+        ));
+    }
+    for call in calls {
+        call.await.expect("join").expect("a held job is deleted");
+    }
+    let refusals = futures_join(bad_calls).await;
+    assert_eq!(refusals[0], BrokerError::NotFound, "deleted already");
+    assert_eq!(
+        refusals[1],
+        BrokerError::Conflict(spool_broker::Conflict::LeaseExpired),
+        "completed: no longer held"
+    );
+    assert_eq!(
+        refusals[2],
+        BrokerError::NotFound,
+        "held[0] was deleted by its own lease"
+    );
+    assert!(
+        a.pool_stats().round_trips - round_trips_before < GOOD as u64,
+        "the good deletes went in groups"
+    );
+    for leased in &held {
+        assert_eq!(a.get(leased.job.id).await, Err(BrokerError::NotFound));
+    }
+    assert_eq!(
+        a.get(completed_before.job.id).await.expect("kept").state,
+        JobState::Completed
+    );
+}
+
+#[tokio::test]
 async fn a_restarting_node_hands_back_only_its_own_leases() {
     let url = TestCluster::shared().create_database();
     let clock = Clock::manual(START_NS);
