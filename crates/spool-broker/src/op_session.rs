@@ -49,6 +49,11 @@ pub trait SessionBroker: Broker {
         }
     }
 
+    /// A session's task ended: its connection closed, or shutdown closed
+    /// it. A broker that counts its open sessions (`stats`'s
+    /// `current-connections`) counts this one out.
+    fn session_ended(&self) {}
+
     /// beanstalkd's `delete` of a job the session holds under `lease`: the
     /// job is gone. By default `Op::Complete` (which ends the lease, or is
     /// refused) then `Op::Delete`: two commits.
@@ -220,6 +225,7 @@ impl<B: SessionBroker> Worker<B> {
             // A lease that already ended needs no release.
             let _ = self.broker.call(op).await;
         }
+        self.broker.session_ended();
     }
 
     async fn call(&self, op: Op) -> Result<Outcome, BrokerError> {
