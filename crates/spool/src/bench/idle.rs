@@ -128,7 +128,7 @@ pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Resu
     // Held after the report is out, so a script watching the connections
     // from elsewhere (`--mode probe`) can read it and end the hold early.
     let hold_until = Instant::now() + Duration::from_secs(args.hold_secs);
-    rt.block_on(tokio::time::sleep_until(hold_until.min(deadline).into()));
+    rt.block_on(async { tokio::time::sleep_until(hold_until.min(deadline).into()).await });
     drop(held);
     Ok(())
 }
