@@ -7,7 +7,8 @@
 //! once, merges what they measured and reports it. The loops live in
 //! [`load`], the socket handling in [`conn`], the output in [`report`] and
 //! the idle-connection memory probe in [`idle`], the connection-burst
-//! probe in [`accept`].
+//! probe in [`accept`], and in [`probe`] the watcher of several nodes
+//! while other processes connect to them.
 
 mod accept;
 mod conn;
