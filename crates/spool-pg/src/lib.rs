@@ -150,6 +150,10 @@ struct Inner {
     vacuum_permitted: OnceLock<bool>,
     query_errors: AtomicU64,
     next_session: AtomicU64,
+    /// beanstalkd sessions open on this node (`stats`'s
+    /// `current-connections`, per node as each beanstalkd server counts its
+    /// own); `next_session` - 1 is the total.
+    open_sessions: AtomicU64,
     job_waits: AtomicUsize,
     reserve_waits: AtomicU64,
     /// Row versions this node's reserves and completions left dead in
@@ -277,6 +281,7 @@ impl PgBroker {
                 vacuum_permitted: OnceLock::new(),
                 query_errors: AtomicU64::new(0),
                 next_session: AtomicU64::new(1),
+                open_sessions: AtomicU64::new(0),
                 job_waits: AtomicUsize::new(0),
                 reserve_waits: AtomicU64::new(0),
                 live_churn: AtomicU64::new(0),
@@ -1182,6 +1187,10 @@ async fn run_timers_periodically(broker: Weak<Inner>, schedules_changed: Arc<Not
 /// read by key (not `GetQueue`, which counts the queue), and a delete under
 /// a lease as one `DELETE` (not a completion and a delete: two commits).
 impl SessionBroker for PgBroker {
+    fn session_ended(&self) {
+        self.inner.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
     fn attempt_limit(
         &self,
         queue: QueueName,
@@ -1216,6 +1225,8 @@ impl Broker for PgBroker {
 
     fn open_session(&self, _peer: Peer) -> Result<Self::Session, BrokerError> {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        // Counted out by `session_ended` when the session's task ends.
+        self.inner.open_sessions.fetch_add(1, Ordering::Relaxed);
         Ok(OpSession::new(
             self.clone(),
             id,
@@ -1243,6 +1254,8 @@ impl Broker for PgBroker {
             let mut server = ServerStats {
                 max_job_size: u64::from(inner.ctx.max_job_size),
                 current_tubes: figures.queues.len() as u64,
+                current_connections: inner.open_sessions.load(Ordering::Relaxed),
+                total_connections: inner.next_session.load(Ordering::Relaxed) - 1,
                 draining,
                 ..ServerStats::default()
             };

@@ -1757,4 +1757,41 @@ fn a_rebuild_is_due_for_pages_far_beyond_the_rows_and_never_for_a_large_backlog(
     assert!(!reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW - 1, rows));
     assert!(reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW, rows));
     assert!(!reindex_due(u64::MAX, REINDEX_LIVE_ROWS_MAX + 1));
+
+/// `stats` of a beanstalkd session on this node.
+async fn server_stats<S: Session>(session: &mut S) -> spool_proto::ServerStats {
+    match beanstalkd(session, vec![Request::Stats]).await.remove(0) {
+        Response::Stats(stats) => *stats,
+        other => panic!("stats: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn stats_counts_the_sessions_open_on_this_node() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    let mut sessions: Vec<_> = (0..3)
+        .map(|_| a.open_session(Peer::default()).expect("session"))
+        .collect();
+    let stats = server_stats(&mut sessions[0]).await;
+    assert_eq!((stats.current_connections, stats.total_connections), (3, 3));
+    // Each node counts its own, as each beanstalkd server does.
+    let mut on_b = b.open_session(Peer::default()).expect("session");
+    let stats = server_stats(&mut on_b).await;
+    assert_eq!((stats.current_connections, stats.total_connections), (1, 1));
+
+    // Two hang up; their tasks end when they next run.
+    sessions.truncate(1);
+    let mut counted = None;
+    for _ in 0..YIELDS_MAX {
+        let stats = server_stats(&mut sessions[0]).await;
+        counted = Some((stats.current_connections, stats.total_connections));
+        if stats.current_connections == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(counted, Some((1, 3)), "closed sessions are counted out");
 }

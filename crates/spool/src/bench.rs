@@ -7,13 +7,15 @@
 //! once, merges what they measured and reports it. The loops live in
 //! [`load`], the socket handling in [`conn`], the output in [`report`] and
 //! the idle-connection memory probe in [`idle`], the connection-burst
-//! probe in [`accept`].
+//! probe in [`accept`], and in [`probe`] the watcher of several nodes
+//! while other processes connect to them.
 
 mod accept;
 mod conn;
 mod http;
 mod idle;
 mod load;
+mod probe;
 mod report;
 mod workflow;
 
@@ -68,6 +70,10 @@ pub enum Mode {
     /// Open a burst of connections at once and time until all are served.
     #[value(hide = true)]
     Accept,
+    /// Watch `--node`s answer (probes, metrics, job round trips) while
+    /// other processes open `--connections` connections to them.
+    #[value(hide = true)]
+    Probe,
 }
 
 impl Mode {
@@ -86,6 +92,7 @@ impl Mode {
             Mode::HttpIdle => "http-idle",
             Mode::HttpWorkflow => "http-workflow",
             Mode::Accept => "accept",
+            Mode::Probe => "probe",
         }
     }
 
@@ -206,6 +213,16 @@ pub struct BenchArgs {
     /// in the report).
     #[arg(long, hide = true)]
     probe_livez: bool,
+    /// Idle and accept modes: IPv4 source addresses to spread the
+    /// connections over, round-robin (e.g. 127.0.0.10,127.0.0.11 for
+    /// several client processes each with ephemeral ports of its own);
+    /// unset: 127.0.0.1, then 127.0.0.2 and up every 20,000 connections.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    source_addresses: Vec<std::net::Ipv4Addr>,
+    /// Probe mode: a node to watch, as BEANSTALKD_ADDR,HTTP_ADDR
+    /// (repeated for several nodes).
+    #[arg(long = "node", hide = true)]
+    nodes: Vec<String>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -229,6 +246,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.mode.is_http() {
         return http::run(&args, deadline);
+    }
+    if args.mode == Mode::Probe {
+        return probe::run(&args, deadline);
     }
     let addr = resolve(&args.addr)?;
     if args.mode == Mode::Idle {

@@ -101,10 +101,11 @@ async fn burst(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let permits = permits.clone();
+        let source = super::idle::source_address(addr, i, &args.source_addresses)?;
         tasks.spawn(async move {
             let permit = permits.acquire_owned().await?;
             let connect_started = Instant::now();
-            let mut stream = super::idle::open(addr, i)
+            let mut stream = super::idle::open(addr, source)
                 .await
                 .with_context(|| format!("connection {} (is `ulimit -n` high enough?)", i + 1))?;
             let connected = Instant::now();

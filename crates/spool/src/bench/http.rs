@@ -872,7 +872,8 @@ async fn idle(args: &BenchArgs, run: &Arc<Run>) -> Result<HttpReport> {
         if run.over() {
             bail!("the time limit was hit after opening {i} of {n} connections");
         }
-        let stream = super::idle::open(run.http, i).await.with_context(|| {
+        let source = super::idle::source_address(run.http, i, &args.source_addresses)?;
+        let stream = super::idle::open(run.http, source).await.with_context(|| {
             format!(
                 "opening connection {} of {n} (is `ulimit -n` high enough?)",
                 i + 1

@@ -82,7 +82,7 @@ pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Resu
         .enable_all()
         .build()
         .context("starting the client runtime")?;
-    let report = rt.block_on(hold(args, addr, deadline))?;
+    let (report, held) = rt.block_on(hold(args, addr, deadline))?;
     let text = if args.json {
         let json = serde_json::to_string(&report).context("serializing the report")?;
         format!("{json}\n")
@@ -124,10 +124,22 @@ pub(super) fn run(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Resu
         }
         text
     };
-    super::emit(&text)
+    super::emit(&text)?;
+    // Held after the report is out, so a script watching the connections
+    // from elsewhere (`--mode probe`) can read it and end the hold early.
+    let hold_until = Instant::now() + Duration::from_secs(args.hold_secs);
+    rt.block_on(async { tokio::time::sleep_until(hold_until.min(deadline).into()).await });
+    drop(held);
+    Ok(())
 }
 
-async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<IdleReport> {
+/// Opens and measures the connections; returns them, still open, with the
+/// report.
+async fn hold(
+    args: &BenchArgs,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<(IdleReport, Vec<TcpStream>)> {
     let n = args.connections;
     let mut control = Conn::connect(addr, 1 << 20, deadline).await?;
     let before = current_connections(&mut control).await?;
@@ -145,7 +157,8 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
     let started = Instant::now();
     let mut held: Vec<TcpStream> = Vec::with_capacity(n);
     for i in 0..n {
-        let stream = tokio::time::timeout_at(deadline.into(), open(addr, i))
+        let source = source_address(addr, i, &args.source_addresses)?;
+        let stream = tokio::time::timeout_at(deadline.into(), open(addr, source))
             .await
             .with_context(|| format!("time limit reached after opening {i} connections"))?
             .with_context(|| {
@@ -203,10 +216,7 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
     tokio::time::sleep(SETTLE).await;
     let rss_after_command = args.server_pid.map(rss_bytes).transpose()?;
 
-    let hold_until = Instant::now() + Duration::from_secs(args.hold_secs);
-    tokio::time::sleep_until(hold_until.min(deadline).into()).await;
-    drop(held);
-    Ok(IdleReport {
+    let report = IdleReport {
         mode: "idle",
         addr: args.addr.clone(),
         connections: n,
@@ -223,7 +233,8 @@ async fn hold(args: &BenchArgs, addr: SocketAddr, deadline: Instant) -> Result<I
         livez_p50_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.5))),
         livez_p99_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.99))),
         livez_max_ms: livez.as_ref().map(|h| ms(h.max())),
-    })
+    };
+    Ok((report, held))
 }
 
 fn ms(us: u64) -> f64 {
@@ -289,29 +300,49 @@ fn probe_livez(http: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
-/// Connection `i`, from a further loopback source address every
+/// The source address of connection `i`: round-robin over `sources` when
+/// given (IPv4 servers only); otherwise a further loopback address every
 /// [`CONNECTIONS_PER_SOURCE_ADDR`] connections when the server is on IPv4
-/// loopback, so ephemeral ports do not run out.
-pub(super) async fn open(addr: SocketAddr, i: usize) -> Result<TcpStream> {
-    let socket = match addr.ip() {
-        IpAddr::V4(ip) => {
-            let socket = TcpSocket::new_v4()?;
-            let extra = i / CONNECTIONS_PER_SOURCE_ADDR;
-            if ip.is_loopback() && extra > 0 {
-                let host = u8::try_from(1 + extra).context("too many idle connections")?;
-                socket
-                    .bind(SocketAddr::new(Ipv4Addr::new(127, 0, 0, host).into(), 0))
-                    .context("binding a loopback source address")?;
-            }
-            socket
+/// loopback, so ephemeral ports do not run out; `None`: the kernel picks.
+pub(super) fn source_address(
+    addr: SocketAddr,
+    i: usize,
+    sources: &[Ipv4Addr],
+) -> Result<Option<Ipv4Addr>> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        if sources.is_empty() {
+            return Ok(None);
         }
+        bail!("--source-addresses are IPv4; the server {addr} is not");
+    };
+    if !sources.is_empty() {
+        return Ok(Some(sources[i % sources.len()]));
+    }
+    let extra = i / CONNECTIONS_PER_SOURCE_ADDR;
+    if !ip.is_loopback() || extra == 0 {
+        return Ok(None);
+    }
+    let host = u8::try_from(1 + extra).context("too many idle connections")?;
+    Ok(Some(Ipv4Addr::new(127, 0, 0, host)))
+}
+
+/// Connects to `addr`, from `source` when given (its port chosen by the
+/// kernel).
+pub(super) async fn open(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<TcpStream> {
+    let socket = match addr.ip() {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if let Some(source) = source {
+        socket
+            .bind(SocketAddr::new(source.into(), 0))
+            .with_context(|| format!("binding source address {source}"))?;
+    }
     Ok(socket.connect(addr).await?)
 }
 
 /// `current-connections` from the server's `stats`.
-async fn current_connections(control: &mut Conn) -> Result<u64> {
+pub(super) async fn current_connections(control: &mut Conn) -> Result<u64> {
     let yaml = match control.call(&Request::Stats).await? {
         Response::Ok(yaml) => yaml,
         other => bail!("`stats` answered {other:?}"),
