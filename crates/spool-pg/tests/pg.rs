@@ -1757,6 +1757,7 @@ fn a_rebuild_is_due_for_pages_far_beyond_the_rows_and_never_for_a_large_backlog(
     assert!(!reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW - 1, rows));
     assert!(reindex_due(rows * REINDEX_LIVE_BYTES_PER_ROW, rows));
     assert!(!reindex_due(u64::MAX, REINDEX_LIVE_ROWS_MAX + 1));
+}
 
 /// `stats` of a beanstalkd session on this node.
 async fn server_stats<S: Session>(session: &mut S) -> spool_proto::ServerStats {
