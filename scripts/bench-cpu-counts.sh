@@ -139,9 +139,9 @@ if ((CALLGRIND)); then
             --pipeline 1 --body-size 100 --jobs "$1" --tube "$2" >/dev/null
     }
     cg_load 2000 warm
-    callgrind_control -z "$server" >/dev/null
+    callgrind_control -z "$server" >/dev/null 2>&1
     cg_load 10000 measured
-    callgrind_control -d "$server" >/dev/null
+    callgrind_control -d "$server" >/dev/null 2>&1
     kill "$server"
     wait "$server" 2>/dev/null || true
     # cg.1 is the dump taken after the zeroing: the measured jobs alone.
