@@ -15,6 +15,6 @@ mod response;
 pub use name::{is_name_byte, TubeName, TubeNameError};
 pub use request::{encode_request, ProtocolError, Put, PutBody, Request, RequestDecoder};
 pub use response::{
-    encode_response, JobStats, ProcessStats, Response, ResponseDecoder, ResponseError, ServerStats,
-    TubeStats,
+    encode_response, push_decimal, JobStats, ProcessStats, Response, ResponseDecoder,
+    ResponseError, ServerStats, TubeStats,
 };

@@ -98,6 +98,12 @@ pub const CONNECTION_POLLS_PER_TURN_MAX: usize = 64;
 /// bodies continue in the connection's own buffer.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Replies encoded into the per-thread write buffer before one write (the
+/// buffer is kept between uses, up to twice this): enough for hundreds of
+/// pipelined replies or a default-sized job in one system call; the
+/// connection writes again for what follows.
+pub const WRITE_SCRATCH_BYTES: usize = 64 * 1024;
+
 /// Rounds of work (read, submit, write) one poll of a beanstalkd connection
 /// may do before yielding, so a client that never stops sending cannot
 /// starve the others on the single data-path thread; 16 rounds of up to

@@ -49,6 +49,11 @@ const MESSAGES_PER_ROUND_MAX: usize = 4096;
 /// operation, nothing more, in the common case.
 const TIMER_CHECK_AFTER_NS: u64 = 200_000;
 
+/// Deliveries a round's buffer keeps room for between rounds: reused, it
+/// spares every round an allocation and its growth; a burst larger than
+/// this gives the rest back.
+const ROUND_DELIVERIES_KEPT_MAX: usize = 4096;
+
 /// Engine time 0 on the wall clock: 2020-01-01T00:00:00Z, in nanoseconds
 /// since the Unix epoch. A fixed origin (not the process start) lets the
 /// instants of earlier runs (a job's creation, its finish) come back from
@@ -611,6 +616,8 @@ struct EngineTask {
     replies: Vec<(ConnId, Response)>,
     /// Deliveries made this round.
     round: Vec<Outgoing>,
+    /// The mailboxes a delivery wakes, empty between deliveries.
+    to_wake: Vec<Arc<Mailbox>>,
     touched: Vec<ConnId>,
     process: ProcessInfo,
     log: Option<LogState>,
@@ -649,6 +656,7 @@ impl EngineTask {
             runnable: VecDeque::new(),
             replies: Vec::new(),
             round: Vec::new(),
+            to_wake: Vec::new(),
             touched: Vec::new(),
             process,
             ops: Vec::new(),
@@ -1074,11 +1082,13 @@ impl EngineTask {
     /// Ends a round: its durable changes go to the log, and its deliveries
     /// are made now or held until the log has what they depend on.
     fn finish_round(&mut self) {
-        let outgoing = std::mem::take(&mut self.round);
         let Some(log) = &mut self.log else {
-            deliver(outgoing.into_iter().map(|o| o.delivery).collect());
+            // `round` keeps its capacity for the next round.
+            deliver(self.round.drain(..).map(|o| o.delivery), &mut self.to_wake);
+            self.round.shrink_to(ROUND_DELIVERIES_KEPT_MAX);
             return;
         };
+        let outgoing = std::mem::take(&mut self.round);
         self.engine.drain_log_into(&mut log.records);
         let mut compaction_done = false;
         if let Some(ids) = &mut log.compaction {
@@ -1188,7 +1198,7 @@ impl EngineTask {
                 log.session_holds.remove(&conn);
             }
         }
-        deliver(now);
+        deliver(now, &mut self.to_wake);
         if compaction_done {
             log.compaction = None;
             sent &= log.sink.send(LogMsg::EndCompaction, &mut acks);
@@ -1250,7 +1260,7 @@ impl EngineTask {
             Some(CommitAck::Committed { round, log_bytes }) => {
                 let mut released = Vec::new();
                 log.committed(round, log_bytes, &mut released);
-                deliver(released);
+                deliver(released, &mut self.to_wake);
             }
             Some(CommitAck::DiskFull(full)) => {
                 self.health.disk_full.store(full, Ordering::Relaxed);
@@ -1264,10 +1274,8 @@ impl EngineTask {
                 // The held changes may not be on disk: their requests fail.
                 while let Some(held) = log.held.pop_front() {
                     deliver(
-                        held.deliveries
-                            .into_iter()
-                            .map(fail_unsaved_change)
-                            .collect(),
+                        held.deliveries.into_iter().map(fail_unsaved_change),
+                        &mut self.to_wake,
                     );
                 }
                 self.log = None;
@@ -1310,16 +1318,21 @@ fn fail_unsaved_change(delivery: Delivery) -> Delivery {
 }
 
 /// Hands deliveries to mailboxes and wakes each mailbox's task once.
-fn deliver(deliveries: Vec<Delivery>) {
-    let mut to_wake: Vec<Arc<Mailbox>> = Vec::new();
+/// `to_wake` is the engine task's buffer, empty before and after: kept
+/// rather than allocated and grown every round.
+fn deliver(deliveries: impl IntoIterator<Item = Delivery>, to_wake: &mut Vec<Arc<Mailbox>>) {
+    debug_assert!(to_wake.is_empty());
     for delivery in deliveries {
         let mailbox = match delivery {
             Delivery::Reply(mailbox, response) => {
                 let mut inbox = mailbox.lock();
                 if inbox.replies.capacity() == 0 {
-                    // One reply is the common case (see `poll_recv`: the
-                    // buffer leaves with the replies).
-                    inbox.replies.reserve_exact(1);
+                    // One or two replies are the common case (a producer's
+                    // `put`; a worker's `delete` and next `reserve`): room
+                    // for two spares the second its reallocation, and costs
+                    // nothing while idle (see `poll_recv`: the buffer leaves
+                    // with the replies).
+                    inbox.replies.reserve_exact(2);
                 }
                 inbox.replies.push(response);
                 drop(inbox);
@@ -1340,9 +1353,10 @@ fn deliver(deliveries: Vec<Delivery>) {
             to_wake.push(mailbox);
         }
     }
-    for mailbox in to_wake {
+    for mailbox in to_wake.drain(..) {
         mailbox.wake();
     }
+    to_wake.shrink_to(ROUND_DELIVERIES_KEPT_MAX);
 }
 
 async fn recv_ack(log: &mut Option<LogState>) -> Option<CommitAck> {

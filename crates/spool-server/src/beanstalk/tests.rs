@@ -18,6 +18,10 @@ struct Script {
     /// After the pieces, reads return end of stream.
     eof: bool,
     written: Vec<u8>,
+    /// When not 0, a write takes at most this many bytes and the next one
+    /// would block, as a socket whose buffer is full does.
+    write_chunk: usize,
+    write_blocked: bool,
     reader: Option<Waker>,
 }
 
@@ -84,8 +88,18 @@ impl Socket for ScriptedSocket {
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.script().written.extend_from_slice(buf);
-        Ok(buf.len())
+        let mut script = self.script();
+        let mut taken = buf.len();
+        if script.write_chunk > 0 {
+            if script.write_blocked {
+                script.write_blocked = false;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            script.write_blocked = true;
+            taken = taken.min(script.write_chunk);
+        }
+        script.written.extend_from_slice(&buf[..taken]);
+        Ok(taken)
     }
 }
 
@@ -95,6 +109,12 @@ const MAX_JOB_SIZE: u32 = 64;
 /// arriving in a read of its own (the next is sent only once the previous
 /// one was read), and then hangs up.
 async fn replies_to(pieces: &[&[u8]]) -> Vec<u8> {
+    replies_written_in_chunks(pieces, 0).await
+}
+
+/// [`replies_to`], through a socket that takes at most `write_chunk` bytes
+/// a write, every other write blocking (0: all at once).
+async fn replies_written_in_chunks(pieces: &[&[u8]], write_chunk: usize) -> Vec<u8> {
     let engine = Engine::new(EngineConfig {
         max_job_size: MAX_JOB_SIZE,
     });
@@ -107,6 +127,7 @@ async fn replies_to(pieces: &[&[u8]]) -> Vec<u8> {
         .open_session(Peer::default())
         .expect("a session opens");
     let socket = ScriptedSocket::default();
+    socket.script().write_chunk = write_chunk;
     let config = Arc::new(BeanstalkConfig::new(MAX_JOB_SIZE));
     let task = tokio::spawn(Connection::new(socket.clone(), session, handle, config).run());
     for piece in pieces {
@@ -175,6 +196,28 @@ async fn replies_do_not_depend_on_how_reads_split_the_input() {
             show(&want),
             "split after byte {split} of {}",
             show(&sent)
+        );
+    }
+}
+
+/// Replies are encoded into the thread's buffer and only what the socket
+/// does not take is kept by the connection: whatever the socket takes a
+/// write, the bytes and their order are the same.
+#[tokio::test]
+async fn replies_do_not_depend_on_how_writes_split_them() {
+    let (sent, want) = tricky();
+    let show = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let bytes: Vec<&[u8]> = sent.chunks(1).collect();
+    for write_chunk in [1, 2, 5, 13, 64] {
+        assert_eq!(
+            show(&replies_written_in_chunks(&[&sent], write_chunk).await),
+            show(&want),
+            "in one read, {write_chunk} bytes a write"
+        );
+        assert_eq!(
+            show(&replies_written_in_chunks(&bytes, write_chunk).await),
+            show(&want),
+            "byte by byte, {write_chunk} bytes a write"
         );
     }
 }

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Server CPU per job at pipeline 1, spool against beanstalkd, with the counts
+# a shared machine moves less than it moves CPU time.
+#
+# Each run starts one server in memory and `spool bench` (mixed 4 producers
+# + 4 consumers, pipeline 1, 100-byte bodies) in a network namespace of
+# their own (`unshare -n`, root), so the kernel's TCP counters (`nstat`)
+# count this run's segments only. Servers alternate run by run. Per job it
+# prints: the server's CPU time (all threads), its voluntary and
+# involuntary context switches, TCP segments sent (both directions: the
+# protocol needs 4) and pure ACKs among them; then the median of the runs
+# and spool's ratio to beanstalkd. With CALLGRIND=1 it also counts spool's
+# user-space instructions per job under callgrind (valgrind), which do not
+# depend on the machine's load at all.
+#
+# Environment knobs (defaults in brackets):
+#   JOBS [50000]      jobs per run (after 5,000 of warm-up)
+#   RUNS [3]          runs per server
+#   TIME_LIMIT [60]   hard cap in seconds for each bench run
+#   CALLGRIND [0]     1: also the user-space instruction count (10,000 jobs)
+#   BIN [target/release/spool]  (built first unless BIN is given)
+set -euo pipefail
+
+SELF=$(realpath "${BASH_SOURCE[0]}")
+cd "$(dirname "$SELF")/.."
+
+JOBS=${JOBS:-50000}
+RUNS=${RUNS:-3}
+TIME_LIMIT=${TIME_LIMIT:-60}
+CALLGRIND=${CALLGRIND:-0}
+BIN_GIVEN=${BIN:-}
+BIN=${BIN:-target/release/spool}
+PORT=11620
+
+log() { printf '%s\n' "$*" >&2; }
+
+# Inside the namespace: one run against one server, one line of figures.
+if [[ ${1:-} == --one-run ]]; then
+    name=$2
+    ip link set lo up
+    case $name in
+    beanstalkd) beanstalkd -l 127.0.0.1 -p "$PORT" >/dev/null 2>&1 & ;;
+    spool) SPOOL_LOG_LEVEL=warn "$BIN" serve --in-memory -l 127.0.0.1 -p "$PORT" \
+        --http-listen 127.0.0.1:0 >/dev/null 2>&1 & ;;
+    esac
+    server=$!
+    trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+    for ((tries = 0; tries < 100; tries++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+        sleep 0.1
+    done
+    load() {
+        timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$PORT" \
+            --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
+            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2"
+    }
+    load 5000 warm >/dev/null
+    # CPU time in ns (schedstat's first field, summed over threads) and
+    # context switches, read from /proc before and after.
+    counters() {
+        local t ns=0 vol=0 invol=0 a b
+        for t in /proc/"$server"/task/*; do
+            read -r a _ <"$t/schedstat"
+            ns=$((ns + a))
+            a=$(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status")
+            b=$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$t/status")
+            vol=$((vol + a)) invol=$((invol + b))
+        done
+        echo "$ns $vol $invol"
+    }
+    nstat -n
+    before=$(counters)
+    result=$(load "$JOBS" measured)
+    after=$(counters)
+    grep -q '"complete":true' <<<"$result" || { log "$name: the bench run did not complete"; exit 1; }
+    read -r segs acks < <(nstat -z TcpOutSegs TcpExtTCPPureAcks | awk '
+        $1 == "TcpOutSegs" { s = $2 } $1 == "TcpExtTCPPureAcks" { a = $2 } END { print s + 0, a + 0 }')
+    jobs_done=$(grep -o '"jobs_done":[0-9]*' <<<"$result" | cut -d: -f2)
+    echo "$before $after $segs $acks $jobs_done" | awk '{
+        n = $9; printf "%.2f %.3f %.3f %.2f %.3f\n",
+            ($4 - $1) / 1000 / n, ($5 - $2) / n, ($6 - $3) / n, $7 / n, $8 / n }'
+    exit 0
+fi
+
+[[ $(id -u) == 0 ]] || { log "needs root (unshare -n for a private loopback)"; exit 1; }
+for tool in unshare nstat ip beanstalkd; do
+    command -v "$tool" >/dev/null || { log "missing $tool"; exit 1; }
+done
+if [[ -z $BIN_GIVEN ]]; then
+    log "building spool (release)"
+    cargo build --release -p spool >&2
+fi
+BIN=$(realpath "$BIN")
+export BIN JOBS TIME_LIMIT
+
+declare -A ROWS
+for ((run = 1; run <= RUNS; run++)); do
+    for name in beanstalkd spool; do
+        row=$(unshare -n bash "$SELF" --one-run "$name")
+        log "  $name run $run: $row"
+        ROWS[$name]+="$row"$'\n'
+    done
+done
+
+# median COLUMN NAME
+median() {
+    printf '%s' "${ROWS[$2]}" | awk -v c="$1" 'NF { print $c }' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+echo
+echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-36s %12s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio"
+col=1
+for what in "server CPU (us)" "voluntary context switches" "involuntary context switches" \
+    "TCP segments (both ways)" "pure ACK segments"; do
+    b=$(median "$col" beanstalkd) s=$(median "$col" spool)
+    r=$(awk -v a="$s" -v b="$b" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }')
+    printf '%-36s %12s %12s %7s\n' "$what" "$b" "$s" "$r"
+    col=$((col + 1))
+done
+
+if ((CALLGRIND)); then
+    command -v valgrind >/dev/null || { log "CALLGRIND=1 needs valgrind"; exit 1; }
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    port=11621
+    SPOOL_LOG_LEVEL=warn valgrind --tool=callgrind --callgrind-out-file="$out/cg" \
+        "$BIN" serve --in-memory -l 127.0.0.1 -p "$port" --http-listen 127.0.0.1:0 \
+        >"$out/log" 2>&1 &
+    server=$!
+    for ((tries = 0; tries < 300; tries++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    cg_load() {
+        timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$port" \
+            --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
+            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2" >/dev/null
+    }
+    cg_load 2000 warm
+    callgrind_control -z "$server" >/dev/null 2>&1
+    cg_load 10000 measured
+    callgrind_control -d "$server" >/dev/null 2>&1
+    kill "$server"
+    wait "$server" 2>/dev/null || true
+    # cg.1 is the dump taken after the zeroing: the measured jobs alone.
+    total=$(awk '/^summary:/ { print $2 }' "$out/cg.1")
+    echo "spool user-space instructions per job (callgrind, 10,000 jobs after 2,000): $((total / 10000))"
+fi
