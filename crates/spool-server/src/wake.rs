@@ -175,7 +175,9 @@ mod tests {
     #[tokio::test]
     async fn a_later_deadline_keeps_the_earlier_one_armed() {
         let mut sleeper = Sleeper::new();
-        let early = Instant::now() + Duration::from_millis(2);
+        // Far enough that a loaded machine cannot let it pass before the
+        // first poll arms it (2 ms did: the sleep then ended at once).
+        let early = Instant::now() + Duration::from_secs(1);
         let pending =
             tokio::time::timeout(Duration::from_micros(1), sleeper.sleep_until(Some(early)));
         assert!(pending.await.is_err(), "cancelled while armed");

@@ -561,7 +561,11 @@ fn release_wakes_waiter() -> Vec<Step> {
         se("a", "release 1 0 0\r\n", 1),
         e("b", 1),
         s("a", "reserve\r\n"),
-        quiet("a", 200),
+        // 800 ms, not 200: the quiet windows before the delayed release
+        // then add up to just over a second, so `stats-job` reads an age
+        // just past 4 s, a second away from 5, where 3.4 s was stalled
+        // across 4 on one side at load 20.
+        quiet("a", 800),
         se("b", "release 1 0 3\r\n", 1),
         quiet("a", 200),
         e("a", 1),
