@@ -171,15 +171,6 @@ proptest! {
         steps in prop::collection::vec(step(), 1..8),
         wait_secs in prop::option::of(1u32..6),
     ) {
-        // Not modelled: a pause and a blocked reserver together. A late
-        // tick's `process_queue` reads a pause as ended by the tick's `now`,
-        // not by the instant of the timer it runs, and hands a job to a
-        // reserver that, on time, timed out first (found by this test; the
-        // one-at-a-time path, older than the runs).
-        let mut steps = steps;
-        if wait_secs.is_some() {
-            steps.retain(|s| matches!(s, Step::Put { .. }));
-        }
         let mut punctual = engine_after(&steps, wait_secs);
         let mut late = engine_after(&steps, wait_secs);
         let jobs: u64 = steps
@@ -265,4 +256,39 @@ fn a_run_stops_at_the_per_tick_bound_and_at_the_next_tube() {
     }
     assert_eq!(ready_before, total as usize);
     assert_eq!(calls, TUBES.len());
+}
+
+/// A job made ready in a paused tube, a reserver on that tube timing out
+/// before the pause ends: a late tick must time the reserver out as an
+/// on-time one does, not hand it the job because the pause is over by the
+/// tick's `now` (it did).
+#[test]
+fn a_late_tick_finds_a_pause_as_it_was_at_each_timers_instant() {
+    // The put makes the tube (a pause of a tube no one used is NOT_FOUND).
+    let steps = [
+        Step::Put {
+            tube: 1,
+            delay_secs: 1,
+            pri: 0,
+            count: 1,
+        },
+        Step::Pause {
+            tube: 1,
+            delay_secs: 3,
+        },
+    ];
+    let mut punctual = engine_after(&steps, Some(2));
+    let mut late = engine_after(&steps, Some(2));
+    while let Some(at) = punctual.next_wake().filter(|&at| at <= LATE_NS) {
+        punctual.tick(at);
+        punctual.check_invariants();
+    }
+    while late.next_wake().is_some_and(|at| at <= LATE_NS) {
+        late.tick(LATE_NS);
+        late.check_invariants();
+    }
+    let on_time = observe(&mut punctual, 1);
+    assert_eq!(on_time.0.last(), Some(&(WAITER, Response::TimedOut)));
+    assert_eq!(on_time.1, vec![Some(JobState::Ready)]);
+    assert_eq!(observe(&mut late, 1), on_time);
 }

@@ -331,6 +331,11 @@ pub struct Engine {
     /// is waiting: thousands of firings due on one instant then become
     /// ready at the cost of delayed jobs, not of their schedules' lookups.
     ready_firings: std::collections::VecDeque<schedules::ReadyFiring>,
+    /// The instant of the timer `tick` is running, while it runs one: a
+    /// late tick must find a pause as it was at that instant, not as it is
+    /// at the tick's `now` (a job made ready in a tube whose pause ended
+    /// only later must not go to a reserver that timed out before).
+    timer_instant_ns: Option<u64>,
 }
 
 /// A queue's settings from the job API.
@@ -404,6 +409,7 @@ impl Engine {
             schedule_backlog_indexed: false,
             firing_jobs: IdMap::default(),
             ready_firings: std::collections::VecDeque::new(),
+            timer_instant_ns: None,
         };
         let default_tube = engine.find_or_make_tube(&TubeName::default_tube());
         engine.incref(default_tube); // held for the life of the engine
@@ -793,6 +799,7 @@ impl Engine {
     /// Hands ready jobs to blocked reservers, best job first, until no
     /// unpaused tube has both.
     fn process_queue(&mut self, now: u64) {
+        let pause_now = self.timer_instant_ns.map_or(now, |at| at.min(now));
         loop {
             let mut best: Option<(u32, JobId, TubeId)> = None;
             let mut unpaused = Vec::new();
@@ -800,7 +807,7 @@ impl Engine {
             for &tube in &self.waited_tubes {
                 let t = self.tubes[tube.0 as usize].as_ref().expect("live tube");
                 if t.pause_ns > 0 {
-                    if t.unpause_at_ns > now {
+                    if t.unpause_at_ns > pause_now {
                         continue;
                     }
                     unpaused.push(tube);

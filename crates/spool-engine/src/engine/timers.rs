@@ -40,7 +40,7 @@ impl Engine {
                 .chain(self.earliest_delayed().map(|(at, _, _)| (at, Timer::Delay)))
                 .filter(|&(at, _)| at <= now)
                 .min();
-            let Some((_, mut timer)) = due else {
+            let Some((mut instant, mut timer)) = due else {
                 break;
             };
             // A schedule timer that runs late (a pass making thousands of
@@ -56,9 +56,11 @@ impl Engine {
                             .is_some_and(|instant| instant >= delay_at)
                     {
                         timer = Timer::Delay;
+                        instant = delay_at;
                     }
                 }
             }
+            self.timer_instant_ns = Some(instant);
             let mark = self.log.len();
             match timer {
                 Timer::Schedule => {
@@ -155,6 +157,7 @@ impl Engine {
             self.settle_workflows(mark, now);
             self.serve_freed_slots(now);
         }
+        self.timer_instant_ns = None;
         self.next_wake()
     }
 
