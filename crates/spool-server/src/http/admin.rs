@@ -145,7 +145,7 @@ pub(super) async fn stats<B: Broker>(
     // nothing.
     let snapshot = snapshot(&state, SnapshotScope::Queues).await?;
     let policies = policies(&state).await;
-    let process = ProcessFigures::read();
+    let process = ProcessFigures::read_off_the_runtime().await;
     let runtimes: serde_json::Map<String, Value> = RuntimeFigures::read(&state)
         .into_iter()
         .map(|(name, r)| {
