@@ -1614,16 +1614,9 @@ async fn a_nodes_own_churn_makes_the_live_partition_due() {
     assert!(pass.dead_rows >= 2 * jobs as u64, "{pass:?}");
 }
 
-/// A peak of jobs leaves the live partition nearly empty with its indexes
-/// still the peak's size (a vacuum keeps emptied B-tree pages for reuse);
-/// the rebuild gives them back, drops what an earlier rebuild cut short
-/// left behind (and nothing else), and is not due again right after.
-#[tokio::test]
-async fn a_live_partitions_indexes_left_from_a_peak_are_rebuilt() {
-    use spool_pg::{reindex_due, REINDEX_LIVE_BYTES_MIN};
-    let url = TestCluster::shared().create_database();
-    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
-    let admin = admin(&url).await;
+/// 20,000 jobs enqueued, purged and vacuumed away: the live partition is
+/// empty and its indexes keep the peak's pages.
+async fn leave_a_peak(broker: &PgBroker, admin: &tokio_postgres::Client) {
     for _ in 0..20 {
         let batch = (0..1_000).map(|_| (queue("peak"), job("x"))).collect();
         match broker.call(Op::EnqueueBatch { jobs: batch }).await {
@@ -1643,6 +1636,19 @@ async fn a_live_partitions_indexes_left_from_a_peak_are_rebuilt() {
         .batch_execute("VACUUM spool_jobs_live")
         .await
         .expect("a vacuum");
+}
+
+/// A peak of jobs leaves the live partition nearly empty with its indexes
+/// still the peak's size (a vacuum keeps emptied B-tree pages for reuse);
+/// the rebuild gives them back, drops what an earlier rebuild cut short
+/// left behind (and nothing else), and is not due again right after.
+#[tokio::test]
+async fn a_live_partitions_indexes_left_from_a_peak_are_rebuilt() {
+    use spool_pg::{reindex_due, REINDEX_LIVE_BYTES_MIN};
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    leave_a_peak(&broker, &admin).await;
     let kept_jobs = 3;
     let kept = (0..kept_jobs).map(|_| (queue("kept"), job("y"))).collect();
     broker
@@ -1711,25 +1717,8 @@ async fn a_live_partitions_indexes_left_from_a_peak_are_rebuilt() {
 async fn a_rebuild_another_node_is_running_is_not_started_twice() {
     let url = TestCluster::shared().create_database();
     let broker = node(&url, "a", &Clock::manual(START_NS)).await;
-    for _ in 0..20 {
-        let batch = (0..1_000).map(|_| (queue("peak"), job("x"))).collect();
-        broker
-            .call(Op::EnqueueBatch { jobs: batch })
-            .await
-            .expect("a batch enqueue");
-    }
-    broker
-        .call(Op::Purge {
-            queue: queue("peak"),
-            state: JobState::Ready,
-        })
-        .await
-        .expect("a purge");
     let admin = admin(&url).await;
-    admin
-        .batch_execute("VACUUM spool_jobs_live")
-        .await
-        .expect("a vacuum");
+    leave_a_peak(&broker, &admin).await;
     // The rebuild's key: "spoolrx" in ASCII.
     admin
         .batch_execute("SELECT pg_advisory_lock(x'73706f6f6c7278'::bigint)")
