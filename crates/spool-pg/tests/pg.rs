@@ -62,6 +62,29 @@ async fn vacuum_count(admin: &tokio_postgres::Client) -> i64 {
         .get::<_, i64>(0)
 }
 
+/// `batches` batch enqueues of `per_batch` plain jobs each into `name`.
+async fn enqueue_batches(broker: &PgBroker, name: &str, batches: usize, per_batch: usize) {
+    for _ in 0..batches {
+        let batch = (0..per_batch).map(|_| (queue(name), job("x"))).collect();
+        match broker.call(Op::EnqueueBatch { jobs: batch }).await {
+            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), per_batch),
+            other => panic!("a batch enqueue: {other:?}"),
+        }
+    }
+}
+
+/// Every row of `spool_jobs` updated once: as many dead versions as rows,
+/// in the statistics when the transaction ends.
+async fn update_every_row(admin: &tokio_postgres::Client) {
+    admin
+        .batch_execute(
+            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
+             SELECT pg_stat_force_next_flush(); COMMIT",
+        )
+        .await
+        .expect("churn");
+}
+
 async fn admin(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -1337,22 +1360,10 @@ async fn the_hot_table_is_vacuumed_once_its_dead_rows_are_due() {
     let quiet = broker.vacuum_if_churned().await.expect("check");
     assert!(!quiet.vacuumed, "an empty table is not vacuumed: {quiet:?}");
     let jobs = 1_500;
-    for _ in 0..2 {
-        let batch = (0..jobs / 2).map(|_| (queue("q"), job("x"))).collect();
-        match broker.call(Op::EnqueueBatch { jobs: batch }).await {
-            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), jobs / 2),
-            other => panic!("a batch enqueue: {other:?}"),
-        }
-    }
+    enqueue_batches(&broker, "q", 2, jobs / 2).await;
     // Every row updated once: as many dead versions as jobs, counted in
     // the statistics when this transaction ends.
-    admin
-        .batch_execute(
-            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
-             SELECT pg_stat_force_next_flush(); COMMIT",
-        )
-        .await
-        .expect("churn");
+    update_every_row(&admin).await;
     let before = vacuum_count(&admin).await;
     let churned = broker.vacuum_if_churned().await.expect("vacuum");
     assert!(churned.dead_rows >= jobs as u64, "{churned:?}");
@@ -1396,20 +1407,8 @@ async fn a_node_that_may_not_vacuum_asks_once_and_leaves_it_to_autovacuum() {
     assert_ne!(as_role, url, "the test URL names its user");
     let worker = node(&as_role, "worker", &clock).await;
     // Enough dead rows to be due.
-    for _ in 0..2 {
-        let batch = (0..750).map(|_| (queue("q"), job("x"))).collect();
-        match worker.call(Op::EnqueueBatch { jobs: batch }).await {
-            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), 750),
-            other => panic!("a batch enqueue by the role: {other:?}"),
-        }
-    }
-    admin
-        .batch_execute(
-            "BEGIN; UPDATE spool_jobs SET updated_ns = updated_ns; \
-             SELECT pg_stat_force_next_flush(); COMMIT",
-        )
-        .await
-        .expect("churn");
+    enqueue_batches(&worker, "q", 2, 750).await;
+    update_every_row(&admin).await;
     let before = vacuum_count(&admin).await;
     let refused = worker.vacuum_if_churned().await.expect("a pass");
     assert!(!refused.permitted && !refused.vacuumed, "{refused:?}");
@@ -1590,11 +1589,7 @@ async fn a_nodes_own_churn_makes_the_live_partition_due() {
         .await
         .expect("autovacuum off");
     let jobs = VACUUM_DEAD_ROWS_MIN as usize / 2 + 100;
-    let batch = (0..jobs).map(|_| (queue("c"), job("x"))).collect();
-    match broker.call(Op::EnqueueBatch { jobs: batch }).await {
-        Ok(Outcome::Batch(made)) => assert_eq!(made.len(), jobs),
-        other => panic!("a batch enqueue: {other:?}"),
-    }
+    enqueue_batches(&broker, "c", 1, jobs).await;
     let mut done = 0;
     while done < jobs {
         let leased = broker
@@ -1617,13 +1612,7 @@ async fn a_nodes_own_churn_makes_the_live_partition_due() {
 /// 20,000 jobs enqueued, purged and vacuumed away: the live partition is
 /// empty and its indexes keep the peak's pages.
 async fn leave_a_peak(broker: &PgBroker, admin: &tokio_postgres::Client) {
-    for _ in 0..20 {
-        let batch = (0..1_000).map(|_| (queue("peak"), job("x"))).collect();
-        match broker.call(Op::EnqueueBatch { jobs: batch }).await {
-            Ok(Outcome::Batch(made)) => assert_eq!(made.len(), 1_000),
-            other => panic!("a batch enqueue: {other:?}"),
-        }
-    }
+    enqueue_batches(broker, "peak", 20, 1_000).await;
     let purged = broker
         .call(Op::Purge {
             queue: queue("peak"),
