@@ -34,7 +34,7 @@ use spool_broker::{
     Op, OpSession, Outcome, Peer, QueueCounters, QueueName, QueueSnapshot, SessionBroker,
     SnapshotScope, WaitCounts, WorkflowCounters,
 };
-use spool_proto::ServerStats;
+use spool_proto::{ProcessStats, ServerStats};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
@@ -104,6 +104,30 @@ pub struct PgConfig {
     /// This node's name: the leases it holds carry it, and a node starting
     /// under the same name hands back the leases its previous life held.
     pub node_id: String,
+    /// The process's facts for beanstalkd's `stats` (pid, version, CPU
+    /// time, uptime, host): the binary knows them, this crate does not
+    /// read the process. Without it they are zero and empty.
+    pub process_stats: Option<ProcessStatsSource>,
+}
+
+/// Reads the process's facts when `stats` is answered.
+#[derive(Clone)]
+pub struct ProcessStatsSource(Arc<dyn Fn() -> ProcessStats + Send + Sync>);
+
+impl ProcessStatsSource {
+    pub fn new(read: impl Fn() -> ProcessStats + Send + Sync + 'static) -> ProcessStatsSource {
+        ProcessStatsSource(Arc::new(read))
+    }
+
+    fn read(&self) -> ProcessStats {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ProcessStatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProcessStatsSource")
+    }
 }
 
 impl PgConfig {
@@ -117,6 +141,7 @@ impl PgConfig {
             op_timeout: Duration::from_secs(10),
             max_job_size: spool_proto::limits::DEFAULT_MAX_JOB_SIZE_BYTES,
             node_id: node_id.into(),
+            process_stats: None,
         }
     }
 }
@@ -133,6 +158,7 @@ struct Inner {
     clock: Clock,
     ctx: Ctx,
     op_timeout: Duration,
+    process_stats: Option<ProcessStatsSource>,
     draining: AtomicBool,
     shutting_down: AtomicBool,
     shutdown: watch::Sender<bool>,
@@ -269,6 +295,7 @@ impl PgBroker {
                     node_id: config.node_id,
                 },
                 op_timeout: config.op_timeout,
+                process_stats: config.process_stats,
                 draining: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
                 shutdown,
@@ -1257,6 +1284,11 @@ impl Broker for PgBroker {
                 current_connections: inner.open_sessions.load(Ordering::Relaxed),
                 total_connections: inner.next_session.load(Ordering::Relaxed) - 1,
                 draining,
+                process: inner
+                    .process_stats
+                    .as_ref()
+                    .map(ProcessStatsSource::read)
+                    .unwrap_or_default(),
                 ..ServerStats::default()
             };
             let mut jobs_total = 0;

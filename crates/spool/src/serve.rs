@@ -892,6 +892,10 @@ async fn serve_postgres(
         .unwrap_or_else(|| default_node_id(&config.listen));
     let mut pg = PgConfig::new(url.clone(), node_id.clone());
     pg.max_job_size = config.max_job_size;
+    let process = ProcessInfo::new(BEANSTALKD_VERSION);
+    pg.process_stats = Some(spool_pg::ProcessStatsSource::new(move || {
+        process.snapshot()
+    }));
     tracing::info!(node_id = %node_id, "connecting to the database");
     let broker = PgBroker::connect(pg, spool_pg::Clock::wall())
         .await

@@ -98,6 +98,18 @@ fn two_nodes_serve_both_front_doors_on_one_database() {
         support::show(want.as_bytes())
     );
     on_b.expect(format!("delete {}\r\n", made["id"]), "DELETED\r\n");
+    // beanstalkd's `stats` on a PostgreSQL node names the process as the
+    // local broker's does: a client that parses `version` (fivebeans) or
+    // watches `pid` and `uptime` finds them, not zeros and an empty string.
+    on_a.send("stats\r\n");
+    let stats = on_a.reply();
+    for line in [
+        format!("pid: {}\n", a.pid()),
+        "version: \"1.12\"\n".to_string(),
+    ] {
+        assert!(stats.contains(&line), "no {line:?} in {stats}");
+    }
+    assert!(!stats.contains("hostname: \n"), "{stats}");
     let metrics = a.http("GET", "/metrics", "").body;
     assert!(
         metrics.contains("spool_db_pool_connections{state=\"busy\"}")
