@@ -61,6 +61,18 @@ pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// milliseconds on the single runtime thread.
 pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
 
+/// Connections one `/admin/connections` reply lists when the request gives
+/// no `limit`: every connection of a server that a person reads through
+/// (`spool conns`) in one page, while a server holding tens of thousands
+/// answers with a page (about 180 KiB of JSON) instead of building
+/// megabytes on an HTTP worker (16,700 connections: 2.9 MiB in 50-300 ms).
+pub const ADMIN_CONNECTIONS_PAGE_DEFAULT: usize = 1_000;
+
+/// Most connections one `/admin/connections` reply lists (`limit` above it
+/// is refused): about 1.8 MiB of JSON and a few tens of ms on the HTTP
+/// worker that builds it, which serves probes meanwhile.
+pub const ADMIN_CONNECTIONS_PAGE_MAX: usize = 10_000;
+
 /// Pending connections the beanstalkd listener asks the kernel to queue
 /// before `accept`. A fleet of workers reconnecting at once after a deploy
 /// or a network blip must queue, not be dropped: a dropped handshake costs
