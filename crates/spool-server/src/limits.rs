@@ -51,14 +51,16 @@ pub const HTTP_FD_RESERVE: u64 = 8;
 /// Longest time the admission's estimate of open fds (fds open at the last
 /// count + live connections) may go without a recount from `/proc/self/fd`
 /// while connections are near the limit. Counting costs a directory read of
-/// every fd, too much per accept at high connection rates, and the estimate
-/// drifts only by fds opened outside the registry, which the headroom covers.
+/// every fd before Linux 6.2 (~16 ms at 16k fds; a count of the fd table's
+/// bits after), too much per accept at high connection rates, and the
+/// estimate drifts only by fds opened outside the registry, which the
+/// headroom covers. The count runs on the registry's own thread.
 pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The estimate is recounted only once it passes this share of the fd
 /// ceiling (limit - headroom), in percent: below it a drift of a few fds
 /// cannot matter, and a recount with thousands of fds open costs
-/// milliseconds on the single runtime thread.
+/// milliseconds of CPU where the kernel lists them (before Linux 6.2).
 pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
 
 /// Connections one `/admin/connections` reply lists when the request gives
