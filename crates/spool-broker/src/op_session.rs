@@ -9,10 +9,16 @@
 //! approximated, and documented on [`OpSession`].
 //!
 //! Each session is one task that runs its requests in order, so a blocked
-//! reserve holds back the replies after it, as the trait requires.
+//! reserve holds back the replies after it, as the trait requires. The task
+//! and its channels start at the session's first request: until then a
+//! session is a small record (its broker and the shutdown signal), since
+//! most connections of a large fleet sit idle (the task and two channels
+//! made an idle PostgreSQL-backed connection cost 5.1 KiB of RSS, against
+//! ~840 B on the local broker).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -98,52 +104,119 @@ pub trait SessionBroker: Broker {
 ///   job's version (a native session's do not).
 pub struct OpSession<B: SessionBroker> {
     id: u64,
+    stage: Stage<B>,
+}
+
+/// Where a session is in its life.
+enum Stage<B: SessionBroker> {
+    /// No request yet: no task, no channels.
+    Dormant(Dormant<B>),
+    /// The task runs the session's requests.
+    Running(Running),
+    /// Closed without a task (hung up, or shut down, while dormant): the
+    /// broker has counted it out.
+    Closed,
+}
+
+/// What a dormant session keeps: what its task needs to start.
+struct Dormant<B: SessionBroker> {
+    broker: B,
+    shutdown: watch::Receiver<bool>,
+    /// Wakes the connection when the broker shuts down, so a dormant
+    /// session closes as an idle task would; made at the first poll.
+    shut_down: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// The ends of a running session's task.
+struct Running {
     requests: Option<mpsc::UnboundedSender<Vec<Request>>>,
     replies: mpsc::UnboundedReceiver<Response>,
     /// Dropped on hangup: a blocked reserve then ends `TIMED_OUT`.
     alive: Option<oneshot::Sender<()>>,
-    _broker: std::marker::PhantomData<B>,
 }
 
 impl<B: SessionBroker> OpSession<B> {
-    /// Starts the session's task on the current tokio runtime. `shutdown`
-    /// turns true when the broker begins shutting down: the session then
-    /// closes as soon as it holds no reserved job and is idle.
+    /// A session whose task starts on the current tokio runtime at its
+    /// first request. `shutdown` turns true when the broker begins shutting
+    /// down: the session then closes as soon as it holds no reserved job
+    /// and is idle.
     pub fn new(broker: B, id: u64, shutdown: watch::Receiver<bool>) -> OpSession<B> {
+        OpSession {
+            id,
+            stage: Stage::Dormant(Dormant {
+                broker,
+                shutdown,
+                shut_down: None,
+            }),
+        }
+    }
+
+    /// Closes a dormant session: the broker counts it out, as the end of
+    /// its task would have.
+    fn close_dormant(&mut self) {
+        if let Stage::Dormant(dormant) = std::mem::replace(&mut self.stage, Stage::Closed) {
+            dormant.broker.session_ended();
+        }
+    }
+}
+
+impl<B: SessionBroker> Dormant<B> {
+    /// Starts the session's task.
+    fn start(self) -> Running {
         let (requests, inbox) = mpsc::unbounded_channel();
         let (outbox, replies) = mpsc::unbounded_channel();
         let (alive, hung_up) = oneshot::channel();
         let worker = Worker {
-            broker,
+            broker: self.broker,
             using: default_tube(),
             watching: vec![default_tube()],
             leases: HashMap::new(),
             hung_up: Some(hung_up),
         };
-        let task = worker.run(inbox, outbox, shutdown);
-        // Every session's task is this size for as long as it lives, idle
-        // or not: the operations' futures it awaits are boxed to keep it so.
+        let task = worker.run(inbox, outbox, self.shutdown);
+        // Every running session's task is this size for as long as it
+        // lives: the operations' futures it awaits are boxed to keep it so.
         debug_assert!(
             std::mem::size_of_val(&task) <= SESSION_TASK_BYTES_MAX,
             "a session's task takes {} bytes",
             std::mem::size_of_val(&task)
         );
         tokio::spawn(task);
-        OpSession {
-            id,
+        Running {
             requests: Some(requests),
             replies,
             alive: Some(alive),
-            _broker: std::marker::PhantomData,
         }
+    }
+
+    /// Whether the broker has begun shutting down (or is gone); otherwise
+    /// the task is woken when it does.
+    fn poll_shut_down(&mut self, cx: &mut Context<'_>) -> bool {
+        if *self.shutdown.borrow() {
+            return true;
+        }
+        let shut_down = self.shut_down.get_or_insert_with(|| {
+            let mut shutdown = self.shutdown.clone();
+            Box::pin(async move {
+                // An error: the broker is gone, which ends sessions too.
+                let _ = shutdown.wait_for(|down| *down).await;
+            })
+        });
+        shut_down.as_mut().poll(cx).is_ready()
     }
 }
 
 impl<B: SessionBroker> std::fmt::Debug for OpSession<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stage = match &self.stage {
+            Stage::Dormant(_) => "dormant",
+            Stage::Running(running) if running.requests.is_some() => "running",
+            Stage::Running(_) => "hung up",
+            Stage::Closed => "closed",
+        };
         f.debug_struct("OpSession")
             .field("id", &self.id)
-            .field("open", &self.requests.is_some())
+            .field("stage", &stage)
             .finish_non_exhaustive()
     }
 }
@@ -154,21 +227,52 @@ impl<B: SessionBroker> Session for OpSession<B> {
     }
 
     fn submit(&mut self, requests: Vec<Request>) -> Result<(), BrokerError> {
-        match &self.requests {
-            Some(sender) => sender.send(requests).map_err(|_| BrokerError::Closed),
-            None => Err(BrokerError::Closed),
+        if matches!(self.stage, Stage::Dormant(_)) {
+            self.stage = match std::mem::replace(&mut self.stage, Stage::Closed) {
+                Stage::Dormant(dormant) if *dormant.shutdown.borrow() => {
+                    // An idle task would have closed already.
+                    dormant.broker.session_ended();
+                    return Err(BrokerError::Closed);
+                }
+                Stage::Dormant(dormant) => Stage::Running(dormant.start()),
+                other => other,
+            };
+        }
+        match &self.stage {
+            Stage::Running(Running {
+                requests: Some(sender),
+                ..
+            }) => sender.send(requests).map_err(|_| BrokerError::Closed),
+            _ => Err(BrokerError::Closed),
         }
     }
 
     fn hangup(&mut self) {
-        self.requests = None;
-        self.alive = None;
+        match &mut self.stage {
+            Stage::Dormant(_) => self.close_dormant(),
+            Stage::Running(running) => {
+                running.requests = None;
+                running.alive = None;
+            }
+            Stage::Closed => {}
+        }
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, out: &mut Vec<Response>) -> Poll<bool> {
+        let running = match &mut self.stage {
+            Stage::Running(running) => running,
+            Stage::Dormant(dormant) => {
+                if !dormant.poll_shut_down(cx) {
+                    return Poll::Pending;
+                }
+                self.close_dormant();
+                return Poll::Ready(false);
+            }
+            Stage::Closed => return Poll::Ready(false),
+        };
         let mut got = false;
         loop {
-            match self.replies.poll_recv(cx) {
+            match running.replies.poll_recv(cx) {
                 Poll::Ready(Some(reply)) => {
                     out.push(reply);
                     got = true;
@@ -178,6 +282,13 @@ impl<B: SessionBroker> Session for OpSession<B> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+impl<B: SessionBroker> Drop for OpSession<B> {
+    fn drop(&mut self) {
+        // A running session's task counts it out when it ends.
+        self.close_dormant();
     }
 }
 

@@ -857,6 +857,74 @@ async fn shutdown_ends_waits_and_closes_idle_sessions() {
     assert!(!closed, "then it closes too");
 }
 
+/// An idle beanstalkd session is a small record: its task and channels
+/// start at its first request (an idle PostgreSQL-backed connection cost
+/// 5.1 KiB with them). Opened, counted and closed as before; a started one
+/// still hands its lease back when its client hangs up.
+#[tokio::test]
+async fn a_session_starts_its_task_at_its_first_request() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let alive_tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    // Nothing awaits between the counts: no other task can start or end.
+    let before = alive_tasks();
+    let mut idle: Vec<_> = (0..100)
+        .map(|_| broker.open_session(Peer::default()).expect("session"))
+        .collect();
+    let mut worker = broker.open_session(Peer::default()).expect("session");
+    assert_eq!(alive_tasks(), before, "idle sessions start no task");
+    idle.truncate(50);
+    broker
+        .enqueue(queue("default"), job("held"))
+        .await
+        .expect("enqueue");
+    let before = alive_tasks();
+    worker.submit(vec![Request::Reserve]).expect("submit");
+    assert_eq!(alive_tasks(), before + 1, "the first request starts one");
+    let mut replies = Vec::new();
+    while replies.is_empty() {
+        let open = poll_fn(|cx| worker.poll_recv(cx, &mut replies)).await;
+        assert!(open, "the session closed");
+    }
+    let Response::Reserved { id, .. } = replies[0] else {
+        panic!("reserved: {replies:?}");
+    };
+    // The dormant ones were counted in and the dropped ones out, as
+    // running ones are.
+    let stats = server_stats(&mut idle[0]).await;
+    assert_eq!(
+        (stats.current_connections, stats.total_connections),
+        (51, 101)
+    );
+    // A dormant session that hangs up closes at once.
+    let mut last = idle.pop().expect("an idle session");
+    last.hangup();
+    let mut out = Vec::new();
+    assert!(!poll_fn(|cx| last.poll_recv(cx, &mut out)).await);
+    assert_eq!(
+        last.submit(vec![Request::ListTubeUsed]),
+        Err(BrokerError::Closed)
+    );
+    // The worker hangs up holding the job: it is released.
+    worker.hangup();
+    drop(worker);
+    let mut state = None;
+    for _ in 0..YIELDS_MAX {
+        let job = broker.call(Op::Get { id }).await.expect("get");
+        state = Some(job.into_job().expect("a job").state);
+        if state == Some(JobState::Ready) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(state, Some(JobState::Ready), "the lease is handed back");
+}
+
 fn schedule_spec(cron: &str, queue_name: &str) -> ScheduleSpec {
     ScheduleSpec {
         cron: cron.into(),

@@ -16,10 +16,15 @@
 //! are not connections, plus the live connections) and recounts only when
 //! the estimate nears the ceiling, at most every [`FD_RECOUNT_INTERVAL`], or
 //! right after `accept` failed with `EMFILE`/`ENFILE`; a recount also
-//! re-reads the soft limit, so a limit raised after start takes effect. The
-//! admission that recounts claims it under the lock, so others meanwhile
-//! go by the estimate rather than all reading `/proc` at once, and an
-//! admission that needs no recount takes the lock once.
+//! re-reads the soft limit, so a limit raised after start takes effect.
+//! The admission that recounts claims it under the lock and hands it to the
+//! registry's recount thread: listing `/proc/self/fd` takes ~16 ms at 16k
+//! fds (a second at a million), which on the accepting runtime thread held
+//! every connection and probe that thread serves. Admissions meanwhile go
+//! by the estimate, and the count replaces the estimate's base when it
+//! arrives; after `EMFILE`/`ENFILE` the estimate is known to be short, so
+//! admission refuses until that recount is in. An admission takes the lock
+//! once.
 //!
 //! Each admitted connection gets a [`ConnHandle`]; dropping it ends the
 //! connection's record and counts it as closed with its reason. A
@@ -33,7 +38,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -384,6 +389,12 @@ struct Inner {
     /// Open fds are counted from `/proc/self/fd`; false only in unit tests
     /// that give the base, so other tests' sockets cannot disturb them.
     counts_fds: bool,
+    /// Counts the process's open fds: `process::open_fd_count`, or a
+    /// stand-in that unit tests observe and hold.
+    count_fds: FdCounter,
+    /// Wakes the recount thread, started at the first recount; dropped
+    /// with the registry, which ends the thread.
+    recount_requests: OnceLock<mpsc::Sender<()>>,
     state: Mutex<State>,
     /// Woken whenever a connection ends, for `wait_until_none`.
     ended: tokio::sync::Notify,
@@ -406,11 +417,44 @@ struct State {
     fds_counted_at: Instant,
     /// `accept` failed for want of fds: recount at the next admission.
     recount_due: bool,
+    /// A recount is claimed and not yet applied: no other starts.
+    recount_running: bool,
+    /// `accept` failed for want of fds: the estimate is short of the real
+    /// count, so admission refuses until the next recount is applied.
+    refusing_until_recount: bool,
+    /// Fewest live connections since the running recount was claimed: its
+    /// count saw at least these, so the base it gives (count - these)
+    /// errs high (refusing a little early) however connections come and
+    /// go while it lists, never low (admitting past the ceiling).
+    live_low_water: u64,
+    /// Recounts claimed and recounts applied (their results in the
+    /// estimate), for tests.
+    recounts_started: u64,
+    recounts_applied: u64,
     /// The soft fd limit admission works against; `None`: no fd check.
     fd_limit: Option<u64>,
     /// Highest number of fds admission lets the process reach:
     /// `fd_limit - FD_HEADROOM`.
     fd_ceiling: u64,
+}
+
+/// What counts the process's open fds (see `Inner::count_fds`).
+struct FdCounter(Box<dyn Fn() -> io::Result<u64> + Send + Sync>);
+
+impl FdCounter {
+    fn process() -> FdCounter {
+        FdCounter(Box::new(process::open_fd_count))
+    }
+
+    fn count(&self) -> io::Result<u64> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for FdCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FdCounter")
+    }
 }
 
 /// The admission ceiling for an fd limit.
@@ -526,6 +570,22 @@ impl Connections {
         Connections::build(None, Some(fd_limit), false, None).with_base(fds_base)
     }
 
+    /// A registry whose recounts call `count_fds` (starting from a base of
+    /// `fds_base`), and whose first admission recounts: unit tests see
+    /// where and when a recount runs, and give it the count it finds.
+    #[cfg(test)]
+    fn with_fd_counter(
+        fd_limit: u64,
+        fds_base: u64,
+        count_fds: impl Fn() -> io::Result<u64> + Send + Sync + 'static,
+    ) -> Connections {
+        let mut registry = Connections::build(None, Some(fd_limit), false, Some(fds_base));
+        let inner = Arc::get_mut(&mut registry.inner).expect("not shared yet");
+        inner.count_fds = FdCounter(Box::new(count_fds));
+        lock(&inner.state).recount_due = true;
+        registry
+    }
+
     #[cfg(test)]
     fn with_base(self, fds_base: u64) -> Connections {
         lock(&self.inner.state).fds_base = fds_base;
@@ -550,6 +610,8 @@ impl Connections {
                 max_connections: max_connections.map(u64::from),
                 fd_limit_is_the_process_limit,
                 counts_fds,
+                count_fds: FdCounter::process(),
+                recount_requests: OnceLock::new(),
                 state: Mutex::new(State {
                     slots: Vec::new(),
                     free_slots: Vec::new(),
@@ -560,6 +622,11 @@ impl Connections {
                     fds_base,
                     fds_counted_at: now,
                     recount_due: false,
+                    recount_running: false,
+                    refusing_until_recount: false,
+                    live_low_water: 0,
+                    recounts_started: 0,
+                    recounts_applied: 0,
                     fd_limit,
                     fd_ceiling: fd_ceiling(fd_limit),
                 }),
@@ -574,20 +641,24 @@ impl Connections {
     pub fn try_admit(&self, protocol: Protocol) -> Result<ConnHandle, RejectReason> {
         let now = Instant::now();
         let mut state = lock(&self.inner.state);
-        if self.recount_wanted(&state, now) {
-            if let Some(reason) = self.refusal(&state, protocol, false) {
-                state.rejected[reason.index()] += 1;
-                return Err(reason);
-            }
+        if self.inner.recount_wanted(&state, now) {
             // Claimed under the lock, so admissions meanwhile use the
-            // estimate instead of all counting at once.
+            // estimate instead of all counting at once; counted on the
+            // recount thread, never on this one (a runtime thread).
             state.fds_counted_at = now;
             state.recount_due = false;
-            drop(state);
-            self.recount();
-            state = lock(&self.inner.state);
+            state.recount_running = true;
+            state.live_low_water = state.live;
+            state.recounts_started += 1;
+            if !self.request_recount() {
+                // No recount thread (it could not be started): count here,
+                // as the only way the estimate stays true.
+                drop(state);
+                self.inner.recount();
+                state = lock(&self.inner.state);
+            }
         }
-        if let Some(reason) = self.refusal(&state, protocol, true) {
+        if let Some(reason) = self.refusal(&state, protocol) {
             state.rejected[reason.index()] += 1;
             return Err(reason);
         }
@@ -633,13 +704,7 @@ impl Connections {
     }
 
     /// Why one more connection cannot be admitted now, if it cannot.
-    /// `checking_fds`: also check the fd estimate (after a recount).
-    fn refusal(
-        &self,
-        state: &State,
-        protocol: Protocol,
-        checking_fds: bool,
-    ) -> Option<RejectReason> {
+    fn refusal(&self, state: &State, protocol: Protocol) -> Option<RejectReason> {
         let cap = match protocol {
             Protocol::Beanstalk => self.inner.max_connections,
             Protocol::Http => Some(HTTP_CONNECTIONS_MAX),
@@ -651,52 +716,39 @@ impl Connections {
         let ceiling = state
             .fd_ceiling
             .saturating_sub(protocol.fds_reserved_for_others());
-        if checking_fds && state.fds_base + state.live + 1 > ceiling {
+        if state.fds_base + state.live + 1 > ceiling || state.refusing_until_recount {
             return Some(RejectReason::FdLimit);
         }
         None
     }
 
-    fn recount_wanted(&self, state: &State, now: Instant) -> bool {
-        if !self.inner.counts_fds
-            || (state.fd_limit.is_none() && !self.inner.fd_limit_is_the_process_limit)
-        {
-            return false;
-        }
-        if state.recount_due {
-            return true;
-        }
-        let estimate = state.fds_base + state.live + 1;
-        let near = estimate.saturating_mul(100)
-            >= state.fd_ceiling.saturating_mul(FD_RECOUNT_FROM_PERCENT);
-        near && now.duration_since(state.fds_counted_at) >= FD_RECOUNT_INTERVAL
-    }
-
-    /// Counts the open fds (outside the lock: it reads a directory) and
-    /// resets the estimate's base from it. The caller has claimed the
-    /// recount (`fds_counted_at`); on failure the old estimate stays until
-    /// the next interval.
-    fn recount(&self) {
-        let counted = process::open_fd_count();
-        let limit = if self.inner.fd_limit_is_the_process_limit {
-            process::fd_limit().ok()
-        } else {
-            None
+    /// Wakes the recount thread, starting it the first time; false if it
+    /// cannot be started. Called with the state locked (the send is a
+    /// queue push; starting the thread happens once).
+    fn request_recount(&self) -> bool {
+        let requests = match self.inner.recount_requests.get() {
+            Some(requests) => requests,
+            None => {
+                let (requests, received) = mpsc::channel();
+                let inner = Arc::downgrade(&self.inner);
+                let started = std::thread::Builder::new()
+                    .name("spool-fd-recount".to_string())
+                    .spawn(move || recount_thread(inner, received));
+                if let Err(e) = started {
+                    tracing::warn!(error = %e, "cannot start the fd recount thread");
+                    return false;
+                }
+                // Only admissions set it, under the state lock: it was empty.
+                self.inner.recount_requests.get_or_init(|| requests)
+            }
         };
-        let mut state = lock(&self.inner.state);
-        if let Ok(open) = counted {
-            state.fds_base = open.saturating_sub(state.live);
-        }
-        if let Some(limit) = limit {
-            state.fd_limit = Some(limit).filter(|&limit| limit != u64::MAX);
-            state.fd_ceiling = fd_ceiling(state.fd_limit);
-        }
+        requests.send(()).is_ok()
     }
 
     /// Notes a failed `accept`. Running out of fds (`EMFILE`, `ENFILE`) is
     /// counted as a refusal for `fd_limit` and makes the next admission
-    /// recount; the answer says whether it was that. The caller still
-    /// backs off before accepting again.
+    /// recount, refusing until that count is in; the answer says whether
+    /// it was that. The caller still backs off before accepting again.
     pub fn record_accept_error(&self, error: &io::Error) -> bool {
         let out_of_fds = matches!(
             error.raw_os_error(),
@@ -705,7 +757,10 @@ impl Connections {
         if out_of_fds {
             let mut state = lock(&self.inner.state);
             state.rejected[RejectReason::FdLimit.index()] += 1;
-            state.recount_due = true;
+            if self.inner.recounts(&state) {
+                state.recount_due = true;
+                state.refusing_until_recount = true;
+            }
         }
         out_of_fds
     }
@@ -716,6 +771,11 @@ impl Connections {
             let state = lock(&self.inner.state);
             state.slots.iter().flatten().cloned().collect()
         };
+        self.infos(entries)
+    }
+
+    /// What `entries` show, ordered by id.
+    fn infos(&self, entries: Vec<Arc<Entry>>) -> Vec<ConnectionInfo> {
         let now_ns = self.now_ns();
         let command_names = lock(&self.inner.command_names).clone();
         let mut infos: Vec<ConnectionInfo> = entries
@@ -741,6 +801,31 @@ impl Connections {
             .collect();
         infos.sort_by_key(|info| info.id);
         infos
+    }
+
+    /// Up to `limit` live connections with ids above `after`, oldest
+    /// first, and whether more follow them. Costs one pass over the live
+    /// entries (no sort of them all) and builds only the page.
+    pub fn list_page(&self, after: u64, limit: usize) -> (Vec<ConnectionInfo>, bool) {
+        let (entries, more) = {
+            let state = lock(&self.inner.state);
+            let mut later: Vec<&Arc<Entry>> = state
+                .slots
+                .iter()
+                .flatten()
+                .filter(|entry| entry.id > after)
+                .collect();
+            let more = later.len() > limit;
+            if more {
+                if limit > 0 {
+                    later.select_nth_unstable_by_key(limit - 1, |entry| entry.id);
+                }
+                later.truncate(limit);
+            }
+            let entries: Vec<Arc<Entry>> = later.into_iter().cloned().collect();
+            (entries, more)
+        };
+        (self.infos(entries), more)
     }
 
     /// Lifecycle figures per protocol and refusals.
@@ -831,7 +916,62 @@ impl Connections {
     }
 }
 
+/// The recount thread: counts the open fds whenever an admission asks,
+/// off the runtime threads; ends with the registry.
+fn recount_thread(inner: Weak<Inner>, requests: mpsc::Receiver<()>) {
+    while requests.recv().is_ok() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.recount();
+    }
+}
+
 impl Inner {
+    /// Whether this registry counts fds at all: it has an fd limit to
+    /// admit against, and counts rather than taking a given base.
+    fn recounts(&self, state: &State) -> bool {
+        self.counts_fds && (state.fd_limit.is_some() || self.fd_limit_is_the_process_limit)
+    }
+
+    fn recount_wanted(&self, state: &State, now: Instant) -> bool {
+        if !self.recounts(state) || state.recount_running {
+            return false;
+        }
+        if state.recount_due {
+            return true;
+        }
+        let estimate = state.fds_base + state.live + 1;
+        let near = estimate.saturating_mul(100)
+            >= state.fd_ceiling.saturating_mul(FD_RECOUNT_FROM_PERCENT);
+        near && now.duration_since(state.fds_counted_at) >= FD_RECOUNT_INTERVAL
+    }
+
+    /// Counts the open fds (outside the lock: it reads a directory) and
+    /// resets the estimate's base from it. An admission has claimed the
+    /// recount (`recount_running`); on failure the old estimate stays until
+    /// the next interval.
+    fn recount(&self) {
+        let counted = self.count_fds.count();
+        let limit = if self.fd_limit_is_the_process_limit {
+            process::fd_limit().ok()
+        } else {
+            None
+        };
+        let mut state = lock(&self.state);
+        if let Ok(open) = counted {
+            let live_seen = state.live_low_water.min(state.live);
+            state.fds_base = open.saturating_sub(live_seen);
+        }
+        if let Some(limit) = limit {
+            state.fd_limit = Some(limit).filter(|&limit| limit != u64::MAX);
+            state.fd_ceiling = fd_ceiling(state.fd_limit);
+        }
+        state.recount_running = false;
+        state.refusing_until_recount = false;
+        state.recounts_applied += 1;
+    }
+
     /// The byte an entry stores for `command` (0 when the list is full).
     fn command_index(&self, command: &'static str) -> u8 {
         let mut names = lock(&self.command_names);
@@ -978,6 +1118,7 @@ impl Drop for ConnHandle {
                 state.free_slots.push(entry.slot);
             }
             state.live = state.live.saturating_sub(1);
+            state.live_low_water = state.live_low_water.min(state.live);
             let totals = &mut state.protocols[entry.protocol.index()];
             totals.active = totals.active.saturating_sub(1);
             totals.closed[reason.index()] += 1;
@@ -1134,6 +1275,111 @@ mod tests {
         drop(beanstalk);
     }
 
+    /// A stand-in for counting `/proc/self/fd`: each count says which
+    /// thread it ran on, then waits for the test to give the number it
+    /// finds.
+    struct HeldCount {
+        counted_on: mpsc::Receiver<std::thread::ThreadId>,
+        finds: mpsc::Sender<u64>,
+    }
+
+    /// A registry with `fds_base` fds open besides its connections, an fd
+    /// limit with room for `room` beanstalkd connections above them, and
+    /// its recounts held by the test; its first admission recounts.
+    fn registry_with_held_recounts(fds_base: u64, room: u64) -> (Connections, HeldCount) {
+        let (report, counted_on) = mpsc::channel();
+        let (finds, found) = mpsc::channel();
+        let (report, found) = (Mutex::new(report), Mutex::new(found));
+        let limit = fds_base + FD_HEADROOM + HTTP_FD_RESERVE + room;
+        let registry = Connections::with_fd_counter(limit, fds_base, move || {
+            let _ = lock(&report).send(std::thread::current().id());
+            // Bounded, so that a count made on the admitting thread (which
+            // the test then holds up) fails the test instead of hanging it.
+            lock(&found)
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| io::Error::other("the test gave no count"))
+        });
+        (registry, HeldCount { counted_on, finds })
+    }
+
+    impl Connections {
+        /// (recounts claimed, recounts applied).
+        fn recounts(&self) -> (u64, u64) {
+            let state = lock(&self.inner.state);
+            (state.recounts_started, state.recounts_applied)
+        }
+
+        /// Waits (bounded) until `applied` recounts are in the estimate.
+        fn wait_for_recounts_applied(&self, applied: u64) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.recounts().1 < applied {
+                assert!(Instant::now() < deadline, "no recount applied");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_recount_runs_off_the_admitting_thread_which_goes_by_the_estimate_meanwhile() {
+        let base = 10;
+        let (registry, held) = registry_with_held_recounts(base, 5);
+        // Admitted by the estimate while its recount waits on the test,
+        // which would block here if the admission counted itself.
+        let first = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let counted_on = held.counted_on.recv().unwrap();
+        assert_ne!(counted_on, std::thread::current().id());
+        // While it counts, admissions go by the estimate and start no other.
+        let second = registry.try_admit(Protocol::Beanstalk).unwrap();
+        assert_eq!(registry.recounts(), (1, 0));
+        assert_eq!(registry.metrics().fds_estimate, base + 2);
+        // The count finds 100 fds opened outside the registry: once it is
+        // in, the estimate has them, and the ceiling refuses.
+        held.finds.send(base + 2 + 100).unwrap();
+        registry.wait_for_recounts_applied(1);
+        // The count may not have seen connections admitted while it ran:
+        // it is taken to have seen the fewest that were live (none here),
+        // so the base errs high, never low.
+        assert_eq!(registry.metrics().fds_estimate, base + 102 + 2);
+        assert_eq!(
+            registry.try_admit(Protocol::Http).unwrap_err(),
+            RejectReason::FdLimit
+        );
+        // Within the interval, no admission recounts again.
+        assert_eq!(registry.recounts(), (1, 1));
+        drop((first, second));
+    }
+
+    #[test]
+    fn out_of_fds_refuses_until_the_recount_is_in() {
+        let base = 10;
+        let (registry, held) = registry_with_held_recounts(base, 5);
+        let first = registry.try_admit(Protocol::Beanstalk).unwrap();
+        held.counted_on.recv().unwrap();
+        held.finds.send(base + 1).unwrap();
+        registry.wait_for_recounts_applied(1);
+        // accept failed for want of fds: the estimate (room for 4 more) is
+        // wrong, so the next admissions are refused, and the first starts
+        // a recount.
+        assert!(registry.record_accept_error(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert_eq!(
+            registry.try_admit(Protocol::Beanstalk).unwrap_err(),
+            RejectReason::FdLimit
+        );
+        let counted_on = held.counted_on.recv().unwrap();
+        assert_ne!(counted_on, std::thread::current().id());
+        assert_eq!(
+            registry.try_admit(Protocol::Http).unwrap_err(),
+            RejectReason::FdLimit
+        );
+        assert_eq!(registry.recounts(), (2, 1));
+        // The count finds the fds that ran out freed again: admitted.
+        held.finds.send(base + 1).unwrap();
+        registry.wait_for_recounts_applied(2);
+        let _second = registry.try_admit(Protocol::Beanstalk).unwrap();
+        assert_eq!(registry.metrics().rejected(RejectReason::FdLimit), 3);
+        drop(first);
+    }
+
     #[test]
     fn accept_out_of_fds_counts_as_fd_limit() {
         let registry = Connections::with_fd_limit(None, None);
@@ -1175,6 +1421,39 @@ mod tests {
             (beanstalk.bytes_in_total, beanstalk.bytes_out_total),
             (9, 20)
         );
+    }
+
+    #[test]
+    fn pages_list_every_connection_once_in_order() {
+        let registry = Connections::with_fd_limit(None, None);
+        let mut handles: Vec<ConnHandle> = (0..10)
+            .map(|_| registry.try_admit(Protocol::Beanstalk).unwrap())
+            .collect();
+        // A freed slot is reused by a later connection: slot order is not
+        // id order.
+        handles.remove(2);
+        handles.push(registry.try_admit(Protocol::Http).unwrap());
+        let all: Vec<u64> = registry.list().iter().map(|info| info.id).collect();
+        assert_eq!(all.len(), 10);
+        for limit in 1..=11 {
+            let (mut seen, mut after) = (Vec::new(), 0);
+            loop {
+                let (page, more) = registry.list_page(after, limit);
+                assert!(page.len() <= limit);
+                seen.extend(page.iter().map(|info| info.id));
+                match page.last() {
+                    Some(last) if more => after = last.id,
+                    _ => {
+                        assert!(!more);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(seen, all, "pages of {limit}");
+        }
+        let (page, more) = registry.list_page(u64::MAX, 5);
+        assert!(page.is_empty() && !more);
+        drop(handles);
     }
 
     #[test]

@@ -51,15 +51,29 @@ pub const HTTP_FD_RESERVE: u64 = 8;
 /// Longest time the admission's estimate of open fds (fds open at the last
 /// count + live connections) may go without a recount from `/proc/self/fd`
 /// while connections are near the limit. Counting costs a directory read of
-/// every fd, too much per accept at high connection rates, and the estimate
-/// drifts only by fds opened outside the registry, which the headroom covers.
+/// every fd before Linux 6.2 (~16 ms at 16k fds; a count of the fd table's
+/// bits after), too much per accept at high connection rates, and the
+/// estimate drifts only by fds opened outside the registry, which the
+/// headroom covers. The count runs on the registry's own thread.
 pub const FD_RECOUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The estimate is recounted only once it passes this share of the fd
 /// ceiling (limit - headroom), in percent: below it a drift of a few fds
 /// cannot matter, and a recount with thousands of fds open costs
-/// milliseconds on the single runtime thread.
+/// milliseconds of CPU where the kernel lists them (before Linux 6.2).
 pub const FD_RECOUNT_FROM_PERCENT: u64 = 75;
+
+/// Connections one `/admin/connections` reply lists when the request gives
+/// no `limit`: every connection of a server that a person reads through
+/// (`spool conns`) in one page, while a server holding tens of thousands
+/// answers with a page (about 180 KiB of JSON) instead of building
+/// megabytes on an HTTP worker (16,700 connections: 2.9 MiB in 50-300 ms).
+pub const ADMIN_CONNECTIONS_PAGE_DEFAULT: usize = 1_000;
+
+/// Most connections one `/admin/connections` reply lists (`limit` above it
+/// is refused): about 1.8 MiB of JSON and a few tens of ms on the HTTP
+/// worker that builds it, which serves probes meanwhile.
+pub const ADMIN_CONNECTIONS_PAGE_MAX: usize = 10_000;
 
 /// Pending connections the beanstalkd listener asks the kernel to queue
 /// before `accept`. A fleet of workers reconnecting at once after a deploy

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::client::{Client, ServerArgs};
+use spool_server::limits::ADMIN_CONNECTIONS_PAGE_MAX;
 
 /// How often `spool top` refreshes.
 const TOP_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -52,13 +53,35 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
 
 /// `spool conns`.
 pub fn conns(args: StatsArgs) -> anyhow::Result<()> {
-    let conns = Client::new(&args.server)?.get("/admin/connections")?;
+    let conns = all_connections(&Client::new(&args.server)?)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&conns)?);
     } else {
         print!("{}", render_connections(&conns));
     }
     Ok(())
+}
+
+/// Every page of `/admin/connections`, as one list: the server answers a
+/// page at a time (`next`: the `after` of the next page; a server from
+/// before paging answers all at once, without it).
+fn all_connections(client: &Client) -> anyhow::Result<Value> {
+    let mut all = Vec::new();
+    let mut path = format!("/admin/connections?limit={ADMIN_CONNECTIONS_PAGE_MAX}");
+    loop {
+        let mut page = client.get(&path)?;
+        if let Some(Value::Array(list)) = page.get_mut("connections").map(Value::take) {
+            all.extend(list);
+        }
+        // Ids only grow, so following `next` ends.
+        match page.get("next").and_then(Value::as_u64) {
+            Some(next) => {
+                path =
+                    format!("/admin/connections?limit={ADMIN_CONNECTIONS_PAGE_MAX}&after={next}");
+            }
+            None => return Ok(serde_json::json!({ "connections": all })),
+        }
+    }
 }
 
 /// `spool top`.

@@ -14,10 +14,11 @@ use axum::Json;
 use serde_json::{json, Value};
 use spool_engine::{EngineSnapshot, QueueSnapshot, SessionSnapshot, SnapshotScope};
 
-use super::jobs::PolicyOut;
+use super::jobs::{invalid, number_param, query, PolicyOut, QueryPairs};
 use super::metrics::{ProcessFigures, RuntimeFigures};
 use super::{ApiError, HttpState};
 use crate::durable::StorageStats;
+use crate::limits::{ADMIN_CONNECTIONS_PAGE_DEFAULT, ADMIN_CONNECTIONS_PAGE_MAX};
 use spool_broker::{Broker, Op, Outcome, ScheduleSnapshot};
 
 /// Quantile shown as a queue's wait figure: the p99 an on-call engineer
@@ -199,9 +200,24 @@ fn session_json(session: &SessionSnapshot) -> Value {
     })
 }
 
+/// A page of the live connections, oldest first: `?limit=` of them (at
+/// most [`ADMIN_CONNECTIONS_PAGE_MAX`], [`ADMIN_CONNECTIONS_PAGE_DEFAULT`]
+/// when not given) with ids above `?after=`. `next` is the id to pass as
+/// `after` for the next page, `null` on the last: a server with fewer
+/// connections than the default answers them all, as before paging.
 pub(super) async fn connections<B: Broker>(
     State(state): State<Arc<HttpState<B>>>,
+    params: QueryPairs,
 ) -> Result<Json<Value>, ApiError> {
+    let params = query(params, &["limit", "after"])?;
+    let limit = number_param::<usize>(&params, "limit")?.unwrap_or(ADMIN_CONNECTIONS_PAGE_DEFAULT);
+    if !(1..=ADMIN_CONNECTIONS_PAGE_MAX).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            format!("1 to {ADMIN_CONNECTIONS_PAGE_MAX} connections per page"),
+        ));
+    }
+    let after = number_param::<u64>(&params, "after")?.unwrap_or(0);
     // Sessions only exist once there is a broker; before that the list
     // still shows the (HTTP) connections.
     let snapshot = match state.broker() {
@@ -213,9 +229,9 @@ pub(super) async fn connections<B: Broker>(
         .flat_map(|s| &s.sessions)
         .map(|s| (s.conn_id, s))
         .collect();
-    let list: Vec<Value> = state
-        .connections
-        .list()
+    let (page, more) = state.connections.list_page(after, limit);
+    let next = page.last().filter(|_| more).map(|last| last.id);
+    let list: Vec<Value> = page
         .into_iter()
         .map(|conn| {
             let session = conn
@@ -236,7 +252,7 @@ pub(super) async fn connections<B: Broker>(
             })
         })
         .collect();
-    Ok(Json(json!({ "connections": list })))
+    Ok(Json(json!({ "connections": list, "next": next })))
 }
 
 pub(super) async fn get_log_level<B: Broker>(

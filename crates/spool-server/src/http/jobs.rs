@@ -249,7 +249,7 @@ pub(super) fn query(
     Ok(params)
 }
 
-fn number_param<T: std::str::FromStr>(
+pub(super) fn number_param<T: std::str::FromStr>(
     params: &BTreeMap<String, String>,
     name: &str,
 ) -> Result<Option<T>, ApiError> {

@@ -305,6 +305,50 @@ async fn log_level_changes_through_the_setter() {
 }
 
 #[tokio::test]
+async fn admin_connections_pages_through_every_connection() {
+    let server = TestServer::start(None, HttpLimits::default()).await;
+    server.attach_broker();
+    let handles: Vec<_> = (0..5)
+        .map(|_| {
+            server
+                .connections
+                .try_admit(crate::connections::Protocol::Beanstalk)
+                .unwrap()
+        })
+        .collect();
+    let mut ids: Vec<u64> = handles.iter().map(|handle| handle.id()).collect();
+    // Without paging parameters, a short list is the whole list (this
+    // request's own HTTP connection among it), as before paging.
+    let whole = server.get("/admin/connections").await.json();
+    assert_eq!(whole["next"], serde_json::Value::Null);
+    let listed = whole["connections"].as_array().unwrap();
+    assert_eq!(listed.len(), ids.len() + 1, "{whole}");
+    // Two at a time: each of them once, in order (each request adds its
+    // own connection after them).
+    let mut seen = Vec::new();
+    let mut path = "/admin/connections?limit=2".to_string();
+    for _ in 0..10 {
+        let page = server.get(&path).await.json();
+        let list = page["connections"].as_array().unwrap();
+        assert!(list.len() <= 2, "{page}");
+        seen.extend(list.iter().map(|c| c["id"].as_u64().unwrap()));
+        match page["next"].as_u64() {
+            Some(next) => path = format!("/admin/connections?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    seen.retain(|id| ids.contains(id));
+    ids.sort_unstable();
+    assert_eq!(seen, ids);
+    for bad in ["limit=0", "limit=10001", "limit=-1", "after=x", "page=2"] {
+        let reply = server.get(&format!("/admin/connections?{bad}")).await;
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
+    }
+    drop(handles);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn admin_needs_the_token_probes_and_metrics_do_not() {
     let server = TestServer::start(Some("s3cret"), HttpLimits::default()).await;
     server.attach_broker();
