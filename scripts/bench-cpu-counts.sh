@@ -21,6 +21,9 @@
 #   RUNS [3]          runs per server
 #   TIME_LIMIT [60]   hard cap in seconds for each bench run
 #   CALLGRIND [0]     1: also the user-space instruction count (10,000 jobs)
+#   SCHED_BATCH [0]   1: the client runs under SCHED_BATCH (`spool bench
+#                     --sched-batch`: a reply that wakes it does not make it
+#                     preempt the server); the same for both servers
 #   BIN [target/release/spool]  (built first unless BIN is given)
 set -euo pipefail
 
@@ -31,6 +34,7 @@ JOBS=${JOBS:-50000}
 RUNS=${RUNS:-3}
 TIME_LIMIT=${TIME_LIMIT:-60}
 CALLGRIND=${CALLGRIND:-0}
+SCHED_BATCH=${SCHED_BATCH:-0}
 BIN_GIVEN=${BIN:-}
 BIN=${BIN:-target/release/spool}
 PORT=11620
@@ -52,10 +56,12 @@ if [[ ${1:-} == --one-run ]]; then
         (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
         sleep 0.1
     done
+    client_flags=()
+    ((SCHED_BATCH)) && client_flags+=(--sched-batch)
     load() {
         timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$PORT" \
             --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
-            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2"
+            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2" "${client_flags[@]}"
     }
     load 5000 warm >/dev/null
     # CPU time in ns (schedstat's first field, summed over threads) and
@@ -84,7 +90,7 @@ if [[ ${1:-} == --one-run ]]; then
     result=$(perf stat -x, -o "$counts/client" -e task-clock,context-switches -- \
         timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$PORT" \
         --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
-        --pipeline 1 --body-size 100 --jobs "$JOBS" --tube measured)
+        --pipeline 1 --body-size 100 --jobs "$JOBS" --tube measured "${client_flags[@]}")
     after=$(counters)
     kill -INT "$perf_server" 2>/dev/null || true
     wait "$perf_server" 2>/dev/null || true
@@ -115,7 +121,7 @@ if [[ -z $BIN_GIVEN ]]; then
     cargo build --release -p spool >&2
 fi
 BIN=$(realpath "$BIN")
-export BIN JOBS TIME_LIMIT
+export BIN JOBS TIME_LIMIT SCHED_BATCH
 
 declare -A ROWS
 for ((run = 1; run <= RUNS; run++)); do
@@ -133,7 +139,7 @@ median() {
 }
 
 echo
-echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server$( ((SCHED_BATCH)) && echo ", client SCHED_BATCH"); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-36s %12s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio"
 col=1
 for what in "server CPU (us)" "voluntary context switches" "involuntary context switches" \

@@ -799,13 +799,40 @@ mod tests {
     #[test]
     fn byte_level_decoder_agrees_with_the_str_one() {
         let words: &[&[u8]] = &[
-            b"RESERVED", b"FOUND", b"OK", b"INSERTED", b"BURIED", b"USING", b"WATCHING",
-            b"KICKED", b"DELETED", b"TIMED_OUT", b"NOT_FOUND", b"PAUSED", b"", b"reserved",
-            b"RESERVED\xff", b"DELETED\xc3\xa9", b"X",
+            b"RESERVED",
+            b"FOUND",
+            b"OK",
+            b"INSERTED",
+            b"BURIED",
+            b"USING",
+            b"WATCHING",
+            b"KICKED",
+            b"DELETED",
+            b"TIMED_OUT",
+            b"NOT_FOUND",
+            b"PAUSED",
+            b"",
+            b"reserved",
+            b"RESERVED\xff",
+            b"DELETED\xc3\xa9",
+            b"X",
         ];
         let args: &[&[u8]] = &[
-            b"0", b"7", b"3", b"42", b"+1", b"-1", b"", b"1a", b"18446744073709551615",
-            b"18446744073709551616", b"4294967296", b"tube", b"t\xc3\xa9", b"\xff", b"05",
+            b"0",
+            b"7",
+            b"3",
+            b"42",
+            b"+1",
+            b"-1",
+            b"",
+            b"1a",
+            b"18446744073709551615",
+            b"18446744073709551616",
+            b"4294967296",
+            b"tube",
+            b"t\xc3\xa9",
+            b"\xff",
+            b"05",
         ];
         let ends: &[&[u8]] = &[b"\r\n", b"\r", b"\n", b"\rx\r\n", b""];
         let bodies: &[&[u8]] = &[b"", b"abc\r\n", b"ab\r\n", b"\r\nabcdefg\r\n", b"abc"];
@@ -832,7 +859,12 @@ mod tests {
             assert_decoders_agree(next(8) as u64, &stream);
         }
         // Lines at and past the window.
-        for len in [LINE_MAX_BYTES - 3, LINE_MAX_BYTES - 2, LINE_MAX_BYTES - 1, LINE_MAX_BYTES] {
+        for len in [
+            LINE_MAX_BYTES - 3,
+            LINE_MAX_BYTES - 2,
+            LINE_MAX_BYTES - 1,
+            LINE_MAX_BYTES,
+        ] {
             let mut stream = vec![b'A'; len];
             stream.extend_from_slice(b"\r\n");
             assert_decoders_agree(10, &stream);
