@@ -8,8 +8,11 @@
 # count this run's segments only. Servers alternate run by run. Per job it
 # prints: the server's CPU time (all threads), its voluntary and
 # involuntary context switches, TCP segments sent (both directions: the
-# protocol needs 4) and pure ACKs among them; then the median of the runs
-# and spool's ratio to beanstalkd. With CALLGRIND=1 it also counts spool's
+# protocol needs 4) and pure ACKs among them, the client's CPU time and
+# context switches (it shares the cores: server + client CPU per job bounds
+# the throughput) and the server's system calls (perf's counters, "-"
+# without perf); then the median of the runs and spool's ratio to
+# beanstalkd. With CALLGRIND=1 it also counts spool's
 # user-space instructions per job under callgrind (valgrind), which do not
 # depend on the machine's load at all.
 #
@@ -18,6 +21,9 @@
 #   RUNS [3]          runs per server
 #   TIME_LIMIT [60]   hard cap in seconds for each bench run
 #   CALLGRIND [0]     1: also the user-space instruction count (10,000 jobs)
+#   SCHED_BATCH [0]   1: the client runs under SCHED_BATCH (`spool bench
+#                     --sched-batch`: a reply that wakes it does not make it
+#                     preempt the server); the same for both servers
 #   BIN [target/release/spool]  (built first unless BIN is given)
 set -euo pipefail
 
@@ -28,6 +34,7 @@ JOBS=${JOBS:-50000}
 RUNS=${RUNS:-3}
 TIME_LIMIT=${TIME_LIMIT:-60}
 CALLGRIND=${CALLGRIND:-0}
+SCHED_BATCH=${SCHED_BATCH:-0}
 BIN_GIVEN=${BIN:-}
 BIN=${BIN:-target/release/spool}
 PORT=11620
@@ -49,10 +56,12 @@ if [[ ${1:-} == --one-run ]]; then
         (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
         sleep 0.1
     done
+    client_flags=()
+    ((SCHED_BATCH)) && client_flags+=(--sched-batch)
     load() {
         timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$PORT" \
             --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
-            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2"
+            --pipeline 1 --body-size 100 --jobs "$1" --tube "$2" "${client_flags[@]}"
     }
     load 5000 warm >/dev/null
     # CPU time in ns (schedstat's first field, summed over threads) and
@@ -68,22 +77,43 @@ if [[ ${1:-} == --one-run ]]; then
         done
         echo "$ns $vol $invol"
     }
+    # perf's software counters (not strace, which slows a server ~20x):
+    # the server's system calls, and the client's CPU time and context
+    # switches (the client shares the two cores with the server).
+    counts=$(mktemp -d)
+    trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$counts"' EXIT
+    perf stat -x, -o "$counts/server" -e raw_syscalls:sys_enter -p "$server" 2>/dev/null &
+    perf_server=$!
+    sleep 0.5
     nstat -n
     before=$(counters)
-    result=$(load "$JOBS" measured)
+    result=$(perf stat -x, -o "$counts/client" -e task-clock,context-switches -- \
+        timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:$PORT" \
+        --time-limit-secs "$TIME_LIMIT" --mode mixed --producers 4 --consumers 4 \
+        --pipeline 1 --body-size 100 --jobs "$JOBS" --tube measured "${client_flags[@]}")
     after=$(counters)
+    kill -INT "$perf_server" 2>/dev/null || true
+    wait "$perf_server" 2>/dev/null || true
     grep -q '"complete":true' <<<"$result" || { log "$name: the bench run did not complete"; exit 1; }
     read -r segs acks < <(nstat -z TcpOutSegs TcpExtTCPPureAcks | awk '
         $1 == "TcpOutSegs" { s = $2 } $1 == "TcpExtTCPPureAcks" { a = $2 } END { print s + 0, a + 0 }')
+    # task-clock is in ms; "-" where perf counted nothing.
+    perf_count() { awk -F, -v e="$2" '$3 == e && $1 ~ /^[0-9.]+$/ { v = $1 } END { print (v == "" ? "-" : v) }' "$counts/$1" 2>/dev/null || echo -; }
+    client_ms=$(perf_count client task-clock)
+    client_cs=$(perf_count client context-switches)
+    syscalls=$(perf_count server raw_syscalls:sys_enter)
     jobs_done=$(grep -o '"jobs_done":[0-9]*' <<<"$result" | cut -d: -f2)
-    echo "$before $after $segs $acks $jobs_done" | awk '{
-        n = $9; printf "%.2f %.3f %.3f %.2f %.3f\n",
-            ($4 - $1) / 1000 / n, ($5 - $2) / n, ($6 - $3) / n, $7 / n, $8 / n }'
+    echo "$before $after $segs $acks $jobs_done $client_ms $client_cs $syscalls" | awk '
+        function per(v, scale, fmt) { return v == "-" ? "-" : sprintf(fmt, v * scale / $9) }
+        {
+        n = $9; printf "%.2f %.3f %.3f %.2f %.3f %s %s %s\n",
+            ($4 - $1) / 1000 / n, ($5 - $2) / n, ($6 - $3) / n, $7 / n, $8 / n,
+            per($10, 1000, "%.2f"), per($11, 1, "%.3f"), per($12, 1, "%.2f") }'
     exit 0
 fi
 
 [[ $(id -u) == 0 ]] || { log "needs root (unshare -n for a private loopback)"; exit 1; }
-for tool in unshare nstat ip beanstalkd; do
+for tool in unshare nstat ip beanstalkd perf; do
     command -v "$tool" >/dev/null || { log "missing $tool"; exit 1; }
 done
 if [[ -z $BIN_GIVEN ]]; then
@@ -91,7 +121,7 @@ if [[ -z $BIN_GIVEN ]]; then
     cargo build --release -p spool >&2
 fi
 BIN=$(realpath "$BIN")
-export BIN JOBS TIME_LIMIT
+export BIN JOBS TIME_LIMIT SCHED_BATCH
 
 declare -A ROWS
 for ((run = 1; run <= RUNS; run++)); do
@@ -109,11 +139,12 @@ median() {
 }
 
 echo
-echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server$( ((SCHED_BATCH)) && echo ", client SCHED_BATCH"); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-36s %12s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio"
 col=1
 for what in "server CPU (us)" "voluntary context switches" "involuntary context switches" \
-    "TCP segments (both ways)" "pure ACK segments"; do
+    "TCP segments (both ways)" "pure ACK segments" "client CPU (us)" \
+    "client context switches" "server syscalls"; do
     b=$(median "$col" beanstalkd) s=$(median "$col" spool)
     r=$(awk -v a="$s" -v b="$b" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }')
     printf '%-36s %12s %12s %7s\n' "$what" "$b" "$s" "$r"

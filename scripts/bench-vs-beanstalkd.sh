@@ -16,6 +16,9 @@
 #   TIME_LIMIT [120]       hard cap in seconds for each bench run
 #   THREADS [1]            client threads (the client shares the CPUs with
 #                          the server under test)
+#   SCHED_BATCH [0]        1: the client runs under SCHED_BATCH (`spool bench
+#                          --sched-batch`), so it does not preempt the server
+#                          when a reply wakes it; the same for both servers
 #   BEANSTALKD_PORT [11610], SPOOL_PORT [11611]
 #   OUT [target/bench-vs-beanstalkd]  raw JSON results of every run
 #   BIN [target/release/spool]  (built first unless BIN is given: e.g. a
@@ -30,6 +33,9 @@ STRACE_JOBS=${STRACE_JOBS:-5000}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-"10000 50000"}
 TIME_LIMIT=${TIME_LIMIT:-120}
 THREADS=${THREADS:-1}
+SCHED_BATCH=${SCHED_BATCH:-0}
+CLIENT_FLAGS=()
+((SCHED_BATCH)) && CLIENT_FLAGS+=(--sched-batch)
 BEANSTALKD_PORT=${BEANSTALKD_PORT:-11610}
 SPOOL_PORT=${SPOOL_PORT:-11611}
 OUT=${OUT:-target/bench-vs-beanstalkd}
@@ -123,7 +129,7 @@ bench() {
     local before after rc=0 jobs_done
     before=$(cpu_ticks "${PID[$name]}")
     timeout $((TIME_LIMIT + 30)) "$BIN" bench --json --addr "127.0.0.1:${PORT[$name]}" \
-        --time-limit-secs "$TIME_LIMIT" --threads "$THREADS" "$@" >"$file" || rc=$?
+        --time-limit-secs "$TIME_LIMIT" --threads "$THREADS" "${CLIENT_FLAGS[@]}" "$@" >"$file" || rc=$?
     after=$(cpu_ticks "${PID[$name]}")
     jobs_done=$(json "$file" jobs_done)
     if ((rc != 0)) || ! grep -q '"complete":true' "$file"; then
@@ -245,7 +251,7 @@ done
 # --- report -------------------------------------------------------------------
 echo
 echo "spool vs beanstalkd $(beanstalkd -v 2>&1 | awk '{print $2}'), $JOBS jobs per load, 100-byte bodies, best of $RUNS run(s),"
-echo "client: spool bench, $THREADS thread(s); $(nproc) CPUs shared by client and server"
+echo "client: spool bench, $THREADS thread(s)$( ((SCHED_BATCH)) && echo ", SCHED_BATCH"); $(nproc) CPUs shared by client and server"
 echo "ratio = spool / beanstalkd (ops/s: higher is better; latency, CPU, syscalls, memory: lower is better)"
 echo
 echo "latency: p99 in microseconds of put and of reserve requests (send to reply)"

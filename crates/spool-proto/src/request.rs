@@ -578,7 +578,12 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             None => write!(out, "reserve-with-timeout -1"),
         },
         Request::ReserveJob(id) => write!(out, "reserve-job {id}"),
-        Request::Delete(id) => write!(out, "delete {id}"),
+        // A worker sends one per job: no `core::fmt` for it.
+        Request::Delete(id) => {
+            out.extend_from_slice(b"delete ");
+            crate::response::push_decimal(out, *id);
+            Ok(())
+        }
         Request::Release {
             id,
             pri,
@@ -781,5 +786,15 @@ mod tests {
         }
         let decoded: Vec<_> = decode_all(&wire).into_iter().map(Result::unwrap).collect();
         assert_eq!(decoded, requests);
+    }
+
+    #[test]
+    fn delete_is_written_digit_by_digit() {
+        for id in [0, 7, 10, 123_456, u64::MAX] {
+            let mut wire = Vec::new();
+            encode_request(&Request::Delete(id), &mut wire);
+            assert_eq!(wire, format!("delete {id}\r\n").into_bytes());
+            assert_eq!(decode_all(&wire), vec![Ok(Request::Delete(id))]);
+        }
     }
 }

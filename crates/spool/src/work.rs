@@ -318,8 +318,9 @@ fn failure_text(status: ExitStatus, stderr: &[u8]) -> String {
     format!("{head}: {}", &text[start..])
 }
 
-/// Signals to a job's process group. The one place `spool` calls libc:
-/// `kill(2)` on a group (a negative pid) has no safe std equivalent, and
+/// Signals to a job's process group. One of the two places `spool` calls
+/// libc (the other: `spool bench --sched-batch`): `kill(2)` on a group (a
+/// negative pid) has no safe std equivalent, and
 /// `Child::kill` reaches only the leader, not what it started.
 mod group {
     #![allow(unsafe_code)]
