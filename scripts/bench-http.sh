@@ -116,7 +116,7 @@ bench http-enqueue --mode http-enqueue --producers 16 --body-size 100 --jobs "$J
 bench http-batch --mode http-batch --producers 2 --enqueue-batch 1000 --body-size 100 \
     --jobs "$BATCH_JOBS" --tube "hb-$TAG"
 bench http-work --mode http-work --producers 2 --enqueue-batch 100 --consumers 4 \
-    --reserve-batch 32 --body-size 100 --jobs "$JOBS" --tube "hw-$TAG"
+    --reserve-batch 32 --complete-each --body-size 100 --jobs "$JOBS" --tube "hw-$TAG"
 bench http-wait --mode http-wait --producers 16 --consumers 4 --reserve-batch 32 \
     --rate "$WAIT_RATE" --duration-secs "$DURATION" --body-size 100 --jobs 1000000 --tube "hq-$TAG"
 bench http-concurrency --mode http-concurrency --consumers 64 --concurrency "$CONCURRENCY" \

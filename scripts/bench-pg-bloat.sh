@@ -69,7 +69,7 @@ while [ $((through + share * NODES / 2)) -lt "$TOTAL" ]; do
     for i in "${!hports[@]}"; do
         "$SPOOL" bench --mode http-work --http "127.0.0.1:${hports[$i]}" --jobs "$share" \
             --tube "churn$i" --producers 2 --consumers 16 --enqueue-batch 500 \
-            --reserve-batch 32 "${backlog_flag[@]}" --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
+            --reserve-batch 32 --complete-each "${backlog_flag[@]}" --time-limit-secs "$ROUND_LIMIT_S" --json >"$DIR/r.$i.json" &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do

@@ -21,7 +21,12 @@
 # that took the database's time (pg_stat_statements, loaded for it).
 #
 # GRAPHILE_CONFIGS: space-separated PROCS:CONCURRENCY:LOCAL_QUEUE:COMPLETE_DELAY_MS
-# (LOCAL_QUEUE -1 and COMPLETE_DELAY_MS -1 turn the batching off).
+# (LOCAL_QUEUE -1 and COMPLETE_DELAY_MS -1 turn the batching off); "none"
+# runs spool only (no ratio), for comparing two spool builds quickly.
+# BEANSTALK_JOBS=0 skips the beanstalkd run, ENQUEUE_JOBS=0 the single
+# enqueue. COMPLETE_EACH=1: the HTTP workers complete each job with its
+# own request (as before POST /v1/jobs/complete) instead of one request a
+# reserved batch. SPOOL: the binary (nodes and load clients).
 # Needs a release build (cargo build --release -p spool), Debian's
 # postgresql package, node and npm (graphile-worker is installed from npm,
 # pinned, into target/graphile-bench/, outside the repository's files).
@@ -50,8 +55,10 @@ SPOOL=${SPOOL:-target/release/spool}
 command -v node >/dev/null || { echo "install node (20 or later) and npm" >&2; exit 1; }
 
 MODULES=$PWD/target/graphile-bench/node_modules
-if ! [ -f "$MODULES/graphile-worker/package.json" ] ||
-    ! grep -q "\"version\": \"$GRAPHILE_VERSION\"" "$MODULES/graphile-worker/package.json"; then
+needs_graphile=1
+if [ "$GRAPHILE_CONFIGS" = none ] && [ "$ENQUEUE_JOBS" -le 0 ]; then needs_graphile=0; fi
+if [ "$needs_graphile" = 1 ] && { ! [ -f "$MODULES/graphile-worker/package.json" ] ||
+    ! grep -q "\"version\": \"$GRAPHILE_VERSION\"" "$MODULES/graphile-worker/package.json"; }; then
     echo "installing graphile-worker $GRAPHILE_VERSION into target/graphile-bench" >&2
     mkdir -p target/graphile-bench
     echo '{"name":"graphile-bench","private":true}' >target/graphile-bench/package.json
@@ -61,7 +68,7 @@ fi
 
 PROFILE=${PROFILE:-0}
 if [ "$PROFILE" = 1 ]; then
-    PG_OPTIONS="${PG_OPTIONS:-} -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
+    PG_OPTIONS="${PG_OPTIONS:-} -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all -c pg_stat_statements.track_planning=on"
 fi
 
 # shellcheck source=scripts/pg-cluster-lib.sh
@@ -105,10 +112,14 @@ profile_report() {
     local before after
     before=$(cat "$DIR/mark")
     # The statements first: the mark resets their counts.
-    psql_ "SELECT round(100 * total_exec_time / sum(total_exec_time) OVER ())::text || '%', \
+    # Time is execution plus planning (a statement planned at each call
+    # costs that too); "plan" is the planning's mean over the calls.
+    psql_ "SELECT round(100 * (total_exec_time + total_plan_time) \
+        / sum(total_exec_time + total_plan_time) OVER ())::text || '%', \
         round(calls::numeric / $2, 4), round(mean_exec_time::numeric, 3) || ' ms', \
+        round((total_plan_time / greatest(calls, 1))::numeric, 3) || ' ms', \
         round(rows::numeric / greatest(calls, 1), 1), left(regexp_replace(query, '\s+', ' ', 'g'), 110) \
-        FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12" >"$DIR/statements"
+        FROM pg_stat_statements ORDER BY total_exec_time + total_plan_time DESC LIMIT 12" >"$DIR/statements"
     profile_mark
     after=$(cat "$DIR/mark")
     # shellcheck disable=SC2086 # the marks are words
@@ -122,7 +133,7 @@ cpu = [x / hz * 1e6 / jobs for x in d[2:]]
 print(f"PROFILE {what}: per job: {d[0] / jobs:.3f} write transactions, {d[1] / jobs:.0f} WAL bytes, "
       f"CPU us: postgres {cpu[0]:.0f}, spool nodes {cpu[1]:.0f}, clients {cpu[2]:.0f}")
 EOF
-    awk -F'|' '{ printf "  %5s of time  %7s a job  %10s  %6s rows  %s\n", $1, $2, $3, $4, $5 }' "$DIR/statements"
+    awk -F'|' '{ printf "  %5s of time  %7s a job  %10s  plan %9s  %6s rows  %s\n", $1, $2, $3, $4, $5, $6 }' "$DIR/statements"
 }
 export DATABASE_URL="postgres://spool@${DIR//\//%2F}/postgres"
 export GRAPHILE_MODULES=$MODULES
@@ -168,6 +179,10 @@ echo "jobs=$JOBS nodes=$NODES enqueue_batch=$ENQUEUE_BATCH"
 # ---- 1. jobs through -------------------------------------------------------
 best_g=0
 best_g_config=""
+[ "$GRAPHILE_CONFIGS" = none ] && GRAPHILE_CONFIGS=""
+COMPLETE_EACH=${COMPLETE_EACH:-0}
+complete_flag=()
+if [ "$COMPLETE_EACH" = 1 ]; then complete_flag=(--complete-each); fi
 for config in $GRAPHILE_CONFIGS; do
     IFS=: read -r procs conc lq delay <<<"$config"
     profile_mark
@@ -195,15 +210,20 @@ for i in "${!hports[@]}"; do
     # every node still works through the one database.
     "$SPOOL" bench --mode http-work --http "127.0.0.1:${hports[$i]}" --jobs "$share" \
         --tube "http$i" --producers "$HTTP_PRODUCERS" --consumers "$HTTP_WORKERS" \
-        --enqueue-batch "$ENQUEUE_BATCH" --reserve-batch "$RESERVE_BATCH" \
+        --enqueue-batch "$ENQUEUE_BATCH" --reserve-batch "$RESERVE_BATCH" "${complete_flag[@]}" \
         --time-limit-secs "$TIME_LIMIT_S" --json >"$DIR/http.$i.json" &
     pids+=($!)
     outs+=("$DIR/http.$i.json")
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 spool_http=$(together "${outs[@]}")
-echo "spool, $NODES nodes, HTTP (batch enqueue $ENQUEUE_BATCH, reserve batch $RESERVE_BATCH, ${HTTP_PRODUCERS}+${HTTP_WORKERS} connections a node): $spool_http jobs/s"
+completes="one request a reserved batch"
+if [ "$COMPLETE_EACH" = 1 ]; then completes="one request a job"; fi
+echo "spool, $NODES nodes, HTTP (batch enqueue $ENQUEUE_BATCH, reserve batch $RESERVE_BATCH, completes $completes, ${HTTP_PRODUCERS}+${HTTP_WORKERS} connections a node): $spool_http jobs/s"
 profile_report "spool HTTP" "$((share * NODES))"
+
+spool_bean=0
+if [ "$BEANSTALK_JOBS" -gt 0 ]; then
 
 outs=()
 pids=()
@@ -219,11 +239,20 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 spool_bean=$(together "${outs[@]}")
 echo "spool, $NODES nodes, beanstalkd (put, reserve, delete; ${BEANSTALK_CONNS}+${BEANSTALK_CONNS} connections a node): $spool_bean jobs/s"
 profile_report "spool beanstalkd" "$((BEANSTALK_JOBS / NODES * NODES))"
+fi
 
 best_s=$spool_http
 best_s_how=HTTP
 if [ "$spool_bean" -gt "$best_s" ]; then best_s=$spool_bean; best_s_how=beanstalkd; fi
-echo "JOBS/S: spool ($NODES nodes, $best_s_how) $best_s, graphile-worker best ($best_g_config) $best_g, ratio $(python3 -c "print(f'{$best_s / $best_g:.2f}')")x (target >= 2x)"
+if [ "$best_g" -gt 0 ]; then
+    echo "JOBS/S: spool ($NODES nodes, $best_s_how) $best_s, graphile-worker best ($best_g_config) $best_g, ratio $(python3 -c "print(f'{$best_s / $best_g:.2f}')")x (target >= 2x)"
+else
+    echo "JOBS/S: spool ($NODES nodes, $best_s_how) $best_s (graphile-worker not run)"
+fi
+if [ "$ENQUEUE_JOBS" -le 0 ]; then
+    echo "== load after: $(uptime | sed 's/.*load average: //')"
+    exit 0
+fi
 
 # ---- 2. single enqueue ------------------------------------------------------
 "$SPOOL" bench --mode http-enqueue --http "127.0.0.1:${hports[0]}" --jobs "$ENQUEUE_JOBS" \

@@ -166,6 +166,50 @@ struct Deleted {
     deleted: u64,
 }
 
+/// `POST /v1/jobs/complete`'s answer: each completion's outcome in order.
+#[derive(Deserialize)]
+struct CompletedList {
+    jobs: Vec<Completed>,
+}
+
+#[derive(Deserialize)]
+struct Completed {
+    status: u16,
+    #[serde(default)]
+    version: Option<u64>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+impl Completed {
+    /// The job's new version, or the error a single complete would have
+    /// answered.
+    fn outcome(self) -> Result<u64, Error> {
+        if self.status == StatusCode::OK.as_u16() {
+            return Ok(self.version.unwrap_or_default());
+        }
+        let text = |key: &str| {
+            self.error
+                .as_ref()
+                .and_then(|e| e.get(key))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        Err(Error::Api {
+            status: self.status,
+            code: text("code")
+                .map(|code| ErrorCode::parse(&code))
+                .unwrap_or_else(|| ErrorCode::Other(format!("http_{}", self.status))),
+            message: text("message").unwrap_or_default(),
+            field: text("field"),
+        })
+    }
+}
+
+/// Most completions one [`Client::complete_many`] carries: the server's
+/// bound, which is what one reserve may hand out.
+pub const COMPLETE_MANY_MAX: usize = 1_000;
+
 #[derive(Deserialize)]
 struct Deadline {
     deadline_at: String,
@@ -544,6 +588,54 @@ impl Client {
             Duration::ZERO,
         )
         .await
+    }
+
+    /// Completes several leased jobs in one request
+    /// (`POST /v1/jobs/complete`), each `(lease, result)`; at most
+    /// [`COMPLETE_MANY_MAX`]. Each answer, in order, is the job's new
+    /// version or the error [`Client::complete`] would have returned for
+    /// it: one refused completion does not hold back the others. The
+    /// request's own failure (the server away, a server older than the
+    /// endpoint: 404 or 405) is the outer error.
+    pub async fn complete_many(
+        &self,
+        jobs: &[(&str, &Body)],
+    ) -> Result<Vec<Result<u64, Error>>, Error> {
+        if jobs.len() > COMPLETE_MANY_MAX {
+            return Err(Error::Usage(format!(
+                "at most {COMPLETE_MANY_MAX} completions a request, not {}",
+                jobs.len()
+            )));
+        }
+        #[derive(serde::Serialize)]
+        struct Completions {
+            jobs: Vec<JsonBody>,
+        }
+        let mut body = Completions {
+            jobs: Vec::with_capacity(jobs.len()),
+        };
+        for (lease, result) in jobs {
+            let mut job = JsonBody::default();
+            job.put("lease", *lease);
+            result.write_into("result", &mut job)?;
+            body.jobs.push(job);
+        }
+        let answer: CompletedList = self
+            .call(
+                Method::POST,
+                "/v1/jobs/complete",
+                Some(encode(&body)?),
+                Duration::ZERO,
+            )
+            .await?;
+        if answer.jobs.len() != jobs.len() {
+            return Err(Error::Protocol(format!(
+                "/v1/jobs/complete answered {} of {} completions",
+                answer.jobs.len(),
+                jobs.len()
+            )));
+        }
+        Ok(answer.jobs.into_iter().map(Completed::outcome).collect())
     }
 
     /// Fails this attempt: the job retries by its backoff while attempts

@@ -44,8 +44,8 @@ mod workflow;
 
 pub use cancel::{CancelReason, CancelToken};
 pub use client::{
-    escape, Client, ClientBuilder, RawResponse, LONG_POLL_MAX, REQUEST_TIMEOUT_DEFAULT,
-    RESPONSE_MAX_BYTES_DEFAULT,
+    escape, Client, ClientBuilder, RawResponse, COMPLETE_MANY_MAX, LONG_POLL_MAX,
+    REQUEST_TIMEOUT_DEFAULT, RESPONSE_MAX_BYTES_DEFAULT,
 };
 pub use error::{Error, ErrorCode};
 pub use types::{

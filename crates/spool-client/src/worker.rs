@@ -16,16 +16,16 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::cancel::{CancelReason, CancelToken};
-use crate::client::{Client, LONG_POLL_MAX};
+use crate::client::{Client, COMPLETE_MANY_MAX, LONG_POLL_MAX};
 use crate::error::{Error, ErrorCode};
 use crate::types::{Body, Failure, Job};
 
@@ -420,6 +420,7 @@ impl std::fmt::Debug for Worker {
 /// What one supervisor needs, shared by all.
 struct Shared {
     client: Client,
+    completions: Arc<CompleteGroups>,
     settings: Arc<WorkerBuilder>,
     handler: Arc<dyn Handler>,
     counters: Arc<WorkerCounters>,
@@ -485,6 +486,7 @@ impl Worker {
         }
         let shared = Arc::new(Shared {
             client: settings.client.clone(),
+            completions: Arc::default(),
             settings: settings.clone(),
             handler: self.handler.clone(),
             counters: self.counters.clone(),
@@ -752,6 +754,107 @@ async fn supervise(shared: Arc<Shared>, job: Job, sent_at: Instant, _slot: Owned
     }
 }
 
+/// Completions on their way to the server together, as the server groups
+/// them for its database: one arriving while a `POST /v1/jobs/complete` is
+/// in flight waits and goes with the others in the next one, so the jobs
+/// of a reserved batch, finishing close together, are settled in a request
+/// or two instead of one each. Nothing waits for a timer: a lone
+/// completion goes at once, alone (`POST /v1/jobs/{id}/complete`).
+#[derive(Default)]
+struct CompleteGroups {
+    waiting: Mutex<CompletesWaiting>,
+    /// Set once the server answered the batch path 404 or 405 (it is older
+    /// than the endpoint): from then on each completion goes alone.
+    batch_refused: AtomicBool,
+}
+
+#[derive(Default)]
+struct CompletesWaiting {
+    pending: Vec<PendingComplete>,
+    /// A task is sending groups; it takes what is pending when it is free.
+    leading: bool,
+}
+
+/// A group's answer to one completion: the server's, or `None`: send it
+/// alone.
+type GroupedComplete = Option<Result<(), Error>>;
+
+struct PendingComplete {
+    lease: String,
+    result: Body,
+    reply: oneshot::Sender<GroupedComplete>,
+}
+
+impl CompleteGroups {
+    /// Completes in the next group, or answers `None`: complete it alone.
+    async fn complete(
+        self: &Arc<Self>,
+        client: &Client,
+        lease: &str,
+        result: &Body,
+    ) -> GroupedComplete {
+        let (reply, answer) = oneshot::channel();
+        let lead = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.pending.push(PendingComplete {
+                lease: lease.to_string(),
+                result: result.clone(),
+                reply,
+            });
+            !std::mem::replace(&mut waiting.leading, true)
+        };
+        if lead {
+            tokio::spawn(Arc::clone(self).lead(client.clone()));
+        }
+        // The leader gone without an answer (the runtime ending): alone.
+        answer.await.unwrap_or(None)
+    }
+
+    /// Sends groups until nothing waits.
+    async fn lead(self: Arc<Self>, client: Client) {
+        loop {
+            let group: Vec<PendingComplete> = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if waiting.pending.is_empty() {
+                    waiting.leading = false;
+                    return;
+                }
+                let take = waiting.pending.len().min(COMPLETE_MANY_MAX);
+                waiting.pending.drain(..take).collect()
+            };
+            if group.len() == 1 || self.batch_refused.load(Ordering::Relaxed) {
+                for pending in group {
+                    let _ = pending.reply.send(None);
+                }
+                continue;
+            }
+            let jobs: Vec<(&str, &Body)> = group
+                .iter()
+                .map(|p| (p.lease.as_str(), &p.result))
+                .collect();
+            match client.complete_many(&jobs).await {
+                Ok(answers) => {
+                    for (pending, answer) in group.into_iter().zip(answers) {
+                        let _ = pending.reply.send(Some(answer.map(|_version| ())));
+                    }
+                }
+                // The request as a whole failed (the server away, a body
+                // too large for it, a server older than the endpoint):
+                // each goes alone and gets its own answer, retried as a
+                // single completion is.
+                Err(error) => {
+                    if matches!(error, Error::Api { status: 404 | 405, .. }) {
+                        self.batch_refused.store(true, Ordering::Relaxed);
+                    }
+                    for pending in group {
+                        let _ = pending.reply.send(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Settling one job: each call retried while the server is away, until the
 /// lease would have ended (then the server runs the job again anyway).
 struct Settle<'a> {
@@ -770,10 +873,10 @@ enum Settled {
 }
 
 impl Settle<'_> {
-    async fn retry<F, Fut>(&self, mut call: F) -> Settled
+    async fn retry<F, Fut, T>(&self, mut call: F) -> Settled
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Job, Error>>,
+        Fut: Future<Output = Result<T, Error>>,
     {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
@@ -808,10 +911,7 @@ impl Settle<'_> {
     }
 
     async fn complete(&self, result: &Body) {
-        let client = &self.shared.client;
-        let settled = self
-            .retry(|| client.complete(self.id, self.lease, result))
-            .await;
+        let settled = self.retry(|| self.complete_once(result)).await;
         match settled {
             // The server refused the result itself (too large, not valid):
             // the attempt fails with why, rather than running again at
@@ -821,6 +921,24 @@ impl Settle<'_> {
                 self.fail(&failure, &self.shared.counters.failed).await
             }
             other => self.count(other, &self.shared.counters.processed),
+        }
+    }
+
+    /// One try: in a group with the completions of the jobs finishing
+    /// meanwhile, or alone.
+    async fn complete_once(&self, result: &Body) -> Result<(), Error> {
+        let client = &self.shared.client;
+        match self
+            .shared
+            .completions
+            .complete(client, self.lease, result)
+            .await
+        {
+            Some(answer) => answer,
+            None => client
+                .complete(self.id, self.lease, result)
+                .await
+                .map(|_| ()),
         }
     }
 

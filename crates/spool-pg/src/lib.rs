@@ -46,6 +46,9 @@ pub use ops::{
     REINDEX_LIVE_BYTES_MIN, REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX,
     VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE, VACUUM_FINAL_DEAD_SHARE_OF_LIVE,
 };
+/// The group statements, for the tests of their plans.
+#[doc(hidden)]
+pub use ops::{COMPLETE_GROUP_SQL, DELETE_GROUP_SQL};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 

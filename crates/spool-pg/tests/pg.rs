@@ -1842,3 +1842,114 @@ async fn stats_counts_the_sessions_open_on_this_node() {
     }
     assert_eq!(counted, Some((1, 3)), "closed sessions are counted out");
 }
+
+/// The retention's count of final jobs, per queue, where several queues
+/// have final jobs: each queue over its count loses its oldest (by
+/// finish) down to the count, a batch a pass, and a queue under its count
+/// keeps every job.
+#[tokio::test]
+async fn the_retention_trims_each_queue_to_its_count_a_batch_a_pass() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    for (name, keep) in [("big", 1), ("small", 3)] {
+        broker
+            .call(Op::SetPolicy {
+                queue: queue(name),
+                policy: QueuePolicy {
+                    retention_max_jobs: Some(keep),
+                    ..QueuePolicy::default()
+                },
+            })
+            .await
+            .expect("a policy");
+    }
+    // More than two batches over in one queue; a few in the others (the
+    // last one keeps the default count).
+    enqueue_batches(&broker, "big", 5, 500).await;
+    enqueue_batches(&broker, "small", 1, 5).await;
+    enqueue_batches(&broker, "plain", 1, 4).await;
+    // Finished in the reverse order of their ids: the oldest by finish is
+    // the newest id, so an order by id would trim the wrong ones.
+    admin
+        .batch_execute(&format!(
+            "UPDATE spool_jobs SET state = 'completed', finished_ns = {START_NS} - id, \
+             purge_at_ns = {START_NS} + 3600000000000"
+        ))
+        .await
+        .expect("the jobs finished");
+    let left = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*), min(id) FROM spool_jobs WHERE queue = $1",
+                    &[&name],
+                )
+                .await
+                .map(|row| (row.get::<_, i64>(0), row.get::<_, Option<i64>>(1)))
+                .expect("a count")
+        }
+    };
+    let (big_first, small_first) = (left("big").await.1, left("small").await.1);
+    broker.run_timers().await.expect("a pass");
+    assert_eq!(left("big").await, (1_500, big_first));
+    assert_eq!(left("small").await, (3, small_first));
+    assert_eq!(left("plain").await.0, 4);
+    broker.run_timers().await.expect("a pass");
+    assert_eq!(left("big").await, (500, big_first));
+    broker.run_timers().await.expect("a pass");
+    assert_eq!(left("big").await, (1, big_first), "the last to finish");
+    assert_eq!(left("small").await, (3, small_first));
+    assert_eq!(left("plain").await.0, 4);
+}
+
+/// The completion and delete groups find their jobs by key and join
+/// nothing, in the generic plan PostgreSQL settles on after a few calls
+/// (it assumes 10 input rows) too. Joined with their input, that plan
+/// compared every row found with every input row (a join filter over the
+/// two): a group of 810 took 654 ms.
+#[tokio::test]
+async fn the_group_statements_generic_plans_look_each_job_up_by_key() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    // Jobs waiting, as under load (an empty table is scanned whole).
+    enqueue_batches(&broker, "q", 4, 500).await;
+    admin
+        .batch_execute("ANALYZE spool_jobs_live; SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("generic plans");
+    for (name, sql, args) in [
+        (
+            "complete_group",
+            spool_pg::COMPLETE_GROUP_SQL,
+            "'{1,2}', '{1,2}', '{NULL,NULL}', 0, 0",
+        ),
+        (
+            "delete_group",
+            spool_pg::DELETE_GROUP_SQL,
+            "'{1,2}', '{1,2}', 0",
+        ),
+    ] {
+        admin
+            .batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("explain {name}: {e}"))
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Cond: (id = ANY ($1))")
+                && !plan.contains("Join Filter")
+                && !plan.contains("Function Scan"),
+            "{name}:\n{plan}"
+        );
+        assert!(!plan.contains("spool_jobs_final"), "{name} pruned:\n{plan}");
+    }
+}

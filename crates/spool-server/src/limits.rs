@@ -299,7 +299,8 @@ pub fn job_body_max_bytes(max_job_size: u32) -> usize {
 /// Batches are for many small jobs; large payloads go one per request.
 pub const BATCH_BODY_MAX_BYTES: usize = 8 << 20;
 
-/// Largest body of `POST /v1/queues/{queue}/jobs/batch`.
+/// Largest body of `POST /v1/queues/{queue}/jobs/batch` and of
+/// `POST /v1/jobs/complete` (results are small as payloads are).
 pub fn batch_body_max_bytes(max_job_size: u32) -> usize {
     job_body_max_bytes(max_job_size).max(BATCH_BODY_MAX_BYTES)
 }
@@ -308,6 +309,12 @@ pub fn batch_body_max_bytes(max_job_size: u32) -> usize {
 /// record and one engine round), checked before the jobs are decoded
 /// further.
 pub const V1_BATCH_JOBS_MAX: usize = spool_engine::limits::ENQUEUE_BATCH_JOBS_MAX;
+
+/// Completions in one `POST /v1/jobs/complete`: what one reserve may hand
+/// out, so a worker settles a reserved batch in one request. Each is its
+/// own broker call (they run at once, and the PostgreSQL broker groups
+/// them into one statement), so this bounds the calls one request starts.
+pub const V1_COMPLETE_BATCH_MAX: usize = spool_engine::limits::RESERVE_BATCH_MAX as usize;
 
 /// Longest `timeout_ms` of `POST /v1/reserve`. A long poll holds no thread
 /// (it is parked in the broker), only a connection, so it may outlast

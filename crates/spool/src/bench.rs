@@ -48,8 +48,9 @@ pub enum Mode {
     HttpEnqueue,
     /// HTTP job API: enqueue `--enqueue-batch` jobs a request.
     HttpBatch,
-    /// HTTP job API: workers reserve `--reserve-batch` and complete each,
-    /// against producers enqueueing batches.
+    /// HTTP job API: workers reserve `--reserve-batch` and complete them
+    /// in one request (each alone with `--complete-each`), against
+    /// producers enqueueing batches.
     HttpWork,
     /// HTTP job API: enqueue-and-wait at `--rate` requests/s, worked by
     /// `--consumers` HTTP workers.
@@ -179,6 +180,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(spool_engine::limits::RESERVE_BATCH_MAX)))]
     reserve_batch: u32,
+    /// http-work: complete each job with its own request
+    /// (`POST /v1/jobs/{id}/complete`, what a server without
+    /// `POST /v1/jobs/complete` needs) instead of one request a reserved
+    /// batch.
+    #[arg(long)]
+    complete_each: bool,
     /// http-wait: requests per second; http-rate: the queue's rate_per_s.
     #[arg(long, default_value_t = 1_000.0, value_parser = parse_rate)]
     rate: f64,

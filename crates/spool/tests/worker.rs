@@ -778,3 +778,89 @@ async fn the_client_covers_schedules() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_go_together_and_each_gets_its_own_answer() {
+    let server = Server::start();
+    let c = client(&server);
+    let jobs: Vec<Enqueue> = (0..3).map(|i| Enqueue::json(&i).expect("json")).collect();
+    c.enqueue_batch("many", &jobs).await.expect("batch");
+    let leased = c
+        .reserve(&["many"], 3, Duration::from_secs(1))
+        .await
+        .expect("reserve");
+    assert_eq!(leased.len(), 3);
+    let lease = |i: usize| leased[i].lease.clone().expect("a lease");
+    c.cancel(leased[1].id).await.expect("cancel");
+    let result = Body::Json(r#"{"rows":3}"#.into());
+    let answers = c
+        .complete_many(&[
+            (&lease(0), &result),
+            (&lease(1), &Body::None),
+            ("x", &Body::None),
+            (&lease(2), &Body::None),
+        ])
+        .await
+        .expect("complete many");
+    assert_eq!(answers.len(), 4);
+    assert!(answers[0].is_ok(), "{answers:?}");
+    assert!(
+        answers[1].as_ref().is_err_and(|e| e.is_cancelled()),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers[2].as_ref().err().and_then(|e| e.code()),
+        Some(&ErrorCode::Invalid),
+        "{answers:?}"
+    );
+    assert!(answers[3].is_ok(), "{answers:?}");
+    let done = c.get(leased[0].id).await.expect("get");
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(&done.result.expect("a result")[..], br#"{"rows":3}"#);
+
+    // A worker whose handlers finish together completes them in groups:
+    // each job still gets its own result.
+    let jobs: Vec<Enqueue> = (0..24).map(|i| Enqueue::json(&i).expect("json")).collect();
+    let ids: Vec<u64> = c
+        .enqueue_batch("grouped", &jobs)
+        .await
+        .expect("batch")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let gate = Arc::new(Semaphore::new(0));
+    let worker = Worker::builder(c.clone())
+        .queue("grouped")
+        .concurrency(24)
+        .build({
+            let gate = gate.clone();
+            move |job: Job, _ctx: JobContext| {
+                let gate = gate.clone();
+                async move {
+                    let _permit = gate.acquire().await;
+                    let n: u64 = job.payload_json().expect("a number");
+                    Ok::<_, HandlerError>(json!({ "twice": n * 2 }))
+                }
+            }
+        });
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    wait_until("every job to be reserved", || {
+        let c = c.clone();
+        async move {
+            c.queue("grouped")
+                .await
+                .is_ok_and(|q| q.count(JobState::Reserved) == 24)
+        }
+    })
+    .await;
+    gate.add_permits(Semaphore::MAX_PERMITS);
+    for (n, job) in settled(&c, &ids).await.iter().enumerate() {
+        assert_eq!(job.state, JobState::Completed, "{job:?}");
+        let result: serde_json::Value = job.result_json().expect("a result").expect("JSON");
+        assert_eq!(result, json!({ "twice": n as u64 * 2 }), "{job:?}");
+    }
+    stop.shutdown();
+    let totals = run.await.expect("join").expect("run");
+    assert_eq!(totals.processed, 24, "{totals:?}");
+}

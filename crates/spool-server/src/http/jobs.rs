@@ -45,8 +45,8 @@ use spool_proto::push_decimal;
 use utoipa::ToSchema;
 
 use super::encoding::{base64_decode, base64_encode, format_rfc3339, parse_rfc3339, write_rfc3339};
-use super::{ApiError, ErrorBody, HttpState};
-use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX};
+use super::{ApiError, ErrorBody, ErrorDetail, HttpState};
+use crate::limits::{JOB_WAIT_MAX, RESERVE_WAIT_MAX, V1_BATCH_JOBS_MAX, V1_COMPLETE_BATCH_MAX};
 
 /// Jobs a listing page holds when `limit` is not given.
 const LIST_LIMIT_DEFAULT: u32 = 100;
@@ -87,6 +87,7 @@ pub(super) fn route_table<B: Broker>() -> Vec<(&'static str, MethodRouter<Arc<Ht
         ),
         ("/v1/jobs/{id}/cancel", post(cancel::<B>)),
         ("/v1/jobs/{id}/heartbeat", post(heartbeat::<B>)),
+        ("/v1/jobs/complete", post(complete_batch::<B>)),
         ("/v1/jobs/{id}/complete", post(complete::<B>)),
         ("/v1/jobs/{id}/fail", post(fail::<B>)),
         ("/v1/jobs/{id}/release", post(release::<B>)),
@@ -528,6 +529,14 @@ pub(super) struct CompleteBody {
     result_base64: Option<String>,
 }
 
+/// Completions of several leased jobs: each lease names its job.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"jobs": [{"lease": "7-31"}, {"lease": "8-32", "result": {"rows": 3}}]}))]
+pub(super) struct CompleteBatchBody {
+    jobs: Vec<CompleteBody>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FailBody {
@@ -962,6 +971,53 @@ pub(super) struct PageOut<'a> {
 pub(super) struct DeadlineOut {
     #[schema(format = DateTime)]
     deadline_at: String,
+}
+
+/// One completion's answer in `POST /v1/jobs/complete`, in the request's
+/// order: `status` 200 with the job's new `version`, or the status and
+/// `error` a single complete would have answered. Not the whole job: a
+/// worker needs only the outcome, and echoing every payload would cost
+/// the node and the worker much of what the batch saves.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct CompletedOut {
+    /// The job the lease names (absent when the lease does not parse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    id: Option<JobId>,
+    /// The HTTP status `POST /v1/jobs/{id}/complete` would have answered.
+    status: u16,
+    /// The completed job's version (with status 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorDetail>,
+}
+
+impl CompletedOut {
+    fn completed(job: &JobView) -> CompletedOut {
+        CompletedOut {
+            id: Some(job.id),
+            status: StatusCode::OK.as_u16(),
+            version: Some(job.version),
+            error: None,
+        }
+    }
+
+    fn refused(id: Option<JobId>, error: ApiError) -> CompletedOut {
+        CompletedOut {
+            id,
+            status: error.status.as_u16(),
+            version: None,
+            error: Some(error.detail()),
+        }
+    }
+}
+
+/// `{"jobs": [...]}`: a batch completion's answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CompletedList)]
+pub(super) struct CompletedListOut {
+    jobs: Vec<CompletedOut>,
 }
 
 /// A purge's answer.
@@ -1601,6 +1657,71 @@ async fn complete<B: Broker>(
 
 #[utoipa::path(
     post,
+    path = "/v1/jobs/complete",
+    tag = "workers",
+    summary = "Complete several leased jobs, each with its result, answered per job",
+    description = "Each lease names its job. The completions are independent: each is \
+                   answered in the request's order with the status and error \
+                   `POST /v1/jobs/{id}/complete` would have answered, and one refused \
+                   (a lease expired, a job cancelled) does not hold back the others. \
+                   No `If-Match`: give one job a request for that.",
+    request_body = CompleteBatchBody,
+    responses(
+        (status = 200, description = "Each completion's outcome, in order", body = CompletedListOut),
+        (status = 400, description = "The body is not valid, or holds more completions than one reserve hands out; `field` names it", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with SPOOL_AUTH_TOKEN set)", body = ErrorBody),
+        (status = 413, description = "The request body is too large", body = ErrorBody),
+        (status = 503, description = "Recovering", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+async fn complete_batch<B: Broker>(
+    State(state): Shared<B>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let batch = parse::<CompleteBatchBody>(&body)?;
+    if batch.jobs.len() > V1_COMPLETE_BATCH_MAX {
+        return Err(invalid(
+            "jobs",
+            format!("at most {V1_COMPLETE_BATCH_MAX} completions a request"),
+        ));
+    }
+    let broker = broker(&state)?;
+    // Each its own call, all at once: a broker that groups completions
+    // (PostgreSQL's) settles them together, and each keeps its own answer.
+    let calls = batch
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, job)| async move {
+            let Some(lease) = Lease::decode(&job.lease) else {
+                let error = invalid(
+                    format!("jobs[{i}].lease"),
+                    "not a lease: give the one /v1/reserve handed out",
+                );
+                return CompletedOut::refused(None, error);
+            };
+            let result = match bytes_of(
+                job.result,
+                job.result_base64,
+                &format!("jobs[{i}]."),
+                "result",
+            ) {
+                Ok(result) => result,
+                Err(error) => return CompletedOut::refused(Some(lease.job), error),
+            };
+            match broker.call(Op::Complete { lease, result }).await {
+                Ok(Outcome::Job(job)) => CompletedOut::completed(&job),
+                Ok(_) => CompletedOut::refused(Some(lease.job), unexpected()),
+                Err(error) => CompletedOut::refused(Some(lease.job), broker_error(error)),
+            }
+        });
+    let jobs = futures_util::future::join_all(calls).await;
+    Ok(json_response(StatusCode::OK, &CompletedListOut { jobs }))
+}
+
+#[utoipa::path(
+    post,
     path = "/v1/jobs/{id}/fail",
     tag = "workers",
     summary = "Fail an attempt: retried after the backoff while attempts remain, else buried",
@@ -2031,6 +2152,7 @@ pub(super) fn command_name(method: &str, segments: &[&str]) -> Option<&'static s
         ("DELETE", ["jobs", _]) => "DELETE /v1/jobs/{id}",
         ("POST", ["jobs", _, "cancel"]) => "POST /v1/jobs/{id}/cancel",
         ("POST", ["jobs", _, "heartbeat"]) => "POST /v1/jobs/{id}/heartbeat",
+        ("POST", ["jobs", "complete"]) => "POST /v1/jobs/complete",
         ("POST", ["jobs", _, "complete"]) => "POST /v1/jobs/{id}/complete",
         ("POST", ["jobs", _, "fail"]) => "POST /v1/jobs/{id}/fail",
         ("POST", ["jobs", _, "release"]) => "POST /v1/jobs/{id}/release",
@@ -2073,6 +2195,8 @@ pub(super) enum HotRoute {
     Reserve,
     /// `POST /v1/jobs/{id}/complete`
     Complete { id: String },
+    /// `POST /v1/jobs/complete`
+    CompleteBatch,
 }
 
 impl HotRoute {
@@ -2083,6 +2207,7 @@ impl HotRoute {
             HotRoute::Enqueue { .. } => "POST /v1/queues/{queue}/jobs",
             HotRoute::Reserve => "POST /v1/reserve",
             HotRoute::Complete { .. } => "POST /v1/jobs/{id}/complete",
+            HotRoute::CompleteBatch => "POST /v1/jobs/complete",
         }
     }
 
@@ -2090,8 +2215,10 @@ impl HotRoute {
         if *method != Method::POST {
             return None;
         }
-        if path == "/v1/reserve" {
-            return Some(HotRoute::Reserve);
+        match path {
+            "/v1/reserve" => return Some(HotRoute::Reserve),
+            "/v1/jobs/complete" => return Some(HotRoute::CompleteBatch),
+            _ => {}
         }
         // As axum's `Path` gives it: a non-empty segment, which needs no
         // percent-decoding.
@@ -2131,6 +2258,7 @@ pub(super) async fn answer_hot<B: Broker>(
         HotRoute::Complete { id } => complete(State(state), Ok(Path(id)), parts.headers, body)
             .await
             .into_response(),
+        HotRoute::CompleteBatch => complete_batch(State(state), body).await.into_response(),
     };
     // What axum's router adds to every answer with a body of known size.
     if !response.headers().contains_key(header::CONTENT_LENGTH) {
@@ -2143,9 +2271,11 @@ pub(super) async fn answer_hot<B: Broker>(
     response
 }
 
-/// Whether a request is a batch enqueue (its body has its own bound).
+/// Whether a request is a batch enqueue or completion (its body has its
+/// own bound).
 pub(super) fn is_batch(method: &str, path: &str) -> bool {
     (method == "POST" && path.starts_with("/v1/queues/") && path.ends_with("/jobs/batch"))
+        || (method == "POST" && path == "/v1/jobs/complete")
         || super::workflows::is_start(method, path)
 }
 

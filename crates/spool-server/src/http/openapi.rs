@@ -33,6 +33,7 @@ use super::{jobs, metrics, schedules, workflows};
         jobs::reserve,
         jobs::heartbeat,
         jobs::complete,
+        jobs::complete_batch,
         jobs::fail,
         jobs::release,
         jobs::bury,

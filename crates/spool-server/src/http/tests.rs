@@ -921,6 +921,19 @@ async fn hot_routes_answer_as_the_router_does() {
             &[],
             r#"{"lease":"1-1","result":1,"result_base64":"AA=="}"#,
         ),
+        // Complete several: each refused on its own, and the whole refused.
+        (
+            "/v1/jobs/complete",
+            &[],
+            r#"{"jobs":[{"lease":"999-1"},{"lease":"x"},{"lease":"1-1","result":1,"result_base64":"AA=="}]}"#,
+        ),
+        ("/v1/jobs/complete", &[], r#"{"jobs":[]}"#),
+        (
+            "/v1/jobs/complete",
+            &[],
+            r#"{"jobs":[{"lease":"1-1","x":1}]}"#,
+        ),
+        ("/v1/jobs/complete", &[], "{"),
     ];
     for (uri, headers, body) in cases {
         let [hot, routed] = hot_and_routed(&state, "POST", uri, headers, body).await;
@@ -942,6 +955,7 @@ fn hot_routes_are_only_the_unambiguous_paths() {
         ("/v1/reserve", "reserve"),
         ("/v1/queues/q/jobs", "queues/q/jobs"),
         ("/v1/jobs/1/complete", "jobs/1/complete"),
+        ("/v1/jobs/complete", "jobs/complete"),
     ] {
         let hot = of(&post, path).unwrap();
         let segments: Vec<&str> = route.split('/').collect();
@@ -978,6 +992,8 @@ fn hot_routes_are_only_the_unambiguous_paths() {
         (post.clone(), "/v1/jobs//complete"),
         (post.clone(), "/v1/jobs/1%31/complete"),
         (post.clone(), "/v1/jobs/1/fail"),
+        (Method::GET, "/v1/jobs/complete"),
+        (post.clone(), "/v1/jobs/complete/"),
     ] {
         assert_eq!(of(&method, path), None, "{method} {path}");
     }
@@ -987,7 +1003,12 @@ fn hot_routes_are_only_the_unambiguous_paths() {
 async fn hot_routes_need_the_token() {
     let server = TestServer::start(Some("s3cret"), HttpLimits::default()).await;
     server.attach_broker();
-    for path in ["/v1/reserve", "/v1/queues/q/jobs", "/v1/jobs/1/complete"] {
+    for path in [
+        "/v1/reserve",
+        "/v1/queues/q/jobs",
+        "/v1/jobs/1/complete",
+        "/v1/jobs/complete",
+    ] {
         let reply = server.request("POST", path, &[], "{}").await;
         assert_eq!(
             (reply.status, reply.error_code()),

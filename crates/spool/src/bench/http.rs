@@ -6,7 +6,9 @@
 //! - `http-batch`: the same with `--enqueue-batch` jobs a request.
 //! - `http-work`: producers enqueue (in batches of `--enqueue-batch`)
 //!   while `--consumers` workers reserve `--reserve-batch` at a time and
-//!   complete each job with its own request; jobs/s completed.
+//!   complete what they reserved with one `POST /v1/jobs/complete`
+//!   (`--complete-each`: each job with its own request); jobs/s
+//!   completed.
 //! - `http-wait`: enqueue-and-wait (`?wait_ms`) at a fixed `--rate`
 //!   requests/s for `--duration-secs`, the jobs worked by `--consumers`
 //!   HTTP workers; a request sent late (its connection still busy) counts
@@ -178,9 +180,12 @@ struct HttpReport {
     /// Enqueue requests (one job, a batch, or enqueue-and-wait).
     request_latency_us: Option<Latency>,
     reserve_latency_us: Option<Latency>,
+    /// A complete request's (one job's, or a reserved batch's).
     complete_latency_us: Option<Latency>,
     enqueue_batch: Option<u64>,
     reserve_batch: Option<u32>,
+    /// http-work: whether a reserved batch was completed in one request.
+    complete_batch: Option<bool>,
     /// http-wait: the requests/s aimed at.
     target_rate: Option<f64>,
     /// http-concurrency: the policy and the most leases seen held at once.
@@ -557,6 +562,7 @@ async fn load(args: &BenchArgs, run: &Arc<Run>, control: &mut HttpConn) -> Resul
         let in_window = Arc::clone(&in_window);
         let mode = args.mode;
         let batch = args.reserve_batch;
+        let complete_batch = mode == Mode::HttpWork && !args.complete_each;
         tasks.spawn(async move {
             let mut timings = Timings::new();
             let result = worker(
@@ -565,6 +571,7 @@ async fn load(args: &BenchArgs, run: &Arc<Run>, control: &mut HttpConn) -> Resul
                 &mut timings,
                 mode,
                 batch,
+                complete_batch,
                 jobs,
                 window,
                 &in_window,
@@ -603,7 +610,11 @@ async fn load(args: &BenchArgs, run: &Arc<Run>, control: &mut HttpConn) -> Resul
     report.complete_latency_us = Latency::from_ns(&timings.complete);
     report.time_limit_hit = Instant::now() >= run.deadline;
     match args.mode {
-        Mode::HttpBatch | Mode::HttpWork => report.enqueue_batch = Some(enqueue_batch),
+        Mode::HttpBatch => report.enqueue_batch = Some(enqueue_batch),
+        Mode::HttpWork => {
+            report.enqueue_batch = Some(enqueue_batch);
+            report.complete_batch = Some(!args.complete_each);
+        }
         Mode::HttpWait => report.target_rate = Some(args.rate),
         _ => {}
     }
@@ -779,7 +790,8 @@ async fn waiter(
     Ok(())
 }
 
-/// Reserves up to `batch` jobs at a time and completes each, until `jobs`
+/// Reserves up to `batch` jobs at a time and completes them (in one
+/// request with `complete_batch`, else each with its own), until `jobs`
 /// are done (or, for a rate run, the window closed).
 #[allow(clippy::too_many_arguments)]
 async fn worker(
@@ -788,6 +800,7 @@ async fn worker(
     timings: &mut Timings,
     mode: Mode,
     batch: u32,
+    complete_batch: bool,
     jobs: u64,
     window: Option<(Instant, Instant)>,
     in_window: &AtomicU64,
@@ -834,6 +847,10 @@ async fn worker(
                 in_window.fetch_add(leased.jobs.len() as u64, Relaxed);
             }
         }
+        if complete_batch {
+            complete_all(&mut conn, run, timings, &leased.jobs).await?;
+            continue;
+        }
         for job in &leased.jobs {
             if counts_leases {
                 // Give the others a chance to find the queue at its limit.
@@ -856,6 +873,60 @@ async fn worker(
             }
         }
     }
+}
+
+/// One completion's answer in `POST /v1/jobs/complete`.
+#[derive(Debug, Deserialize)]
+struct CompletedJob {
+    status: u16,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletedList {
+    jobs: Vec<CompletedJob>,
+}
+
+/// Completes `jobs` with one `POST /v1/jobs/complete`; every one must be
+/// answered 200.
+async fn complete_all(
+    conn: &mut HttpConn,
+    run: &Run,
+    timings: &mut Timings,
+    jobs: &[LeasedJob],
+) -> Result<()> {
+    let mut body = String::with_capacity(16 + jobs.len() * 32);
+    body.push_str(r#"{"jobs":["#);
+    for (i, job) in jobs.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(r#"{{"lease":"{}"}}"#, job.lease));
+    }
+    body.push_str("]}");
+    let sent = Instant::now();
+    let answer = conn
+        .expect(
+            Method::POST,
+            "/v1/jobs/complete",
+            Bytes::from(body),
+            StatusCode::OK,
+        )
+        .await?;
+    let received = Instant::now();
+    timings.complete.saturating_record(nanos(received - sent));
+    run.requests.fetch_add(1, Relaxed);
+    let answers: CompletedList =
+        serde_json::from_slice(&answer).context("a batch completion's answer is not its JSON")?;
+    if answers.jobs.len() != jobs.len() || answers.jobs.iter().any(|a| a.status != 200) {
+        bail!(
+            "POST /v1/jobs/complete of {} jobs answered: {}",
+            jobs.len(),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    run.done.fetch_add(jobs.len() as u64, Relaxed);
+    run.progressed(received);
+    Ok(())
 }
 
 /// Holds `--connections` kept-alive connections, each after one answered

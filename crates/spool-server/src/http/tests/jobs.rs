@@ -850,6 +850,89 @@ async fn conflicts_answer_409_with_their_code() {
 }
 
 #[tokio::test]
+async fn a_batch_completion_answers_each_job_on_its_own() {
+    let (server, _broker) = server().await;
+    for n in 0..3 {
+        server.enqueue("cb", json!({"payload": n})).await;
+    }
+    let reply = server
+        .post(
+            "/v1/reserve",
+            json!({"queues": ["cb"], "timeout_ms": 0, "batch": 3}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let leased = reply.json()["jobs"].clone();
+    let lease = |i: usize| leased[i]["lease"].as_str().expect("a lease").to_string();
+    let id = |i: usize| leased[i]["id"].clone();
+    // The second job is cancelled while held: its worker learns it here.
+    let reply = server
+        .post(&format!("/v1/jobs/{}/cancel", id(1)), json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    let reply = server
+        .post(
+            "/v1/jobs/complete",
+            json!({"jobs": [
+                {"lease": lease(0), "result": {"rows": 3}},
+                {"lease": lease(1)},
+                {"lease": "x"},
+                {"lease": lease(2), "result": 1, "result_base64": "AQ=="},
+                {"lease": lease(2), "result_base64": "AQ=="},
+            ]}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answers = reply.json()["jobs"].clone();
+    assert_eq!(
+        answers[0],
+        json!({"id": id(0), "status": 200, "version": 2})
+    );
+    assert_eq!(
+        (answers[1]["id"].clone(), answers[1]["status"].clone()),
+        (id(1), json!(409))
+    );
+    assert_eq!(answers[1]["error"]["code"], "cancelled", "{answers}");
+    assert_eq!(answers[2]["status"], 400, "{answers}");
+    assert!(answers[2].get("id").is_none(), "{answers}");
+    assert_eq!(answers[2]["error"]["field"], "jobs[2].lease", "{answers}");
+    assert_eq!(answers[3]["status"], 400, "{answers}");
+    assert_eq!(answers[3]["error"]["field"], "jobs[3].result_base64");
+    assert_eq!(answers[4]["status"], 200, "{answers}");
+
+    let job = server.get(&format!("/v1/jobs/{}", id(0))).await.json();
+    assert_eq!(
+        (job["state"].clone(), job["result"].clone()),
+        (json!("completed"), json!({"rows": 3}))
+    );
+    let job = server.get(&format!("/v1/jobs/{}", id(2))).await.json();
+    assert_eq!(
+        (job["state"].clone(), job["result_base64"].clone()),
+        (json!("completed"), json!("AQ=="))
+    );
+
+    // The request as a whole: more completions than one reserve hands out,
+    // or a body that is not one, is refused before any is made.
+    let many: Vec<Value> = (0..=V1_COMPLETE_BATCH_MAX)
+        .map(|_| json!({"lease": "1-1"}))
+        .collect();
+    let reply = server
+        .post("/v1/jobs/complete", json!({ "jobs": many }))
+        .await;
+    assert_error(&reply, 400, "invalid", Some("jobs"));
+    let reply = server
+        .post("/v1/jobs/complete", json!({"jobs": [{"leese": "1-1"}]}))
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(
+        command_name(&Method::POST, "/v1/jobs/complete"),
+        "POST /v1/jobs/complete"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn etags_and_if_match_guard_every_change() {
     let (server, _broker) = server().await;
     let made = server
@@ -1670,5 +1753,5 @@ fn v1_command_names_are_route_templates() {
     );
 }
 
-use crate::limits::{self, V1_BATCH_JOBS_MAX};
+use crate::limits::{self, V1_BATCH_JOBS_MAX, V1_COMPLETE_BATCH_MAX};
 use spool_proto::Response;
