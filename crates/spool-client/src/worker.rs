@@ -843,7 +843,13 @@ impl CompleteGroups {
                 // each goes alone and gets its own answer, retried as a
                 // single completion is.
                 Err(error) => {
-                    if matches!(error, Error::Api { status: 404 | 405, .. }) {
+                    if matches!(
+                        error,
+                        Error::Api {
+                            status: 404 | 405,
+                            ..
+                        }
+                    ) {
                         self.batch_refused.store(true, Ordering::Relaxed);
                     }
                     for pending in group {

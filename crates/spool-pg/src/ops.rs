@@ -1547,9 +1547,13 @@ async fn complete_group(
     group: &[(Lease, Option<Bytes>)],
     now: u64,
 ) -> Result<Vec<JobView>, OpError> {
-    // Sorted by id for the statement's binary search.
+    // Sorted by id for the statement's binary search. Of two completions
+    // of one job (an expired lease's and the new one's) only the first is
+    // tried here, the one `group::answer` hands the row to; the other runs
+    // alone and gets its own answer.
     let mut sorted: Vec<&(Lease, Option<Bytes>)> = group.iter().collect();
     sorted.sort_by_key(|(lease, _)| lease.job);
+    sorted.dedup_by_key(|(lease, _)| lease.job);
     let ids: Vec<i64> = sorted.iter().map(|(l, _)| db_u64(l.job)).collect();
     let tokens: Vec<i64> = sorted.iter().map(|(l, _)| db_u64(l.token)).collect();
     let results: Vec<Option<&[u8]>> = sorted.iter().map(|(_, r)| r.as_deref()).collect();
@@ -1613,9 +1617,11 @@ pub const DELETE_GROUP_SQL: &str = "DELETE FROM spool_jobs WHERE spool_jobs.id =
 /// key, the state test kept off the partial index of reserved jobs as in
 /// [`complete_group`].
 async fn delete_group(c: &mut Conn, group: &[Lease], now: u64) -> Result<Vec<u64>, OpError> {
-    // Sorted by id for the statement's binary search.
+    // Sorted by id for the statement's binary search; the first of two
+    // deletes of one job only, as in `complete_group`.
     let mut sorted: Vec<&Lease> = group.iter().collect();
     sorted.sort_by_key(|lease| lease.job);
+    sorted.dedup_by_key(|lease| lease.job);
     let ids: Vec<i64> = sorted.iter().map(|l| db_u64(l.job)).collect();
     let tokens: Vec<i64> = sorted.iter().map(|l| db_u64(l.token)).collect();
     let rows = c

@@ -380,6 +380,14 @@ async fn concurrent_completions_with_bad_ones_among_them() {
         .expect("complete alone");
     let mut stale = held[0].lease;
     stale.token += 1_000;
+    // A stale lease of a job whose good completion joins the same group
+    // after it: the row must go to the good one, not to the first asker.
+    let mut stale_first = held[1].lease;
+    stale_first.token += 1_000;
+    let stale_first_call = {
+        let broker = a.clone();
+        tokio::spawn(async move { broker.complete(stale_first, None).await })
+    };
 
     let mut calls = Vec::new();
     for (n, leased) in held.iter().enumerate() {
@@ -407,21 +415,24 @@ async fn concurrent_completions_with_bad_ones_among_them() {
         assert_eq!(done.state, JobState::Completed);
         assert_eq!(done.result, Some(Bytes::from(format!("result {n}"))));
     }
-    let mut refusals = Vec::new();
+    let mut refusals = vec![stale_first_call
+        .await
+        .expect("join")
+        .expect_err("a stale lease is refused")];
     for call in bad_calls {
         refusals.push(call.await.expect("join").expect_err("refused"));
     }
-    // Completed already, and a token that was never handed out.
-    for refusal in &refusals[..2] {
+    // Never handed out, completed already, never handed out.
+    for refusal in &refusals[..3] {
         assert_eq!(
             *refusal,
             BrokerError::Conflict(spool_broker::Conflict::LeaseExpired)
         );
     }
     assert!(
-        matches!(refusals[2], BrokerError::TooLarge { .. }),
+        matches!(refusals[3], BrokerError::TooLarge { .. }),
         "{:?}",
-        refusals[2]
+        refusals[3]
     );
     assert_eq!(
         a.get(too_large.job.id).await.expect("get").state,

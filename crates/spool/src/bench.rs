@@ -463,7 +463,10 @@ mod sched {
 
     /// `sched_setscheduler(2)` has no std or nix equivalent.
     pub(super) fn set_batch() -> std::io::Result<()> {
-        let param = libc::sched_param { sched_priority: 0 };
+        // Zeroed, not a literal: musl's sched_param has more fields than
+        // glibc's (the static build), and all-zero is priority 0 in both.
+        // SAFETY: sched_param is plain integers, for which zero is valid.
+        let param: libc::sched_param = unsafe { std::mem::zeroed() };
         // SAFETY: `param` is a valid sched_param that outlives the call,
         // which only reads it; pid 0 is the calling thread.
         let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
