@@ -31,6 +31,9 @@
 #   BASE_PORT [11700]: node i listens on BASE_PORT+2i (beanstalkd) and +2i+1 (HTTP)
 #   OUT [target/bench-connections-pg]: every report, raw
 #   PEER [1]: 0 skips beanstalkd
+#   IDLE_AFTER [15] (s): the nodes' RSS is sampled again this long after
+#     the one command each (a PostgreSQL session's task parks after 1 s
+#     idle; the allocator hands freed pages back over ~10 s); 0 skips it
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,6 +46,8 @@ SPOOL=${SPOOL:-target/release/spool}
 BASE_PORT=${BASE_PORT:-11700}
 OUT=${OUT:-target/bench-connections-pg}
 PEER=${PEER:-1}
+IDLE_AFTER=${IDLE_AFTER:-15}
+export IDLE_AFTER
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -123,6 +128,7 @@ for ((i = 0; i < NODES; i++)); do
         --server-pid "${NODE_PID[i]}" \
         --source-addresses "127.0.0.$((10 + 2 * i)),127.0.0.$((11 + 2 * i))" \
         --hold-secs "$TIME_LIMIT" --time-limit-secs "$TIME_LIMIT" --json \
+        --idle-after-command-secs "$IDLE_AFTER" \
         >"$OUT/client$i.json" 2>"$OUT/client$i.err" &
     CLIENT_PID[i]=$!
     echo "${CLIENT_PID[i]}" >"$DIR/client$i.pid"
@@ -183,7 +189,7 @@ fi
 
 python3 - "$OUT" "$NODES" "$CONNECTIONS" "$started" "$all_reported" \
     "$slab_before" "$slab_held" "$nodes_rss_kib" "${peer_file:--}" <<'EOF'
-import json, sys
+import json, os, sys
 out, nodes, connections = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 started, reported = float(sys.argv[4]), float(sys.argv[5])
 slab_before, slab_held, nodes_rss_kib = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
@@ -203,6 +209,10 @@ print(f"connect: every client connected and counted in {reported - started:.1f} 
 print(f"listen-queue overflows {probe['listen_overflows']}, drops {probe['listen_drops']} (whole namespace, over the run)")
 print(f"RSS per idle connection, per node: {min(idle):.0f}-{max(idle):.0f} B; "
       f"after one command each {min(after):.0f}-{max(after):.0f} B")
+later = per("rss_per_connection_idle_after_command_bytes")
+if all(v is not None for v in later):
+    print(f"  and {os.environ['IDLE_AFTER']} s later, idle since: "
+          f"{min(later):.0f}-{max(later):.0f} B")
 print(f"RSS in all: the nodes grew {grown / 2**20:.1f} MiB for the connections "
       f"({grown / held:.0f} B each), {grown_cmd / 2**20:.1f} MiB after one command "
       f"({grown_cmd / held:.0f} B each); the {nodes} nodes' RSS while held {nodes_rss_kib / 1024:.1f} MiB")

@@ -25,7 +25,7 @@ pub use model::{
     Backoff, JobChange, JobId, JobPage, JobState, JobView, Lease, Leased, NewJob, Op, Outcome,
     QueueInfo, QueueName, QueuePolicy, RunAt,
 };
-pub use op_session::{OpSession, SessionBroker};
+pub use op_session::{OpSession, SessionBroker, SESSION_PARK_AFTER};
 pub use schedule::{Misfire, ScheduleName, ScheduleSpec, ScheduleView};
 pub use snapshot::{
     EngineSnapshot, QueueCounters, QueueSnapshot, RetiredQueueSnapshot, ScheduleSnapshot,

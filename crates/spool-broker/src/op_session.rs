@@ -14,13 +14,15 @@
 //! session is a small record (its broker and the shutdown signal), since
 //! most connections of a large fleet sit idle (the task and two channels
 //! made an idle PostgreSQL-backed connection cost 5.1 KiB of RSS, against
-//! ~840 B on the local broker).
+//! ~840 B on the local broker). A task idle for [`SESSION_PARK_AFTER`]
+//! holding no lease parks: it hands the session its tubes and ends, and
+//! the next request starts a task again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use spool_proto::{JobStats, Put, PutBody, Request, Response, TubeName, TubeStats};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,6 +39,12 @@ const KICK_PAGE_JOBS: u32 = 1_000;
 /// futures are the larger): what it holds while waiting for requests (the
 /// channels' ends, the tube names and leases) and the boxed operation.
 const SESSION_TASK_BYTES_MAX: usize = 1024;
+
+/// How long a session's task waits for a request, holding no lease, before
+/// it parks (hands its tubes back to the session and ends, freeing its
+/// task and channels: ~4.5 KiB). Starting one again costs a spawn and two
+/// channels, nothing next to an operation on the database.
+pub const SESSION_PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// What an [`OpSession`] asks of its broker beyond [`Broker::call`]: two
 /// steps with a default made of typed operations, which a broker may do
@@ -109,10 +117,10 @@ pub struct OpSession<B: SessionBroker> {
 
 /// Where a session is in its life.
 enum Stage<B: SessionBroker> {
-    /// No request yet: no task, no channels.
+    /// No request yet, or none since its task parked: no task, no channels.
     Dormant(Dormant<B>),
     /// The task runs the session's requests.
-    Running(Running),
+    Running(Running<B>),
     /// Closed without a task (hung up, or shut down, while dormant): the
     /// broker has counted it out.
     Closed,
@@ -122,17 +130,54 @@ enum Stage<B: SessionBroker> {
 struct Dormant<B: SessionBroker> {
     broker: B,
     shutdown: watch::Receiver<bool>,
+    /// The tubes used and watched, when not beanstalkd's defaults (a
+    /// parked session's).
+    tubes: Option<Box<Tubes>>,
     /// Wakes the connection when the broker shuts down, so a dormant
     /// session closes as an idle task would; made at the first poll.
     shut_down: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
+/// The tube a session uses and those it watches.
+struct Tubes {
+    using: TubeName,
+    watching: Vec<TubeName>,
+}
+
 /// The ends of a running session's task.
-struct Running {
+struct Running<B: SessionBroker> {
     requests: Option<mpsc::UnboundedSender<Vec<Request>>>,
-    replies: mpsc::UnboundedReceiver<Response>,
+    events: mpsc::UnboundedReceiver<Event<B>>,
     /// Dropped on hangup: a blocked reserve then ends `TIMED_OUT`.
     alive: Option<oneshot::Sender<()>>,
+}
+
+/// What a session's task sends its session.
+enum Event<B: SessionBroker> {
+    Reply(Response),
+    /// The task parked and ended; its last event.
+    Parked(Box<Parked<B>>),
+}
+
+/// A parked task's state, handed back to its session: the session goes
+/// dormant with it, or starts a task again at once with the requests that
+/// reached the inbox while the task was parking.
+struct Parked<B: SessionBroker> {
+    /// Taken when the session takes the state back; dropped unclaimed (the
+    /// session gone meanwhile), it counts the session out, as the end of
+    /// the task would have.
+    broker: Option<B>,
+    shutdown: watch::Receiver<bool>,
+    tubes: Option<Box<Tubes>>,
+    inbox: mpsc::UnboundedReceiver<Vec<Request>>,
+}
+
+impl<B: SessionBroker> Drop for Parked<B> {
+    fn drop(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.session_ended();
+        }
+    }
 }
 
 impl<B: SessionBroker> OpSession<B> {
@@ -146,6 +191,7 @@ impl<B: SessionBroker> OpSession<B> {
             stage: Stage::Dormant(Dormant {
                 broker,
                 shutdown,
+                tubes: None,
                 shut_down: None,
             }),
         }
@@ -162,14 +208,18 @@ impl<B: SessionBroker> OpSession<B> {
 
 impl<B: SessionBroker> Dormant<B> {
     /// Starts the session's task.
-    fn start(self) -> Running {
+    fn start(self) -> Running<B> {
         let (requests, inbox) = mpsc::unbounded_channel();
-        let (outbox, replies) = mpsc::unbounded_channel();
+        let (outbox, events) = mpsc::unbounded_channel();
         let (alive, hung_up) = oneshot::channel();
+        let (using, watching) = match self.tubes {
+            Some(tubes) => (tubes.using, tubes.watching),
+            None => (default_tube(), vec![default_tube()]),
+        };
         let worker = Worker {
             broker: self.broker,
-            using: default_tube(),
-            watching: vec![default_tube()],
+            using,
+            watching,
             leases: HashMap::new(),
             hung_up: Some(hung_up),
         };
@@ -184,7 +234,7 @@ impl<B: SessionBroker> Dormant<B> {
         tokio::spawn(task);
         Running {
             requests: Some(requests),
-            replies,
+            events,
             alive: Some(alive),
         }
     }
@@ -272,16 +322,64 @@ impl<B: SessionBroker> Session for OpSession<B> {
         };
         let mut got = false;
         loop {
-            match running.replies.poll_recv(cx) {
-                Poll::Ready(Some(reply)) => {
+            match running.events.poll_recv(cx) {
+                Poll::Ready(Some(Event::Reply(reply))) => {
                     out.push(reply);
                     got = true;
+                }
+                Poll::Ready(Some(Event::Parked(parked))) => {
+                    if !self.unpark(*parked) {
+                        return Poll::Ready(got);
+                    }
+                    // Dormant again (the shutdown watched from now on) or
+                    // running again: what is next comes from there.
+                    return match self.poll_recv(cx, out) {
+                        Poll::Pending if got => Poll::Ready(true),
+                        Poll::Ready(open) => Poll::Ready(open || got),
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
                 Poll::Ready(None) => return Poll::Ready(got),
                 Poll::Pending if got => return Poll::Ready(true),
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+impl<B: SessionBroker> OpSession<B> {
+    /// Takes a parked task's state back: dormant with it, or running again
+    /// at once when requests reached the inbox while the task was parking
+    /// (they go first, in order). False: the session hung up meanwhile and
+    /// is closed (counted out).
+    fn unpark(&mut self, mut parked: Parked<B>) -> bool {
+        let Stage::Running(running) = &mut self.stage else {
+            return false;
+        };
+        let Some(broker) = parked.broker.take() else {
+            return false;
+        };
+        if running.requests.is_none() {
+            broker.session_ended();
+            self.stage = Stage::Closed;
+            return false;
+        }
+        let mut waiting = Vec::new();
+        while let Ok(batch) = parked.inbox.try_recv() {
+            waiting.extend(batch);
+        }
+        let dormant = Dormant {
+            broker,
+            shutdown: parked.shutdown.clone(),
+            tubes: parked.tubes.take(),
+            shut_down: None,
+        };
+        self.stage = Stage::Dormant(dormant);
+        if !waiting.is_empty() && self.submit(waiting).is_err() {
+            // Shut down meanwhile: closed and counted out by `submit`.
+            return false;
+        }
+        true
     }
 }
 
@@ -302,6 +400,12 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a session's task does next.
+enum Next {
+    Requests(Option<Vec<Request>>),
+    Park,
+}
+
 /// The session's state, owned by its task.
 struct Worker<B: SessionBroker> {
     broker: B,
@@ -315,20 +419,43 @@ impl<B: SessionBroker> Worker<B> {
     async fn run(
         mut self,
         mut inbox: mpsc::UnboundedReceiver<Vec<Request>>,
-        outbox: mpsc::UnboundedSender<Response>,
+        outbox: mpsc::UnboundedSender<Event<B>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
             if *shutdown.borrow() && self.leases.is_empty() {
                 break;
             }
-            let batch = if self.leases.is_empty() {
+            let next = if self.leases.is_empty() {
                 tokio::select! {
-                    batch = inbox.recv() => batch,
-                    _ = shutdown.wait_for(|down| *down) => None,
+                    batch = inbox.recv() => Next::Requests(batch),
+                    _ = shutdown.wait_for(|down| *down) => Next::Requests(None),
+                    () = tokio::time::sleep(SESSION_PARK_AFTER) => Next::Park,
                 }
             } else {
-                inbox.recv().await
+                Next::Requests(inbox.recv().await)
+            };
+            let batch = match next {
+                Next::Requests(batch) => batch,
+                Next::Park => {
+                    let tubes = (self.using != default_tube() || self.watching != [default_tube()])
+                        .then(|| {
+                            Box::new(Tubes {
+                                using: self.using,
+                                watching: self.watching,
+                            })
+                        });
+                    let parked = Parked {
+                        broker: Some(self.broker),
+                        shutdown,
+                        tubes,
+                        inbox,
+                    };
+                    // The session gone: the unsent state, dropped, counts
+                    // it out.
+                    let _ = outbox.send(Event::Parked(Box::new(parked)));
+                    return;
+                }
             };
             let Some(batch) = batch else { break };
             for request in batch {
@@ -340,7 +467,7 @@ impl<B: SessionBroker> Worker<B> {
                 if let Some(reply) = Box::pin(self.execute(request)).await {
                     // A closed outbox: the session is gone; finish anyway
                     // so that the leases are handed back below.
-                    let _ = outbox.send(reply);
+                    let _ = outbox.send(Event::Reply(reply));
                 }
             }
         }

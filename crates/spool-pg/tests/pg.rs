@@ -936,6 +936,125 @@ async fn a_session_starts_its_task_at_its_first_request() {
     assert_eq!(state, Some(JobState::Ready), "the lease is handed back");
 }
 
+/// Polls a session once, without waiting: whether it is still open.
+fn poll_once<S: Session>(session: &mut S, replies: &mut Vec<Response>) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    !matches!(session.poll_recv(&mut cx, replies), Poll::Ready(false))
+}
+
+/// Waits (polling) until `session`'s task has parked, at most 10 s.
+async fn until_parked<S: Session + std::fmt::Debug>(session: &mut S) {
+    let mut replies = Vec::new();
+    for _ in 0..200 {
+        assert!(poll_once(session, &mut replies), "closed: {session:?}");
+        if format!("{session:?}").contains("dormant") {
+            assert!(replies.is_empty(), "{replies:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the session's task never parked: {session:?}");
+}
+
+/// A session whose task waited `SESSION_PARK_AFTER` for a request holding
+/// no lease parks: the task and its channels end (most of what a
+/// connection that sent a command costs a PostgreSQL node), the session
+/// keeps its tubes and stays counted, and its next request starts a task
+/// again. One holding a lease keeps its task; a parked session dropped
+/// before it took its state back is counted out.
+#[tokio::test]
+async fn an_idle_session_parks_its_task_and_keeps_its_tubes() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let tube = |name: &str| spool_proto::TubeName::new(name.as_bytes()).expect("a tube name");
+    let mut session = broker.open_session(Peer::default()).expect("session");
+    let replies = beanstalkd(
+        &mut session,
+        vec![
+            Request::Use(tube("other")),
+            Request::Watch(tube("other")),
+            Request::Ignore(tube("default")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        replies,
+        vec![
+            Response::Using(tube("other")),
+            Response::Watching(2),
+            Response::Watching(1),
+        ]
+    );
+    broker
+        .enqueue(queue("held"), job("held"))
+        .await
+        .expect("enqueue");
+    let mut holder = broker.open_session(Peer::default()).expect("session");
+    let replies = beanstalkd(
+        &mut holder,
+        vec![
+            Request::Watch(tube("held")),
+            Request::ReserveWithTimeout {
+                timeout_secs: Some(0),
+            },
+        ],
+    )
+    .await;
+    assert!(
+        matches!(replies[1], Response::Reserved { .. }),
+        "{replies:?}"
+    );
+
+    until_parked(&mut session).await;
+    assert!(
+        format!("{holder:?}").contains("running"),
+        "a session holding a lease keeps its task: {holder:?}"
+    );
+    let stats = server_stats(&mut holder).await;
+    assert_eq!(stats.current_connections, 2, "a parked session is open");
+
+    // Started again with its tubes.
+    let replies = beanstalkd(
+        &mut session,
+        vec![
+            Request::ListTubeUsed,
+            Request::ListTubesWatched,
+            put(b"after", 0),
+        ],
+    )
+    .await;
+    assert_eq!(replies[0], Response::Using(tube("other")));
+    assert_eq!(replies[1], Response::TubeList(vec![tube("other")]));
+    assert!(matches!(replies[2], Response::Inserted(_)), "{replies:?}");
+    assert!(format!("{session:?}").contains("running"), "{session:?}");
+    match broker
+        .call(Op::List {
+            queue: queue("other"),
+            state: JobState::Ready,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .expect("list")
+    {
+        Outcome::Page(page) => assert_eq!(page.jobs.len(), 1, "put in `other`"),
+        other => panic!("a page, not {other:?}"),
+    }
+
+    // Parks again; dropped with its state unclaimed (never polled after
+    // its task parked), it is counted out.
+    until_parked(&mut session).await;
+    let mut third = broker.open_session(Peer::default()).expect("session");
+    let _ = beanstalkd(&mut third, vec![Request::ListTubeUsed]).await;
+    tokio::time::sleep(spool_broker::SESSION_PARK_AFTER * 2).await;
+    drop(third);
+    drop(session);
+    let stats = server_stats(&mut holder).await;
+    assert_eq!((stats.current_connections, stats.total_connections), (1, 3));
+}
+
 fn schedule_spec(cron: &str, queue_name: &str) -> ScheduleSpec {
     ScheduleSpec {
         cron: cron.into(),

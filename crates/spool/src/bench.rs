@@ -216,6 +216,11 @@ pub struct BenchArgs {
     /// Idle mode: seconds to keep the connections open after measuring.
     #[arg(long, default_value_t = 0, hide = true)]
     hold_secs: u64,
+    /// Idle mode: also sample the server's memory this many seconds after
+    /// the one command each (what it keeps for a connection that has
+    /// worked and gone idle); 0: not.
+    #[arg(long, default_value_t = 0, hide = true)]
+    idle_after_command_secs: u64,
     /// Idle mode: server process whose resident memory to sample
     /// (`/proc/PID/status`) before and after opening the connections.
     #[arg(long, hide = true)]

@@ -57,6 +57,9 @@ struct IdleReport {
     /// After one command on each connection, against the same baseline.
     rss_after_command_bytes: Option<u64>,
     rss_per_connection_after_command_bytes: Option<f64>,
+    /// `--idle-after-command-secs` later, against the same baseline.
+    rss_idle_after_command_bytes: Option<u64>,
+    rss_per_connection_idle_after_command_bytes: Option<f64>,
     /// `--probe-livez`: probes answered while the connections opened, and
     /// their latency percentiles in milliseconds.
     livez_probes: Option<u64>,
@@ -222,6 +225,13 @@ async fn hold(
     }
     tokio::time::sleep(SETTLE).await;
     let rss_after_command = args.server_pid.map(rss_bytes).transpose()?;
+    let rss_idle_after_command = if args.idle_after_command_secs > 0 {
+        let until = Instant::now() + Duration::from_secs(args.idle_after_command_secs);
+        tokio::time::sleep_until(until.min(deadline).into()).await;
+        args.server_pid.map(rss_bytes).transpose()?
+    } else {
+        None
+    };
 
     let report = IdleReport {
         mode: "idle",
@@ -236,6 +246,8 @@ async fn hold(
         rss_per_connection_bytes: per_connection(rss_after),
         rss_after_command_bytes: rss_after_command,
         rss_per_connection_after_command_bytes: per_connection(rss_after_command),
+        rss_idle_after_command_bytes: rss_idle_after_command,
+        rss_per_connection_idle_after_command_bytes: per_connection(rss_idle_after_command),
         livez_probes: livez.as_ref().map(|h| h.len()),
         livez_p50_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.5))),
         livez_p99_ms: livez.as_ref().map(|h| ms(h.value_at_quantile(0.99))),
