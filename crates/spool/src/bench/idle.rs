@@ -11,7 +11,6 @@
 //! while the connections open (`scripts/bench-connections.sh`: the
 //! probe must stay fast while 100,000 clients connect).
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,9 +33,6 @@ const CONNECTIONS_PER_SOURCE_ADDR: usize = 20_000;
 
 /// Pause between two `/livez` probes (each waits for the last's answer).
 const LIVEZ_PROBE_INTERVAL: Duration = Duration::from_millis(10);
-
-/// A `/livez` probe not answered in this long fails the run.
-const LIVEZ_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the server gets, after counting every connection, to finish
 /// whatever it allocates for them before the memory is sampled.
@@ -299,23 +295,7 @@ impl LivezProber {
 
 /// One `GET /livez` on a new connection, answered 200; how long it took.
 fn probe_livez(http: SocketAddr) -> Result<Duration> {
-    let started = Instant::now();
-    let mut stream = std::net::TcpStream::connect_timeout(&http, LIVEZ_PROBE_TIMEOUT)
-        .with_context(|| format!("connecting to {http} for /livez"))?;
-    stream.set_read_timeout(Some(LIVEZ_PROBE_TIMEOUT))?;
-    stream.set_write_timeout(Some(LIVEZ_PROBE_TIMEOUT))?;
-    stream.write_all(b"GET /livez HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n")?;
-    let mut reply = Vec::new();
-    stream
-        .read_to_end(&mut reply)
-        .context("reading the answer to /livez")?;
-    let took = started.elapsed();
-    if !reply.starts_with(b"HTTP/1.1 200") {
-        bail!(
-            "/livez answered {:?}",
-            String::from_utf8_lossy(&reply[..reply.len().min(64)])
-        );
-    }
+    let (took, _bytes) = super::probe::http_get(http, "/livez").context("/livez")?;
     Ok(took)
 }
 

@@ -486,7 +486,7 @@ fn default_tube() -> Result<TubeName> {
 /// `GET path` on a new connection, answered 200 and read to its end: how
 /// long it took and how many bytes came back. Blocking: the probe's own
 /// thread does nothing else meanwhile.
-fn http_get(http: SocketAddr, path: &str) -> Result<(Duration, usize)> {
+pub(super) fn http_get(http: SocketAddr, path: &str) -> Result<(Duration, usize)> {
     let started = Instant::now();
     let mut stream = std::net::TcpStream::connect_timeout(&http, HTTP_PROBE_TIMEOUT)
         .with_context(|| format!("connecting to {http}"))?;
