@@ -203,7 +203,8 @@ grown = sum(c["rss_after_bytes"] - c["rss_before_bytes"] for c in clients)
 grown_cmd = sum(c["rss_after_command_bytes"] - c["rss_before_bytes"] for c in clients)
 held = sum(c["connections"] for c in clients)
 print(f"{held} connections on {nodes} spool nodes sharing PostgreSQL")
-print(f"connect: every client connected and counted in {reported - started:.1f} s "
+print(f"connect: every client connected, counted, answered one command and sampled "
+      f"(IDLE_AFTER {os.environ['IDLE_AFTER']} s included) in {reported - started:.1f} s "
       f"(clients' own connect loops {min(per('connect_secs')):.1f}-{max(per('connect_secs')):.1f} s); "
       f"the probe saw all counted after {probe['all_connected_secs']} s")
 print(f"listen-queue overflows {probe['listen_overflows']}, drops {probe['listen_drops']} (whole namespace, over the run)")
