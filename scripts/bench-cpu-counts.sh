@@ -14,7 +14,11 @@
 # without perf); then the median of the runs and spool's ratio to
 # beanstalkd. With CALLGRIND=1 it also counts spool's
 # user-space instructions per job under callgrind (valgrind), which do not
-# depend on the machine's load at all.
+# depend on the machine's load at all. With FLOOR=1 a third server runs the
+# same load: `crates/spool/examples/floor_server.rs`, canned replies from one
+# epoll loop with no job state, the kernel's and the event loop's share of
+# a job that any server speaking the protocol pays; its column is the floor
+# under both servers' figures (and under the ratio spool can reach).
 #
 # Environment knobs (defaults in brackets):
 #   JOBS [50000]      jobs per run (after 5,000 of warm-up)
@@ -24,6 +28,8 @@
 #   SCHED_BATCH [0]   1: the client runs under SCHED_BATCH (`spool bench
 #                     --sched-batch`: a reply that wakes it does not make it
 #                     preempt the server); the same for both servers
+#   FLOOR [0]         1: also the floor server (built first unless
+#                     FLOOR_BIN is given)
 #   BIN [target/release/spool]  (built first unless BIN is given)
 set -euo pipefail
 
@@ -35,6 +41,8 @@ RUNS=${RUNS:-3}
 TIME_LIMIT=${TIME_LIMIT:-60}
 CALLGRIND=${CALLGRIND:-0}
 SCHED_BATCH=${SCHED_BATCH:-0}
+FLOOR=${FLOOR:-0}
+FLOOR_BIN=${FLOOR_BIN:-}
 BIN_GIVEN=${BIN:-}
 BIN=${BIN:-target/release/spool}
 PORT=11620
@@ -49,6 +57,7 @@ if [[ ${1:-} == --one-run ]]; then
     beanstalkd) beanstalkd -l 127.0.0.1 -p "$PORT" >/dev/null 2>&1 & ;;
     spool) SPOOL_LOG_LEVEL=warn "$BIN" serve --in-memory -l 127.0.0.1 -p "$PORT" \
         --http-listen 127.0.0.1:0 >/dev/null 2>&1 & ;;
+    floor) "$FLOOR_BIN" "127.0.0.1:$PORT" >/dev/null 2>&1 & ;;
     esac
     server=$!
     trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
@@ -103,12 +112,13 @@ if [[ ${1:-} == --one-run ]]; then
     client_cs=$(perf_count client context-switches)
     syscalls=$(perf_count server raw_syscalls:sys_enter)
     jobs_done=$(grep -o '"jobs_done":[0-9]*' <<<"$result" | cut -d: -f2)
-    echo "$before $after $segs $acks $jobs_done $client_ms $client_cs $syscalls" | awk '
+    rate=$(grep -o '"ops_per_sec":[0-9.]*' <<<"$result" | cut -d: -f2)
+    echo "$before $after $segs $acks $jobs_done $client_ms $client_cs $syscalls $rate" | awk '
         function per(v, scale, fmt) { return v == "-" ? "-" : sprintf(fmt, v * scale / $9) }
         {
-        n = $9; printf "%.2f %.3f %.3f %.2f %.3f %s %s %s\n",
+        n = $9; printf "%.2f %.3f %.3f %.2f %.3f %s %s %s %.0f\n",
             ($4 - $1) / 1000 / n, ($5 - $2) / n, ($6 - $3) / n, $7 / n, $8 / n,
-            per($10, 1000, "%.2f"), per($11, 1, "%.3f"), per($12, 1, "%.2f") }'
+            per($10, 1000, "%.2f"), per($11, 1, "%.3f"), per($12, 1, "%.2f"), $13 }'
     exit 0
 fi
 
@@ -121,11 +131,21 @@ if [[ -z $BIN_GIVEN ]]; then
     cargo build --release -p spool >&2
 fi
 BIN=$(realpath "$BIN")
-export BIN JOBS TIME_LIMIT SCHED_BATCH
+SERVERS=(beanstalkd spool)
+if ((FLOOR)); then
+    if [[ -z $FLOOR_BIN ]]; then
+        log "building the floor server (release example)"
+        cargo build --release -p spool --example floor_server >&2
+        FLOOR_BIN=target/release/examples/floor_server
+    fi
+    FLOOR_BIN=$(realpath "$FLOOR_BIN")
+    SERVERS+=(floor)
+fi
+export BIN JOBS TIME_LIMIT SCHED_BATCH FLOOR_BIN
 
 declare -A ROWS
 for ((run = 1; run <= RUNS; run++)); do
-    for name in beanstalkd spool; do
+    for name in "${SERVERS[@]}"; do
         row=$(unshare -n bash "$SELF" --one-run "$name")
         log "  $name run $run: $row"
         ROWS[$name]+="$row"$'\n'
@@ -140,14 +160,23 @@ median() {
 
 echo
 echo "mixed 4P+4C pipeline 1, $JOBS jobs, 100-byte bodies; median of $RUNS run(s) per server$( ((SCHED_BATCH)) && echo ", client SCHED_BATCH"); load: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-36s %12s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0 || a == "-") print "-"; else printf "%.2f", a / b }'; }
+if ((FLOOR)); then
+    printf '%-36s %12s %12s %7s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio" "floor" "ratio"
+else
+    printf '%-36s %12s %12s %7s\n' "per job" "beanstalkd" "spool" "ratio"
+fi
 col=1
 for what in "server CPU (us)" "voluntary context switches" "involuntary context switches" \
     "TCP segments (both ways)" "pure ACK segments" "client CPU (us)" \
-    "client context switches" "server syscalls"; do
+    "client context switches" "server syscalls" "throughput (jobs/s)"; do
     b=$(median "$col" beanstalkd) s=$(median "$col" spool)
-    r=$(awk -v a="$s" -v b="$b" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }')
-    printf '%-36s %12s %12s %7s\n' "$what" "$b" "$s" "$r"
+    if ((FLOOR)); then
+        f=$(median "$col" floor)
+        printf '%-36s %12s %12s %7s %12s %7s\n' "$what" "$b" "$s" "$(ratio "$s" "$b")" "$f" "$(ratio "$f" "$b")"
+    else
+        printf '%-36s %12s %12s %7s\n' "$what" "$b" "$s" "$(ratio "$s" "$b")"
+    fi
     col=$((col + 1))
 done
 
