@@ -26,7 +26,12 @@
 # BEANSTALK_JOBS=0 skips the beanstalkd run, ENQUEUE_JOBS=0 the single
 # enqueue. COMPLETE_EACH=1: the HTTP workers complete each job with its
 # own request (as before POST /v1/jobs/complete) instead of one request a
-# reserved batch. SPOOL: the binary (nodes and load clients).
+# reserved batch. RETENTION_MAX_JOBS [0]: the final jobs spool's queues
+# keep (their policy's `retention_max_jobs`; "default": the queue default,
+# 10,000). graphile-worker keeps none: with 0 a spool completion deletes
+# its row as graphile-worker's does, instead of moving it to the final
+# jobs for the retention to delete later.
+# SPOOL: the binary (nodes and load clients).
 # Needs a release build (cargo build --release -p spool), Debian's
 # postgresql package, node and npm (graphile-worker is installed from npm,
 # pinned, into target/graphile-bench/, outside the repository's files).
@@ -201,6 +206,16 @@ for n in $(seq 1 "$NODES"); do
     hports+=("$h")
 done
 share=$((JOBS / NODES))
+RETENTION_MAX_JOBS=${RETENTION_MAX_JOBS:-0}
+if [ "$RETENTION_MAX_JOBS" != default ]; then
+    # The HTTP runs' queues (beanstalkd's delete leaves no final job).
+    for i in "${!hports[@]}"; do
+        curl -fsS -X PUT -H 'content-type: application/json' \
+            -d "{\"retention_max_jobs\": $RETENTION_MAX_JOBS}" \
+            "http://127.0.0.1:${hports[$i]}/v1/queues/http$i/policy" >/dev/null
+    done
+fi
+echo "spool's queues keep $RETENTION_MAX_JOBS final jobs (RETENTION_MAX_JOBS)"
 
 outs=()
 pids=()

@@ -72,6 +72,7 @@ macro_rules! conformance_tests {
             bury_and_kick,
             list_pages_and_purge,
             retention_by_count_and_age,
+            a_queue_keeping_no_final_jobs_forgets_each_as_it_completes,
             queue_policy_defaults_and_max_jobs,
             pause_and_resume,
             blocked_reserve_wakes_and_times_out,
@@ -917,6 +918,51 @@ pub async fn retention_by_count_and_age<H: Harness>(h: H) {
     assert_eq!(b.get(done[2]).await.unwrap().state, JobState::Completed);
     h.advance(1_000).await;
     assert_eq!(b.get(done[2]).await, Err(BrokerError::NotFound));
+}
+
+/// `retention_max_jobs: 0`: a completed job is answered as completed (with
+/// its result and new version) and is gone at once, its idempotency key
+/// with it; on PostgreSQL the completion deletes the row instead of moving
+/// it to the final jobs, which is what makes such a queue cheaper there.
+pub async fn a_queue_keeping_no_final_jobs_forgets_each_as_it_completes<H: Harness>(h: H) {
+    let b = h.broker();
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("none"),
+            policy: QueuePolicy {
+                retention_max_jobs: Some(0),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let keyed = || NewJob {
+        idempotency_key: Some("order-7".into()),
+        ..job("keyed")
+    };
+    let made = enqueue(b, "none", keyed()).await;
+    let leased = reserve_one(b, "none").await;
+    let done = b
+        .complete(leased.lease, Some(Bytes::from_static(b"ok")))
+        .await
+        .unwrap();
+    assert_eq!((done.id, done.state), (made.id, JobState::Completed));
+    assert_eq!(done.result, Some(Bytes::from_static(b"ok")));
+    assert_eq!(done.version, leased.job.version + 1);
+    assert_eq!(b.get(made.id).await, Err(BrokerError::NotFound));
+    let (again, duplicate) = b.enqueue(queue("none"), keyed()).await.unwrap();
+    assert!(!duplicate, "the key went with its job");
+    assert_ne!(again.id, made.id);
+    // Another queue's completed jobs are kept as before.
+    enqueue(b, "kept", job("k")).await;
+    let other = reserve_one(b, "kept").await;
+    b.complete(other.lease, None).await.unwrap();
+    assert_eq!(
+        b.get(other.job.id).await.unwrap().state,
+        JobState::Completed
+    );
 }
 
 pub async fn queue_policy_defaults_and_max_jobs<H: Harness>(h: H) {

@@ -287,6 +287,43 @@ macro_rules! view_cols {
     };
 }
 
+/// The completion's CTEs after its `g` (the rows deleted: their queue keeps
+/// no final job) and `u` (the rows moved to the final partition): `j`, the
+/// rows as completed, for [`select_views!`]. `g`'s rows are shown as the
+/// update would have left them, with `$result` and `$now` (parameter
+/// expressions) as the result and the time.
+macro_rules! completed_rows {
+    ($result:literal, $now:literal) => {
+        concat!(
+            ", j AS (SELECT id, queue, state, priority, payload, header_names, header_values, \
+             attempts, max_attempts, backoff_initial_ms, backoff_max_ms, backoff_multiplier, \
+             backoff_jitter, ttr_ms, run_at_ns, deadline_ns, created_ns, updated_ns, \
+             finished_ns, last_error, result, idempotency_key, cancel_requested, version, \
+             lease_token, workflow_id, parent_names, parent_results FROM u \
+             UNION ALL SELECT id, queue, 'completed', priority, payload, header_names, \
+             header_values, attempts, max_attempts, backoff_initial_ms, backoff_max_ms, \
+             backoff_multiplier, backoff_jitter, ttr_ms, run_at_ns, NULL::int8, created_ns, ",
+            $now,
+            ", ",
+            $now,
+            ", last_error, ",
+            $result,
+            ", idempotency_key, cancel_requested, version + 1, NULL::int8, workflow_id, \
+             parent_names, parent_results FROM g)"
+        )
+    };
+}
+
+/// The condition under which a completion deletes its job instead of
+/// keeping it: its queue keeps no final jobs (`retention_max_jobs` 0, which
+/// the embedded engine forgets at once too) and no workflow waits on it.
+macro_rules! keeps_none {
+    () => {
+        "spool_jobs.workflow_id IS NULL AND EXISTS (SELECT 1 FROM spool_queues \
+         WHERE name = spool_jobs.queue AND retention_max_jobs = 0)"
+    };
+}
+
 /// `SELECT` of the views of the rows a CTE named `j` returns.
 macro_rules! select_views {
     () => {
@@ -1486,13 +1523,20 @@ async fn complete(
     let rows = c
         .query(
             concat!(
-                "WITH j AS (UPDATE spool_jobs SET state = 'completed', result = $4, \
+                "WITH g AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+                 AND state = 'reserved' AND deadline_ns >= $3 AND ",
+                keeps_none!(),
+                " RETURNING spool_jobs.*), \
+                 u AS (UPDATE spool_jobs SET state = 'completed', result = $4, \
                  finished_ns = $3, updated_ns = $3, version = version + 1, \
                  purge_at_ns = $3 + coalesce((SELECT retention_ms FROM spool_queues \
                  WHERE name = spool_jobs.queue), $5) * 1000000, \
                  lease_token = NULL, deadline_ns = NULL, lease_owner = NULL \
                  WHERE id = $1 AND lease_token = $2 AND state = 'reserved' AND deadline_ns >= $3 \
-                 RETURNING *)",
+                 AND NOT (",
+                keeps_none!(),
+                ") RETURNING *)",
+                completed_rows!("$4::bytea", "$3::int8"),
                 select_views!()
             ),
             &[
@@ -1584,7 +1628,13 @@ async fn complete_group(
 /// $3 results in the same order; $4 now, $5 the default retention in ms)
 /// → the views of the jobs completed.
 pub const COMPLETE_GROUP_SQL: &str = concat!(
-    "WITH j AS (UPDATE spool_jobs SET state = 'completed', \
+    "WITH g AS (DELETE FROM spool_jobs WHERE spool_jobs.id = ANY($1::int8[]) \
+     AND spool_jobs.lease_token = ($2::int8[])[width_bucket(spool_jobs.id, $1::int8[])] \
+     AND spool_jobs.state IN ('ready', 'reserved', 'delayed', 'buried') \
+     AND (spool_jobs.state = 'reserved') IS TRUE AND spool_jobs.deadline_ns >= $4 AND ",
+    keeps_none!(),
+    " RETURNING spool_jobs.*), \
+     u AS (UPDATE spool_jobs SET state = 'completed', \
      result = ($3::bytea[])[width_bucket(spool_jobs.id, $1::int8[])], \
      finished_ns = $4, updated_ns = $4, version = version + 1, \
      purge_at_ns = $4 + coalesce((SELECT retention_ms FROM spool_queues \
@@ -1595,7 +1645,10 @@ pub const COMPLETE_GROUP_SQL: &str = concat!(
      AND spool_jobs.state IN ('ready', 'reserved', 'delayed', 'buried') \
      AND (spool_jobs.state = 'reserved') IS TRUE \
      AND spool_jobs.deadline_ns >= $4 AND spool_jobs.workflow_id IS NULL \
-     RETURNING spool_jobs.*)",
+     AND NOT (",
+    keeps_none!(),
+    ") RETURNING spool_jobs.*)",
+    completed_rows!("($3::bytea[])[width_bucket(g.id, $1::int8[])]", "$4::int8"),
     select_views!()
 );
 

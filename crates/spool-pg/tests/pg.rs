@@ -441,6 +441,85 @@ async fn concurrent_completions_with_bad_ones_among_them() {
     );
 }
 
+/// Completions that go in one group statement, some in a queue that keeps
+/// no final jobs (`retention_max_jobs` 0): those rows and their keys are
+/// deleted, the others moved to the final jobs, and each caller is answered
+/// with its own job as completed, result and version included.
+#[tokio::test]
+async fn grouped_completions_in_a_queue_keeping_none_delete_their_rows() {
+    const EACH: usize = 20;
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let a = node(&url, "a", &clock).await;
+    a.call(Op::SetPolicy {
+        queue: queue("none"),
+        policy: QueuePolicy {
+            retention_max_jobs: Some(0),
+            ..QueuePolicy::default()
+        },
+    })
+    .await
+    .expect("policy");
+    for n in 0..EACH {
+        for q in ["none", "kept"] {
+            let keyed = NewJob {
+                idempotency_key: Some(format!("{q}-{n}")),
+                ..job("x")
+            };
+            a.enqueue(queue(q), keyed).await.expect("enqueue");
+        }
+    }
+    let held = a
+        .reserve(vec![queue("none"), queue("kept")], (2 * EACH) as u32, 0)
+        .await
+        .expect("reserve");
+    assert_eq!(held.len(), 2 * EACH);
+    let round_trips_before = a.pool_stats().round_trips;
+    let calls: Vec<_> = held
+        .iter()
+        .enumerate()
+        .map(|(n, leased)| {
+            let (broker, lease) = (a.clone(), leased.lease);
+            let result = Bytes::from(format!("result {n}"));
+            tokio::spawn(async move { broker.complete(lease, Some(result)).await })
+        })
+        .collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        let done = call.await.expect("join").expect("a held lease completes");
+        assert_eq!((done.id, done.state), (held[n].job.id, JobState::Completed));
+        assert_eq!(done.result, Some(Bytes::from(format!("result {n}"))));
+        assert_eq!(done.version, held[n].job.version + 1);
+        assert_eq!(done.queue, held[n].job.queue);
+    }
+    assert!(
+        a.pool_stats().round_trips - round_trips_before < (2 * EACH) as u64,
+        "the completions went in groups"
+    );
+    let admin = admin(&url).await;
+    let rows: Vec<(String, String, i64)> = admin
+        .query(
+            "SELECT queue, state, count(*) FROM spool_jobs GROUP BY queue, state",
+            &[],
+        )
+        .await
+        .expect("count")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(rows, vec![("kept".into(), "completed".into(), EACH as i64)]);
+    let keys: Vec<String> = admin
+        .query("SELECT key FROM spool_idempotency ORDER BY key", &[])
+        .await
+        .expect("keys")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        keys.len() == EACH && keys.iter().all(|k| k.starts_with("kept-")),
+        "{keys:?}"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_enqueues_with_bad_ones_among_them() {
     const GOOD: usize = 40;
