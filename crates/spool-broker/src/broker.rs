@@ -73,7 +73,10 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// `Ready(false)` after its last replies); one that holds reserved jobs
     /// stays open so its worker can delete, release or bury them, and is
     /// closed once it holds none. Whoever enforces the grace period drops
-    /// the sessions left, which releases their jobs.
+    /// the sessions left, which releases their jobs. The front door polls
+    /// every session once more after this call: an idle session need not
+    /// register for the shutdown itself (a PostgreSQL broker's idle
+    /// sessions do not, which keeps them small) and closes on that poll.
     fn begin_shutdown(&self);
 
     /// Runs one operation of the job model. Blocking ops (a reserve with a

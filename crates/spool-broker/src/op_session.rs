@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -126,16 +125,17 @@ enum Stage<B: SessionBroker> {
     Closed,
 }
 
-/// What a dormant session keeps: what its task needs to start.
+/// What a dormant session keeps: what its task needs to start. It watches
+/// no shutdown itself (a boxed future waiting on `shutdown` cost 192 bytes
+/// a session): the front door polls every session again when the broker
+/// begins shutting down (see [`Broker::begin_shutdown`]), and a dormant one
+/// closes on that poll, as an idle task would.
 struct Dormant<B: SessionBroker> {
     broker: B,
     shutdown: watch::Receiver<bool>,
     /// The tubes used and watched, when not beanstalkd's defaults (a
     /// parked session's).
     tubes: Option<Box<Tubes>>,
-    /// Wakes the connection when the broker shuts down, so a dormant
-    /// session closes as an idle task would; made at the first poll.
-    shut_down: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 /// The tube a session uses and those it watches.
@@ -192,7 +192,6 @@ impl<B: SessionBroker> OpSession<B> {
                 broker,
                 shutdown,
                 tubes: None,
-                shut_down: None,
             }),
         }
     }
@@ -239,20 +238,9 @@ impl<B: SessionBroker> Dormant<B> {
         }
     }
 
-    /// Whether the broker has begun shutting down (or is gone); otherwise
-    /// the task is woken when it does.
-    fn poll_shut_down(&mut self, cx: &mut Context<'_>) -> bool {
-        if *self.shutdown.borrow() {
-            return true;
-        }
-        let shut_down = self.shut_down.get_or_insert_with(|| {
-            let mut shutdown = self.shutdown.clone();
-            Box::pin(async move {
-                // An error: the broker is gone, which ends sessions too.
-                let _ = shutdown.wait_for(|down| *down).await;
-            })
-        });
-        shut_down.as_mut().poll(cx).is_ready()
+    /// Whether the broker has begun shutting down (or is gone).
+    fn shut_down(&self) -> bool {
+        *self.shutdown.borrow() || self.shutdown.has_changed().is_err()
     }
 }
 
@@ -312,7 +300,7 @@ impl<B: SessionBroker> Session for OpSession<B> {
         let running = match &mut self.stage {
             Stage::Running(running) => running,
             Stage::Dormant(dormant) => {
-                if !dormant.poll_shut_down(cx) {
+                if !dormant.shut_down() {
                     return Poll::Pending;
                 }
                 self.close_dormant();
@@ -331,8 +319,8 @@ impl<B: SessionBroker> Session for OpSession<B> {
                     if !self.unpark(*parked) {
                         return Poll::Ready(got);
                     }
-                    // Dormant again (the shutdown watched from now on) or
-                    // running again: what is next comes from there.
+                    // Dormant again or running again: what is next comes
+                    // from there.
                     return match self.poll_recv(cx, out) {
                         Poll::Pending if got => Poll::Ready(true),
                         Poll::Ready(open) => Poll::Ready(open || got),
@@ -372,7 +360,6 @@ impl<B: SessionBroker> OpSession<B> {
             broker,
             shutdown: parked.shutdown.clone(),
             tubes: parked.tubes.take(),
-            shut_down: None,
         };
         self.stage = Stage::Dormant(dormant);
         if !waiting.is_empty() && self.submit(waiting).is_err() {

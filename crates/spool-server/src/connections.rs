@@ -879,6 +879,23 @@ impl Connections {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// Wakes every live connection's task once, closing none: after
+    /// `Broker::begin_shutdown`, so that each polls its session again and an
+    /// idle one closes (a session need not watch the shutdown itself). The
+    /// wakers stay registered for [`Connections::close_all`].
+    pub fn wake_all(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let state = lock(&self.inner.state);
+            state.slots.iter().flatten().cloned().collect()
+        };
+        for entry in entries {
+            let waker = lock(&entry.details).waker.clone();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
     /// Asks every live connection to close: each task is woken, closes its
     /// socket and ends with reason `shutdown`. Connections admitted later
     /// are not affected.
@@ -1496,6 +1513,31 @@ mod tests {
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
         let mut cx = Context::from_waker(&second_waker);
+        assert!(handle
+            .poll_close_requested(&mut cx, &mut registered)
+            .is_ready());
+    }
+
+    #[test]
+    fn wake_all_wakes_each_task_and_leaves_it_registered_for_close_all() {
+        let registry = Connections::with_fd_limit(None, None);
+        let handle = registry.try_admit(Protocol::Beanstalk).unwrap();
+        let counted = Arc::new(CountingWaker(AtomicU64::new(0)));
+        let waker = Waker::from(counted.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut registered = None;
+        assert!(handle
+            .poll_close_requested(&mut cx, &mut registered)
+            .is_pending());
+        registry.wake_all();
+        assert_eq!(counted.0.load(Ordering::SeqCst), 1);
+        // Polled again after the wake: not asked to close, nothing to
+        // register anew, and close_all still finds the waker.
+        assert!(handle
+            .poll_close_requested(&mut cx, &mut registered)
+            .is_pending());
+        registry.close_all();
+        assert_eq!(counted.0.load(Ordering::SeqCst), 2);
         assert!(handle
             .poll_close_requested(&mut cx, &mut registered)
             .is_ready());

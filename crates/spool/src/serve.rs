@@ -1033,6 +1033,9 @@ async fn serve_until_signal<B: Broker>(
     // is set at once; nothing here awaits before it).
     connections.begin_shutdown();
     broker.begin_shutdown();
+    // Each session polled again: an idle one closes now (see
+    // `Broker::begin_shutdown`).
+    connections.wake_all();
     let holding = connections.active(Protocol::Beanstalk);
     tracing::info!(
         connections = holding,

@@ -176,6 +176,36 @@ fn readiness_drops_when_the_database_goes_away() {
     assert_eq!(server.http("GET", "/livez", "").status, 200);
 }
 
+/// SIGTERM with idle beanstalkd connections on a PostgreSQL node: a session
+/// that never sent a request, one that did (idle or parked by now) and one
+/// holding a job. The idle ones close at once, the holder when it gives its
+/// job back, and the node exits then, long before its grace period: an
+/// idle session starts no task and watches no shutdown of its own, so the
+/// node wakes every connection when it begins shutting down.
+#[test]
+fn sigterm_closes_idle_postgresql_sessions_at_once() {
+    let url = TestCluster::shared().create_database();
+    let mut server = Server::start_postgres(&url, &["--shutdown-grace", "600s"]);
+    wait_ready(&server);
+    let mut silent = server.client();
+    let mut used = server.client();
+    used.expect("use elsewhere\r\n", "USING elsewhere\r\n");
+    let mut holder = server.client();
+    let id = holder.put(0, 0, 60, b"held");
+    let (reserved, _) = holder.reserve_now();
+    assert_eq!(reserved, id);
+    server.signal("TERM");
+    silent.expect_closed();
+    used.expect_closed();
+    holder.expect_no_reply(Duration::from_millis(200));
+    holder.expect(format!("delete {id}\r\n"), "DELETED\r\n");
+    holder.expect_closed();
+    let status = server
+        .wait_exit(SETTLE_TIMEOUT)
+        .expect("exited after the last job");
+    assert!(status.success(), "{status:?}");
+}
+
 /// The id of a `RESERVED <id> <bytes>` reply's first line.
 fn reserved_id(reply: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(reply).ok()?;
