@@ -317,6 +317,9 @@ macro_rules! completed_rows {
 /// The condition under which a completion deletes its job instead of
 /// keeping it: its queue keeps no final jobs (`retention_max_jobs` 0, which
 /// the embedded engine forgets at once too) and no workflow waits on it.
+/// The delete names the live partition, where a reserved job is (aliased
+/// `spool_jobs`, which this condition names): the planner then has one
+/// table to plan for it, not the partitioned one's expansion.
 macro_rules! keeps_none {
     () => {
         "spool_jobs.workflow_id IS NULL AND EXISTS (SELECT 1 FROM spool_queues \
@@ -1523,7 +1526,8 @@ async fn complete(
     let rows = c
         .query(
             concat!(
-                "WITH g AS (DELETE FROM spool_jobs WHERE id = $1 AND lease_token = $2 \
+                "WITH g AS (DELETE FROM spool_jobs_live AS spool_jobs WHERE id = $1 \
+                 AND lease_token = $2 \
                  AND state = 'reserved' AND deadline_ns >= $3 AND ",
                 keeps_none!(),
                 " RETURNING spool_jobs.*), \
@@ -1628,7 +1632,8 @@ async fn complete_group(
 /// $3 results in the same order; $4 now, $5 the default retention in ms)
 /// → the views of the jobs completed.
 pub const COMPLETE_GROUP_SQL: &str = concat!(
-    "WITH g AS (DELETE FROM spool_jobs WHERE spool_jobs.id = ANY($1::int8[]) \
+    "WITH g AS (DELETE FROM spool_jobs_live AS spool_jobs \
+     WHERE spool_jobs.id = ANY($1::int8[]) \
      AND spool_jobs.lease_token = ($2::int8[])[width_bucket(spool_jobs.id, $1::int8[])] \
      AND spool_jobs.state IN ('ready', 'reserved', 'delayed', 'buried') \
      AND (spool_jobs.state = 'reserved') IS TRUE AND spool_jobs.deadline_ns >= $4 AND ",
