@@ -5,6 +5,10 @@
 //! requests; the engine task wakes, takes every message waiting in the
 //! channel, executes them all, runs timers, and hands each session its
 //! replies through a mailbox. Under load one wake-up serves many connections.
+//! A request that finds the engine idle (nothing for
+//! [`INLINE_AFTER_IDLE_NS`]) is run at once instead: the connection polls
+//! the engine task's future itself, on the engine's thread, so its reply
+//! goes out before the next ready connection is read (see [`SharedEngine`]).
 //!
 //! With a write-ahead log the same round is the unit of group commit: the
 //! durable changes of a round go to the log thread as one batch. A reply
@@ -354,10 +358,140 @@ fn changed_jobs(record: &LogRecord, out: &mut Vec<u64>) {
     }
 }
 
+/// How long the engine must have been idle (not polled) for a request to
+/// run in a round of its own, inline, rather than wait for the engine
+/// task's next round: a loopback client's round trip takes tens of
+/// microseconds, so an engine idle this long is waiting on its clients, and
+/// answering each request as it arrives lets a client work on one reply
+/// while the next connection is read. Under load the engine's rounds come
+/// back to back and keep batching every ready connection's requests.
+/// Measured (in memory, one-thread client, `spool bench`): 4 producers
+/// 44-48k -> 77k puts/s, 4 consumers 42-46k -> 78-83k jobs/s; at 8
+/// connections and pipeline 32 the same as without (5 us also cost mixed
+/// p1 a few percent, 30 us kept less of the gain).
+const INLINE_AFTER_IDLE_NS: u64 = 15_000;
+
+/// The engine task's future, shared so that a connection on the engine's
+/// own thread can run a round right after it submits, when the engine was
+/// idle ([`INLINE_AFTER_IDLE_NS`]): its replies then go out before the
+/// next ready connection is read, instead of every ready connection being
+/// read first and all answered together (the client, woken once for them
+/// all, then sends the next requests together, and the two take turns
+/// instead of overlapping). The task that owns it otherwise (its driver)
+/// polls it when woken, as before; whoever polls, it is polled with the
+/// driver's waker, so its timers and channels wake the driver.
+type EngineFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct SharedEngine {
+    future: Mutex<Option<EngineFuture>>,
+    /// The driver's waker, from its last poll.
+    waker: Mutex<Option<Waker>>,
+    /// The thread of the current-thread runtime the driver runs on; `None`
+    /// on a multi-thread runtime (no inline rounds: any thread may hold it).
+    thread: Option<std::thread::ThreadId>,
+    /// When the engine was last polled, in ns from `epoch`.
+    last_poll_ns: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl std::fmt::Debug for SharedEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedEngine")
+    }
+}
+
+impl SharedEngine {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Polls the engine future with `cx` and notes when.
+    fn poll_engine(&self, engine: &mut EngineFuture, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = engine.as_mut().poll(cx);
+        self.last_poll_ns.store(self.now_ns(), Ordering::Relaxed);
+        polled
+    }
+
+    /// Polls the engine here and now, with the driver's waker, if this is
+    /// its thread, it was idle and nobody is polling it: it runs a round
+    /// with what is waiting.
+    fn run_inline(&self) {
+        if self.thread != Some(std::thread::current().id()) {
+            return;
+        }
+        let idle_ns = self
+            .now_ns()
+            .saturating_sub(self.last_poll_ns.load(Ordering::Relaxed));
+        if idle_ns < INLINE_AFTER_IDLE_NS {
+            return;
+        }
+        let Some(waker) = lock_ignoring_poison(&self.waker).clone() else {
+            return;
+        };
+        let Ok(mut slot) = self.future.try_lock() else {
+            return;
+        };
+        if let Some(engine) = slot.as_mut() {
+            if self
+                .poll_engine(engine, &mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                *slot = None;
+                // The driver ends on its next poll.
+                waker.wake();
+            }
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks is left half-updated by a panic.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls the shared engine future as its own task.
+struct EngineDriver(Arc<SharedEngine>);
+
+impl Drop for EngineDriver {
+    /// The engine ends with its task, as when the task owned it: a runtime
+    /// dropped at shutdown drops the engine and with it the log's sender,
+    /// so the log thread makes its last sync and ends (the broker's handles,
+    /// which keep the shared slot alive, must not keep the engine alive).
+    fn drop(&mut self) {
+        let engine = lock_ignoring_poison(&self.0.future).take();
+        drop(engine);
+    }
+}
+
+impl Future for EngineDriver {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let shared = &self.0;
+        {
+            let mut waker = lock_ignoring_poison(&shared.waker);
+            match waker.as_mut() {
+                Some(w) => w.clone_from(cx.waker()),
+                None => *waker = Some(cx.waker().clone()),
+            }
+        }
+        let mut slot = lock_ignoring_poison(&shared.future);
+        let Some(engine) = slot.as_mut() else {
+            return Poll::Ready(());
+        };
+        let polled = shared.poll_engine(engine, cx);
+        if polled.is_ready() {
+            *slot = None;
+        }
+        polled
+    }
+}
+
 /// A [`Broker`] backed by an in-process engine. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct LocalBroker {
     tx: mpsc::UnboundedSender<Msg>,
+    engine: Arc<SharedEngine>,
     next_id: Arc<AtomicU64>,
     health: Arc<HealthFlags>,
     storage: Option<SharedStorageStats>,
@@ -380,9 +514,19 @@ impl LocalBroker {
         // Leases of this life above every lease of the previous one.
         engine.set_seq_floor(clock.now_ns());
         let task = EngineTask::new(engine, clock.clone(), log, process, health.clone());
-        tokio::spawn(task.run(rx));
+        let current_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        let shared = Arc::new(SharedEngine {
+            future: Mutex::new(Some(Box::pin(task.run(rx)))),
+            waker: Mutex::new(None),
+            thread: current_thread.then(|| std::thread::current().id()),
+            last_poll_ns: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        });
+        tokio::spawn(EngineDriver(shared.clone()));
         LocalBroker {
             tx,
+            engine: shared,
             next_id: Arc::new(AtomicU64::new(1)),
             health,
             storage,
@@ -420,6 +564,7 @@ impl Broker for LocalBroker {
             id,
             tx: self.tx.clone(),
             mailbox,
+            engine: self.engine.clone(),
         })
     }
 
@@ -478,6 +623,7 @@ pub struct LocalSession {
     id: ConnId,
     tx: mpsc::UnboundedSender<Msg>,
     mailbox: Arc<Mailbox>,
+    engine: Arc<SharedEngine>,
 }
 
 impl Session for LocalSession {
@@ -491,7 +637,9 @@ impl Session for LocalSession {
                 id: self.id,
                 requests,
             })
-            .map_err(|_| BrokerError::Closed)
+            .map_err(|_| BrokerError::Closed)?;
+        self.engine.run_inline();
+        Ok(())
     }
 
     fn hangup(&mut self) {
@@ -1483,6 +1631,44 @@ mod tests {
         assert_eq!(snapshot.sessions[0].conn_id, session.id());
         assert_eq!(snapshot.sessions[0].tube_used, "emails");
         assert_eq!(broker.health(), BrokerHealth::default());
+    }
+
+    /// On the engine's own (current-thread) runtime, a request that finds
+    /// the engine idle runs in a round of its own during `submit`: its
+    /// reply is in the mailbox before any other task has run.
+    #[tokio::test]
+    async fn a_request_to_an_idle_engine_is_answered_inline() {
+        let broker = broker();
+        let mut session = broker.open_session(Peer::default()).unwrap();
+        // The engine task takes the session's opening, then sits idle past
+        // the threshold (a sleep never returns early).
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_nanos(INLINE_AFTER_IDLE_NS) * 10);
+        session.submit(vec![put(b"a")]).unwrap();
+        let mut out = Vec::new();
+        let waker = Waker::noop();
+        let polled = session.poll_recv(&mut Context::from_waker(waker), &mut out);
+        assert_eq!(polled, Poll::Ready(true));
+        assert!(matches!(out[..], [Response::Inserted(_)]), "{out:?}");
+    }
+
+    /// The engine (and the log's sender it holds) goes with its task when
+    /// the runtime is dropped, however many broker handles live on: the
+    /// log thread's last sync waits for that sender to go.
+    #[test]
+    fn the_engine_ends_with_its_runtime_while_broker_handles_live() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let broker = runtime.block_on(async { broker() });
+        assert!(broker.open_session(Peer::default()).is_ok());
+        drop(runtime);
+        assert_eq!(
+            broker.open_session(Peer::default()).err(),
+            Some(BrokerError::Closed),
+            "the engine's receiver is gone"
+        );
     }
 
     #[tokio::test]
