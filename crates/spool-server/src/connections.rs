@@ -536,9 +536,10 @@ impl PeerAddr {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves counters that are
-    // still usable; poisoning must not take the server down.
+/// Locks `mutex` whatever a panic elsewhere left it: what the server's
+/// locks guard (counters, wakers, the engine's future) stays usable after
+/// one, and poisoning must not take the server down.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -37,6 +37,7 @@ use spool_engine::{ConnId, Engine, EngineSnapshot, IdHasher, LogRecord, Snapshot
 use spool_proto::{Request, Response, TubeName};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::connections::lock;
 use crate::durable::SharedStorageStats;
 use crate::limits::JOB_WAITS_MAX;
 use crate::process::ProcessInfo;
@@ -258,8 +259,7 @@ struct Inbox {
 
 impl Mailbox {
     fn lock(&self) -> MutexGuard<'_, Inbox> {
-        // A panic elsewhere cannot leave an Inbox half-updated.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     fn wake(&self) {
@@ -371,6 +371,9 @@ fn changed_jobs(record: &LogRecord, out: &mut Vec<u64>) {
 /// p1 a few percent, 30 us kept less of the gain).
 const INLINE_AFTER_IDLE_NS: u64 = 15_000;
 
+/// The engine task's future.
+type EngineFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The engine task's future, shared so that a connection on the engine's
 /// own thread can run a round right after it submits, when the engine was
 /// idle ([`INLINE_AFTER_IDLE_NS`]): its replies then go out before the
@@ -380,8 +383,6 @@ const INLINE_AFTER_IDLE_NS: u64 = 15_000;
 /// instead of overlapping). The task that owns it otherwise (its driver)
 /// polls it when woken, as before; whoever polls, it is polled with the
 /// driver's waker, so its timers and channels wake the driver.
-type EngineFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-
 struct SharedEngine {
     future: Mutex<Option<EngineFuture>>,
     /// The driver's waker, from its last poll.
@@ -425,7 +426,7 @@ impl SharedEngine {
         if idle_ns < INLINE_AFTER_IDLE_NS {
             return;
         }
-        let Some(waker) = lock_ignoring_poison(&self.waker).clone() else {
+        let Some(waker) = lock(&self.waker).clone() else {
             return;
         };
         let Ok(mut slot) = self.future.try_lock() else {
@@ -444,11 +445,6 @@ impl SharedEngine {
     }
 }
 
-fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing under these locks is left half-updated by a panic.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Polls the shared engine future as its own task.
 struct EngineDriver(Arc<SharedEngine>);
 
@@ -458,7 +454,7 @@ impl Drop for EngineDriver {
     /// so the log thread makes its last sync and ends (the broker's handles,
     /// which keep the shared slot alive, must not keep the engine alive).
     fn drop(&mut self) {
-        let engine = lock_ignoring_poison(&self.0.future).take();
+        let engine = lock(&self.0.future).take();
         drop(engine);
     }
 }
@@ -469,13 +465,13 @@ impl Future for EngineDriver {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let shared = &self.0;
         {
-            let mut waker = lock_ignoring_poison(&shared.waker);
+            let mut waker = lock(&shared.waker);
             match waker.as_mut() {
                 Some(w) => w.clone_from(cx.waker()),
                 None => *waker = Some(cx.waker().clone()),
             }
         }
-        let mut slot = lock_ignoring_poison(&shared.future);
+        let mut slot = lock(&shared.future);
         let Some(engine) = slot.as_mut() else {
             return Poll::Ready(());
         };
