@@ -880,16 +880,19 @@ impl Connections {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// Every live connection's entry, taken out of the lock so that no
+    /// waker runs under it.
+    fn live_entries(&self) -> Vec<Arc<Entry>> {
+        let state = lock(&self.inner.state);
+        state.slots.iter().flatten().cloned().collect()
+    }
+
     /// Wakes every live connection's task once, closing none: after
     /// `Broker::begin_shutdown`, so that each polls its session again and an
     /// idle one closes (a session need not watch the shutdown itself). The
     /// wakers stay registered for [`Connections::close_all`].
     pub fn wake_all(&self) {
-        let entries: Vec<Arc<Entry>> = {
-            let state = lock(&self.inner.state);
-            state.slots.iter().flatten().cloned().collect()
-        };
-        for entry in entries {
+        for entry in self.live_entries() {
             let waker = lock(&entry.details).waker.clone();
             if let Some(waker) = waker {
                 waker.wake();
@@ -901,11 +904,7 @@ impl Connections {
     /// socket and ends with reason `shutdown`. Connections admitted later
     /// are not affected.
     pub fn close_all(&self) {
-        let entries: Vec<Arc<Entry>> = {
-            let state = lock(&self.inner.state);
-            state.slots.iter().flatten().cloned().collect()
-        };
-        for entry in entries {
+        for entry in self.live_entries() {
             entry.flags.fetch_or(CLOSE_REQUESTED, Ordering::SeqCst);
             let waker = lock(&entry.details).waker.take();
             if let Some(waker) = waker {
