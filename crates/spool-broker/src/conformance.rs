@@ -68,6 +68,7 @@ macro_rules! conformance_tests {
             update_checks_version,
             delete_refuses_reserved_jobs,
             batch_is_all_or_none,
+            a_batch_answers_each_job_as_get_shows_it,
             release_is_not_an_attempt,
             bury_and_kick,
             list_pages_and_purge,
@@ -741,6 +742,64 @@ pub async fn batch_is_all_or_none<H: Harness>(h: H) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// A batch enqueue's answer is each job as it was stored: the PostgreSQL
+/// broker builds these views from what it sent, not from the rows.
+pub async fn a_batch_answers_each_job_as_get_shows_it<H: Harness>(h: H) {
+    let b = h.broker();
+    call(
+        b,
+        Op::SetPolicy {
+            queue: queue("shaped"),
+            policy: QueuePolicy {
+                max_attempts: Some(7),
+                backoff: Some(no_jitter(300)),
+                ttr_ms: Some(45_000),
+                ..QueuePolicy::default()
+            },
+        },
+    )
+    .await
+    .unwrap();
+    let own = NewJob {
+        priority: Some(5),
+        ttr_ms: Some(9_000),
+        max_attempts: Some(2),
+        backoff: Some(no_jitter(50)),
+        ..job("own")
+    };
+    let later = NewJob {
+        run_at: RunAt::DelayMs(60_000),
+        priority: Some(4_000_000_000),
+        ..job("later")
+    };
+    let jobs = vec![
+        (queue("shaped"), job("defaults")),
+        (queue("shaped"), own.clone()),
+        (queue("plain"), job("plain")),
+        (queue("shaped"), later),
+        (queue("plain"), own),
+    ];
+    let Outcome::Batch(made) = call(b, Op::EnqueueBatch { jobs }).await.unwrap() else {
+        panic!("a batch answers its jobs");
+    };
+    let payloads: Vec<&[u8]> = made.iter().map(|j| &j.payload[..]).collect();
+    assert_eq!(
+        payloads,
+        [&b"defaults"[..], b"own", b"plain", b"later", b"own"],
+        "in the batch's order"
+    );
+    assert!(made.windows(2).all(|w| w[0].id < w[1].id), "ids in order");
+    assert_eq!(
+        (made[0].max_attempts, made[0].ttr_ms, made[0].backoff),
+        (7, 45_000, no_jitter(300)),
+        "the queue's policy"
+    );
+    assert_eq!(made[3].state, JobState::Delayed);
+    for view in &made {
+        assert_eq!(&b.get(view.id).await.unwrap(), view);
+    }
 }
 
 pub async fn release_is_not_an_attempt<H: Harness>(h: H) {

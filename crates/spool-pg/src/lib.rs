@@ -22,7 +22,7 @@ mod workflows;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Poll;
@@ -46,9 +46,9 @@ pub use ops::{
     REINDEX_LIVE_BYTES_MIN, REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX,
     VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE, VACUUM_FINAL_DEAD_SHARE_OF_LIVE,
 };
-/// The group statements, for the tests of their plans.
+/// The group and listing statements, for the tests of their plans.
 #[doc(hidden)]
-pub use ops::{COMPLETE_GROUP_SQL, DELETE_GROUP_SQL};
+pub use ops::{list_sql, COMPLETE_GROUP_SQL, DELETE_GROUP_SQL};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 
@@ -490,9 +490,13 @@ impl PgBroker {
             fx.skews.clear();
             let mut conn = inner.pool.get().await.map_err(|e| self.db_failed(e))?;
             let now = inner.clock.now_ns();
+            // Boxed: the operation's future is the size of the largest of
+            // them all (kilobytes), and every caller's future held it
+            // inline, moved with it into each `join_all` and spawn, though
+            // a grouped caller only waits for its group's answer.
             let result = tokio::time::timeout(
                 inner.op_timeout,
-                ops::run(&mut conn, &inner.ctx, task.clone(), now, fx),
+                Box::pin(ops::run(&mut conn, &inner.ctx, task.clone(), now, fx)),
             )
             .await;
             match result {
@@ -523,13 +527,22 @@ impl PgBroker {
         self.run_with(task, &mut Effects::default()).await
     }
 
-    async fn run_op(&self, op: Op, fx: &mut Effects) -> Result<Outcome, BrokerError> {
-        match self.run_with(Task::Op(op), fx).await? {
-            Done::Outcome(outcome) => Ok(*outcome),
-            other => Err(BrokerError::Internal(format!(
-                "an operation answered {other:?}"
-            ))),
-        }
+    /// Boxed, as `run_with` boxes the operation: a caller that may end up
+    /// here (a grouped completion or enqueue the group did not settle)
+    /// stays small in the common case.
+    fn run_op<'a>(
+        &'a self,
+        op: Op,
+        fx: &'a mut Effects,
+    ) -> Pin<Box<dyn Future<Output = Result<Outcome, BrokerError>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.run_with(Task::Op(op), fx).await? {
+                Done::Outcome(outcome) => Ok(*outcome),
+                other => Err(BrokerError::Internal(format!(
+                    "an operation answered {other:?}"
+                ))),
+            }
+        })
     }
 
     async fn execute(&self, op: Op, sent_ns: u64) -> Result<Outcome, BrokerError> {
@@ -551,7 +564,10 @@ impl PgBroker {
                 .reserve_waiting(queues, batch, timeout_ms, sent_ns)
                 .await
                 .map(Outcome::Leased),
-            Op::Wait { id, wait_ms } => self.wait_job(id, wait_ms, sent_ns).await.map(Outcome::Job),
+            // Boxed (as `run_op`): every call's future is its largest arm.
+            Op::Wait { id, wait_ms } => Box::pin(self.wait_job(id, wait_ms, sent_ns))
+                .await
+                .map(Outcome::Job),
             // A job refused on its face is not let into a group, where it
             // would refuse the whole batch (and send every member alone).
             Op::Enqueue { queue, job }
@@ -1395,5 +1411,32 @@ impl Broker for PgBroker {
         let sent_ns = self.inner.clock.now_ns();
         let this = self.clone();
         async move { this.execute(op, sent_ns).await }
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn size_of_ret<A, R, F: Fn(A) -> R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// A call's future is moved whole into each `join_all`, spawn and box
+    /// of its caller (an HTTP batch completion makes one a job): held
+    /// inline, the operation's future made it 10,424 bytes, and copying
+    /// those was a fifth of a node's CPU under load.
+    #[test]
+    fn a_call_does_not_hold_the_operation_inline() {
+        let call = size_of_ret(&|(b, op): (PgBroker, Op)| async move { b.call(op).await });
+        assert!(call <= 4_096, "a call's future is {call} bytes");
+        let complete = size_of_ret(&|(b, lease): (PgBroker, Lease)| async move {
+            b.complete_grouped(lease, None).await
+        });
+        assert!(
+            complete <= 1_024,
+            "a grouped completion's future is {complete} bytes"
+        );
     }
 }

@@ -606,7 +606,9 @@ impl Pool {
         // lacked (a failed open is counted in `connect_errors` instead).
         let conn = match reused {
             Some(conn) => conn,
-            None => self.open().await?,
+            // Boxed: connecting is a large future, and rare; every
+            // operation's future would hold it inline.
+            None => Box::pin(self.open()).await?,
         };
         self.observe_acquire(started);
         self.busy.fetch_add(1, Ordering::Relaxed);

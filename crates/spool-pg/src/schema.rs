@@ -11,6 +11,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_workflows_schedules.sql"),
     include_str!("../migrations/0003_vacuum.sql"),
     include_str!("../migrations/0004_partitions.sql"),
+    include_str!("../migrations/0005_live_listing.sql"),
 ];
 
 /// The schema version this binary writes and reads.

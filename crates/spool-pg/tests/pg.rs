@@ -2159,6 +2159,64 @@ async fn the_group_statements_generic_plans_look_each_job_up_by_key() {
                 && !plan.contains("Function Scan"),
             "{name}:\n{plan}"
         );
-        assert!(!plan.contains("spool_jobs_final"), "{name} pruned:\n{plan}");
+        // The final partition is only inserted into (a completion kept),
+        // never searched.
+        assert!(
+            plan.lines()
+                .filter(|line| line.contains("spool_jobs_final"))
+                .all(|line| line.contains("Insert on spool_jobs_final")),
+            "{name} pruned:\n{plan}"
+        );
+    }
+}
+
+/// Listings of delayed, buried and final jobs of a queue read an index in
+/// id order and stop at the page's end, in the generic plan too, though the live partition
+/// has no (queue, state, id) index any more (schema 5): peek-delayed,
+/// peek-buried and kick (beanstalkd) look for the first such job of a tube
+/// among any number of ready ones.
+#[tokio::test]
+async fn listings_of_parked_and_final_jobs_read_their_index() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    enqueue_batches(&broker, "q", 4, 500).await;
+    // Half of them final, as a queue's retention keeps them.
+    admin
+        .batch_execute(
+            "UPDATE spool_jobs SET state = 'completed', finished_ns = created_ns, \
+             purge_at_ns = created_ns WHERE id % 2 = 0; \
+             ANALYZE spool_jobs_live; ANALYZE spool_jobs_final; \
+             SET plan_cache_mode = force_generic_plan",
+        )
+        .await
+        .expect("final jobs, generic plans");
+    // Final jobs: by their own index or the final partition's primary
+    // key, whichever the planner prefers; in id order either way.
+    for (state, index) in [
+        (JobState::Delayed, "spool_jobs_parked"),
+        (JobState::Buried, "spool_jobs_parked"),
+        (JobState::Completed, "spool_jobs_final"),
+        (JobState::Cancelled, "spool_jobs_final"),
+    ] {
+        let name = format!("list_{}", state.as_str());
+        admin
+            .batch_execute(&format!("PREPARE {name} AS {}", spool_pg::list_sql(state)))
+            .await
+            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN EXECUTE {name}('q', 0, 2)"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("explain {name}: {e}"))
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(&format!("Index Scan using {index}"))
+                && !plan.contains("Sort")
+                && !plan.contains("Seq Scan"),
+            "{name}:\n{plan}"
+        );
     }
 }
