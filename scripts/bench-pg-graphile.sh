@@ -15,6 +15,9 @@
 #   JOBS=100000 bash scripts/bench-pg-graphile.sh
 #   GRAPHILE_CONFIGS="4:16:64:10" bash scripts/bench-pg-graphile.sh
 #
+# FLOOR=1: then what two cores give the database alone (pgbench; see the
+# section below), the floor under any queue on it.
+#
 # PROFILE=1: where each jobs-through run's time goes, per job: write
 # transactions (xids drawn), WAL bytes, CPU seconds of PostgreSQL (every
 # backend), the spool nodes and the load clients, and the statements
@@ -86,6 +89,12 @@ if [ "$PROFILE" = 1 ]; then psql_ "CREATE EXTENSION pg_stat_statements" >/dev/nu
 # postmaster with its reaped backends, and the live ones), of the spool
 # nodes, and of this script's reaped children (the load clients, a few
 # psql and python3 besides).
+# Before each run: a checkpoint, so that no run pays for an earlier one's
+# WAL (a checkpoint that max_wal_size starts mid-run makes every page's
+# next change write a full image): after 300,000 graphile-worker jobs the
+# spool run that followed was 18% slower than spool alone, with this 4%.
+settle() { psql_ "CHECKPOINT" >/dev/null; }
+
 profile_mark() {
     [ "$PROFILE" = 1 ] || return 0
     local pm nodes=()
@@ -174,6 +183,7 @@ for r in runs:
         sys.exit("incomplete run: %s" % r)
 done = sum(r.get("jobs_done", r.get("jobs")) for r in runs)
 print(round(done / max(r["elapsed_secs"] for r in runs)))
+print("  each run: " + ", ".join(f'{r.get("jobs_done", r.get("jobs"))} jobs in {r["elapsed_secs"]:.3f} s' for r in runs), file=sys.stderr)
 EOF
 }
 
@@ -190,6 +200,7 @@ complete_flag=()
 if [ "$COMPLETE_EACH" = 1 ]; then complete_flag=(--complete-each); fi
 for config in $GRAPHILE_CONFIGS; do
     IFS=: read -r procs conc lq delay <<<"$config"
+    settle
     profile_mark
     node scripts/graphile-bench.js work "$JOBS" "$procs" "$conc" "$lq" "$delay" \
         "$ENQUEUE_BATCH" "$TIME_LIMIT_S" >"$DIR/g.json"
@@ -219,6 +230,7 @@ echo "spool's queues keep $RETENTION_MAX_JOBS final jobs (RETENTION_MAX_JOBS)"
 
 outs=()
 pids=()
+settle
 profile_mark
 for i in "${!hports[@]}"; do
     # A queue per node's run: each checks it gets its own jobs back once;
@@ -242,6 +254,7 @@ if [ "$BEANSTALK_JOBS" -gt 0 ]; then
 
 outs=()
 pids=()
+settle
 profile_mark
 for i in "${!bports[@]}"; do
     "$SPOOL" bench --addr "127.0.0.1:${bports[$i]}" --jobs "$((BEANSTALK_JOBS / NODES))" --tube "bean$i" \
@@ -264,15 +277,85 @@ if [ "$best_g" -gt 0 ]; then
 else
     echo "JOBS/S: spool ($NODES nodes, $best_s_how) $best_s (graphile-worker not run)"
 fi
+
+# ---- PostgreSQL's floor (FLOOR=1) ------------------------------------------
+# The least any queue on this database pays a job, with no application at
+# all: pgbench runs the SQL a durable queue cannot do without (a batch
+# insert of ENQUEUE_BATCH rows; then a reservation of FLOOR_BATCH rows by
+# `FOR UPDATE SKIP LOCKED` and an update, and their delete, each its own
+# committed transaction, from FLOOR_CLIENTS connections), first on a
+# minimal table (id, queue, state, priority, payload, lease, deadline;
+# the ready and lease indexes), then on spool's live partition with its
+# indexes. Inserts and reservations run one after the other, so the rate
+# is jobs / (insert time + reserve-and-delete time), the vacuum between
+# them not counted: what two cores give the database alone, no churn's
+# vacuum paid. 2,000,000 / rate is the microseconds of the whole
+# machine a job costs at that floor.
+FLOOR=${FLOOR:-0}
+FLOOR_JOBS=${FLOOR_JOBS:-100000}
+FLOOR_BATCH=${FLOOR_BATCH:-400}
+FLOOR_CLIENTS=${FLOOR_CLIENTS:-4}
+if [ "$FLOOR" = 1 ]; then
+    pgbench_() { $AS "$BIN/pgbench" -h "$DIR" -U spool -n -M simple "$@" postgres >/dev/null; }
+    psql_ "CREATE SEQUENCE floor_ids; CREATE SEQUENCE floor_leases; \
+        CREATE TABLE floor_jobs (id bigint PRIMARY KEY DEFAULT nextval('floor_ids'), \
+        queue text NOT NULL, state text NOT NULL DEFAULT 'ready', priority int NOT NULL \
+        DEFAULT 0, payload bytea NOT NULL, lease bigint, deadline bigint) WITH (fillfactor = 80); \
+        CREATE INDEX floor_ready ON floor_jobs (queue, priority, id) WHERE state = 'ready'; \
+        CREATE INDEX floor_lease_deadlines ON floor_jobs (deadline) WHERE state = 'reserved'" >/dev/null
+    # floor TABLE INSERT_SQL LEASE_SET: one run on TABLE (INSERT_SQL adds
+    # ENQUEUE_BATCH jobs of queue 'floor'; LEASE_SET is the reservation's
+    # SET besides the state); prints its rates.
+    floor() {
+        local table=$1 insert=$2 t0 t1 t2 t3 left
+        echo "$insert" >"$DIR/floor-insert.sql"
+        # \gset takes one row: the reserved ids travel as one array literal.
+        echo "WITH c AS MATERIALIZED (SELECT id FROM $table WHERE queue = 'floor' \
+AND state = 'ready' ORDER BY priority, id LIMIT $FLOOR_BATCH FOR UPDATE SKIP LOCKED), \
+u AS (UPDATE $table j SET state = 'reserved', $3 FROM c WHERE j.id = c.id \
+RETURNING j.id, j.payload) SELECT quote_literal(coalesce(array_agg(id), '{}')::text) \
+AS ids FROM u \gset
+DELETE FROM $table WHERE id = ANY(:ids::bigint[]);" >"$DIR/floor-work.sql"
+        chmod a+r "$DIR"/floor-*.sql
+        settle
+        t0=$(date +%s.%N)
+        pgbench_ -c 2 -j 2 -t $((FLOOR_JOBS / ENQUEUE_BATCH / 2)) -f "$DIR/floor-insert.sql"
+        t1=$(date +%s.%N)
+        # Not timed: the statistics and hint bits of a table just filled.
+        psql_ "VACUUM ANALYZE $table" >/dev/null
+        t2=$(date +%s.%N)
+        pgbench_ -c "$FLOOR_CLIENTS" -j 2 -t $((FLOOR_JOBS / FLOOR_BATCH / FLOOR_CLIENTS)) \
+            -f "$DIR/floor-work.sql"
+        t3=$(date +%s.%N)
+        left=$(psql_ "SELECT count(*) FROM $table WHERE queue = 'floor'")
+        python3 -c "
+jobs = $FLOOR_JOBS // $ENQUEUE_BATCH // 2 * 2 * $ENQUEUE_BATCH
+done = jobs - $left
+took = ($t1 - $t0) + ($t3 - $t2)
+print(f'  {\"$table\":16} insert {jobs / ($t1 - $t0):8.0f} jobs/s, reserve and delete {done / ($t3 - $t2):7.0f} jobs/s: floor {done / took:6.0f} jobs/s, {2e6 * took / done:5.1f} us of two cores a job')"
+    }
+    echo "FLOOR (PostgreSQL alone: inserts of $ENQUEUE_BATCH, reservations of $FLOOR_BATCH by $FLOOR_CLIENTS clients, pgbench):"
+    floor floor_jobs "INSERT INTO floor_jobs (queue, payload) SELECT 'floor', \
+'\\x7061796c6f6164'::bytea FROM generate_series(1, $ENQUEUE_BATCH);" \
+        "lease = (SELECT nextval('floor_leases')), deadline = 9000000000000000000"
+    floor spool_jobs_live "INSERT INTO spool_jobs_live (id, queue, state, priority, payload, \
+max_attempts, ttr_ms, created_ns, updated_ns, version) SELECT nextval('spool_job_ids'), \
+'floor', 'ready', 1024, '\\x7061796c6f6164'::bytea, 0, 120000, 1, 1, 1 \
+FROM generate_series(1, $ENQUEUE_BATCH);" \
+        "lease_token = (SELECT nextval('spool_lease_tokens')), deadline_ns = 9000000000000000000"
+fi
+
 if [ "$ENQUEUE_JOBS" -le 0 ]; then
     echo "== load after: $(uptime | sed 's/.*load average: //')"
     exit 0
 fi
 
 # ---- 2. single enqueue ------------------------------------------------------
+settle
 "$SPOOL" bench --mode http-enqueue --http "127.0.0.1:${hports[0]}" --jobs "$ENQUEUE_JOBS" \
     --tube single --producers "$ENQUEUE_CONNS" --time-limit-secs "$TIME_LIMIT_S" \
     --json >"$DIR/enq.json"
+settle
 node scripts/graphile-bench.js enqueue "$ENQUEUE_JOBS" "$ENQUEUE_CONNS" "$TIME_LIMIT_S" >"$DIR/genq.json"
 python3 - "$DIR/enq.json" "$DIR/genq.json" "$ENQUEUE_CONNS" <<'EOF'
 import json, sys
