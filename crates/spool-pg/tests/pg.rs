@@ -2113,6 +2113,24 @@ async fn the_retention_trims_each_queue_to_its_count_a_batch_a_pass() {
     assert_eq!(left("plain").await.0, 4);
 }
 
+/// The plan of `sql` prepared as `name` and executed with `args` (SQL
+/// literals), as `EXPLAIN` prints it: the generic one under
+/// `plan_cache_mode = force_generic_plan`.
+async fn plan_of(admin: &tokio_postgres::Client, name: &str, sql: &str, args: &str) -> String {
+    admin
+        .batch_execute(&format!("PREPARE {name} AS {sql}"))
+        .await
+        .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+    let lines: Vec<String> = admin
+        .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("explain {name}: {e}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    lines.join("\n")
+}
+
 /// The completion and delete groups find their jobs by key and join
 /// nothing, in the generic plan PostgreSQL settles on after a few calls
 /// (it assumes 10 input rows) too. Joined with their input, that plan
@@ -2141,18 +2159,7 @@ async fn the_group_statements_generic_plans_look_each_job_up_by_key() {
             "'{1,2}', '{1,2}', 0",
         ),
     ] {
-        admin
-            .batch_execute(&format!("PREPARE {name} AS {sql}"))
-            .await
-            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
-        let plan: Vec<String> = admin
-            .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
-            .await
-            .unwrap_or_else(|e| panic!("explain {name}: {e}"))
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let plan = plan.join("\n");
+        let plan = plan_of(&admin, name, sql, args).await;
         assert!(
             plan.contains("Index Cond: (id = ANY ($1))")
                 && !plan.contains("Join Filter")
@@ -2171,10 +2178,10 @@ async fn the_group_statements_generic_plans_look_each_job_up_by_key() {
 }
 
 /// Listings of delayed, buried and final jobs of a queue read an index in
-/// id order and stop at the page's end, in the generic plan too, though the live partition
-/// has no (queue, state, id) index any more (schema 5): peek-delayed,
-/// peek-buried and kick (beanstalkd) look for the first such job of a tube
-/// among any number of ready ones.
+/// id order and stop at the page's end, in the generic plan too, though
+/// the live partition has no (queue, state, id) index any more (schema
+/// 5): peek-delayed, peek-buried and kick (beanstalkd) look for the first
+/// such job of a tube among any number of ready ones.
 #[tokio::test]
 async fn listings_of_parked_and_final_jobs_read_their_index() {
     let url = TestCluster::shared().create_database();
@@ -2200,18 +2207,7 @@ async fn listings_of_parked_and_final_jobs_read_their_index() {
         (JobState::Cancelled, "spool_jobs_final"),
     ] {
         let name = format!("list_{}", state.as_str());
-        admin
-            .batch_execute(&format!("PREPARE {name} AS {}", spool_pg::list_sql(state)))
-            .await
-            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
-        let plan: Vec<String> = admin
-            .query(&format!("EXPLAIN EXECUTE {name}('q', 0, 2)"), &[])
-            .await
-            .unwrap_or_else(|e| panic!("explain {name}: {e}"))
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let plan = plan.join("\n");
+        let plan = plan_of(&admin, &name, spool_pg::list_sql(state), "'q', 0, 2").await;
         assert!(
             plan.contains(&format!("Index Scan using {index}"))
                 && !plan.contains("Sort")
