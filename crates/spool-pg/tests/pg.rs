@@ -2216,3 +2216,43 @@ async fn listings_of_parked_and_final_jobs_read_their_index() {
         );
     }
 }
+
+/// A completion moves a kept job to the final partition by an `INSERT`
+/// that names every column (`complete_rows!`): a column added to
+/// `spool_jobs` and not named there would be lost at every completion.
+#[tokio::test]
+async fn a_completion_carries_every_column_to_the_final_partition() {
+    let url = TestCluster::shared().create_database();
+    let _broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    let sql = spool_pg::COMPLETE_GROUP_SQL;
+    let start = sql
+        .find("INSERT INTO spool_jobs_final (")
+        .expect("the completion inserts into the final partition")
+        + "INSERT INTO spool_jobs_final (".len();
+    let named: Vec<&str> = sql[start..]
+        .split(')')
+        .next()
+        .expect("a column list")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let columns: Vec<String> = admin
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_name = 'spool_jobs_final' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .expect("the final partition's columns")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!columns.is_empty());
+    let missing: Vec<&String> = columns
+        .iter()
+        .filter(|c| !named.contains(&c.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not carried: {missing:?}");
+    assert_eq!(named.len(), columns.len(), "{named:?}");
+}
