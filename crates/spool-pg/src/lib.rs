@@ -46,9 +46,11 @@ pub use ops::{
     REINDEX_LIVE_BYTES_MIN, REINDEX_LIVE_BYTES_PER_ROW, REINDEX_LIVE_ROWS_MAX,
     VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE_OF_LIVE, VACUUM_FINAL_DEAD_SHARE_OF_LIVE,
 };
-/// The group and listing statements, for the tests of their plans.
+/// The group, listing and count statements, for the tests of their plans.
 #[doc(hidden)]
-pub use ops::{list_sql, COMPLETE_GROUP_SQL, DELETE_GROUP_SQL};
+pub use ops::{
+    list_sql, COMPLETE_GROUP_SQL, DELETE_GROUP_SQL, QUEUE_COUNTS_SQL, QUEUE_LIVE_COUNTS_SQL,
+};
 pub use pool::PoolStats;
 pub use schema::SCHEMA_VERSION;
 

@@ -1035,13 +1035,11 @@ pub(crate) async fn enqueue_from(
             continue;
         };
         let live: i64 = c
-            .query_opt(
-                "SELECT count(*) FROM spool_jobs WHERE queue = $1 \
-                 AND state IN ('ready', 'reserved', 'delayed', 'buried')",
-                &[queue],
-            )
+            .query(QUEUE_LIVE_COUNTS_SQL, &[queue])
             .await?
-            .map_or(0, |row| row.get(0));
+            .iter()
+            .map(|row| row.get::<_, i64>(1))
+            .sum();
         if from_db(live) + added.get(queue).copied().unwrap_or(0) > max_jobs {
             return refuse(BrokerError::QueueFull { max_jobs });
         }
@@ -2351,18 +2349,41 @@ fn set_settings(info: &mut QueueInfo, row: &Row, now: u64) {
     });
 }
 
+/// A queue's live jobs by state: ($1 queue) → a (state, count) row for
+/// each live state, 0 included. Each state is counted through an index
+/// that leads with the queue (the live partition has no `(queue, state,
+/// id)` index since schema 5: ready jobs by the ready index, delayed and
+/// buried by the parked one) or, for reserved jobs, through the lease
+/// index, which holds only the jobs running. A `GROUP BY` over the live
+/// partition would read every queue's jobs.
+macro_rules! live_counts {
+    () => {
+        "SELECT 'ready', count(*) FROM spool_jobs_live WHERE queue = $1 AND state = 'ready' \
+         UNION ALL SELECT 'reserved', count(*) FROM spool_jobs_live \
+         WHERE queue = $1 AND state = 'reserved' \
+         UNION ALL SELECT 'delayed', count(*) FROM spool_jobs_live \
+         WHERE queue = $1 AND state = 'delayed' \
+         UNION ALL SELECT 'buried', count(*) FROM spool_jobs_live \
+         WHERE queue = $1 AND state = 'buried'"
+    };
+}
+
+/// [`live_counts!`]'s statement.
+pub const QUEUE_LIVE_COUNTS_SQL: &str = live_counts!();
+
+/// [`live_counts!`] and the queue's final jobs by state (those present),
+/// through the final partition's `(queue, state, id)` index.
+pub const QUEUE_COUNTS_SQL: &str = concat!(
+    live_counts!(),
+    " UNION ALL SELECT state, count(*) FROM spool_jobs_final WHERE queue = $1 GROUP BY state"
+);
+
 async fn queue_info(c: &mut Conn, queue: &str, now: u64) -> Result<QueueInfo, OpError> {
     let mut info = QueueInfo {
         name: queue.to_string(),
         ..QueueInfo::default()
     };
-    for row in c
-        .query(
-            "SELECT state, count(*) FROM spool_jobs WHERE queue = $1 GROUP BY state",
-            &[&queue],
-        )
-        .await?
-    {
+    for row in c.query(QUEUE_COUNTS_SQL, &[&queue]).await? {
         count_into(&mut info, row.get(0), row.get(1));
     }
     if let Some(row) = c

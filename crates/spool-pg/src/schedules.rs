@@ -333,11 +333,15 @@ async fn fire(
     let spec = &current.spec;
     if let (Some(max_backlog), true) = (spec.max_backlog, check_backlog) {
         // The schedule's jobs waiting (ready or delayed), as the local
-        // broker counts them; bounded by the bound itself.
+        // broker counts them; bounded by the bound itself. One count a
+        // state, so that each reads its index (ready, parked) from the
+        // queue's part on, not the whole live partition.
         let backlog: i64 = c
             .query_opt(
-                "SELECT count(*) FROM (SELECT 1 FROM spool_jobs WHERE queue = $1 \
-                 AND state IN ('ready', 'delayed') AND schedule = $2 LIMIT $3) s",
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM spool_jobs_live WHERE queue = $1 \
+                 AND state = 'ready' AND schedule = $2 LIMIT $3) r) \
+                 + (SELECT count(*) FROM (SELECT 1 FROM spool_jobs_live WHERE queue = $1 \
+                 AND state = 'delayed' AND schedule = $2 LIMIT $3) d)",
                 &[&spec.queue.as_str(), &name, &db_u64(max_backlog)],
             )
             .await?

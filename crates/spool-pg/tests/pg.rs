@@ -2256,3 +2256,36 @@ async fn a_completion_carries_every_column_to_the_final_partition() {
     assert!(missing.is_empty(), "not carried: {missing:?}");
     assert_eq!(named.len(), columns.len(), "{named:?}");
 }
+
+/// A small queue's counts (its page, `stats-tube`, and `max_jobs` at
+/// every enqueue into a bounded queue) read indexes that lead with the
+/// queue or hold only the jobs running, not the whole live partition where
+/// another queue's backlog is (schema 5 took the live partition's
+/// `(queue, state, id)` index). The plan for the queue named, as the
+/// planner makes it for its first calls; a generic plan assumes every
+/// queue holds an even share, as it did with that index.
+#[tokio::test]
+async fn a_queues_counts_read_its_part_of_the_indexes() {
+    let url = TestCluster::shared().create_database();
+    let broker = node(&url, "a", &Clock::manual(START_NS)).await;
+    let admin = admin(&url).await;
+    enqueue_batches(&broker, "q", 1, 100).await;
+    enqueue_batches(&broker, "backlog", 8, 500).await;
+    admin
+        .batch_execute(
+            "ANALYZE spool_jobs_live; ANALYZE spool_jobs_final; \
+             SET plan_cache_mode = force_custom_plan",
+        )
+        .await
+        .expect("custom plans");
+    for (name, sql) in [
+        ("live_counts", spool_pg::QUEUE_LIVE_COUNTS_SQL),
+        ("counts", spool_pg::QUEUE_COUNTS_SQL),
+    ] {
+        let plan = plan_of(&admin, name, sql, "'q'").await;
+        assert!(
+            !plan.contains("Seq Scan on spool_jobs_live"),
+            "{name}:\n{plan}"
+        );
+    }
+}
