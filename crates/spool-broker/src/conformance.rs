@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             a_batch_answers_each_job_as_get_shows_it,
             release_is_not_an_attempt,
             bury_and_kick,
+            peek_shows_each_state_in_beanstalkds_order,
             list_pages_and_purge,
             retention_by_count_and_age,
             a_queue_keeping_no_final_jobs_forgets_each_as_it_completes,
@@ -820,6 +821,56 @@ pub async fn release_is_not_an_attempt<H: Harness>(h: H) {
     assert_eq!(released.priority, 3);
     h.advance(2_000).await;
     assert_eq!(reserve_one(b, "rel").await.job.id, made.id);
+}
+
+/// `Op::Peek` (beanstalkd's peek-ready, -delayed, -buried on a broker
+/// whose sessions speak `Op`s): the next ready job by priority then id,
+/// the delayed job due soonest, the job buried longest ago; none of them
+/// is the lowest id here.
+pub async fn peek_shows_each_state_in_beanstalkds_order<H: Harness>(h: H) {
+    let b = h.broker();
+    let peek = |state| {
+        call(
+            b,
+            Op::Peek {
+                queue: queue("pk"),
+                state,
+            },
+        )
+    };
+    assert_eq!(peek(JobState::Ready).await, Err(BrokerError::NotFound));
+    let with = |payload: &str, priority: u32, delay_ms: u64| NewJob {
+        priority: Some(priority),
+        run_at: if delay_ms > 0 {
+            RunAt::DelayMs(delay_ms)
+        } else {
+            RunAt::Now
+        },
+        ..job(payload)
+    };
+    let low = enqueue(b, "pk", with("low", 10, 0)).await;
+    let urgent = enqueue(b, "pk", with("urgent", 5, 0)).await;
+    enqueue(b, "pk", with("urgent too", 5, 0)).await;
+    enqueue(b, "pk", with("later", 0, 60_000)).await;
+    let sooner = enqueue(b, "pk", with("sooner", 0, 30_000)).await;
+    let peeked = |outcome: Result<Outcome, BrokerError>| outcome.unwrap().into_job().unwrap().id;
+    assert_eq!(peeked(peek(JobState::Ready).await), urgent.id);
+    assert_eq!(peeked(peek(JobState::Delayed).await), sooner.id);
+    assert_eq!(peek(JobState::Buried).await, Err(BrokerError::NotFound));
+    for (made, after_ms) in [(&urgent, 1), (&low, 0)] {
+        let bury = Op::Bury {
+            id: made.id,
+            lease: None,
+            reason: None,
+        };
+        assert_eq!(job_of(b, bury).await.state, JobState::Buried);
+        h.advance(after_ms).await;
+    }
+    assert_eq!(peeked(peek(JobState::Buried).await), urgent.id);
+    assert!(matches!(
+        peek(JobState::Reserved).await,
+        Err(BrokerError::Invalid { .. })
+    ));
 }
 
 pub async fn bury_and_kick<H: Harness>(h: H) {

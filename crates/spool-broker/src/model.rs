@@ -341,6 +341,15 @@ pub enum Op {
         queue: QueueName,
         state: JobState,
     },
+    /// The job beanstalkd's `peek-ready`, `peek-delayed` or `peek-buried`
+    /// shows for a tube: the ready job reserved next (priority, then id),
+    /// the delayed job due soonest (then id), the buried job buried
+    /// longest ago. Answers [`Outcome::Job`], or `NotFound` when the state
+    /// holds none; another state is invalid.
+    Peek {
+        queue: QueueName,
+        state: JobState,
+    },
     SetPolicy {
         queue: QueueName,
         policy: QueuePolicy,

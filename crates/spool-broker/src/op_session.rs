@@ -732,15 +732,17 @@ impl<B: SessionBroker> Worker<B> {
     }
 
     async fn peek(&self, state: JobState) -> Response {
-        match self.first_in(state, 1).await {
-            Ok(jobs) => match jobs.into_iter().next() {
-                Some(job) => Response::Found {
-                    id: job.id,
-                    body: job.payload,
-                },
-                None => Response::NotFound,
+        let op = Op::Peek {
+            queue: self.using.clone(),
+            state,
+        };
+        match self.call(op).await {
+            Ok(Outcome::Job(job)) => Response::Found {
+                id: job.id,
+                body: job.payload,
             },
-            Err(reply) => reply,
+            Err(BrokerError::NotFound) => Response::NotFound,
+            Ok(_) | Err(_) => Response::InternalError,
         }
     }
 

@@ -748,6 +748,7 @@ async fn apply(
             limit,
         } => list(c, &queue, state, after, limit).await?,
         Op::Purge { queue, state } => purge(c, ctx, &queue, state, now).await?,
+        Op::Peek { queue, state } => peek(c, &queue, state).await?,
         Op::SetPolicy { queue, policy } => set_policy(c, &queue, policy, now).await?,
         Op::GetQueue { queue } => Outcome::Queue(queue_info(c, queue.as_str(), now).await?),
         Op::ListQueues => Outcome::Queues(list_queues(c, now).await?),
@@ -2202,6 +2203,44 @@ async fn list(
     jobs.truncate(limit as usize);
     let next = more.then(|| jobs.last().map(|j| j.id)).flatten();
     Ok(Outcome::Page(JobPage { jobs, next }))
+}
+
+/// `Op::Peek`'s statement for `state` ($1 queue) → the view of the tube's
+/// first job in that state as beanstalkd's peek commands order them: ready
+/// jobs by priority, then id (the ready index); delayed ones by due time;
+/// buried ones by when they were buried, which is a buried job's last
+/// change (`updated_ns`). `None` for the other states.
+pub fn peek_sql(state: JobState) -> Option<&'static str> {
+    macro_rules! first_in {
+        ($state:literal, $order:literal) => {
+            concat!(
+                "SELECT ",
+                view_cols!(),
+                " FROM spool_jobs_live j LEFT JOIN spool_queues q ON q.name = j.queue \
+                 WHERE j.queue = $1 AND j.state = '",
+                $state,
+                "' ORDER BY ",
+                $order,
+                " LIMIT 1"
+            )
+        };
+    }
+    match state {
+        JobState::Ready => Some(first_in!("ready", "j.priority, j.id")),
+        JobState::Delayed => Some(first_in!("delayed", "j.run_at_ns, j.id")),
+        JobState::Buried => Some(first_in!("buried", "j.updated_ns, j.id")),
+        _ => None,
+    }
+}
+
+async fn peek(c: &mut Conn, queue: &QueueName, state: JobState) -> Result<Outcome, OpError> {
+    let Some(sql) = peek_sql(state) else {
+        return refuse(BrokerError::invalid("state", "ready, delayed or buried"));
+    };
+    match one_view(&c.query(sql, &[&queue.as_str()]).await?)? {
+        Some(job) => Ok(Outcome::Job(job)),
+        None => refuse(BrokerError::NotFound),
+    }
 }
 
 async fn purge(

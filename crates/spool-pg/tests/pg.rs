@@ -2289,3 +2289,54 @@ async fn a_queues_counts_read_its_part_of_the_indexes() {
         );
     }
 }
+
+/// beanstalkd's peek-ready over PostgreSQL shows the job a reserve would
+/// take (priority first), not the oldest; peek-delayed the one due
+/// soonest. Listed by id, as the session peeked before `Op::Peek`, both
+/// answered the first job put.
+#[tokio::test]
+async fn peek_ready_and_delayed_over_postgresql_follow_beanstalkds_order() {
+    let url = TestCluster::shared().create_database();
+    let clock = Clock::manual(START_NS);
+    let broker = node(&url, "a", &clock).await;
+    let mut s = broker.open_session(Peer::default()).expect("session");
+    let urgent = Request::Put(Put {
+        pri: 1,
+        delay_secs: 0,
+        ttr_secs: 30,
+        body: PutBody::Complete(Bytes::from_static(b"urgent")),
+    });
+    let replies = beanstalkd(
+        &mut s,
+        vec![
+            Request::Use(queue("pk")),
+            put(b"first", 0),
+            urgent,
+            put(b"later", 60),
+            put(b"sooner", 30),
+            Request::PeekReady,
+            Request::PeekDelayed,
+        ],
+    )
+    .await;
+    let ids: Vec<u64> = replies[1..5]
+        .iter()
+        .map(|r| match r {
+            Response::Inserted(id) => *id,
+            other => panic!("inserted: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        replies[5..],
+        [
+            Response::Found {
+                id: ids[1],
+                body: Bytes::from_static(b"urgent")
+            },
+            Response::Found {
+                id: ids[3],
+                body: Bytes::from_static(b"sooner")
+            },
+        ]
+    );
+}

@@ -177,6 +177,7 @@ impl Engine {
                 limit,
             } => self.list(&queue, state, after, limit),
             Op::Purge { queue, state } => self.purge(&queue, state),
+            Op::Peek { queue, state } => self.peek(&queue, state),
             Op::SetPolicy { queue, policy } => {
                 self.check_writable(true)?;
                 check_policy(&policy)?;
