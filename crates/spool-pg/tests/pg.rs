@@ -112,12 +112,27 @@ async fn beanstalkd<S: Session>(session: &mut S, requests: Vec<Request>) -> Vec<
 }
 
 fn put(body: &'static [u8], delay_secs: u32) -> Request {
+    put_at(body, 10, delay_secs)
+}
+
+fn put_at(body: &'static [u8], pri: u32, delay_secs: u32) -> Request {
     Request::Put(Put {
-        pri: 10,
+        pri,
         delay_secs,
         ttr_secs: 30,
         body: PutBody::Complete(Bytes::from_static(body)),
     })
+}
+
+/// The ids of `replies`, each of which must be `INSERTED`.
+fn inserted(replies: &[Response]) -> Vec<u64> {
+    replies
+        .iter()
+        .map(|r| match r {
+            Response::Inserted(id) => *id,
+            other => panic!("inserted: {other:?}"),
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -760,13 +775,7 @@ async fn beanstalkd_commands_over_typed_operations() {
         ],
     )
     .await;
-    let ids: Vec<u64> = replies[1..4]
-        .iter()
-        .map(|r| match r {
-            Response::Inserted(id) => *id,
-            other => panic!("inserted: {other:?}"),
-        })
-        .collect();
+    let ids = inserted(&replies[1..4]);
     assert_eq!(
         replies[4..],
         [
@@ -2300,18 +2309,12 @@ async fn peek_ready_and_delayed_over_postgresql_follow_beanstalkds_order() {
     let clock = Clock::manual(START_NS);
     let broker = node(&url, "a", &clock).await;
     let mut s = broker.open_session(Peer::default()).expect("session");
-    let urgent = Request::Put(Put {
-        pri: 1,
-        delay_secs: 0,
-        ttr_secs: 30,
-        body: PutBody::Complete(Bytes::from_static(b"urgent")),
-    });
     let replies = beanstalkd(
         &mut s,
         vec![
             Request::Use(queue("pk")),
             put(b"first", 0),
-            urgent,
+            put_at(b"urgent", 1, 0),
             put(b"later", 60),
             put(b"sooner", 30),
             Request::PeekReady,
@@ -2319,13 +2322,7 @@ async fn peek_ready_and_delayed_over_postgresql_follow_beanstalkds_order() {
         ],
     )
     .await;
-    let ids: Vec<u64> = replies[1..5]
-        .iter()
-        .map(|r| match r {
-            Response::Inserted(id) => *id,
-            other => panic!("inserted: {other:?}"),
-        })
-        .collect();
+    let ids = inserted(&replies[1..5]);
     assert_eq!(
         replies[5..],
         [
