@@ -2146,6 +2146,21 @@ async fn delete(
 
 // ---- queues ------------------------------------------------------------
 
+/// `$build!("<name>")` for `state`'s name: statements that write the state
+/// into their text as a literal (see [`list_sql`]), one per state.
+macro_rules! by_state {
+    ($state:expr, $build:ident) => {
+        match $state {
+            JobState::Ready => $build!("ready"),
+            JobState::Reserved => $build!("reserved"),
+            JobState::Delayed => $build!("delayed"),
+            JobState::Buried => $build!("buried"),
+            JobState::Completed => $build!("completed"),
+            JobState::Cancelled => $build!("cancelled"),
+        }
+    };
+}
+
 /// `list`'s statement for jobs in `state`: ($1 queue, $2 after this id,
 /// $3 rows) → views in id order. The state is written into the statement,
 /// not passed: the partial index of delayed and buried jobs serves only a
@@ -2164,14 +2179,7 @@ pub fn list_sql(state: JobState) -> &'static str {
             )
         };
     }
-    match state {
-        JobState::Ready => list_in!("ready"),
-        JobState::Reserved => list_in!("reserved"),
-        JobState::Delayed => list_in!("delayed"),
-        JobState::Buried => list_in!("buried"),
-        JobState::Completed => list_in!("completed"),
-        JobState::Cancelled => list_in!("cancelled"),
-    }
+    by_state!(state, list_in)
 }
 
 async fn list(
@@ -2272,14 +2280,7 @@ async fn purge(
             )
         };
     }
-    let sql = match state {
-        JobState::Ready => purge_in!("ready"),
-        JobState::Reserved => purge_in!("reserved"),
-        JobState::Delayed => purge_in!("delayed"),
-        JobState::Buried => purge_in!("buried"),
-        JobState::Completed => purge_in!("completed"),
-        JobState::Cancelled => purge_in!("cancelled"),
-    };
+    let sql = by_state!(state, purge_in);
     let rows = c
         .query(sql, &[&queue.as_str(), &(limits::PURGE_JOBS_MAX as i64)])
         .await?;

@@ -119,17 +119,17 @@ impl Engine {
             Request::PeekReady => {
                 self.counters.cmd_peek_ready += 1;
                 let t = self.tube(self.conn(conn).use_tube);
-                self.found(t.ready.first().map(|&(_, id)| id))
+                self.found(t.first_in(JobState::Ready))
             }
             Request::PeekDelayed => {
                 self.counters.cmd_peek_delayed += 1;
                 let t = self.tube(self.conn(conn).use_tube);
-                self.found(t.delayed.first().map(|&(_, id)| id))
+                self.found(t.first_in(JobState::Delayed))
             }
             Request::PeekBuried => {
                 self.counters.cmd_peek_buried += 1;
                 let t = self.tube(self.conn(conn).use_tube);
-                self.found(t.buried.first().map(|&(_, id)| id))
+                self.found(t.first_in(JobState::Buried))
             }
             Request::Kick { bound } => self.cmd_kick(conn, bound, now),
             Request::KickJob(id) => self.cmd_kick_job(id, now),

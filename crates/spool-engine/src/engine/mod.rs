@@ -135,6 +135,20 @@ struct Tube {
     metrics: QueueMetrics,
 }
 
+impl Tube {
+    /// The job beanstalkd's peek shows in `state`: the ready job reserved
+    /// next, the delayed one due soonest, the one buried longest ago; none
+    /// for the other states.
+    fn first_in(&self, state: JobState) -> Option<JobId> {
+        match state {
+            JobState::Ready => self.ready.first().map(|&(_, id)| id),
+            JobState::Delayed => self.delayed.first().map(|&(_, id)| id),
+            JobState::Buried => self.buried.first().map(|&(_, id)| id),
+            _ => None,
+        }
+    }
+}
+
 /// A tube's cumulative counters and histograms; the counters outlive the
 /// tube (see [`RETIRED_QUEUES_MAX`]).
 #[derive(Debug, Clone)]

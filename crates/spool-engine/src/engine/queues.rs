@@ -64,14 +64,6 @@ impl Engine {
     /// `Op::Peek`: the first job of a tube's ready, delayed or buried set,
     /// in the order beanstalkd's peek commands show them.
     pub(super) fn peek(&self, queue: &TubeName, state: JobState) -> Result<Outcome, BrokerError> {
-        let first = |tube: TubeId| {
-            let t = self.tube(tube);
-            match state {
-                JobState::Ready => t.ready.first().map(|&(_, id)| id),
-                JobState::Delayed => t.delayed.first().map(|&(_, id)| id),
-                _ => t.buried.first().map(|&(_, id)| id),
-            }
-        };
         if !matches!(
             state,
             JobState::Ready | JobState::Delayed | JobState::Buried
@@ -80,7 +72,7 @@ impl Engine {
         }
         self.tube_ids
             .get(queue)
-            .and_then(|&tube| first(tube))
+            .and_then(|&tube| self.tube(tube).first_in(state))
             .and_then(|id| self.view(id))
             .map(Outcome::Job)
             .ok_or(BrokerError::NotFound)
